@@ -1,0 +1,1 @@
+"""xLLM: LLM inference serving over NATS — the shared library (engine, models, protocol)."""
