@@ -1,0 +1,109 @@
+"""Sequence: one completion's tokens and how far the engine has computed them.
+
+Token accounting (vLLM v1 style): `token_ids` holds the prompt followed by the generated
+tokens; `num_computed_tokens` of them have KV in the cache. A step schedules some of the
+rest; prefill, chunked prefill, decode and recompute after preemption are all "compute
+the next `num_tokens - num_computed_tokens` tokens", never separate modes.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from xllm.engine.prefix_hash import extend_block_hashes
+from xllm.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS or a stop token
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # client or operator abort
+
+
+@dataclass
+class Logprob:
+    """The sampled token's logprob and the top alternatives (token id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        arrival_time: float | None = None,
+    ):
+        self.request_id = request_id
+        self.index = index
+        """Which of the request's `n` completions this is."""
+        self.params = params
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        """Prompt tokens served from the prefix cache at admission (for usage and metrics)."""
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        """Chained hashes of the full blocks of `token_ids`, extended lazily."""
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.logprobs: list[Logprob] = []
+        self.num_pending_forks = params.n - 1 if index == 0 else 0
+        """Siblings still to be forked off this sequence once its prompt is computed."""
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed + index)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id}#{self.index}, {self.status.value}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens})"
+        )
+
+    @property
+    def seq_id(self) -> tuple[str, int]:
+        return (self.request_id, self.index)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def full_block_hashes(self, block_size: int) -> list[int]:
+        return extend_block_hashes(self.block_hashes, self.token_ids, block_size)
+
+    def fork(self, index: int) -> Sequence:
+        """A sibling with the same prompt and (shared) computed KV, before any output."""
+        assert self.num_output_tokens == 0, "forks happen when the prompt is computed"
+        child = Sequence(self.request_id, self.token_ids, self.params, index, self.arrival_time)
+        child.block_hashes = list(self.block_hashes)
+        child.num_cached_tokens = self.num_cached_tokens
+        child.status = SequenceStatus.RUNNING
+        return child
