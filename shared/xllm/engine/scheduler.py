@@ -13,6 +13,7 @@ to the front of the queue to be recomputed (its prefix may still hit the cache).
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -156,10 +157,13 @@ class Scheduler:
             self.block_manager.cache_full_blocks(seq)
             if item.samples:
                 sampled_seqs.append(seq)
-        for parent, child in out.forks:
-            child.num_computed_tokens = parent.num_computed_tokens
-            self.running.insert(self.running.index(parent) + 1, child)
-            sampled_seqs.append(child)
+        for parent, siblings in itertools.groupby(out.forks, key=lambda fork: fork[0]):
+            children = [child for _, child in siblings]
+            for child in children:
+                child.num_computed_tokens = parent.num_computed_tokens
+            at = self.running.index(parent) + 1
+            self.running[at:at] = children
+            sampled_seqs.extend(children)
         for seq in sampled_seqs:
             seq.token_ids.append(sampled[seq.seq_id])
             reason = self._finish_reason(seq)

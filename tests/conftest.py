@@ -1,0 +1,24 @@
+"""Fixtures shared by every test directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model_dir(arch, dtype="float32") -> Path`: the tiny random model of `arch` (seed 0),
+    made on first use and shared by the whole session."""
+    from xllm.tools.make_model import make_model
+
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, dtype: str = "float32") -> Path:
+        if (arch, dtype) not in made:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}-{dtype}")
+            made[arch, dtype] = make_model(arch, "tiny", out, dtype=dtype)
+        return made[arch, dtype]
+
+    return get

@@ -1,0 +1,75 @@
+"""Helpers for engine tests: run prompts through our engine and through transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xllm.config import EngineConfig
+from xllm.engine.engine import Engine
+from xllm.engine.sampling_params import SamplingParams
+
+ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def make_engine(model_dir, **options) -> Engine:
+    options.setdefault("dtype", "float32")
+    options.setdefault("num_kv_blocks", 256)
+    return Engine(EngineConfig(model=str(model_dir), **options))
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]):
+    """Submit all prompts at once, step to completion; returns {request_id: [token ids]}
+    (request ids are "0", "1", ... in prompt order; for n > 1, "i/k" per completion)."""
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+        engine.add_request(str(i), prompt, p)
+    outputs: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for delta in engine.step():
+            key = delta.request_id if delta.index == 0 else f"{delta.request_id}/{delta.index}"
+            outputs.setdefault(key, []).extend(delta.token_ids)
+    return outputs
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """hf_model(model_dir) -> the transformers model on the same weights (float32), cached."""
+    from transformers import AutoModelForCausalLM
+
+    cache = {}
+
+    def load(model_dir):
+        if model_dir not in cache:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            # Our runs use ignore_eos; generate() would otherwise stop at the config's EOS.
+            model.generation_config.eos_token_id = None
+            cache[model_dir] = model
+        return cache[model_dir]
+
+    return load
+
+
+def hf_greedy(model, prompt: list[int], max_tokens: int, **generate_kwargs) -> list[int]:
+    """transformers' greedy generate, EOS disabled (our runs use ignore_eos)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        **generate_kwargs,
+    )
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), generation_config=config)
+    return out[0, len(prompt) :].tolist()
+
+
+def random_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
