@@ -12,7 +12,9 @@ import torch
 CACHE = Path(os.environ.get("XLLM_CACHE_DIR", Path.home() / ".cache" / "xllm")) / "models"
 
 
-def demo_model(arch: str = "qwen3", size: str = "small", seed: int = 0, dtype: str = "bfloat16") -> Path:
+def demo_model(
+    arch: str = "qwen3", size: str = "small", seed: int = 0, dtype: str = "bfloat16"
+) -> Path:
     """A random-weight checkpoint made once and reused (~1.2 GB for `small`)."""
     from xllm.tools.make_model import make_model
 

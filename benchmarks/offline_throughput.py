@@ -51,9 +51,13 @@ def run_transformers(model_dir, prompts, output_len: int, batch_size: int) -> tu
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    kwargs = dict(
+        max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0
+    )
     with torch.inference_mode():
-        model.generate(torch.tensor([prompts[0][:32]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        model.generate(
+            torch.tensor([prompts[0][:32]]), max_new_tokens=4, do_sample=False, pad_token_id=0
+        )
         start = time.perf_counter()
         generated = 0
         for b in range(0, len(prompts), batch_size):

@@ -18,7 +18,9 @@ def make_engine(model_dir, **options) -> Engine:
     return Engine(EngineConfig(model=str(model_dir), **options))
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]):
+def run_engine(
+    engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+):
     """Submit all prompts at once, step to completion; returns {request_id: [token ids]}
     (request ids are "0", "1", ... in prompt order; for n > 1, "i/k" per completion)."""
     params_list = params if isinstance(params, list) else [params] * len(prompts)

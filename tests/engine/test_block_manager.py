@@ -12,6 +12,7 @@ from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.sequence import Sequence

@@ -30,7 +30,9 @@ def test_same_seed_same_tokens_whatever_the_batch(engine, model_dir):
     other = SamplingParams(max_tokens=24, temperature=0.8, ignore_eos=True)
     batched = run_engine(make_engine(model_dir), p, [seeded, other, other])["0"]
     assert alone == batched
-    different = run_engine(make_engine(model_dir), [p[0]], SamplingParams(max_tokens=24, seed=99, ignore_eos=True))
+    different = run_engine(
+        make_engine(model_dir), [p[0]], SamplingParams(max_tokens=24, seed=99, ignore_eos=True)
+    )
     assert different["0"] != alone
 
 
@@ -90,18 +92,32 @@ def test_repetition_penalty_matches_transformers(engine, model_dir, hf_model):
 def test_presence_and_frequency_penalties_reduce_repeats(engine, model_dir):
     (p,) = prompts(engine, [10], seed=6)
     plain = run_engine(engine, [p], greedy(60))["0"]
-    penalised = run_engine(make_engine(model_dir), [p], greedy(60, frequency_penalty=2.0, presence_penalty=2.0))["0"]
+    penalised = run_engine(
+        make_engine(model_dir), [p], greedy(60, frequency_penalty=2.0, presence_penalty=2.0)
+    )["0"]
     assert len(set(penalised)) > len(set(plain))
 
 
 def test_top_k_one_is_greedy_and_top_p_min_p_stay_in_support(engine, model_dir):
     (p,) = prompts(engine, [9], seed=7)
     reference = run_engine(engine, [p], greedy(20))["0"]
-    top1 = run_engine(make_engine(model_dir), [p], SamplingParams(max_tokens=20, temperature=1.5, top_k=1, ignore_eos=True))
+    top1 = run_engine(
+        make_engine(model_dir),
+        [p],
+        SamplingParams(max_tokens=20, temperature=1.5, top_k=1, ignore_eos=True),
+    )
     assert top1["0"] == reference
-    tiny_p = run_engine(make_engine(model_dir), [p], SamplingParams(max_tokens=20, temperature=1.0, top_p=1e-6, ignore_eos=True))
+    tiny_p = run_engine(
+        make_engine(model_dir),
+        [p],
+        SamplingParams(max_tokens=20, temperature=1.0, top_p=1e-6, ignore_eos=True),
+    )
     assert tiny_p["0"] == reference
-    full_min_p = run_engine(make_engine(model_dir), [p], SamplingParams(max_tokens=20, temperature=1.0, min_p=1.0, ignore_eos=True))
+    full_min_p = run_engine(
+        make_engine(model_dir),
+        [p],
+        SamplingParams(max_tokens=20, temperature=1.0, min_p=1.0, ignore_eos=True),
+    )
     assert full_min_p["0"] == reference
 
 
@@ -118,7 +134,9 @@ def test_stop_token_ids_and_min_tokens(engine, model_dir):
     assert [d.token_ids[0] for d in deltas] == reference[: first + 1]
     assert deltas[-1].finish_reason == "stop"
     # min_tokens suppresses the stop token until enough tokens were generated.
-    late = run_engine(make_engine(model_dir), [p], greedy(30, stop_token_ids=[stop], min_tokens=first + 3))["0"]
+    late = run_engine(
+        make_engine(model_dir), [p], greedy(30, stop_token_ids=[stop], min_tokens=first + 3)
+    )["0"]
     assert len(late) >= first + 3 and stop not in late[: first + 3]
 
 
@@ -166,7 +184,10 @@ def test_prompt_longer_than_context_is_rejected(model_dir):
     out = []
     while engine.has_unfinished():
         out += engine.step()
-    assert out[-1].finish_reason == "length" and out[-1].num_prompt_tokens + out[-1].num_output_tokens == 64
+    assert (
+        out[-1].finish_reason == "length"
+        and out[-1].num_prompt_tokens + out[-1].num_output_tokens == 64
+    )
 
 
 def test_abort_frees_blocks_at_any_point(engine):

@@ -17,7 +17,9 @@ def make(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_model_len=2
 
 def seq(rid, n_prompt, max_tokens=8, **kw):
     base = 100 * (ord(rid[0]) - ord("a") + 1)  # distinct prompts: no accidental prefix hits
-    return Sequence(rid, [base + i for i in range(n_prompt)], SamplingParams(max_tokens=max_tokens, **kw))
+    return Sequence(
+        rid, [base + i for i in range(n_prompt)], SamplingParams(max_tokens=max_tokens, **kw)
+    )
 
 
 def step(s: Scheduler, token: int = 5):

@@ -34,7 +34,10 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits, seqs)
-        if any(p.min_tokens and s.num_output_tokens < p.min_tokens for s, p in zip(seqs, params, strict=True)):
+        if any(
+            p.min_tokens and s.num_output_tokens < p.min_tokens
+            for s, p in zip(seqs, params, strict=True)
+        ):
             logits = self._suppress_stop_tokens(logits, seqs)
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)

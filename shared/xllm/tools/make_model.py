@@ -1,0 +1,477 @@
+"""`xllm make-model`: Hugging Face checkpoint folders with random weights, made locally.
+
+Tests and benchmarks need real-looking checkpoints of the architectures we serve, but nothing
+can be downloaded from the hub. This module writes a folder that `transformers` loads with
+`AutoModelForCausalLM.from_pretrained(dir)` / `AutoTokenizer.from_pretrained(dir)` fully
+offline, while itself needing only torch and `tokenizers` (transformers is only a test
+dependency: weights are written by name, never by instantiating a model).
+
+Files written:
+
+* `config.json` - a real HF config for `LlamaForCausalLM`, `Qwen2ForCausalLM` or
+  `Qwen3ForCausalLM`. RoPE is written in BOTH spellings with identical values, so the folder
+  round-trips in transformers 4.x (which reads `rope_theta` + `rope_scaling`) and 5.x (which
+  reads `rope_parameters`, and prefers `rope_scaling` over it when both are present):
+
+  - `rope_theta` (float, top level) and `rope_scaling` (`null`, or the llama3 dict for llama);
+  - `rope_parameters` = `{"rope_type": "default" | "llama3", "rope_theta": ..., <llama3 keys>}`.
+
+  Our own loader should read `rope_parameters` when present and otherwise fall back to
+  `rope_theta` / `rope_scaling` (real checkpoints on the hub use the old spelling).
+  Likewise the dtype is written as both `torch_dtype` (4.x) and `dtype` (5.x). `head_dim` is
+  always explicit, also for qwen2 whose config class has no such field (its attention reads it
+  with `getattr`). Qwen2's q/k/v biases are implied by the architecture, as on the hub: there
+  is no `attention_bias` key for qwen2.
+* `generation_config.json` - bos/pad = `<|endoftext|>`, eos = [`<|im_end|>`, `<|endoftext|>`],
+  greedy by default.
+* `model.safetensors` - written by us, tensor by tensor, with exactly HF's tensor names
+  (`lm_head.weight` only when embeddings are untied). Deterministic for a given seed; the
+  values are drawn in float32 and then cast, so the bfloat16 model of a seed is the rounded
+  float32 model of the same seed.
+* `tokenizer.json` / `tokenizer_config.json` - a byte-level BPE (~4,000 tokens) trained here on
+  text from Python's standard library, with the special tokens `<|endoftext|>`,
+  `<|im_start|>`, `<|im_end|>` appended after the learned vocabulary (as Qwen does) and a
+  ChatML chat template. Training is deterministic (same text => same tokenizer.json in any
+  process); the text, and so the merges, may differ between Python versions, the vocabulary
+  size and hence the weights' shapes and bytes do not. `tokenizer_class` is `PreTrainedTokenizerFast` so that transformers
+  uses tokenizer.json verbatim (v5's `Qwen2Tokenizer` would rebuild the pipeline and add an
+  NFC normalizer, and our tokenization must match transformers' exactly).
+
+Sizes: `tiny` is ~1.5-1.8M parameters (CPU tests); `small` has exactly Qwen3-0.6B's shapes
+for every architecture (benchmarks), and its embedding, like real Qwen's, is much larger than
+the tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import struct
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ARCHS = ("llama", "qwen2", "qwen3")
+SIZES = ("tiny", "small")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+# --------------------------------------------------------------------------------------------
+# Init scales, chosen by measuring greedy decoding in transformers on the tiny models (float32,
+# 8 prompts x 32 new tokens per arch). The aims: the top-1/top-2 logit gap is not microscopic,
+# so two implementations pick the same greedy tokens, and decoding does not lock onto one
+# token, so token-for-token comparisons actually compare something.
+#
+# * LOGIT_STD: embeddings and lm_head are N(0, LOGIT_STD / sqrt(hidden)). The final RMSNorm
+#   gives the last hidden state an RMS of ~1, so logits are ~N(0, LOGIT_STD) at any width.
+#   With 4: median top-1/top-2 gap ~0.8, 5th percentile ~0.08, smallest of 256 steps ~0.002,
+#   against float32 eager-vs-sdpa logit differences of <1e-4 (HF's own init, std 0.02, gives
+#   logits with std ~0.2 and gaps ~17x smaller).
+# * QK_GAIN: attention scores have a spread of ~QK_GAIN (q and k weights are each scaled by
+#   sqrt(QK_GAIN); qwen3 normalizes q and k, so there its q/k norm weights are centred on
+#   sqrt(QK_GAIN) instead of 1). At 1 attention is nearly uniform, so every position sees the
+#   same context average and decoding falls into loops (llama: 11-26 distinct tokens of 32,
+#   runs of up to 11 copies); at 3 it is about 29/32 distinct with no runs.
+# * RESIDUAL_GAIN scales o_proj and down_proj. With tied embeddings (qwen3) the input token's
+#   own embedding scores ||e||^2 against itself, so a random model repeats its input: at gains
+#   (1, 1) qwen3 emitted 1-3 distinct tokens in 32. Layer outputs 3x larger drown that echo;
+#   with QK_GAIN 3 qwen3 gives 23-32 distinct tokens, longest run 5.
+# * Norm weights are 1 + NORM_NOISE * N(0, 1) and biases N(0, BIAS_STD), so that a loader
+#   that skips them (or applies them wrongly) produces visibly different logits.
+#
+# bfloat16 is another matter: its rounding noise flips the near-ties that any random model
+# has, so even transformers' eager and sdpa attention in bfloat16 agree on only 0-32 greedy
+# tokens. Compare implementations token for token in float32.
+LOGIT_STD = 4.0
+QK_GAIN = 3.0
+RESIDUAL_GAIN = 3.0
+NORM_NOISE = 0.1
+BIAS_STD = 0.2
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+TOKENIZER_VOCAB = 4000  # learned tokens + the special tokens
+
+# Qwen2's pre-tokenizer split: words with a leading space, single digits, punctuation runs.
+_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Standard-library sources that exist in every CPython since 3.8: prose-heavy code with
+# docstrings and comments. Files missing on some interpreter are skipped; the corpus is large
+# enough that the vocabulary always fills up, so the model's shapes never depend on it.
+_CORPUS_MODULES = (
+    "argparse.py", "calendar.py", "configparser.py", "contextlib.py", "csv.py",
+    "dataclasses.py", "difflib.py", "doctest.py", "email/message.py", "enum.py",
+    "fractions.py", "functools.py", "gettext.py", "heapq.py", "inspect.py", "json/decoder.py",
+    "json/encoder.py", "locale.py", "logging/__init__.py", "pprint.py", "random.py",
+    "shutil.py", "statistics.py", "string.py", "subprocess.py", "textwrap.py", "threading.py",
+    "typing.py", "unittest/case.py",
+)  # fmt: skip
+
+# ChatML, as Qwen writes it. Content may be a string or a list of OpenAI-style parts.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}"
+    "{{- message['content'] }}"
+    "{%- else %}"
+    "{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+
+
+def _tokenizer_corpus() -> list[str]:
+    """The training text: the language reference's prose plus some stdlib sources."""
+    try:
+        from pydoc_data.topics import topics  # the text behind `help("keywords")` etc.
+    except ImportError:  # some distributions strip it; the sources below suffice
+        topics = {}
+    texts = [topics[key] for key in sorted(topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in _CORPUS_MODULES:
+        path = stdlib / name
+        if path.is_file():
+            texts.append(path.read_text(encoding="utf-8"))
+    return texts
+
+
+@functools.cache
+def _trained_tokenizer_json() -> str:
+    """Train the BPE once per process (about a second) and return it serialized."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    # No normalizer: decode(encode(text)) must give back `text` byte for byte.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB - len(SPECIAL_TOKENS),
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable
+        show_progress=False,
+    )
+    # Deterministic: ties between equally frequent pairs are broken by token id (checked:
+    # processes with different hash seeds write identical tokenizer.json files).
+    tokenizer.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    # Added after training so that they get the last ids, as in Qwen's vocabulary.
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    if tokenizer.get_vocab_size() != TOKENIZER_VOCAB:
+        raise RuntimeError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, corpus too small?")
+    return tokenizer.to_str()
+
+
+def _special_token_ids() -> dict[str, int]:
+    added = json.loads(_trained_tokenizer_json())["added_tokens"]
+    return {token["content"]: token["id"] for token in added}
+
+
+def _write_tokenizer(out: Path, model_max_length: int) -> None:
+    (out / "tokenizer.json").write_text(_trained_tokenizer_json(), encoding="utf-8")
+    ids = _special_token_ids()
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "bos_token": None,
+        "eos_token": IM_END,
+        "pad_token": ENDOFTEXT,
+        "unk_token": None,
+        "additional_special_tokens": [IM_START, IM_END],
+        "added_tokens_decoder": {
+            str(ids[token]): {
+                "content": token,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for token in SPECIAL_TOKENS
+        },
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "split_special_tokens": False,
+    }
+    _write_json(out / "tokenizer_config.json", config)
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes and config
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    rope_theta: float
+    tied: bool
+    # llama3 RoPE scaling's pre-training context; below max_positions so that it matters.
+    rope_original_max_positions: int
+
+
+def model_shape(arch: str, size: str) -> Shape:
+    if arch not in ARCHS or size not in SIZES:
+        raise ValueError(f"unknown model {arch!r}/{size!r}: arch in {ARCHS}, size in {SIZES}")
+    if size == "small":  # exactly Qwen3-0.6B
+        return Shape(1024, 28, 16, 8, 128, 3072, 151936, 40960, 1e6, True, 8192)
+    return Shape(
+        hidden=128,
+        layers=4,
+        heads=4,
+        kv_heads=2,  # GQA
+        head_dim=64 if arch == "qwen3" else 32,  # Qwen3: heads * head_dim != hidden
+        intermediate=384,
+        vocab=math.ceil(TOKENIZER_VOCAB / 64) * 64,
+        max_positions=4096,
+        rope_theta=10000.0,  # short tests see many distinct rotations
+        tied=arch == "qwen3",  # untied llama/qwen2 exercise lm_head.weight
+        rope_original_max_positions=256,
+    )
+
+
+def _rope_scaling(arch: str, shape: Shape) -> dict | None:
+    if arch != "llama":
+        return None
+    return {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": shape.rope_original_max_positions,
+    }
+
+
+def build_config(arch: str, shape: Shape, dtype: str) -> dict:
+    ids = _special_token_ids()
+    rope_scaling = _rope_scaling(arch, shape)
+    config = {
+        "architectures": [_HF_CLASS[arch]],
+        "model_type": arch,
+        "vocab_size": shape.vocab,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": shape.max_positions,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": shape.rope_theta,
+        "rope_scaling": rope_scaling,
+        "rope_parameters": {
+            "rope_type": "default",
+            **(rope_scaling or {}),
+            "rope_theta": shape.rope_theta,
+        },
+        "tie_word_embeddings": shape.tied,
+        "bos_token_id": ids[ENDOFTEXT],
+        "eos_token_id": ids[IM_END],
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+    }
+    if arch == "llama":
+        config |= {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+    else:
+        config |= {"use_sliding_window": False, "sliding_window": None}
+        config |= {"max_window_layers": shape.layers}
+    if arch == "qwen3":
+        config["attention_bias"] = False
+    return config
+
+
+def _generation_config() -> dict:
+    ids = _special_token_ids()
+    return {
+        "bos_token_id": ids[ENDOFTEXT],
+        "eos_token_id": [ids[IM_END], ids[ENDOFTEXT]],
+        "pad_token_id": ids[ENDOFTEXT],
+        "do_sample": False,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "embed", "linear", "qk", "residual", "norm", "qk_norm" or "bias"
+
+
+def tensor_specs(arch: str, shape: Shape) -> list[TensorSpec]:
+    """HF's tensor names and shapes, in the order their values are drawn."""
+    h, q_dim, kv_dim = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    specs = [TensorSpec("model.embed_tokens.weight", (shape.vocab, h), "embed")]
+    for i in range(shape.layers):
+        p = f"model.layers.{i}."
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", (h,), "norm"),
+            TensorSpec(p + "self_attn.q_proj.weight", (q_dim, h), "qk"),
+            TensorSpec(p + "self_attn.k_proj.weight", (kv_dim, h), "qk"),
+            TensorSpec(p + "self_attn.v_proj.weight", (kv_dim, h), "linear"),
+        ]
+        if arch == "qwen2":
+            specs += [
+                TensorSpec(p + "self_attn.q_proj.bias", (q_dim,), "bias"),
+                TensorSpec(p + "self_attn.k_proj.bias", (kv_dim,), "bias"),
+                TensorSpec(p + "self_attn.v_proj.bias", (kv_dim,), "bias"),
+            ]
+        if arch == "qwen3":
+            specs += [
+                TensorSpec(p + "self_attn.q_norm.weight", (shape.head_dim,), "qk_norm"),
+                TensorSpec(p + "self_attn.k_norm.weight", (shape.head_dim,), "qk_norm"),
+            ]
+        specs += [
+            TensorSpec(p + "self_attn.o_proj.weight", (h, q_dim), "residual"),
+            TensorSpec(p + "post_attention_layernorm.weight", (h,), "norm"),
+            TensorSpec(p + "mlp.gate_proj.weight", (shape.intermediate, h), "linear"),
+            TensorSpec(p + "mlp.up_proj.weight", (shape.intermediate, h), "linear"),
+            TensorSpec(p + "mlp.down_proj.weight", (h, shape.intermediate), "residual"),
+        ]
+    specs.append(TensorSpec("model.norm.weight", (h,), "norm"))
+    if not shape.tied:
+        specs.append(TensorSpec("lm_head.weight", (shape.vocab, h), "embed"))
+    return specs
+
+
+def init_tensor(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
+    """Draw one tensor in float32 (the scales are explained at the top of the module)."""
+    x = torch.randn(spec.shape, generator=generator)
+    if spec.kind == "norm":
+        return x.mul_(NORM_NOISE).add_(1.0)
+    if spec.kind == "qk_norm":  # qwen3 normalizes q and k: their norm weights set the scale
+        return x.mul_(NORM_NOISE).add_(1.0).mul_(math.sqrt(QK_GAIN))
+    if spec.kind == "bias":
+        return x.mul_(BIAS_STD)
+    fan_in = spec.shape[-1]
+    if spec.kind == "embed":
+        x.mul_(LOGIT_STD / math.sqrt(fan_in))
+        # Rows past the tokenizer's vocabulary are zero, like the never-trained padding rows
+        # of real checkpoints: they score exactly 0, so greedy decoding never emits an id the
+        # tokenizer cannot decode (small's 151,936 rows would otherwise win ~97% of the time).
+        x[TOKENIZER_VOCAB:] = 0.0
+        return x
+    gain = {"linear": 1.0, "qk": math.sqrt(QK_GAIN), "residual": RESIDUAL_GAIN}[spec.kind]
+    return x.mul_(gain / math.sqrt(fan_in))
+
+
+def _write_safetensors(path: Path, specs: list[TensorSpec], seed: int, dtype: torch.dtype) -> None:
+    """Stream tensors into a safetensors file, one at a time (small is ~1.2 GB in bf16).
+
+    `safetensors.torch.save_file` wants every tensor in memory at once and then copies each
+    to bytes; the format is simple enough to write directly: an 8-byte little-endian header
+    length, a JSON header with each tensor's dtype, shape and byte range, then the raw data.
+    """
+    if sys.byteorder != "little":  # safetensors data is little-endian; so is every target
+        raise RuntimeError("make_model needs a little-endian machine")
+    item = torch.empty((), dtype=dtype).element_size()
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        size = math.prod(spec.shape) * item
+        header[spec.name] = {
+            "dtype": _SAFETENSORS_DTYPE[dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the data must start 8-byte aligned
+
+    generator = torch.Generator().manual_seed(seed)
+    tmp = path.with_name(path.name + ".partial")  # never leave a truncated checkpoint behind
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for spec in specs:
+            tensor = init_tensor(spec, generator).to(dtype).contiguous()
+            f.write(tensor.view(torch.uint8).numpy())  # a view, not a copy
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def make_model(
+    arch: str, size: str, out: str | Path, seed: int = 0, dtype: str = "bfloat16"
+) -> Path:
+    """Write a random-weight HF checkpoint folder for `arch`/`size` into `out`; return it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: one of {tuple(DTYPES)}")
+    shape = model_shape(arch, size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", build_config(arch, shape, dtype))
+    _write_json(out / "generation_config.json", _generation_config())
+    _write_tokenizer(out, shape.max_positions)
+    _write_safetensors(out / "model.safetensors", tensor_specs(arch, shape), seed, DTYPES[dtype])
+    return out
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "make-model",
+        help="write a random-weight Hugging Face checkpoint folder",
+        description="Write a Hugging Face checkpoint folder with random weights, made locally.",
+    )
+    parser.add_argument("--arch", choices=ARCHS, required=True)
+    parser.add_argument("--size", choices=SIZES, required=True)
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    out = make_model(args.arch, args.size, args.out, seed=args.seed, dtype=args.dtype)
+    print(
+        f"wrote {args.arch}/{args.size} ({args.dtype}) to {out} in {time.perf_counter() - start:.1f}s"
+    )
+    return 0
