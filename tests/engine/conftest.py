@@ -72,6 +72,25 @@ def hf_greedy(model, prompt: list[int], max_tokens: int, **generate_kwargs) -> l
     return out[0, len(prompt) :].tolist()
 
 
+def assert_greedy_matches(model, prompt: list[int], ours: list[int], max_tokens: int) -> None:
+    """Our greedy tokens equal transformers' token for token.
+
+    One exception, as in vLLM's comparison rule: where transformers' top two logits tie
+    within float32 noise (|gap| < 1e-4), either choice is right, so the sequences must
+    agree up to that position, differ only between the tied tokens, and are not compared
+    after it (they continue from different prefixes).
+    """
+    theirs = hf_greedy(model, prompt, max_tokens)
+    if ours == theirs:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
+    assert k is not None, f"lengths differ: {len(ours)} vs {len(theirs)}"
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + theirs[:k]])).logits[0, -1].float()
+    gap = (logits[theirs[k]] - logits[ours[k]]).abs().item()
+    assert gap < 1e-4, f"diverged at token {k}: ours {ours[k]}, transformers {theirs[k]} (gap {gap:.3g})"
+
+
 def random_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]

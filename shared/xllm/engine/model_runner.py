@@ -86,7 +86,7 @@ class ModelRunner:
                 chunk.slots = slots_of(table, everything, self.block_size).to(self.device)
                 chunk.mask = (everything[None, :] <= positions[:, None]).to(self.device)
             prefills.append(chunk)
-        meta = AttentionMetadata(slot_mapping=torch.empty(0), prefills=prefills)
+        meta = AttentionMetadata(torch.empty(0), self.block_size, prefills=prefills)
         decode_positions, decode_slots = self._prepare_decodes(decodes, meta)
         positions = torch.cat([decode_positions, *position_runs])
         meta.slot_mapping = torch.cat([decode_slots, *slot_runs]).to(self.device)
@@ -101,25 +101,13 @@ class ModelRunner:
             empty = torch.empty(0, dtype=torch.long)
             return empty, empty
         bs = self.block_size
-        context_lens = torch.tensor([s.num_computed_tokens + 1 for s in decodes])  # [B]
-        max_len = int(context_lens.max())
-        max_blocks = -(-max_len // bs)
-        tables = torch.tensor(
-            [
-                s.block_table[:max_blocks] + [0] * (max_blocks - len(s.block_table[:max_blocks]))
-                for s in decodes
-            ]
-        )
-        all_slots = (tables[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[
-            :, :max_len
-        ]  # [B, T]
-        positions = context_lens - 1
+        positions = torch.tensor([s.num_computed_tokens for s in decodes])  # [B]
+        max_blocks = max(len(s.block_table) for s in decodes)
+        tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in decodes])
         meta.num_decodes = len(decodes)
-        meta.decode_slots = all_slots.to(self.device)
-        meta.decode_mask = (torch.arange(max_len)[None, :] < context_lens[:, None])[
-            :, None, None, :
-        ].to(self.device)
-        new_slots = all_slots.gather(1, positions[:, None]).squeeze(1)
+        meta.decode_block_tables = tables.to(self.device)
+        meta.decode_context_lens = (positions + 1).to(self.device)
+        new_slots = tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
         return positions, new_slots
 
 

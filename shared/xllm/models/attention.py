@@ -6,9 +6,10 @@ A step's tokens are laid out flat, decodes first:
     rows  [num_decodes, N)            prefill chunks, one contiguous run per sequence
 
 Every layer writes the step's new K/V into the pool at `slot_mapping` (slot = block_id *
-block_size + offset), then attends. A prefill chunk with no cached context attends to its
-own fresh K/V (causal). Decodes and chunks that continue a cached prefix read their
-context from the pool through slot indices built once per step in `AttentionMetadata`.
+block_size + offset), then attends. Decodes read their context straight from the pool
+through their block tables (native kernel, `xllm.ops`; a gather + SDPA fallback
+elsewhere). A prefill chunk with no cached context attends to its own fresh K/V (causal);
+one that continues a cached prefix gathers its context once per layer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from xllm.ops import kernels
 
 
 @dataclass
@@ -36,10 +39,25 @@ class PrefillChunk:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [N] where each new token's K/V goes
+    block_size: int = 16
     num_decodes: int = 0
-    decode_slots: torch.Tensor | None = None  # [B, T] context slots per decode (padded)
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, T] bool, True = real context
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64, padded with 0
+    decode_context_lens: torch.Tensor | None = None  # [B] int64, including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
+    _gather: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def decode_gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the fallback path: context slots [B, T] and validity mask [B, 1, 1, T],
+        built on first use and shared by every layer of the step."""
+        if self._gather is None:
+            assert self.decode_block_tables is not None and self.decode_context_lens is not None
+            tables, lens, bs = self.decode_block_tables, self.decode_context_lens, self.block_size
+            max_len = int(lens.max())
+            offsets = torch.arange(bs, device=tables.device)
+            slots = (tables[:, :, None] * bs + offsets).view(len(lens), -1)[:, :max_len]
+            mask = torch.arange(max_len, device=tables.device)[None, :] < lens[:, None]
+            self._gather = (slots, mask[:, None, None, :])
+        return self._gather
 
 
 class PagedAttention(nn.Module):
@@ -69,14 +87,29 @@ class PagedAttention(nn.Module):
         return out.view(q.shape[0], -1)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        assert meta.decode_slots is not None
-        k = self.k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_cache[meta.decode_slots].transpose(1, 2)
+        native = kernels() if q.device.type == "cpu" else None
+        if native is not None:
+            out = torch.empty_like(q)
+            native.paged_decode_attention(
+                out,
+                q.contiguous(),
+                self.k_cache,
+                self.v_cache,
+                meta.decode_block_tables,
+                meta.decode_context_lens,
+                meta.block_size,
+                self.scale,
+            )
+            return out
+        # Fallback: gather each context into a padded batch (copies it once per layer).
+        slots, mask = meta.decode_gather_index()
+        k = self.k_cache[slots].transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_cache[slots].transpose(1, 2)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [B, H, 1, D]
             k,
             v,
-            attn_mask=meta.decode_mask,
+            attn_mask=mask,
             scale=self.scale,
             enable_gqa=True,
         )
@@ -88,13 +121,15 @@ class PagedAttention(nn.Module):
         if chunk.context_len:
             assert chunk.slots is not None
             k, v = self.k_cache[chunk.slots], self.v_cache[chunk.slots]  # [T, Hkv, D]
+        group = self.num_heads // self.num_kv_heads
+        # 4-D inputs and K/V expanded to every head: the CPU flash kernel's fast path
+        # (3-D or enable_gqa inputs fall back to a much slower one).
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1),  # [H, L, D]
-            k.transpose(0, 1),  # [Hkv, T, D]
-            v.transpose(0, 1),
+            q.transpose(0, 1)[None],  # [1, H, L, D]
+            k.transpose(0, 1).repeat_interleave(group, 0)[None],  # [1, H, T, D]
+            v.transpose(0, 1).repeat_interleave(group, 0)[None],
             attn_mask=chunk.mask,
             is_causal=chunk.mask is None,
             scale=self.scale,
-            enable_gqa=True,
         )
-        return o.transpose(0, 1)  # [L, H, D]
+        return o[0].transpose(0, 1)  # [L, H, D]

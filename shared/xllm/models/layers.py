@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xllm.ops import fast_linear
+
 
 class Linear(nn.Module):
     """y = x @ W^T + b, with W [out_features, in_features] filled by the loader."""
@@ -38,11 +40,13 @@ class Linear(nn.Module):
             self.bias.shard_sizes = shard_sizes  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = fast_linear(x, self.weight, self.bias)  # small decode batches on CPU
+        return F.linear(x, self.weight, self.bias) if y is None else y
 
 
 class RMSNorm(nn.Module):
-    """Normalises in float32 and scales in the input dtype, exactly as Hugging Face does."""
+    """x / rms(x) * weight, torch's fused kernel (float32 inside; Hugging Face rounds to the
+    input dtype before scaling, so in bfloat16 the two may differ by one ulp)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None):
         super().__init__()
@@ -50,10 +54,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class GatedMLP(nn.Module):

@@ -1,0 +1,299 @@
+// CPU kernels for the decode hot path, where the ATen/oneDNN defaults are weakest:
+//
+//  * paged_decode_attention: one query token per sequence attends to its context read
+//    straight from the paged KV pool through its block table: no gather, no copy.
+//  * bf16_linear: y = x W^T (+ b) for a few rows of x (decode batches), streaming each
+//    weight row from memory once for all rows of x, with AVX512-BF16 dot products.
+//    Decode is memory bound: the weights must be read once per step, at full bandwidth.
+//
+// Both parallelise with at::parallel_for over independent output tiles.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+template <typename T>
+inline float to_float(T v) { return static_cast<float>(v); }
+
+#if defined(__AVX512F__)
+// 16 consecutive elements as floats.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// Dot product of a float row with a row of the cache.
+template <typename scalar_t>
+inline float dot(const float* a, const scalar_t* b, int64_t D) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0) {
+    if (D % 32 == 0) {  // two accumulators: half the FMA dependency chain
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), load16(b + d), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), load16(b + d + 16), a1);
+      }
+      return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), load16(b + d), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float s = 0.f;
+  for (int64_t d = 0; d < D; ++d) s += a[d] * to_float(b[d]);
+  return s;
+}
+
+// acc += p * row
+template <typename scalar_t>
+inline void axpy(float* acc, float p, const scalar_t* row, int64_t D) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0) {
+    const __m512 pv = _mm512_set1_ps(p);
+    for (int64_t d = 0; d < D; d += 16)
+      _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, load16(row + d), _mm512_loadu_ps(acc + d)));
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) acc[d] += p * to_float(row[d]);
+}
+
+// In place: x <- softmax(x), n elements.
+inline void softmax_inplace(float* x, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, x[t]);
+  float sum = 0.f;
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  // exp(y) = 2^k * 2^f with k = round(y log2 e), |f| <= 1/2; 2^f by its Taylor series
+  // to degree 7 (relative error < 2e-10, far below float precision).
+  const __m512 log2e = _mm512_set1_ps(1.44269504f), vmx = _mm512_set1_ps(mx);
+  const float c[8] = {1.f, 0.693147181f, 0.240226507f, 0.0555041087f,
+                      0.00961812911f, 0.00133335581f, 0.000154035304f, 1.52527339e-05f};
+  __m512 vsum = _mm512_setzero_ps();
+  for (; t + 16 <= n; t += 16) {
+    __m512 y = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(x + t), vmx), _mm512_set1_ps(-100.f));
+    y = _mm512_mul_ps(y, log2e);
+    const __m512 k = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, k);
+    __m512 p = _mm512_set1_ps(c[7]);
+    for (int i = 6; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+    const __m512 e = _mm512_scalef_ps(p, k);
+    _mm512_storeu_ps(x + t, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#endif
+  for (; t < n; ++t) { x[t] = std::exp(x[t] - mx); sum += x[t]; }
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+// out[b, h, :] = softmax(q[b, h] . K[ctx(b)] * scale) V[ctx(b)].
+//
+// A task is one sequence and a run of KV heads [h0, h1): it walks the context slot by slot,
+// and since a slot stores all KV heads side by side ([slots, Hkv, D]), it reads one
+// contiguous run of (h1 - h0) * D elements per slot, for all the query heads sharing them.
+// Sequences are split into head runs only when there are too few to keep every thread busy.
+template <typename scalar_t>
+void paged_decode_attention_impl(
+    at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
+    double scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_cache.size(1);
+  const int64_t G = H / Hkv;
+  const int64_t max_blocks = block_tables.size(1);
+  const auto* qp = q.data_ptr<scalar_t>();
+  const auto* kp = k_cache.data_ptr<scalar_t>();
+  const auto* vp = v_cache.data_ptr<scalar_t>();
+  auto* op = out.data_ptr<scalar_t>();
+  const auto* tables = block_tables.data_ptr<int64_t>();
+  const auto* lens = context_lens.data_ptr<int64_t>();
+  const int64_t slot_stride = Hkv * D;  // elements between consecutive slots
+
+  int64_t splits = 1;
+  while (B * splits < 2 * at::get_num_threads() && splits * 2 <= Hkv && Hkv % (splits * 2) == 0)
+    splits *= 2;
+  const int64_t heads_per_task = Hkv / splits;
+
+  at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(H * D), acc(H * D), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / splits;
+      const int64_t h0 = (task % splits) * heads_per_task, h1 = h0 + heads_per_task;
+      const int64_t q0 = h0 * G, nq = heads_per_task * G;  // query heads of this task
+      const int64_t T = lens[b];
+      scores.resize(nq * T);
+      for (int64_t i = 0; i < nq * D; ++i)
+        qf[i] = to_float(qp[(b * H + q0) * D + i]) * static_cast<float>(scale);
+      const int64_t* table = tables + b * max_blocks;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t slot = table[t / block_size] * block_size + t % block_size;
+        const scalar_t* k = kp + slot * slot_stride;
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t j = (h - h0) * G + g;
+            scores[j * T + t] = dot(qf.data() + j * D, k + h * D, D);
+          }
+      }
+      for (int64_t j = 0; j < nq; ++j) softmax_inplace(scores.data() + j * T, T);
+      std::fill(acc.begin(), acc.begin() + nq * D, 0.f);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t slot = table[t / block_size] * block_size + t % block_size;
+        const scalar_t* v = vp + slot * slot_stride;
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t j = (h - h0) * G + g;
+            axpy(acc.data() + j * D, scores[j * T + t], v + h * D, D);
+          }
+      }
+      for (int64_t i = 0; i < nq * D; ++i)
+        op[(b * H + q0) * D + i] = static_cast<scalar_t>(acc[i]);
+    }
+  });
+}
+
+}  // namespace
+
+void paged_decode_attention(
+    at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
+    at::Tensor context_lens, int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be contiguous [B, H, D]");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous(), "out must be like q");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.stride(2) == 1 && k_cache.stride(1) == k_cache.size(2)
+                  && k_cache.stride(0) == k_cache.size(1) * k_cache.size(2),
+              "k_cache must be a contiguous [slots, Hkv, D] view");
+  TORCH_CHECK(v_cache.strides() == k_cache.strides(), "v_cache must be laid out like k_cache");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "heads must be a multiple of KV heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "block_tables and context_lens must be int64");
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    paged_decode_attention_impl<scalar_t>(out, q, k_cache, v_cache, block_tables.contiguous(),
+                                          context_lens.contiguous(), block_size, scale);
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
+  }
+}
+
+bool has_bf16_linear() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX512BF16__)
+namespace {
+
+constexpr int kRows = 4;  // weight rows per tile: 4 x 2 KiB stays in L1 while x streams by
+constexpr int kCols = 4;  // rows of x per inner tile: 16 accumulators in registers
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+template <int R, int C>
+inline void tile(const uint16_t* w, int64_t ldw, const uint16_t* x, int64_t ldx, int64_t K,
+                 float out[R][C]) {
+  __m512 acc[R][C];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512bh wv[R];
+    for (int i = 0; i < R; ++i) wv[i] = (__m512bh)_mm512_loadu_si512(w + i * ldw + k);
+    for (int j = 0; j < C; ++j) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j * ldx + k);
+      for (int i = 0; i < R; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[i], xv);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) out[i][j] = hsum(acc[i][j]);
+}
+
+template <int R>
+inline void row_block(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int64_t n0,
+                      int64_t N, const at::BFloat16* bias, at::BFloat16* y) {
+  float part[R][kCols];
+  int64_t m = 0;
+  auto store = [&](int cols) {
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < cols; ++j) {
+        float v = part[i][j] + (bias ? static_cast<float>(bias[n0 + i]) : 0.f);
+        y[(m + j) * N + n0 + i] = at::BFloat16(v);
+      }
+  };
+  for (; m + kCols <= M; m += kCols) {
+    tile<R, kCols>(w, K, x + m * K, K, K, part);
+    store(kCols);
+  }
+  for (; m < M; ++m) {
+    float one[R][1];
+    tile<R, 1>(w, K, x + m * K, K, K, one);
+    for (int i = 0; i < R; ++i) part[i][0] = one[i][0];
+    store(1);
+  }
+}
+
+}  // namespace
+#endif
+
+at::Tensor bf16_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias) {
+#if defined(__AVX512BF16__)
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
+              "bf16_linear takes bfloat16 tensors");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "shape mismatch");
+  TORCH_CHECK(x.size(1) % 32 == 0, "in_features must be a multiple of 32");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  const at::BFloat16* bp = nullptr;
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->contiguous();
+    bp = b.data_ptr<at::BFloat16>();
+  }
+  auto* yp = y.data_ptr<at::BFloat16>();
+  const int64_t tiles = (N + kRows - 1) / kRows;
+  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * kRows;
+      if (n0 + kRows <= N) {
+        row_block<kRows>(wp + n0 * K, K, xp, M, n0, N, bp, yp);
+      } else {
+        for (int64_t n = n0; n < N; ++n) row_block<1>(wp + n * K, K, xp, M, n, N, bp, yp);
+      }
+    }
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "bf16_linear needs a CPU with AVX512-BF16");
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
+  m.def("bf16_linear", &bf16_linear, "small-batch bfloat16 linear (AVX512-BF16)");
+  m.def("has_bf16_linear", &has_bf16_linear, "was bf16_linear compiled for this CPU");
+}
