@@ -88,7 +88,9 @@ def assert_greedy_matches(model, prompt: list[int], ours: list[int], max_tokens:
     with torch.no_grad():
         logits = model(torch.tensor([prompt + theirs[:k]])).logits[0, -1].float()
     gap = (logits[theirs[k]] - logits[ours[k]]).abs().item()
-    assert gap < 1e-4, f"diverged at token {k}: ours {ours[k]}, transformers {theirs[k]} (gap {gap:.3g})"
+    assert gap < 1e-4, (
+        f"diverged at token {k}: ours {ours[k]}, transformers {theirs[k]} (gap {gap:.3g})"
+    )
 
 
 def random_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:

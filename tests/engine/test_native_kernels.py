@@ -9,7 +9,7 @@ from conftest import greedy, make_engine, random_prompts, run_engine
 
 import xllm.models.attention as attention
 import xllm.models.layers as layers
-from xllm.ops import kernels
+from xllm.ops import kernels, pack_for_amx
 
 native = kernels()
 needs_native = pytest.mark.skipif(native is None, reason="native kernels could not be built here")
@@ -58,11 +58,49 @@ def test_bf16_linear_matches_float_reference(rows):
 
 
 @needs_native
+@pytest.mark.skipif(native is not None and not native.has_amx(), reason="no AMX-BF16")
+@pytest.mark.parametrize("rows", [1, 16, 17, 40])
+def test_amx_linear_over_packed_weights_matches_float_reference(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 256, generator=g).bfloat16()
+    w = (torch.randn(96, 256, generator=g) / 16).bfloat16()
+    b = torch.randn(96, generator=g).bfloat16()
+    got = native.amx_linear(x, pack_for_amx(w), 96, b).float()
+    torch.testing.assert_close(got, F.linear(x.float(), w.float(), b.float()), atol=2e-2, rtol=1e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rms_norm_matches_reference(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 64, generator=g).to(dtype)
+    w = (1 + torch.randn(64, generator=g) / 10).to(dtype)
+    expected = F.rms_norm(x.float(), (64,), w.float(), 1e-6)
+    torch.testing.assert_close(native.rms_norm(x, w, 1e-6).float(), expected, atol=tol, rtol=tol)
+
+
+@needs_native
 def test_engine_gives_the_same_tokens_with_and_without_native_kernels(tiny_model_dir, monkeypatch):
     model_dir = tiny_model_dir("qwen3")
     prompts = random_prompts([7, 40, 19], 4000, seed=11)
     with_native = run_engine(make_engine(model_dir), prompts, greedy(24))
     monkeypatch.setattr(attention, "kernels", lambda: None)
-    monkeypatch.setattr(layers, "fast_linear", lambda x, w, b: None)
+    monkeypatch.setattr(layers, "fast_linear", lambda *args: None)
+    monkeypatch.setattr(layers, "fast_rms_norm", lambda *args: None)
     without = run_engine(make_engine(model_dir), prompts, greedy(24))
     assert with_native == without
+
+
+@needs_native
+def test_bf16_engine_logits_with_native_kernels_match_torch_path(tiny_model_dir, monkeypatch):
+    """bfloat16 rounds differently per kernel, so compare logits, not tokens."""
+    from test_engine_vs_hf import prompt_logits
+
+    model_dir = tiny_model_dir("qwen2", "bfloat16")
+    (prompt,) = random_prompts([33], 4000, seed=12)
+    with_native = prompt_logits(make_engine(model_dir, dtype="bfloat16"), prompt)
+    monkeypatch.setattr(layers, "fast_linear", lambda *args: None)
+    monkeypatch.setattr(layers, "fast_rms_norm", lambda *args: None)
+    without = prompt_logits(make_engine(model_dir, dtype="bfloat16"), prompt)
+    assert (with_native - without).abs().max() < 0.25  # logits have std ~4
+    assert (with_native.argmax(-1) == without.argmax(-1)).float().mean() > 0.9

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xllm.ops import fast_linear
+from xllm.ops import fast_linear, fast_rms_norm, pack_for_amx
 
 
 class Linear(nn.Module):
@@ -39,14 +39,20 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(total, dtype=dtype), requires_grad=False)
             self.bias.shard_sizes = shard_sizes  # type: ignore[attr-defined]
 
+        self.packed_weight: torch.Tensor | None = None
+
+    def prepare(self) -> None:
+        """After loading: keep a copy of the weight in the native kernels' tile layout."""
+        self.packed_weight = pack_for_amx(self.weight.data)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fast_linear(x, self.weight, self.bias)  # small decode batches on CPU
+        y = fast_linear(x, self.weight, self.bias, self.packed_weight)  # decode batches on CPU
         return F.linear(x, self.weight, self.bias) if y is None else y
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, torch's fused kernel (float32 inside; Hugging Face rounds to the
-    input dtype before scaling, so in bfloat16 the two may differ by one ulp)."""
+    """x / rms(x) * weight, computed in float32 and rounded once (Hugging Face rounds
+    before scaling by the weight, so in bfloat16 the two may differ by one ulp)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None):
         super().__init__()
@@ -54,7 +60,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        y = fast_rms_norm(x, self.weight, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps) if y is None else y
 
 
 class GatedMLP(nn.Module):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from xllm.models.config import ModelConfig
+from xllm.models.layers import Linear
 from xllm.models.loader import iter_checkpoint
 
 ARCHITECTURES = {
@@ -34,4 +35,7 @@ def load_model(
     with torch.device(device):
         model = cls(config, dtype)
     model.load_weights(iter_checkpoint(model_dir))
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.prepare()
     return model.eval()

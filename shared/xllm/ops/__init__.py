@@ -1,7 +1,9 @@
 """Native CPU kernels for the decode hot path, compiled on first use, with torch fallbacks.
 
 `paged_decode_attention` reads each sequence's context straight from the paged KV pool
-(no gather); `linear` streams weights once per step for small batches (AVX512-BF16).
+(no gather); `fast_linear` streams weights once per step for decode-sized batches (AMX
+tiles over pre-packed weights, or AVX512-BF16 dot products where there is no AMX);
+`fast_rms_norm` is one pass instead of ATen's ten small ops.
 The extension is built once per machine by torch's cpp_extension (needs a C++ compiler
 and ninja) into torch's extension cache; where it cannot be built, or the device is not
 a CPU, callers get `None` from `kernels()` and use plain torch ops instead.
@@ -24,8 +26,9 @@ _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
 
-# Largest batch for which the streaming bf16 linear beats oneDNN here (measured, see
-# benchmarks/kernels.py); beyond it the matmul is compute-bound and oneDNN's AMX wins.
+# Largest batches for which the native linears beat oneDNN on a 2-core Sapphire Rapids
+# (decode-sized matmuls are memory bound; oneDNN re-packs the weights every call).
+AMX_LINEAR_MAX_ROWS = 128
 BF16_LINEAR_MAX_ROWS = 4
 
 
@@ -59,17 +62,42 @@ def _build() -> ModuleType | None:
         return None
 
 
-def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x @ W^T + b via the streaming kernel when it applies, else None."""
-    if (
-        x.dim() != 2
-        or x.shape[0] > BF16_LINEAR_MAX_ROWS
-        or x.dtype != torch.bfloat16
-        or x.device.type != "cpu"
-        or x.shape[1] % 32
-    ):
+def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm via the native kernel on CPU, else None."""
+    if x.device.type != "cpu":
         return None
     k = kernels()
-    if k is None or not k.has_bf16_linear():
+    return None if k is None else k.rms_norm(x, weight, eps)
+
+
+def pack_for_amx(weight: torch.Tensor) -> torch.Tensor | None:
+    """W [N, K] in the AMX tile layout the native linear multiplies, or None when that
+    path does not apply (no AMX, not bf16 on CPU, N % 16 or K % 32 not zero)."""
+    n, k = weight.shape
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or n % 16 or k % 32:
         return None
-    return k.bf16_linear(x, weight, bias)
+    native = kernels()
+    if native is None or not native.has_amx():
+        return None
+    # [N/16, 16 cols, K/32, 16 k-pairs, 2] -> [N/16, K/32, 16 k-pairs, 16 cols, 2]
+    return weight.view(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def fast_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """x @ W^T + b via a native kernel when one beats oneDNN for this shape, else None."""
+    if x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return None
+    rows = x.shape[0]
+    if packed is not None and rows <= AMX_LINEAR_MAX_ROWS:
+        return kernels().amx_linear(x, packed, weight.shape[0], bias)  # type: ignore[union-attr]
+    if rows > BF16_LINEAR_MAX_ROWS or x.shape[1] % 32:
+        return None
+    native = kernels()
+    if native is None or not native.has_bf16_linear():
+        return None
+    return native.bf16_linear(x, weight, bias)

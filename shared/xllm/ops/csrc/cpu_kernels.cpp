@@ -11,10 +11,11 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AMX_TILE__)
 #include <immintrin.h>
 #endif
 
@@ -56,6 +57,26 @@ inline float dot(const float* a, const scalar_t* b, int64_t D) {
   float s = 0.f;
   for (int64_t d = 0; d < D; ++d) s += a[d] * to_float(b[d]);
   return s;
+}
+
+#if defined(__AVX512BF16__)
+// Dot product of two bf16 rows, 32 pairs per instruction, float accumulation.
+inline float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
+  return _mm512_reduce_add_ps(acc);
+}
+#endif
+template <typename scalar_t>
+inline void to_floats(float* dst, const scalar_t* src, int64_t D) {
+#if defined(__AVX512F__)
+  if (D % 16 == 0) {
+    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]);
 }
 
 // acc += p * row
@@ -125,6 +146,15 @@ void paged_decode_attention_impl(
   const auto* tables = block_tables.data_ptr<int64_t>();
   const auto* lens = context_lens.data_ptr<int64_t>();
   const int64_t slot_stride = Hkv * D;  // elements between consecutive slots
+  // q . k * scale: bf16 pairs straight into AVX512-BF16 dot products where possible.
+  auto score = [&](const scalar_t* q_raw, const float* q_scaled, const scalar_t* k) -> float {
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (D % 32 == 0) return dot_bf16(q_raw, k, D) * static_cast<float>(scale);
+    }
+#endif
+    return dot(q_scaled, k, D);
+  };
 
   int64_t splits = 1;
   while (B * splits < 2 * at::get_num_threads() && splits * 2 <= Hkv && Hkv % (splits * 2) == 0)
@@ -132,15 +162,18 @@ void paged_decode_attention_impl(
   const int64_t heads_per_task = Hkv / splits;
 
   at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), acc(H * D), scores;
+    std::vector<float> qf(H * D), acc(H * D), scores, vrow(D);
+    std::vector<scalar_t> qb(H * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / splits;
       const int64_t h0 = (task % splits) * heads_per_task, h1 = h0 + heads_per_task;
       const int64_t q0 = h0 * G, nq = heads_per_task * G;  // query heads of this task
       const int64_t T = lens[b];
       scores.resize(nq * T);
-      for (int64_t i = 0; i < nq * D; ++i)
+      for (int64_t i = 0; i < nq * D; ++i) {
         qf[i] = to_float(qp[(b * H + q0) * D + i]) * static_cast<float>(scale);
+        qb[i] = qp[(b * H + q0) * D + i];
+      }
       const int64_t* table = tables + b * max_blocks;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t slot = table[t / block_size] * block_size + t % block_size;
@@ -148,7 +181,7 @@ void paged_decode_attention_impl(
         for (int64_t h = h0; h < h1; ++h)
           for (int64_t g = 0; g < G; ++g) {
             const int64_t j = (h - h0) * G + g;
-            scores[j * T + t] = dot(qf.data() + j * D, k + h * D, D);
+            scores[j * T + t] = score(qb.data() + j * D, qf.data() + j * D, k + h * D);
           }
       }
       for (int64_t j = 0; j < nq; ++j) softmax_inplace(scores.data() + j * T, T);
@@ -156,11 +189,14 @@ void paged_decode_attention_impl(
       for (int64_t t = 0; t < T; ++t) {
         const int64_t slot = table[t / block_size] * block_size + t % block_size;
         const scalar_t* v = vp + slot * slot_stride;
-        for (int64_t h = h0; h < h1; ++h)
+        for (int64_t h = h0; h < h1; ++h) {
+          // Convert the row once for the G query heads sharing it.
+          to_floats(vrow.data(), v + h * D, D);
           for (int64_t g = 0; g < G; ++g) {
             const int64_t j = (h - h0) * G + g;
-            axpy(acc.data() + j * D, scores[j * T + t], v + h * D, D);
+            axpy(acc.data() + j * D, scores[j * T + t], vrow.data(), D);
           }
+        }
       }
       for (int64_t i = 0; i < nq * D; ++i)
         op[(b * H + q0) * D + i] = static_cast<scalar_t>(acc[i]);
@@ -193,6 +229,41 @@ void paged_decode_attention(
     case at::kHalf: run(at::Half{}); break;
     default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
   }
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w over the last dimension, in float32, rounded once.
+// ATen's composite rms_norm costs ~10 small ops per call; decode calls it ~4x per layer.
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
+  TORCH_CHECK(x.size(-1) == weight.numel(), "weight must match the last dimension");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight dtypes differ");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  auto y = at::empty_like(x);
+  const int64_t N = x.size(-1), rows = x.numel() / N;
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(N), w(N);
+      to_floats(w.data(), wp, N);
+      for (int64_t r = begin; r < end; ++r) {
+        to_floats(row.data(), xp + r * N, N);
+        float ss = 0.f;
+        for (int64_t i = 0; i < N; ++i) ss += row[i] * row[i];
+        const float inv = 1.f / std::sqrt(ss / static_cast<float>(N) + static_cast<float>(eps));
+        for (int64_t i = 0; i < N; ++i) yp[r * N + i] = static_cast<scalar_t>(row[i] * inv * w[i]);
+      }
+    });
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    default: TORCH_CHECK(false, "rms_norm: unsupported dtype ", x.scalar_type());
+  }
+  return y;
 }
 
 bool has_bf16_linear() {
@@ -292,8 +363,108 @@ at::Tensor bf16_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor
 #endif
 }
 
+// ---------------------------------------------------------------------------------------
+// AMX bf16 linear over pre-packed weights.
+//
+// W [N, K] is packed once into 1 KiB tiles, [N/16][K/32][16 k-pairs][16 columns][2], the
+// VNNI layout the tile unit multiplies directly; then y = x W^T streams each weight tile
+// from memory once per step and multiplies it with up to two 16-row blocks of x at a time.
+// ---------------------------------------------------------------------------------------
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace {
+
+struct TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_permitted() {
+  // Linux hands out AMX state only to processes that ask (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 5; ++t) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  _tile_loadconfig(&cfg);  // tiles 0,1: C fp32 16x16; 2,3: A bf16 16x32; 4: B 16 pairs x 16
+}
+
+}  // namespace
+
+at::Tensor amx_linear(at::Tensor x, at::Tensor packed, int64_t N, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(amx_permitted(), "the kernel refused AMX state to this process");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, "bf16 only");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(N % 16 == 0 && K % 32 == 0 && packed.numel() == N * K, "packed weight shape mismatch");
+  const int64_t Mp = (M + 15) / 16 * 16;
+  at::Tensor xp = x.contiguous();
+  if (Mp != M) xp = at::constant_pad_nd(xp, {0, 0, 0, Mp - M});  // whole 16-row A tiles
+  auto y = at::empty({M, N}, x.options());
+  const auto* a = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
+  const auto* w = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  at::Tensor b;
+  const at::BFloat16* bp = nullptr;
+  if (bias.has_value() && bias->defined()) { b = bias->contiguous(); bp = b.data_ptr<at::BFloat16>(); }
+  auto* yp = y.data_ptr<at::BFloat16>();
+  const int64_t KB = K / 32, NB = N / 16, lda = K * 2;
+
+  at::parallel_for(0, NB, 4, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    alignas(64) float c[2][16][16];
+    auto emit = [&](int which, int64_t m0, int64_t nb) {
+      const __m512 bv = bp ? load16(bp + nb * 16) : _mm512_setzero_ps();
+      for (int64_t i = 0; i < 16 && m0 + i < M; ++i) {
+        const __m512 v = _mm512_add_ps(_mm512_load_ps(c[which][i]), bv);
+        // Round to nearest even, as at::BFloat16(float) does.
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + i) * N + nb * 16),
+                            (__m256i)_mm512_cvtneps_pbh(v));
+      }
+    };
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const uint16_t* wt = w + nb * KB * 512;
+      for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+        const bool two = m0 + 16 < Mp;
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t kb = 0; kb < KB; ++kb) {
+          _tile_loadd(4, wt + kb * 512, 64);
+          _tile_loadd(2, a + m0 * K + kb * 32, lda);
+          _tile_dpbf16ps(0, 2, 4);
+          if (two) {
+            _tile_loadd(3, a + (m0 + 16) * K + kb * 32, lda);
+            _tile_dpbf16ps(1, 3, 4);
+          }
+        }
+        _tile_stored(0, c[0], 64);
+        emit(0, m0, nb);
+        if (two) { _tile_stored(1, c[1], 64); emit(1, m0 + 16, nb); }
+      }
+    }
+    _tile_release();
+  });
+  return y;
+}
+
+bool has_amx() { return amx_permitted(); }
+#else
+at::Tensor amx_linear(at::Tensor, at::Tensor, int64_t, c10::optional<at::Tensor>) {
+  TORCH_CHECK(false, "amx_linear needs a CPU with AMX-BF16");
+}
+bool has_amx() { return false; }
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
   m.def("bf16_linear", &bf16_linear, "small-batch bfloat16 linear (AVX512-BF16)");
+  m.def("amx_linear", &amx_linear, "bfloat16 linear over AMX-packed weights");
+  m.def("has_amx", &has_amx, "AMX-BF16 compiled in and permitted");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
   m.def("has_bf16_linear", &has_bf16_linear, "was bf16_linear compiled for this CPU");
 }
