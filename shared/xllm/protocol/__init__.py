@@ -1,0 +1,59 @@
+"""The contract between xLLM's services: NATS subjects, message types, errors, one codec.
+
+    subjects.py   every subject / queue group / stream name, with sender → receiver and kind
+    codec.py      @message registry, encode / decode (msgpack envelope {t, v, d}), DecodeError
+    errors.py     ErrorCode, ErrorInfo, ProtocolError, http_status
+    sampling.py   SamplingSpec (wire form of the engine's SamplingParams)
+    gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState
+    instance.py   GenerateCmd, AbortCmd, SetRoleCmd, Heartbeat
+    stream.py     TokenDelta, LogprobEntry
+    kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
+    dispatch.py   TypeDispatcher, make_callback
+
+Importing this package imports every message module, so `decode` knows every tag no matter
+which submodule a service imported first.
+"""
+
+from xllm.protocol import subjects
+from xllm.protocol.codec import DecodeError, decode, decode_as, encode, message, registry
+from xllm.protocol.dispatch import TypeDispatcher, make_callback
+from xllm.protocol.errors import ErrorCode, ErrorInfo, ProtocolError, http_status
+from xllm.protocol.gateway import ClusterState, ClusterStateRequest, SubmitReply, SubmitRequest
+from xllm.protocol.instance import AbortCmd, GenerateCmd, Heartbeat, Role, SetRoleCmd
+from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
+from xllm.protocol.sampling import SamplingSpec
+from xllm.protocol.stream import FinishReason, LogprobEntry, TokenDelta
+
+__all__ = [
+    "AbortCmd",
+    "ClusterState",
+    "ClusterStateRequest",
+    "DecodeError",
+    "ErrorCode",
+    "ErrorInfo",
+    "FinishReason",
+    "GenerateCmd",
+    "Heartbeat",
+    "KvEvent",
+    "KvEvents",
+    "KvMatchReply",
+    "KvMatchRequest",
+    "KvSnapshotRequest",
+    "LogprobEntry",
+    "ProtocolError",
+    "Role",
+    "SamplingSpec",
+    "SetRoleCmd",
+    "SubmitReply",
+    "SubmitRequest",
+    "TokenDelta",
+    "TypeDispatcher",
+    "decode",
+    "decode_as",
+    "encode",
+    "http_status",
+    "make_callback",
+    "message",
+    "registry",
+    "subjects",
+]

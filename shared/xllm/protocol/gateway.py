@@ -1,0 +1,82 @@
+"""gateway <-> scheduler: submitting a request, and reading the scheduler's cluster view.
+
+Submit (`SCHED_SUBMIT`, request/reply with the gateway's deadline as the NATS timeout):
+the gateway has already validated and tokenized the request and subscribed to
+`request_output(request_id)`; the scheduler places it, sends the commands and replies with
+the chosen instance, or with an error (e.g. NO_INSTANCE, OVERLOADED) and sends nothing.
+Offline jobs are the same `SubmitRequest` with priority > 0, arriving through JetStream
+(`OFFLINE_SUBMIT`) instead of request/reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xllm.protocol.codec import message
+from xllm.protocol.errors import ErrorInfo
+from xllm.protocol.instance import Heartbeat
+from xllm.protocol.sampling import SamplingSpec
+
+
+@message("submit", version=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitRequest:
+    """gateway → scheduler: place this request and start it."""
+
+    request_id: str
+    """Cluster-unique id chosen by the gateway; a valid subject token (`subjects.token`)."""
+    prompt_token_ids: list[int]
+    """The tokenized prompt (chat template applied)."""
+    sampling: SamplingSpec
+    """How to sample; already validated by the gateway."""
+    arrival_time: float
+    """Unix time (seconds) the gateway received the request; for queueing and SLO policies."""
+    priority: int = 0
+    """0 = online; > 0 = offline / best-effort, preempted by online work."""
+    model: str | None = None
+    """The model the client asked for; only instances serving it are candidates. None = any."""
+    prefix_block_hashes: list[int] = field(default_factory=list)
+    """The prompt's prefix hash chain (at the cluster's kv_block_size), for cache-aware
+    placement; empty = the scheduler routes without prefix information."""
+
+
+@message("submit_reply", version=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitReply:
+    """scheduler → gateway: where the request went, or why it went nowhere."""
+
+    request_id: str
+    """Echoes `SubmitRequest.request_id`."""
+    instance_id: str | None = None
+    """The instance that streams the output (aborts go to its command subject)."""
+    error: ErrorInfo | None = None
+    """Why the request was not placed; then nothing was started."""
+
+    def __post_init__(self) -> None:
+        if (self.instance_id is None) == (self.error is None):
+            raise ValueError("SubmitReply needs exactly one of instance_id and error")
+
+
+@message("cluster_state_request", version=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterStateRequest:
+    """gateway → scheduler (`CLUSTER_STATE`, request/reply): send me your view of the cluster."""
+
+
+@message("cluster_state", version=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterState:
+    """scheduler → gateway: every live instance's last heartbeat and the scheduler's counters."""
+
+    instances: list[Heartbeat]
+    """The latest heartbeat of each instance the scheduler considers alive."""
+    policy: str
+    """The active placement policy's name."""
+    num_submitted: int
+    """Requests placed since the scheduler started."""
+    num_rejected: int
+    """Submits answered with an error since the scheduler started."""
+    num_redispatched: int
+    """Requests re-placed after their instance failed."""
+    sent_at: float
+    """Unix time (seconds) the snapshot was taken."""
