@@ -109,3 +109,21 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    nats_url: str = option("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated.")
+    nats_connect_timeout: float = option(30.0, "Seconds to keep retrying the first connection.")
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    redis_url: str = option(
+        "redis://127.0.0.1:6379/0", "Redis (or Valkey) URL for global KV metadata."
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    log_level: str = option("INFO", "Logging level: DEBUG, INFO, WARNING, ERROR.")

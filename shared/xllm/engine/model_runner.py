@@ -103,7 +103,9 @@ class ModelRunner:
         bs = self.block_size
         positions = torch.tensor([s.num_computed_tokens for s in decodes])  # [B]
         max_blocks = max(len(s.block_table) for s in decodes)
-        tables = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in decodes])
+        tables = torch.tensor(
+            [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in decodes]
+        )
         meta.num_decodes = len(decodes)
         meta.decode_block_tables = tables.to(self.device)
         meta.decode_context_lens = (positions + 1).to(self.device)

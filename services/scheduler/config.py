@@ -1,0 +1,15 @@
+"""SchedulerConfig: the scheduler service's options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xllm.config import option
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = option("least-load", "Placement policy: round-robin, least-load.")
+    heartbeat_timeout: float = option(
+        2.0, "Seconds without a heartbeat before an instance leaves the rotation."
+    )

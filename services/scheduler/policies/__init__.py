@@ -1,0 +1,61 @@
+"""Placement policies: pure functions `(request, snapshot) -> instance id | None`.
+
+A policy sees only a `PlacementRequest` and an immutable `ClusterSnapshot`, never the
+scheduler's mutable state, so the live scheduler and the simulator run the same code.
+`None` means no instance can take the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.scheduler.cluster import ClusterSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRequest:
+    request_id: str
+    num_prompt_tokens: int
+    max_tokens: int
+    model: str | None = None
+    priority: int = 0
+    sequence_number: int = 0
+    """How many requests the scheduler placed before this one (round-robin's cursor)."""
+    prefix_block_hashes: tuple[int, ...] = field(default_factory=tuple)
+
+
+Policy = Callable[[PlacementRequest, ClusterSnapshot], str | None]
+
+
+def round_robin(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | None:
+    """Each instance in turn, by the request's sequence number."""
+    candidates = snapshot.candidates(request.model)
+    if not candidates:
+        return None
+    return candidates[request.sequence_number % len(candidates)].instance_id
+
+
+def least_load(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | None:
+    """The instance with the fewest tokens queued or running (ties: fewest sequences, then id)."""
+    candidates = snapshot.candidates(request.model)
+    if not candidates:
+        return None
+    best = min(
+        candidates,
+        key=lambda v: (v.load, v.num_requests, v.instance_id),
+    )
+    return best.instance_id
+
+
+POLICIES: dict[str, Policy] = {
+    "round-robin": round_robin,
+    "least-load": least_load,
+}
+
+
+def get_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None

@@ -1,0 +1,136 @@
+"""The scheduler service: registry from heartbeats, placement on submit, cluster view.
+
+Handlers run on the event loop and share state without locks (asyncio, one thread).
+Submit: check the request fits some instance, ask the policy for one, send it the
+`GenerateCmd`, reply with its id. Heartbeats keep the registry; a sweeper drops instances
+that fell silent, so new requests go elsewhere within `heartbeat_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from nats.aio.client import Client as NATS
+
+from services.scheduler.cluster import Registry
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.policies import PlacementRequest, get_policy
+from xllm.protocol import (
+    ClusterState,
+    ClusterStateRequest,
+    ErrorCode,
+    ErrorInfo,
+    GenerateCmd,
+    Heartbeat,
+    SubmitReply,
+    SubmitRequest,
+    TypeDispatcher,
+    encode,
+    make_callback,
+    subjects,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerService:
+    def __init__(self, config: SchedulerConfig, nc: NATS):
+        self.config = config
+        self.nc = nc
+        self.policy = get_policy(config.policy)
+        self.registry = Registry(config.heartbeat_timeout)
+        self.num_submitted = 0
+        self.num_rejected = 0
+        self.num_redispatched = 0
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        heartbeats = TypeDispatcher({Heartbeat: self.on_heartbeat}, name="scheduler heartbeats")
+        requests = TypeDispatcher(
+            {SubmitRequest: self.on_submit, ClusterStateRequest: self.on_cluster_state},
+            name="scheduler requests",
+        )
+        subs = [
+            await self.nc.subscribe(subjects.HEARTBEAT, cb=make_callback(heartbeats)),
+            await self.nc.subscribe(
+                subjects.SCHED_SUBMIT, queue=subjects.SCHEDULER_QUEUE, cb=make_callback(requests)
+            ),
+            await self.nc.subscribe(subjects.CLUSTER_STATE, cb=make_callback(requests)),
+        ]
+        sweeper = asyncio.create_task(self._sweep(stop))
+        log.info("scheduler up, policy %s", self.config.policy)
+        await stop.wait()
+        sweeper.cancel()
+        for sub in subs:
+            await sub.unsubscribe()
+
+    async def on_heartbeat(self, hb: Heartbeat) -> None:
+        if self.registry.update(hb, time.monotonic()):
+            log.info("instance %s joined (%s, %s)", hb.instance_id, hb.role, hb.model)
+
+    async def _sweep(self, stop: asyncio.Event) -> None:
+        interval = self.config.heartbeat_timeout / 4
+        while not stop.is_set():
+            for instance_id in self.registry.expire(time.monotonic()):
+                log.warning("instance %s missed its heartbeats: out of rotation", instance_id)
+            await asyncio.sleep(interval)
+
+    async def on_submit(self, req: SubmitRequest) -> SubmitReply:
+        error = self._check(req)
+        instance_id = None
+        if error is None:
+            instance_id = self.policy(self._placement(req), self.registry.snapshot())
+            if instance_id is None:
+                error = ErrorInfo(
+                    code=ErrorCode.NO_INSTANCE, message="no instance can serve this request"
+                )
+        if error is not None:
+            self.num_rejected += 1
+            return SubmitReply(request_id=req.request_id, error=error)
+        cmd = GenerateCmd(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling=req.sampling,
+            priority=req.priority,
+        )
+        await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
+        self.registry.note_placement(
+            instance_id, len(req.prompt_token_ids) + req.sampling.max_tokens
+        )
+        self.num_submitted += 1
+        return SubmitReply(request_id=req.request_id, instance_id=instance_id)
+
+    def _placement(self, req: SubmitRequest) -> PlacementRequest:
+        return PlacementRequest(
+            request_id=req.request_id,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            max_tokens=req.sampling.max_tokens,
+            model=req.model,
+            priority=req.priority,
+            sequence_number=self.num_submitted,
+            prefix_block_hashes=tuple(req.prefix_block_hashes),
+        )
+
+    def _check(self, req: SubmitRequest) -> ErrorInfo | None:
+        candidates = self.registry.snapshot().candidates(req.model)
+        if not candidates:
+            what = f"model {req.model!r}" if req.model else "any model"
+            return ErrorInfo(code=ErrorCode.NO_INSTANCE, message=f"no live instance serves {what}")
+        max_len = max(v.heartbeat.max_model_len for v in candidates)
+        if len(req.prompt_token_ids) >= max_len:
+            return ErrorInfo(
+                code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                message=f"the prompt has {len(req.prompt_token_ids)} tokens; the context is {max_len}",
+            )
+        return None
+
+    async def on_cluster_state(self, _: ClusterStateRequest) -> ClusterState:
+        return ClusterState(
+            instances=[v.heartbeat for v in self.registry.snapshot().instances],
+            policy=self.config.policy,
+            num_submitted=self.num_submitted,
+            num_rejected=self.num_rejected,
+            num_redispatched=self.num_redispatched,
+            sent_at=time.time(),
+        )

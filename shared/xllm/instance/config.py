@@ -1,0 +1,23 @@
+"""InstanceConfig: the options of an instance process besides its engine's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xllm.config import option
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    instance_id: str = option("", "Cluster-unique id (a NATS subject token); empty = host-pid.")
+    role: str = option("both", "prefill, decode or both (PD-colocated).")
+    served_model_name: str = option(
+        "", "The model name clients use; empty = the model folder's name."
+    )
+    heartbeat_interval: float = option(0.25, "Seconds between load heartbeats.")
+
+    def validate(self) -> None:
+        if self.role not in ("prefill", "decode", "both"):
+            raise ValueError(f"--role must be prefill, decode or both, not {self.role!r}")
+        if self.heartbeat_interval <= 0:
+            raise ValueError("--heartbeat-interval must be positive")

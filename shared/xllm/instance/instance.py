@@ -1,0 +1,189 @@
+"""Instance: the engine behind NATS — commands in, token deltas and heartbeats out.
+
+NATS callbacks never touch the engine: they decode and queue commands in `inbox`. The
+engine loop applies queued commands only between steps, then runs one step in a worker
+thread (the asyncio loop stays free to receive, publish and heartbeat), then publishes one
+`TokenDelta` per completion that produced tokens. So aborts, new requests and role flips
+take effect at step boundaries and need no locking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from nats.aio.client import Client as NATS
+
+from xllm.engine.engine import Engine
+from xllm.engine.engine import TokenDelta as EngineDelta
+from xllm.engine.sequence import FinishReason
+from xllm.instance.config import InstanceConfig
+from xllm.protocol import (
+    AbortCmd,
+    ErrorCode,
+    ErrorInfo,
+    GenerateCmd,
+    Heartbeat,
+    LogprobEntry,
+    SetRoleCmd,
+    TokenDelta,
+    TypeDispatcher,
+    encode,
+    subjects,
+)
+
+log = logging.getLogger(__name__)
+
+Command = GenerateCmd | AbortCmd | SetRoleCmd
+
+
+class Instance:
+    def __init__(self, config: InstanceConfig, engine: Engine, nc: NATS):
+        config.validate()
+        self.config = config
+        self.engine = engine
+        self.nc = nc
+        self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        subjects.token(self.instance_id)  # fail fast on an id NATS cannot route
+        self.role = config.role
+        self.model_name = config.served_model_name or Path(engine.config.model).name
+        self.inbox: asyncio.Queue[Command] = asyncio.Queue()
+        self.dispatcher = TypeDispatcher(name=f"instance {self.instance_id}")
+        for cmd_type in (GenerateCmd, AbortCmd, SetRoleCmd):
+            self.dispatcher.register(cmd_type, self._enqueue)
+        # One thread: steps run strictly one after another, off the event loop.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    async def _enqueue(self, cmd: Command) -> None:
+        self.inbox.put_nowait(cmd)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        async def on_command(msg) -> None:
+            await self.dispatcher.dispatch(msg.data, msg.subject)
+
+        sub = await self.nc.subscribe(subjects.instance_cmd(self.instance_id), cb=on_command)
+        tasks = [asyncio.create_task(self._heartbeats(stop)), asyncio.create_task(self._loop(stop))]
+        log.info("instance %s (%s) serving %s", self.instance_id, self.role, self.model_name)
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await sub.unsubscribe()
+        self.executor.shutdown(wait=True)
+
+    # -- the engine loop ------------------------------------------------------------------
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            if not self.engine.has_unfinished():
+                await self._apply(await self.inbox.get())  # idle: sleep until work arrives
+            while not self.inbox.empty():
+                await self._apply(self.inbox.get_nowait())
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                deltas = await loop.run_in_executor(self.executor, self.engine.step)
+            except Exception:
+                log.exception("engine step failed; failing the running requests")
+                await self._fail_all("the engine failed while running this request")
+                continue
+            for delta in deltas:
+                await self._send(to_wire(delta))
+
+    async def _apply(self, cmd: Command) -> None:
+        if isinstance(cmd, GenerateCmd):
+            await self._start(cmd)
+        elif isinstance(cmd, AbortCmd):
+            await self._abort(cmd.request_id)
+        elif isinstance(cmd, SetRoleCmd):
+            log.info("instance %s: role %s -> %s", self.instance_id, self.role, cmd.role)
+            self.role = cmd.role
+
+    async def _start(self, cmd: GenerateCmd) -> None:
+        try:
+            params = cmd.sampling.to_params()
+            self.engine.add_request(cmd.request_id, list(cmd.prompt_token_ids), params)
+        except ValueError as e:
+            code = (
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED
+                if "context" in str(e)
+                else ErrorCode.INVALID_REQUEST
+            )
+            await self._send_error(cmd.request_id, ErrorInfo(code=code, message=str(e)))
+
+    async def _abort(self, request_id: str) -> None:
+        seqs = self.engine.sequences.get(request_id, [])
+        unfinished = [s.index for s in seqs if not s.is_finished]
+        if self.engine.abort_request(request_id):
+            for index in unfinished:
+                await self._send(
+                    TokenDelta(request_id=request_id, index=index, finish_reason="abort")
+                )
+
+    async def _fail_all(self, message: str) -> None:
+        for request_id in list(self.engine.sequences):
+            self.engine.abort_request(request_id)
+            await self._send_error(request_id, ErrorInfo(code=ErrorCode.INTERNAL, message=message))
+
+    async def _send_error(self, request_id: str, error: ErrorInfo) -> None:
+        await self._send(TokenDelta(request_id=request_id, finish_reason="error", error=error))
+
+    async def _send(self, delta: TokenDelta) -> None:
+        # nats-py only appends to its write buffer here; its flusher task does the I/O.
+        await self.nc.publish(subjects.request_output(delta.request_id), encode(delta))
+
+    # -- heartbeats -----------------------------------------------------------------------
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.nc.publish(subjects.HEARTBEAT, encode(self.heartbeat()))
+            except Exception:
+                log.exception("heartbeat failed")
+            await asyncio.sleep(self.config.heartbeat_interval)
+
+    def heartbeat(self) -> Heartbeat:
+        stats = self.engine.stats()
+        scheduler = self.engine.scheduler
+        return Heartbeat(
+            instance_id=self.instance_id,
+            role=self.role,  # type: ignore[arg-type]
+            model=self.model_name,
+            max_model_len=self.engine.max_model_len,
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            num_tokens_in_flight=sum(
+                s.num_tokens for s in [*scheduler.running, *scheduler.waiting]
+            ),
+            kv_blocks_used=stats.num_blocks_used,
+            kv_blocks_free=stats.num_blocks_free,
+            kv_block_size=self.engine.config.block_size,
+            prefix_queried_tokens=stats.prefix_queried_tokens,
+            prefix_hit_tokens=stats.prefix_hit_tokens,
+            num_preemptions=stats.num_preemptions,
+            steps=stats.num_steps,
+            sent_at=time.time(),
+        )
+
+
+def to_wire(d: EngineDelta) -> TokenDelta:
+    logprobs = None
+    if d.logprobs is not None:
+        logprobs = [LogprobEntry(lp.token_id, lp.logprob, lp.top) for lp in d.logprobs]
+    finish = d.finish_reason.value if isinstance(d.finish_reason, FinishReason) else None
+    return TokenDelta(
+        request_id=d.request_id,
+        index=d.index,
+        token_ids=d.token_ids,
+        logprobs=logprobs,
+        finish_reason=finish,  # type: ignore[arg-type]
+        num_prompt_tokens=d.num_prompt_tokens,
+        num_cached_tokens=d.num_cached_tokens,
+        num_output_tokens=d.num_output_tokens,
+    )

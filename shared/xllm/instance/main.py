@@ -1,0 +1,36 @@
+"""The instance program: `python -m services.prefill` / `python -m services.decode` run this."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+from xllm.config import EngineConfig, LogConfig, NatsConfig, add_arguments, from_args
+from xllm.instance.config import InstanceConfig
+from xllm.service.runtime import run_service
+
+
+def main(default_role: str, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=f"xLLM instance (default role: {default_role})")
+    for cls in (InstanceConfig, EngineConfig, NatsConfig, LogConfig):
+        add_arguments(parser, cls)
+    if "XLLM_ROLE" not in os.environ:
+        parser.set_defaults(role=default_role)
+    args = parser.parse_args(argv)
+    instance_config = from_args(InstanceConfig, args)
+    engine_config = from_args(EngineConfig, args)
+    if not engine_config.model:
+        parser.error("--model (or XLLM_MODEL) is required")
+
+    async def serve(nc, stop: asyncio.Event) -> None:
+        from xllm.engine.engine import Engine
+        from xllm.instance.instance import Instance
+
+        loop = asyncio.get_running_loop()
+        # Loading weights takes seconds: off the loop, so NATS keeps its connection alive.
+        engine = await loop.run_in_executor(None, Engine, engine_config)
+        await Instance(instance_config, engine, nc).serve(stop)
+
+    name = f"instance {instance_config.instance_id or ''}".strip()
+    return run_service(name, serve, from_args(NatsConfig, args), from_args(LogConfig, args))
