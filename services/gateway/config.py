@@ -1,0 +1,56 @@
+"""GatewayConfig: the HTTP gateway's options (each one a flag and an XLLM_* variable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from xllm.config import option
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = option("0.0.0.0", "Address the HTTP server listens on.")
+    port: int = option(8000, "Port the HTTP server listens on.")
+    model: str = option(
+        "", "Model folder: tokenizer.json, chat template and config.json (for the context length)."
+    )
+    served_model_name: str = option(
+        "", "The model name clients put in `model`; empty = the model folder's name."
+    )
+    max_model_len: int = option(
+        0, "Context length (prompt + output tokens); 0 = config.json's max_position_embeddings."
+    )
+    api_key: str = option(
+        "", "Require `Authorization: Bearer <key>` on /v1/*, /tokenize, /detokenize; empty = open."
+    )
+    max_body_bytes: int = option(4 * 1024 * 1024, "Largest request body accepted (413 beyond).")
+    max_inflight: int = option(512, "Most generation requests in flight at once (429 beyond).")
+    request_timeout: float = option(600.0, "Seconds a generation may take end to end (504 after).")
+    submit_timeout: float = option(5.0, "Seconds to wait for the scheduler to place a request.")
+    cluster_timeout: float = option(
+        1.0, "Seconds to wait for the scheduler's cluster view (/health, /cluster, /metrics)."
+    )
+
+    def validate(self) -> None:
+        checks = [
+            (bool(self.model), "give the model folder with --model (or XLLM_MODEL)"),
+            (0 < self.port < 65536, f"--port must be in 1..65535, got {self.port}"),
+            (self.max_model_len >= 0, "--max-model-len must be 0 (from config.json) or positive"),
+            (self.max_body_bytes > 0, "--max-body-bytes must be positive"),
+            (self.max_inflight > 0, "--max-inflight must be positive"),
+            (self.request_timeout > 0, "--request-timeout must be positive"),
+            (self.submit_timeout > 0, "--submit-timeout must be positive"),
+            (self.cluster_timeout > 0, "--cluster-timeout must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        missing = [
+            f for f in ("config.json", "tokenizer.json") if not (Path(self.model) / f).is_file()
+        ]
+        if missing:
+            raise ValueError(
+                f"--model {self.model} has no {' or '.join(missing)}: give a Hugging Face model "
+                "folder (the one the instances serve)"
+            )

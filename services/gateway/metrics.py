@@ -1,0 +1,91 @@
+"""The gateway's Prometheus metrics (on xllm.metrics' registry), served at GET /metrics.
+
+Gateway-side: requests by endpoint and status, generation requests in flight, time to first
+token, time per output token, end-to-end latency, prompt and generated token counts.
+Cluster-side, refreshed from the scheduler's `ClusterState` at each scrape: running and
+waiting sequences and KV blocks per instance.
+"""
+
+from __future__ import annotations
+
+import time
+
+from services.gateway.streaming import Generation
+from xllm.metrics import Registry
+from xllm.protocol import ClusterState
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = r = Registry()
+        self.requests = r.counter(
+            "xllm_gateway_requests_total", "HTTP requests answered.", ("endpoint", "status")
+        )
+        self.running = r.gauge("xllm_gateway_requests_running", "Generation requests in flight.")
+        self.ttft = r.histogram(
+            "xllm_gateway_time_to_first_token_seconds",
+            "From arrival to the first generated token.",
+            buckets=TTFT_BUCKETS,
+        )
+        self.tpot = r.histogram(
+            "xllm_gateway_time_per_output_token_seconds",
+            "Mean time between output tokens after the first, per request.",
+            buckets=TPOT_BUCKETS,
+        )
+        self.e2e = r.histogram(
+            "xllm_gateway_e2e_request_latency_seconds",
+            "From arrival to the end of a request whose completions all finished.",
+            buckets=E2E_BUCKETS,
+        )
+        self.prompt_tokens = r.counter("xllm_gateway_prompt_tokens_total", "Prompt tokens.")
+        self.generation_tokens = r.counter(
+            "xllm_gateway_generation_tokens_total", "Generated tokens received."
+        )
+        labels = ("instance", "role")
+        self.instance_running = r.gauge(
+            "xllm_instance_requests_running", "Sequences in the instance's running batch.", labels
+        )
+        self.instance_waiting = r.gauge(
+            "xllm_instance_requests_waiting", "Sequences queued at the instance.", labels
+        )
+        self.instance_kv_used = r.gauge(
+            "xllm_instance_kv_blocks_used", "KV blocks held by sequences.", labels
+        )
+        self.instance_kv_free = r.gauge(
+            "xllm_instance_kv_blocks_free", "KV blocks free (cached prefixes included).", labels
+        )
+
+    def observe_generation(self, gen: Generation) -> None:
+        """Record a generation that has ended (finished, failed or abandoned)."""
+        self.prompt_tokens.inc(gen.usage.prompt_tokens)
+        self.generation_tokens.inc(gen.usage.completion_tokens)
+        if gen.finished:
+            self.e2e.observe(time.monotonic() - gen.started_at)
+        first, last = gen.first_token_at, gen.last_token_at
+        if first is None or last is None:
+            return
+        self.ttft.observe(first - gen.started_at)
+        if gen.usage.completion_tokens > 1:
+            per_completion = gen.usage.completion_tokens / len(gen.completions)
+            if per_completion > 1:
+                self.tpot.observe((last - first) / (per_completion - 1))
+
+    def observe_cluster(self, state: ClusterState | None) -> None:
+        """Replace the per-instance gauges with `state` (None: the scheduler did not answer)."""
+        gauges = (self.instance_running, self.instance_waiting)
+        gauges += (self.instance_kv_used, self.instance_kv_free)
+        for gauge in gauges:
+            gauge.clear()
+        for hb in state.instances if state is not None else ():
+            labels = {"instance": hb.instance_id, "role": hb.role}
+            self.instance_running.labels(**labels).set(hb.num_running)
+            self.instance_waiting.labels(**labels).set(hb.num_waiting)
+            self.instance_kv_used.labels(**labels).set(hb.kv_blocks_used)
+            self.instance_kv_free.labels(**labels).set(hb.kv_blocks_free)
+
+    def render(self) -> str:
+        return self.registry.render()

@@ -1,0 +1,288 @@
+"""OpenAI request bodies → validated, tokenized `ApiRequest`s (or an `ApiError` naming the field).
+
+Accepted: OpenAI's /v1/completions and /v1/chat/completions fields, plus vLLM's extra
+sampling fields (`ignore_eos`, `min_tokens`, `top_k`, `min_p`, `repetition_penalty`,
+`stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `add_special_tokens`,
+`add_generation_prompt`, `chat_template_kwargs`). Unknown fields are ignored, as vLLM does;
+known fields the gateway cannot honour (batched prompts, echo, suffix, best_of != n,
+logit_bias, tools, JSON response formats) are rejected with a 400 that says so.
+
+The sampling rules live in one place, `SamplingParams.validate`; this module checks types,
+the context length (`max_tokens` defaults to what is left of the context, as in vLLM) and
+what only the gateway knows (the model name, the prompt).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import TemplateError
+
+from services.gateway.errors import ApiError, invalid
+from services.gateway.model import ModelInfo
+from services.gateway.streaming import GenerationRequest
+from xllm.protocol import ErrorCode, SamplingSpec
+
+MAX_N = 128
+"""Most completions per request: each costs the gateway a detokenizer and the engine a
+sequence, so a huge `n` is refused before anything is allocated."""
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "an integer": (int,),
+    "a number": (int, float),
+    "a boolean": (bool,),
+    "a string": (str,),
+    "an array": (list,),
+    "an object": (dict,),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRequest:
+    """A generation request plus how to render its answer."""
+
+    gen: GenerationRequest
+    chat: bool
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+    """Top alternatives per token to render (completions' `logprobs`, chat's `top_logprobs`);
+    None = no logprobs."""
+
+
+def json_field(body: dict, name: str, kind: str, default: Any = None) -> Any:
+    """`body[name]` if it has the JSON type `kind` (a key of `_TYPES`); None → default."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind != "a boolean":
+        raise invalid(f"`{name}` must be {kind}, got a boolean", name)
+    if not isinstance(value, _TYPES[kind]):
+        raise invalid(f"`{name}` must be {kind}, got {_json_type(value)}", name)
+    return value
+
+
+def check_model(body: dict, model: ModelInfo) -> None:
+    name = json_field(body, "model", "a string", model.name)
+    if name != model.name:
+        raise ApiError(
+            ErrorCode.NOT_FOUND,
+            f"The model `{name}` does not exist; this server serves `{model.name}`.",
+            "model",
+        )
+
+
+def parse_completion(body: dict, model: ModelInfo) -> ApiRequest:
+    check_model(body, model)
+    _unsupported(body, echo=False, suffix="", logit_bias={})
+    prompt = _completion_prompt(body, model)
+    logprobs = json_field(body, "logprobs", "an integer")
+    best_of = json_field(body, "best_of", "an integer")
+    if best_of is not None and best_of != json_field(body, "n", "an integer", 1):
+        raise invalid("`best_of` different from `n` is not supported", "best_of")
+    max_tokens = json_field(body, "max_tokens", "an integer")
+    return _api_request(body, model, prompt, max_tokens, logprobs, chat=False)
+
+
+def parse_chat(body: dict, model: ModelInfo) -> ApiRequest:
+    check_model(body, model)
+    _unsupported(body, tools=[], functions=[], logit_bias={})
+    response_format = json_field(body, "response_format", "an object", {"type": "text"})
+    if response_format.get("type", "text") != "text":
+        raise invalid("only the `text` response format is supported", "response_format")
+    prompt = chat_prompt(body, model)
+    top = json_field(body, "top_logprobs", "an integer")
+    if json_field(body, "logprobs", "a boolean", False):
+        logprobs = 0 if top is None else top
+    elif top is not None:
+        raise invalid("`top_logprobs` needs `logprobs` set to true", "top_logprobs")
+    else:
+        logprobs = None
+    max_tokens = json_field(body, "max_completion_tokens", "an integer")
+    if max_tokens is None:
+        max_tokens = json_field(body, "max_tokens", "an integer")
+    return _api_request(body, model, prompt, max_tokens, logprobs, chat=True)
+
+
+def _api_request(
+    body: dict,
+    model: ModelInfo,
+    prompt: list[int],
+    max_tokens: int | None,
+    logprobs: int | None,
+    *,
+    chat: bool,
+) -> ApiRequest:
+    param = "messages" if chat else "prompt"
+    room = check_prompt_length(prompt, model, param)
+    sampling = _sampling(body, model, room if max_tokens is None else max_tokens, logprobs, chat)
+    if sampling.max_tokens > room:
+        raise ApiError(
+            ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+            f"This model's maximum context length is {model.max_model_len} tokens. However, "
+            f"you requested {len(prompt) + sampling.max_tokens} tokens ({len(prompt)} in the "
+            f"{param}, {sampling.max_tokens} for the completion). Please reduce the length of "
+            f"the {param} or of max_tokens.",
+            "max_tokens",
+        )
+    stream = json_field(body, "stream", "a boolean", False)
+    options = json_field(body, "stream_options", "an object", {})
+    if options and not stream:
+        raise invalid("`stream_options` is only allowed when `stream` is true", "stream_options")
+    gen = GenerationRequest(
+        request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        model=model.name,
+        prompt_token_ids=prompt,
+        sampling=sampling,
+        stop=_stop_strings(body),
+        include_stop_str_in_output=json_field(
+            body, "include_stop_str_in_output", "a boolean", False
+        ),
+        skip_special_tokens=json_field(body, "skip_special_tokens", "a boolean", True),
+    )
+    include_usage = bool(json_field(options, "include_usage", "a boolean", False))
+    return ApiRequest(gen, chat, stream, include_usage, logprobs)
+
+
+def check_prompt_length(prompt: list[int], model: ModelInfo, param: str) -> int:
+    """Tokens left for the output; ApiError when the prompt is empty or fills the context."""
+    if not prompt:
+        raise invalid(f"the {param} is empty", param)
+    if len(prompt) >= model.max_model_len:
+        raise ApiError(
+            ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+            f"This model's maximum context length is {model.max_model_len} tokens. However, "
+            f"your {param} has {len(prompt)} tokens, which leaves no room for the completion. "
+            f"Please reduce the length of the {param}.",
+            param,
+        )
+    return model.max_model_len - len(prompt)
+
+
+def _sampling(
+    body: dict, model: ModelInfo, max_tokens: int, logprobs: int | None, chat: bool
+) -> SamplingSpec:
+    stop_token_ids = json_field(body, "stop_token_ids", "an array", [])
+    n = json_field(body, "n", "an integer", 1)
+    if n > MAX_N:
+        raise invalid(f"n must be at most {MAX_N}, got {n}", "n")
+    spec = SamplingSpec(
+        n=n,
+        max_tokens=max_tokens,
+        min_tokens=json_field(body, "min_tokens", "an integer", 0),
+        temperature=float(json_field(body, "temperature", "a number", 1.0)),
+        top_k=json_field(body, "top_k", "an integer", 0),
+        top_p=float(json_field(body, "top_p", "a number", 1.0)),
+        min_p=float(json_field(body, "min_p", "a number", 0.0)),
+        seed=json_field(body, "seed", "an integer"),
+        repetition_penalty=float(json_field(body, "repetition_penalty", "a number", 1.0)),
+        presence_penalty=float(json_field(body, "presence_penalty", "a number", 0.0)),
+        frequency_penalty=float(json_field(body, "frequency_penalty", "a number", 0.0)),
+        ignore_eos=json_field(body, "ignore_eos", "a boolean", False),
+        stop_token_ids=token_ids(stop_token_ids, model, "stop_token_ids"),
+        logprobs=logprobs,
+    )
+    try:
+        spec.to_params().validate(model.vocab_size)
+    except ValueError as e:
+        message = str(e)
+        param = message.split(" ", 1)[0]
+        if param == "logprobs" and chat:
+            param = "top_logprobs"
+        raise invalid(message, param if param in _SAMPLING_FIELDS else None) from None
+    return spec
+
+
+_SAMPLING_FIELDS = frozenset(SamplingSpec.__dataclass_fields__) | {"top_logprobs"}
+
+
+def token_ids(value: list, model: ModelInfo, param: str) -> list[int]:
+    """`value` if it is a list of token ids of the model's vocabulary."""
+    for t in value:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise invalid(f"`{param}` must be an array of integers (token ids)", param)
+        if not 0 <= t < model.vocab_size:
+            raise invalid(f"token id {t} in `{param}` is outside [0, {model.vocab_size})", param)
+    return list(value)
+
+
+def _stop_strings(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise invalid("`stop` must be a string or an array of strings", "stop")
+    return tuple(s for s in stop if s)
+
+
+def _completion_prompt(body: dict, model: ModelInfo) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    add_special = json_field(body, "add_special_tokens", "a boolean", True)
+    if isinstance(prompt, str):
+        return model.tokenizer.encode(prompt, add_special_tokens=add_special)
+    if isinstance(prompt, list) and all(isinstance(p, int) for p in prompt):
+        return token_ids(prompt, model, "prompt")
+    if isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
+        raise invalid(
+            f"batched prompts ({len(prompt)} in one request) are not supported; "
+            "send one request per prompt",
+            "prompt",
+        )
+    raise invalid("`prompt` must be a string or an array of token ids", "prompt")
+
+
+def chat_prompt(body: dict, model: ModelInfo) -> list[int]:
+    """The chat template applied to `messages`, tokenized."""
+    messages = json_field(body, "messages", "an array")
+    if not messages:
+        raise invalid("`messages` must be a non-empty array", "messages")
+    kwargs = json_field(body, "chat_template_kwargs", "an object", {})
+    add_generation_prompt = json_field(body, "add_generation_prompt", "a boolean", True)
+    add_special = json_field(body, "add_special_tokens", "a boolean", False)
+    tokenizer = model.tokenizer
+    try:
+        text = tokenizer.apply_chat_template(
+            [_message(m, i) for i, m in enumerate(messages)],
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
+    except (ValueError, TypeError, TemplateError) as e:
+        raise invalid(f"cannot apply the chat template: {e}", "messages") from None
+    return tokenizer.encode(text, add_special_tokens=add_special)
+
+
+def _message(message: Any, i: int) -> dict:
+    param = f"messages[{i}]"
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise invalid(f"{param} must be an object with a string `role`", param)
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return message
+    if not isinstance(content, list):
+        raise invalid(f"{param}.content must be a string or an array of parts", param)
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text":
+            raise invalid(f"{param}: only text content parts are supported", param)
+        if not isinstance(part.get("text"), str):
+            raise invalid(f"{param}: a text part needs a string `text`", param)
+        texts.append(part["text"])
+    return message | {"content": "".join(texts)}
+
+
+def _unsupported(body: dict, **neutral: Any) -> None:
+    """Reject fields the gateway cannot honour unless they hold their neutral value."""
+    for name, value in neutral.items():
+        if body.get(name) not in (None, value):
+            raise invalid(f"`{name}` is not supported by this server", name)
+
+
+def _json_type(value: Any) -> str:
+    names = {str: "a string", list: "an array", dict: "an object", float: "a number"}
+    return names.get(type(value), "an integer" if isinstance(value, int) else type(value).__name__)

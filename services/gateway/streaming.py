@@ -1,0 +1,272 @@
+"""One generation's way through the cluster: subscribe → submit → token deltas → text.
+
+    async with Generation(nc, model, request, submit_timeout=5, timeout=600) as gen:
+        async for out in gen.outputs():   # Output: new text of one completion (index)
+            ...
+        gen.usage                         # prompt / completion / cached token counts
+
+Contract with the scheduler and the instances (xllm.protocol, DESIGN.md §2):
+  1. subscribe to `request_output(request_id)` *before* submitting, so no delta is missed;
+     deltas are decoded in the NATS callback and queued (malformed ones are logged, dropped);
+  2. `SCHED_SUBMIT` request/reply → `SubmitReply`; an error in it is raised as
+     `ProtocolError` (no reply at all → NO_INSTANCE, i.e. 503);
+  3. per completion index: incremental detokenization and stop strings; a completion ends
+     on its final delta or when a stop string matches;
+  4. on leaving the context — finished, stop string, client gone, deadline, cancellation —
+     if the engine has not finished every completion, `AbortCmd` goes to the instance so it
+     frees the KV blocks; the subscription always ends.
+
+NOTE: `AbortCmd` stops all `n` completions. A completion of n > 1 cut by a stop string is
+dropped here at once, but the engine keeps generating it until the request as a whole ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from services.gateway.model import ModelInfo
+from xllm.detokenizer import IncrementalDetokenizer, StopStrings
+from xllm.protocol import (
+    AbortCmd,
+    DecodeError,
+    ErrorCode,
+    ErrorInfo,
+    LogprobEntry,
+    ProtocolError,
+    SamplingSpec,
+    SubmitReply,
+    SubmitRequest,
+    TokenDelta,
+    decode_as,
+    encode,
+    subjects,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationRequest:
+    """A validated, tokenized request: what the OpenAI routes hand to a `Generation`."""
+
+    request_id: str
+    """`cmpl-…` / `chatcmpl-…`; also the token of the output subject."""
+    model: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    """Validated; `sampling.max_tokens` already fits the context."""
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+@dataclass(slots=True)
+class Output:
+    """What one completion added since its previous Output."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[LogprobEntry] | None
+    """One per token in `token_ids` when logprobs were asked for."""
+    finish_reason: str | None
+    """Set on the completion's last Output: stop, length, abort."""
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+class CompletionText:
+    """One completion as the client sees it: detokenized, cut at stop strings."""
+
+    def __init__(self, index: int, model: ModelInfo, req: GenerationRequest):
+        self.index = index
+        self.detokenizer = IncrementalDetokenizer(
+            model.tokenizer, req.prompt_token_ids, req.skip_special_tokens
+        )
+        self.stops = StopStrings(req.stop, req.include_stop_str_in_output)
+        self.include_stop = req.include_stop_str_in_output
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
+
+    def feed(self, delta: TokenDelta) -> Output:
+        tokens = delta.token_ids
+        self.num_tokens += len(tokens)
+        text_tokens = tokens
+        if delta.finish_reason == "stop" and tokens and not self.include_stop:
+            text_tokens = tokens[:-1]  # the EOS / stop token ends the text, vLLM-style
+        text = self.detokenizer.add(text_tokens)
+        finish = delta.finish_reason
+        if finish is not None:
+            text += self.detokenizer.flush()
+        text = self.stops.push(text)
+        if self.stops.matched is not None:
+            finish = "stop"
+        elif finish is not None:
+            text += self.stops.flush()
+        self.finish_reason = finish
+        return Output(self.index, text, tokens, delta.logprobs, finish)
+
+
+class Generation:
+    """A submitted request's stream of outputs; an async context manager (see module doc)."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        model: ModelInfo,
+        req: GenerationRequest,
+        *,
+        submit_timeout: float,
+        timeout: float,
+    ):
+        self.nc = nc
+        self.req = req
+        self.submit_timeout = submit_timeout
+        self.timeout = timeout
+        self.completions = [CompletionText(i, model, req) for i in range(req.sampling.n)]
+        self.usage = Usage(prompt_tokens=len(req.prompt_token_ids))
+        self.instance_id: str | None = None
+        self.started_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self._deadline = self.started_at + timeout
+        self._queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self._engine_done: set[int] = set()  # indices whose final delta arrived
+        self._sub = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+    async def __aenter__(self) -> Generation:
+        subject = subjects.request_output(self.req.request_id)
+        self._sub = await self.nc.subscribe(subject, cb=self._on_message)
+        try:
+            self.instance_id = await self._submit()
+        except BaseException:
+            await self._unsubscribe()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        try:
+            if self.instance_id is not None and len(self._engine_done) < len(self.completions):
+                await self._abort()
+        finally:
+            await self._unsubscribe()
+
+    async def outputs(self):
+        """Outputs until every completion finished; raises ProtocolError on a failed
+        request (an error delta, or the deadline)."""
+        while not self.finished:
+            delta = await self._next()
+            if delta.finish_reason == "error":  # the whole request failed (an abort is harmless)
+                info = delta.error or ErrorInfo(ErrorCode.INSTANCE_FAILED, "the instance failed")
+                raise ProtocolError.from_info(info)
+            if not 0 <= delta.index < len(self.completions):
+                log.warning("%s: dropped a delta for index %d", self.req.request_id, delta.index)
+                continue
+            if delta.finish_reason is not None:
+                self._engine_done.add(delta.index)
+            completion = self.completions[delta.index]
+            if completion.finish_reason is not None:
+                continue  # cut by a stop string already; the rest is discarded
+            self._count(delta)
+            yield completion.feed(delta)
+
+    def _count(self, delta: TokenDelta) -> None:
+        now = time.monotonic()
+        if delta.token_ids:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+        self.usage.completion_tokens += len(delta.token_ids)
+        self.usage.cached_tokens = max(self.usage.cached_tokens, delta.num_cached_tokens)
+
+    # -- NATS -------------------------------------------------------------------------------
+
+    async def _on_message(self, msg) -> None:
+        try:
+            delta = decode_as(msg.data, TokenDelta)
+        except DecodeError as e:
+            log.warning("%s: dropped a malformed delta: %s", self.req.request_id, e)
+            return
+        if delta.request_id != self.req.request_id:
+            log.warning("%s: dropped a delta of %s", self.req.request_id, delta.request_id)
+            return
+        self._queue.put_nowait(delta)
+
+    async def _submit(self) -> str:
+        req = self.req
+        submit = SubmitRequest(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling=req.sampling,
+            arrival_time=time.time(),
+            model=req.model,
+        )
+        try:
+            msg = await self.nc.request(
+                subjects.SCHED_SUBMIT, encode(submit), timeout=self.submit_timeout
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            raise ProtocolError(
+                ErrorCode.NO_INSTANCE,
+                f"no scheduler placed the request within {self.submit_timeout:g}s",
+            ) from None
+        try:
+            reply = decode_as(msg.data, SubmitReply)
+        except DecodeError as e:
+            raise ProtocolError(ErrorCode.INTERNAL, f"bad reply from the scheduler: {e}") from e
+        if reply.error is not None:
+            raise ProtocolError.from_info(reply.error)
+        assert reply.instance_id is not None  # SubmitReply checks exactly one is set
+        return reply.instance_id
+
+    async def _next(self) -> TokenDelta:
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        remaining = self._deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(self._queue.get(), remaining)
+        except TimeoutError:
+            raise ProtocolError(
+                ErrorCode.TIMEOUT, f"the request took longer than {self.timeout:g}s"
+            ) from None
+
+    async def _abort(self) -> None:
+        assert self.instance_id is not None
+        log.info("%s: aborting on %s", self.req.request_id, self.instance_id)
+        cmd = AbortCmd(request_id=self.req.request_id)
+        try:
+            await self.nc.publish(subjects.instance_cmd(self.instance_id), encode(cmd))
+        except Exception:  # connection closing: the instance's request will run out
+            log.warning("%s: could not send the abort", self.req.request_id, exc_info=True)
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()

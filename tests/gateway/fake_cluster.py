@@ -1,0 +1,171 @@
+"""A test double of the scheduler + one instance, on a real NATS bus.
+
+It answers `SCHED_SUBMIT` (placing everything on "test-inst", or replying a scripted error),
+then streams scripted `TokenDelta`s on the request's output subject, one token per completion
+per step; it records the `AbortCmd`s that reach `instance_cmd("test-inst")` and stops the
+aborted request's stream the way an instance does (final deltas with finish_reason "abort").
+It also answers `CLUSTER_STATE` with one heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from xllm.protocol import (
+    AbortCmd,
+    ClusterState,
+    ClusterStateRequest,
+    ErrorInfo,
+    Heartbeat,
+    LogprobEntry,
+    SubmitReply,
+    SubmitRequest,
+    TokenDelta,
+    TypeDispatcher,
+    encode,
+    make_callback,
+    subjects,
+)
+
+INSTANCE = "test-inst"
+
+
+@dataclass
+class Script:
+    """What the fake instance does with one request."""
+
+    tokens: list[list[int]]
+    """Per completion index, the tokens to stream (cut to max_tokens → "length")."""
+    finish_reason: str = "stop"
+    """The final delta's reason when the tokens run out before max_tokens."""
+    delay: float = 0.0
+    """Seconds between steps."""
+    submit_error: ErrorInfo | None = None
+    """Reply this to the submit instead of placing the request."""
+    stream_error: ErrorInfo | None = None
+    """After the tokens, send an error delta instead of the final ones."""
+
+
+@dataclass
+class FakeCluster:
+    nc: object
+    model_name: str
+    plan: Callable[[SubmitRequest], Script]
+    submits: list[SubmitRequest] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+    _aborted: set[str] = field(default_factory=set)
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+    _subs: list = field(default_factory=list)
+
+    async def start(self) -> None:
+        scheduler = TypeDispatcher(
+            {SubmitRequest: self.on_submit, ClusterStateRequest: self.on_cluster_state}
+        )
+        instance = TypeDispatcher({AbortCmd: self.on_abort})
+        for subject, dispatcher in (
+            (subjects.SCHED_SUBMIT, scheduler),
+            (subjects.CLUSTER_STATE, scheduler),
+            (subjects.instance_cmd(INSTANCE), instance),
+        ):
+            self._subs.append(await self.nc.subscribe(subject, cb=make_callback(dispatcher)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for sub in self._subs:
+            await sub.unsubscribe()
+
+    async def wait_abort(self, request_id: str, timeout: float = 3.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while request_id not in self.aborts and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return request_id in self.aborts
+
+    async def on_submit(self, req: SubmitRequest) -> SubmitReply:
+        self.submits.append(req)
+        script = self.plan(req)
+        if script.submit_error is not None:
+            return SubmitReply(request_id=req.request_id, error=script.submit_error)
+        task = asyncio.create_task(self._stream(req, script))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return SubmitReply(request_id=req.request_id, instance_id=INSTANCE)
+
+    async def on_abort(self, cmd: AbortCmd) -> None:
+        self.aborts.append(cmd.request_id)
+        self._aborted.add(cmd.request_id)
+
+    async def on_cluster_state(self, _: ClusterStateRequest) -> ClusterState:
+        return ClusterState(
+            instances=[self.heartbeat()],
+            policy="fake",
+            num_submitted=len(self.submits),
+            num_rejected=0,
+            num_redispatched=0,
+            sent_at=time.time(),
+        )
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            instance_id=INSTANCE,
+            role="both",
+            model=self.model_name,
+            max_model_len=4096,
+            num_running=len(self._tasks),
+            num_waiting=0,
+            num_tokens_in_flight=0,
+            kv_blocks_used=3,
+            kv_blocks_free=61,
+            kv_block_size=16,
+            prefix_queried_tokens=0,
+            prefix_hit_tokens=0,
+            num_preemptions=0,
+            steps=0,
+            sent_at=time.time(),
+        )
+
+    async def _stream(self, req: SubmitRequest, script: Script) -> None:
+        rid, n, max_tokens = req.request_id, req.sampling.n, req.sampling.max_tokens
+        subject = subjects.request_output(rid)
+        outputs = [script.tokens[i % len(script.tokens)][:max_tokens] for i in range(n)]
+        finished: set[int] = set()
+        for step in range(max(len(tokens) for tokens in outputs)):
+            await asyncio.sleep(script.delay)
+            if rid in self._aborted:
+                break
+            for index, tokens in enumerate(outputs):
+                if step >= len(tokens):
+                    continue
+                finish = None
+                if step == len(tokens) - 1 and script.stream_error is None:
+                    finish = "length" if len(tokens) == max_tokens else script.finish_reason
+                    finished.add(index)
+                delta = _delta(req, index, tokens[step], step + 1, finish)
+                await self.nc.publish(subject, encode(delta))
+        if rid in self._aborted:
+            for index in sorted(set(range(n)) - finished):
+                abort = TokenDelta(request_id=rid, index=index, finish_reason="abort")
+                await self.nc.publish(subject, encode(abort))
+        elif script.stream_error is not None:
+            error = TokenDelta(request_id=rid, finish_reason="error", error=script.stream_error)
+            await self.nc.publish(subject, encode(error))
+
+
+def _delta(req: SubmitRequest, index: int, token: int, num_output: int, finish) -> TokenDelta:
+    logprobs = None
+    if req.sampling.logprobs is not None:
+        top = {token: -0.5, token + 1: -1.5, token + 2: -2.5}
+        logprobs = [LogprobEntry(token, -0.5, dict(list(top.items())[: req.sampling.logprobs]))]
+    return TokenDelta(
+        request_id=req.request_id,
+        index=index,
+        token_ids=[token],
+        logprobs=logprobs,
+        finish_reason=finish,
+        num_prompt_tokens=len(req.prompt_token_ids),
+        num_cached_tokens=2,
+        num_output_tokens=num_output,
+    )

@@ -1,0 +1,390 @@
+"""The gateway in-process on a real nats-server, driven by the official `openai` client.
+
+The scheduler and the instance are a test double (`FakeCluster`) on the same bus: it places
+every request on "test-inst", streams scripted token deltas and records aborts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+import nats
+import openai
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+
+from services.gateway.app import create_app
+from services.gateway.config import GatewayConfig
+from services.gateway.model import ModelInfo
+from services.gateway.streaming import Generation, GenerationRequest
+from tests.gateway.fake_cluster import FakeCluster, Script
+from xllm.protocol import ErrorCode, ErrorInfo, ProtocolError, SamplingSpec
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+KEY = "sk-test"
+MODEL = "tiny"
+TEXTS = ["Hello world, this is completion zero.", "Bonjour le monde, ça va? 世界 🎉"]
+
+
+@dataclass
+class Env:
+    cluster: FakeCluster
+    server: TestServer
+    model: ModelInfo
+    client: openai.AsyncOpenAI
+    gateway_nc: object
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    def tokens(self, index: int) -> list[int]:
+        tok = self.model.tokenizer
+        return tok.encode(TEXTS[index]) + [tok.token_to_id("<|im_end|>")]
+
+    def default_plan(self, req) -> Script:
+        return Script(tokens=[self.tokens(0), self.tokens(1)])
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def env(nats_url, model_info):
+    cluster_nc = await nats.connect(nats_url)
+    gateway_nc = await nats.connect(nats_url)
+    cluster = FakeCluster(cluster_nc, MODEL, plan=lambda req: None)
+    await cluster.start()
+    config = GatewayConfig(
+        model=model_info.path,
+        served_model_name=MODEL,
+        api_key=KEY,
+        max_body_bytes=64 * 1024,
+        max_inflight=3,
+        request_timeout=10.0,
+        submit_timeout=2.0,
+        cluster_timeout=0.5,
+    )
+    server = TestServer(create_app(config, gateway_nc, model_info))
+    await server.start_server()
+    client = openai.AsyncOpenAI(
+        base_url=str(server.make_url("/v1")), api_key=KEY, max_retries=0, timeout=10
+    )
+    env = Env(cluster, server, model_info, client, gateway_nc)
+    yield env
+    await client.close()
+    await server.close()
+    await cluster.stop()
+    await gateway_nc.close()
+    await cluster_nc.close()
+
+
+@pytest.fixture(autouse=True)
+def default_script(env):
+    env.cluster.plan = env.default_plan
+
+
+def slow_plan(req) -> Script:
+    return Script(tokens=[list(range(300, 600))], delay=0.02)
+
+
+async def test_completion(env):
+    r = await env.client.completions.create(model=MODEL, prompt="Say hello", max_tokens=50)
+    assert r.id.startswith("cmpl-") and r.object == "text_completion" and r.model == MODEL
+    assert r.choices[0].text == TEXTS[0]
+    assert r.choices[0].finish_reason == "stop"
+    prompt = env.model.tokenizer.encode("Say hello")
+    assert r.usage.prompt_tokens == len(prompt)
+    assert r.usage.completion_tokens == len(env.tokens(0))
+    assert r.usage.total_tokens == len(prompt) + len(env.tokens(0))
+    assert r.usage.prompt_tokens_details.cached_tokens == 2
+    submit = env.cluster.submits[-1]
+    assert submit.request_id == r.id and submit.model == MODEL
+    assert submit.prompt_token_ids == prompt and submit.sampling.max_tokens == 50
+    await asyncio.sleep(0.05)
+    assert r.id not in env.cluster.aborts  # finished normally: nothing to abort
+
+
+async def test_completion_defaults_max_tokens_to_the_rest_of_the_context(env):
+    await env.client.completions.create(model=MODEL, prompt=[1, 2, 3])
+    assert env.cluster.submits[-1].sampling.max_tokens == env.model.max_model_len - 3
+
+
+async def test_completion_length(env):
+    r = await env.client.completions.create(model=MODEL, prompt="x", max_tokens=3)
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].text == env.model.tokenizer.decode(env.tokens(0)[:3])
+
+
+async def test_completion_stream_with_usage(env):
+    stream = await env.client.completions.create(
+        model=MODEL,
+        prompt="Say hello",
+        max_tokens=50,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, finish, usage = [], None, None
+    async for chunk in stream:
+        if chunk.choices:
+            texts.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(texts) == TEXTS[0]
+    assert len(texts) > 3  # streamed piece by piece
+    assert finish == "stop"
+    assert usage.completion_tokens == len(env.tokens(0))
+
+
+async def test_chat(env):
+    messages = [{"role": "user", "content": "hi there"}]
+    r = await env.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=50)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == TEXTS[0]
+    expected = env.model.tokenizer.encode_chat(messages)
+    assert env.cluster.submits[-1].prompt_token_ids == expected
+    assert r.usage.prompt_tokens == len(expected)
+
+
+async def test_chat_stream(env):
+    stream = await env.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == TEXTS[0]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+async def test_n2(env):
+    r = await env.client.completions.create(model=MODEL, prompt="x", max_tokens=60, n=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == TEXTS  # the second one has split multi-byte chars
+    assert r.usage.completion_tokens == len(env.tokens(0)) + len(env.tokens(1))
+    stream = await env.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], n=2, stream=True
+    )
+    texts = ["", ""]
+    async for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == TEXTS
+
+
+async def test_stop_string_cuts_text_and_aborts(env):
+    r = await env.client.completions.create(
+        model=MODEL, prompt="x", max_tokens=50, stop=["xx", "is comp"]
+    )
+    assert r.choices[0].text == "Hello world, this "
+    assert r.choices[0].finish_reason == "stop"
+    assert await env.cluster.wait_abort(r.id)
+    r = await env.client.completions.create(
+        model=MODEL, prompt="x", stop="world,", extra_body={"include_stop_str_in_output": True}
+    )
+    assert r.choices[0].text == "Hello world,"
+
+
+async def test_stop_string_in_stream(env):
+    stream = await env.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], stop=["world, th"], stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello "
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert await env.cluster.wait_abort(chunks[0].id)
+
+
+async def test_client_disconnect_aborts(env):
+    env.cluster.plan = slow_plan
+    stream = await env.client.completions.create(
+        model=MODEL, prompt="x", max_tokens=300, stream=True
+    )
+    ids = []
+    async for chunk in stream:
+        ids.append(chunk.id)
+        if len(ids) == 3:
+            break
+    await stream.close()
+    assert await env.cluster.wait_abort(ids[0])
+
+
+async def test_logprobs(env):
+    r = await env.client.completions.create(model=MODEL, prompt="x", max_tokens=4, logprobs=2)
+    lp = r.choices[0].logprobs
+    tokens = env.tokens(0)[:4]
+    assert lp.tokens == [env.model.token_text(t) for t in tokens]
+    assert lp.token_logprobs == [-0.5] * 4
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    r = await env.client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [env.model.token_text(t) for t in tokens]
+    assert [len(c.top_logprobs) for c in content] == [2] * 4
+    assert content[0].top_logprobs[0].logprob == -0.5
+
+
+def _error(e: openai.APIStatusError) -> dict:
+    body = e.body
+    return body.get("error", body) if isinstance(body, dict) else {}
+
+
+async def test_errors_are_openai_bodies(env):
+    client = env.client
+    with pytest.raises(openai.NotFoundError) as e:
+        await client.completions.create(model="nope", prompt="x")
+    assert _error(e.value)["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.completions.create(model=MODEL, prompt="x", max_tokens=-1)
+    assert _error(e.value)["param"] == "max_tokens"
+    assert _error(e.value)["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.completions.create(model=MODEL, prompt="x", max_tokens=10**9)
+    assert _error(e.value)["code"] == ErrorCode.CONTEXT_LENGTH_EXCEEDED
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.completions.create(model=MODEL, prompt=[5] * env.model.max_model_len)
+    assert _error(e.value)["code"] == ErrorCode.CONTEXT_LENGTH_EXCEEDED
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model=MODEL, messages=[], max_tokens=5)
+    wrong = openai.AsyncOpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        await wrong.models.list()
+    assert _error(e.value)["code"] == ErrorCode.UNAUTHORIZED
+    await wrong.close()
+    r = await client.completions.create(model=MODEL, prompt="still serving", max_tokens=50)
+    assert r.choices[0].text == TEXTS[0]
+
+
+async def test_bad_json_and_big_body(env):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.post(env.url("/v1/completions"), data=b"{not json") as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["code"] == "invalid_request"
+        async with http.post(env.url("/v1/completions"), data=b"[1, 2]") as resp:
+            assert resp.status == 400
+        big = b'{"prompt": "' + b"a" * 100_000 + b'"}'
+        async with http.post(env.url("/v1/completions"), data=big) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["error"]["code"] == "request_too_large"
+        async with http.get(env.url("/v1/nothing")) as resp:
+            assert resp.status == 404
+            assert "error" in await resp.json()
+
+
+async def test_scheduler_and_instance_errors(env):
+    env.cluster.plan = lambda req: Script(
+        tokens=[[1]], submit_error=ErrorInfo(ErrorCode.NO_INSTANCE, "nobody home")
+    )
+    with pytest.raises(openai.APIStatusError) as e:
+        await env.client.completions.create(model=MODEL, prompt="x")
+    assert e.value.status_code == 503 and "nobody home" in _error(e.value)["message"]
+    failed = ErrorInfo(ErrorCode.INSTANCE_FAILED, "the instance blew up")
+    env.cluster.plan = lambda req: Script(tokens=[env.tokens(0)[:3]], stream_error=failed)
+    with pytest.raises(openai.APIStatusError) as e:
+        await env.client.completions.create(model=MODEL, prompt="x")
+    assert e.value.status_code == 503 and _error(e.value)["code"] == "instance_failed"
+    stream = await env.client.completions.create(model=MODEL, prompt="x", stream=True)
+    with pytest.raises(openai.APIError, match="blew up"):
+        async for _ in stream:
+            pass
+
+
+async def test_max_inflight_answers_429(env):
+    env.cluster.plan = slow_plan
+    streams = [
+        await env.client.completions.create(model=MODEL, prompt="x", max_tokens=300, stream=True)
+        for _ in range(3)
+    ]
+    with pytest.raises(openai.RateLimitError):
+        await env.client.completions.create(model=MODEL, prompt="x", max_tokens=5)
+    for stream in streams:
+        await stream.close()
+    env.cluster.plan = env.default_plan
+    for _ in range(50):  # the slots free up as the handlers see the disconnects
+        try:
+            await env.client.completions.create(model=MODEL, prompt="x", max_tokens=5)
+            break
+        except openai.RateLimitError:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("in-flight slots were not released")
+
+
+async def test_deadline_raises_timeout_and_aborts(env):
+    env.cluster.plan = slow_plan
+    req = GenerationRequest(
+        request_id="cmpl-deadline",
+        model=MODEL,
+        prompt_token_ids=[1, 2],
+        sampling=SamplingSpec(max_tokens=300),
+    )
+    gen = Generation(env.gateway_nc, env.model, req, submit_timeout=2, timeout=0.2)
+    with pytest.raises(ProtocolError) as e:
+        async with gen:
+            async for _ in gen.outputs():
+                pass
+    assert e.value.code == ErrorCode.TIMEOUT
+    assert await env.cluster.wait_abort("cmpl-deadline")
+
+
+async def test_models_tokenize_detokenize(env):
+    models = await env.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    tok = env.model.tokenizer
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.post(env.url("/tokenize"), json={"prompt": "hello world"}) as resp:
+            body = await resp.json()
+        assert body["tokens"] == tok.encode("hello world")
+        assert body["count"] == len(body["tokens"])
+        assert body["max_model_len"] == env.model.max_model_len
+        messages = [{"role": "user", "content": "hi"}]
+        async with http.post(env.url("/tokenize"), json={"messages": messages}) as resp:
+            assert (await resp.json())["tokens"] == tok.encode_chat(messages)
+        tokens = tok.encode("héllo 世界")
+        async with http.post(env.url("/detokenize"), json={"tokens": tokens}) as resp:
+            assert (await resp.json()) == {"prompt": "héllo 世界"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(env.url("/tokenize"), json={"prompt": "x"}) as resp,
+    ):
+        assert resp.status == 401
+
+
+async def test_health_metrics_cluster(env):
+    await env.client.completions.create(model=MODEL, prompt="x", max_tokens=5)
+    async with aiohttp.ClientSession() as http:  # no API key needed here
+        async with http.get(env.url("/health")) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["status"] == "ok"
+        async with http.get(env.url("/cluster")) as resp:
+            state = await resp.json()
+        assert state["instances"][0]["instance_id"] == "test-inst"
+        assert state["instances"][0]["role"] == "both"
+        async with http.get(env.url("/metrics")) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = await resp.text()
+    assert 'xllm_gateway_requests_total{endpoint="/v1/completions",status="200"}' in text
+    assert "xllm_gateway_time_to_first_token_seconds_count" in text
+    assert 'xllm_instance_requests_waiting{instance="test-inst",role="both"} 0' in text
+    assert "xllm_gateway_requests_running 0" in text
+
+
+async def test_health_without_scheduler_is_503(env):
+    await env.cluster.stop()
+    try:
+        async with aiohttp.ClientSession() as http, http.get(env.url("/health")) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == "no_instance"
+    finally:
+        env.cluster._subs.clear()
+        await env.cluster.start()

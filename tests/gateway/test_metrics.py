@@ -1,0 +1,72 @@
+"""xllm.metrics: the Prometheus text exposition format."""
+
+from __future__ import annotations
+
+import pytest
+
+from xllm.metrics import Registry
+
+
+def test_counter_gauge_histogram_text():
+    r = Registry()
+    requests = r.counter("req_total", "Requests.\nAll of them.", ("endpoint", "status"))
+    requests.labels(endpoint="/v1/completions", status=200).inc()
+    requests.labels(endpoint="/v1/completions", status=200).inc(2)
+    requests.labels(endpoint='a"b\\c\nd', status=400).inc()
+    running = r.gauge("running", "In flight.")
+    running.inc(3)
+    running.dec()
+    latency = r.histogram("latency_seconds", "Latency.", buckets=(0.1, 1.0))
+    for value in (0.05, 0.5, 0.5, 7.0):
+        latency.observe(value)
+    assert r.render() == (
+        "# HELP req_total Requests.\\nAll of them.\n"
+        "# TYPE req_total counter\n"
+        'req_total{endpoint="/v1/completions",status="200"} 3\n'
+        'req_total{endpoint="a\\"b\\\\c\\nd",status="400"} 1\n'
+        "# HELP running In flight.\n"
+        "# TYPE running gauge\n"
+        "running 2\n"
+        "# HELP latency_seconds Latency.\n"
+        "# TYPE latency_seconds histogram\n"
+        'latency_seconds_bucket{le="0.1"} 1\n'
+        'latency_seconds_bucket{le="1.0"} 3\n'
+        'latency_seconds_bucket{le="+Inf"} 4\n'
+        "latency_seconds_sum 8.05\n"
+        "latency_seconds_count 4\n"
+    )
+
+
+def test_labelled_histogram_and_clear():
+    r = Registry()
+    h = r.histogram("ttft_seconds", "TTFT.", ("model",), buckets=(1,))
+    h.labels(model="m").observe(0.5)
+    assert 'ttft_seconds_bucket{model="m",le="1.0"} 1' in r.render()
+    assert 'ttft_seconds_count{model="m"} 1' in r.render()
+    g = r.gauge("waiting", "Waiting.", ("instance",))
+    g.labels(instance="a").set(4)
+    g.clear()
+    assert "waiting{" not in r.render()
+
+
+def test_unlabelled_metrics_show_zero_from_the_start():
+    r = Registry()
+    r.counter("tokens_total", "Tokens.")
+    r.histogram("lat", "Lat.", buckets=(1,))
+    text = r.render()
+    assert "tokens_total 0\n" in text and "lat_count 0\n" in text
+
+
+def test_misuse_raises():
+    r = Registry()
+    c = r.counter("c_total", "C.", ("a",))
+    with pytest.raises(ValueError):
+        c.labels(b="x")
+    with pytest.raises(ValueError):
+        c.inc()  # labelled: needs .labels(...)
+    with pytest.raises(ValueError):
+        c.labels(a="x").inc(-1)
+    with pytest.raises(ValueError):
+        r.counter("c_total", "again")
+    with pytest.raises(ValueError):
+        r.histogram("h", "H.", ("le",))

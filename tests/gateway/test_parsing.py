@@ -1,0 +1,157 @@
+"""Request validation: each bad body becomes the right status and OpenAI error body."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from aiohttp import web
+
+from services.gateway.errors import ApiError, classify
+from services.gateway.parsing import MAX_N, parse_chat, parse_completion
+from xllm.protocol import ErrorCode, ProtocolError, http_status
+
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def completion(model_info, **body):
+    return parse_completion({"model": "tiny", "prompt": "hello", **body}, model_info)
+
+
+def chat(model_info, **body):
+    return parse_chat({"model": "tiny", "messages": MSGS, **body}, model_info)
+
+
+def error_of(fn, *args, **kwargs) -> tuple[int, dict]:
+    with pytest.raises(ApiError) as e:
+        fn(*args, **kwargs)
+    err = classify(e.value)
+    return err.status, err.body()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"n": True}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": MAX_N + 1}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"stop": 5}, "stop"),
+        ({"stop_token_ids": [10**7]}, "stop_token_ids"),
+        ({"stop_token_ids": ["a"]}, "stop_token_ids"),
+        ({"echo": True}, "echo"),
+        ({"suffix": "x"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [1, -1]}, "prompt"),
+        ({"prompt": {"text": "x"}}, "prompt"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"skip_special_tokens": "no"}, "skip_special_tokens"),
+    ],
+)
+def test_invalid_completion_bodies_are_400(model_info, body, param):
+    status, error = error_of(completion, model_info, **body)
+    assert status == 400
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "invalid_request"
+    assert error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"content": "no role"}]}, "messages[0]"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0]"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_invalid_chat_bodies_are_400(model_info, body, param):
+    status, error = error_of(chat, model_info, **body)
+    assert (status, error["param"]) == (400, param)
+
+
+def test_unknown_model_is_404(model_info):
+    status, error = error_of(completion, model_info, model="gpt-9")
+    assert status == 404 and error["param"] == "model" and error["code"] == "not_found"
+
+
+def test_context_length(model_info):
+    m = model_info.max_model_len
+    status, error = error_of(completion, model_info, prompt=[1] * m)
+    assert status == 400 and error["code"] == ErrorCode.CONTEXT_LENGTH_EXCEEDED
+    assert str(m) in error["message"]
+    status, error = error_of(completion, model_info, prompt=[1] * 10, max_tokens=m - 9)
+    assert (status, error["param"]) == (400, "max_tokens")
+    assert completion(model_info, prompt=[1] * 10, max_tokens=m - 10).gen.sampling.max_tokens
+
+
+def test_defaults_and_extras(model_info):
+    api = completion(model_info, prompt=[5, 6, 7])
+    s = api.gen.sampling
+    assert s.max_tokens == model_info.max_model_len - 3 and s.n == 1 and s.temperature == 1.0
+    assert api.gen.prompt_token_ids == [5, 6, 7] and api.gen.request_id.startswith("cmpl-")
+    api = completion(
+        model_info,
+        prompt=["batch of one"],
+        ignore_eos=True,
+        min_tokens=2,
+        top_k=5,
+        min_p=0.1,
+        repetition_penalty=1.2,
+        stop_token_ids=[3],
+        stop=["a", "b"],
+        include_stop_str_in_output=True,
+        logprobs=3,
+        seed=7,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    s = api.gen.sampling
+    assert (s.ignore_eos, s.min_tokens, s.top_k, s.min_p) == (True, 2, 5, 0.1)
+    assert (s.repetition_penalty, s.stop_token_ids, s.logprobs, s.seed) == (1.2, [3], 3, 7)
+    assert api.gen.stop == ("a", "b") and api.gen.include_stop_str_in_output
+    assert api.stream and api.include_usage and api.logprobs == 3
+    api = chat(model_info, max_tokens=9, max_completion_tokens=7, logprobs=True, top_logprobs=2)
+    assert api.gen.sampling.max_tokens == 7 and api.gen.sampling.logprobs == 2
+    assert api.gen.prompt_token_ids == model_info.tokenizer.encode_chat(MSGS)
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}
+    ]
+    assert chat(model_info, messages=parts).gen.prompt_token_ids == api.gen.prompt_token_ids
+
+
+def test_every_error_code_maps_through_http_status():
+    for code in ErrorCode:
+        err = classify(ProtocolError(code, "x"))
+        assert err.status == http_status(code) and err.code == code.value
+        assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+    assert classify(ApiError(ErrorCode.UNAUTHORIZED, "x")).type == "authentication_error"
+    assert classify(ApiError(ErrorCode.OVERLOADED, "x")).status == 429
+
+
+def test_other_exceptions():
+    too_big = web.HTTPRequestEntityTooLarge(max_size=10, actual_size=20)
+    assert classify(too_big).status == 413
+    with pytest.raises(json.JSONDecodeError) as e:
+        json.loads("{nope")
+    assert classify(e.value).status == 400
+    assert classify(web.HTTPNotFound()).status == 404
+    assert classify(TimeoutError()).status == 504
+    err = classify(RuntimeError("boom"))
+    assert err.status == 500 and err.type == "server_error" and "boom" not in err.message
