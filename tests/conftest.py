@@ -22,3 +22,21 @@ def tiny_model_dir(tmp_path_factory):
         return made[arch, dtype]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def nats_url():
+    """URL of a nats-server with JetStream, started on a free port for the session."""
+    from xllm.cluster.embedded import start_nats
+
+    with start_nats() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """URL (`redis://127.0.0.1:<port>/0`) of a Valkey server started for the session."""
+    from xllm.cluster.embedded import start_valkey
+
+    with start_valkey() as server:
+        yield server.url

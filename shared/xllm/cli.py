@@ -14,6 +14,7 @@ import sys
 TOOL_MODULES = (
     "xllm.tools.generate",
     "xllm.tools.make_model",
+    "xllm.tools.up",
 )
 
 

@@ -1,0 +1,168 @@
+"""Which processes make up a serving cluster, and with which command lines.
+
+`ClusterConfig` holds the options of `xllm up` (each is a flag and an `XLLM_*` variable, see
+`xllm.config`); `service_specs()` turns it into `ProcessSpec`s, in start order:
+
+* `python -m services.kvstore`, only when `services/kvstore/__main__.py` exists;
+* `python -m services.scheduler --policy <policy>`;
+* PD-colocated: `--instances N` × `python -m services.decode --instance-id inst-<i> --role both`;
+  disaggregated (`--prefill P --decode D`): P × `python -m services.prefill --instance-id
+  prefill-<i>` and D × `python -m services.decode --instance-id decode-<i>`; extra engine
+  flags (`engine_args`) go to every instance;
+* `python -m services.gateway --model DIR --host H --port PORT [--max-model-len N]` (the
+  context length when the instances were given one; the API key, if any, in
+  `XLLM_API_KEY`, so that it does not show in `ps`).
+
+The rest reaches every service through the environment: `XLLM_MODEL`, `XLLM_LOG_LEVEL`, and
+the `XLLM_NATS_URL` / `XLLM_REDIS_URL` that `Cluster` sets. `serving_cluster()` puts it
+together; with no model it uses the tiny demo model from `demo_model()`, made once and cached.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from xllm.cluster.launcher import Cluster, ProcessSpec
+from xllm.config import option
+
+DEMO_ARCH, DEMO_SIZE, DEMO_DTYPE = "qwen3", "tiny", "bfloat16"
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str = option("", "Model folder; empty = the tiny demo model (made once, cached).")
+    host: str = option("0.0.0.0", "Address the gateway listens on.")
+    port: int = option(8000, "Port the gateway listens on.")
+    instances: int = option(1, "PD-colocated instances (role both), unless --prefill/--decode.")
+    prefill: int = option(0, "Prefill instances (PD-disaggregated; give --decode too).")
+    decode: int = option(0, "Decode instances (PD-disaggregated; give --prefill too).")
+    policy: str = option("least-load", "The scheduler's placement policy.")
+    nats_url: str = option("", "NATS server URL; empty = start an embedded nats-server.")
+    redis_url: str = option("", "Redis URL; empty = start an embedded Valkey.")
+    api_key: str = option("", "Key clients must send as a Bearer token; empty = no auth.")
+    log_dir: str = option("", "Folder for the processes' logs; empty = a new temporary one.")
+    log_level: str = option("INFO", "Logging level of every service.")
+    ready_timeout: float = option(300.0, "Seconds to wait for the gateway's /health.")
+    stop_grace: float = option(10.0, "Seconds the services get to drain before SIGKILL.")
+    cache_dir: str = option("", "xLLM's cache folder (demo model); empty = ~/.cache/xllm.")
+
+    def validate(self) -> None:
+        checks = [
+            (
+                (self.prefill > 0) == (self.decode > 0),
+                "give both --prefill and --decode, or neither",
+            ),
+            (self.prefill >= 0 and self.decode >= 0, "--prefill/--decode cannot be negative"),
+            (self.instances > 0, "--instances must be positive"),
+            (0 < self.port < 65536, "--port must be in 1..65535"),
+            (self.ready_timeout > 0, "--ready-timeout must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def num_instances(self) -> int:
+        return self.prefill + self.decode if self.prefill or self.decode else self.instances
+
+    @property
+    def client_host(self) -> str:
+        """Where a client on this machine reaches the gateway (a wildcard is not an address)."""
+        return "127.0.0.1" if self.host in _WILDCARD_HOSTS else self.host
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible API root, e.g. `http://127.0.0.1:8000/v1`."""
+        host = f"[{self.client_host}]" if ":" in self.client_host else self.client_host
+        return f"http://{host}:{self.port}/v1"
+
+    @property
+    def health_url(self) -> str:
+        return self.base_url.removesuffix("/v1") + "/health"
+
+
+def has_service(name: str) -> bool:
+    """Whether `python -m services.<name>` can run (its package has a `__main__`)."""
+    try:
+        return importlib.util.find_spec(f"services.{name}.__main__") is not None
+    except ImportError:  # no such package
+        return False
+
+
+def service_specs(
+    config: ClusterConfig, model: str | Path, engine_args: Sequence[str] = ()
+) -> list[ProcessSpec]:
+    """The cluster's processes in start order (stopped in reverse: gateway first)."""
+
+    def module(name: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", f"services.{name}", *args]
+
+    specs = []
+    if has_service("kvstore"):  # before the instances, so it sees their first KV events
+        specs.append(ProcessSpec("kvstore", module("kvstore")))
+    specs.append(ProcessSpec("scheduler", module("scheduler", "--policy", config.policy)))
+    if config.prefill or config.decode:
+        instances = [("prefill", f"prefill-{i}", ()) for i in range(config.prefill)]
+        instances += [("decode", f"decode-{i}", ()) for i in range(config.decode)]
+    else:
+        instances = [("decode", f"inst-{i}", ("--role", "both")) for i in range(config.instances)]
+    for service, instance_id, role_args in instances:
+        argv = module(service, "--instance-id", instance_id, *role_args, *engine_args)
+        specs.append(ProcessSpec(instance_id, argv))
+    gateway_args = ["--model", str(model), "--host", config.host, "--port", str(config.port)]
+    gateway_args += _flag_value(engine_args, "--max-model-len")  # it checks prompt lengths too
+    gateway_env = {"XLLM_API_KEY": config.api_key} if config.api_key else {}
+    specs.append(ProcessSpec("gateway", module("gateway", *gateway_args), gateway_env))
+    return specs
+
+
+def _flag_value(args: Sequence[str], flag: str) -> list[str]:
+    """`[flag, value]` if `args` contains `flag value`, else `[]`."""
+    args = list(args)
+    return [flag, args[args.index(flag) + 1]] if flag in args[:-1] else []
+
+
+def serving_cluster(config: ClusterConfig, engine_args: Sequence[str] = ()) -> Cluster:
+    """A `Cluster` running every service for `config` (not started yet)."""
+    config.validate()
+    model = Path(config.model).resolve() if config.model else demo_model(config.cache_dir)
+    return Cluster(
+        service_specs(config, model, engine_args),
+        env={"XLLM_MODEL": str(model), "XLLM_LOG_LEVEL": config.log_level},
+        log_dir=config.log_dir or None,
+        health_url=config.health_url,
+        instances=config.num_instances,
+        nats_url=config.nats_url or None,
+        redis_url=config.redis_url or None,
+        grace=config.stop_grace,
+    )
+
+
+def demo_model(cache_dir: str | Path = "") -> Path:
+    """The tiny random-weight demo model, made on first use under `<cache_dir>/models/`."""
+    root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "xllm"
+    out = root / "models" / f"{DEMO_ARCH}-{DEMO_SIZE}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from xllm.tools.make_model import make_model  # imports torch: only when needed
+
+    # Made beside its final place and renamed into it, so that an interrupted run (or a
+    # concurrent one) never leaves a half-written model that later runs would trust.
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    try:
+        make_model(DEMO_ARCH, DEMO_SIZE, partial, dtype=DEMO_DTYPE)
+        partial.rename(out)
+    except OSError:
+        if not (out / "model.safetensors").is_file():
+            raise
+        # Another process got there first: use theirs.
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # no-op once renamed
+    return out

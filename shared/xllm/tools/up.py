@@ -1,0 +1,154 @@
+"""`xllm up` (what `make run` runs): the whole cluster on this machine, until Ctrl-C.
+
+Starts an embedded nats-server (JetStream) and Valkey unless `--nats-url`/`--redis-url` are
+given, then the scheduler, the instances and the gateway, each a subprocess logging to
+`<log-dir>/<name>.log` (see `xllm.cluster.topology` for the exact command lines). Prints the
+API address and an example request, waits for the gateway's `/health`, then runs until
+Ctrl-C, SIGTERM or SIGHUP (exit 0) or until any process exits on its own (its log tail is shown,
+everything is stopped, exit 1). Stopping: services first (SIGTERM, `--stop-grace` seconds,
+then SIGKILL; a second Ctrl-C skips the wait), NATS and Valkey last.
+
+Engine flags (`--dtype`, `--kv-cache-gb`, `--max-num-seqs`, `--max-model-len`,
+`--num-threads`) are forwarded to every instance when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from xllm.cluster.launcher import ChildExited, Cluster
+from xllm.cluster.topology import ClusterConfig, serving_cluster
+from xllm.config import add_arguments, from_args
+
+# (flag, type, help): engine options `xllm up` passes on to the instances when given.
+ENGINE_FLAGS = (
+    ("--dtype", str, "weights and KV dtype: auto, bfloat16, float16, float32"),
+    ("--kv-cache-gb", float, "memory for each instance's KV pool, in GiB"),
+    ("--max-num-seqs", int, "most sequences in one batch"),
+    ("--max-model-len", int, "longest prompt + output"),
+    ("--num-threads", int, "torch CPU threads per instance"),
+)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="run the whole cluster locally (embedded NATS + Valkey, every service)",
+        description=__doc__.splitlines()[0],
+    )
+    add_arguments(parser, ClusterConfig)
+    engine = parser.add_argument_group("engine options forwarded to the instances")
+    for flag, type_, help_text in ENGINE_FLAGS:
+        engine.add_argument(flag, type=type_, default=None, help=help_text)
+    parser.set_defaults(func=_run)
+
+
+def engine_args(args: argparse.Namespace) -> list[str]:
+    """The engine flags that were given, as command-line arguments for the instances."""
+    out: list[str] = []
+    for flag, _, _ in ENGINE_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _example(config: ClusterConfig, model: str) -> str:
+    auth = ' -H "Authorization: Bearer $XLLM_API_KEY"' if config.api_key else ""
+    body = (
+        f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], '
+        '"max_tokens": 32}'
+    )
+    return (
+        f"  curl {config.base_url}/chat/completions{auth} \\\n"
+        f"    -H 'Content-Type: application/json' -d '{body}'"
+    )
+
+
+# Stop like Ctrl-C does on these too; SIGHUP is a closed terminal.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _on_stop_signals(handler) -> None:
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+def _stop_handler(cluster: Cluster):
+    """The first stop signal interrupts the wait; later ones (a second Ctrl-C, or a SIGTERM
+    that arrives along with it) only make the shutdown skip its grace period, instead of
+    interrupting the cleanup halfway."""
+
+    def first(signum, frame) -> None:
+        _on_stop_signals(lambda *_: cluster.hurry())
+        raise KeyboardInterrupt
+
+    return first
+
+
+def _serve(cluster: Cluster, config: ClusterConfig) -> int:
+    cluster.start()
+    model = Path(cluster.env["XLLM_MODEL"])
+    print(f"xllm up: model {model}")
+    print(f"  nats  {cluster.nats_url}\n  redis {cluster.redis_url}")
+    print(f"  processes: {', '.join(cluster.processes)}; logs in {cluster.log_dir}")
+    print(f"OpenAI-compatible API at {config.base_url}, for example:")
+    print(_example(config, model.name))
+    print(f"waiting for {config.health_url} ...", flush=True)
+    cluster.wait_ready(config.ready_timeout)
+    print("ready. Ctrl-C stops everything.", flush=True)
+    cluster.wait()  # without a timeout it returns only by raising ChildExited
+    return 1
+
+
+def _problem(config: ClusterConfig) -> str | None:
+    """Why `config` cannot run here, if it cannot."""
+    try:
+        config.validate()
+    except ValueError as e:
+        return str(e)
+    if not _port_free(config.host, config.port):
+        return f"{config.host}:{config.port} is in use; pick another --port"
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = from_args(ClusterConfig, args)
+    problem = _problem(config)
+    if problem:
+        print(f"xllm up: {problem}", file=sys.stderr)
+        return 2
+    if not config.model:
+        print("xllm up: no --model, using the tiny demo model (made on first use)", flush=True)
+    try:
+        cluster = serving_cluster(config, engine_args(args))
+    except KeyboardInterrupt:  # while making the demo model: nothing runs yet
+        return 130
+    _on_stop_signals(_stop_handler(cluster))
+    try:
+        return _serve(cluster, config)
+    except KeyboardInterrupt:
+        print("\nxllm up: stopping (Ctrl-C again to kill at once) ...", file=sys.stderr)
+        return 0
+    except (ChildExited, TimeoutError) as e:
+        print(f"xllm up: {e}\nxllm up: stopping everything", file=sys.stderr)
+        return 1
+    finally:
+        _on_stop_signals(lambda *_: cluster.hurry())  # also when no signal came
+        cluster.stop()
+        print(f"xllm up: stopped; logs are in {cluster.log_dir}", file=sys.stderr)
