@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TokenDelta:
+class SequenceOutput:
     """What one step produced for one completion: the new tokens since the last delta."""
 
     request_id: str
@@ -142,7 +142,7 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def step(self) -> list[TokenDelta]:
+    def step(self) -> list[SequenceOutput]:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -156,10 +156,10 @@ class Engine:
         self.num_steps += 1
         return [self._delta(seq) for seq in self.scheduler.update(out, tokens)]
 
-    def _delta(self, seq: Sequence) -> TokenDelta:
+    def _delta(self, seq: Sequence) -> SequenceOutput:
         if seq.is_finished:
             self._forget_if_done(seq.request_id)
-        return TokenDelta(
+        return SequenceOutput(
             request_id=seq.request_id,
             index=seq.index,
             token_ids=[seq.token_ids[-1]],

@@ -52,7 +52,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput]:
         """Run one step; returns the sequences that sampled (forks included) and their tokens."""
-        items = order_decodes_first(out.scheduled, self.block_size)
+        items = order_decodes_first(out.scheduled)
         input_ids, positions, meta = self._prepare(items)
         hidden = self.model(input_ids, positions, meta)  # [N, hidden]
         self.kv_cache.copy_blocks(out.block_copies)
@@ -117,7 +117,7 @@ def is_decode(item: ScheduledSeq) -> bool:
     return item.num_new_tokens == 1 and item.seq.num_computed_tokens > 0
 
 
-def order_decodes_first(items: list[ScheduledSeq], block_size: int) -> list[ScheduledSeq]:
+def order_decodes_first(items: list[ScheduledSeq]) -> list[ScheduledSeq]:
     return [i for i in items if is_decode(i)] + [i for i in items if not is_decode(i)]
 
 

@@ -15,9 +15,14 @@ class InstanceConfig:
         "", "The model name clients use; empty = the model folder's name."
     )
     heartbeat_interval: float = option(0.25, "Seconds between load heartbeats.")
+    kv_events_interval: float = option(
+        0.2, "Seconds between batches of KV cache events sent to the kvstore."
+    )
 
     def validate(self) -> None:
         if self.role not in ("prefill", "decode", "both"):
             raise ValueError(f"--role must be prefill, decode or both, not {self.role!r}")
         if self.heartbeat_interval <= 0:
             raise ValueError("--heartbeat-interval must be positive")
+        if self.kv_events_interval <= 0:
+            raise ValueError("--kv-events-interval must be positive")

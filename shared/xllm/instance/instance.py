@@ -5,6 +5,11 @@ engine loop applies queued commands only between steps, then runs one step in a 
 thread (the asyncio loop stays free to receive, publish and heartbeat), then publishes one
 `TokenDelta` per completion that produced tokens. So aborts, new requests and role flips
 take effect at step boundaries and need no locking.
+
+KV events (report §3.4) follow the same rule: the loop collects the block manager's
+stored/evicted events after each step, a timer publishes them in batches (`KvEventPublisher`),
+and a `KvSnapshotRequest` from the kvstore is queued like a command and answered between
+steps with every cached block hash.
 """
 
 from __future__ import annotations
@@ -19,16 +24,17 @@ from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
-from xllm.engine.engine import Engine
-from xllm.engine.engine import TokenDelta as EngineDelta
+from xllm.engine.engine import Engine, SequenceOutput
 from xllm.engine.sequence import FinishReason
 from xllm.instance.config import InstanceConfig
+from xllm.instance.kv_events import KvEventPublisher
 from xllm.protocol import (
     AbortCmd,
     ErrorCode,
     ErrorInfo,
     GenerateCmd,
     Heartbeat,
+    KvSnapshotRequest,
     LogprobEntry,
     SetRoleCmd,
     TokenDelta,
@@ -39,7 +45,7 @@ from xllm.protocol import (
 
 log = logging.getLogger(__name__)
 
-Command = GenerateCmd | AbortCmd | SetRoleCmd
+Command = GenerateCmd | AbortCmd | SetRoleCmd | KvSnapshotRequest
 
 
 class Instance:
@@ -56,25 +62,46 @@ class Instance:
         self.dispatcher = TypeDispatcher(name=f"instance {self.instance_id}")
         for cmd_type in (GenerateCmd, AbortCmd, SetRoleCmd):
             self.dispatcher.register(cmd_type, self._enqueue)
+        self.kv_events = KvEventPublisher(nc, self.instance_id)
+        self.snapshots = TypeDispatcher(
+            {KvSnapshotRequest: self._on_snapshot_request}, name=f"instance {self.instance_id} kv"
+        )
         # One thread: steps run strictly one after another, off the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
     async def _enqueue(self, cmd: Command) -> None:
         self.inbox.put_nowait(cmd)
 
+    async def _on_snapshot_request(self, req: KvSnapshotRequest) -> None:
+        if req.instance_id in (None, self.instance_id):
+            self.inbox.put_nowait(req)
+
     async def serve(self, stop: asyncio.Event) -> None:
         async def on_command(msg) -> None:
             await self.dispatcher.dispatch(msg.data, msg.subject)
 
-        sub = await self.nc.subscribe(subjects.instance_cmd(self.instance_id), cb=on_command)
-        tasks = [asyncio.create_task(self._heartbeats(stop)), asyncio.create_task(self._loop(stop))]
+        async def on_snapshot(msg) -> None:
+            await self.snapshots.dispatch(msg.data, msg.subject)
+
+        subs = [
+            await self.nc.subscribe(subjects.instance_cmd(self.instance_id), cb=on_command),
+            await self.nc.subscribe(subjects.KV_SNAPSHOT_REQUEST, cb=on_snapshot),
+        ]
+        await self.kv_events.reset()
+        tasks = [
+            asyncio.create_task(self._heartbeats(stop)),
+            asyncio.create_task(self._loop(stop)),
+            asyncio.create_task(self._kv_event_flusher(stop)),
+        ]
         log.info("instance %s (%s) serving %s", self.instance_id, self.role, self.model_name)
         await stop.wait()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await sub.unsubscribe()
+        for sub in subs:
+            await sub.unsubscribe()
         self.executor.shutdown(wait=True)
+        await self._retract_kv_blocks()
 
     # -- the engine loop ------------------------------------------------------------------
 
@@ -93,6 +120,7 @@ class Instance:
                 log.exception("engine step failed; failing the running requests")
                 await self._fail_all("the engine failed while running this request")
                 continue
+            self.kv_events.collect(self.engine.block_manager)  # between steps: safe to read
             for delta in deltas:
                 await self._send(to_wire(delta))
 
@@ -104,6 +132,9 @@ class Instance:
         elif isinstance(cmd, SetRoleCmd):
             log.info("instance %s: role %s -> %s", self.instance_id, self.role, cmd.role)
             self.role = cmd.role
+        elif isinstance(cmd, KvSnapshotRequest):
+            num_blocks = await self.kv_events.snapshot(self.engine.block_manager)
+            log.info("instance %s: KV snapshot of %d blocks sent", self.instance_id, num_blocks)
 
     async def _start(self, cmd: GenerateCmd) -> None:
         try:
@@ -137,6 +168,24 @@ class Instance:
     async def _send(self, delta: TokenDelta) -> None:
         # nats-py only appends to its write buffer here; its flusher task does the I/O.
         await self.nc.publish(subjects.request_output(delta.request_id), encode(delta))
+
+    # -- KV events ------------------------------------------------------------------------
+
+    async def _kv_event_flusher(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.config.kv_events_interval)
+            try:
+                await self.kv_events.flush()
+            except Exception:  # a lost batch is a seq gap: the kvstore asks for a snapshot
+                log.exception("publishing KV events failed")
+
+    async def _retract_kv_blocks(self) -> None:
+        """On a clean stop, tell the kvstore at once that this instance's blocks are gone
+        (an empty reset), instead of leaving it to the heartbeat timeout."""
+        try:
+            await self.kv_events.reset()
+        except Exception:
+            log.warning("could not retract this instance's KV blocks", exc_info=True)
 
     # -- heartbeats -----------------------------------------------------------------------
 
@@ -172,7 +221,7 @@ class Instance:
         )
 
 
-def to_wire(d: EngineDelta) -> TokenDelta:
+def to_wire(d: SequenceOutput) -> TokenDelta:
     logprobs = None
     if d.logprobs is not None:
         logprobs = [LogprobEntry(lp.token_id, lp.logprob, lp.top) for lp in d.logprobs]

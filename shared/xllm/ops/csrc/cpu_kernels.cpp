@@ -79,6 +79,20 @@ inline void to_floats(float* dst, const scalar_t* src, int64_t D) {
   for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]);
 }
 
+// Prefetch the head row of token t + kAhead: rows of one head sit 2 KiB+ apart (all heads of
+// a slot are interleaved), a stride the hardware prefetchers do not follow well.
+constexpr int64_t kAhead = 32;
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* head_base, const int64_t* table, int64_t block_size,
+                         int64_t slot_stride, int64_t t, int64_t T, int64_t D) {
+  if (t + kAhead >= T) return;
+  const int64_t u = t + kAhead;
+  const char* row = reinterpret_cast<const char*>(
+      head_base + (table[u / block_size] * block_size + u % block_size) * slot_stride);
+  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+    __builtin_prefetch(row + off);
+}
+
 // acc += p * row
 template <typename scalar_t>
 inline void axpy(float* acc, float p, const scalar_t* row, int64_t D) {
@@ -91,6 +105,55 @@ inline void axpy(float* acc, float p, const scalar_t* row, int64_t D) {
   }
 #endif
   for (int64_t d = 0; d < D; ++d) acc[d] += p * to_float(row[d]);
+}
+
+#if defined(__AVX512F__)
+// out_a = sum_t pa[t] v_t and out_b = sum_t pb[t] v_t over one KV head's rows v_t, NV * 16
+// wide, with both accumulators in registers: each row is loaded and converted once for
+// two query heads, and nothing is stored until the end.
+template <int NV, typename scalar_t>
+inline void weighted_rows_x2(const float* pa, const float* pb, const scalar_t* v_head,
+                             const int64_t* table, int64_t block_size, int64_t slot_stride,
+                             int64_t T, float* out_a, float* out_b) {
+  __m512 a[NV], b[NV];
+  for (int i = 0; i < NV; ++i) a[i] = b[i] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    prefetch_row(v_head, table, block_size, slot_stride, t, T, 16 * NV);
+    const scalar_t* v = v_head + (table[t / block_size] * block_size + t % block_size) * slot_stride;
+    const __m512 wa = _mm512_set1_ps(pa[t]), wb = _mm512_set1_ps(pb[t]);
+    for (int i = 0; i < NV; ++i) {
+      const __m512 row = load16(v + 16 * i);
+      a[i] = _mm512_fmadd_ps(wa, row, a[i]);
+      b[i] = _mm512_fmadd_ps(wb, row, b[i]);
+    }
+  }
+  for (int i = 0; i < NV; ++i) {
+    _mm512_storeu_ps(out_a + 16 * i, a[i]);
+    _mm512_storeu_ps(out_b + 16 * i, b[i]);
+  }
+}
+#endif
+
+// out[j] = sum_t p[j][t] v_t for the G query heads j sharing one KV head.
+template <typename scalar_t>
+void weighted_rows(const float* p, int64_t G, const scalar_t* v_head, const int64_t* table,
+                   int64_t block_size, int64_t slot_stride, int64_t T, int64_t D, float* out) {
+#if defined(__AVX512F__)
+  if (D == 128 || D == 64) {
+    for (int64_t g = 0; g < G; g += 2) {
+      const int64_t g2 = std::min(g + 1, G - 1);  // odd G: the last head pairs with itself
+      auto run = D == 128 ? weighted_rows_x2<8, scalar_t> : weighted_rows_x2<4, scalar_t>;
+      run(p + g * T, p + g2 * T, v_head, table, block_size, slot_stride, T, out + g * D, out + g2 * D);
+    }
+    return;
+  }
+#endif
+  std::fill(out, out + G * D, 0.f);
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* v = v_head + (table[t / block_size] * block_size + t % block_size) * slot_stride;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] += p[g * T + t] * to_float(v[d]);
+  }
 }
 
 // In place: x <- softmax(x), n elements.
@@ -162,7 +225,7 @@ void paged_decode_attention_impl(
   const int64_t heads_per_task = Hkv / splits;
 
   at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), acc(H * D), scores, vrow(D);
+    std::vector<float> qf(H * D), acc(H * D), scores;
     std::vector<scalar_t> qb(H * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / splits;
@@ -175,28 +238,21 @@ void paged_decode_attention_impl(
         qb[i] = qp[(b * H + q0) * D + i];
       }
       const int64_t* table = tables + b * max_blocks;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        const scalar_t* k = kp + slot * slot_stride;
-        for (int64_t h = h0; h < h1; ++h)
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t t = 0; t < T; ++t) {
+          prefetch_row(kp + h * D, table, block_size, slot_stride, t, T, D);
+          const int64_t slot = table[t / block_size] * block_size + t % block_size;
+          const scalar_t* k = kp + slot * slot_stride + h * D;
           for (int64_t g = 0; g < G; ++g) {
             const int64_t j = (h - h0) * G + g;
-            scores[j * T + t] = score(qb.data() + j * D, qf.data() + j * D, k + h * D);
-          }
-      }
-      for (int64_t j = 0; j < nq; ++j) softmax_inplace(scores.data() + j * T, T);
-      std::fill(acc.begin(), acc.begin() + nq * D, 0.f);
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        const scalar_t* v = vp + slot * slot_stride;
-        for (int64_t h = h0; h < h1; ++h) {
-          // Convert the row once for the G query heads sharing it.
-          to_floats(vrow.data(), v + h * D, D);
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t j = (h - h0) * G + g;
-            axpy(acc.data() + j * D, scores[j * T + t], vrow.data(), D);
+            scores[j * T + t] = score(qb.data() + j * D, qf.data() + j * D, k);
           }
         }
+      for (int64_t j = 0; j < nq; ++j) softmax_inplace(scores.data() + j * T, T);
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t j = (h - h0) * G;
+        weighted_rows(scores.data() + j * T, G, vp + h * D, table, block_size, slot_stride, T, D,
+                      acc.data() + j * D);
       }
       for (int64_t i = 0; i < nq * D; ++i)
         op[(b * H + q0) * D + i] = static_cast<scalar_t>(acc[i]);
@@ -245,7 +301,8 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    // Chunks of at least ~64K elements: smaller parallel regions cost more than they save.
+    at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / N), [&](int64_t begin, int64_t end) {
       std::vector<float> row(N), w(N);
       to_floats(w.data(), wp, N);
       for (int64_t r = begin; r < end; ++r) {
