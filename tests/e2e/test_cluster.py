@@ -100,7 +100,11 @@ def test_completions_equal_the_engine_alone(cluster, client, engine_greedy):
     expected = engine_greedy(prompt_ids, 24)
     for _ in range(2):  # round-robin: both instances
         response = client.completions.create(
-            model=model, prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+            model=model,
+            prompt=PROMPT,
+            max_tokens=24,
+            temperature=0,
+            extra_body={"ignore_eos": True},
         )
         assert response.choices[0].text == engine_greedy.tokenizer.decode(expected)
         assert response.usage.prompt_tokens == len(prompt_ids)
@@ -110,7 +114,9 @@ def test_completions_equal_the_engine_alone(cluster, client, engine_greedy):
 
 def test_streaming_completion_matches_non_streaming(client):
     model = client.models.list().data[0].id
-    kw = dict(model=model, prompt=PROMPT, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    kw = dict(
+        model=model, prompt=PROMPT, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
     whole = client.completions.create(**kw).choices[0].text
     chunks = client.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
     text, usage = "", None
@@ -131,7 +137,13 @@ def test_chat_equals_the_engine_on_the_chat_template(cluster, engine_greedy):
     async def run() -> tuple[str, str]:
         client = openai.AsyncOpenAI(base_url=cluster[1].base_url, api_key="unused", max_retries=0)
         model = (await client.models.list()).data[0].id
-        kw = dict(model=model, messages=messages, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+        kw = dict(
+            model=model,
+            messages=messages,
+            max_tokens=16,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         whole = await client.chat.completions.create(**kw)
         stream = await client.chat.completions.create(stream=True, **kw)
         streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
@@ -199,7 +211,9 @@ def test_client_disconnect_frees_the_requests_kv_blocks(cluster, client):
 )
 def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(cluster, client, body, status):
     url = cluster[1].base_url + "/completions"
-    request = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=body.encode(), headers={"Content-Type": "application/json"}
+    )
     with pytest.raises(urllib.error.HTTPError) as failure:
         urllib.request.urlopen(request, timeout=30)
     assert failure.value.code == status
@@ -211,7 +225,11 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(cluster, cl
 
 def test_wrong_api_key_is_401(model_dir, tmp_path):
     config = ClusterConfig(
-        model=str(model_dir), host="127.0.0.1", port=free_port(), api_key="sesame", log_dir=str(tmp_path)
+        model=str(model_dir),
+        host="127.0.0.1",
+        port=free_port(),
+        api_key="sesame",
+        log_dir=str(tmp_path),
     )
     with serving_cluster(config, ["--num-kv-blocks", "64"]) as c:
         c.wait_ready(180)

@@ -7,7 +7,7 @@ The engine is synchronous and single-threaded on purpose: the instance program d
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +48,6 @@ class EngineStats:
     prefix_hit_tokens: int
     num_preemptions: int
     num_steps: int
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:

@@ -93,20 +93,6 @@ inline void prefetch_row(const scalar_t* head_base, const int64_t* table, int64_
     __builtin_prefetch(row + off);
 }
 
-// acc += p * row
-template <typename scalar_t>
-inline void axpy(float* acc, float p, const scalar_t* row, int64_t D) {
-#if defined(__AVX512F__)
-  if (D % 16 == 0) {
-    const __m512 pv = _mm512_set1_ps(p);
-    for (int64_t d = 0; d < D; d += 16)
-      _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, load16(row + d), _mm512_loadu_ps(acc + d)));
-    return;
-  }
-#endif
-  for (int64_t d = 0; d < D; ++d) acc[d] += p * to_float(row[d]);
-}
-
 #if defined(__AVX512F__)
 // out_a = sum_t pa[t] v_t and out_b = sum_t pb[t] v_t over one KV head's rows v_t, NV * 16
 // wide, with both accumulators in registers: each row is loaded and converted once for
