@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from services.gateway import openai_routes
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, error_middleware
+from services.gateway.metrics import prefix_cache_summary
 from services.gateway.model import ModelInfo
 from services.gateway.state import GATEWAY, Gateway
 from xllm.metrics import CONTENT_TYPE
@@ -114,9 +115,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def cluster(request: web.Request) -> web.Response:
-    """The scheduler's `ClusterState` as JSON: every instance's role, load and counters."""
+    """The scheduler's `ClusterState` as JSON: every instance's role, load and counters,
+    plus the cluster-wide prefix-cache hit rate."""
     state = await request.app[GATEWAY].cluster_state()
-    return web.json_response(dataclasses.asdict(state))
+    return web.json_response(
+        {**dataclasses.asdict(state), "prefix_cache": prefix_cache_summary(state)}
+    )
 
 
 async def serve_http(config: GatewayConfig, nc: NATS, stop: asyncio.Event) -> None:

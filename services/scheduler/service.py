@@ -14,9 +14,10 @@ import time
 
 from nats.aio.client import Client as NATS
 
-from services.scheduler.cluster import Registry
+from services.scheduler.cluster import ClusterSnapshot, Registry
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.policies import PlacementRequest, get_policy
+from services.scheduler.policies import POLICIES_USING_PREFIX_HITS, PlacementRequest, get_policy
+from services.scheduler.prefix import PrefixMatcher
 from xllm.protocol import (
     ClusterState,
     ClusterStateRequest,
@@ -40,6 +41,8 @@ class SchedulerService:
         self.config = config
         self.nc = nc
         self.policy = get_policy(config.policy)
+        self.prefix = PrefixMatcher(nc, timeout=config.kv_match_timeout)
+        self.uses_prefix_hits = config.policy in POLICIES_USING_PREFIX_HITS
         self.registry = Registry(config.heartbeat_timeout)
         self.num_submitted = 0
         self.num_rejected = 0
@@ -80,7 +83,9 @@ class SchedulerService:
         error = self._check(req)
         instance_id = None
         if error is None:
-            instance_id = self.policy(self._placement(req), self.registry.snapshot())
+            snapshot = self.registry.snapshot()
+            placement = await self._placement(req, snapshot)
+            instance_id = self.policy(placement, snapshot)
             if instance_id is None:
                 error = ErrorInfo(
                     code=ErrorCode.NO_INSTANCE, message="no instance can serve this request"
@@ -95,13 +100,22 @@ class SchedulerService:
             priority=req.priority,
         )
         await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
-        self.registry.note_placement(
-            instance_id, len(req.prompt_token_ids) + req.sampling.max_tokens
-        )
+        # Pending work counts what the instance will compute: the hit is not recomputed.
+        work = placement.uncached_tokens(instance_id) + req.sampling.max_tokens
+        self.registry.note_placement(instance_id, work)
+        if self.uses_prefix_hits:
+            block_size = snapshot.view(instance_id).heartbeat.kv_block_size
+            self.prefix.placed(req.prompt_token_ids, instance_id, block_size)
         self.num_submitted += 1
         return SubmitReply(request_id=req.request_id, instance_id=instance_id)
 
-    def _placement(self, req: SubmitRequest) -> PlacementRequest:
+    async def _placement(self, req: SubmitRequest, snapshot: ClusterSnapshot) -> PlacementRequest:
+        hits: dict[str, int] = {}
+        if self.uses_prefix_hits:
+            candidates = {
+                v.instance_id: v.heartbeat.kv_block_size for v in snapshot.candidates(req.model)
+            }
+            hits = await self.prefix.hit_tokens(req.prompt_token_ids, candidates)
         return PlacementRequest(
             request_id=req.request_id,
             num_prompt_tokens=len(req.prompt_token_ids),
@@ -109,7 +123,7 @@ class SchedulerService:
             model=req.model,
             priority=req.priority,
             sequence_number=self.num_submitted,
-            prefix_block_hashes=tuple(req.prefix_block_hashes),
+            prefix_hits=hits,
         )
 
     def _check(self, req: SubmitRequest) -> ErrorInfo | None:

@@ -10,7 +10,7 @@ Offline jobs are the same `SubmitRequest` with priority > 0, arriving through Je
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
@@ -35,9 +35,6 @@ class SubmitRequest:
     """0 = online; > 0 = offline / best-effort, preempted by online work."""
     model: str | None = None
     """The model the client asked for; only instances serving it are candidates. None = any."""
-    prefix_block_hashes: list[int] = field(default_factory=list)
-    """The prompt's prefix hash chain (at the cluster's kv_block_size), for cache-aware
-    placement; empty = the scheduler routes without prefix information."""
 
 
 @message("submit_reply", version=1)
