@@ -9,7 +9,7 @@ from xllm.config import option
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    policy: str = option("least-load", "Placement policy: round-robin, least-load, cache-aware.")
+    policy: str = option("cache-aware", "Placement policy: round-robin, least-load, cache-aware.")
     heartbeat_timeout: float = option(
         2.0, "Seconds without a heartbeat before an instance leaves the rotation."
     )
