@@ -25,7 +25,14 @@ from services.gateway.metrics import prefix_cache_summary
 from services.gateway.model import ModelInfo
 from services.gateway.state import GATEWAY, Gateway
 from xllm.metrics import CONTENT_TYPE
-from xllm.protocol import ErrorCode, ProtocolError
+from xllm.protocol import (
+    ErrorCode,
+    InstanceLost,
+    ProtocolError,
+    TypeDispatcher,
+    make_callback,
+    subjects,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +63,12 @@ def _gateway_ctx(config: GatewayConfig, nc: NATS, model: ModelInfo | None):
         info = model or await asyncio.to_thread(
             ModelInfo.load, config.model, config.served_model_name, config.max_model_len
         )
-        app[GATEWAY] = Gateway(config, nc, info)
+        app[GATEWAY] = gateway = Gateway(config, nc, info)
+        notices = TypeDispatcher({InstanceLost: gateway.on_instance_lost}, name="gateway notices")
+        sub = await nc.subscribe(subjects.INSTANCE_LOST, cb=make_callback(notices))
         log.info("serving %s (context %d tokens)", info.name, info.max_model_len)
         yield
+        await sub.unsubscribe()
         # Handlers still running are cancelled by the runner; each aborts its request.
 
     return ctx

@@ -25,6 +25,7 @@ from xllm.protocol import (
     ErrorInfo,
     GenerateCmd,
     Heartbeat,
+    InstanceLost,
     SubmitReply,
     SubmitRequest,
     TypeDispatcher,
@@ -77,6 +78,9 @@ class SchedulerService:
         while not stop.is_set():
             for instance_id in self.registry.expire(time.monotonic()):
                 log.warning("instance %s missed its heartbeats: out of rotation", instance_id)
+                # Gateways resume its requests elsewhere; the resubmits count as redispatches.
+                lost = InstanceLost(instance_id=instance_id)
+                await self.nc.publish(subjects.INSTANCE_LOST, encode(lost))
             await asyncio.sleep(interval)
 
     async def on_submit(self, req: SubmitRequest) -> SubmitReply:
@@ -93,6 +97,8 @@ class SchedulerService:
         if error is not None:
             self.num_rejected += 1
             return SubmitReply(request_id=req.request_id, error=error)
+        if req.resumed:
+            self.num_redispatched += 1
         cmd = GenerateCmd(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,

@@ -4,7 +4,7 @@
     codec.py      @message registry, encode / decode (msgpack envelope {t, v, d}), DecodeError
     errors.py     ErrorCode, ErrorInfo, ProtocolError, http_status
     sampling.py   SamplingSpec (wire form of the engine's SamplingParams)
-    gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState
+    gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
     instance.py   GenerateCmd, AbortCmd, SetRoleCmd, Heartbeat
     stream.py     TokenDelta, LogprobEntry
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
@@ -18,7 +18,13 @@ from xllm.protocol import subjects
 from xllm.protocol.codec import DecodeError, decode, decode_as, encode, message, registry
 from xllm.protocol.dispatch import TypeDispatcher, make_callback
 from xllm.protocol.errors import ErrorCode, ErrorInfo, ProtocolError, http_status
-from xllm.protocol.gateway import ClusterState, ClusterStateRequest, SubmitReply, SubmitRequest
+from xllm.protocol.gateway import (
+    ClusterState,
+    ClusterStateRequest,
+    InstanceLost,
+    SubmitReply,
+    SubmitRequest,
+)
 from xllm.protocol.instance import AbortCmd, GenerateCmd, Heartbeat, Role, SetRoleCmd
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
 from xllm.protocol.sampling import SamplingSpec
@@ -34,6 +40,7 @@ __all__ = [
     "FinishReason",
     "GenerateCmd",
     "Heartbeat",
+    "InstanceLost",
     "KvEvent",
     "KvEvents",
     "KvMatchReply",

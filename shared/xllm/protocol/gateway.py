@@ -35,6 +35,9 @@ class SubmitRequest:
     """0 = online; > 0 = offline / best-effort, preempted by online work."""
     model: str | None = None
     """The model the client asked for; only instances serving it are candidates. None = any."""
+    resumed: bool = False
+    """A continuation of a request whose instance was lost: the prompt holds the original
+    prompt plus the tokens already streamed to the client."""
 
 
 @message("submit_reply", version=1)
@@ -77,3 +80,15 @@ class ClusterState:
     """Requests re-placed after their instance failed."""
     sent_at: float
     """Unix time (seconds) the snapshot was taken."""
+
+
+@message("instance_lost", version=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceLost:
+    """scheduler → gateways (`INSTANCE_LOST`): an instance fell silent and left the rotation;
+    whatever it was running is gone with it."""
+
+    instance_id: str
+    """The instance that was lost."""
+    reason: str = "missed heartbeats"
+    """Why the scheduler gave up on it, for logs."""
