@@ -13,11 +13,13 @@ Design notes.
     instance pushes its KV straight into them with one-sided writes, then tells the
     decode instance over NATS. The receiver runs no code per transfer, and nothing is
     staged in between: the bytes land where decode attention reads them.
-  * Overlap. Writes release the GIL, and `submit_blocks` runs them on a worker thread, so
-    the prefill instance can ship the blocks a chunk has completed while it computes the
-    next chunk (a block is final once the prompt's computed tokens cover it; the partial
-    tail block goes last, after the prefill). Within a transfer, consecutive block ids
-    are merged into one write per (layer, K/V) plane (`layout.block_segments`).
+  * Overlap. Writes release the GIL, and `submit_blocks` runs them on a writer thread, so
+    a request's KV travels while the engine keeps stepping the other requests (the
+    request's blocks are held, so nothing overwrites them meanwhile). Shipping a long
+    prompt's blocks chunk by chunk, before its prefill ends, would fit the same call;
+    it is not done yet because a preempted prefill frees blocks a write may be reading.
+    Within a transfer, consecutive block ids are merged into one write per (layer, K/V)
+    plane (`layout.block_segments`).
   * Counting. The receiver cannot observe one-sided writes, so the sender counts the
     bytes it wrote and the receiver counts the bytes of the blocks it expected
     (`record_received`, called when the notification arrives); tests compare the two.
