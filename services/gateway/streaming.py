@@ -168,6 +168,9 @@ class Generation:
         self.completions = [CompletionText(i, model, req) for i in range(req.sampling.n)]
         self.usage = Usage(prompt_tokens=len(req.prompt_token_ids))
         self.instance_id: str | None = None
+        """The instance streaming the output (the decode instance, when disaggregated)."""
+        self.prefill_instance_id: str | None = None
+        """PD-disaggregated: the instance prefilling the current attempt."""
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -183,7 +186,7 @@ class Generation:
     async def __aenter__(self) -> Generation:
         await self._subscribe()
         try:
-            self.instance_id = await self._submit(self.req.prompt_token_ids, self.req.sampling)
+            await self._submit(self.req.prompt_token_ids, self.req.sampling)
         except BaseException:
             await self._unsubscribe()
             raise
@@ -200,7 +203,7 @@ class Generation:
 
     def instance_lost(self, notice: InstanceLost) -> None:
         """Called for every `InstanceLost`; queued behind the deltas already received."""
-        if notice.instance_id == self.instance_id:
+        if notice.instance_id in (self.instance_id, self.prefill_instance_id):
             self._queue.put_nowait(notice)
 
     async def outputs(self):
@@ -209,7 +212,7 @@ class Generation:
         while not self.finished:
             delta = await self._next()
             if isinstance(delta, InstanceLost):
-                if delta.instance_id == self.instance_id:
+                if delta.instance_id in (self.instance_id, self.prefill_instance_id):
                     await self._resume()
                 continue
             if delta.request_id != self.attempt_id:
@@ -256,7 +259,8 @@ class Generation:
 
     async def _submit(
         self, prompt: list[int], sampling: SamplingSpec, resumed: bool = False
-    ) -> str:
+    ) -> None:
+        """Submit an attempt; sets `instance_id` (and `prefill_instance_id`) from the reply."""
         submit = SubmitRequest(
             request_id=self.attempt_id,
             prompt_token_ids=prompt,
@@ -281,7 +285,8 @@ class Generation:
         if reply.error is not None:
             raise ProtocolError.from_info(reply.error)
         assert reply.instance_id is not None  # SubmitReply checks exactly one is set
-        return reply.instance_id
+        self.instance_id = reply.instance_id
+        self.prefill_instance_id = reply.prefill_instance_id
 
     async def _next(self) -> TokenDelta | InstanceLost:
         if not self._queue.empty():
@@ -298,7 +303,9 @@ class Generation:
 
     async def _resume(self) -> None:
         """Continue on another instance from the tokens streamed so far (module doc, 5)."""
-        lost = self.instance_id
+        lost = f"{self.instance_id}" + (
+            f" / {self.prefill_instance_id}" if self.prefill_instance_id else ""
+        )
         if len(self.completions) > 1 or self.num_resumes >= MAX_RESUMES:
             why = "n > 1 is not resumed" if len(self.completions) > 1 else "too many resumes"
             raise ProtocolError(
@@ -315,9 +322,7 @@ class Generation:
             min_tokens=max(0, self.req.sampling.min_tokens - len(generated)),
         )
         await self._subscribe()
-        self.instance_id = await self._submit(
-            self.req.prompt_token_ids + generated, sampling, resumed=True
-        )
+        await self._submit(self.req.prompt_token_ids + generated, sampling, resumed=True)
         log.warning(
             "%s: instance %s lost after %d tokens; resumed on %s as %s",
             self.req.request_id,
@@ -331,8 +336,10 @@ class Generation:
         assert self.instance_id is not None
         log.info("%s: aborting on %s", self.attempt_id, self.instance_id)
         cmd = AbortCmd(request_id=self.attempt_id)
+        targets = [self.instance_id, self.prefill_instance_id]
         try:
-            await self.nc.publish(subjects.instance_cmd(self.instance_id), encode(cmd))
+            for instance_id in filter(None, targets):  # both halves hold blocks
+                await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
         except Exception:  # connection closing: the instance's request will run out
             log.warning("%s: could not send the abort", self.req.request_id, exc_info=True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 from nats.aio.client import Client as NATS
 
@@ -21,6 +22,7 @@ from services.scheduler.prefix import PrefixMatcher
 from xllm.protocol import (
     ClusterState,
     ClusterStateRequest,
+    DecodeCmd,
     ErrorCode,
     ErrorInfo,
     GenerateCmd,
@@ -35,6 +37,8 @@ from xllm.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+ALL_ROLES = ("both", "prefill", "decode")
 
 
 class SchedulerService:
@@ -84,21 +88,30 @@ class SchedulerService:
             await asyncio.sleep(interval)
 
     async def on_submit(self, req: SubmitRequest) -> SubmitReply:
-        error = self._check(req)
-        instance_id = None
+        snapshot = self.registry.snapshot()
+        error = self._check(req, snapshot)
         if error is None:
-            snapshot = self.registry.snapshot()
             placement = await self._placement(req, snapshot)
-            instance_id = self.policy(placement, snapshot)
-            if instance_id is None:
-                error = ErrorInfo(
-                    code=ErrorCode.NO_INSTANCE, message="no instance can serve this request"
-                )
-        if error is not None:
-            self.num_rejected += 1
-            return SubmitReply(request_id=req.request_id, error=error)
-        if req.resumed:
-            self.num_redispatched += 1
+            if snapshot.candidates(req.model, ("both",)):
+                reply = await self._place_colocated(req, placement, snapshot)
+            else:
+                reply = await self._place_disaggregated(req, placement, snapshot)
+            if reply is not None:
+                self.num_submitted += 1
+                self.num_redispatched += req.resumed
+                return reply
+            error = ErrorInfo(
+                code=ErrorCode.NO_INSTANCE, message="no instance can serve this request"
+            )
+        self.num_rejected += 1
+        return SubmitReply(request_id=req.request_id, error=error)
+
+    async def _place_colocated(
+        self, req: SubmitRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
+    ) -> SubmitReply | None:
+        instance_id = self.policy(placement, snapshot)
+        if instance_id is None:
+            return None
         cmd = GenerateCmd(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
@@ -106,20 +119,47 @@ class SchedulerService:
             priority=req.priority,
         )
         await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
-        # Pending work counts what the instance will compute: the hit is not recomputed.
-        work = placement.uncached_tokens(instance_id) + req.sampling.max_tokens
-        self.registry.note_placement(instance_id, work)
-        if self.uses_prefix_hits:
-            block_size = snapshot.view(instance_id).heartbeat.kv_block_size
-            self.prefix.placed(req.prompt_token_ids, instance_id, block_size)
-        self.num_submitted += 1
+        self._note(instance_id, req, placement, req.sampling.max_tokens)
         return SubmitReply(request_id=req.request_id, instance_id=instance_id)
+
+    async def _place_disaggregated(
+        self, req: SubmitRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
+    ) -> SubmitReply | None:
+        """Prefill on one instance, decode on another: the policy picks each half among
+        the instances of that role; the decode instance takes it from there (DecodeCmd)."""
+        prefill_id = self.policy(replace(placement, roles=("prefill",)), snapshot)
+        decode_id = self.policy(replace(placement, roles=("decode",)), snapshot)
+        if prefill_id is None or decode_id is None:
+            return None
+        cmd = DecodeCmd(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling=req.sampling,
+            priority=req.priority,
+            prefill_instance_id=prefill_id,
+        )
+        await self.nc.publish(subjects.instance_cmd(decode_id), encode(cmd))
+        self._note(prefill_id, req, placement, 0)
+        self._note(decode_id, req, placement, req.sampling.max_tokens)
+        return SubmitReply(
+            request_id=req.request_id, instance_id=decode_id, prefill_instance_id=prefill_id
+        )
+
+    def _note(
+        self, instance_id: str, req: SubmitRequest, placement: PlacementRequest, decode: int
+    ) -> None:
+        # Pending work counts what the instance will compute: the hit is not recomputed.
+        self.registry.note_placement(instance_id, placement.uncached_tokens(instance_id) + decode)
+        if self.uses_prefix_hits:
+            block_size = self.registry.snapshot().view(instance_id).heartbeat.kv_block_size
+            self.prefix.placed(req.prompt_token_ids, instance_id, block_size)
 
     async def _placement(self, req: SubmitRequest, snapshot: ClusterSnapshot) -> PlacementRequest:
         hits: dict[str, int] = {}
         if self.uses_prefix_hits:
             candidates = {
-                v.instance_id: v.heartbeat.kv_block_size for v in snapshot.candidates(req.model)
+                v.instance_id: v.heartbeat.kv_block_size
+                for v in snapshot.candidates(req.model, ALL_ROLES)
             }
             hits = await self.prefix.hit_tokens(req.prompt_token_ids, candidates)
         return PlacementRequest(
@@ -132,8 +172,8 @@ class SchedulerService:
             prefix_hits=hits,
         )
 
-    def _check(self, req: SubmitRequest) -> ErrorInfo | None:
-        candidates = self.registry.snapshot().candidates(req.model)
+    def _check(self, req: SubmitRequest, snapshot: ClusterSnapshot) -> ErrorInfo | None:
+        candidates = snapshot.candidates(req.model, ALL_ROLES)
         if not candidates:
             what = f"model {req.model!r}" if req.model else "any model"
             return ErrorInfo(code=ErrorCode.NO_INSTANCE, message=f"no live instance serves {what}")

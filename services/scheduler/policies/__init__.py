@@ -16,7 +16,7 @@ __all__ = ["POLICIES", "PlacementRequest", "Policy", "get_policy"]
 
 def round_robin(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | None:
     """Each instance in turn, by the request's sequence number."""
-    candidates = snapshot.candidates(request.model)
+    candidates = snapshot.candidates(request.model, request.roles)
     if not candidates:
         return None
     return candidates[request.sequence_number % len(candidates)].instance_id
@@ -24,7 +24,7 @@ def round_robin(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | N
 
 def least_load(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | None:
     """The instance with the fewest tokens queued or running (ties: fewest sequences, then id)."""
-    candidates = snapshot.candidates(request.model)
+    candidates = snapshot.candidates(request.model, request.roles)
     if not candidates:
         return None
     best = min(

@@ -18,6 +18,10 @@ class PlacementRequest:
     priority: int = 0
     sequence_number: int = 0
     """How many requests the scheduler placed before this one (round-robin's cursor)."""
+    roles: tuple[str, ...] = ("both",)
+    """Roles an instance must have to be a candidate: ("both",) for a colocated request;
+    ("prefill",) or ("decode",) when the scheduler places the two halves of a
+    disaggregated one (it asks the policy once per half)."""
     prefix_hits: Mapping[str, int] = field(default_factory=dict)
     """instance -> leading prompt tokens it already holds in its KV cache (from the kvstore
     and the scheduler's recent placements); instances holding none are left out."""

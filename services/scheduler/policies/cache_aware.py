@@ -22,7 +22,7 @@ from services.scheduler.policies.base import PlacementRequest
 
 
 def cache_aware(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | None:
-    candidates = snapshot.candidates(request.model)
+    candidates = snapshot.candidates(request.model, request.roles)
     if not candidates:
         return None
     return min(candidates, key=lambda v: _estimate(request, v)).instance_id

@@ -5,7 +5,7 @@
     errors.py     ErrorCode, ErrorInfo, ProtocolError, http_status
     sampling.py   SamplingSpec (wire form of the engine's SamplingParams)
     gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
-    instance.py   GenerateCmd, AbortCmd, SetRoleCmd, Heartbeat
+    instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
     stream.py     TokenDelta, LogprobEntry
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
@@ -25,7 +25,17 @@ from xllm.protocol.gateway import (
     SubmitReply,
     SubmitRequest,
 )
-from xllm.protocol.instance import AbortCmd, GenerateCmd, Heartbeat, Role, SetRoleCmd
+from xllm.protocol.instance import (
+    AbortCmd,
+    DecodeCmd,
+    GenerateCmd,
+    Heartbeat,
+    KvPeerInfo,
+    KvReady,
+    PrefillCmd,
+    Role,
+    SetRoleCmd,
+)
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
 from xllm.protocol.sampling import SamplingSpec
 from xllm.protocol.stream import FinishReason, LogprobEntry, TokenDelta
@@ -34,6 +44,7 @@ __all__ = [
     "AbortCmd",
     "ClusterState",
     "ClusterStateRequest",
+    "DecodeCmd",
     "DecodeError",
     "ErrorCode",
     "ErrorInfo",
@@ -45,8 +56,11 @@ __all__ = [
     "KvEvents",
     "KvMatchReply",
     "KvMatchRequest",
+    "KvPeerInfo",
+    "KvReady",
     "KvSnapshotRequest",
     "LogprobEntry",
+    "PrefillCmd",
     "ProtocolError",
     "Role",
     "SamplingSpec",

@@ -18,7 +18,7 @@ from xllm.protocol.instance import Heartbeat
 from xllm.protocol.sampling import SamplingSpec
 
 
-@message("submit", version=1)
+@message("submit", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitRequest:
     """gateway → scheduler: place this request and start it."""
@@ -40,7 +40,7 @@ class SubmitRequest:
     prompt plus the tokens already streamed to the client."""
 
 
-@message("submit_reply", version=1)
+@message("submit_reply", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitReply:
     """scheduler → gateway: where the request went, or why it went nowhere."""
@@ -49,6 +49,9 @@ class SubmitReply:
     """Echoes `SubmitRequest.request_id`."""
     instance_id: str | None = None
     """The instance that streams the output (aborts go to its command subject)."""
+    prefill_instance_id: str | None = None
+    """PD-disaggregated: the instance that prefills and streams the first token (aborts go
+    to it too); None = colocated."""
     error: ErrorInfo | None = None
     """Why the request was not placed; then nothing was started."""
 
