@@ -58,15 +58,23 @@ def _latency_cdfs(plt, records: list[RequestRecord]):
 
 
 def _throughput(plt, records: list[RequestRecord]):
-    """Output tokens and completed requests per 1-second bucket."""
+    """Output tokens and completed requests per 1-second bucket.
+
+    A chunk may carry several tokens; each chunk of a request weighs its share of the
+    request's token count, so the buckets add up to the tokens the server reported.
+    """
     edges = _edges(records)
-    token_times = [t for r in records if r.ok for t in _text_chunk_times(r)]
-    tokens = np.histogram(token_times, edges)[0]
+    times, weights = [], []
+    for r in records:
+        chunks = _text_chunk_times(r) if r.ok else []
+        times += chunks
+        weights += [r.output_tokens / len(chunks)] * len(chunks) if chunks else []
+    tokens = np.histogram(times, edges, weights=weights)[0]
     done = np.histogram([r.end for r in records if r.ok], edges)[0]
     fig, ax = plt.subplots(figsize=(10, 3.6))
-    ax.plot(edges[:-1], tokens, label="output chunks/s")
+    ax.plot(edges[:-1], tokens, label="output tokens/s")
     ax.set_xlabel("time (s)")
-    ax.set_ylabel("output chunks per second")
+    ax.set_ylabel("output tokens per second")
     twin = ax.twinx()
     twin.plot(edges[:-1], done, color="tab:orange", label="completed req/s")
     twin.set_ylabel("completed requests per second")

@@ -32,6 +32,13 @@ class LoadConfig:
     timeout: float = 3600.0
     """Seconds one request may take before it is recorded as a `timeout`."""
     progress: bool = True
+    warmup: int = 1
+    """Requests (copies of the first) sent one by one before the clock starts; a failed one
+    stops the run, so an unreachable or rejecting server fails fast."""
+
+
+class WarmupFailed(RuntimeError):
+    """The server failed a warm-up request (the message says how)."""
 
 
 @dataclass
@@ -72,8 +79,9 @@ async def run_load_async(
     slots = asyncio.Semaphore(load.concurrency) if load.concurrency else None
     timeout = aiohttp.ClientTimeout(total=load.timeout)
     connector = aiohttp.TCPConnector(limit=load.concurrency or 0)
-    bar = _ProgressBar(len(requests), load.progress)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        await _warm_up(session, requests[:1] * load.warmup, client)
+        bar = _ProgressBar(len(requests), load.progress)
         start = time.perf_counter()
 
         async def one(request: BenchRequest, record: RequestRecord) -> None:
@@ -89,6 +97,16 @@ async def run_load_async(
     bar.close()
     duration = max((r.end for r in records), default=0.0)
     return BenchRun(records, duration)
+
+
+async def _warm_up(
+    session: aiohttp.ClientSession, requests: list[BenchRequest], client: ClientConfig
+) -> None:
+    for request in requests:
+        record = RequestRecord(-1, request.input_len, request.output_len, arrival=0.0)
+        await send(session, client, request, record, time.perf_counter())
+        if not record.ok:
+            raise WarmupFailed(f"warm-up request failed: {record.error} {record.detail}")
 
 
 class _ProgressBar:

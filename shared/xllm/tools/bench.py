@@ -21,7 +21,7 @@ from pathlib import Path
 
 from xllm.bench.client import ClientConfig
 from xllm.bench.report import Slo, format_table, summarize
-from xllm.bench.runner import BenchRun, LoadConfig, run_load
+from xllm.bench.runner import BenchRun, LoadConfig, WarmupFailed, run_load
 from xllm.bench.traces import TRACE_FILES
 from xllm.bench.workloads import (
     BenchRequest,
@@ -75,6 +75,7 @@ def _load_args(g) -> None:
         "--request-rate", type=float, default=None, help="Poisson req/s; default: trace times"
     )
     g.add_argument("--timeout", type=float, default=3600.0, help="seconds per request")
+    g.add_argument("--warmup", type=int, default=1, help="untimed requests sent first")
     g.add_argument("--slo-ttft", type=float, default=None, help="TTFT SLO in ms, for goodput")
     g.add_argument("--slo-tpot", type=float, default=None, help="TPOT SLO in ms, for goodput")
 
@@ -129,9 +130,15 @@ def run(args: argparse.Namespace) -> int:
         base_url, model, args.endpoint == "chat", args.api_key, args.temperature,
         not args.no_check_length, args.extra_body,
     )  # fmt: skip
-    load = LoadConfig(args.concurrency, args.request_rate, args.seed, args.timeout)
-    load = LoadConfig(**{**asdict(load), "progress": not args.no_progress})
-    bench = run_load(requests, client, load)
+    load = LoadConfig(
+        args.concurrency, args.request_rate, args.seed, args.timeout,
+        progress=not args.no_progress, warmup=args.warmup,
+    )  # fmt: skip
+    try:
+        bench = run_load(requests, client, load)
+    except WarmupFailed as e:
+        print(f"xllm bench serve: {e}", file=sys.stderr)
+        return 1
     summary = summarize(bench.records, bench.duration, Slo(args.slo_ttft, args.slo_tpot))
     print(format_table(summary), file=sys.stderr)
     print(json.dumps(summary.to_dict()))
