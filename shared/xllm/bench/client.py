@@ -68,7 +68,8 @@ class RequestRecord:
     counted_by: str = "chunks"
     """`usage` when the server reported the output count, else `chunks` (one per chunk)."""
     error: str | None = None
-    """Failure kind (`http_<status>`, `connection`, `stream_error`, `wrong_length`, ...)."""
+    """Failure kind: `http_<status>`, `connection`, `timeout`, `stream_error` (an error in the
+    stream), `bad_response`, `no_output` or `wrong_length`; None on success."""
     detail: str = ""
 
     @property
@@ -129,6 +130,8 @@ async def send(
         record.detail = repr(e)[:300]
     except _StreamError as e:
         record.error, record.detail = "stream_error", str(e)[:300]
+    except ValueError as e:  # a data line that is not JSON
+        record.error, record.detail = "bad_response", str(e)[:300]
     finally:
         record.end = time.perf_counter() - clock_start
     if text_chunks:
