@@ -65,6 +65,8 @@ class RequestRecord:
     """Gaps between successive chunks carrying text."""
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    """Prompt tokens the server took from its prefix cache (`prompt_tokens_details`), if told."""
     counted_by: str = "chunks"
     """`usage` when the server reported the output count, else `chunks` (one per chunk)."""
     error: str | None = None
@@ -167,6 +169,7 @@ def _on_chunk(payload: dict, record: RequestRecord) -> bool:
     if usage:
         record.output_tokens = usage.get("completion_tokens", 0)
         record.prompt_tokens = usage.get("prompt_tokens")
+        record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
         record.counted_by = "usage"
     return any(_chunk_text(c) for c in payload.get("choices") or ())
 

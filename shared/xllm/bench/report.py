@@ -64,6 +64,8 @@ class Summary:
     failed: int
     failures: dict[str, int]
     input_tokens: int
+    cached_input_tokens: int
+    """Input tokens the server reported as prefix-cache hits (0 if it reports none)."""
     output_tokens: int
     request_throughput: float
     """Completed requests per second."""
@@ -99,6 +101,7 @@ def summarize(records: list[RequestRecord], duration: float, slo: Slo = Slo()) -
         failed=len(records) - len(ok),
         failures=dict(Counter(r.error for r in records if r.error)),
         input_tokens=input_tokens,
+        cached_input_tokens=sum(r.cached_tokens or 0 for r in ok),
         output_tokens=output_tokens,
         request_throughput=len(ok) * per_s,
         output_throughput=output_tokens * per_s,
@@ -124,6 +127,8 @@ def format_table(s: Summary) -> str:
     lines = [
         f"{'requests':<28}{s.completed} ok / {s.requests} sent in {s.duration_s:.2f} s",
         f"{'failures':<28}{s.failures or 'none'}",
+        f"{'input / cached / output':<28}{s.input_tokens} / {s.cached_input_tokens} / "
+        f"{s.output_tokens} tokens",
         f"{'request throughput':<28}{s.request_throughput:.2f} req/s",
         f"{'output token throughput':<28}{s.output_throughput:.1f} tok/s",
         f"{'total token throughput':<28}{s.total_token_throughput:.1f} tok/s",

@@ -127,13 +127,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"xllm bench serve: {e}", file=sys.stderr)
         return 2
     client = ClientConfig(
-        base_url, model, args.endpoint == "chat", args.api_key, args.temperature,
-        not args.no_check_length, args.extra_body,
-    )  # fmt: skip
+        base_url,
+        model,
+        chat=args.endpoint == "chat",
+        api_key=args.api_key,
+        temperature=args.temperature,
+        check_length=not args.no_check_length,
+        extra_body=args.extra_body,
+    )
     load = LoadConfig(
-        args.concurrency, args.request_rate, args.seed, args.timeout,
-        progress=not args.no_progress, warmup=args.warmup,
-    )  # fmt: skip
+        concurrency=args.concurrency,
+        request_rate=args.request_rate,
+        seed=args.seed,
+        timeout=args.timeout,
+        progress=not args.no_progress,
+        warmup=args.warmup,
+    )
     try:
         bench = run_load(requests, client, load)
     except WarmupFailed as e:
