@@ -84,16 +84,17 @@ def test_every_request_gets_exactly_its_output_length(base_url, model_dir, chat)
     assert 0 < summary.goodput <= summary.request_throughput
 
 
-def test_mooncake_prefixes_are_shared(base_url):
-    """Requests with the same leading hash ids get the same leading prompt tokens."""
+def test_mooncake_prefixes_hit_the_servers_prefix_cache(base_url):
+    """Requests sharing leading hash ids share prompt prefixes, which the server then finds
+    in its prefix cache (block 0 is 32 tokens at this scale: two 16-token KV blocks)."""
     maker = PromptMaker(None, chat=False)
-    requests = trace_workload("mooncake", maker, limit=6, length_scale=1 / 64)
-    assert requests[0].prompt[:8] == requests[1].prompt[:8]  # both start with block 0
-    assert requests[0].prompt[8:16] != requests[1].prompt[8:16]  # then differ
+    requests = trace_workload("mooncake", maker, limit=6, length_scale=1 / 16)
+    assert requests[0].prompt[:32] == requests[1].prompt[:32]  # both start with block 0
+    assert requests[0].prompt[32:64] != requests[1].prompt[32:64]  # then differ
     client = ClientConfig(base_url, first_model(base_url))
-    load = LoadConfig(request_rate=float("inf"), concurrency=3, progress=False)
-    run = run_load(requests, client, load)
+    run = run_load(requests, client, LoadConfig(concurrency=1, progress=False, warmup=0))
     assert [r.error for r in run.records] == [None] * 6
+    assert all(r.cached_tokens >= 32 for r in run.records[1:])
 
 
 def test_cli_writes_a_goodput_matching_its_records(base_url, tmp_path):
