@@ -112,6 +112,12 @@ def test_generic_gzipped_jsonl(tmp_path):
     assert load_trace(str(path)) == [TraceRequest(0.0, 9, 2), TraceRequest(0.5, 1, 1)]
 
 
+def test_generic_json_array(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps([{"arrival_time": 0, "prompt_len": 4, "output_len": 2}]))
+    assert load_trace(str(path)) == [TraceRequest(0.0, 4, 2)]
+
+
 def test_a_mooncake_shaped_file_reads_as_mooncake(tmp_path):
     path = tmp_path / "agent.jsonl"
     row = {"timestamp": 1500, "input_length": 600, "output_length": 3, "hash_ids": [0, 1]}

@@ -1,7 +1,7 @@
 """Request traces as `TraceRequest`s: arrival time, prompt and output lengths, prefix blocks.
 
 `load_trace(name_or_path)` reads one of the traces shipped in `data_dir()` by name, or any
-CSV / JSON Lines file (optionally gzipped) with an arrival time and two lengths:
+CSV, JSON Lines or JSON-array file (optionally gzipped) with an arrival time and two lengths:
 
 | name         | file                                   | time unit       | extra        |
 | ------------ | -------------------------------------- | --------------- | ------------ |
@@ -11,7 +11,8 @@ CSV / JSON Lines file (optionally gzipped) with an arrival time and two lengths:
 | `burstgpt-3` | BurstGPT_3_first400.csv                | seconds         | `session_id` |
 
 Columns are recognised by name (`_SCHEMAS` first, then `_GENERIC_*` name patterns), so a full
-BurstGPT or another Mooncake trace given by path reads the same way as the samples.
+BurstGPT or another Mooncake trace given by path reads the same way as the samples. Numeric
+times are seconds unless the column's name ends in `ms`; text times are ISO date-times.
 
 NOTE: rows with 0 output tokens are dropped. BurstGPT marks failed requests that way (17 of
 the BurstGPT_1 sample, 1 of BurstGPT_3); replaying them would invent a request the trace never
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import os
 import re
@@ -162,14 +162,15 @@ def _read(path: Path) -> Iterator[TraceRequest]:
 
 
 def _rows(path: Path) -> Iterator[dict]:
-    """Rows as dicts, from CSV (with header) or JSON Lines, gzipped or not."""
+    """Rows as dicts, from CSV (with header), JSON Lines or a JSON array; gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", newline="") as f:
-        text: io.TextIOBase = f  # type: ignore[assignment]
-        if ".jsonl" in path.suffixes or ".json" in path.suffixes:
-            yield from (json.loads(line) for line in text if line.strip())
+        if ".jsonl" in path.suffixes:
+            yield from (json.loads(line) for line in f if line.strip())
+        elif ".json" in path.suffixes:
+            yield from json.load(f)
         else:
-            yield from csv.DictReader(text)
+            yield from csv.DictReader(f)
 
 
 def _schema(columns: list[str], path: Path) -> _Schema:
