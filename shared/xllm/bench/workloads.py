@@ -93,9 +93,9 @@ class PromptMaker:
 
     def make(self, n: int, rng: random.Random) -> str | list[int]:
         """A prompt of `n` tokens (ids), or about `n` tokens of text for chat."""
-        return self.render(self.ids_for(n, rng), rng)
+        return self.render(self.ids_for(n, rng))
 
-    def render(self, ids: list[int], rng: random.Random) -> str | list[int]:
+    def render(self, ids: list[int]) -> str | list[int]:
         """`ids` as the prompt to send: as they are, or as text for chat."""
         if not self.chat:
             return ids
@@ -169,7 +169,7 @@ def trace_workload(
     requests = []
     for t in load_trace(name_or_path, **trace_options):
         ids = _block_ids(t, maker, block_size) if t.hash_ids else maker.ids_for(t.input_len, rng)
-        prompt = maker.render(ids, rng)
+        prompt = maker.render(ids)
         requests.append(BenchRequest(prompt, t.input_len, t.output_len, t.arrival))
     return requests
 
