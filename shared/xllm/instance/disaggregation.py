@@ -241,6 +241,20 @@ class PdRequests:
 
     # -- both -----------------------------------------------------------------------------
 
+    async def on_instance_lost(self, instance_id: str) -> None:
+        """A peer died: nothing it owed us will come, nothing we owe it can be delivered.
+        Free what waits on it at once (the gateway resumes those requests elsewhere)."""
+        for request_id, entry in list(self.reserved.items()):
+            if entry.cmd.prefill_instance_id == instance_id:
+                del self.reserved[request_id]
+                self.engine.abort_request(request_id)
+        for request_id, entry in list(self.prefilling.items()):
+            if entry.cmd.decode_instance_id == instance_id and not entry.writing:
+                del self.prefilling[request_id]
+                self.engine.abort_request(request_id)
+            elif entry.cmd.decode_instance_id == instance_id:
+                entry.aborted = True  # released when the (failing) write returns
+
     async def abort(self, request_id: str) -> bool:
         """Handle an abort for a request in the PD flow; False if it is not one."""
         for cmd in list(self.awaiting_room):

@@ -40,6 +40,7 @@ from xllm.protocol import (
     ErrorInfo,
     GenerateCmd,
     Heartbeat,
+    InstanceLost,
     KvReady,
     KvSnapshotRequest,
     LogprobEntry,
@@ -62,6 +63,7 @@ Command = (
     | PrefillCmd
     | KvReady
     | TransferDone
+    | InstanceLost
 )
 
 
@@ -81,7 +83,8 @@ class Instance:
             self.dispatcher.register(cmd_type, self._enqueue)
         self.kv_events = KvEventPublisher(nc, self.instance_id)
         self.snapshots = TypeDispatcher(
-            {KvSnapshotRequest: self._on_snapshot_request}, name=f"instance {self.instance_id} kv"
+            {KvSnapshotRequest: self._on_snapshot_request, InstanceLost: self._enqueue},
+            name=f"instance {self.instance_id} notices",
         )
         # One thread: steps run strictly one after another, off the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -100,12 +103,13 @@ class Instance:
         async def on_command(msg) -> None:
             await self.dispatcher.dispatch(msg.data, msg.subject)
 
-        async def on_snapshot(msg) -> None:
+        async def on_notice(msg) -> None:
             await self.snapshots.dispatch(msg.data, msg.subject)
 
         subs = [
             await self.nc.subscribe(subjects.instance_cmd(self.instance_id), cb=on_command),
-            await self.nc.subscribe(subjects.KV_SNAPSHOT_REQUEST, cb=on_snapshot),
+            await self.nc.subscribe(subjects.KV_SNAPSHOT_REQUEST, cb=on_notice),
+            await self.nc.subscribe(subjects.INSTANCE_LOST, cb=on_notice),
         ]
         await self.kv_events.reset()
         if self.role != "both":
@@ -208,6 +212,9 @@ class Instance:
             await self._pd().on_kv_ready(cmd)
         elif isinstance(cmd, TransferDone):
             await self._pd().on_transfer_done(cmd)
+        elif isinstance(cmd, InstanceLost):
+            if self.pd is not None:
+                await self.pd.on_instance_lost(cmd.instance_id)
         elif isinstance(cmd, KvSnapshotRequest):
             num_blocks = await self.kv_events.snapshot(self.engine.block_manager)
             log.info("instance %s: KV snapshot of %d blocks sent", self.instance_id, num_blocks)

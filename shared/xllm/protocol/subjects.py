@@ -27,8 +27,9 @@ scheduler's view of every instance (serves the gateway's /cluster). Queue group
 `SCHEDULER_QUEUE`."""
 
 INSTANCE_LOST = "xllm.sched.instance_lost"
-"""scheduler → gateways, publish (fan-out): `InstanceLost`, sent when an instance misses its
-heartbeats. Each gateway resumes the requests it had running there on another instance."""
+"""scheduler → gateways and instances, publish (fan-out): `InstanceLost`, sent when an
+instance misses its heartbeats. Each gateway resumes the requests it had running there on
+another instance; each instance frees blocks it held for a transfer with the lost one."""
 
 SCHEDULER_QUEUE = "scheduler"
 """Queue group of the scheduler's subscriptions: with a standby scheduler subscribed,

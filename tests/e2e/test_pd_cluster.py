@@ -1,0 +1,197 @@
+"""Prefill/decode disaggregation on real processes, KV carried by Mooncake (TCP).
+
+`xllm up --prefill P --decode D` as a user runs it, for 1 + 1 and 2 + 2 instances: greedy
+outputs equal the engine alone (colocated) token for token; the bytes the prefill
+instances wrote equal the bytes the decode instances expected, which equal the prompts'
+blocks; no block stays held on either side after requests finish or are aborted; and a
+request survives its decode instance or its prefill instance being SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from xllm.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.models.config import ModelConfig
+from xllm.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+
+BLOCK_SIZE = 16
+MAX_MODEL_LEN = 4096
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("qwen3", "float32")
+
+
+@pytest.fixture(scope="module")
+def engine_greedy(model_dir):
+    from xllm.engine.sampling_params import SamplingParams
+    from xllm.llm import LLM
+
+    llm = LLM(str(model_dir), num_kv_blocks=1024, max_model_len=MAX_MODEL_LEN)
+
+    def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        return [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+
+    return run
+
+
+@pytest.fixture(scope="module", params=[(1, 1), (2, 2)], ids=["1p1d", "2p2d"])
+def cluster(request, model_dir, tmp_path_factory):
+    prefill, decode = request.param
+    config = ClusterConfig(
+        model=str(model_dir),
+        host="127.0.0.1",
+        port=free_port(),
+        prefill=prefill,
+        decode=decode,
+        policy="round-robin",
+        log_dir=str(tmp_path_factory.mktemp("logs")),
+        ready_timeout=240,
+        stop_grace=5,
+    )
+    engine_args = ["--num-kv-blocks", "1024", "--max-model-len", str(MAX_MODEL_LEN)]
+    with serving_cluster(config, engine_args) as c:
+        c.wait_ready(config.ready_timeout)
+        yield c, config
+
+
+def state(config) -> dict:
+    with urllib.request.urlopen(config.base_url.removesuffix("/v1") + "/cluster") as r:
+        return json.load(r)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def totals(config) -> dict[str, int]:
+    instances = state(config)["instances"]
+    return {
+        key: sum(i[key] for i in instances)
+        for key in ("kv_blocks_sent", "kv_bytes_sent", "kv_blocks_received", "kv_bytes_received")
+    } | {"blocks_held": sum(i["kv_blocks_used"] for i in instances)}
+
+
+def prompts(n: int, seed: int, lengths=(5, 16, 40, 123, 300, 777)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 3000) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
+
+
+def complete(config, prompt: list[int], max_tokens: int) -> str:
+    client = openai.OpenAI(base_url=config.base_url, api_key="unused", max_retries=0)
+    response = client.completions.create(
+        model=client.models.list().data[0].id,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert response.usage.completion_tokens == max_tokens
+    return response.choices[0].text
+
+
+def texts_of(model_dir, outputs: list[list[int]]) -> list[str]:
+    tokenizer = Tokenizer(model_dir)
+    return [tokenizer.decode(tokens) for tokens in outputs]
+
+
+def block_bytes(model_dir) -> int:
+    config = ModelConfig.from_dir(model_dir)
+    per_token = config.num_key_value_heads * config.head_dim * 4  # float32
+    return 2 * config.num_hidden_layers * BLOCK_SIZE * per_token
+
+
+def test_outputs_equal_colocated_and_the_kv_really_crossed(cluster, model_dir, engine_greedy):
+    c, config = cluster
+    batch = prompts(6, seed=len(c.processes))
+    before = totals(config)
+    with ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(lambda p: complete(config, p, 24), batch))
+    assert texts == texts_of(model_dir, engine_greedy(batch, 24))
+
+    wait_for(lambda: totals(config)["blocks_held"] == 0, 10, "every block to be released")
+    after = totals(config)
+    sent = {k: after[k] - before[k] for k in after}
+    blocks = sum(math.ceil(len(p) / BLOCK_SIZE) for p in batch)  # distinct prompts: no hits
+    assert sent["kv_blocks_sent"] == sent["kv_blocks_received"] == blocks
+    assert sent["kv_bytes_sent"] == sent["kv_bytes_received"] == blocks * block_bytes(model_dir)
+
+
+def test_an_aborted_stream_leaves_no_block_held(cluster):
+    _, config = cluster
+    client = openai.OpenAI(base_url=config.base_url, api_key="unused", max_retries=0)
+    stream = client.completions.create(
+        model=client.models.list().data[0].id,
+        prompt=prompts(1, seed=7, lengths=(500,))[0],
+        max_tokens=3000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for i, _ in enumerate(stream):
+        if i == 5:
+            break
+    stream.close()
+    wait_for(lambda: totals(config)["blocks_held"] == 0, 15, "the aborted request's blocks")
+
+
+@pytest.mark.parametrize("victim_role", ["decode", "prefill"])
+def test_a_request_survives_a_killed_instance(cluster, victim_role, engine_greedy):
+    c, config = cluster
+    if config.prefill < 2:
+        pytest.skip("needs a spare instance of each role")
+    live = [i["instance_id"] for i in state(config)["instances"] if i["role"] == victim_role]
+    if len(live) < 2:
+        pytest.skip(f"a {victim_role} instance was already killed")
+    batch = prompts(6, seed=11, lengths=(1200, 700))
+    max_tokens = 200
+    results: dict[int, str] = {}
+    started = threading.Event()
+
+    def run(i: int) -> None:
+        started.set()
+        results[i] = complete(config, batch[i], max_tokens)
+
+    with ThreadPoolExecutor(len(batch)) as pool:
+        futures = [pool.submit(run, i) for i in range(len(batch))]
+        started.wait(30)
+        # Kill the busiest instance of the role while the requests are in its hands.
+        busy = wait_for(
+            lambda: [
+                i
+                for i in state(config)["instances"]
+                if i["role"] == victim_role and (i["num_running"] or i["num_waiting"])
+            ],
+            30,
+            f"a busy {victim_role} instance",
+        )
+        victim = busy[0]["instance_id"]
+        os.kill(c.processes[victim].pid, signal.SIGKILL)
+        for f in futures:
+            f.result(timeout=600)
+
+    expected = texts_of(config.model, engine_greedy(batch, max_tokens))
+    for i, text in enumerate(expected):
+        assert results[i] == text, f"request {i}"
+    assert state(config)["num_redispatched"] >= 1
+    wait_for(lambda: totals(config)["blocks_held"] == 0, 15, "every block to be released")
