@@ -51,25 +51,32 @@ class PdWorker:
         self.steps(None)
         return {rid: self.outputs.pop(rid) for rid in prompts}
 
-    def prefill(self, prompts: dict[str, list[int]]) -> dict[str, int]:
-        """Prefill-only: run (chunked) prefill to the first token; returns the first tokens."""
+    def prefill(self, prompts: dict[str, list[int]], peer=None, reservations=None) -> dict:
+        """Prefill-only requests, run (chunked) to their first token; each one's KV is
+        submitted to D (`reservations`) as soon as it is prefilled, and travels on the
+        writer thread while the engine steps the others. Returns {rid: (first token,
+        bytes written)} once every write is done."""
         for rid, prompt in prompts.items():
             self.engine.add_request(rid, prompt, greedy(), prefill_only=True)
         first: dict[str, int] = {}
+        writes = {}
         while len(first) < len(prompts):
             for delta in self.engine.step():
                 assert delta.prefilled and delta.finish_reason is None
-                first[delta.request_id] = delta.token_ids[0]
-        return first
+                rid = delta.request_id
+                first[rid] = delta.token_ids[0]
+                if reservations:
+                    writes[rid] = self.send(rid, peer, reservations[rid])
+        return {rid: (token, writes[rid].result() if writes else 0) for rid, token in first.items()}
 
     def reserve(self, rid: str, prompt: list[int]):
         return self.engine.reserve_remote_prefill(rid, prompt, greedy())
 
-    def send(self, rid: str, peer, reservation) -> int:
+    def send(self, rid: str, peer, reservation):
         """Write the blocks D does not have cached into the ones it reserved."""
         skip = reservation.num_cached_tokens // BLOCK_SIZE
         local = self.engine.prefilled_block_ids(rid)[skip:]
-        return self.transport.write_blocks(peer, local, reservation.fill_block_ids)
+        return self.transport.submit_blocks(peer, local, reservation.fill_block_ids)
 
     def release(self, rid: str) -> None:
         self.engine.release_prefilled(rid)
@@ -207,17 +214,18 @@ def disaggregate(
     (D never saw these prompts), that they did not before."""
     peer = decode.call("peer")
     reservations = {rid: decode.call("reserve", rid, p) for rid, p in prompts.items()}
-    first = prefill.call("prefill", prompts)
+    before = {rid: decode.call("digest", r.fill_block_ids) for rid, r in reservations.items()}
+    first = prefill.call("prefill", prompts, peer, reservations)
+    block_bytes = decode.call("counts")["block_bytes"]
     for rid, reservation in reservations.items():
         skip = reservation.num_cached_tokens // BLOCK_SIZE
-        before = decode.call("digest", reservation.fill_block_ids)
-        nbytes = prefill.call("send", rid, peer, reservation)
         after = decode.call("digest", reservation.fill_block_ids)
         assert after == prefill.call("prefilled_digest", rid, skip), rid
-        assert not fresh or after != before, rid
-        assert nbytes == len(reservation.fill_block_ids) * decode.call("counts")["block_bytes"]
+        assert not fresh or after != before[rid], rid
+        token, nbytes = first[rid]
+        assert nbytes == len(reservation.fill_block_ids) * block_bytes
         prefill.call("release", rid)
-        decode.call("commit", rid, first[rid], len(reservation.fill_block_ids))
+        decode.call("commit", rid, token, len(reservation.fill_block_ids))
     return reservations
 
 
