@@ -163,7 +163,7 @@ class Remote:
             self.process.kill()
 
 
-@pytest.fixture(scope="module", params=["float32"])
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def pair(request, tiny_model_dir):
     """(P, D, model_dir, dtype): two engine processes on the same tiny qwen3."""
     dtype = request.param
@@ -231,6 +231,11 @@ def disaggregate(
 
 def test_disaggregated_greedy_equals_colocated(pair):
     prefill, decode, model_dir, dtype = pair
+    if dtype == "bfloat16":
+        pytest.skip(
+            "bf16 greedy tokens depend on the batch even colocated (one prompt alone vs in "
+            "this batch diverge at token 17); bf16 is checked one request at a time below"
+        )
     warm, prompts = make_prompts(vocab_of(model_dir))
     decode.call("generate", {"warm": warm})
     reservations = disaggregate(prefill, decode, prompts)
@@ -249,6 +254,21 @@ def test_disaggregated_greedy_equals_colocated(pair):
     assert p["blocks_sent"] == d["blocks_received"] == num_filled
     for counts in (p, d):
         assert counts["blocks_used"] == counts["referenced"] == counts["sequences"] == 0
+
+
+def test_one_request_at_a_time_equals_colocated_bit_for_bit(pair):
+    """Alone, the prefill side computes exactly what a colocated engine computes, so even
+    bf16 greedy tokens must match."""
+    prefill, decode, model_dir, dtype = pair
+    _, prompts = make_prompts(vocab_of(model_dir))
+    for rid, prompt in prompts.items():
+        disaggregate(prefill, decode, {f"alone-{rid}": prompt}, fresh=False)
+        decode.call("steps", None)
+        (output,) = decode.call("take_outputs").values()
+        assert output == colocated(model_dir, dtype, {rid: prompt})[rid], f"{rid} ({dtype})"
+    for counts in (prefill.call("counts"), decode.call("counts")):
+        assert counts["blocks_used"] == counts["sequences"] == 0
+        assert counts["blocks_sent"] + counts["blocks_received"] > 0
 
 
 def test_aborts_on_both_sides_leave_no_block_held(pair):
