@@ -120,6 +120,9 @@ class PdWorker:
             "bytes_received": stats.bytes_received,
             "blocks_received": stats.blocks_received,
             "block_bytes": self.transport.layout.block_bytes,
+            "transfers": stats.transfers,
+            "writes": stats.writes,
+            "ms_sending": round(stats.seconds_sending * 1e3, 3),
         }
 
 
