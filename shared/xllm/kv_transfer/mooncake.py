@@ -39,9 +39,10 @@ from xllm.kv_transfer.layout import KvLayout, block_segments
 P2P_HANDSHAKE = "P2PHANDSHAKE"
 
 MAX_BATCH_BYTES = 16 << 20
-"""Bytes per Mooncake batch. Its TCP transport cuts a batch into slices (64 KiB) and rejects
-a batch whose slices overflow the per-peer queue (MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER,
-1024 by default: "TCP lane queue-full rejection"), so larger transfers go as several."""
+"""Bytes per Mooncake batch. Its TCP transport queues a batch's slices per peer, in a bounded
+queue (MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER), and fails the batch when slices are turned
+away ("TCP lane queue-full rejection"). One 112 MiB batch failed so on this loaded 2-core
+machine (and passed when rerun); batches this size keep the queue short."""
 
 
 class KvTransferError(RuntimeError):
