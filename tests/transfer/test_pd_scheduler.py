@@ -100,3 +100,22 @@ def test_finishing_a_reservation_frees_it():
     s.finish(d, FinishReason.ABORT)
     assert s.block_manager.num_used_blocks == 0
     s.block_manager.check_integrity()
+
+
+def test_a_remotely_prefilled_sequence_preempted_later_is_recomputed_locally():
+    s = make(num_blocks=4)
+    a = seq("a", range(10, 13), max_tokens=6)  # 1 block, grows to 2
+    s.add(a)
+    step(s)
+    d = seq("d", range(30, 39), max_tokens=4)  # 9 prompt tokens: the other 3 blocks
+    assert s.reserve(d)
+    s.admit_prefilled(d, 7)
+    step(s)  # a decodes, d admitted and decodes its first token
+    assert [q.request_id for q in s.running] == ["a", "d"]
+    step(s)  # a needs a second block: d, admitted last, is preempted
+    assert d.status is SequenceStatus.WAITING and d.block_table == []
+    assert d.num_computed_tokens == 0 and d.num_output_tokens == 2
+    while s.has_unfinished():
+        step(s)
+    assert a.num_output_tokens == 6 and d.num_output_tokens == 4
+    assert s.num_preemptions == 1 and s.block_manager.num_used_blocks == 0

@@ -35,6 +35,26 @@ def as_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def test_batches_cut_at_the_byte_limit():
+    from xllm.kv_transfer.mooncake import batches
+
+    out = batches([(0, 100, 6), (10, 200, 3)], 4)
+    assert out == [[(0, 100, 4)], [(4, 104, 2), (10, 200, 2)], [(12, 202, 1)]]
+    assert batches([], 4) == []
+
+
+def test_a_dead_peer_is_an_error_not_a_hang():
+    from xllm.kv_transfer.mooncake import KvPeer, KvTransferError, KvTransport
+
+    transport = KvTransport(torch.zeros(L, 2, 8 * BS, HKV, D), BS)
+    try:
+        with pytest.raises(KvTransferError, match="failed"):
+            transport.write_blocks(KvPeer("127.0.0.1:1", 4096, transport.layout), [0], [1])
+        assert transport.stats.bytes_sent == 0
+    finally:
+        transport.close()
+
+
 def _receiver(conn, num_blocks: int) -> None:
     from xllm.kv_transfer.mooncake import KvTransport
 

@@ -168,7 +168,11 @@ class Engine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> Reservation | None:
         """Decode side: hold blocks for a prompt another instance prefills; None if the pool
-        is short. Raises ValueError when the request is invalid."""
+        is short. Raises ValueError when the request is invalid.
+
+        NOTE: `abort_request` frees the blocks at once. While the prefill side may still be
+        writing into them, the caller must defer the abort until that write is reported
+        done or failed, or the late bytes land in another request's blocks."""
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params, disaggregated=True)
@@ -201,7 +205,9 @@ class Engine:
         return list(self._held(request_id).block_table)
 
     def release_prefilled(self, request_id: str) -> None:
-        """Prefill side: the KV was sent (or is no longer wanted); free the blocks."""
+        """Prefill side: the KV was sent (or is no longer wanted); free the blocks.
+
+        Like `abort_request`, only once no write is reading them any more."""
         self.scheduler.finish(self._held(request_id), None)
         del self.sequences[request_id]
 

@@ -38,6 +38,12 @@ from xllm.kv_transfer.layout import KvLayout, block_segments
 
 P2P_HANDSHAKE = "P2PHANDSHAKE"
 
+MAX_BATCH_BYTES = 16 << 20
+"""Bytes per Mooncake batch. Its TCP transport queues a batch's slices per peer, in a bounded
+queue (MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER), and fails the batch when slices are turned
+away ("TCP lane queue-full rejection"). One 112 MiB batch failed so on this loaded 2-core
+machine (and passed when rerun); batches this size keep the queue short."""
+
 
 class KvTransferError(RuntimeError):
     """Mooncake refused or failed an operation (its log on stderr has the details)."""
@@ -116,17 +122,18 @@ class KvTransport:
             return 0
         segments = block_segments(self.layout, peer.layout, local_block_ids, remote_block_ids)
         start = time.perf_counter()
-        status = self.engine.batch_transfer_sync_write(
-            peer.endpoint,
-            [self.base_addr + src for src, _, _ in segments],
-            [peer.base_addr + dst for _, dst, _ in segments],
-            [length for _, _, length in segments],
-        )
-        elapsed = time.perf_counter() - start
-        if status != 0:
-            raise KvTransferError(
-                f"writing {len(local_block_ids)} blocks to {peer.endpoint} failed ({status})"
+        for batch in batches(segments, MAX_BATCH_BYTES):
+            status = self.engine.batch_transfer_sync_write(
+                peer.endpoint,
+                [self.base_addr + src for src, _, _ in batch],
+                [peer.base_addr + dst for _, dst, _ in batch],
+                [length for _, _, length in batch],
             )
+            if status != 0:
+                raise KvTransferError(
+                    f"writing {len(local_block_ids)} blocks to {peer.endpoint} failed ({status})"
+                )
+        elapsed = time.perf_counter() - start
         nbytes = sum(length for _, _, length in segments)
         with self._lock:
             self.stats.blocks_sent += len(local_block_ids)
@@ -160,3 +167,21 @@ class KvTransport:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
         self.engine.unregister_memory(self.base_addr)
+
+
+def batches(
+    segments: list[tuple[int, int, int]], max_bytes: int
+) -> list[list[tuple[int, int, int]]]:
+    """Group (src, dst, length) segments into batches of at most `max_bytes`, cutting a
+    segment that does not fit."""
+    out: list[list[tuple[int, int, int]]] = [[]]
+    room = max_bytes
+    for src, dst, length in segments:
+        while length:
+            if room == 0:
+                out.append([])
+                room = max_bytes
+            n = min(length, room)
+            out[-1].append((src, dst, n))
+            src, dst, length, room = src + n, dst + n, length - n, room - n
+    return [batch for batch in out if batch]
