@@ -19,8 +19,9 @@ class InstanceConfig:
         0.2, "Seconds between batches of KV cache events sent to the kvstore."
     )
     kv_transfer_host: str = option(
-        "127.0.0.1",
-        "Address peers reach this instance's Mooncake transfer engine at (PD disaggregation).",
+        "",
+        "Address peers reach this instance's Mooncake transfer engine at (PD disaggregation); "
+        "empty = the address this host's name resolves to (a container's own IP in Compose).",
     )
     kv_transfer_timeout: float = option(
         120.0,

@@ -137,7 +137,8 @@ class Instance:
 
             loop = asyncio.get_running_loop()
             kv = self.engine.runner.kv_cache.tensor
-            transport = KvTransport(kv, self.engine.config.block_size, self.config.kv_transfer_host)
+            host = self.config.kv_transfer_host or socket.gethostbyname(socket.gethostname())
+            transport = KvTransport(kv, self.engine.config.block_size, host)
             self.pd = PdRequests(
                 self.instance_id,
                 self.engine,
