@@ -19,6 +19,7 @@ steps with every cached block hash.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -309,6 +310,9 @@ class Instance:
             steps=stats.num_steps,
             sent_at=time.time(),
             role_flips=self.role_flips,
+            num_prefill_backlog_tokens=stats.num_prefill_backlog_tokens,
+            num_decoding=stats.num_decoding,
+            **dataclasses.asdict(self.engine.step_stats),
             **self._transfer_stats(),
         )
 
