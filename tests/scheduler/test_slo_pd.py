@@ -241,3 +241,36 @@ def test_xllm_up_passes_the_slo_options_to_the_scheduler():
     assert plain["scheduler"].argv[1:] == ["-m", "services.scheduler", "--policy", "least-load"]
     with pytest.raises(SystemExit):
         main(["--policy", "slo-pd", "--min-decode-instances", "0"])
+
+
+def test_gateway_metrics_show_instances_per_role_and_flips():
+    from services.gateway.metrics import GatewayMetrics
+    from xllm.protocol import ClusterState
+
+    state = ClusterState(
+        instances=[hb("p0", "prefill"), hb("d1", "prefill", role_flips=1), hb("d0", "decode")],
+        policy="slo-pd",
+        num_submitted=0,
+        num_rejected=0,
+        num_redispatched=0,
+        sent_at=0.0,
+        role_counts={"prefill": 2, "decode": 1, "both": 0},
+        num_role_flips=1,
+    )
+    metrics = GatewayMetrics()
+    metrics.observe_cluster(state)
+    text = metrics.render()
+    assert 'xllm_cluster_instances{role="prefill"} 2\n' in text
+    assert 'xllm_cluster_instances{role="decode"} 1\n' in text
+    assert "xllm_cluster_role_flips 1\n" in text
+    assert 'xllm_instance_role_flips{instance="d1",role="prefill"} 1\n' in text
+
+
+def test_an_idle_flipped_instance_stays_while_the_rest_still_has_a_queue():
+    c = burst_cluster()
+    assert c.plan(CONFIG) == [("d1", "prefill")]
+    # d1 drained its share; p0 still holds the early burst (5 s ahead): d1 must stay.
+    c.beat(hb("p0", "prefill", backlog=5000), hb("d1", "prefill"), after=5.0)
+    assert c.plan(CONFIG) == []
+    c.beat(hb("p0", "prefill"), hb("d1", "prefill"), after=2.5)  # p0 drained too
+    assert c.plan(CONFIG) == [("d1", "decode")]

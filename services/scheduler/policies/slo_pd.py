@@ -14,7 +14,8 @@ the same code:
   `min_decode_instances` decode instances remain): the least-loaded decode instance flips.
   Prefill → decode when a decode instance's TPOT is over target, or a prefill instance has
   been idle for `idle_seconds` (and more than `min_prefill_instances` remain): an instance
-  with nothing queued flips, preferring those that started as decode (back to their pool).
+  with nothing queued flips, if the prefill instances left meet the TTFT target without
+  it; those that started as decode go first (back to their pool).
 
 The TTFT predictor is the report's: the queueing delay on the instance (the prefill tokens
 queued there) plus the prefill time of this prompt's uncached tokens, at a time per token
@@ -25,7 +26,8 @@ the KV transfer.
 
 Hysteresis, so roles do not flap with each heartbeat: an instance keeps a role for at least
 `cooldown` seconds after taking it; "idle" means no prefill queued for `idle_seconds` in a row;
-at most one flip per model per plan, and none back to decode while the TTFT target is at risk.
+at most one flip per model per plan; none back to decode while the TTFT target is at risk, nor
+when the prefill instances that would remain would put it at risk.
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ def _plan_model(pool: list[InstanceView], now: float, config: FlipConfig) -> tup
     def cooled(v: InstanceView) -> bool:
         return v.pending_role is None and now - v.role_since >= config.cooldown
 
-    if ttft_at_risk(prefill, TtftPredictor.fit(pool), typical_prompt(pool), config.slo_ttft):
+    predictor, typical = TtftPredictor.fit(pool), typical_prompt(pool)
+    if ttft_at_risk(prefill, predictor, typical, config.slo_ttft):
         if len(decode) <= config.min_decode_instances:
             return None
         movable = [v for v in decode if cooled(v)]
@@ -186,7 +189,17 @@ def _plan_model(pool: list[InstanceView], now: float, config: FlipConfig) -> tup
     # Decode instances lent to prefill go home first (report: "from the D→P pool"): while
     # one is away, no other prefill instance is a candidate.
     away = [v for v in prefill if v.started_as == "decode"]
-    movable = [v for v in away or prefill if cooled(v) and _idle(v, now, idle_for)]
+    movable = [
+        v
+        for v in away or prefill
+        if cooled(v)
+        and _idle(v, now, idle_for)
+        # The rest must meet the target without it: an instance that drained while
+        # another still has a queue stays (else it would flip back at once).
+        and not ttft_at_risk(
+            [u for u in prefill if u is not v], predictor, typical, config.slo_ttft
+        )
+    ]
     if not movable:
         return None
     pick = min(movable, key=lambda v: (v.load, v.instance_id))

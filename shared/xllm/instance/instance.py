@@ -215,7 +215,8 @@ class Instance:
 
     async def _set_role(self, role: str) -> None:
         """Flip role without reloading anything (§3.2): requests already here finish in
-        place; new ones follow the new role."""
+        place; the scheduler sends new work by the new role. PD commands are served in
+        either PD role (one placed just before the flip may still arrive)."""
         if role == self.role:
             return
         log.info("instance %s: role %s -> %s", self.instance_id, self.role, role)

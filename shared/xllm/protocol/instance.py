@@ -148,7 +148,10 @@ class AbortCmd:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SetRoleCmd:
     """scheduler → instance: switch role without reloading weights (report §3.2). Requests
-    already running finish in the old role; new commands are accepted per the new role."""
+    already here finish in place (a decode instance turned prefill keeps decoding its running
+    requests, and vice versa). The role is what the scheduler places by; the instance serves
+    whatever command reaches it in either PD role, so a `DecodeCmd` or `PrefillCmd` sent just
+    before the flip still completes there."""
 
     role: Role
     """The role to take from the next step on."""
