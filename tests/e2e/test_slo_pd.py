@@ -91,7 +91,15 @@ class RoleRecorder(threading.Thread):
             if self.last and predicate(self.last):
                 return self.last
             time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}: {self.history}")
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {what}: {self.history}, {self.summary()}"
+        )
+
+    def summary(self) -> list[dict]:
+        """What the planner saw last, for a failure message."""
+        keys = ("instance_id", "role", "num_prefill_backlog_tokens", "num_decoding")
+        keys += ("recent_prefill_seconds_per_token", "prefill_tokens", "ttft_count")
+        return [{k: i[k] for k in keys} for i in self.last.get("instances", [])]
 
 
 def roles(state: dict) -> dict[str, str]:
@@ -140,7 +148,7 @@ def test_burst_flips_a_decode_instance_to_prefill_and_back(cluster):
         return results
 
     try:
-        results = asyncio.run(asyncio.wait_for(run(), 240))
+        results = asyncio.run(asyncio.wait_for(run(), 420))  # first steps may build kernels
         assert results == [(MAX_TOKENS, "length")] * sum(WAVES)
         state = recorder.wait_for(
             lambda s: sorted(roles(s).values()) == ["decode", "decode", "prefill"],
