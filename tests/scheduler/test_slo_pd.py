@@ -274,3 +274,15 @@ def test_an_idle_flipped_instance_stays_while_the_rest_still_has_a_queue():
     assert c.plan(CONFIG) == []
     c.beat(hb("p0", "prefill"), hb("d1", "prefill"), after=2.5)  # p0 drained too
     assert c.plan(CONFIG) == [("d1", "decode")]
+
+
+def test_an_ordered_role_that_never_shows_is_forgotten_so_it_can_be_ordered_again():
+    from services.scheduler.cluster import PENDING_ROLE_TIMEOUT
+
+    c = burst_cluster()
+    assert c.plan(CONFIG) == [("d1", "prefill")]
+    c.beat(hb("d1", "decode"), after=1.0)  # SetRoleCmd lost: the instance stays decode
+    assert c.snapshot().view("d1").role == "prefill"
+    c.beat(hb("d1", "decode"), after=PENDING_ROLE_TIMEOUT)
+    view = c.snapshot().view("d1")
+    assert (view.role, view.pending_role, view.role_since) == ("decode", None, c.now)
