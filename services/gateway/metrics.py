@@ -3,7 +3,8 @@
 Gateway-side: requests by endpoint and status, generation requests in flight, time to first
 token, time per output token, end-to-end latency, prompt and generated token counts.
 Cluster-side, refreshed from the scheduler's `ClusterState` at each scrape: running and
-waiting sequences and KV blocks per instance.
+waiting sequences and KV blocks per instance, role flips per instance (from heartbeats),
+live instances per role and the flips the scheduler ordered.
 """
 
 from __future__ import annotations
@@ -68,6 +69,22 @@ class GatewayMetrics:
             "Prompt tokens found in the instance's prefix cache since it started.",
             labels,
         )
+        self.instance_role_flips = r.gauge(
+            "xllm_instance_role_flips",
+            "Role flips the instance carried out since it started.",
+            labels,
+        )
+        self.instance_recent_tpot = r.gauge(
+            "xllm_instance_recent_tpot_seconds",
+            "Recent time per decode step (each running request gets one token per step).",
+            labels,
+        )
+        self.cluster_instances = r.gauge(
+            "xllm_cluster_instances", "Live instances per role, as the scheduler places.", ("role",)
+        )
+        self.cluster_role_flips = r.gauge(
+            "xllm_cluster_role_flips", "Role flips the scheduler ordered since it started."
+        )
         self.cluster_prefix_hit_rate = r.gauge(
             "xllm_cluster_prefix_cache_hit_rate",
             "Prefix-cache hit tokens / looked-up tokens over every live instance.",
@@ -93,6 +110,7 @@ class GatewayMetrics:
         gauges = (self.instance_running, self.instance_waiting)
         gauges += (self.instance_kv_used, self.instance_kv_free)
         gauges += (self.instance_prefix_queried, self.instance_prefix_hits)
+        gauges += (self.instance_role_flips, self.instance_recent_tpot, self.cluster_instances)
         for gauge in gauges:
             gauge.clear()
         for hb in state.instances if state is not None else ():
@@ -103,8 +121,13 @@ class GatewayMetrics:
             self.instance_kv_free.labels(**labels).set(hb.kv_blocks_free)
             self.instance_prefix_queried.labels(**labels).set(hb.prefix_queried_tokens)
             self.instance_prefix_hits.labels(**labels).set(hb.prefix_hit_tokens)
+            self.instance_role_flips.labels(**labels).set(hb.role_flips)
+            self.instance_recent_tpot.labels(**labels).set(hb.recent_tpot)
         if state is not None:
             self.cluster_prefix_hit_rate.set(prefix_cache_summary(state)["hit_rate"])
+            for role, count in state.role_counts.items():
+                self.cluster_instances.labels(role=role).set(count)
+            self.cluster_role_flips.set(state.num_role_flips)
 
     def render(self) -> str:
         return self.registry.render()

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     config = from_args(SchedulerConfig, args)
     try:
         get_policy(config.policy)
+        config.validate()
     except ValueError as e:
         parser.error(str(e))
 

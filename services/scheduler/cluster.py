@@ -4,6 +4,12 @@
 it arrived, and drops instances that fell silent. Policies never see it: they get a
 `ClusterSnapshot`, an immutable value, so the live scheduler and the simulator can hand
 them the same thing.
+
+The registry also keeps a little history that pure functions cannot rebuild from one
+heartbeat (for the SLO-aware PD policy's role flips, report §3.2): since when each instance
+has had its role, since when its prefill queue has been empty, the role it started in, and a
+role the scheduler has ordered but the instance's heartbeats do not show yet. All times are
+the caller's clock (`now` of `update`), which the snapshot carries too.
 """
 
 from __future__ import annotations
@@ -22,10 +28,24 @@ class InstanceView:
     pending_requests: int = 0
     """Work placed here since that heartbeat: without it, every request of a burst would
     see the same stale load and land on the same instance."""
+    started_as: str = ""
+    """The role of the instance's first heartbeat (its home pool); "" = unknown."""
+    role_since: float = 0.0
+    """When the instance took its current `role` (first seen, or the flip was ordered)."""
+    idle_since: float | None = None
+    """Since when its heartbeats have shown no prefill backlog; None = it has one now."""
+    pending_role: str | None = None
+    """A role the scheduler ordered (`SetRoleCmd`) that the heartbeats do not show yet."""
 
     @property
     def instance_id(self) -> str:
         return self.heartbeat.instance_id
+
+    @property
+    def role(self) -> str:
+        """The role to place by: an ordered flip counts at once, so no new work of the old
+        role goes to an instance that is leaving it."""
+        return self.pending_role or self.heartbeat.role
 
     @property
     def load(self) -> int:
@@ -40,6 +60,8 @@ class InstanceView:
 @dataclass(frozen=True, slots=True)
 class ClusterSnapshot:
     instances: tuple[InstanceView, ...] = ()
+    now: float = 0.0
+    """When the snapshot was taken, on the clock of `InstanceView.last_seen`."""
 
     def view(self, instance_id: str) -> InstanceView:
         return next(v for v in self.instances if v.instance_id == instance_id)
@@ -52,22 +74,55 @@ class ClusterSnapshot:
             (
                 v
                 for v in self.instances
-                if v.heartbeat.role in roles and (model is None or v.heartbeat.model == model)
+                if v.role in roles and (model is None or v.heartbeat.model == model)
             ),
             key=lambda v: v.instance_id,
         )
+
+
+PENDING_ROLE_TIMEOUT = 5.0
+"""Seconds an ordered role may go unconfirmed by heartbeats before it is forgotten (the
+`SetRoleCmd` was lost, or the instance restarted): then the planner may order it again."""
 
 
 class Registry:
     def __init__(self, timeout: float):
         self.timeout = timeout
         self._views: dict[str, InstanceView] = {}
+        self._now = 0.0
 
     def update(self, heartbeat: Heartbeat, now: float) -> bool:
         """Record a heartbeat; True if the instance is new to the registry."""
-        is_new = heartbeat.instance_id not in self._views
-        self._views[heartbeat.instance_id] = InstanceView(heartbeat, now)
-        return is_new
+        self._now = max(self._now, now)
+        prev = self._views.get(heartbeat.instance_id)
+        idle = heartbeat.num_prefill_backlog_tokens == 0 and heartbeat.num_waiting == 0
+        if prev is None:
+            role = heartbeat.role
+            self._views[heartbeat.instance_id] = InstanceView(
+                heartbeat, now, started_as=role, role_since=now, idle_since=now if idle else None
+            )
+            return True
+        pending = prev.pending_role
+        if pending == heartbeat.role or now - prev.role_since > PENDING_ROLE_TIMEOUT:
+            pending = None
+        view = InstanceView(
+            heartbeat,
+            now,
+            started_as=prev.started_as,
+            role_since=prev.role_since,
+            idle_since=(prev.idle_since if prev.idle_since is not None else now) if idle else None,
+            pending_role=pending,
+        )
+        if view.role != prev.role:  # the instance changed role on its own (or restarted)
+            view = replace(view, role_since=now)
+        self._views[heartbeat.instance_id] = view
+        return False
+
+    def note_role(self, instance_id: str, role: str, now: float) -> None:
+        """The scheduler ordered `instance_id` to take `role`: place by it from now on."""
+        view = self._views.get(instance_id)
+        if view is not None and view.role != role:
+            self._views[instance_id] = replace(view, pending_role=role, role_since=now)
 
     def note_placement(self, instance_id: str, num_tokens: int) -> None:
         view = self._views.get(instance_id)
@@ -80,13 +135,15 @@ class Registry:
 
     def expire(self, now: float) -> list[str]:
         """Drop instances silent for longer than the timeout; returns their ids."""
+        self._now = max(self._now, now)
         dead = [i for i, v in self._views.items() if now - v.last_seen > self.timeout]
         for instance_id in dead:
             del self._views[instance_id]
         return dead
 
-    def snapshot(self) -> ClusterSnapshot:
-        return ClusterSnapshot(tuple(self._views.values()))
+    def snapshot(self, now: float | None = None) -> ClusterSnapshot:
+        """The registry's current picture; `now` defaults to the latest update's time."""
+        return ClusterSnapshot(tuple(self._views.values()), self._now if now is None else now)
 
     def __contains__(self, instance_id: str) -> bool:
         return instance_id in self._views

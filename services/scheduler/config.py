@@ -9,10 +9,38 @@ from xllm.config import option
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    policy: str = option("cache-aware", "Placement policy: round-robin, least-load, cache-aware.")
+    policy: str = option(
+        "cache-aware", "Placement policy: round-robin, least-load, cache-aware, slo-pd."
+    )
     heartbeat_timeout: float = option(
         2.0, "Seconds without a heartbeat before an instance leaves the rotation."
     )
     kv_match_timeout: float = option(
         0.05, "Seconds to wait for the kvstore's prefix match before placing without it."
     )
+    slo_ttft: float = option(
+        0.0, "Time-to-first-token target in seconds for --policy slo-pd; 0 = none."
+    )
+    slo_tpot: float = option(
+        0.0, "Time-per-output-token target in seconds for --policy slo-pd; 0 = none."
+    )
+    min_decode_instances: int = option(
+        1, "slo-pd: decode instances never flipped to prefill (at least one)."
+    )
+    flip_cooldown: float = option(
+        3.0, "slo-pd: seconds an instance keeps a role after a flip before it may flip again."
+    )
+    flip_idle: float = option(
+        2.0, "slo-pd: seconds with no queued prefill before a prefill instance counts as idle."
+    )
+
+    def validate(self) -> None:
+        checks = [
+            (self.slo_ttft >= 0 and self.slo_tpot >= 0, "--slo-ttft/--slo-tpot cannot be negative"),
+            (self.min_decode_instances >= 1, "--min-decode-instances must be at least 1"),
+            (self.flip_cooldown >= 0, "--flip-cooldown cannot be negative"),
+            (self.flip_idle >= 0, "--flip-idle cannot be negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

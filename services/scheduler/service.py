@@ -3,7 +3,9 @@
 Handlers run on the event loop and share state without locks (asyncio, one thread).
 Submit: check the request fits some instance, ask the policy for one, send it the
 `GenerateCmd`, reply with its id. Heartbeats keep the registry; a sweeper drops instances
-that fell silent, so new requests go elsewhere within `heartbeat_timeout`.
+that fell silent, so new requests go elsewhere within `heartbeat_timeout`. With a policy
+that flips roles (slo-pd), a rebalancer asks `plan_role_flips` every `PLAN_INTERVAL` and
+sends the `SetRoleCmd`s it plans.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from nats.aio.client import Client as NATS
 
 from services.scheduler.cluster import ClusterSnapshot, Registry
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.policies import POLICIES_USING_PREFIX_HITS, PlacementRequest, get_policy
+from services.scheduler.policies import (
+    POLICIES_FLIPPING_ROLES,
+    POLICIES_USING_PREFIX_HITS,
+    FlipConfig,
+    PlacementRequest,
+    get_policy,
+    plan_role_flips,
+)
 from services.scheduler.prefix import PrefixMatcher
 from xllm.protocol import (
     ClusterState,
@@ -28,6 +37,7 @@ from xllm.protocol import (
     GenerateCmd,
     Heartbeat,
     InstanceLost,
+    SetRoleCmd,
     SubmitReply,
     SubmitRequest,
     TypeDispatcher,
@@ -39,6 +49,8 @@ from xllm.protocol import (
 log = logging.getLogger(__name__)
 
 ALL_ROLES = ("both", "prefill", "decode")
+PLAN_INTERVAL = 0.25
+"""Seconds between role-flip plans (about one instance heartbeat)."""
 
 
 class SchedulerService:
@@ -52,6 +64,14 @@ class SchedulerService:
         self.num_submitted = 0
         self.num_rejected = 0
         self.num_redispatched = 0
+        self.num_role_flips = 0
+        self.flip_config = FlipConfig(
+            slo_ttft=config.slo_ttft or None,
+            slo_tpot=config.slo_tpot or None,
+            min_decode_instances=config.min_decode_instances,
+            cooldown=config.flip_cooldown,
+            idle_seconds=config.flip_idle,
+        )
 
     async def serve(self, stop: asyncio.Event) -> None:
         heartbeats = TypeDispatcher({Heartbeat: self.on_heartbeat}, name="scheduler heartbeats")
@@ -66,10 +86,13 @@ class SchedulerService:
             ),
             await self.nc.subscribe(subjects.CLUSTER_STATE, cb=make_callback(requests)),
         ]
-        sweeper = asyncio.create_task(self._sweep(stop))
+        tasks = [asyncio.create_task(self._sweep(stop))]
+        if self.config.policy in POLICIES_FLIPPING_ROLES:
+            tasks.append(asyncio.create_task(self._rebalance(stop)))
         log.info("scheduler up, policy %s", self.config.policy)
         await stop.wait()
-        sweeper.cancel()
+        for task in tasks:
+            task.cancel()
         for sub in subs:
             await sub.unsubscribe()
 
@@ -87,8 +110,23 @@ class SchedulerService:
                 await self.nc.publish(subjects.INSTANCE_LOST, encode(lost))
             await asyncio.sleep(interval)
 
+    async def _rebalance(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(PLAN_INTERVAL)
+            now = time.monotonic()
+            try:
+                flips = plan_role_flips(self.registry.snapshot(now), self.flip_config)
+                for instance_id, role in flips:
+                    log.info("flipping instance %s to %s", instance_id, role)
+                    cmd = SetRoleCmd(role=role)  # type: ignore[arg-type]
+                    await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
+                    self.registry.note_role(instance_id, role, now)
+                    self.num_role_flips += 1
+            except Exception:  # a bad plan must not stop the rebalancing for good
+                log.exception("role-flip planning failed")
+
     async def on_submit(self, req: SubmitRequest) -> SubmitReply:
-        snapshot = self.registry.snapshot()
+        snapshot = self.registry.snapshot(time.monotonic())
         error = self._check(req, snapshot)
         if error is None:
             placement = await self._placement(req, snapshot)
@@ -170,6 +208,8 @@ class SchedulerService:
             priority=req.priority,
             sequence_number=self.num_submitted,
             prefix_hits=hits,
+            slo_ttft=self.flip_config.slo_ttft,
+            slo_tpot=self.flip_config.slo_tpot,
         )
 
     def _check(self, req: SubmitRequest, snapshot: ClusterSnapshot) -> ErrorInfo | None:
@@ -186,8 +226,11 @@ class SchedulerService:
         return None
 
     async def on_cluster_state(self, _: ClusterStateRequest) -> ClusterState:
+        views = self.registry.snapshot().instances
         return ClusterState(
-            instances=[v.heartbeat for v in self.registry.snapshot().instances],
+            instances=[v.heartbeat for v in views],
+            role_counts={role: sum(v.role == role for v in views) for role in ALL_ROLES},
+            num_role_flips=self.num_role_flips,
             policy=self.config.policy,
             num_submitted=self.num_submitted,
             num_rejected=self.num_rejected,

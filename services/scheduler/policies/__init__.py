@@ -10,8 +10,17 @@ from __future__ import annotations
 from services.scheduler.cluster import ClusterSnapshot
 from services.scheduler.policies.base import PlacementRequest, Policy
 from services.scheduler.policies.cache_aware import cache_aware
+from services.scheduler.policies.slo_pd import FlipConfig, plan_role_flips, slo_pd
 
-__all__ = ["POLICIES", "PlacementRequest", "Policy", "get_policy"]
+__all__ = [
+    "POLICIES",
+    "POLICIES_FLIPPING_ROLES",
+    "FlipConfig",
+    "PlacementRequest",
+    "Policy",
+    "get_policy",
+    "plan_role_flips",
+]
 
 
 def round_robin(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | None:
@@ -38,11 +47,15 @@ POLICIES: dict[str, Policy] = {
     "round-robin": round_robin,
     "least-load": least_load,
     "cache-aware": cache_aware,
+    "slo-pd": slo_pd,
 }
 
 POLICIES_USING_PREFIX_HITS = frozenset({"cache-aware"})
 """Policies that read `PlacementRequest.prefix_hits`: only for them does the scheduler ask
 the kvstore (a NATS round trip per request)."""
+
+POLICIES_FLIPPING_ROLES = frozenset({"slo-pd"})
+"""Policies whose scheduler also flips instance roles (`plan_role_flips`, report §3.2)."""
 
 
 def get_policy(name: str) -> Policy:

@@ -25,6 +25,12 @@ class PlacementRequest:
     prefix_hits: Mapping[str, int] = field(default_factory=dict)
     """instance -> leading prompt tokens it already holds in its KV cache (from the kvstore
     and the scheduler's recent placements); instances holding none are left out."""
+    slo_ttft: float | None = None
+    """Time-to-first-token target, seconds (None = none); the SLO-aware policy places the
+    prefill half where it is predicted to be met. The scheduler fills it from its config."""
+    slo_tpot: float | None = None
+    """Time-per-output-token target, seconds (None = none); the SLO-aware policy prefers
+    decode instances whose recent TPOT meets it."""
 
     def uncached_tokens(self, instance_id: str) -> int:
         """Prompt tokens `instance_id` would have to prefill. At least one: the engine always

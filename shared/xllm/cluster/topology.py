@@ -4,7 +4,9 @@
 `xllm.config`); `service_specs()` turns it into `ProcessSpec`s, in start order:
 
 * `python -m services.kvstore`, only when `services/kvstore/__main__.py` exists;
-* `python -m services.scheduler --policy <policy>`;
+* `python -m services.scheduler --policy <policy>`, plus the SLO-aware PD options
+  (`--slo-ttft`, `--slo-tpot`, `--min-decode-instances`, `--flip-cooldown`, `--flip-idle`)
+  that differ from their defaults;
 * PD-colocated: `--instances N` × `python -m services.decode --instance-id inst-<i> --role both`;
   disaggregated (`--prefill P --decode D`): P × `python -m services.prefill --instance-id
   prefill-<i>` and D × `python -m services.decode --instance-id decode-<i>`; extra engine
@@ -20,6 +22,7 @@ together; with no model it uses the tiny demo model from `demo_model()`, made on
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -44,6 +47,11 @@ class ClusterConfig:
     prefill: int = option(0, "Prefill instances (PD-disaggregated; give --decode too).")
     decode: int = option(0, "Decode instances (PD-disaggregated; give --prefill too).")
     policy: str = option("cache-aware", "The scheduler's placement policy.")
+    slo_ttft: float = option(0.0, "TTFT target in seconds (--policy slo-pd); 0 = none.")
+    slo_tpot: float = option(0.0, "TPOT target in seconds (--policy slo-pd); 0 = none.")
+    min_decode_instances: int = option(1, "slo-pd: decode instances never flipped to prefill.")
+    flip_cooldown: float = option(3.0, "slo-pd: seconds an instance keeps a role after a flip.")
+    flip_idle: float = option(2.0, "slo-pd: seconds without queued prefill that count as idle.")
     nats_url: str = option("", "NATS server URL; empty = start an embedded nats-server.")
     redis_url: str = option("", "Redis URL; empty = start an embedded Valkey.")
     api_key: str = option("", "Key clients must send as a Bearer token; empty = no auth.")
@@ -107,7 +115,8 @@ def service_specs(
     specs = []
     if has_service("kvstore"):  # before the instances, so it sees their first KV events
         specs.append(ProcessSpec("kvstore", module("kvstore")))
-    specs.append(ProcessSpec("scheduler", module("scheduler", "--policy", config.policy)))
+    scheduler_args = ["--policy", config.policy, *_changed_flags(config, SCHEDULER_OPTIONS)]
+    specs.append(ProcessSpec("scheduler", module("scheduler", *scheduler_args)))
     if config.prefill or config.decode:
         instances = [("prefill", f"prefill-{i}", ()) for i in range(config.prefill)]
         instances += [("decode", f"decode-{i}", ()) for i in range(config.decode)]
@@ -121,6 +130,21 @@ def service_specs(
     gateway_env = {"XLLM_API_KEY": config.api_key} if config.api_key else {}
     specs.append(ProcessSpec("gateway", module("gateway", *gateway_args), gateway_env))
     return specs
+
+
+SCHEDULER_OPTIONS = ("slo_ttft", "slo_tpot", "min_decode_instances", "flip_cooldown", "flip_idle")
+"""`ClusterConfig` fields that are the scheduler's options of the same name."""
+
+
+def _changed_flags(config: ClusterConfig, names: Sequence[str]) -> list[str]:
+    """`--name value` for each field in `names` whose value is not its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    flags: list[str] = []
+    for name in names:
+        value = getattr(config, name)
+        if value != defaults[name]:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    return flags
 
 
 def _flag_value(args: Sequence[str], flag: str) -> list[str]:

@@ -7,6 +7,7 @@ The engine is synchronous and single-threaded on purpose: the instance program d
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +15,11 @@ import torch
 from xllm.config import EngineConfig
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.kv_cache import KVCache
-from xllm.engine.model_runner import ModelRunner
+from xllm.engine.model_runner import ModelRunner, is_decode
 from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.scheduler import Scheduler
 from xllm.engine.sequence import FinishReason, Logprob, Sequence, SequenceStatus
+from xllm.engine.step_stats import StepStats
 from xllm.models.config import ModelConfig, parse_dtype
 from xllm.platform import default_dtype, select_device
 
@@ -62,6 +64,11 @@ class EngineStats:
     prefix_hit_tokens: int
     num_preemptions: int
     num_steps: int
+    num_prefill_backlog_tokens: int = 0
+    """Tokens still to compute of the sequences that are prefilling (waiting or running
+    short of their last token): the prefill queue a new prompt waits behind."""
+    num_decoding: int = 0
+    """Running sequences past their prompt (decoding)."""
 
 
 class Engine:
@@ -100,6 +107,7 @@ class Engine:
         self.runner = ModelRunner(config, mc, self.dtype, self.device, num_blocks)
         self.sequences: dict[str, list[Sequence]] = {}
         self.num_steps = 0
+        self.step_stats = StepStats()
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks > 0:
@@ -223,9 +231,11 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[SequenceOutput]:
+        started = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        num_decodes = sum(1 for item in out.scheduled if is_decode(item))  # before update()
         seqs, sampled = self.runner.execute(out)
         for seq, logprob in zip(seqs, sampled.logprobs, strict=True):
             if logprob is not None:
@@ -234,7 +244,20 @@ class Engine:
         for _parent, child in out.forks:
             self.sequences[child.request_id].append(child)
         self.num_steps += 1
-        return [self._delta(seq) for seq in self.scheduler.update(out, tokens)]
+        deltas = [self._delta(seq) for seq in self.scheduler.update(out, tokens)]
+        self._measure(
+            time.perf_counter() - started, out.num_tokens - num_decodes, num_decodes, seqs
+        )
+        return deltas
+
+    def _measure(
+        self, seconds: float, num_prefill_tokens: int, num_decodes: int, sampled: list[Sequence]
+    ) -> None:
+        if self.num_steps > 1:  # the first step pays one-time costs (kernels, allocator)
+            self.step_stats.record_step(seconds, num_prefill_tokens, num_decodes)
+        for seq in sampled:
+            if seq.num_output_tokens == 1 and seq.index == 0:  # a prompt's first token
+                self.step_stats.record_first_token(time.monotonic() - seq.arrival_time)
 
     def _delta(self, seq: Sequence) -> SequenceOutput:
         if seq.is_finished:
@@ -267,4 +290,13 @@ class Engine:
             prefix_hit_tokens=bm.stats.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps,
+            **self._backlog(),
         )
+
+    def _backlog(self) -> dict[str, int]:
+        # Per heartbeat, not per step: a pass over the queues is cheap at that rate.
+        sched = self.scheduler
+        left = [s.num_tokens - s.num_computed_tokens for s in [*sched.waiting, *sched.running]]
+        prefilling = [n for n in left if n > 1]
+        num_decoding = sum(1 for s in sched.running if s.num_computed_tokens >= s.num_tokens - 1)
+        return {"num_prefill_backlog_tokens": sum(prefilling), "num_decoding": num_decoding}

@@ -19,6 +19,7 @@ steps with every cached block hash.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -222,7 +223,8 @@ class Instance:
 
     async def _set_role(self, role: str) -> None:
         """Flip role without reloading anything (§3.2): requests already here finish in
-        place; new ones follow the new role."""
+        place; the scheduler sends new work by the new role. PD commands are served in
+        either PD role (one placed just before the flip may still arrive)."""
         if role == self.role:
             return
         log.info("instance %s: role %s -> %s", self.instance_id, self.role, role)
@@ -317,6 +319,9 @@ class Instance:
             steps=stats.num_steps,
             sent_at=time.time(),
             role_flips=self.role_flips,
+            num_prefill_backlog_tokens=stats.num_prefill_backlog_tokens,
+            num_decoding=stats.num_decoding,
+            **dataclasses.asdict(self.engine.step_stats),
             **self._transfer_stats(),
         )
 

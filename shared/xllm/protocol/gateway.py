@@ -10,7 +10,7 @@ Offline jobs are the same `SubmitRequest` with priority > 0, arriving through Je
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
@@ -66,7 +66,7 @@ class ClusterStateRequest:
     """gateway → scheduler (`CLUSTER_STATE`, request/reply): send me your view of the cluster."""
 
 
-@message("cluster_state", version=1)
+@message("cluster_state", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterState:
     """scheduler → gateway: every live instance's last heartbeat and the scheduler's counters."""
@@ -83,6 +83,12 @@ class ClusterState:
     """Requests re-placed after their instance failed."""
     sent_at: float
     """Unix time (seconds) the snapshot was taken."""
+    role_counts: dict[str, int] = field(default_factory=dict)
+    """Live instances per role as the scheduler places by them ("prefill", "decode",
+    "both"): a flip counts from the moment it is ordered."""
+    num_role_flips: int = 0
+    """Role flips the scheduler ordered since it started (`SetRoleCmd`s sent); each
+    instance's `Heartbeat.role_flips` counts the ones it carried out."""
 
 
 @message("instance_lost", version=1)

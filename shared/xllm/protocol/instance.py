@@ -148,18 +148,22 @@ class AbortCmd:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SetRoleCmd:
     """scheduler → instance: switch role without reloading weights (report §3.2). Requests
-    already running finish in the old role; new commands are accepted per the new role."""
+    already here finish in place (a decode instance turned prefill keeps decoding its running
+    requests, and vice versa). The role is what the scheduler places by; the instance serves
+    whatever command reaches it in either PD role, so a `DecodeCmd` or `PrefillCmd` sent just
+    before the flip still completes there."""
 
     role: Role
     """The role to take from the next step on."""
 
 
-@message("heartbeat", version=2)
+@message("heartbeat", version=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """instance → scheduler, kvstore, gateway (`HEARTBEAT`): a load snapshot, published
-    periodically. Counters (`prefix_*`, `num_preemptions`, `steps`) are cumulative since the
-    instance started, so a lost heartbeat loses nothing; rates are differences."""
+    periodically. Counters (`prefix_*`, `num_preemptions`, `steps`, `prefill_*`, `decode_*`,
+    `ttft_*`, `kv_*`) are cumulative since the instance started, so a lost heartbeat loses
+    nothing; rates are differences or ratios (`prefill_seconds / prefill_tokens`)."""
 
     instance_id: str
     """Cluster-unique id; the token of the instance's command subject."""
@@ -207,3 +211,27 @@ class Heartbeat:
     """Cumulative wall time of those transfers (mean latency = this / kv_transfers)."""
     role_flips: int = 0
     """Cumulative role changes (`SetRoleCmd`s that changed the role)."""
+    num_prefill_backlog_tokens: int = 0
+    """Tokens not yet computed of the sequences still prefilling (waiting, or running short
+    of their last token): the prefill queue a new prompt waits behind."""
+    num_decoding: int = 0
+    """Running sequences past their prompt, decoding (after a decode → prefill flip, the
+    ones finishing in place)."""
+    prefill_tokens: int = 0
+    """Cumulative tokens computed by prefill steps (prompt chunks and recomputes)."""
+    prefill_seconds: float = 0.0
+    """Cumulative step time charged to those tokens (a mixed step is split by token share)."""
+    recent_prefill_seconds_per_token: float = 0.0
+    """Prefill time per token over roughly the last 8k prefill tokens (each step weighted by
+    its tokens); 0 before the first prefill. What the TTFT predictor fits from."""
+    decode_steps: int = 0
+    """Cumulative engine steps that ran at least one decode."""
+    decode_seconds: float = 0.0
+    """Cumulative wall time of those steps (mean TPOT = this / decode_steps)."""
+    recent_tpot: float = 0.0
+    """Exponentially weighted mean wall time of the recent decode steps, in seconds: the time
+    per output token running requests see now; 0 before the first decode."""
+    ttft_count: int = 0
+    """Cumulative first tokens this instance sampled (prompts it prefilled)."""
+    ttft_seconds: float = 0.0
+    """Cumulative seconds from a request's arrival at this instance to its first token."""
