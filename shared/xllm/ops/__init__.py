@@ -51,10 +51,11 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        # Named by the source's hash: torch rebuilds an extension whose sources moved, so one
-        # fixed name would make every checkout on a machine rebuild it for the others (and
-        # stall their first step on the build lock for a minute).
-        digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+        # Named by the source's path and contents: torch rebuilds an extension whose
+        # sources moved or changed, so one fixed name would make every checkout on a
+        # machine rebuild it for the others (stalling their first step for a minute).
+        key = str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()
+        digest = hashlib.sha256(key).hexdigest()[:12]
         return load(
             name=f"xllm_cpu_kernels_{digest}",
             sources=[str(_SOURCE)],
