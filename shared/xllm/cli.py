@@ -15,6 +15,7 @@ TOOL_MODULES = (
     "xllm.tools.generate",
     "xllm.tools.make_model",
     "xllm.tools.up",
+    "services.scheduler.sim.tool",
 )
 
 

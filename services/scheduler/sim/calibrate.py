@@ -1,0 +1,354 @@
+"""Calibration: time our real `Engine` on chosen step shapes and fit a profile's factors.
+
+Each shape is one engine step we can set up exactly through the engine's own scheduler:
+
+  * `decode(B, L)`: B sequences of L-token prompts, all decoding; time the decode steps;
+  * `prefill(P, C)`: one prompt of C + P tokens whose first C count as cached; the step
+    computes the last P tokens on C of context;
+  * `mixed(B, L, P)`: decode(B, L) plus a fresh P-token prompt in the same step.
+
+Timings are medians of `repeats` steps after `warmup` ones, because this machine is shared.
+The profile's factors are then fitted by non-negative least squares on relative error, so
+a 10 ms step counts as much as a 1 s one. Prefix caching is off: a repeat must recompute.
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from services.scheduler.sim.cost_model import ModelShape, StepCost, StepShape, step_cost
+from services.scheduler.sim.hardware import GiB, HardwareProfile
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """A calibration point: `num_decodes` at `decode_ctx`, plus a `prefill` chunk at `prefill_ctx`."""
+
+    num_decodes: int = 0
+    decode_ctx: int = 0
+    prefill: int = 0
+    prefill_ctx: int = 0
+
+    def __str__(self) -> str:
+        parts = []
+        if self.num_decodes:
+            parts.append(f"decode {self.num_decodes}x{self.decode_ctx}")
+        if self.prefill:
+            parts.append(f"prefill {self.prefill}@{self.prefill_ctx}")
+        return " + ".join(parts)
+
+
+def decode(batch: int, ctx: int) -> Shape:
+    return Shape(num_decodes=batch, decode_ctx=ctx)
+
+
+def prefill(chunk: int, ctx: int = 0) -> Shape:
+    return Shape(prefill=chunk, prefill_ctx=ctx)
+
+
+def mixed(batch: int, ctx: int, chunk: int) -> Shape:
+    return Shape(num_decodes=batch, decode_ctx=ctx, prefill=chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    shape: Shape
+    step: StepShape
+    """The step as the engine actually ran it (contexts grow by one per decode step)."""
+    seconds: float
+
+
+# -- measuring the engine -----------------------------------------------------------------
+
+
+class EngineBench:
+    """Sets up the step shapes on one live `Engine` (loaded once) and times them."""
+
+    def __init__(self, model_dir: str | Path, dtype: str, max_batch: int, max_ctx: int):
+        from xllm.config import EngineConfig
+        from xllm.engine.engine import Engine
+
+        self.model = ModelShape.load(model_dir, dtype)
+        kv_gb = 1.25 * (max_batch + 1) * (max_ctx + 64) * self.model.kv_bytes_per_token / GiB
+        self.engine = Engine(
+            EngineConfig(
+                model=str(model_dir),
+                dtype=dtype,
+                kv_cache_gb=max(kv_gb, 0.05),
+                max_num_seqs=max_batch + 1,
+                max_num_batched_tokens=max(max_batch * max_ctx, 2048),
+                enable_prefix_caching=False,
+            )
+        )
+        self.vocab = self.engine.model_config.vocab_size
+        self._ids = itertools.count()
+        self._rng = np.random.default_rng(0)
+
+    def _add(self, num_tokens: int, computed: int = 0, max_tokens: int = 1_000_000) -> str:
+        """Queue a random prompt of `num_tokens`; its first `computed` tokens count as
+        prefilled already. Their KV slots keep whatever the pool held: a step's time does not
+        depend on the values, and skipping those prefills saves minutes per shape on a CPU."""
+        from xllm.engine.sampling_params import SamplingParams
+        from xllm.engine.sequence import SequenceStatus
+
+        rid = f"cal-{next(self._ids)}"
+        prompt = self._rng.integers(10, self.vocab, num_tokens).tolist()
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        self.engine.add_request(rid, prompt, params)
+        if computed:
+            scheduler = self.engine.scheduler
+            seq = self.engine.sequences[rid][0]
+            assert scheduler.block_manager.allocate(seq, computed), "KV pool too small"
+            scheduler.waiting.remove(seq)
+            seq.num_computed_tokens = computed
+            seq.status = SequenceStatus.RUNNING
+            scheduler.running.append(seq)
+        return rid
+
+    def _timed_step(self) -> tuple[StepShape, float]:
+        scheduler = self.engine.scheduler
+        seqs = [*scheduler.running, *scheduler.waiting]
+        decodes = tuple(s.num_tokens for s in seqs if s.num_computed_tokens == s.num_tokens - 1)
+        chunks = tuple(
+            (s.num_tokens - s.num_computed_tokens, s.num_computed_tokens)
+            for s in seqs
+            if s.num_computed_tokens < s.num_tokens - 1
+        )
+        scheduler.max_num_batched_tokens = len(decodes) + sum(n for n, _ in chunks)
+        start = time.perf_counter()
+        self.engine.step()
+        seconds = time.perf_counter() - start
+        return StepShape(decodes, chunks, num_prefill_samples=len(chunks)), seconds
+
+    def _abort_all(self) -> None:
+        for rid in list(self.engine.sequences):
+            self.engine.abort_request(rid)
+
+    def measure(self, shape: Shape, repeats: int, warmup: int) -> Measurement:
+        """Median step time of `shape` over `repeats` runs, after `warmup` discarded ones."""
+        times: list[tuple[float, StepShape]] = []
+        for _ in range(shape.num_decodes):
+            self._add(shape.decode_ctx, computed=shape.decode_ctx - 1)
+        for i in range(warmup + repeats):
+            rid = None
+            if shape.prefill:
+                total = shape.prefill_ctx + shape.prefill
+                rid = self._add(total, computed=shape.prefill_ctx, max_tokens=1)
+            seconds, step = self._timed_step()[::-1]
+            if rid is not None:
+                self.engine.abort_request(rid)
+            if i >= warmup:
+                times.append((seconds, step))
+        self._abort_all()
+        times.sort(key=lambda t: t[0])
+        return Measurement(shape, times[len(times) // 2][1], times[len(times) // 2][0])
+
+
+def measure_all(
+    bench: EngineBench,
+    shapes: Iterable[Shape],
+    repeats: int,
+    warmup: int,
+    log: Callable[[str], None] = lambda _: None,
+) -> list[Measurement]:
+    out = []
+    for shape in shapes:
+        m = bench.measure(shape, repeats, warmup)
+        log(f"{shape}: {m.seconds * 1e3:.2f} ms")
+        out.append(m)
+    return out
+
+
+def measure_peaks(dtype: str, seconds: float = 1.0) -> tuple[float, float]:
+    """(GEMM FLOP/s in `dtype`, memory read bytes/s) of this machine, best of a few runs.
+
+    They only set the scale of the fitted factors (factor 1 = this micro-benchmark's speed),
+    so the profile's numbers read as efficiencies.
+    """
+    import torch
+
+    from xllm.models.config import parse_dtype
+
+    dt = parse_dtype(dtype)
+    x = torch.randn(128, 1024).to(dt)  # a prefill chunk through an MLP-sized projection
+    w = torch.randn(3072, 1024).to(dt)
+    big = torch.ones(64 * 2**20 // 4, dtype=torch.float32)  # 64 MiB, past the caches
+    flops = _best_rate(lambda: torch.nn.functional.linear(x, w), 2 * 128 * 1024 * 3072, seconds)
+    bw = _best_rate(lambda: big.sum(), big.numel() * 4, seconds)
+    return flops, bw
+
+
+def _best_rate(fn: Callable[[], object], work: float, seconds: float) -> float:
+    fn()
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return work / best
+
+
+# -- fitting ---------------------------------------------------------------------------------
+
+FACTORS = ("overhead", "per_seq", "linear_factor", "attn_factor", "weight_factor", "kv_factor")
+
+
+def features(cost: StepCost, peak: float, bw: float) -> list[float]:
+    """The terms `HardwareProfile.time_of` multiplies by each factor (overlap = 1)."""
+    return [
+        1.0,
+        float(cost.num_seqs),
+        cost.linear_flops / peak,
+        cost.attn_flops / peak,
+        cost.weight_bytes / bw,
+        cost.kv_bytes / bw,
+    ]
+
+
+def fit_factors(
+    model: ModelShape, data: list[Measurement], base: HardwareProfile
+) -> HardwareProfile:
+    """Non-negative least squares on relative error: every subset of the factors is solved
+    exactly and the best all-non-negative solution kept (six factors: 63 small solves)."""
+    peak, bw = base.peak(model.dtype), base.mem_bw
+    x = np.array([features(step_cost(model, m.step), peak, bw) for m in data])
+    y = np.array([m.seconds for m in data])
+    xw, yw = x / y[:, None], np.ones_like(y)  # rows scaled by 1/y: residuals are relative
+    best, best_err = np.zeros(len(FACTORS)), float("inf")
+    for k in range(1, len(FACTORS) + 1):
+        for subset in itertools.combinations(range(len(FACTORS)), k):
+            coef, *_ = np.linalg.lstsq(xw[:, subset], yw, rcond=None)
+            if (coef < 0).any():
+                continue
+            err = float(np.sum((xw[:, subset] @ coef - yw) ** 2))
+            if err < best_err:
+                best_err = err
+                best = np.zeros(len(FACTORS))
+                best[list(subset)] = coef
+    return base.with_factors(overlap=1.0, **dict(zip(FACTORS, map(float, best), strict=True)))
+
+
+def relative_errors(model: ModelShape, data: list[Measurement], hw: HardwareProfile) -> list[float]:
+    """(predicted - measured) / measured for each measurement."""
+    return [hw.time_of(step_cost(model, m.step), model.dtype) / m.seconds - 1 for m in data]
+
+
+# -- the default grids ------------------------------------------------------------------------
+
+# bf16 on this CPU (no native bf16 matmul) runs ~0.2 s per prefill token and ~1-14 s per
+# decode step of Qwen3-0.6B shapes, so the grid is small and prefill chunks short.
+TRAIN_SMALL = [
+    *(decode(b, 128) for b in (1, 4, 16, 32)),
+    *(decode(b, 512) for b in (1, 8, 32)),
+    *(prefill(p) for p in (32, 64, 128)),
+    prefill(64, 512),
+]
+HELD_OUT_SMALL = [
+    decode(2, 256),
+    decode(12, 384),
+    decode(24, 256),
+    prefill(96),
+    prefill(48, 256),
+    mixed(8, 256, 32),
+]
+# The tiny model's steps take milliseconds: a denser grid, more repeats.
+TRAIN_TINY = [
+    *(decode(b, c) for c in (128, 512) for b in (1, 4, 8, 16, 32)),
+    *(prefill(p) for p in (64, 256, 512)),
+    *(prefill(p, 512) for p in (64, 256)),
+]
+HELD_OUT_TINY = [
+    decode(2, 256),
+    decode(12, 384),
+    decode(24, 256),
+    prefill(128),
+    prefill(384, 128),
+    mixed(8, 256, 128),
+]
+
+
+def calibrate(
+    model_dir: str | Path,
+    dtype: str,
+    train: list[Shape],
+    held_out: list[Shape],
+    repeats: int = 5,
+    warmup: int = 2,
+    name: str = "cpu-local",
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[HardwareProfile, list[Measurement], list[Measurement]]:
+    """Measure, fit on `train`, check on `held_out`; returns the profile and both data sets."""
+    flops, bw = measure_peaks(dtype)
+    log(f"micro-benchmarks: {flops / 1e9:.1f} GFLOP/s {dtype} GEMM, {bw / 1e9:.1f} GB/s read")
+    shapes = [*train, *held_out]
+    max_batch = max(s.num_decodes for s in shapes)
+    max_ctx = max(max(s.decode_ctx, s.prefill_ctx + s.prefill) for s in shapes)
+    bench = EngineBench(model_dir, dtype, max_batch, max_ctx)
+    measure_all(bench, train[:1], repeats=1, warmup=warmup)  # first steps are slow: warm up
+    train_data = measure_all(bench, train, repeats, warmup, log)
+    test_data = measure_all(bench, held_out, repeats, warmup, log)
+    base = HardwareProfile(
+        name=name,
+        peak_flops={dtype: flops},
+        mem_bw=bw,
+        # Instances on one host trade KV over TCP loopback; between hosts assume 10 GbE.
+        interconnect_bw=1.25e9,
+        memory_bytes=_memory_bytes(),
+        kv_cache_bytes=2 * GiB,  # EngineConfig's default --kv-cache-gb
+        transfer_latency=200e-6,
+        source=f"fitted by `xllm sim calibrate` on {platform.processor() or platform.machine()}, "
+        f"model {Path(model_dir).name} ({dtype})",
+    )
+    profile = fit_factors(bench.model, train_data, base)
+    train_err = relative_errors(bench.model, train_data, profile)
+    test_err = relative_errors(bench.model, test_data, profile)
+    fit = {
+        "train_max_abs_rel_err": max(map(abs, train_err)),
+        "held_out_max_abs_rel_err": max(map(abs, test_err)),
+        "held_out_median_abs_rel_err": statistics.median(map(abs, test_err)),
+    }
+    return replace(profile, fit=fit), train_data, test_data
+
+
+def _memory_bytes() -> float:
+    try:
+        import os
+
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 16 * GiB
+
+
+def save_measurements(
+    path: str | Path,
+    train: list[Measurement],
+    held_out: list[Measurement],
+    hw: HardwareProfile,
+    model: ModelShape,
+) -> None:
+    """One JSON line per measurement with its prediction: the evidence behind a profile."""
+    import json
+
+    lines = []
+    for split, data in (("train", train), ("held_out", held_out)):
+        for m, err in zip(data, relative_errors(model, data, hw), strict=True):
+            row = {
+                "split": split,
+                "shape": str(m.shape),
+                "decode_context_lens": m.step.decode_context_lens,
+                "prefill_chunks": m.step.prefill_chunks,
+                "num_prefill_samples": m.step.num_prefill_samples,
+                "measured_s": m.seconds,
+                "rel_err": err,
+            }
+            lines.append(json.dumps(row))
+    Path(path).write_text("\n".join(lines) + "\n")

@@ -1,0 +1,104 @@
+"""`xllm sim`: replay a trace on a simulated cluster under every placement policy;
+`xllm sim calibrate`: fit a hardware profile to our engine on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sim",
+        help="simulate a cluster on a trace with the scheduler's own policies",
+        description=__doc__,
+    )
+    p.add_argument("--trace", default="azure-code", help="trace name or file (xllm.bench.traces)")
+    p.add_argument("--instances", type=int, default=16, help="PD-colocated instances")
+    p.add_argument("--pd", default="", help="P:D prefill and decode instances instead")
+    p.add_argument(
+        "--policy", default="all", help="a policy name, or `all` (every one in POLICIES)"
+    )
+    p.add_argument("--profile", default="cpu-local", help="hardware profile name or JSON file")
+    p.add_argument(
+        "--model-config", default="qwen3-0.6b", help="model folder, config.json or built-in name"
+    )
+    p.add_argument("--dtype", default=None, help="weights/KV dtype (default: the config's)")
+    p.add_argument("--slo-ttft", type=float, required=True, help="TTFT target, seconds")
+    p.add_argument("--slo-tpot", type=float, required=True, help="TPOT target, seconds")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiplies inter-arrival times")
+    p.add_argument("--length-scale", type=float, default=1.0, help="multiplies lengths")
+    p.add_argument("--start", type=float, default=0.0, help="trace window start, seconds")
+    p.add_argument("--duration", type=float, default=None, help="trace window, seconds")
+    p.add_argument("--limit", type=int, default=None, help="first N requests")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-gb", type=float, default=0.0, help="0 = the profile's")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--heartbeat-interval", type=float, default=0.25)
+    p.set_defaults(func=run)
+    sub = p.add_subparsers(dest="sim_command")
+    c = sub.add_parser("calibrate", help="time our engine and fit a hardware profile")
+    c.add_argument("--model", required=True, help="Hugging Face model folder")
+    c.add_argument("--out", required=True, help="profile JSON to write")
+    c.add_argument("--dtype", default="bfloat16")
+    c.add_argument("--grid", choices=("small", "tiny"), default="small", help="shape grid")
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--warmup", type=int, default=0)
+    c.add_argument("--name", default="cpu-local")
+    c.set_defaults(func=run_calibrate)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.scheduler.policies import POLICIES, get_policy
+    from services.scheduler.sim import run as sim_run
+
+    try:
+        names = list(POLICIES) if args.policy == "all" else [args.policy]
+        for name in names:
+            get_policy(name)
+        setup = sim_run.setup_from_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    reports = []
+    for name in names:
+        start = time.perf_counter()
+        reports.append(sim_run.simulate(setup, name))
+        print(f"{name}: simulated in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    from services.scheduler.sim.report import markdown_table
+
+    print(setup.describe())
+    print(markdown_table(reports))
+    print(json.dumps({"setup": setup.as_dict(), "results": [r.as_dict() for r in reports]}))
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from services.scheduler.sim import calibrate as cal
+    from services.scheduler.sim.cost_model import ModelShape
+
+    train, held_out = (
+        (cal.TRAIN_SMALL, cal.HELD_OUT_SMALL)
+        if args.grid == "small"
+        else (cal.TRAIN_TINY, cal.HELD_OUT_TINY)
+    )
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    profile, train_data, test_data = cal.calibrate(
+        args.model, args.dtype, train, held_out, args.repeats, args.warmup, args.name, log
+    )
+    profile.save(args.out)
+    measurements = Path(args.out).with_suffix(".measurements.jsonl")
+    model = ModelShape.load(args.model, args.dtype)
+    cal.save_measurements(measurements, train_data, test_data, profile, model)
+    print(json.dumps({"profile": args.out, "measurements": str(measurements), **profile.fit}))
+    return 0
