@@ -57,7 +57,9 @@ def test_step_time_grows_with_batch_and_context(profile):
 def test_gpu_decode_is_memory_bound_and_long_prefill_compute_bound():
     def bound(step: StepShape) -> str:
         cost = step_cost(QWEN3_06B, step)
-        compute = (cost.linear_flops + cost.attn_flops) / A100.peak("bfloat16")
+        compute = (
+            cost.linear_flops + cost.prefill_attn_flops + cost.decode_attn_flops
+        ) / A100.peak("bfloat16")
         memory = (cost.weight_bytes + cost.kv_bytes) / A100.mem_bw
         return "memory" if memory > compute else "compute"
 
@@ -66,16 +68,15 @@ def test_gpu_decode_is_memory_bound_and_long_prefill_compute_bound():
     assert bound(prefill(4096)) == "compute"
 
 
-def test_decode_is_memory_bound_on_the_calibrated_cpu_profile():
-    hw = load_profile("cpu-local")
-    cost = step_cost(QWEN3_06B, decode(1, 512))
-    compute = (hw.linear_factor * cost.linear_flops) / hw.peak("bfloat16")
-    memory = (hw.weight_factor * cost.weight_bytes + hw.kv_factor * cost.kv_bytes) / hw.mem_bw
-    prefill_cost = step_cost(QWEN3_06B, prefill(128))
-    assert memory + compute > 0
-    # A decode moves all the weights for one token; a 128-token prefill's FLOPs dwarf that.
-    assert step_time(QWEN3_06B, prefill(128), hw) > step_time(QWEN3_06B, decode(1, 512), hw)
-    assert prefill_cost.linear_flops > 100 * cost.linear_flops
+def test_batching_decodes_pays_off_on_a_gpu_but_hardly_on_this_cpu_in_bf16():
+    # This CPU has no bf16 FMA units: a bf16 GEMM runs ~9 GFLOP/s on one core, so even a
+    # decode step is compute-bound and 32 decodes cost ~20x one (measured: 4.9 s vs 0.23 s).
+    # On an A100 the same step is memory-bound: the weights are read once for the batch.
+    def ratio(hw):
+        return step_time(QWEN3_06B, decode(32, 128), hw) / step_time(QWEN3_06B, decode(1, 128), hw)
+
+    assert ratio(load_profile("cpu-local")) > 10
+    assert ratio(A100) < 2
 
 
 def test_faster_hardware_is_faster():

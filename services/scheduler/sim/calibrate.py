@@ -7,7 +7,12 @@ Each shape is one engine step we can set up exactly through the engine's own sch
     computes the last P tokens on C of context;
   * `mixed(B, L, P)`: decode(B, L) plus a fresh P-token prompt in the same step.
 
-Timings are medians of `repeats` steps after `warmup` ones, because this machine is shared.
+Each shape is visited once per round, all shapes interleaved, and its time is the fastest
+visit's median of `repeats` steps (after `warmup` ones). By default the engine runs
+on one thread timed by `time.thread_time()`: the CPU time of the step, which other
+processes on a shared machine barely disturb (wall time of a multi-threaded step under
+contention varied 20x here, as its threads wait for each other at every op). The profile
+so predicts an instance that has one core to itself.
 The profile's factors are then fitted by non-negative least squares on relative error, so
 a 10 ms step counts as much as a 1 s one. Prefix caching is off: a repeat must recompute.
 """
@@ -18,7 +23,7 @@ import itertools
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -72,7 +77,9 @@ class Measurement:
 class EngineBench:
     """Sets up the step shapes on one live `Engine` (loaded once) and times them."""
 
-    def __init__(self, model_dir: str | Path, dtype: str, max_batch: int, max_ctx: int):
+    def __init__(
+        self, model_dir: str | Path, dtype: str, max_batch: int, max_ctx: int, num_threads: int = 1
+    ):
         from xllm.config import EngineConfig
         from xllm.engine.engine import Engine
 
@@ -86,8 +93,12 @@ class EngineBench:
                 max_num_seqs=max_batch + 1,
                 max_num_batched_tokens=max(max_batch * max_ctx, 2048),
                 enable_prefix_caching=False,
+                num_threads=num_threads,
             )
         )
+        # One thread runs every op inline, so its CPU time is the step's; with more, only
+        # wall time sees the whole step.
+        self.clock = time.thread_time if num_threads == 1 else time.perf_counter
         self.vocab = self.engine.model_config.vocab_size
         self._ids = itertools.count()
         self._rng = np.random.default_rng(0)
@@ -123,9 +134,9 @@ class EngineBench:
             if s.num_computed_tokens < s.num_tokens - 1
         )
         scheduler.max_num_batched_tokens = len(decodes) + sum(n for n, _ in chunks)
-        start = time.perf_counter()
+        start = self.clock()
         self.engine.step()
-        seconds = time.perf_counter() - start
+        seconds = self.clock() - start
         return StepShape(decodes, chunks, num_prefill_samples=len(chunks)), seconds
 
     def _abort_all(self) -> None:
@@ -154,20 +165,37 @@ class EngineBench:
 
 def measure_all(
     bench: EngineBench,
-    shapes: Iterable[Shape],
+    shapes: list[Shape],
+    rounds: int,
     repeats: int,
     warmup: int,
     log: Callable[[str], None] = lambda _: None,
 ) -> list[Measurement]:
+    """Visit every shape once per round and keep each shape's least disturbed visit.
+
+    Interleaving spreads a noisy minute (a neighbour's job, memory-bandwidth contention)
+    over all shapes instead of ruining the few measured during it; noise on a shared
+    machine only ever adds time, so the fastest visit (each a median of `repeats` steps)
+    is the best estimate of the undisturbed step.
+    """
+    visits: list[list[Measurement]] = [[] for _ in shapes]
+    for r in range(rounds):
+        for i, shape in enumerate(shapes):
+            visits[i].append(bench.measure(shape, repeats, warmup))
+        log(f"round {r + 1}/{rounds} done")
     out = []
-    for shape in shapes:
-        m = bench.measure(shape, repeats, warmup)
-        log(f"{shape}: {m.seconds * 1e3:.2f} ms")
-        out.append(m)
+    for shape, ms in zip(shapes, visits, strict=True):
+        ms.sort(key=lambda m: m.seconds)
+        out.append(ms[0])
+        log(f"{shape}: {out[-1].seconds * 1e3:.2f} ms (spread {_spread(ms):.0%})")
     return out
 
 
-def measure_peaks(dtype: str, seconds: float = 1.0) -> tuple[float, float]:
+def _spread(ms: list[Measurement]) -> float:
+    return (ms[-1].seconds - ms[0].seconds) / ms[0].seconds
+
+
+def measure_peaks(dtype: str, num_threads: int = 1, seconds: float = 1.0) -> tuple[float, float]:
     """(GEMM FLOP/s in `dtype`, memory read bytes/s) of this machine, best of a few runs.
 
     They only set the scale of the fitted factors (factor 1 = this micro-benchmark's speed),
@@ -178,28 +206,43 @@ def measure_peaks(dtype: str, seconds: float = 1.0) -> tuple[float, float]:
     from xllm.models.config import parse_dtype
 
     dt = parse_dtype(dtype)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    clock = time.thread_time if num_threads == 1 else time.perf_counter
     x = torch.randn(128, 1024).to(dt)  # a prefill chunk through an MLP-sized projection
     w = torch.randn(3072, 1024).to(dt)
     big = torch.ones(64 * 2**20 // 4, dtype=torch.float32)  # 64 MiB, past the caches
-    flops = _best_rate(lambda: torch.nn.functional.linear(x, w), 2 * 128 * 1024 * 3072, seconds)
-    bw = _best_rate(lambda: big.sum(), big.numel() * 4, seconds)
+    flops = _best_rate(
+        lambda: torch.nn.functional.linear(x, w), 2 * 128 * 1024 * 3072, seconds, clock
+    )
+    bw = _best_rate(lambda: big.sum(), big.numel() * 4, seconds, clock)
     return flops, bw
 
 
-def _best_rate(fn: Callable[[], object], work: float, seconds: float) -> float:
+def _best_rate(
+    fn: Callable[[], object], work: float, seconds: float, clock: Callable[[], float]
+) -> float:
     fn()
     best = float("inf")
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        start = time.perf_counter()
+        start = clock()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, max(clock() - start, 1e-9))
     return work / best
 
 
 # -- fitting ---------------------------------------------------------------------------------
 
-FACTORS = ("overhead", "per_seq", "linear_factor", "attn_factor", "weight_factor", "kv_factor")
+FACTORS = (
+    "overhead",
+    "per_seq",
+    "linear_factor",
+    "attn_factor",
+    "decode_attn_factor",
+    "weight_factor",
+    "kv_factor",
+)
 
 
 def features(cost: StepCost, peak: float, bw: float) -> list[float]:
@@ -208,7 +251,8 @@ def features(cost: StepCost, peak: float, bw: float) -> list[float]:
         1.0,
         float(cost.num_seqs),
         cost.linear_flops / peak,
-        cost.attn_flops / peak,
+        cost.prefill_attn_flops / peak,
+        cost.decode_attn_flops / peak,
         cost.weight_bytes / bw,
         cost.kv_bytes / bw,
     ]
@@ -218,7 +262,7 @@ def fit_factors(
     model: ModelShape, data: list[Measurement], base: HardwareProfile
 ) -> HardwareProfile:
     """Non-negative least squares on relative error: every subset of the factors is solved
-    exactly and the best all-non-negative solution kept (six factors: 63 small solves)."""
+    exactly and the best all-non-negative solution kept (seven factors: 127 small solves)."""
     peak, bw = base.peak(model.dtype), base.mem_bw
     x = np.array([features(step_cost(model, m.step), peak, bw) for m in data])
     y = np.array([m.seconds for m in data])
@@ -260,19 +304,19 @@ HELD_OUT_SMALL = [
     prefill(48, 256),
     mixed(8, 256, 32),
 ]
-# The tiny model's steps take milliseconds: a denser grid, more repeats.
+# The tiny model's steps are mostly Python overhead at small shapes: bigger batches and
+# chunks, so the model's own work (what the factors describe) dominates the noise.
 TRAIN_TINY = [
-    *(decode(b, c) for c in (128, 512) for b in (1, 4, 8, 16, 32)),
-    *(prefill(p) for p in (64, 256, 512)),
-    *(prefill(p, 512) for p in (64, 256)),
+    *(decode(b, c) for c in (512, 2048) for b in (8, 16, 32, 64)),
+    *(prefill(p) for p in (256, 512, 1024)),
+    *(prefill(p, 1024) for p in (256, 512)),
 ]
 HELD_OUT_TINY = [
-    decode(2, 256),
-    decode(12, 384),
-    decode(24, 256),
-    prefill(128),
-    prefill(384, 128),
-    mixed(8, 256, 128),
+    decode(24, 1024),
+    decode(48, 768),
+    prefill(768),
+    prefill(384, 512),
+    mixed(16, 1024, 256),
 ]
 
 
@@ -281,21 +325,23 @@ def calibrate(
     dtype: str,
     train: list[Shape],
     held_out: list[Shape],
-    repeats: int = 5,
-    warmup: int = 2,
+    rounds: int = 3,
+    repeats: int = 1,
+    warmup: int = 0,
     name: str = "cpu-local",
     log: Callable[[str], None] = lambda _: None,
+    num_threads: int = 1,
 ) -> tuple[HardwareProfile, list[Measurement], list[Measurement]]:
     """Measure, fit on `train`, check on `held_out`; returns the profile and both data sets."""
-    flops, bw = measure_peaks(dtype)
+    flops, bw = measure_peaks(dtype, num_threads)
     log(f"micro-benchmarks: {flops / 1e9:.1f} GFLOP/s {dtype} GEMM, {bw / 1e9:.1f} GB/s read")
     shapes = [*train, *held_out]
     max_batch = max(s.num_decodes for s in shapes)
     max_ctx = max(max(s.decode_ctx, s.prefill_ctx + s.prefill) for s in shapes)
-    bench = EngineBench(model_dir, dtype, max_batch, max_ctx)
-    measure_all(bench, train[:1], repeats=1, warmup=warmup)  # first steps are slow: warm up
-    train_data = measure_all(bench, train, repeats, warmup, log)
-    test_data = measure_all(bench, held_out, repeats, warmup, log)
+    bench = EngineBench(model_dir, dtype, max_batch, max_ctx, num_threads)
+    measure_all(bench, train[:1], rounds=1, repeats=1, warmup=1)  # first steps are slow
+    data = measure_all(bench, [*train, *held_out], rounds, repeats, warmup, log)
+    train_data, test_data = data[: len(train)], data[len(train) :]
     base = HardwareProfile(
         name=name,
         peak_flops={dtype: flops},
@@ -306,16 +352,10 @@ def calibrate(
         kv_cache_bytes=2 * GiB,  # EngineConfig's default --kv-cache-gb
         transfer_latency=200e-6,
         source=f"fitted by `xllm sim calibrate` on {platform.processor() or platform.machine()}, "
-        f"model {Path(model_dir).name} ({dtype})",
+        f"model {Path(model_dir).name} ({dtype}), {num_threads} engine thread(s)",
     )
     profile = fit_factors(bench.model, train_data, base)
-    train_err = relative_errors(bench.model, train_data, profile)
-    test_err = relative_errors(bench.model, test_data, profile)
-    fit = {
-        "train_max_abs_rel_err": max(map(abs, train_err)),
-        "held_out_max_abs_rel_err": max(map(abs, test_err)),
-        "held_out_median_abs_rel_err": statistics.median(map(abs, test_err)),
-    }
+    fit = fit_summary(bench.model, profile, train_data, test_data)
     return replace(profile, fit=fit), train_data, test_data
 
 
@@ -334,21 +374,70 @@ def save_measurements(
     held_out: list[Measurement],
     hw: HardwareProfile,
     model: ModelShape,
+    labels: list[str] | None = None,
 ) -> None:
     """One JSON line per measurement with its prediction: the evidence behind a profile."""
     import json
 
+    rows = [("train", m) for m in train] + [("held_out", m) for m in held_out]
+    errors = relative_errors(model, train, hw) + relative_errors(model, held_out, hw)
+    labels = labels or [str(m.shape) for _, m in rows]
     lines = []
-    for split, data in (("train", train), ("held_out", held_out)):
-        for m, err in zip(data, relative_errors(model, data, hw), strict=True):
-            row = {
-                "split": split,
-                "shape": str(m.shape),
-                "decode_context_lens": m.step.decode_context_lens,
-                "prefill_chunks": m.step.prefill_chunks,
-                "num_prefill_samples": m.step.num_prefill_samples,
-                "measured_s": m.seconds,
-                "rel_err": err,
-            }
-            lines.append(json.dumps(row))
+    for (split, m), err, label in zip(rows, errors, labels, strict=True):
+        row = {
+            "split": split,
+            "shape": label,
+            "decode_context_lens": m.step.decode_context_lens,
+            "prefill_chunks": m.step.prefill_chunks,
+            "num_prefill_samples": m.step.num_prefill_samples,
+            "measured_s": m.seconds,
+            "rel_err": err,
+        }
+        lines.append(json.dumps(row))
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def load_measurements(path: str | Path) -> tuple[list[Measurement], list[Measurement]]:
+    """(train, held_out) back from `save_measurements`' file."""
+    import json
+
+    train: list[Measurement] = []
+    held_out: list[Measurement] = []
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        step = StepShape(
+            tuple(row["decode_context_lens"]),
+            tuple(tuple(c) for c in row["prefill_chunks"]),
+            row["num_prefill_samples"],
+        )
+        m = Measurement(Shape(), step, row["measured_s"])
+        (train if row["split"] == "train" else held_out).append(m)
+    return train, held_out
+
+
+def refit(profile_path: str | Path, model: ModelShape) -> HardwareProfile:
+    """Fit `profile_path`'s factors again from the measurements saved beside it (after a
+    change to the cost model, without measuring again); rewrites both files."""
+    import json
+
+    path = Path(profile_path)
+    measurements = path.with_suffix(".measurements.jsonl")
+    train, held_out = load_measurements(measurements)
+    labels = [json.loads(line)["shape"] for line in measurements.read_text().splitlines()]
+    profile = fit_factors(model, train, HardwareProfile.from_json(path))
+    profile = replace(profile, fit=fit_summary(model, profile, train, held_out))
+    profile.save(path)
+    save_measurements(measurements, train, held_out, profile, model, labels)
+    return profile
+
+
+def fit_summary(
+    model: ModelShape, hw: HardwareProfile, train: list[Measurement], held_out: list[Measurement]
+) -> dict[str, float]:
+    train_err = relative_errors(model, train, hw)
+    test_err = relative_errors(model, held_out, hw)
+    return {
+        "train_max_abs_rel_err": max(map(abs, train_err)),
+        "held_out_max_abs_rel_err": max(map(abs, test_err)),
+        "held_out_median_abs_rel_err": statistics.median(map(abs, test_err)),
+    }

@@ -128,10 +128,12 @@ class StepShape:
 
 @dataclass(frozen=True, slots=True)
 class StepCost:
-    """A step's work, split by where it runs best (so each part gets its own factor)."""
+    """A step's work, split by the kernel that does it (so each part gets its own factor):
+    GEMMs, prefill attention (SDPA over a chunk), decode attention (the paged kernel)."""
 
     linear_flops: float
-    attn_flops: float
+    prefill_attn_flops: float
+    decode_attn_flops: float
     weight_bytes: float
     kv_bytes: float
     num_seqs: int
@@ -144,17 +146,17 @@ def step_cost(model: ModelShape, step: StepShape) -> StepCost:
     per_layer = model.attn_weights + mlp_per_token
     lm_head = model.hidden * model.vocab
     linear_flops = 2.0 * (model.layers * per_layer * n + lm_head * samples)
-    # (query, key) pairs: a decode attends its context; a chunk attends context + itself.
-    pairs = sum(step.decode_context_lens) + sum(
-        length * (ctx + length) for length, ctx in step.prefill_chunks
-    )
-    attn_flops = 4.0 * model.layers * model.heads * model.head_dim * pairs
+    # (query, key) pairs: a decode attends its context; a chunk's token attends the context
+    # and the chunk's tokens up to itself (causal).
+    attn = 4.0 * model.layers * model.heads * model.head_dim
+    prefill_pairs = sum(n * ctx + n * (n + 1) // 2 for n, ctx in step.prefill_chunks)
     weights_read = model.layers * (model.attn_weights + mlp_read) + (lm_head if samples else 0)
     kv_tokens_read = sum(step.decode_context_lens) + sum(ctx for _, ctx in step.prefill_chunks)
     kv_tokens_written = n
     return StepCost(
         linear_flops=linear_flops,
-        attn_flops=attn_flops,
+        prefill_attn_flops=attn * prefill_pairs,
+        decode_attn_flops=attn * sum(step.decode_context_lens),
         weight_bytes=float(weights_read * model.dtype_bytes),
         kv_bytes=float((kv_tokens_read + kv_tokens_written) * model.kv_bytes_per_token),
         num_seqs=step.num_seqs,

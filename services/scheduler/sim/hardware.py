@@ -5,7 +5,8 @@ fixed costs (Python, kernel launches, sampling) the roofline does not see. So a 
 carries correction factors, and `time_of` is
 
     t = overhead + per_seq · num_seqs + max(C, M) + overlap · min(C, M)
-    C = linear_factor · linear_flops / peak + attn_factor · attn_flops / peak
+    C = (linear_factor · linear_flops + attn_factor · prefill_attn_flops
+         + decode_attn_factor · decode_attn_flops) / peak
     M = weight_factor · weight_bytes / mem_bw + kv_factor · kv_bytes / mem_bw
 
 `overlap` says whether compute and memory traffic overlap (0: a fused GPU kernel hides one
@@ -51,6 +52,7 @@ class HardwareProfile:
     """Seconds per sequence in the batch (metadata, sampling)."""
     linear_factor: float = 1.0
     attn_factor: float = 1.0
+    decode_attn_factor: float = 1.0
     weight_factor: float = 1.0
     kv_factor: float = 1.0
     overlap: float = 0.0
@@ -65,7 +67,9 @@ class HardwareProfile:
     def time_of(self, cost: StepCost, dtype: str) -> float:
         peak = self.peak(dtype)
         compute = (
-            self.linear_factor * cost.linear_flops + self.attn_factor * cost.attn_flops
+            self.linear_factor * cost.linear_flops
+            + self.attn_factor * cost.prefill_attn_flops
+            + self.decode_attn_factor * cost.decode_attn_flops
         ) / peak
         memory = (
             self.weight_factor * cost.weight_bytes + self.kv_factor * cost.kv_bytes
@@ -92,6 +96,7 @@ _GPU_FACTORS = dict(
     per_seq=20e-6,
     linear_factor=1 / 0.6,
     attn_factor=1 / 0.4,
+    decode_attn_factor=1 / 0.4,
     weight_factor=1 / 0.8,
     kv_factor=1 / 0.8,
     overlap=0.0,

@@ -26,8 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--model-config", default="qwen3-0.6b", help="model folder, config.json or built-in name"
     )
     p.add_argument("--dtype", default=None, help="weights/KV dtype (default: the config's)")
-    p.add_argument("--slo-ttft", type=float, required=True, help="TTFT target, seconds")
-    p.add_argument("--slo-tpot", type=float, required=True, help="TPOT target, seconds")
+    p.add_argument("--slo-ttft", type=float, help="TTFT target, seconds (required)")
+    p.add_argument("--slo-tpot", type=float, help="TPOT target, seconds (required)")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiplies inter-arrival times")
     p.add_argument("--length-scale", type=float, default=1.0, help="multiplies lengths")
     p.add_argument("--start", type=float, default=0.0, help="trace window start, seconds")
@@ -42,12 +42,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
     sub = p.add_subparsers(dest="sim_command")
     c = sub.add_parser("calibrate", help="time our engine and fit a hardware profile")
-    c.add_argument("--model", required=True, help="Hugging Face model folder")
+    c.add_argument("--model", required=True, help="Hugging Face model folder (or config)")
     c.add_argument("--out", required=True, help="profile JSON to write")
+    c.add_argument(
+        "--refit",
+        action="store_true",
+        help="fit --out again from the measurements saved beside it (no measuring)",
+    )
     c.add_argument("--dtype", default="bfloat16")
     c.add_argument("--grid", choices=("small", "tiny"), default="small", help="shape grid")
-    c.add_argument("--repeats", type=int, default=3)
-    c.add_argument("--warmup", type=int, default=0)
+    c.add_argument("--rounds", type=int, default=3, help="visits of every shape, interleaved")
+    c.add_argument("--repeats", type=int, default=1, help="timed steps per visit")
+    c.add_argument("--warmup", type=int, default=0, help="untimed steps per visit")
     c.add_argument("--name", default="cpu-local")
     c.set_defaults(func=run_calibrate)
 
@@ -56,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     from services.scheduler.policies import POLICIES, get_policy
     from services.scheduler.sim import run as sim_run
 
+    if args.slo_ttft is None or args.slo_tpot is None:
+        print("error: give --slo-ttft and --slo-tpot", file=sys.stderr)
+        return 2
     try:
         names = list(POLICIES) if args.policy == "all" else [args.policy]
         for name in names:
@@ -83,6 +92,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from services.scheduler.sim import calibrate as cal
     from services.scheduler.sim.cost_model import ModelShape
 
+    if args.refit:
+        profile = cal.refit(args.out, ModelShape.load(args.model, args.dtype))
+        print(json.dumps({"profile": args.out, **profile.fit}))
+        return 0
     train, held_out = (
         (cal.TRAIN_SMALL, cal.HELD_OUT_SMALL)
         if args.grid == "small"
@@ -94,7 +107,15 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
     profile, train_data, test_data = cal.calibrate(
-        args.model, args.dtype, train, held_out, args.repeats, args.warmup, args.name, log
+        args.model,
+        args.dtype,
+        train,
+        held_out,
+        rounds=args.rounds,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        name=args.name,
+        log=log,
     )
     profile.save(args.out)
     measurements = Path(args.out).with_suffix(".measurements.jsonl")
