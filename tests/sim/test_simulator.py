@@ -172,3 +172,26 @@ def test_pd_hands_the_kv_over_after_the_transfer_time():
 def test_percentile_interpolates_like_numpy():
     assert percentile([1, 2, 3, 4], 50) == 2.5
     assert percentile([1, 2, 3, 4], 90) == pytest.approx(3.7)
+
+
+def test_xllm_sim_runs_every_policy_on_a_trace_file_and_prints_a_table(tmp_path, capsys):
+    import json
+
+    from xllm.cli import main
+
+    rows = [
+        {"timestamp": 100 * i, "input_length": 700, "output_length": 4, "hash_ids": [0, 1 + i % 3]}
+        for i in range(30)
+    ]
+    trace = tmp_path / "mini_trace.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["sim", "--trace", str(trace), "--instances", "2,3", "--profile", "a100"]
+    assert main([*argv, "--slo-ttft", "1", "--slo-tpot", "0.1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    results = json.loads(out[-1])["results"]
+    assert {(r["num_instances"], r["policy"]) for r in results} == {
+        (n, p) for n in (2, 3) for p in POLICIES
+    }
+    assert all(r["num_requests"] == 30 and r["slo_attainment"] == 1.0 for r in results)
+    assert any(r["prefix_hit_rate"] > 0 for r in results)  # block 0 is shared by all
+    assert out[1].startswith("| instances | policy |")

@@ -28,6 +28,7 @@ class Slo:
 @dataclass(frozen=True, slots=True)
 class SimReport:
     policy: str
+    num_instances: int
     num_requests: int
     num_rejected: int
     slo_attainment: float
@@ -92,6 +93,7 @@ def summarize(
     done = sum(r.finished_at is not None and not r.rejected for r in requests)
     return SimReport(
         policy=policy,
+        num_instances=len(instances),
         num_requests=len(requests),
         num_rejected=sum(r.rejected for r in requests),
         slo_attainment=good / len(requests) if requests else math.nan,
@@ -113,6 +115,7 @@ def summarize(
 
 
 COLUMNS = (
+    ("instances", "num_instances", "{}"),
     ("policy", "policy", "{}"),
     ("SLO attain.", "slo_attainment", "{:.1%}"),
     ("goodput req/s", "goodput_rps", "{:.3f}"),
@@ -130,7 +133,7 @@ COLUMNS = (
 
 def markdown_table(reports: Sequence[SimReport]) -> str:
     head = "| " + " | ".join(c[0] for c in COLUMNS) + " |"
-    rule = "| " + " | ".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + " |"
+    rule = "| " + " | ".join("---" if i == 1 else "---:" for i in range(len(COLUMNS))) + " |"
     rows = [head, rule]
     for r in reports:
         cells = []

@@ -29,12 +29,16 @@ class Setup:
     cluster: ClusterSpec
     slo: Slo
 
+    @property
+    def num_instances(self) -> int:
+        return len(self.cluster.roles)
+
     def describe(self) -> str:
-        n, spec = len(self.cluster.roles), self.cluster.instance
+        spec = self.cluster.instance
         roles = ",".join(sorted(set(self.cluster.roles)))
         return (
             f"trace {self.trace_name}: {len(self.trace)} requests over "
-            f"{self.trace[-1].arrival - self.trace[0].arrival:.0f} s; {n} instances ({roles}) on "
+            f"{self.trace[-1].arrival - self.trace[0].arrival:.0f} s; instances ({roles}) on "
             f"{self.hw.name}; KV pool {spec.num_kv_blocks * spec.block_size} tokens each; "
             f"SLO TTFT <= {self.slo.ttft} s, TPOT <= {self.slo.tpot} s"
         )
@@ -74,7 +78,7 @@ def roles_of(instances: int, pd: str) -> tuple[str, ...]:
     return ("prefill",) * num_prefill + ("decode",) * num_decode
 
 
-def setup_from_args(args: argparse.Namespace) -> Setup:
+def setup_from_args(args: argparse.Namespace, instances: int) -> Setup:
     model = ModelShape.load(args.model_config, args.dtype)
     hw = load_profile(args.profile)
     tokens = kv_tokens(model, hw, args.kv_cache_gb)
@@ -97,7 +101,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     if not trace:
         raise ValueError("the trace window holds no requests")
     cluster = ClusterSpec(
-        roles_of(args.instances, args.pd), spec, heartbeat_interval=args.heartbeat_interval
+        roles_of(instances, args.pd), spec, heartbeat_interval=args.heartbeat_interval
     )
     return Setup(tuple(trace), args.trace, model, hw, cluster, Slo(args.slo_ttft, args.slo_tpot))
 

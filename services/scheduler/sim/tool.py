@@ -16,7 +16,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     p.add_argument("--trace", default="azure-code", help="trace name or file (xllm.bench.traces)")
-    p.add_argument("--instances", type=int, default=16, help="PD-colocated instances")
+    p.add_argument(
+        "--instances", default="16", help="PD-colocated instances; a list (8,16,32) sweeps"
+    )
     p.add_argument("--pd", default="", help="P:D prefill and decode instances instead")
     p.add_argument(
         "--policy", default="all", help="a policy name, or `all` (every one in POLICIES)"
@@ -69,20 +71,24 @@ def run(args: argparse.Namespace) -> int:
         names = list(POLICIES) if args.policy == "all" else [args.policy]
         for name in names:
             get_policy(name)
-        setup = sim_run.setup_from_args(args)
+        counts = [int(n) for n in str(args.instances).split(",")]
+        setups = [sim_run.setup_from_args(args, n) for n in counts]
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    reports = []
-    for name in names:
-        start = time.perf_counter()
-        reports.append(sim_run.simulate(setup, name))
-        print(f"{name}: simulated in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     from services.scheduler.sim.report import markdown_table
 
-    print(setup.describe())
+    reports = []
+    for setup in setups:
+        for name in names:
+            start = time.perf_counter()
+            reports.append(sim_run.simulate(setup, name))
+            elapsed = time.perf_counter() - start
+            print(f"{name} x{setup.num_instances}: simulated in {elapsed:.1f} s", file=sys.stderr)
+    print(setups[0].describe())
     print(markdown_table(reports))
-    print(json.dumps({"setup": setup.as_dict(), "results": [r.as_dict() for r in reports]}))
+    results = [r.as_dict() for r in reports]
+    print(json.dumps({"setup": setups[0].as_dict(), "results": results}))
     return 0
 
 
