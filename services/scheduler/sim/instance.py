@@ -76,19 +76,17 @@ class ScheduledStep:
     """(sequence, new tokens) in schedule order."""
 
     def shape(self) -> StepShape:
-        decodes = tuple(s.num_tokens for s, n in self.items if n == 1 and s.num_computed_tokens > 0)
-        chunks = tuple(
-            (n, s.num_computed_tokens)
-            for s, n in self.items
-            if not (n == 1 and s.num_computed_tokens > 0)
-        )
-        samples = sum(
-            1
-            for s, n in self.items
-            if s.num_computed_tokens + n == s.num_tokens
-            and not (n == 1 and s.num_computed_tokens > 0)
-        )
-        return StepShape(decodes, chunks, samples)
+        """What the cost model prices; call before `update` (it reads pre-step counts)."""
+        decodes: list[int] = []
+        chunks: list[tuple[int, int]] = []
+        samples = 0
+        for seq, n in self.items:
+            if n == 1 and seq.num_computed_tokens > 0:  # `model_runner.is_decode`
+                decodes.append(seq.num_tokens)
+                continue
+            chunks.append((n, seq.num_computed_tokens))
+            samples += seq.num_computed_tokens + n == seq.num_tokens
+        return StepShape(tuple(decodes), tuple(chunks), samples)
 
 
 class SimInstance:
