@@ -146,7 +146,7 @@ def test_placement_requests_carry_prefix_hits_when_the_field_exists():
         instances=2,
         policy=spy,
     )
-    assert seen == [{}, {"inst-001": 1536}]
+    assert seen == [{"inst-000": 0, "inst-001": 0}, {"inst-000": 0, "inst-001": 1536}]
 
 
 def test_kv_pool_pressure_preempts_and_still_finishes_everything():

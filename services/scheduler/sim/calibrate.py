@@ -7,14 +7,15 @@ Each shape is one engine step we can set up exactly through the engine's own sch
     computes the last P tokens on C of context;
   * `mixed(B, L, P)`: decode(B, L) plus a fresh P-token prompt in the same step.
 
-Each shape is visited once per round, all shapes interleaved, and its time is the fastest
-visit's median of `repeats` steps (after `warmup` ones). By default the engine runs
-on one thread timed by `time.thread_time()`: the CPU time of the step, which other
-processes on a shared machine barely disturb (wall time of a multi-threaded step under
-contention varied 20x here, as its threads wait for each other at every op). The profile
-so predicts an instance that has one core to itself.
-The profile's factors are then fitted by non-negative least squares on relative error, so
-a 10 ms step counts as much as a 1 s one. Prefix caching is off: a repeat must recompute.
+Robust timing on a shared machine: by default the engine runs on one thread, timed by
+`time.thread_time()` — the step's CPU time, which other processes barely disturb (the wall
+time of a 2-thread step under contention varied 20x here, its threads waiting for each
+other at every op), so the profile predicts an instance with a core to itself. Every shape
+is visited once per round, all shapes interleaved, and keeps its fastest visit (each the
+median of `repeats` steps after `warmup` ones).
+
+The factors are fitted by non-negative least squares on relative error, so a 10 ms step
+counts as much as a 1 s one. Prefix caching is off: a repeat must recompute.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class EngineBench:
         if computed:
             scheduler = self.engine.scheduler
             seq = self.engine.sequences[rid][0]
-            assert scheduler.block_manager.allocate(seq, computed), "KV pool too small"
+            if not scheduler.block_manager.allocate(seq, computed):
+                raise RuntimeError("calibration KV pool too small for this shape")
             scheduler.waiting.remove(seq)
             seq.num_computed_tokens = computed
             seq.status = SequenceStatus.RUNNING
@@ -145,7 +147,7 @@ class EngineBench:
 
     def measure(self, shape: Shape, repeats: int, warmup: int) -> Measurement:
         """Median step time of `shape` over `repeats` runs, after `warmup` discarded ones."""
-        times: list[tuple[float, StepShape]] = []
+        timed: list[Measurement] = []
         for _ in range(shape.num_decodes):
             self._add(shape.decode_ctx, computed=shape.decode_ctx - 1)
         for i in range(warmup + repeats):
@@ -153,14 +155,14 @@ class EngineBench:
             if shape.prefill:
                 total = shape.prefill_ctx + shape.prefill
                 rid = self._add(total, computed=shape.prefill_ctx, max_tokens=1)
-            seconds, step = self._timed_step()[::-1]
+            step, seconds = self._timed_step()
             if rid is not None:
                 self.engine.abort_request(rid)
             if i >= warmup:
-                times.append((seconds, step))
+                timed.append(Measurement(shape, step, seconds))
         self._abort_all()
-        times.sort(key=lambda t: t[0])
-        return Measurement(shape, times[len(times) // 2][1], times[len(times) // 2][0])
+        timed.sort(key=lambda m: m.seconds)
+        return timed[len(timed) // 2]
 
 
 def measure_all(

@@ -60,6 +60,7 @@ class Simulator:
             for i, role in enumerate(cluster.roles)
         ]
         self._by_id = {inst.instance_id: inst for inst in self.instances}
+        self._index = {inst.instance_id: i for i, inst in enumerate(self.instances)}
         self.registry = Registry(timeout=math.inf)
         n, interval = len(self.instances), cluster.heartbeat_interval
         self._hb_offset = [interval * i / n for i in range(n)]
@@ -132,8 +133,9 @@ class Simulator:
     def _placement(self, req: SimRequest) -> PlacementRequest:
         extra = {}
         if "prefix_hits" in _PLACEMENT_FIELDS:  # cache-aware policies read this
-            hits = {i.instance_id: i.cached_prefix_tokens(req) for i in self.instances}
-            extra["prefix_hits"] = {k: v for k, v in hits.items() if v}
+            extra["prefix_hits"] = {
+                i.instance_id: i.cached_prefix_tokens(req) for i in self.instances
+            }
         return PlacementRequest(
             request_id=req.request_id,
             num_prompt_tokens=req.num_prompt_tokens,
@@ -155,7 +157,7 @@ class Simulator:
         self._push(self.now + seconds, STEP_DONE, (inst, step))
 
     def _on_step_done(self, inst: SimInstance, step: ScheduledStep) -> None:
-        self._flush_heartbeat(self.instances.index(inst))
+        self._flush_heartbeat(self._index[inst.instance_id])
         inst.busy = False
         for seq in inst.update(step, self.now):
             if inst.role == "prefill":
@@ -180,6 +182,6 @@ class Simulator:
         self._push(self.now + delay, KV_LANDED, (self._by_id[target], req))
 
     def _on_kv_landed(self, inst: SimInstance, req: SimRequest) -> None:
-        self._flush_heartbeat(self.instances.index(inst))
+        self._flush_heartbeat(self._index[inst.instance_id])
         inst.add(req, num_computed_tokens=req.num_prompt_tokens)
         self._kick(inst)
