@@ -21,10 +21,18 @@ from nats.aio.client import Client as NATS
 from services.gateway import openai_routes
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, error_middleware
+from services.gateway.metrics import prefix_cache_summary
 from services.gateway.model import ModelInfo
 from services.gateway.state import GATEWAY, Gateway
 from xllm.metrics import CONTENT_TYPE
-from xllm.protocol import ErrorCode, ProtocolError
+from xllm.protocol import (
+    ErrorCode,
+    InstanceLost,
+    ProtocolError,
+    TypeDispatcher,
+    make_callback,
+    subjects,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +63,12 @@ def _gateway_ctx(config: GatewayConfig, nc: NATS, model: ModelInfo | None):
         info = model or await asyncio.to_thread(
             ModelInfo.load, config.model, config.served_model_name, config.max_model_len
         )
-        app[GATEWAY] = Gateway(config, nc, info)
+        app[GATEWAY] = gateway = Gateway(config, nc, info)
+        notices = TypeDispatcher({InstanceLost: gateway.on_instance_lost}, name="gateway notices")
+        sub = await nc.subscribe(subjects.INSTANCE_LOST, cb=make_callback(notices))
         log.info("serving %s (context %d tokens)", info.name, info.max_model_len)
         yield
+        await sub.unsubscribe()
         # Handlers still running are cancelled by the runner; each aborts its request.
 
     return ctx
@@ -114,9 +125,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def cluster(request: web.Request) -> web.Response:
-    """The scheduler's `ClusterState` as JSON: every instance's role, load and counters."""
+    """The scheduler's `ClusterState` as JSON: every instance's role, load and counters,
+    plus the cluster-wide prefix-cache hit rate."""
     state = await request.app[GATEWAY].cluster_state()
-    return web.json_response(dataclasses.asdict(state))
+    return web.json_response(
+        {**dataclasses.asdict(state), "prefix_cache": prefix_cache_summary(state)}
+    )
 
 
 async def serve_http(config: GatewayConfig, nc: NATS, stop: asyncio.Event) -> None:

@@ -58,6 +58,20 @@ class GatewayMetrics:
         self.instance_kv_free = r.gauge(
             "xllm_instance_kv_blocks_free", "KV blocks free (cached prefixes included).", labels
         )
+        self.instance_prefix_queried = r.gauge(
+            "xllm_instance_prefix_queried_tokens",
+            "Prompt tokens looked up in the instance's prefix cache since it started.",
+            labels,
+        )
+        self.instance_prefix_hits = r.gauge(
+            "xllm_instance_prefix_hit_tokens",
+            "Prompt tokens found in the instance's prefix cache since it started.",
+            labels,
+        )
+        self.cluster_prefix_hit_rate = r.gauge(
+            "xllm_cluster_prefix_cache_hit_rate",
+            "Prefix-cache hit tokens / looked-up tokens over every live instance.",
+        )
 
     def observe_generation(self, gen: Generation) -> None:
         """Record a generation that has ended (finished, failed or abandoned)."""
@@ -78,6 +92,7 @@ class GatewayMetrics:
         """Replace the per-instance gauges with `state` (None: the scheduler did not answer)."""
         gauges = (self.instance_running, self.instance_waiting)
         gauges += (self.instance_kv_used, self.instance_kv_free)
+        gauges += (self.instance_prefix_queried, self.instance_prefix_hits)
         for gauge in gauges:
             gauge.clear()
         for hb in state.instances if state is not None else ():
@@ -86,6 +101,21 @@ class GatewayMetrics:
             self.instance_waiting.labels(**labels).set(hb.num_waiting)
             self.instance_kv_used.labels(**labels).set(hb.kv_blocks_used)
             self.instance_kv_free.labels(**labels).set(hb.kv_blocks_free)
+            self.instance_prefix_queried.labels(**labels).set(hb.prefix_queried_tokens)
+            self.instance_prefix_hits.labels(**labels).set(hb.prefix_hit_tokens)
+        if state is not None:
+            self.cluster_prefix_hit_rate.set(prefix_cache_summary(state)["hit_rate"])
 
     def render(self) -> str:
         return self.registry.render()
+
+
+def prefix_cache_summary(state: ClusterState) -> dict[str, float]:
+    """Cluster-wide prefix-cache use over the live instances' lifetimes."""
+    queried = sum(hb.prefix_queried_tokens for hb in state.instances)
+    hits = sum(hb.prefix_hit_tokens for hb in state.instances)
+    return {
+        "queried_tokens": queried,
+        "hit_tokens": hits,
+        "hit_rate": hits / queried if queried else 0.0,
+    }

@@ -20,6 +20,7 @@ from xllm.protocol import (
     ClusterStateRequest,
     DecodeError,
     ErrorCode,
+    InstanceLost,
     ProtocolError,
     decode_as,
     encode,
@@ -35,6 +36,8 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     inflight: int = 0
     """Generation requests being served (the semaphore of --max-inflight)."""
+    live: set[Generation] = field(default_factory=set)
+    """Generations submitted and not yet ended: where `InstanceLost` notices go."""
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
@@ -59,7 +62,12 @@ class Gateway:
             req,
             submit_timeout=self.config.submit_timeout,
             timeout=self.config.request_timeout,
+            live=self.live,
         )
+
+    async def on_instance_lost(self, notice: InstanceLost) -> None:
+        for generation in list(self.live):
+            generation.instance_lost(notice)
 
     async def cluster_state(self) -> ClusterState:
         """The scheduler's view of the cluster; ProtocolError(NO_INSTANCE) if none answers."""

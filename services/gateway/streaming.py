@@ -15,6 +15,13 @@ Contract with the scheduler and the instances (xllm.protocol, DESIGN.md §2):
   4. on leaving the context — finished, stop string, client gone, deadline, cancellation —
      if the engine has not finished every completion, `AbortCmd` goes to the instance so it
      frees the KV blocks; the subscription always ends.
+  5. if the scheduler reports the instance lost (`InstanceLost`), the request resumes on
+     another instance: once every delta that arrived before the notice has been fed, it is
+     resubmitted as a continuation — the prompt plus the tokens already streamed, the
+     remaining token budget — under a new request id (`<id>-r<attempt>`), so a late delta
+     of the old attempt can never mix in. The client sees one uninterrupted stream; greedy
+     output is exactly what it would have been. Seeded sampling restarts its generator, and
+     requests with n > 1 are failed (INSTANCE_FAILED) rather than resumed.
 
 NOTE: `AbortCmd` stops all `n` completions. A completion of n > 1 cut by a stop string is
 dropped here at once, but the engine keeps generating it until the request as a whole ends.
@@ -26,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -38,6 +45,7 @@ from xllm.protocol import (
     DecodeError,
     ErrorCode,
     ErrorInfo,
+    InstanceLost,
     LogprobEntry,
     ProtocolError,
     SamplingSpec,
@@ -50,6 +58,10 @@ from xllm.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_RESUMES = 3
+"""Instances a request may lose before it fails: beyond that, the cause is likely the
+request itself (it crashes whoever runs it)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,12 +117,16 @@ class CompletionText:
         )
         self.stops = StopStrings(req.stop, req.include_stop_str_in_output)
         self.include_stop = req.include_stop_str_in_output
-        self.num_tokens = 0
+        self.token_ids: list[int] = []
         self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     def feed(self, delta: TokenDelta) -> Output:
         tokens = delta.token_ids
-        self.num_tokens += len(tokens)
+        self.token_ids += tokens
         text_tokens = tokens
         if delta.finish_reason == "stop" and tokens and not self.include_stop:
             text_tokens = tokens[:-1]  # the EOS / stop token ends the text, vLLM-style
@@ -138,19 +154,28 @@ class Generation:
         *,
         submit_timeout: float,
         timeout: float,
+        live: set[Generation] | None = None,
     ):
         self.nc = nc
         self.req = req
+        self.live = live if live is not None else set()
+        """The gateway's running generations, which `InstanceLost` notices are routed to."""
+        self.attempt_id = req.request_id
+        """The request id of the current attempt (changes when the request resumes)."""
+        self.num_resumes = 0
         self.submit_timeout = submit_timeout
         self.timeout = timeout
         self.completions = [CompletionText(i, model, req) for i in range(req.sampling.n)]
         self.usage = Usage(prompt_tokens=len(req.prompt_token_ids))
         self.instance_id: str | None = None
+        """The instance streaming the output (the decode instance, when disaggregated)."""
+        self.prefill_instance_id: str | None = None
+        """PD-disaggregated: the instance prefilling the current attempt."""
         self.started_at = time.monotonic()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self._deadline = self.started_at + timeout
-        self._queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self._queue: asyncio.Queue[TokenDelta | InstanceLost] = asyncio.Queue()
         self._engine_done: set[int] = set()  # indices whose final delta arrived
         self._sub = None
 
@@ -159,27 +184,39 @@ class Generation:
         return all(c.finish_reason is not None for c in self.completions)
 
     async def __aenter__(self) -> Generation:
-        subject = subjects.request_output(self.req.request_id)
-        self._sub = await self.nc.subscribe(subject, cb=self._on_message)
+        await self._subscribe()
         try:
-            self.instance_id = await self._submit()
+            await self._submit(self.req.prompt_token_ids, self.req.sampling)
         except BaseException:
             await self._unsubscribe()
             raise
+        self.live.add(self)
         return self
 
     async def __aexit__(self, *exc_info) -> None:
+        self.live.discard(self)
         try:
             if self.instance_id is not None and len(self._engine_done) < len(self.completions):
                 await self._abort()
         finally:
             await self._unsubscribe()
 
+    def instance_lost(self, notice: InstanceLost) -> None:
+        """Called for every `InstanceLost`; queued behind the deltas already received."""
+        if notice.instance_id in (self.instance_id, self.prefill_instance_id):
+            self._queue.put_nowait(notice)
+
     async def outputs(self):
         """Outputs until every completion finished; raises ProtocolError on a failed
         request (an error delta, or the deadline)."""
         while not self.finished:
             delta = await self._next()
+            if isinstance(delta, InstanceLost):
+                if delta.instance_id in (self.instance_id, self.prefill_instance_id):
+                    await self._resume()
+                continue
+            if delta.request_id != self.attempt_id:
+                continue  # queued before a resume: the old attempt's
             if delta.finish_reason == "error":  # the whole request failed (an abort is harmless)
                 info = delta.error or ErrorInfo(ErrorCode.INSTANCE_FAILED, "the instance failed")
                 raise ProtocolError.from_info(info)
@@ -211,19 +248,26 @@ class Generation:
         except DecodeError as e:
             log.warning("%s: dropped a malformed delta: %s", self.req.request_id, e)
             return
-        if delta.request_id != self.req.request_id:
-            log.warning("%s: dropped a delta of %s", self.req.request_id, delta.request_id)
+        if delta.request_id != self.attempt_id:
+            log.warning("%s: dropped a delta of %s", self.attempt_id, delta.request_id)
             return
         self._queue.put_nowait(delta)
 
-    async def _submit(self) -> str:
-        req = self.req
+    async def _subscribe(self) -> None:
+        subject = subjects.request_output(self.attempt_id)
+        self._sub = await self.nc.subscribe(subject, cb=self._on_message)
+
+    async def _submit(
+        self, prompt: list[int], sampling: SamplingSpec, resumed: bool = False
+    ) -> None:
+        """Submit an attempt; sets `instance_id` (and `prefill_instance_id`) from the reply."""
         submit = SubmitRequest(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            sampling=req.sampling,
+            request_id=self.attempt_id,
+            prompt_token_ids=prompt,
+            sampling=sampling,
             arrival_time=time.time(),
-            model=req.model,
+            model=self.req.model,
+            resumed=resumed,
         )
         try:
             msg = await self.nc.request(
@@ -241,9 +285,10 @@ class Generation:
         if reply.error is not None:
             raise ProtocolError.from_info(reply.error)
         assert reply.instance_id is not None  # SubmitReply checks exactly one is set
-        return reply.instance_id
+        self.instance_id = reply.instance_id
+        self.prefill_instance_id = reply.prefill_instance_id
 
-    async def _next(self) -> TokenDelta:
+    async def _next(self) -> TokenDelta | InstanceLost:
         if not self._queue.empty():
             return self._queue.get_nowait()
         remaining = self._deadline - time.monotonic()
@@ -256,12 +301,45 @@ class Generation:
                 ErrorCode.TIMEOUT, f"the request took longer than {self.timeout:g}s"
             ) from None
 
+    async def _resume(self) -> None:
+        """Continue on another instance from the tokens streamed so far (module doc, 5)."""
+        lost = f"{self.instance_id}" + (
+            f" / {self.prefill_instance_id}" if self.prefill_instance_id else ""
+        )
+        if len(self.completions) > 1 or self.num_resumes >= MAX_RESUMES:
+            why = "n > 1 is not resumed" if len(self.completions) > 1 else "too many resumes"
+            raise ProtocolError(
+                ErrorCode.INSTANCE_FAILED, f"the instance running the request was lost ({why})"
+            )
+        await self._abort()  # in case it is alive after all (a partition): free its blocks
+        await self._unsubscribe()
+        self.num_resumes += 1
+        self.attempt_id = f"{self.req.request_id}-r{self.num_resumes}"
+        generated = self.completions[0].token_ids
+        sampling = replace(
+            self.req.sampling,
+            max_tokens=self.req.sampling.max_tokens - len(generated),
+            min_tokens=max(0, self.req.sampling.min_tokens - len(generated)),
+        )
+        await self._subscribe()
+        await self._submit(self.req.prompt_token_ids + generated, sampling, resumed=True)
+        log.warning(
+            "%s: instance %s lost after %d tokens; resumed on %s as %s",
+            self.req.request_id,
+            lost,
+            len(generated),
+            self.instance_id,
+            self.attempt_id,
+        )
+
     async def _abort(self) -> None:
         assert self.instance_id is not None
-        log.info("%s: aborting on %s", self.req.request_id, self.instance_id)
-        cmd = AbortCmd(request_id=self.req.request_id)
+        log.info("%s: aborting on %s", self.attempt_id, self.instance_id)
+        cmd = AbortCmd(request_id=self.attempt_id)
+        targets = [self.instance_id, self.prefill_instance_id]
         try:
-            await self.nc.publish(subjects.instance_cmd(self.instance_id), encode(cmd))
+            for instance_id in filter(None, targets):  # both halves hold blocks
+                await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
         except Exception:  # connection closing: the instance's request will run out
             log.warning("%s: could not send the abort", self.req.request_id, exc_info=True)
 

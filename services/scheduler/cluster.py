@@ -41,6 +41,9 @@ class InstanceView:
 class ClusterSnapshot:
     instances: tuple[InstanceView, ...] = ()
 
+    def view(self, instance_id: str) -> InstanceView:
+        return next(v for v in self.instances if v.instance_id == instance_id)
+
     def candidates(
         self, model: str | None, roles: tuple[str, ...] = ("both",)
     ) -> list[InstanceView]:

@@ -11,19 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 from nats.aio.client import Client as NATS
 
-from services.scheduler.cluster import Registry
+from services.scheduler.cluster import ClusterSnapshot, Registry
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.policies import PlacementRequest, get_policy
+from services.scheduler.policies import POLICIES_USING_PREFIX_HITS, PlacementRequest, get_policy
+from services.scheduler.prefix import PrefixMatcher
 from xllm.protocol import (
     ClusterState,
     ClusterStateRequest,
+    DecodeCmd,
     ErrorCode,
     ErrorInfo,
     GenerateCmd,
     Heartbeat,
+    InstanceLost,
     SubmitReply,
     SubmitRequest,
     TypeDispatcher,
@@ -34,12 +38,16 @@ from xllm.protocol import (
 
 log = logging.getLogger(__name__)
 
+ALL_ROLES = ("both", "prefill", "decode")
+
 
 class SchedulerService:
     def __init__(self, config: SchedulerConfig, nc: NATS):
         self.config = config
         self.nc = nc
         self.policy = get_policy(config.policy)
+        self.prefix = PrefixMatcher(nc, timeout=config.kv_match_timeout)
+        self.uses_prefix_hits = config.policy in POLICIES_USING_PREFIX_HITS
         self.registry = Registry(config.heartbeat_timeout)
         self.num_submitted = 0
         self.num_rejected = 0
@@ -74,20 +82,36 @@ class SchedulerService:
         while not stop.is_set():
             for instance_id in self.registry.expire(time.monotonic()):
                 log.warning("instance %s missed its heartbeats: out of rotation", instance_id)
+                # Gateways resume its requests elsewhere; the resubmits count as redispatches.
+                lost = InstanceLost(instance_id=instance_id)
+                await self.nc.publish(subjects.INSTANCE_LOST, encode(lost))
             await asyncio.sleep(interval)
 
     async def on_submit(self, req: SubmitRequest) -> SubmitReply:
-        error = self._check(req)
-        instance_id = None
+        snapshot = self.registry.snapshot()
+        error = self._check(req, snapshot)
         if error is None:
-            instance_id = self.policy(self._placement(req), self.registry.snapshot())
-            if instance_id is None:
-                error = ErrorInfo(
-                    code=ErrorCode.NO_INSTANCE, message="no instance can serve this request"
-                )
-        if error is not None:
-            self.num_rejected += 1
-            return SubmitReply(request_id=req.request_id, error=error)
+            placement = await self._placement(req, snapshot)
+            if snapshot.candidates(req.model, ("both",)):
+                reply = await self._place_colocated(req, placement, snapshot)
+            else:
+                reply = await self._place_disaggregated(req, placement, snapshot)
+            if reply is not None:
+                self.num_submitted += 1
+                self.num_redispatched += req.resumed
+                return reply
+            error = ErrorInfo(
+                code=ErrorCode.NO_INSTANCE, message="no instance can serve this request"
+            )
+        self.num_rejected += 1
+        return SubmitReply(request_id=req.request_id, error=error)
+
+    async def _place_colocated(
+        self, req: SubmitRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
+    ) -> SubmitReply | None:
+        instance_id = self.policy(placement, snapshot)
+        if instance_id is None:
+            return None
         cmd = GenerateCmd(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
@@ -95,13 +119,49 @@ class SchedulerService:
             priority=req.priority,
         )
         await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
-        self.registry.note_placement(
-            instance_id, len(req.prompt_token_ids) + req.sampling.max_tokens
-        )
-        self.num_submitted += 1
+        self._note(instance_id, req, placement, req.sampling.max_tokens)
         return SubmitReply(request_id=req.request_id, instance_id=instance_id)
 
-    def _placement(self, req: SubmitRequest) -> PlacementRequest:
+    async def _place_disaggregated(
+        self, req: SubmitRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
+    ) -> SubmitReply | None:
+        """Prefill on one instance, decode on another: the policy picks each half among
+        the instances of that role; the decode instance takes it from there (DecodeCmd)."""
+        prefill_id = self.policy(replace(placement, roles=("prefill",)), snapshot)
+        decode_id = self.policy(replace(placement, roles=("decode",)), snapshot)
+        if prefill_id is None or decode_id is None:
+            return None
+        cmd = DecodeCmd(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling=req.sampling,
+            priority=req.priority,
+            prefill_instance_id=prefill_id,
+        )
+        await self.nc.publish(subjects.instance_cmd(decode_id), encode(cmd))
+        self._note(prefill_id, req, placement, 0)
+        self._note(decode_id, req, placement, req.sampling.max_tokens)
+        return SubmitReply(
+            request_id=req.request_id, instance_id=decode_id, prefill_instance_id=prefill_id
+        )
+
+    def _note(
+        self, instance_id: str, req: SubmitRequest, placement: PlacementRequest, decode: int
+    ) -> None:
+        # Pending work counts what the instance will compute: the hit is not recomputed.
+        self.registry.note_placement(instance_id, placement.uncached_tokens(instance_id) + decode)
+        if self.uses_prefix_hits:
+            block_size = self.registry.snapshot().view(instance_id).heartbeat.kv_block_size
+            self.prefix.placed(req.prompt_token_ids, instance_id, block_size)
+
+    async def _placement(self, req: SubmitRequest, snapshot: ClusterSnapshot) -> PlacementRequest:
+        hits: dict[str, int] = {}
+        if self.uses_prefix_hits:
+            candidates = {
+                v.instance_id: v.heartbeat.kv_block_size
+                for v in snapshot.candidates(req.model, ALL_ROLES)
+            }
+            hits = await self.prefix.hit_tokens(req.prompt_token_ids, candidates)
         return PlacementRequest(
             request_id=req.request_id,
             num_prompt_tokens=len(req.prompt_token_ids),
@@ -109,11 +169,11 @@ class SchedulerService:
             model=req.model,
             priority=req.priority,
             sequence_number=self.num_submitted,
-            prefix_block_hashes=tuple(req.prefix_block_hashes),
+            prefix_hits=hits,
         )
 
-    def _check(self, req: SubmitRequest) -> ErrorInfo | None:
-        candidates = self.registry.snapshot().candidates(req.model)
+    def _check(self, req: SubmitRequest, snapshot: ClusterSnapshot) -> ErrorInfo | None:
+        candidates = snapshot.candidates(req.model, ALL_ROLES)
         if not candidates:
             what = f"model {req.model!r}" if req.model else "any model"
             return ErrorInfo(code=ErrorCode.NO_INSTANCE, message=f"no live instance serves {what}")

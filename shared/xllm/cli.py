@@ -12,6 +12,7 @@ import sys
 
 # Modules that register a subcommand, in the order `xllm --help` lists them.
 TOOL_MODULES = (
+    "xllm.tools.bench",
     "xllm.tools.generate",
     "xllm.tools.make_model",
     "xllm.tools.up",

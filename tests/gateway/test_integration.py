@@ -20,8 +20,16 @@ from services.gateway.app import create_app
 from services.gateway.config import GatewayConfig
 from services.gateway.model import ModelInfo
 from services.gateway.streaming import Generation, GenerationRequest
-from tests.gateway.fake_cluster import FakeCluster, Script
-from xllm.protocol import ErrorCode, ErrorInfo, ProtocolError, SamplingSpec
+from tests.gateway.fake_cluster import INSTANCE, FakeCluster, Script
+from xllm.protocol import (
+    ErrorCode,
+    ErrorInfo,
+    InstanceLost,
+    ProtocolError,
+    SamplingSpec,
+    encode,
+    subjects,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -388,3 +396,54 @@ async def test_health_without_scheduler_is_503(env):
     finally:
         env.cluster._subs.clear()
         await env.cluster.start()
+
+
+async def test_a_lost_instance_resumes_the_stream_as_a_continuation(env):
+    """InstanceLost mid-stream: the gateway resubmits prompt + tokens so far under a new id;
+    the client's stream goes on; the old attempt's late deltas never mix in."""
+    tokens = list(range(300, 340))
+
+    def plan(req) -> Script:
+        if not req.resumed:  # the first attempt streams slowly until it is "lost"
+            return Script(tokens=[tokens], delay=0.05)
+        done = len(req.prompt_token_ids) - len(prompt)
+        return Script(tokens=[tokens[done:]])
+
+    env.cluster.plan = plan
+    prompt = env.model.tokenizer.encode("Count")
+    stream = await env.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=40, stream=True, logprobs=0
+    )
+    received: list[str] = []
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs:
+            received += chunk.choices[0].logprobs.tokens
+        if len(received) == 5:
+            lost = InstanceLost(instance_id=INSTANCE)
+            await env.cluster.nc.publish(subjects.INSTANCE_LOST, encode(lost))
+    first, resumed = env.cluster.submits[-2:]
+    assert not first.resumed and resumed.resumed
+    assert resumed.request_id == f"{first.request_id}-r1"
+    done = len(resumed.prompt_token_ids) - len(prompt)
+    assert 5 <= done < 40
+    assert resumed.prompt_token_ids == prompt + tokens[:done]
+    assert resumed.sampling.max_tokens == 40 - done
+    assert received == [env.model.tokenizer.decode([t]) for t in tokens]
+    assert await env.cluster.wait_abort(first.request_id)  # the old attempt is stopped
+
+
+async def test_a_lost_instance_fails_a_request_with_n_above_1(env):
+    env.cluster.plan = lambda req: Script(tokens=[list(range(300, 340))] * 2, delay=0.05)
+
+    async def lose_it():
+        await asyncio.sleep(0.2)
+        await env.cluster.nc.publish(
+            subjects.INSTANCE_LOST, encode(InstanceLost(instance_id=INSTANCE))
+        )
+
+    task = asyncio.create_task(lose_it())
+    with pytest.raises(openai.APIStatusError) as err:
+        await env.client.completions.create(model=MODEL, prompt="x", max_tokens=40, n=2)
+    await task
+    assert err.value.status_code == 503
+    assert "lost" in err.value.message

@@ -7,30 +7,16 @@ scheduler's mutable state, so the live scheduler and the simulator run the same 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 from services.scheduler.cluster import ClusterSnapshot
+from services.scheduler.policies.base import PlacementRequest, Policy
+from services.scheduler.policies.cache_aware import cache_aware
 
-
-@dataclass(frozen=True, slots=True)
-class PlacementRequest:
-    request_id: str
-    num_prompt_tokens: int
-    max_tokens: int
-    model: str | None = None
-    priority: int = 0
-    sequence_number: int = 0
-    """How many requests the scheduler placed before this one (round-robin's cursor)."""
-    prefix_block_hashes: tuple[int, ...] = field(default_factory=tuple)
-
-
-Policy = Callable[[PlacementRequest, ClusterSnapshot], str | None]
+__all__ = ["POLICIES", "PlacementRequest", "Policy", "get_policy"]
 
 
 def round_robin(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | None:
     """Each instance in turn, by the request's sequence number."""
-    candidates = snapshot.candidates(request.model)
+    candidates = snapshot.candidates(request.model, request.roles)
     if not candidates:
         return None
     return candidates[request.sequence_number % len(candidates)].instance_id
@@ -38,7 +24,7 @@ def round_robin(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | N
 
 def least_load(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | None:
     """The instance with the fewest tokens queued or running (ties: fewest sequences, then id)."""
-    candidates = snapshot.candidates(request.model)
+    candidates = snapshot.candidates(request.model, request.roles)
     if not candidates:
         return None
     best = min(
@@ -51,7 +37,12 @@ def least_load(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | No
 POLICIES: dict[str, Policy] = {
     "round-robin": round_robin,
     "least-load": least_load,
+    "cache-aware": cache_aware,
 }
+
+POLICIES_USING_PREFIX_HITS = frozenset({"cache-aware"})
+"""Policies that read `PlacementRequest.prefix_hits`: only for them does the scheduler ask
+the kvstore (a NATS round trip per request)."""
 
 
 def get_policy(name: str) -> Policy:

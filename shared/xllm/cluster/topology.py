@@ -43,7 +43,7 @@ class ClusterConfig:
     instances: int = option(1, "PD-colocated instances (role both), unless --prefill/--decode.")
     prefill: int = option(0, "Prefill instances (PD-disaggregated; give --decode too).")
     decode: int = option(0, "Decode instances (PD-disaggregated; give --prefill too).")
-    policy: str = option("least-load", "The scheduler's placement policy.")
+    policy: str = option("cache-aware", "The scheduler's placement policy.")
     nats_url: str = option("", "NATS server URL; empty = start an embedded nats-server.")
     redis_url: str = option("", "Redis URL; empty = start an embedded Valkey.")
     api_key: str = option("", "Key clients must send as a Bearer token; empty = no auth.")

@@ -17,7 +17,7 @@ from xllm.engine.kv_cache import KVCache
 from xllm.engine.model_runner import ModelRunner
 from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.scheduler import Scheduler
-from xllm.engine.sequence import FinishReason, Logprob, Sequence
+from xllm.engine.sequence import FinishReason, Logprob, Sequence, SequenceStatus
 from xllm.models.config import ModelConfig, parse_dtype
 from xllm.platform import default_dtype, select_device
 
@@ -36,6 +36,20 @@ class SequenceOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    prefilled: bool = False
+    """A prefill-only request's first token: its prompt KV is held until `release_prefilled`."""
+
+
+@dataclass
+class Reservation:
+    """Blocks a decode instance holds for a request another instance prefills."""
+
+    block_ids: list[int]
+    """The request's whole block table here, in prompt order."""
+    num_cached_tokens: int
+    """Prompt tokens already in this instance's prefix cache (whole blocks)."""
+    fill_block_ids: list[int]
+    """The blocks the prefill side must write: `block_ids` after the cached ones."""
 
 
 @dataclass
@@ -103,19 +117,31 @@ class Engine:
     # -- requests -------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prefill_only: bool = False,
     ) -> None:
-        """Queue a request; raises ValueError (and changes nothing) when it is invalid."""
+        """Queue a request; raises ValueError (and changes nothing) when it is invalid.
+
+        `prefill_only` (prefill role): stop after the first token, whose delta says
+        `prefilled`, and hold the prompt's blocks until `release_prefilled`.
+        """
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.validate(prompt_token_ids, params)
-        seq = Sequence(request_id, prompt_token_ids, params)
+        self.validate(prompt_token_ids, params, disaggregated=prefill_only)
+        seq = Sequence(request_id, prompt_token_ids, params, prefill_only=prefill_only)
         self.sequences[request_id] = [seq]
         self.scheduler.add(seq)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(
+        self, prompt_token_ids: list[int], params: SamplingParams, disaggregated: bool = False
+    ) -> None:
         vocab = self.model_config.vocab_size
         params.validate(vocab)
+        if disaggregated and params.n != 1:
+            raise ValueError("n > 1 is not supported with prefill/decode disaggregation")
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -135,6 +161,55 @@ class Engine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.ABORT)
         return True
+
+    # -- PD disaggregation ----------------------------------------------------------------
+
+    def reserve_remote_prefill(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Reservation | None:
+        """Decode side: hold blocks for a prompt another instance prefills; None if the pool
+        is short. Raises ValueError when the request is invalid."""
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params, disaggregated=True)
+        seq = Sequence(request_id, prompt_token_ids, params)
+        if not self.scheduler.reserve(seq):
+            return None
+        self.sequences[request_id] = [seq]
+        num_cached_blocks = seq.num_cached_tokens // self.config.block_size
+        return Reservation(
+            list(seq.block_table), seq.num_cached_tokens, seq.block_table[num_cached_blocks:]
+        )
+
+    def commit_remote_prefill(
+        self, request_id: str, first_token_id: int, first_logprob: Logprob | None = None
+    ) -> FinishReason | None:
+        """Decode side: the reserved blocks now hold the prompt's KV; decode from the first
+        token (already streamed by the prefill side). Returns the finish reason if that
+        token ends the request (its blocks are then freed)."""
+        seq = self._held(request_id)
+        if first_logprob is not None:
+            seq.logprobs.append(first_logprob)
+        reason = self.scheduler.admit_prefilled(seq, first_token_id)
+        if reason is not None:
+            self._forget_if_done(request_id)
+        return reason
+
+    def prefilled_block_ids(self, request_id: str) -> list[int]:
+        """Prefill side: the blocks holding a prefilled request's prompt KV, in prompt order
+        (the last one partial unless the prompt fills it)."""
+        return list(self._held(request_id).block_table)
+
+    def release_prefilled(self, request_id: str) -> None:
+        """Prefill side: the KV was sent (or is no longer wanted); free the blocks."""
+        self.scheduler.finish(self._held(request_id), None)
+        del self.sequences[request_id]
+
+    def _held(self, request_id: str) -> Sequence:
+        seqs = self.sequences.get(request_id)
+        if not seqs or seqs[0].status is not SequenceStatus.HELD:
+            raise KeyError(f"request {request_id!r} holds no blocks here")
+        return seqs[0]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -167,6 +242,7 @@ class Engine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens,
+            prefilled=seq.status is SequenceStatus.HELD,
         )
 
     def _forget_if_done(self, request_id: str) -> None:

@@ -9,6 +9,10 @@ Invariant (vLLM v1's): for every scheduled sequence the step computes tokens
 samples a token only when that range reaches `num_tokens`. When blocks run out, the most
 recently admitted running sequence is preempted: its blocks are freed and it goes back
 to the front of the queue to be recomputed (its prefix may still hit the cache).
+
+PD disaggregation adds sequences that hold blocks outside both queues (status HELD): a
+decode-side reservation whose prompt KV another instance writes, and a prefill-only
+sequence whose blocks wait to be sent. The scheduler never schedules or preempts them.
 """
 
 from __future__ import annotations
@@ -89,8 +93,11 @@ class Scheduler:
             seq = self.waiting[0]
             if len(self.running) + 1 + seq.num_pending_forks > self.max_num_seqs:
                 break
-            cached = self.block_manager.find_cached_prefix(seq)
-            num_cached_tokens = len(cached) * self.block_manager.block_size
+            if seq.block_table:  # prefilled remotely: its prompt KV is in its blocks
+                cached, num_cached_tokens = [], seq.num_computed_tokens
+            else:
+                cached = self.block_manager.find_cached_prefix(seq)
+                num_cached_tokens = len(cached) * self.block_manager.block_size
             num_new = min(seq.num_tokens - num_cached_tokens, budget)
             extra = self._fork_blocks(seq, num_cached_tokens + num_new)
             if not self.block_manager.allocate(seq, num_new, cached, extra):
@@ -169,6 +176,9 @@ class Scheduler:
             reason = self._finish_reason(seq)
             if reason is not None:
                 self.finish(seq, reason)
+            elif seq.prefill_only:
+                self.running.remove(seq)
+                seq.status = SequenceStatus.HELD  # until its blocks are sent
         return sampled_seqs
 
     def _finish_reason(self, seq: Sequence) -> FinishReason | None:
@@ -183,8 +193,11 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
-    def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """Retire `seq` wherever it is and release its blocks (also used for aborts)."""
+    def finish(self, seq: Sequence, reason: FinishReason | None) -> None:
+        """Retire `seq` wherever it is and release its blocks (also used for aborts).
+
+        `reason` is None only for a prefilled sequence released after its transfer: the
+        request goes on elsewhere."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
@@ -192,3 +205,33 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    # -- PD disaggregation: blocks held outside the queues ---------------------------------
+
+    def reserve(self, seq: Sequence) -> bool:
+        """Decode side: give `seq` blocks for its whole prompt, reusing the cached prefix,
+        and hold them unscheduled until `admit_prefilled`. False if the pool is short."""
+        cached = self.block_manager.find_cached_prefix(seq)
+        num_cached_tokens = len(cached) * self.block_manager.block_size
+        if not self.block_manager.allocate(seq, seq.num_tokens - num_cached_tokens, cached):
+            return False
+        self.block_manager.record_lookup(seq.num_tokens, num_cached_tokens)
+        seq.num_cached_tokens = seq.num_computed_tokens = num_cached_tokens
+        seq.status = SequenceStatus.HELD
+        return True
+
+    def admit_prefilled(self, seq: Sequence, first_token_id: int) -> FinishReason | None:
+        """Decode side: the prompt's KV has arrived in `seq`'s reserved blocks and the prefill
+        side sampled `first_token_id`. Queue `seq` to decode (first in line: it already
+        holds its blocks), or finish it if that token ends it; returns the finish reason."""
+        assert seq.status is SequenceStatus.HELD and seq.num_output_tokens == 0, seq
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.block_manager.cache_full_blocks(seq)
+        seq.token_ids.append(first_token_id)
+        reason = self._finish_reason(seq)
+        if reason is not None:
+            self.finish(seq, reason)
+            return reason
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        return None

@@ -21,6 +21,9 @@ from xllm.engine.sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    HELD = "held"
+    """Holds its blocks outside the queues (PD disaggregation): reserved for a remote
+    prefill on the decode side, or prefilled and awaiting transfer on the prefill side."""
     FINISHED = "finished"
 
 
@@ -47,11 +50,14 @@ class Sequence:
         params: SamplingParams,
         index: int = 0,
         arrival_time: float | None = None,
+        prefill_only: bool = False,
     ):
         self.request_id = request_id
         self.index = index
         """Which of the request's `n` completions this is."""
         self.params = params
+        self.prefill_only = prefill_only
+        """Stop after the prompt and the first token, and hold the blocks (prefill role)."""
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0

@@ -18,6 +18,14 @@ class InstanceConfig:
     kv_events_interval: float = option(
         0.2, "Seconds between batches of KV cache events sent to the kvstore."
     )
+    kv_transfer_host: str = option(
+        "127.0.0.1",
+        "Address peers reach this instance's Mooncake transfer engine at (PD disaggregation).",
+    )
+    kv_transfer_timeout: float = option(
+        120.0,
+        "Seconds a decode instance holds blocks for a prefill instance that does not answer.",
+    )
 
     def validate(self) -> None:
         if self.role not in ("prefill", "decode", "both"):

@@ -6,6 +6,10 @@ thread (the asyncio loop stays free to receive, publish and heartbeat), then pub
 `TokenDelta` per completion that produced tokens. So aborts, new requests and role flips
 take effect at step boundaries and need no locking.
 
+PD disaggregation (report §3.2) lives in `PdRequests` (disaggregation.py): its commands
+are queued and applied like the others, and the Mooncake transport it needs is created
+when the instance first takes the prefill or decode role.
+
 KV events (report §3.4) follow the same rule: the loop collects the block manager's
 stored/evicted events after each step, a timer publishes them in batches (`KvEventPublisher`),
 and a `KvSnapshotRequest` from the kvstore is queued like a command and answered between
@@ -27,15 +31,19 @@ from nats.aio.client import Client as NATS
 from xllm.engine.engine import Engine, SequenceOutput
 from xllm.engine.sequence import FinishReason
 from xllm.instance.config import InstanceConfig
+from xllm.instance.disaggregation import PdRequests, TransferDone
 from xllm.instance.kv_events import KvEventPublisher
 from xllm.protocol import (
     AbortCmd,
+    DecodeCmd,
     ErrorCode,
     ErrorInfo,
     GenerateCmd,
     Heartbeat,
+    KvReady,
     KvSnapshotRequest,
     LogprobEntry,
+    PrefillCmd,
     SetRoleCmd,
     TokenDelta,
     TypeDispatcher,
@@ -45,7 +53,16 @@ from xllm.protocol import (
 
 log = logging.getLogger(__name__)
 
-Command = GenerateCmd | AbortCmd | SetRoleCmd | KvSnapshotRequest
+Command = (
+    GenerateCmd
+    | AbortCmd
+    | SetRoleCmd
+    | KvSnapshotRequest
+    | DecodeCmd
+    | PrefillCmd
+    | KvReady
+    | TransferDone
+)
 
 
 class Instance:
@@ -60,7 +77,7 @@ class Instance:
         self.model_name = config.served_model_name or Path(engine.config.model).name
         self.inbox: asyncio.Queue[Command] = asyncio.Queue()
         self.dispatcher = TypeDispatcher(name=f"instance {self.instance_id}")
-        for cmd_type in (GenerateCmd, AbortCmd, SetRoleCmd):
+        for cmd_type in (GenerateCmd, AbortCmd, SetRoleCmd, DecodeCmd, PrefillCmd, KvReady):
             self.dispatcher.register(cmd_type, self._enqueue)
         self.kv_events = KvEventPublisher(nc, self.instance_id)
         self.snapshots = TypeDispatcher(
@@ -68,6 +85,9 @@ class Instance:
         )
         # One thread: steps run strictly one after another, off the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.pd: PdRequests | None = None
+        """PD disaggregation state; created when the instance first needs it."""
+        self.role_flips = 0
 
     async def _enqueue(self, cmd: Command) -> None:
         self.inbox.put_nowait(cmd)
@@ -88,6 +108,8 @@ class Instance:
             await self.nc.subscribe(subjects.KV_SNAPSHOT_REQUEST, cb=on_snapshot),
         ]
         await self.kv_events.reset()
+        if self.role != "both":
+            self._pd()  # the transport's endpoint goes out with the first heartbeat
         tasks = [
             asyncio.create_task(self._heartbeats(stop)),
             asyncio.create_task(self._loop(stop)),
@@ -101,7 +123,30 @@ class Instance:
         for sub in subs:
             await sub.unsubscribe()
         self.executor.shutdown(wait=True)
+        if self.pd is not None:
+            self.pd.transport.close()
         await self._retract_kv_blocks()
+
+    def _pd(self) -> PdRequests:
+        if self.pd is None:
+            from xllm.kv_transfer.mooncake import KvTransport  # Mooncake only where needed
+
+            loop = asyncio.get_running_loop()
+            kv = self.engine.runner.kv_cache.tensor
+            transport = KvTransport(kv, self.engine.config.block_size, self.config.kv_transfer_host)
+            self.pd = PdRequests(
+                self.instance_id,
+                self.engine,
+                transport,
+                send_cmd=self._send_cmd,
+                send_delta=self._send,
+                notify_transfer_done=lambda done: loop.call_soon_threadsafe(
+                    self.inbox.put_nowait, done
+                ),
+                transfer_timeout=self.config.kv_transfer_timeout,
+            )
+            log.info("instance %s: KV transfer endpoint %s", self.instance_id, transport.endpoint)
+        return self.pd
 
     # -- the engine loop ------------------------------------------------------------------
 
@@ -109,7 +154,7 @@ class Instance:
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             if not self.engine.has_unfinished():
-                await self._apply(await self.inbox.get())  # idle: sleep until work arrives
+                await self._wait_for_command()  # idle: sleep until work arrives
             while not self.inbox.empty():
                 await self._apply(self.inbox.get_nowait())
             if not self.engine.has_unfinished():
@@ -123,18 +168,60 @@ class Instance:
             self.kv_events.collect(self.engine.block_manager)  # between steps: safe to read
             for delta in deltas:
                 await self._send(to_wire(delta))
+                if self.pd is not None and delta.request_id in self.pd.prefilling:
+                    await self.pd.on_step_output(delta)
+            await self._pd_housekeeping()
+
+    async def _wait_for_command(self) -> None:
+        if self.pd is None or not (self.pd.reserved or self.pd.awaiting_room):
+            await self._apply(await self.inbox.get())
+            return
+        try:  # reservations wait on other instances: wake up to expire the abandoned
+            await self._apply(await asyncio.wait_for(self.inbox.get(), timeout=1.0))
+        except TimeoutError:
+            await self._pd_housekeeping()
+
+    async def _pd_housekeeping(self) -> None:
+        if self.pd is not None:
+            await self.pd.reserve_waiting()  # steps free blocks: queued reservations may fit
+            await self.pd.expire_reservations(time.monotonic())
 
     async def _apply(self, cmd: Command) -> None:
+        try:
+            await self._apply_one(cmd)
+        except Exception:  # one bad command must not stop the loop serving the others
+            log.exception("instance %s: applying %s failed", self.instance_id, type(cmd).__name__)
+
+    async def _apply_one(self, cmd: Command) -> None:
         if isinstance(cmd, GenerateCmd):
             await self._start(cmd)
         elif isinstance(cmd, AbortCmd):
-            await self._abort(cmd.request_id)
+            if self.pd is None or not await self.pd.abort(cmd.request_id):
+                await self._abort(cmd.request_id)
         elif isinstance(cmd, SetRoleCmd):
-            log.info("instance %s: role %s -> %s", self.instance_id, self.role, cmd.role)
-            self.role = cmd.role
+            await self._set_role(cmd.role)
+        elif isinstance(cmd, DecodeCmd):
+            await self._pd().on_decode(cmd)
+        elif isinstance(cmd, PrefillCmd):
+            await self._pd().on_prefill(cmd)
+        elif isinstance(cmd, KvReady):
+            await self._pd().on_kv_ready(cmd)
+        elif isinstance(cmd, TransferDone):
+            await self._pd().on_transfer_done(cmd)
         elif isinstance(cmd, KvSnapshotRequest):
             num_blocks = await self.kv_events.snapshot(self.engine.block_manager)
             log.info("instance %s: KV snapshot of %d blocks sent", self.instance_id, num_blocks)
+
+    async def _set_role(self, role: str) -> None:
+        """Flip role without reloading anything (§3.2): requests already here finish in
+        place; new ones follow the new role."""
+        if role == self.role:
+            return
+        log.info("instance %s: role %s -> %s", self.instance_id, self.role, role)
+        if role != "both":
+            self._pd()
+        self.role = role
+        self.role_flips += 1
 
     async def _start(self, cmd: GenerateCmd) -> None:
         try:
@@ -164,6 +251,9 @@ class Instance:
 
     async def _send_error(self, request_id: str, error: ErrorInfo) -> None:
         await self._send(TokenDelta(request_id=request_id, finish_reason="error", error=error))
+
+    async def _send_cmd(self, instance_id: str, cmd) -> None:
+        await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
 
     async def _send(self, delta: TokenDelta) -> None:
         # nats-py only appends to its write buffer here; its flusher task does the I/O.
@@ -218,6 +308,23 @@ class Instance:
             num_preemptions=stats.num_preemptions,
             steps=stats.num_steps,
             sent_at=time.time(),
+            role_flips=self.role_flips,
+            **self._transfer_stats(),
+        )
+
+    def _transfer_stats(self) -> dict:
+        if self.pd is None:
+            return {}
+        t = self.pd.transport
+        s = t.stats
+        return dict(
+            kv_transfer_endpoint=t.endpoint,
+            kv_blocks_sent=s.blocks_sent,
+            kv_bytes_sent=s.bytes_sent,
+            kv_blocks_received=s.blocks_received,
+            kv_bytes_received=s.bytes_received,
+            kv_transfers=s.transfers,
+            kv_transfer_seconds=s.seconds_sending,
         )
 
 

@@ -11,6 +11,7 @@ a CPU, callers get `None` from `kernels()` and use plain torch ops instead.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -50,8 +51,12 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
+        # Named by the source's hash: torch rebuilds an extension whose sources moved, so one
+        # fixed name would make every checkout on a machine rebuild it for the others (and
+        # stall their first step on the build lock for a minute).
+        digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
         return load(
-            name="xllm_cpu_kernels",
+            name=f"xllm_cpu_kernels_{digest}",
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],

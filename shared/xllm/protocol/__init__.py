@@ -4,8 +4,8 @@
     codec.py      @message registry, encode / decode (msgpack envelope {t, v, d}), DecodeError
     errors.py     ErrorCode, ErrorInfo, ProtocolError, http_status
     sampling.py   SamplingSpec (wire form of the engine's SamplingParams)
-    gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState
-    instance.py   GenerateCmd, AbortCmd, SetRoleCmd, Heartbeat
+    gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
+    instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
     stream.py     TokenDelta, LogprobEntry
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
@@ -18,8 +18,24 @@ from xllm.protocol import subjects
 from xllm.protocol.codec import DecodeError, decode, decode_as, encode, message, registry
 from xllm.protocol.dispatch import TypeDispatcher, make_callback
 from xllm.protocol.errors import ErrorCode, ErrorInfo, ProtocolError, http_status
-from xllm.protocol.gateway import ClusterState, ClusterStateRequest, SubmitReply, SubmitRequest
-from xllm.protocol.instance import AbortCmd, GenerateCmd, Heartbeat, Role, SetRoleCmd
+from xllm.protocol.gateway import (
+    ClusterState,
+    ClusterStateRequest,
+    InstanceLost,
+    SubmitReply,
+    SubmitRequest,
+)
+from xllm.protocol.instance import (
+    AbortCmd,
+    DecodeCmd,
+    GenerateCmd,
+    Heartbeat,
+    KvPeerInfo,
+    KvReady,
+    PrefillCmd,
+    Role,
+    SetRoleCmd,
+)
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
 from xllm.protocol.sampling import SamplingSpec
 from xllm.protocol.stream import FinishReason, LogprobEntry, TokenDelta
@@ -28,18 +44,23 @@ __all__ = [
     "AbortCmd",
     "ClusterState",
     "ClusterStateRequest",
+    "DecodeCmd",
     "DecodeError",
     "ErrorCode",
     "ErrorInfo",
     "FinishReason",
     "GenerateCmd",
     "Heartbeat",
+    "InstanceLost",
     "KvEvent",
     "KvEvents",
     "KvMatchReply",
     "KvMatchRequest",
+    "KvPeerInfo",
+    "KvReady",
     "KvSnapshotRequest",
     "LogprobEntry",
+    "PrefillCmd",
     "ProtocolError",
     "Role",
     "SamplingSpec",

@@ -10,7 +10,7 @@ Offline jobs are the same `SubmitRequest` with priority > 0, arriving through Je
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
@@ -18,7 +18,7 @@ from xllm.protocol.instance import Heartbeat
 from xllm.protocol.sampling import SamplingSpec
 
 
-@message("submit", version=1)
+@message("submit", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitRequest:
     """gateway → scheduler: place this request and start it."""
@@ -35,12 +35,12 @@ class SubmitRequest:
     """0 = online; > 0 = offline / best-effort, preempted by online work."""
     model: str | None = None
     """The model the client asked for; only instances serving it are candidates. None = any."""
-    prefix_block_hashes: list[int] = field(default_factory=list)
-    """The prompt's prefix hash chain (at the cluster's kv_block_size), for cache-aware
-    placement; empty = the scheduler routes without prefix information."""
+    resumed: bool = False
+    """A continuation of a request whose instance was lost: the prompt holds the original
+    prompt plus the tokens already streamed to the client."""
 
 
-@message("submit_reply", version=1)
+@message("submit_reply", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitReply:
     """scheduler → gateway: where the request went, or why it went nowhere."""
@@ -49,6 +49,9 @@ class SubmitReply:
     """Echoes `SubmitRequest.request_id`."""
     instance_id: str | None = None
     """The instance that streams the output (aborts go to its command subject)."""
+    prefill_instance_id: str | None = None
+    """PD-disaggregated: the instance that prefills and streams the first token (aborts go
+    to it too); None = colocated."""
     error: ErrorInfo | None = None
     """Why the request was not placed; then nothing was started."""
 
@@ -80,3 +83,15 @@ class ClusterState:
     """Requests re-placed after their instance failed."""
     sent_at: float
     """Unix time (seconds) the snapshot was taken."""
+
+
+@message("instance_lost", version=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceLost:
+    """scheduler → gateways (`INSTANCE_LOST`): an instance fell silent and left the rotation;
+    whatever it was running is gone with it."""
+
+    instance_id: str
+    """The instance that was lost."""
+    reason: str = "missed heartbeats"
+    """Why the scheduler gave up on it, for logs."""

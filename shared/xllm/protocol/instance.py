@@ -6,10 +6,15 @@ takes effect at the next step boundary, never mid-step. A command the instance c
 out for a request (bad parameters, context too long) is answered on that request's
 `request_output` subject with a `TokenDelta` whose finish_reason is "error".
 
-NOTE: KV-transfer commands (PD disaggregation: reserve blocks on the decode instance, push a
-prefill's KV blocks to it, migrate a running request) belong here too and will be added by
-the KV-transfer issue as their own tagged messages, e.g. `PrefillCmd` / `DecodeCmd` carrying
-the peer's transfer endpoint and block ids. `GenerateCmd` stays the PD-colocated path.
+PD disaggregation (report §3.2) is three messages, in this order:
+
+    scheduler ──DecodeCmd──► decode instance D      D reserves blocks for the whole prompt
+    D ──PrefillCmd──► prefill instance P            (its own prefix cache counted), then asks
+                                                    P, naming its blocks and Mooncake peer
+    P: prefill, first token → the client's stream; KV blocks written into D's (Mooncake)
+    P ──KvReady──► D                                D decodes from the first token on
+
+`GenerateCmd` stays the PD-colocated path (role both): nothing is transferred.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from xllm.protocol.codec import message
+from xllm.protocol.errors import ErrorInfo
 from xllm.protocol.sampling import SamplingSpec
+from xllm.protocol.stream import LogprobEntry
 
 Role = Literal["prefill", "decode", "both"]
 """An instance's role: prefill only, decode only, or both (PD-colocated, the default)."""
@@ -38,6 +45,92 @@ class GenerateCmd:
     """How to sample; validated by the instance against its model."""
     priority: int = 0
     """0 = online; > 0 = offline / best-effort, preempted first (larger = less urgent)."""
+
+
+@message("decode", version=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeCmd:
+    """scheduler → decode instance: decode a request that `prefill_instance_id` prefills.
+    The decode instance reserves the prompt's blocks (waiting for room if it must), then
+    sends the prefill instance a `PrefillCmd`."""
+
+    request_id: str
+    """Cluster-unique id, chosen by the gateway; also the token of the output subject."""
+    prompt_token_ids: list[int]
+    """The tokenized prompt (chat template applied)."""
+    sampling: SamplingSpec
+    """How to sample; validated by both instances against their model (n must be 1)."""
+    priority: int = 0
+    """0 = online; > 0 = offline / best-effort."""
+    prefill_instance_id: str
+    """The instance that computes the prompt's KV and the first token."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KvPeerInfo:
+    """Where a prefill instance writes a request's KV: the decode instance's Mooncake
+    endpoint, its registered pool and that pool's layout (`xllm.kv_transfer.KvPeer`)."""
+
+    endpoint: str
+    """host:rpc_port of the decode instance's transfer engine."""
+    base_addr: int
+    """Address of its registered KV pool, in its own process."""
+    num_layers: int
+    """Layers of the pool; must equal the sender's."""
+    num_blocks: int
+    """Blocks in the pool (may differ from the sender's)."""
+    block_size: int
+    """Tokens per block; must equal the sender's."""
+    token_bytes: int
+    """Bytes of one token's K (or V) in one layer; must equal the sender's."""
+
+
+@message("prefill", version=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrefillCmd:
+    """decode instance → prefill instance: prefill this prompt, stream the first token to the
+    client, write the prompt's KV into `fill_block_ids` of `peer`, then send `KvReady` to
+    `decode_instance_id`."""
+
+    request_id: str
+    """The request; the prefill instance streams its first token on its output subject."""
+    prompt_token_ids: list[int]
+    """The tokenized prompt."""
+    sampling: SamplingSpec
+    """How to sample the first token."""
+    priority: int = 0
+    """0 = online; > 0 = offline / best-effort."""
+    decode_instance_id: str
+    """Where `KvReady` goes."""
+    peer: KvPeerInfo
+    """Where the KV goes."""
+    num_cached_tokens: int
+    """Leading prompt tokens the decode instance has cached already (whole blocks): their
+    blocks are not sent."""
+    fill_block_ids: list[int]
+    """The decode instance's blocks for the rest of the prompt, in order (the last one
+    possibly partial)."""
+
+
+@message("kv_ready", version=1)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KvReady:
+    """prefill instance → decode instance: the prompt's KV is in your blocks (or, with
+    `error`, it will never be; with `finished`, the first token ended the request and
+    nothing was sent). The decode instance then decodes, fails, or frees the reservation."""
+
+    request_id: str
+    """The request whose blocks were written."""
+    first_token_id: int = -1
+    """The token the prefill instance sampled (and already streamed)."""
+    first_logprob: LogprobEntry | None = None
+    """Its logprob entry, when logprobs were asked for."""
+    num_blocks: int = 0
+    """Blocks written."""
+    finished: bool = False
+    """The prefill instance already sent the request's final delta."""
+    error: ErrorInfo | None = None
+    """Why the KV could not be delivered; the decode instance fails the request."""
 
 
 @message("abort", version=1)
@@ -61,7 +154,7 @@ class SetRoleCmd:
     """The role to take from the next step on."""
 
 
-@message("heartbeat", version=1)
+@message("heartbeat", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """instance → scheduler, kvstore, gateway (`HEARTBEAT`): a load snapshot, published
@@ -100,3 +193,17 @@ class Heartbeat:
     """Unix time (seconds) when this heartbeat was sent."""
     kv_transfer_endpoint: str | None = None
     """Where peers reach this instance's KV transfer engine (host:port); None = no transfer."""
+    kv_blocks_sent: int = 0
+    """Cumulative KV blocks this instance wrote into decode instances (prefill role)."""
+    kv_bytes_sent: int = 0
+    """Cumulative bytes of those blocks."""
+    kv_blocks_received: int = 0
+    """Cumulative KV blocks prefill instances wrote into this one (decode role)."""
+    kv_bytes_received: int = 0
+    """Cumulative bytes of those blocks."""
+    kv_transfers: int = 0
+    """Cumulative requests whose KV this instance sent."""
+    kv_transfer_seconds: float = 0.0
+    """Cumulative wall time of those transfers (mean latency = this / kv_transfers)."""
+    role_flips: int = 0
+    """Cumulative role changes (`SetRoleCmd`s that changed the role)."""

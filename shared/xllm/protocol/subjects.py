@@ -26,6 +26,10 @@ CLUSTER_STATE = "xllm.sched.cluster"
 scheduler's view of every instance (serves the gateway's /cluster). Queue group
 `SCHEDULER_QUEUE`."""
 
+INSTANCE_LOST = "xllm.sched.instance_lost"
+"""scheduler → gateways, publish (fan-out): `InstanceLost`, sent when an instance misses its
+heartbeats. Each gateway resumes the requests it had running there on another instance."""
+
 SCHEDULER_QUEUE = "scheduler"
 """Queue group of the scheduler's subscriptions: with a standby scheduler subscribed,
 each submit is still handled exactly once."""

@@ -1,0 +1,160 @@
+"""KvIndex: the cluster-wide prefix-cache index, kept in Redis.
+
+Layout (every key under `prefix`, default "xllm:kv:"):
+
+    block:<hash>        HASH  instance_id -> tier       who holds this block, and where
+    inst:<id>:blocks    SET   block hashes              what one instance holds (for its count,
+                                                        a reset and dropping a dead instance)
+    inst:<id>:seq       STRING                          the last `KvEvents.seq` applied
+    instances           SET   instance ids              every instance with state here
+
+Every change runs as one Lua script, so a reader never sees a block in `block:<hash>`
+without it in the instance's set (or the other way round), and a kvstore process that dies
+halfway through a message leaves either all or none of it applied. The index holds no state
+outside Redis: a restarted kvstore (or a second replica) reads the same truth.
+
+A match walks the request's hash chain in one script too: it stops at the first block
+nobody holds, so a miss costs one lookup, and a hit of k blocks costs k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from redis.asyncio import Redis
+
+from xllm.protocol import KvEvent
+
+# KEYS: [block prefix, instance blocks set, instance seq key, instances set]
+# ARGV: [instance id, seq, reset (0/1), kind1, hash1, tier1, kind2, hash2, tier2, ...]
+_APPLY = """
+local block_prefix, inst_blocks, inst_seq, instances = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local iid = ARGV[1]
+local prev_seq = redis.call("GET", inst_seq) or "-1"
+if ARGV[3] == "1" then
+  for _, h in ipairs(redis.call("SMEMBERS", inst_blocks)) do
+    redis.call("HDEL", block_prefix .. h, iid)
+  end
+  redis.call("DEL", inst_blocks)
+end
+for i = 4, #ARGV, 3 do
+  local kind, h, tier = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local key = block_prefix .. h
+  if kind == "stored" then
+    redis.call("HSET", key, iid, tier)
+    redis.call("SADD", inst_blocks, h)
+  elseif redis.call("HGET", key, iid) == tier then
+    -- evicted from this tier; a copy that moved to another tier first stays
+    redis.call("HDEL", key, iid)
+    redis.call("SREM", inst_blocks, h)
+  end
+end
+redis.call("SET", inst_seq, ARGV[2])
+redis.call("SADD", instances, iid)
+return {redis.call("SCARD", inst_blocks), tonumber(prev_seq)}
+"""
+
+# KEYS: [block prefix, instance blocks set, instance seq key, instances set]; ARGV: [instance id]
+_DROP = """
+local block_prefix, inst_blocks, inst_seq, instances = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+for _, h in ipairs(redis.call("SMEMBERS", inst_blocks)) do
+  redis.call("HDEL", block_prefix .. h, ARGV[1])
+end
+redis.call("DEL", inst_blocks, inst_seq)
+return redis.call("SREM", instances, ARGV[1])
+"""
+
+# KEYS: [block prefix]; ARGV: hashes of the chain, block 0 first.
+# Returns a flat [instance, matched blocks, ...] for every instance holding block 0.
+_MATCH = """
+local alive, matched = {}, {}
+local first = redis.call("HKEYS", KEYS[1] .. ARGV[1])
+if #first == 0 then return {} end
+for _, iid in ipairs(first) do alive[iid] = true; matched[iid] = 1 end
+local remaining = #first
+for i = 2, #ARGV do
+  if remaining == 0 then break end
+  local holders = {}
+  for _, iid in ipairs(redis.call("HKEYS", KEYS[1] .. ARGV[i])) do holders[iid] = true end
+  for iid, _ in pairs(alive) do
+    if holders[iid] then
+      matched[iid] = i
+    else
+      alive[iid] = nil
+      remaining = remaining - 1
+    end
+  end
+end
+local out = {}
+for iid, n in pairs(matched) do table.insert(out, iid); table.insert(out, n) end
+return out
+"""
+
+
+class Applied(NamedTuple):
+    num_blocks: int
+    """Blocks the instance holds after the message."""
+    prev_seq: int | None
+    """The `seq` applied before this message (read in the same script), None if none was."""
+
+
+class KvIndex:
+    """Reads and writes the index; one instance per process, safe for concurrent tasks."""
+
+    def __init__(self, redis: Redis, prefix: str = "xllm:kv:"):
+        self.redis = redis
+        self.prefix = prefix
+        self._apply = redis.register_script(_APPLY)
+        self._drop = redis.register_script(_DROP)
+        self._match = redis.register_script(_MATCH)
+
+    def _instance_keys(self, instance_id: str) -> list[str]:
+        p = self.prefix
+        return [f"{p}block:", f"{p}inst:{instance_id}:blocks", f"{p}inst:{instance_id}:seq"] + [
+            f"{p}instances"
+        ]
+
+    async def apply(
+        self, instance_id: str, events: Iterable[KvEvent], seq: int, reset: bool = False
+    ) -> Applied:
+        """Apply one `KvEvents` message (a reset first clears the instance)."""
+        argv: list[str | int] = [instance_id, seq, int(reset)]
+        for kind, block_hash, tier in events:
+            argv += [kind, block_hash, tier]
+        num_blocks, prev_seq = await self._apply(keys=self._instance_keys(instance_id), args=argv)
+        return Applied(int(num_blocks), None if prev_seq < 0 else int(prev_seq))
+
+    async def drop_instance(self, instance_id: str) -> bool:
+        """Forget everything about an instance (it died); True if it was known."""
+        return bool(await self._drop(keys=self._instance_keys(instance_id), args=[instance_id]))
+
+    async def match(
+        self, block_hashes: Sequence[int], instance_ids: Iterable[str] = ()
+    ) -> dict[str, int]:
+        """instance -> number of leading blocks of the chain it holds (those holding none are
+        left out); only `instance_ids` if given."""
+        if not block_hashes:
+            return {}
+        flat = await self._match(keys=[f"{self.prefix}block:"], args=list(block_hashes))
+        matched = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        wanted = set(instance_ids)
+        return {i: n for i, n in matched.items() if not wanted or i in wanted}
+
+    async def instances(self) -> set[str]:
+        return {_text(i) for i in await self.redis.smembers(f"{self.prefix}instances")}
+
+    async def last_seq(self, instance_id: str) -> int | None:
+        value = await self.redis.get(f"{self.prefix}inst:{instance_id}:seq")
+        return None if value is None else int(value)
+
+    async def block_count(self, instance_id: str) -> int:
+        return int(await self.redis.scard(f"{self.prefix}inst:{instance_id}:blocks"))
+
+    async def blocks(self, instance_id: str) -> set[int]:
+        members = await self.redis.smembers(f"{self.prefix}inst:{instance_id}:blocks")
+        return {int(h) for h in members}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

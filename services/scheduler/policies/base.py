@@ -1,0 +1,37 @@
+"""What every placement policy sees: the request to place (`PlacementRequest`) and the
+cluster (`ClusterSnapshot`), both immutable values."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from services.scheduler.cluster import ClusterSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRequest:
+    request_id: str
+    num_prompt_tokens: int
+    max_tokens: int
+    model: str | None = None
+    priority: int = 0
+    sequence_number: int = 0
+    """How many requests the scheduler placed before this one (round-robin's cursor)."""
+    roles: tuple[str, ...] = ("both",)
+    """Roles an instance must have to be a candidate: ("both",) for a colocated request;
+    ("prefill",) or ("decode",) when the scheduler places the two halves of a
+    disaggregated one (it asks the policy once per half)."""
+    prefix_hits: Mapping[str, int] = field(default_factory=dict)
+    """instance -> leading prompt tokens it already holds in its KV cache (from the kvstore
+    and the scheduler's recent placements); instances holding none are left out."""
+
+    def uncached_tokens(self, instance_id: str) -> int:
+        """Prompt tokens `instance_id` would have to prefill. At least one: the engine always
+        recomputes the last prompt token to get the first output's logits."""
+        hit = self.prefix_hits.get(instance_id, 0)
+        return max(1, self.num_prompt_tokens - hit)
+
+
+Policy = Callable[[PlacementRequest, ClusterSnapshot], str | None]
+"""A placement policy: the id of the instance to run the request on, or None if none can."""

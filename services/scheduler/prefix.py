@@ -1,0 +1,114 @@
+"""Prefix matching for placement (report §3.4, step one): how much of a request's prompt
+each instance already has in its KV cache.
+
+Two sources, and the larger counts per instance:
+
+* the kvstore (`KV_MATCH`): what the instances reported in their KV events, a few hundred
+  milliseconds behind;
+* `RecentPlacements`: the scheduler's own memory of which prefix chains it sent where in
+  the last few seconds. It covers the gap until those requests' blocks show up in the
+  kvstore, so a burst of requests sharing a new system prompt lands together instead of
+  computing the prompt once per instance.
+
+The hash chain is computed here, from the prompt tokens and the instances' block size
+(from their heartbeats), with the engine's own `block_hashes`, so a match means the engine
+will really hit. The kvstore is an optimisation: if it does not answer within
+`timeout`, placement goes on with what `RecentPlacements` knows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError, TimeoutError
+
+from xllm.engine.prefix_hash import block_hashes
+from xllm.protocol import DecodeError, KvMatchReply, KvMatchRequest, decode_as, encode, subjects
+
+log = logging.getLogger(__name__)
+
+
+class RecentPlacements:
+    """block hash -> instances it was recently sent to (each with its own time), forgotten
+    after `ttl` seconds; beyond `capacity` hashes the least recently placed go first."""
+
+    def __init__(self, ttl: float = 10.0, capacity: int = 1 << 16):
+        self.ttl = ttl
+        self.capacity = capacity
+        self._entries: OrderedDict[int, dict[str, float]] = OrderedDict()
+
+    def add(self, hashes: Iterable[int], instance_id: str, now: float) -> None:
+        for h in hashes:
+            holders = self._entries.pop(h, {})
+            holders[instance_id] = now
+            self._entries[h] = holders  # to the end: most recently placed
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def match(self, hashes: Sequence[int], now: float) -> dict[str, int]:
+        """instance -> leading blocks of `hashes` placed there within the ttl."""
+        self._expire(now)
+        matched: dict[str, int] = {}
+        alive: set[str] | None = None
+        for i, h in enumerate(hashes):
+            holders = {iid for iid, t in self._entries.get(h, {}).items() if now - t <= self.ttl}
+            alive = holders if alive is None else alive & holders
+            if not alive:
+                break
+            for instance_id in alive:
+                matched[instance_id] = i + 1
+        return matched
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            h, holders = next(iter(self._entries.items()))
+            if now - max(holders.values()) <= self.ttl:
+                return
+            del self._entries[h]
+
+
+class PrefixMatcher:
+    def __init__(self, nc: NATS, timeout: float = 0.05, recent_ttl: float = 10.0):
+        self.nc = nc
+        self.timeout = timeout
+        self.recent = RecentPlacements(recent_ttl)
+        self.kvstore_answers = True
+        """Whether the last match request got an answer (logged when it changes)."""
+
+    async def hit_tokens(self, prompt: Sequence[int], candidates: dict[str, int]) -> dict[str, int]:
+        """instance -> prompt tokens it holds, for `candidates` (instance -> block size)."""
+        hits: dict[str, int] = {}
+        for block_size in set(candidates.values()):
+            ids = [i for i, size in candidates.items() if size == block_size]
+            chain = block_hashes(prompt, block_size)
+            if not chain:
+                continue
+            blocks = self.recent.match(chain, time.monotonic())
+            for instance_id, n in (await self._ask_kvstore(chain, ids)).items():
+                blocks[instance_id] = max(n, blocks.get(instance_id, 0))
+            hits.update({i: n * block_size for i, n in blocks.items() if i in ids})
+        return hits
+
+    def placed(self, prompt: Sequence[int], instance_id: str, block_size: int) -> None:
+        self.recent.add(block_hashes(prompt, block_size), instance_id, time.monotonic())
+
+    async def _ask_kvstore(self, chain: list[int], instance_ids: list[str]) -> dict[str, int]:
+        request = KvMatchRequest(block_hashes=chain, instance_ids=instance_ids)
+        try:
+            msg = await self.nc.request(subjects.KV_MATCH, encode(request), timeout=self.timeout)
+            reply = decode_as(msg.data, KvMatchReply)
+        except (TimeoutError, NoRespondersError, DecodeError) as e:
+            if self.kvstore_answers:
+                log.warning(
+                    "kvstore did not answer a prefix match (%s); using recent placements", e
+                )
+            self.kvstore_answers = False
+            return {}
+        if not self.kvstore_answers:
+            log.info("kvstore answers prefix matches again")
+        self.kvstore_answers = True
+        return reply.matched_blocks

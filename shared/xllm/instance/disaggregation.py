@@ -1,0 +1,299 @@
+"""PdRequests: an instance's side of prefill/decode disaggregation (report §3.2).
+
+The flow (messages in `xllm.protocol.instance`):
+
+    decode instance D                                prefill instance P
+    DecodeCmd → reserve the prompt's blocks
+      (no room: wait, retried after every step)
+    ──PrefillCmd (D's blocks, Mooncake peer)──►      prefill-only request; its first token
+                                                     goes straight to the client's stream;
+                                                     its KV is written into D's blocks on
+                                                     the transport's writer thread while
+                                                     the engine steps on
+    ◄──────────────────────KvReady──────────────     then P frees its copy
+    decode from the first token on
+
+Block lifetime is the point. Every PrefillCmd P accepts is answered by exactly one KvReady
+(delivered, finished at the first token, failed or aborted), and D frees a reserved block
+only on that answer — or after `transfer_timeout`, if P died. So an abort racing a write
+never frees a block that P may still be writing into: D answers the client at once
+("abort") but keeps the blocks until P confirms it has stopped.
+
+Everything here runs on the instance's event loop between engine steps (the engine is not
+thread-safe); only the Mooncake writes run on the transport's thread, and their completion
+comes back through the instance's inbox as a `TransferDone`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from xllm.engine.engine import Engine, SequenceOutput
+from xllm.engine.sequence import Logprob
+from xllm.kv_transfer.layout import KvLayout
+from xllm.kv_transfer.mooncake import KvPeer, KvTransport
+from xllm.protocol import (
+    DecodeCmd,
+    ErrorCode,
+    ErrorInfo,
+    KvPeerInfo,
+    KvReady,
+    LogprobEntry,
+    PrefillCmd,
+    TokenDelta,
+)
+
+log = logging.getLogger(__name__)
+
+SendCmd = Callable[[str, object], Awaitable[None]]
+"""Publish a message on an instance's command subject: (instance_id, message)."""
+SendDelta = Callable[[TokenDelta], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class TransferDone:
+    """A Mooncake write finished (on the writer thread); handled on the loop."""
+
+    request_id: str
+    error: str | None = None
+
+
+@dataclass
+class _Reserved:
+    """Decode side: a request whose blocks wait for a prefill instance's KV."""
+
+    cmd: DecodeCmd
+    num_fill_blocks: int
+    since: float
+    cancelled: bool = False
+    """Aborted: the client was told; the blocks wait for P's answer before being freed."""
+
+
+@dataclass
+class _Prefilling:
+    """Prefill side: an accepted PrefillCmd, until its KvReady is sent."""
+
+    cmd: PrefillCmd
+    first: SequenceOutput | None = None
+    writing: bool = False
+    aborted: bool = False
+
+
+class PdRequests:
+    def __init__(
+        self,
+        instance_id: str,
+        engine: Engine,
+        transport: KvTransport,
+        send_cmd: SendCmd,
+        send_delta: SendDelta,
+        notify_transfer_done: Callable[[TransferDone], None],
+        transfer_timeout: float,
+    ):
+        self.instance_id = instance_id
+        self.engine = engine
+        self.transport = transport
+        self.send_cmd = send_cmd
+        self.send_delta = send_delta
+        self.notify_transfer_done = notify_transfer_done
+        """Thread-safe: queues a `TransferDone` for the loop, which calls on_transfer_done."""
+        self.transfer_timeout = transfer_timeout
+        self.awaiting_room: deque[DecodeCmd] = deque()
+        self.reserved: dict[str, _Reserved] = {}
+        self.prefilling: dict[str, _Prefilling] = {}
+
+    def owns(self, request_id: str) -> bool:
+        return (
+            request_id in self.reserved
+            or request_id in self.prefilling
+            or any(c.request_id == request_id for c in self.awaiting_room)
+        )
+
+    # -- decode side ----------------------------------------------------------------------
+
+    async def on_decode(self, cmd: DecodeCmd) -> None:
+        self.awaiting_room.append(cmd)
+        await self.reserve_waiting()
+
+    async def reserve_waiting(self) -> None:
+        """Reserve blocks for queued DecodeCmds, in order, while the pool has room."""
+        while self.awaiting_room:
+            cmd = self.awaiting_room[0]
+            try:
+                reservation = self.engine.reserve_remote_prefill(
+                    cmd.request_id, list(cmd.prompt_token_ids), cmd.sampling.to_params()
+                )
+            except ValueError as e:
+                self.awaiting_room.popleft()
+                await self._fail(cmd.request_id, ErrorCode.INVALID_REQUEST, str(e))
+                continue
+            if reservation is None:
+                return  # no room yet: blocks free up as running requests finish
+            self.awaiting_room.popleft()
+            fill = reservation.fill_block_ids
+            self.reserved[cmd.request_id] = _Reserved(cmd, len(fill), time.monotonic())
+            prefill = PrefillCmd(
+                request_id=cmd.request_id,
+                prompt_token_ids=cmd.prompt_token_ids,
+                sampling=cmd.sampling,
+                priority=cmd.priority,
+                decode_instance_id=self.instance_id,
+                peer=peer_info(self.transport.peer),
+                num_cached_tokens=reservation.num_cached_tokens,
+                fill_block_ids=list(fill),
+            )
+            await self.send_cmd(cmd.prefill_instance_id, prefill)
+
+    async def on_kv_ready(self, msg: KvReady) -> None:
+        entry = self.reserved.pop(msg.request_id, None)
+        if entry is None:
+            log.warning("KvReady for %s, which holds no reservation here", msg.request_id)
+            return
+        if entry.cancelled or msg.finished or msg.error is not None:
+            self.engine.abort_request(msg.request_id)  # frees the reserved blocks
+            if msg.error is not None and not entry.cancelled:
+                await self.send_delta(error_delta(msg.request_id, msg.error))
+            return
+        self.transport.record_received(msg.num_blocks)
+        first = msg.first_logprob
+        logprob = Logprob(first.token_id, first.logprob, dict(first.top)) if first else None
+        reason = self.engine.commit_remote_prefill(msg.request_id, msg.first_token_id, logprob)
+        if reason is not None:  # the first token ended it; P streamed the token itself
+            await self.send_delta(
+                TokenDelta(request_id=msg.request_id, finish_reason=reason.value)  # type: ignore[arg-type]
+            )
+
+    async def expire_reservations(self, now: float) -> None:
+        """Free reservations whose prefill instance never answered (it died)."""
+        late = [r for r, e in self.reserved.items() if now - e.since > self.transfer_timeout]
+        for request_id in late:
+            entry = self.reserved.pop(request_id)
+            self.engine.abort_request(request_id)
+            if not entry.cancelled:
+                message = f"the prefill instance {entry.cmd.prefill_instance_id} did not answer"
+                await self._fail(request_id, ErrorCode.INSTANCE_FAILED, message)
+
+    # -- prefill side ---------------------------------------------------------------------
+
+    async def on_prefill(self, cmd: PrefillCmd) -> None:
+        layout = KvLayout(
+            cmd.peer.num_layers, cmd.peer.num_blocks, cmd.peer.block_size, cmd.peer.token_bytes
+        )
+        if not layout.compatible_with(self.transport.layout):
+            why = f"the decode instance's KV layout {layout} does not match {self.transport.layout}"
+            await self._answer(cmd, error=ErrorInfo(code=ErrorCode.INTERNAL, message=why))
+            return
+        try:
+            params = cmd.sampling.to_params()
+            self.engine.add_request(
+                cmd.request_id, list(cmd.prompt_token_ids), params, prefill_only=True
+            )
+        except ValueError as e:
+            await self._answer(cmd, error=ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=str(e)))
+            return
+        self.prefilling[cmd.request_id] = _Prefilling(cmd)
+
+    async def on_step_output(self, out: SequenceOutput) -> None:
+        """A prefill-only request produced its first token (the caller already streamed
+        it): start writing its KV, or answer at once if that token ended it."""
+        entry = self.prefilling.get(out.request_id)
+        if entry is None:
+            return
+        if not out.prefilled:  # finished at the first token: nothing to send
+            del self.prefilling[out.request_id]
+            await self._answer(entry.cmd, finished=True)
+            return
+        entry.first, entry.writing = out, True
+        cmd = entry.cmd
+        skip = cmd.num_cached_tokens // cmd.peer.block_size
+        local = self.engine.prefilled_block_ids(cmd.request_id)[skip:]
+        future = self.transport.submit_blocks(
+            peer_of(cmd.peer), local[: len(cmd.fill_block_ids)], cmd.fill_block_ids
+        )
+
+        def done(f) -> None:  # on the writer thread: hand over to the loop
+            error = None if f.exception() is None else str(f.exception())
+            self.notify_transfer_done(TransferDone(cmd.request_id, error))
+
+        future.add_done_callback(done)
+
+    async def on_transfer_done(self, done: TransferDone) -> None:
+        entry = self.prefilling.pop(done.request_id)
+        self.engine.release_prefilled(done.request_id)
+        if entry.aborted:
+            await self._answer(entry.cmd, error=aborted_error())
+        elif done.error is not None:
+            log.error("%s: KV transfer failed: %s", done.request_id, done.error)
+            message = f"the KV transfer to the decode instance failed: {done.error}"
+            await self._answer(entry.cmd, error=ErrorInfo(code=ErrorCode.INTERNAL, message=message))
+        else:
+            first = entry.first
+            await self._answer(
+                entry.cmd,
+                first_token_id=first.token_ids[0],
+                first_logprob=wire_logprob(first.logprobs[0]) if first.logprobs else None,
+                num_blocks=len(entry.cmd.fill_block_ids),
+            )
+
+    # -- both -----------------------------------------------------------------------------
+
+    async def abort(self, request_id: str) -> bool:
+        """Handle an abort for a request in the PD flow; False if it is not one."""
+        for cmd in list(self.awaiting_room):
+            if cmd.request_id == request_id:
+                self.awaiting_room.remove(cmd)
+                await self.send_delta(TokenDelta(request_id=request_id, finish_reason="abort"))
+                return True
+        if (reserved := self.reserved.get(request_id)) is not None:
+            if not reserved.cancelled:  # blocks stay held until P answers (module doc)
+                reserved.cancelled = True
+                await self.send_delta(TokenDelta(request_id=request_id, finish_reason="abort"))
+            return True
+        if (entry := self.prefilling.get(request_id)) is not None:
+            if entry.writing:
+                entry.aborted = True  # answered when the write ends
+            else:
+                self.engine.abort_request(request_id)
+                del self.prefilling[request_id]
+                await self._answer(entry.cmd, error=aborted_error())
+            return True
+        return False
+
+    async def _answer(self, cmd: PrefillCmd, **fields) -> None:
+        await self.send_cmd(cmd.decode_instance_id, KvReady(request_id=cmd.request_id, **fields))
+
+    async def _fail(self, request_id: str, code: ErrorCode, message: str) -> None:
+        await self.send_delta(error_delta(request_id, ErrorInfo(code=code, message=message)))
+
+
+def peer_info(peer: KvPeer) -> KvPeerInfo:
+    layout = peer.layout
+    return KvPeerInfo(
+        endpoint=peer.endpoint,
+        base_addr=peer.base_addr,
+        num_layers=layout.num_layers,
+        num_blocks=layout.num_blocks,
+        block_size=layout.block_size,
+        token_bytes=layout.token_bytes,
+    )
+
+
+def peer_of(info: KvPeerInfo) -> KvPeer:
+    layout = KvLayout(info.num_layers, info.num_blocks, info.block_size, info.token_bytes)
+    return KvPeer(info.endpoint, info.base_addr, layout)
+
+
+def wire_logprob(lp: Logprob) -> LogprobEntry:
+    return LogprobEntry(lp.token_id, lp.logprob, lp.top)
+
+
+def aborted_error() -> ErrorInfo:
+    return ErrorInfo(code=ErrorCode.INVALID_REQUEST, message="the request was aborted")
+
+
+def error_delta(request_id: str, error: ErrorInfo) -> TokenDelta:
+    return TokenDelta(request_id=request_id, finish_reason="error", error=error)

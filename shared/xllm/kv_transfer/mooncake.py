@@ -1,0 +1,162 @@
+"""KvTransport: an engine's KV pool on the Mooncake Transfer Engine (TCP), block writes to a peer.
+
+Design notes.
+
+  * P2P handshake, no metadata server. `initialize(host, "P2PHANDSHAKE", "tcp", "")` makes
+    the engine listen on an RPC port of its own choosing; peers address it as
+    "host:rpc_port" and fetch its segment descriptor (the registered buffers) from it
+    directly on first use. So no etcd/Redis/HTTP metadata service has to run, and an
+    instance advertises one string, `endpoint`, in its heartbeat. The pool's base address
+    and layout travel with the decode instance's reservation (`KvPeer`).
+  * The sender writes into blocks the receiver reserved. The decode instance allocates
+    the blocks first (so the request can never be admitted without room), the prefill
+    instance pushes its KV straight into them with one-sided writes, then tells the
+    decode instance over NATS. The receiver runs no code per transfer, and nothing is
+    staged in between: the bytes land where decode attention reads them.
+  * Overlap. Writes release the GIL, and `submit_blocks` runs them on a writer thread, so
+    a request's KV travels while the engine keeps stepping the other requests (the
+    request's blocks are held, so nothing overwrites them meanwhile). Shipping a long
+    prompt's blocks chunk by chunk, before its prefill ends, would fit the same call;
+    it is not done yet because a preempted prefill frees blocks a write may be reading.
+    Within a transfer, consecutive block ids are merged into one write per (layer, K/V)
+    plane (`layout.block_segments`).
+  * Counting. The receiver cannot observe one-sided writes, so the sender counts the
+    bytes it wrote and the receiver counts the bytes of the blocks it expected
+    (`record_received`, called when the notification arrives); tests compare the two.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from xllm.kv_transfer.layout import KvLayout, block_segments
+
+P2P_HANDSHAKE = "P2PHANDSHAKE"
+
+
+class KvTransferError(RuntimeError):
+    """Mooncake refused or failed an operation (its log on stderr has the details)."""
+
+
+def load_transfer_engine() -> type:
+    """`mooncake.engine.TransferEngine`, or an error saying what to install."""
+    try:
+        from mooncake.engine import TransferEngine
+    except ImportError as exc:
+        if "ibverbs" in str(exc):
+            hint = "install the Debian package libibverbs1 (apt-get install libibverbs1)"
+        else:
+            hint = "pip install 'xllm[mooncake]' (mooncake-transfer-engine-non-cuda on CPU)"
+        raise KvTransferError(
+            f"cannot import the Mooncake Transfer Engine ({exc}): {hint}"
+        ) from exc
+    return TransferEngine
+
+
+@dataclass(frozen=True)
+class KvPeer:
+    """What a sender needs to write into a receiver's pool; the receiver hands it out."""
+
+    endpoint: str
+    """host:rpc_port of the receiver's transfer engine (its Mooncake segment name)."""
+    base_addr: int
+    """Address of the receiver's registered KV pool in its own process."""
+    layout: KvLayout
+
+
+@dataclass
+class TransferStats:
+    blocks_sent: int = 0
+    bytes_sent: int = 0
+    writes: int = 0
+    """Contiguous segments written (after merging consecutive blocks)."""
+    transfers: int = 0
+    seconds_sending: float = 0.0
+    """Wall time inside Mooncake writes, summed over transfers."""
+    blocks_received: int = 0
+    bytes_received: int = 0
+
+
+class KvTransport:
+    """One engine's KV pool registered with Mooncake; writes its blocks into peers' pools."""
+
+    def __init__(self, kv: torch.Tensor, block_size: int, hostname: str = "127.0.0.1"):
+        """`kv` is the engine's pool [L, 2, num_slots, Hkv, D] (`KVCache.tensor`), on CPU."""
+        self.layout = KvLayout.of(kv, block_size)
+        self.kv = kv  # keeps the registered memory alive
+        self.base_addr = kv.data_ptr()
+        self.engine = load_transfer_engine()()
+        if self.engine.initialize(hostname, P2P_HANDSHAKE, "tcp", "") != 0:
+            raise KvTransferError(f"Mooncake TCP transport failed to start on {hostname}")
+        self.endpoint = f"{hostname}:{self.engine.get_rpc_port()}"
+        if self.engine.register_memory(self.base_addr, self.layout.nbytes) != 0:
+            raise KvTransferError(f"cannot register the KV pool ({self.layout.nbytes} bytes)")
+        self.stats = TransferStats()
+        self._lock = threading.Lock()  # stats are updated from the writer thread
+        self._writer: ThreadPoolExecutor | None = None
+
+    @property
+    def peer(self) -> KvPeer:
+        """This pool as a write target, to hand to senders."""
+        return KvPeer(self.endpoint, self.base_addr, self.layout)
+
+    def write_blocks(
+        self, peer: KvPeer, local_block_ids: list[int], remote_block_ids: list[int]
+    ) -> int:
+        """Copy local blocks into the peer's blocks, pairwise; blocks until done.
+
+        Returns the bytes written; raises KvTransferError when Mooncake reports a failure.
+        """
+        if not local_block_ids:
+            return 0
+        segments = block_segments(self.layout, peer.layout, local_block_ids, remote_block_ids)
+        start = time.perf_counter()
+        status = self.engine.batch_transfer_sync_write(
+            peer.endpoint,
+            [self.base_addr + src for src, _, _ in segments],
+            [peer.base_addr + dst for _, dst, _ in segments],
+            [length for _, _, length in segments],
+        )
+        elapsed = time.perf_counter() - start
+        if status != 0:
+            raise KvTransferError(
+                f"writing {len(local_block_ids)} blocks to {peer.endpoint} failed ({status})"
+            )
+        nbytes = sum(length for _, _, length in segments)
+        with self._lock:
+            self.stats.blocks_sent += len(local_block_ids)
+            self.stats.bytes_sent += nbytes
+            self.stats.writes += len(segments)
+            self.stats.transfers += 1
+            self.stats.seconds_sending += elapsed
+        return nbytes
+
+    def submit_blocks(
+        self, peer: KvPeer, local_block_ids: list[int], remote_block_ids: list[int]
+    ) -> Future[int]:
+        """`write_blocks` on the writer thread, so the caller can compute meanwhile.
+
+        Transfers run one at a time in submission order. The caller must keep the local
+        blocks unchanged (held) until the future is done.
+        """
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="kv-writer")
+        return self._writer.submit(
+            self.write_blocks, peer, list(local_block_ids), list(remote_block_ids)
+        )
+
+    def record_received(self, num_blocks: int) -> None:
+        """Count blocks a peer wrote into this pool (called on its notification)."""
+        with self._lock:
+            self.stats.blocks_received += num_blocks
+            self.stats.bytes_received += num_blocks * self.layout.block_bytes
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+        self.engine.unregister_memory(self.base_addr)
