@@ -9,7 +9,12 @@ from collections import Counter
 import pytest
 
 from services.scheduler.cluster import ClusterSnapshot
-from services.scheduler.policies import POLICIES, PlacementRequest, get_policy
+from services.scheduler.policies import (
+    POLICIES,
+    POLICIES_USING_PREFIX_HITS,
+    PlacementRequest,
+    get_policy,
+)
 from services.scheduler.sim.cost_model import ModelShape, StepShape, kv_transfer_time, step_time
 from services.scheduler.sim.hardware import SPEC_PROFILES
 from services.scheduler.sim.instance import InstanceSpec, SimInstance, SimRequest
@@ -21,10 +26,12 @@ HW = SPEC_PROFILES["a100"]
 SPEC = InstanceSpec(num_kv_blocks=4096, block_size=16, max_num_batched_tokens=2048)
 
 
-def run(requests, instances=1, policy="round-robin", spec=SPEC, roles=None):
+def run(requests, instances=1, policy="round-robin", spec=SPEC, roles=None, prefix_hits=None):
     cluster = ClusterSpec(roles, spec) if roles else ClusterSpec.colocated(instances, spec)
+    if prefix_hits is None:
+        prefix_hits = policy in POLICIES_USING_PREFIX_HITS
     policy_fn = get_policy(policy) if isinstance(policy, str) else policy
-    sim = Simulator(MODEL, HW, cluster, policy_fn)
+    sim = Simulator(MODEL, HW, cluster, policy_fn, uses_prefix_hits=prefix_hits)
     return sim.run(requests), sim
 
 
@@ -128,25 +135,34 @@ def test_a_prefix_hit_skips_its_prefill():
     assert sim.instances[0].prefix_hit_tokens == 1024
 
 
-def test_placement_requests_carry_prefix_hits_when_the_field_exists():
-    if "prefix_hits" not in {f.name for f in dataclasses.fields(PlacementRequest)}:
-        pytest.skip("PlacementRequest has no prefix_hits yet")
+def test_policies_that_read_prefix_hits_get_them_from_caches_and_recent_placements():
     seen = []
 
     def spy(request, snapshot):
-        seen.append(request.prefix_hits)
+        seen.append(dict(request.prefix_hits))
         return "inst-001"
 
     blocks = (1, 2, 3)
     run(
         [
             req(0, prompt=1600, output=1, hash_ids=blocks),
-            req(1, arrival=5.0, prompt=1600, output=1, hash_ids=blocks),
+            req(1, arrival=0.0, prompt=1600, output=1, hash_ids=blocks),  # not computed yet
+            req(2, arrival=5.0, prompt=1600, output=1, hash_ids=blocks),  # cached by now
         ],
         instances=2,
         policy=spy,
+        prefix_hits=True,
     )
-    assert seen == [{"inst-000": 0, "inst-001": 0}, {"inst-000": 0, "inst-001": 1536}]
+    # Instances with no hit are left out; req 1 hits through RecentPlacements alone.
+    assert seen == [{}, {"inst-001": 1536}, {"inst-001": 1536}]
+
+
+def test_cache_aware_keeps_a_shared_prefix_together_and_hits_it():
+    blocks = (11, 12, 13, 14)
+    requests = [req(i, arrival=i * 0.5, prompt=2100, output=2, hash_ids=blocks) for i in range(4)]
+    done, _ = run(requests, instances=4, policy="cache-aware")
+    assert len({r.instance_id for r in done}) == 1
+    assert [r.num_cached_tokens for r in done] == [0, 2048, 2048, 2048]
 
 
 def test_kv_pool_pressure_preempts_and_still_finishes_everything():
@@ -156,17 +172,24 @@ def test_kv_pool_pressure_preempts_and_still_finishes_everything():
     assert sim.instances[0].num_preemptions > 0
 
 
-def test_pd_hands_the_kv_over_after_the_transfer_time():
-    def to_prefill(request, snapshot):
-        return snapshot.candidates(None, roles=("prefill",))[0].instance_id
-
-    (r,), sim = run([req(0, prompt=1000, output=3)], policy=to_prefill, roles=("prefill", "decode"))
+def test_pd_places_both_halves_with_the_policy_and_hands_the_kv_over():
+    (r,), sim = run([req(0, prompt=1000, output=3)], roles=("prefill", "decode"))
     prefill = step_time(MODEL, StepShape(prefill_chunks=((1000, 0),), num_prefill_samples=1), HW)
     transfer = kv_transfer_time(MODEL, 1000, HW)
     decodes = [step_time(MODEL, StepShape(decode_context_lens=(c,)), HW) for c in (1001, 1002)]
+    assert (r.instance_id, r.decode_instance_id) == ("inst-000", "inst-001")
     assert r.first_token_at == pytest.approx(prefill)
     assert r.finished_at == pytest.approx(prefill + transfer + sum(decodes))
     assert sim.instances[1].steps == 2
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_every_policy_runs_a_disaggregated_cluster(name):
+    requests = [req(i, arrival=i * 0.05, prompt=600, output=4) for i in range(12)]
+    done, sim = run(requests, policy=name, roles=("prefill",) * 2 + ("decode",) * 2)
+    assert all(r.finished_at is not None and not r.rejected for r in done)
+    assert {r.decode_instance_id for r in done} <= {"inst-002", "inst-003"}
+    assert sum(i.steps for i in sim.instances[2:]) > 0
 
 
 def test_percentile_interpolates_like_numpy():

@@ -37,6 +37,9 @@ class SimRequest:
     output_len: int
     hash_ids: tuple[int, ...] = ()
     instance_id: str | None = None
+    """Where it runs (its prefill, when disaggregated)."""
+    decode_instance_id: str | None = None
+    """Where its decode runs, when disaggregated."""
     first_token_at: float | None = None
     finished_at: float | None = None
     num_cached_tokens: int = 0
@@ -129,16 +132,21 @@ class SimInstance:
         )
 
     def cached_prefix_tokens(self, req: SimRequest) -> int:
-        """Prompt tokens this instance holds in its prefix cache (never the last one)."""
-        if not self.spec.enable_prefix_caching:
-            return 0
+        """Prompt tokens this instance holds in its prefix cache."""
         hit = 0
         for block in req.hash_ids:
             if block not in self.prefix_cache:
                 break
             hit += 1
+        return self.usable_hit(req, hit * HASH_BLOCK_TOKENS)
+
+    def usable_hit(self, req: SimRequest, tokens: int) -> int:
+        """What the engine can reuse of a `tokens` prefix: whole KV blocks, never the last
+        prompt token (its logits are needed), nothing without prefix caching."""
+        if not self.spec.enable_prefix_caching:
+            return 0
         limit = (req.num_prompt_tokens - 1) // self.spec.block_size * self.spec.block_size
-        return min(hit * HASH_BLOCK_TOKENS, limit)
+        return min(tokens, limit)
 
     # -- requests ---------------------------------------------------------------------------------
 

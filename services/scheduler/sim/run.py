@@ -5,17 +5,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
-from services.scheduler.policies import get_policy
+from services.scheduler.policies import POLICIES_USING_PREFIX_HITS, get_policy
 from services.scheduler.sim.cost_model import ModelShape
 from services.scheduler.sim.hardware import GiB, HardwareProfile, load_profile
 from services.scheduler.sim.instance import InstanceSpec, SimRequest
 from services.scheduler.sim.report import SimReport, Slo, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
-
-try:  # the shared trace loader (issue #6, first half); a stand-in until it is merged
-    from xllm.bench.traces import TraceRequest, load_trace
-except ImportError:  # pragma: no cover - depends on the merge
-    from xllm.sim._traces_fallback import TraceRequest, load_trace
+from xllm.bench.traces import TraceRequest, load_trace
 
 
 @dataclass(frozen=True)
@@ -114,6 +110,12 @@ def to_requests(trace: tuple[TraceRequest, ...]) -> list[SimRequest]:
 
 
 def simulate(setup: Setup, policy_name: str) -> SimReport:
-    sim = Simulator(setup.model, setup.hw, setup.cluster, get_policy(policy_name))
+    sim = Simulator(
+        setup.model,
+        setup.hw,
+        setup.cluster,
+        get_policy(policy_name),
+        uses_prefix_hits=policy_name in POLICIES_USING_PREFIX_HITS,
+    )
     requests = sim.run(to_requests(setup.trace))
     return summarize(policy_name, requests, sim.instances, setup.slo)

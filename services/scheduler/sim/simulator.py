@@ -2,9 +2,13 @@
 
 Events (a heap ordered by time): a request arrives, an instance finishes a step, a
 request's KV lands on its decode instance. On arrival the simulator does what
-`SchedulerService.on_submit` does: the context-length check, `policy(PlacementRequest,
-registry.snapshot())` with the real `Registry`, then `note_placement`. Instances step like
-our engine (see instance.py) and each step lasts what the cost model says.
+`SchedulerService.on_submit` does, with the same objects: the context-length check; prefix
+hits for policies that read them (the instances' caches, standing in for the kvstore, and
+the live `RecentPlacements`); `policy(PlacementRequest, registry.snapshot())` on the real
+`Registry`, once per half (roles prefill, decode) when no instance is colocated; then
+`note_placement` of the tokens each instance will compute. Instances step like our engine
+(see instance.py), each step lasting what the cost model says, and a disaggregated
+request's KV reaches its decode instance `kv_transfer_time` after its prefill.
 
 Heartbeats: every instance sends one each `heartbeat_interval` (staggered, as independent
 processes are), so policies see the same stale load plus pending placements as live. They
@@ -16,21 +20,27 @@ the registry. No per-heartbeat events, yet the same picture as a heartbeat every
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from services.scheduler.cluster import Registry
+from services.scheduler.cluster import ClusterSnapshot, Registry
 from services.scheduler.policies import PlacementRequest, Policy
+from services.scheduler.prefix import RecentPlacements
 from services.scheduler.sim.cost_model import ModelShape, kv_transfer_time, step_time
 from services.scheduler.sim.hardware import HardwareProfile
-from services.scheduler.sim.instance import InstanceSpec, ScheduledStep, SimInstance, SimRequest
+from services.scheduler.sim.instance import (
+    HASH_BLOCK_TOKENS,
+    InstanceSpec,
+    ScheduledStep,
+    SimInstance,
+    SimRequest,
+)
 
 ARRIVE, STEP_DONE, KV_LANDED = 0, 1, 2
-_PLACEMENT_FIELDS = {f.name for f in dataclasses.fields(PlacementRequest)}
+ALL_ROLES = ("both", "prefill", "decode")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +59,20 @@ class ClusterSpec:
 
 class Simulator:
     def __init__(
-        self, model: ModelShape, hw: HardwareProfile, cluster: ClusterSpec, policy: Policy
+        self,
+        model: ModelShape,
+        hw: HardwareProfile,
+        cluster: ClusterSpec,
+        policy: Policy,
+        uses_prefix_hits: bool = False,
     ):
         self.model = model
         self.hw = hw
         self.cluster = cluster
         self.policy = policy
+        self.uses_prefix_hits = uses_prefix_hits
+        """As live, only policies that read `prefix_hits` get them (`POLICIES_USING_...`)."""
+        self.recent = RecentPlacements()
         self.instances = [
             SimInstance(f"inst-{i:03d}", cluster.instance, role, cluster.model_name)
             for i, role in enumerate(cluster.roles)
@@ -115,34 +133,74 @@ class Simulator:
     def _on_arrival(self, req: SimRequest) -> None:
         self._flush_all()
         snapshot = self.registry.snapshot()
-        candidates = snapshot.candidates(None, roles=("both", "prefill"))
+        candidates = snapshot.candidates(None, ALL_ROLES)
         max_len = max((v.heartbeat.max_model_len for v in candidates), default=0)
-        instance_id = None
+        placed = False
         if req.num_prompt_tokens < max_len:  # `SchedulerService._check`
-            instance_id = self.policy(self._placement(req), snapshot)
-        if instance_id is None:
+            placement = self._placement(req)
+            if snapshot.candidates(None, ("both",)):
+                placed = self._place_colocated(req, placement, snapshot)
+            else:
+                placed = self._place_disaggregated(req, placement, snapshot)
+        if not placed:
             req.rejected = True
             return
-        self.registry.note_placement(instance_id, req.num_prompt_tokens + req.output_len)
         self.num_placed += 1
-        req.instance_id = instance_id
-        inst = self._by_id[instance_id]
+        inst = self._by_id[req.instance_id]  # type: ignore[index]
         inst.add(req)
         self._kick(inst)
 
+    def _place_colocated(
+        self, req: SimRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
+    ) -> bool:
+        instance_id = self.policy(placement, snapshot)
+        if instance_id is None:
+            return False
+        req.instance_id = instance_id
+        self._note(instance_id, req, placement, req.output_len)
+        return True
+
+    def _place_disaggregated(
+        self, req: SimRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
+    ) -> bool:
+        prefill_id = self.policy(replace(placement, roles=("prefill",)), snapshot)
+        decode_id = self.policy(replace(placement, roles=("decode",)), snapshot)
+        if prefill_id is None or decode_id is None:
+            return False
+        req.instance_id, req.decode_instance_id = prefill_id, decode_id
+        self._note(prefill_id, req, placement, 0)
+        self._note(decode_id, req, placement, req.output_len)
+        return True
+
+    def _note(
+        self, instance_id: str, req: SimRequest, placement: PlacementRequest, decode: int
+    ) -> None:
+        """`SchedulerService._note`: pending work is what the instance will compute."""
+        self.registry.note_placement(instance_id, placement.uncached_tokens(instance_id) + decode)
+        if self.uses_prefix_hits:
+            self.recent.add(req.hash_ids, instance_id, self.now)
+
     def _placement(self, req: SimRequest) -> PlacementRequest:
-        extra = {}
-        if "prefix_hits" in _PLACEMENT_FIELDS:  # cache-aware policies read this
-            extra["prefix_hits"] = {
-                i.instance_id: i.cached_prefix_tokens(req) for i in self.instances
-            }
         return PlacementRequest(
             request_id=req.request_id,
             num_prompt_tokens=req.num_prompt_tokens,
             max_tokens=req.output_len,
             sequence_number=self.num_placed,
-            **extra,
+            prefix_hits=self._prefix_hits(req) if self.uses_prefix_hits else {},
         )
+
+    def _prefix_hits(self, req: SimRequest) -> dict[str, int]:
+        """`PrefixMatcher.hit_tokens`: per instance, the larger of what its cache holds (the
+        kvstore's answer, here without its few hundred ms of lag) and what was recently
+        placed there; instances with no hit are left out."""
+        recent = self.recent.match(req.hash_ids, self.now)
+        hits = {}
+        for inst in self.instances:
+            placed = recent.get(inst.instance_id, 0) * HASH_BLOCK_TOKENS
+            tokens = max(inst.cached_prefix_tokens(req), inst.usable_hit(req, placed))
+            if tokens:
+                hits[inst.instance_id] = tokens
+        return hits
 
     def _kick(self, inst: SimInstance) -> None:
         """Start `inst`'s next step now, if it is idle and has something it can run."""
@@ -167,19 +225,13 @@ class Simulator:
         self._kick(inst)
 
     def _hand_over(self, req: SimRequest) -> None:
-        """Send a finished prefill's KV to the decode instance with the least load."""
-        if req.output_len <= 1:
+        """Send a finished prefill's KV to the decode instance chosen at placement."""
+        if req.output_len <= 1:  # the prefill's first token was the whole output
             req.finished_at = self.now
             return
-        decodes = self.registry.snapshot().candidates(None, roles=("decode",))
-        if not decodes:
-            req.finished_at = self.now
-            req.rejected = True
-            return
-        target = min(decodes, key=lambda v: (v.load, v.instance_id)).instance_id
-        self.registry.note_placement(target, req.num_prompt_tokens + req.output_len)
         delay = kv_transfer_time(self.model, req.num_prompt_tokens, self.hw)
-        self._push(self.now + delay, KV_LANDED, (self._by_id[target], req))
+        target = self._by_id[req.decode_instance_id]  # type: ignore[index]
+        self._push(self.now + delay, KV_LANDED, (target, req))
 
     def _on_kv_landed(self, inst: SimInstance, req: SimRequest) -> None:
         self._flush_heartbeat(self._index[inst.instance_id])
