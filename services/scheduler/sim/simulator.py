@@ -92,7 +92,7 @@ class Simulator:
 
     def run(self, requests: Sequence[SimRequest]) -> list[SimRequest]:
         """Replay `requests` (sorted by arrival) to the end; returns them with their times."""
-        for i, _inst in enumerate(self.instances):  # every instance has joined at t = 0
+        for i in range(len(self.instances)):  # every instance has joined at t = 0
             self._deliver(i, 0.0)
         for req in requests:
             self._push(req.arrival, ARRIVE, req)

@@ -35,12 +35,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--start", type=float, default=0.0, help="trace window start, seconds")
     p.add_argument("--duration", type=float, default=None, help="trace window, seconds")
     p.add_argument("--limit", type=int, default=None, help="first N requests")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--kv-cache-gb", type=float, default=0.0, help="0 = the profile's")
+    engine = "the simulated engine's, as EngineConfig's"
+    p.add_argument("--block-size", type=int, default=16, help=f"{engine} --block-size")
+    p.add_argument("--max-num-seqs", type=int, default=64, help=f"{engine} --max-num-seqs")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help=f"{engine} step token budget"
+    )
+    p.add_argument(
+        "--kv-cache-gb", type=float, default=0.0, help="KV pool per instance; 0 = the profile's"
+    )
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--heartbeat-interval", type=float, default=0.25)
+    p.add_argument(
+        "--heartbeat-interval", type=float, default=0.25, help="seconds between heartbeats"
+    )
     p.set_defaults(func=run)
     sub = p.add_subparsers(dest="sim_command")
     c = sub.add_parser("calibrate", help="time our engine and fit a hardware profile")
