@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.scheduler.sim import calibrate as cal
+from services.scheduler.sim import fit
 from services.scheduler.sim.cost_model import ModelShape
 from services.scheduler.sim.hardware import HardwareProfile
 
@@ -21,7 +22,7 @@ def synthetic(model: ModelShape, hw: HardwareProfile, shapes: list[cal.Shape]):
             ((s.prefill, s.prefill_ctx),) if s.prefill else (),
             1 if s.prefill else 0,
         )
-        out.append(cal.Measurement(s, step, step_time(model, step, hw)))
+        out.append(fit.Measurement(str(s), step, step_time(model, step, hw)))
     return out
 
 
@@ -43,8 +44,8 @@ def test_the_fit_recovers_factors_it_was_generated_with():
         overlap=1.0,
     )
     base = HardwareProfile("t", {"bfloat16": 1e12}, 1e11, 1e9, 1e10)
-    fitted = cal.fit_factors(model, synthetic(model, truth, cal.TRAIN_TINY), base)
-    errors = cal.relative_errors(model, synthetic(model, truth, cal.HELD_OUT_TINY), fitted)
+    fitted = fit.fit_factors(model, synthetic(model, truth, cal.TRAIN_TINY), base)
+    errors = fit.relative_errors(model, synthetic(model, truth, cal.HELD_OUT_TINY), fitted)
     assert max(map(abs, errors)) < 1e-6
     assert fitted.linear_factor == pytest.approx(1.5, rel=1e-3)
 
@@ -57,15 +58,15 @@ def test_calibrated_profile_predicts_held_out_engine_steps_within_15_percent(tin
         "float32",
         cal.TRAIN_TINY,
         cal.HELD_OUT_TINY,
-        rounds=5,
+        rounds=7,  # 5 failed once in ~6 runs under a load average of 5 on 2 cores
         repeats=3,
         warmup=1,
         name="test",
     )
     model = ModelShape.load(model_dir, "float32")
     errors = {
-        str(m.shape): e
-        for m, e in zip(held_out, cal.relative_errors(model, held_out, profile), strict=True)
+        m.label: e
+        for m, e in zip(held_out, fit.relative_errors(model, held_out, profile), strict=True)
     }
     assert all(abs(e) < 0.15 for e in errors.values()), errors
     assert profile.fit["held_out_max_abs_rel_err"] < 0.15

@@ -14,15 +14,14 @@ other at every op), so the profile predicts an instance with a core to itself. E
 is visited once per round, all shapes interleaved, and keeps its fastest visit (each the
 median of `repeats` steps after `warmup` ones).
 
-The factors are fitted by non-negative least squares on relative error, so a 10 ms step
-counts as much as a 1 s one. Prefix caching is off: a repeat must recompute.
+The factors are then fitted (fit.py) by non-negative least squares on relative error, so a
+10 ms step counts as much as a 1 s one. Prefix caching is off: a repeat must recompute.
 """
 
 from __future__ import annotations
 
 import itertools
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.scheduler.sim.cost_model import ModelShape, StepCost, StepShape, step_cost
+from services.scheduler.sim.cost_model import ModelShape, StepShape
+from services.scheduler.sim.fit import Measurement, fit_factors, fit_summary
 from services.scheduler.sim.hardware import GiB, HardwareProfile
 
 
@@ -62,14 +62,6 @@ def prefill(chunk: int, ctx: int = 0) -> Shape:
 
 def mixed(batch: int, ctx: int, chunk: int) -> Shape:
     return Shape(num_decodes=batch, decode_ctx=ctx, prefill=chunk)
-
-
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    shape: Shape
-    step: StepShape
-    """The step as the engine actually ran it (contexts grow by one per decode step)."""
-    seconds: float
 
 
 # -- measuring the engine -----------------------------------------------------------------
@@ -159,7 +151,7 @@ class EngineBench:
             if rid is not None:
                 self.engine.abort_request(rid)
             if i >= warmup:
-                timed.append(Measurement(shape, step, seconds))
+                timed.append(Measurement(str(shape), step, seconds))
         self._abort_all()
         timed.sort(key=lambda m: m.seconds)
         return timed[len(timed) // 2]
@@ -232,60 +224,6 @@ def _best_rate(
         fn()
         best = min(best, max(clock() - start, 1e-9))
     return work / best
-
-
-# -- fitting ---------------------------------------------------------------------------------
-
-FACTORS = (
-    "overhead",
-    "per_seq",
-    "linear_factor",
-    "attn_factor",
-    "decode_attn_factor",
-    "weight_factor",
-    "kv_factor",
-)
-
-
-def features(cost: StepCost, peak: float, bw: float) -> list[float]:
-    """The terms `HardwareProfile.time_of` multiplies by each factor (overlap = 1)."""
-    return [
-        1.0,
-        float(cost.num_seqs),
-        cost.linear_flops / peak,
-        cost.prefill_attn_flops / peak,
-        cost.decode_attn_flops / peak,
-        cost.weight_bytes / bw,
-        cost.kv_bytes / bw,
-    ]
-
-
-def fit_factors(
-    model: ModelShape, data: list[Measurement], base: HardwareProfile
-) -> HardwareProfile:
-    """Non-negative least squares on relative error: every subset of the factors is solved
-    exactly and the best all-non-negative solution kept (seven factors: 127 small solves)."""
-    peak, bw = base.peak(model.dtype), base.mem_bw
-    x = np.array([features(step_cost(model, m.step), peak, bw) for m in data])
-    y = np.array([m.seconds for m in data])
-    xw, yw = x / y[:, None], np.ones_like(y)  # rows scaled by 1/y: residuals are relative
-    best, best_err = np.zeros(len(FACTORS)), float("inf")
-    for k in range(1, len(FACTORS) + 1):
-        for subset in itertools.combinations(range(len(FACTORS)), k):
-            coef, *_ = np.linalg.lstsq(xw[:, subset], yw, rcond=None)
-            if (coef < 0).any():
-                continue
-            err = float(np.sum((xw[:, subset] @ coef - yw) ** 2))
-            if err < best_err:
-                best_err = err
-                best = np.zeros(len(FACTORS))
-                best[list(subset)] = coef
-    return base.with_factors(overlap=1.0, **dict(zip(FACTORS, map(float, best), strict=True)))
-
-
-def relative_errors(model: ModelShape, data: list[Measurement], hw: HardwareProfile) -> list[float]:
-    """(predicted - measured) / measured for each measurement."""
-    return [hw.time_of(step_cost(model, m.step), model.dtype) / m.seconds - 1 for m in data]
 
 
 # -- the default grids ------------------------------------------------------------------------
@@ -368,78 +306,3 @@ def _memory_bytes() -> float:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return 16 * GiB
-
-
-def save_measurements(
-    path: str | Path,
-    train: list[Measurement],
-    held_out: list[Measurement],
-    hw: HardwareProfile,
-    model: ModelShape,
-    labels: list[str] | None = None,
-) -> None:
-    """One JSON line per measurement with its prediction: the evidence behind a profile."""
-    import json
-
-    rows = [("train", m) for m in train] + [("held_out", m) for m in held_out]
-    errors = relative_errors(model, train, hw) + relative_errors(model, held_out, hw)
-    labels = labels or [str(m.shape) for _, m in rows]
-    lines = []
-    for (split, m), err, label in zip(rows, errors, labels, strict=True):
-        row = {
-            "split": split,
-            "shape": label,
-            "decode_context_lens": m.step.decode_context_lens,
-            "prefill_chunks": m.step.prefill_chunks,
-            "num_prefill_samples": m.step.num_prefill_samples,
-            "measured_s": m.seconds,
-            "rel_err": err,
-        }
-        lines.append(json.dumps(row))
-    Path(path).write_text("\n".join(lines) + "\n")
-
-
-def load_measurements(path: str | Path) -> tuple[list[Measurement], list[Measurement]]:
-    """(train, held_out) back from `save_measurements`' file."""
-    import json
-
-    train: list[Measurement] = []
-    held_out: list[Measurement] = []
-    for line in Path(path).read_text().splitlines():
-        row = json.loads(line)
-        step = StepShape(
-            tuple(row["decode_context_lens"]),
-            tuple(tuple(c) for c in row["prefill_chunks"]),
-            row["num_prefill_samples"],
-        )
-        m = Measurement(Shape(), step, row["measured_s"])
-        (train if row["split"] == "train" else held_out).append(m)
-    return train, held_out
-
-
-def refit(profile_path: str | Path, model: ModelShape) -> HardwareProfile:
-    """Fit `profile_path`'s factors again from the measurements saved beside it (after a
-    change to the cost model, without measuring again); rewrites both files."""
-    import json
-
-    path = Path(profile_path)
-    measurements = path.with_suffix(".measurements.jsonl")
-    train, held_out = load_measurements(measurements)
-    labels = [json.loads(line)["shape"] for line in measurements.read_text().splitlines()]
-    profile = fit_factors(model, train, HardwareProfile.from_json(path))
-    profile = replace(profile, fit=fit_summary(model, profile, train, held_out))
-    profile.save(path)
-    save_measurements(measurements, train, held_out, profile, model, labels)
-    return profile
-
-
-def fit_summary(
-    model: ModelShape, hw: HardwareProfile, train: list[Measurement], held_out: list[Measurement]
-) -> dict[str, float]:
-    train_err = relative_errors(model, train, hw)
-    test_err = relative_errors(model, held_out, hw)
-    return {
-        "train_max_abs_rel_err": max(map(abs, train_err)),
-        "held_out_max_abs_rel_err": max(map(abs, test_err)),
-        "held_out_median_abs_rel_err": statistics.median(map(abs, test_err)),
-    }

@@ -103,10 +103,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from services.scheduler.sim import calibrate as cal
+    from services.scheduler.sim import fit
     from services.scheduler.sim.cost_model import ModelShape
 
     if args.refit:
-        profile = cal.refit(args.out, ModelShape.load(args.model, args.dtype))
+        profile = fit.refit(args.out, ModelShape.load(args.model, args.dtype))
         print(json.dumps({"profile": args.out, **profile.fit}))
         return 0
     train, held_out = (
@@ -133,6 +134,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     profile.save(args.out)
     measurements = Path(args.out).with_suffix(".measurements.jsonl")
     model = ModelShape.load(args.model, args.dtype)
-    cal.save_measurements(measurements, train_data, test_data, profile, model)
+    fit.save_measurements(measurements, train_data, test_data, profile, model)
     print(json.dumps({"profile": args.out, "measurements": str(measurements), **profile.fit}))
     return 0
