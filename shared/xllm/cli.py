@@ -16,6 +16,7 @@ TOOL_MODULES = (
     "xllm.tools.generate",
     "xllm.tools.make_model",
     "xllm.tools.up",
+    "services.scheduler.sim.tool",
 )
 
 

@@ -1,0 +1,121 @@
+"""From a trace and options to simulated requests, and one policy's run to a report."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+from services.scheduler.policies import POLICIES_USING_PREFIX_HITS, get_policy
+from services.scheduler.sim.cost_model import ModelShape
+from services.scheduler.sim.hardware import GiB, HardwareProfile, load_profile
+from services.scheduler.sim.instance import InstanceSpec, SimRequest
+from services.scheduler.sim.report import SimReport, Slo, summarize
+from services.scheduler.sim.simulator import ClusterSpec, Simulator
+from xllm.bench.traces import TraceRequest, load_trace
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a run depends on except the policy."""
+
+    trace: tuple[TraceRequest, ...]
+    trace_name: str
+    model: ModelShape
+    hw: HardwareProfile
+    cluster: ClusterSpec
+    slo: Slo
+
+    @property
+    def num_instances(self) -> int:
+        return len(self.cluster.roles)
+
+    def describe(self) -> str:
+        spec = self.cluster.instance
+        roles = ",".join(sorted(set(self.cluster.roles)))
+        return (
+            f"trace {self.trace_name}: {len(self.trace)} requests over "
+            f"{self.trace[-1].arrival - self.trace[0].arrival:.0f} s; instances ({roles}) on "
+            f"{self.hw.name}; KV pool {spec.num_kv_blocks * spec.block_size} tokens each; "
+            f"SLO TTFT <= {self.slo.ttft} s, TPOT <= {self.slo.tpot} s"
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "trace": self.trace_name,
+            "num_requests": len(self.trace),
+            "profile": self.hw.name,
+            "instances": len(self.cluster.roles),
+            "roles": list(self.cluster.roles),
+            "instance": asdict(self.cluster.instance),
+            "slo": asdict(self.slo),
+        }
+
+
+def kv_tokens(model: ModelShape, hw: HardwareProfile, kv_cache_gb: float = 0.0) -> int:
+    """Tokens of KV one instance holds: the given GiB, the profile's pool, or 90% of memory
+    minus the weights."""
+    if kv_cache_gb > 0:
+        budget = kv_cache_gb * GiB
+    elif hw.kv_cache_bytes > 0:
+        budget = hw.kv_cache_bytes
+    else:
+        weights = (
+            model.layers * (model.attn_weights + model.mlp_weights(1 << 30)[1])
+            + model.hidden * model.vocab
+        ) * model.dtype_bytes
+        budget = 0.9 * hw.memory_bytes - weights
+    return int(budget // model.kv_bytes_per_token)
+
+
+def roles_of(instances: int, pd: str) -> tuple[str, ...]:
+    if not pd:
+        return ("both",) * instances
+    num_prefill, num_decode = (int(x) for x in pd.split(":"))
+    return ("prefill",) * num_prefill + ("decode",) * num_decode
+
+
+def setup_from_args(args: argparse.Namespace, instances: int) -> Setup:
+    model = ModelShape.load(args.model_config, args.dtype)
+    hw = load_profile(args.profile)
+    tokens = kv_tokens(model, hw, args.kv_cache_gb)
+    spec = InstanceSpec(
+        num_kv_blocks=tokens // args.block_size,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=tokens // args.block_size * args.block_size,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    trace = load_trace(
+        args.trace,
+        limit=args.limit,
+        start=args.start,
+        duration=args.duration,
+        time_scale=args.time_scale,
+        length_scale=args.length_scale,
+    )
+    if not trace:
+        raise ValueError("the trace window holds no requests")
+    cluster = ClusterSpec(
+        roles_of(instances, args.pd), spec, heartbeat_interval=args.heartbeat_interval
+    )
+    return Setup(tuple(trace), args.trace, model, hw, cluster, Slo(args.slo_ttft, args.slo_tpot))
+
+
+def to_requests(trace: tuple[TraceRequest, ...]) -> list[SimRequest]:
+    return [
+        SimRequest(f"r{i}", t.arrival, t.input_len, t.output_len, tuple(t.hash_ids))
+        for i, t in enumerate(trace)
+    ]
+
+
+def simulate(setup: Setup, policy_name: str) -> SimReport:
+    sim = Simulator(
+        setup.model,
+        setup.hw,
+        setup.cluster,
+        get_policy(policy_name),
+        uses_prefix_hits=policy_name in POLICIES_USING_PREFIX_HITS,
+    )
+    requests = sim.run(to_requests(setup.trace))
+    return summarize(policy_name, requests, sim.instances, setup.slo)

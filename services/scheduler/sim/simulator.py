@@ -1,0 +1,239 @@
+"""Discrete-event simulation of a cluster driven by the live scheduler's own policy code.
+
+Events (a heap ordered by time): a request arrives, an instance finishes a step, a
+request's KV lands on its decode instance. On arrival the simulator does what
+`SchedulerService.on_submit` does, with the same objects: the context-length check; prefix
+hits for policies that read them (the instances' caches, standing in for the kvstore, and
+the live `RecentPlacements`); `policy(PlacementRequest, registry.snapshot())` on the real
+`Registry`, once per half (roles prefill, decode) when no instance is colocated; then
+`note_placement` of the tokens each instance will compute. Instances step like our engine
+(see instance.py), each step lasting what the cost model says, and a disaggregated
+request's KV reaches its decode instance `kv_transfer_time` after its prefill.
+
+Heartbeats: every instance sends one each `heartbeat_interval` (staggered, as independent
+processes are), so policies see the same stale load plus pending placements as live. They
+are delivered lazily but exactly: an instance's state only changes at its own events, so
+before any state change and before any placement, each instance's latest due heartbeat is
+built from its current state (the state it had at that heartbeat's time) and handed to
+the registry. No per-heartbeat events, yet the same picture as a heartbeat every 250 ms.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from services.scheduler.cluster import ClusterSnapshot, Registry
+from services.scheduler.policies import PlacementRequest, Policy
+from services.scheduler.prefix import RecentPlacements
+from services.scheduler.sim.cost_model import ModelShape, kv_transfer_time, step_time
+from services.scheduler.sim.hardware import HardwareProfile
+from services.scheduler.sim.instance import (
+    HASH_BLOCK_TOKENS,
+    InstanceSpec,
+    ScheduledStep,
+    SimInstance,
+    SimRequest,
+)
+
+ARRIVE, STEP_DONE, KV_LANDED = 0, 1, 2
+ALL_ROLES = ("both", "prefill", "decode")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    roles: tuple[str, ...]
+    """One entry per instance: "both", "prefill" or "decode"."""
+    instance: InstanceSpec
+    heartbeat_interval: float = 0.25
+    """`InstanceConfig.heartbeat_interval`'s default."""
+    model_name: str = "m"
+
+    @classmethod
+    def colocated(cls, num_instances: int, instance: InstanceSpec, **kw) -> ClusterSpec:
+        return cls(("both",) * num_instances, instance, **kw)
+
+
+class Simulator:
+    def __init__(
+        self,
+        model: ModelShape,
+        hw: HardwareProfile,
+        cluster: ClusterSpec,
+        policy: Policy,
+        uses_prefix_hits: bool = False,
+    ):
+        self.model = model
+        self.hw = hw
+        self.cluster = cluster
+        self.policy = policy
+        self.uses_prefix_hits = uses_prefix_hits
+        """As live, only policies that read `prefix_hits` get them (`POLICIES_USING_...`)."""
+        self.recent = RecentPlacements()
+        self.instances = [
+            SimInstance(f"inst-{i:03d}", cluster.instance, role, cluster.model_name)
+            for i, role in enumerate(cluster.roles)
+        ]
+        self._by_id = {inst.instance_id: inst for inst in self.instances}
+        self._index = {inst.instance_id: i for i, inst in enumerate(self.instances)}
+        self.registry = Registry(timeout=math.inf)
+        n, interval = len(self.instances), cluster.heartbeat_interval
+        self._hb_offset = [interval * i / n for i in range(n)]
+        self._last_hb = [-math.inf] * n
+        self._events: list[tuple[float, int, int, object]] = []
+        self._order = itertools.count()
+        self.num_placed = 0
+        self.now = 0.0
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, requests: Sequence[SimRequest]) -> list[SimRequest]:
+        """Replay `requests` (sorted by arrival) to the end; returns them with their times."""
+        for i in range(len(self.instances)):  # every instance has joined at t = 0
+            self._deliver(i, 0.0)
+        for req in requests:
+            self._push(req.arrival, ARRIVE, req)
+        while self._events:
+            self.now, _, kind, payload = heapq.heappop(self._events)
+            if kind == ARRIVE:
+                self._on_arrival(payload)  # type: ignore[arg-type]
+            elif kind == STEP_DONE:
+                self._on_step_done(*payload)  # type: ignore[misc]
+            else:
+                self._on_kv_landed(*payload)  # type: ignore[misc]
+        return list(requests)
+
+    def _push(self, at: float, kind: int, payload: object) -> None:
+        heapq.heappush(self._events, (at, next(self._order), kind, payload))
+
+    # -- heartbeats ---------------------------------------------------------------------------
+
+    def _flush_heartbeat(self, i: int) -> None:
+        """Hand the registry instance i's latest heartbeat due by now, if not yet delivered."""
+        offset, interval = self._hb_offset[i], self.cluster.heartbeat_interval
+        if self.now < offset:
+            return
+        due = offset + math.floor((self.now - offset) / interval) * interval
+        if due > self._last_hb[i]:
+            self._deliver(i, due)
+
+    def _deliver(self, i: int, sent_at: float) -> None:
+        self.registry.update(self.instances[i].heartbeat(sent_at), sent_at)
+        self._last_hb[i] = sent_at
+
+    def _flush_all(self) -> None:
+        for i in range(len(self.instances)):
+            self._flush_heartbeat(i)
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def _on_arrival(self, req: SimRequest) -> None:
+        self._flush_all()
+        snapshot = self.registry.snapshot()
+        candidates = snapshot.candidates(None, ALL_ROLES)
+        max_len = max((v.heartbeat.max_model_len for v in candidates), default=0)
+        placed = False
+        if req.num_prompt_tokens < max_len:  # `SchedulerService._check`
+            placement = self._placement(req)
+            if snapshot.candidates(None, ("both",)):
+                placed = self._place_colocated(req, placement, snapshot)
+            else:
+                placed = self._place_disaggregated(req, placement, snapshot)
+        if not placed:
+            req.rejected = True
+            return
+        self.num_placed += 1
+        inst = self._by_id[req.instance_id]  # type: ignore[index]
+        inst.add(req)
+        self._kick(inst)
+
+    def _place_colocated(
+        self, req: SimRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
+    ) -> bool:
+        instance_id = self.policy(placement, snapshot)
+        if instance_id is None:
+            return False
+        req.instance_id = instance_id
+        self._note(instance_id, req, placement, req.output_len)
+        return True
+
+    def _place_disaggregated(
+        self, req: SimRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
+    ) -> bool:
+        prefill_id = self.policy(replace(placement, roles=("prefill",)), snapshot)
+        decode_id = self.policy(replace(placement, roles=("decode",)), snapshot)
+        if prefill_id is None or decode_id is None:
+            return False
+        req.instance_id, req.decode_instance_id = prefill_id, decode_id
+        self._note(prefill_id, req, placement, 0)
+        self._note(decode_id, req, placement, req.output_len)
+        return True
+
+    def _note(
+        self, instance_id: str, req: SimRequest, placement: PlacementRequest, decode: int
+    ) -> None:
+        """`SchedulerService._note`: pending work is what the instance will compute."""
+        self.registry.note_placement(instance_id, placement.uncached_tokens(instance_id) + decode)
+        if self.uses_prefix_hits:
+            self.recent.add(req.hash_ids, instance_id, self.now)
+
+    def _placement(self, req: SimRequest) -> PlacementRequest:
+        return PlacementRequest(
+            request_id=req.request_id,
+            num_prompt_tokens=req.num_prompt_tokens,
+            max_tokens=req.output_len,
+            sequence_number=self.num_placed,
+            prefix_hits=self._prefix_hits(req) if self.uses_prefix_hits else {},
+        )
+
+    def _prefix_hits(self, req: SimRequest) -> dict[str, int]:
+        """`PrefixMatcher.hit_tokens`: per instance, the larger of what its cache holds (the
+        kvstore's answer, here without its few hundred ms of lag) and what was recently
+        placed there; instances with no hit are left out."""
+        recent = self.recent.match(req.hash_ids, self.now)
+        hits = {}
+        for inst in self.instances:
+            placed = recent.get(inst.instance_id, 0) * HASH_BLOCK_TOKENS
+            tokens = max(inst.cached_prefix_tokens(req), inst.usable_hit(req, placed))
+            if tokens:
+                hits[inst.instance_id] = tokens
+        return hits
+
+    def _kick(self, inst: SimInstance) -> None:
+        """Start `inst`'s next step now, if it is idle and has something it can run."""
+        if inst.busy or not inst.has_work:
+            return
+        step = inst.schedule()
+        if not step.items:
+            return  # nothing fits (no KV room): wait for a step elsewhere to free some
+        seconds = step_time(self.model, step.shape(), self.hw)
+        inst.busy = True
+        inst.busy_time += seconds
+        self._push(self.now + seconds, STEP_DONE, (inst, step))
+
+    def _on_step_done(self, inst: SimInstance, step: ScheduledStep) -> None:
+        self._flush_heartbeat(self._index[inst.instance_id])
+        inst.busy = False
+        for seq in inst.update(step, self.now):
+            if inst.role == "prefill":
+                self._hand_over(seq.req)
+            else:
+                seq.req.finished_at = self.now
+        self._kick(inst)
+
+    def _hand_over(self, req: SimRequest) -> None:
+        """Send a finished prefill's KV to the decode instance chosen at placement."""
+        if req.output_len <= 1:  # the prefill's first token was the whole output
+            req.finished_at = self.now
+            return
+        delay = kv_transfer_time(self.model, req.num_prompt_tokens, self.hw)
+        target = self._by_id[req.decode_instance_id]  # type: ignore[index]
+        self._push(self.now + delay, KV_LANDED, (target, req))
+
+    def _on_kv_landed(self, inst: SimInstance, req: SimRequest) -> None:
+        self._flush_heartbeat(self._index[inst.instance_id])
+        inst.add(req, num_computed_tokens=req.num_prompt_tokens)
+        self._kick(inst)
