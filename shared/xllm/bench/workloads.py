@@ -163,11 +163,24 @@ def trace_workload(
 
     `trace_options` go to `load_trace` (limit, start, duration, time_scale, length_scale).
     """
+    trace = load_trace(name_or_path, **trace_options)
+    return requests_from_trace(trace, maker, trace_options.get("length_scale", 1.0), seed)
+
+
+def requests_from_trace(
+    trace: list[TraceRequest], maker: PromptMaker, length_scale: float = 1.0, seed: int = 0
+) -> list[BenchRequest]:
+    """`trace_workload` for trace rows already loaded (and perhaps filtered) by the caller.
+
+    `length_scale` must be the one the rows were loaded with: a Mooncake prefix block becomes
+    `round(512 * length_scale)` tokens. Keep that a multiple of the server's KV block size
+    (16 tokens: length scales 1/32, 1/16, 1/8, ...): otherwise a shared prefix ends inside a
+    KV block, and that block's shared tokens are recomputed.
+    """
     rng = random.Random(seed)
-    length_scale = trace_options.get("length_scale", 1.0)
     block_size = max(1, round(MOONCAKE_BLOCK_TOKENS * length_scale))
     requests = []
-    for t in load_trace(name_or_path, **trace_options):
+    for t in trace:
         ids = _block_ids(t, maker, block_size) if t.hash_ids else maker.ids_for(t.input_len, rng)
         prompt = maker.render(ids)
         requests.append(BenchRequest(prompt, t.input_len, t.output_len, t.arrival))
