@@ -22,7 +22,7 @@ finish in place and prefills placed just before the flip still hand over, as liv
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from services.scheduler.sim.cost_model import StepShape
 from xllm.engine.step_stats import StepStats
@@ -146,7 +146,7 @@ class SimInstance:
             sent_at=sent_at,
             role_flips=self.role_flips,
             **self._backlog(),
-            **asdict(self.step_stats),
+            **vars(self.step_stats),  # its fields, all scalars (`asdict` is 10x slower)
         )
 
     def _backlog(self) -> dict[str, int]:
