@@ -22,12 +22,11 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.policies import (
     POLICIES_FLIPPING_ROLES,
     POLICIES_USING_PREFIX_HITS,
-    FlipConfig,
     PlacementRequest,
     get_policy,
-    plan_role_flips,
 )
 from services.scheduler.prefix import PrefixMatcher
+from services.scheduler.rebalance import PLAN_INTERVAL, flip_config, placement_request, rebalance
 from xllm.protocol import (
     ClusterState,
     ClusterStateRequest,
@@ -49,8 +48,6 @@ from xllm.protocol import (
 log = logging.getLogger(__name__)
 
 ALL_ROLES = ("both", "prefill", "decode")
-PLAN_INTERVAL = 0.25
-"""Seconds between role-flip plans (about one instance heartbeat)."""
 
 
 class SchedulerService:
@@ -65,13 +62,7 @@ class SchedulerService:
         self.num_rejected = 0
         self.num_redispatched = 0
         self.num_role_flips = 0
-        self.flip_config = FlipConfig(
-            slo_ttft=config.slo_ttft or None,
-            slo_tpot=config.slo_tpot or None,
-            min_decode_instances=config.min_decode_instances,
-            cooldown=config.flip_cooldown,
-            idle_seconds=config.flip_idle,
-        )
+        self.flip_config = flip_config(config)
 
     async def serve(self, stop: asyncio.Event) -> None:
         heartbeats = TypeDispatcher({Heartbeat: self.on_heartbeat}, name="scheduler heartbeats")
@@ -113,14 +104,15 @@ class SchedulerService:
     async def _rebalance(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(PLAN_INTERVAL)
-            now = time.monotonic()
             try:
-                flips = plan_role_flips(self.registry.snapshot(now), self.flip_config)
-                for instance_id, role in flips:
+                # Planned and noted in the registry (the simulator runs the same function);
+                # a lost SetRoleCmd is forgotten after PENDING_ROLE_TIMEOUT, then re-planned.
+                for instance_id, role in rebalance(
+                    self.registry, time.monotonic(), self.flip_config
+                ):
                     log.info("flipping instance %s to %s", instance_id, role)
                     cmd = SetRoleCmd(role=role)  # type: ignore[arg-type]
                     await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
-                    self.registry.note_role(instance_id, role, now)
                     self.num_role_flips += 1
             except Exception:  # a bad plan must not stop the rebalancing for good
                 log.exception("role-flip planning failed")
@@ -200,7 +192,7 @@ class SchedulerService:
                 for v in snapshot.candidates(req.model, ALL_ROLES)
             }
             hits = await self.prefix.hit_tokens(req.prompt_token_ids, candidates)
-        return PlacementRequest(
+        return placement_request(
             request_id=req.request_id,
             num_prompt_tokens=len(req.prompt_token_ids),
             max_tokens=req.sampling.max_tokens,
@@ -208,8 +200,7 @@ class SchedulerService:
             priority=req.priority,
             sequence_number=self.num_submitted,
             prefix_hits=hits,
-            slo_ttft=self.flip_config.slo_ttft,
-            slo_tpot=self.flip_config.slo_tpot,
+            targets=self.flip_config,
         )
 
     def _check(self, req: SubmitRequest, snapshot: ClusterSnapshot) -> ErrorInfo | None:

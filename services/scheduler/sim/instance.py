@@ -9,6 +9,14 @@ the step shapes the cost model prices are the shapes our engine would run.
 The prefix cache is kept at the trace's granularity: an LRU of prefix-block ids (Mooncake
 `hash_ids`, 512 tokens each), at most a pool's worth. A hit skips those tokens' prefill,
 as `find_cached_prefix` does.
+
+Heartbeats carry what the SLO-aware policy reads, with `xllm.engine.step_stats`'s meanings:
+the same `StepStats` records each simulated step (its seconds, prefill tokens, decodes) and
+each first token sampled here; the prefill backlog and decoding counts are the engine's
+`_backlog` over the simulated queues. A role flip (`set_role`) changes what the scheduler
+places here, never what happens to the sequences already here: each knows whether it hands
+over after its prefill (placed here as a prefill half) or decodes here, so decodes in flight
+finish in place and prefills placed just before the flip still hand over, as live.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from services.scheduler.sim.cost_model import StepShape
+from xllm.engine.step_stats import StepStats
 from xllm.protocol import Heartbeat
 
 HASH_BLOCK_TOKENS = 512
@@ -55,6 +64,10 @@ class SimSeq:
     num_computed_tokens: int = 0
     num_output_tokens: int = 0
     num_blocks: int = 0
+    hand_over: bool = False
+    """Placed here as a prefill half: done after its first token, decoded elsewhere."""
+    added_at: float = 0.0
+    """When it reached this instance (`Sequence.arrival_time`, for `ttft_seconds`)."""
 
     @property
     def remaining(self) -> int:
@@ -108,6 +121,8 @@ class SimInstance:
         self.num_preemptions = 0
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
+        self.step_stats = StepStats()
+        self.role_flips = 0
 
     # -- what the scheduler sees ---------------------------------------------------------------
 
@@ -129,7 +144,24 @@ class SimInstance:
             num_preemptions=self.num_preemptions,
             steps=self.steps,
             sent_at=sent_at,
+            role_flips=self.role_flips,
+            **self._backlog(),
+            **vars(self.step_stats),  # its fields, all scalars (`asdict` is 10x slower)
         )
+
+    def _backlog(self) -> dict[str, int]:
+        """`Engine._backlog`: prompt tokens still to prefill, and the sequences decoding."""
+        left = [s.remaining for s in [*self.waiting, *self.running]]
+        return {
+            "num_prefill_backlog_tokens": sum(n for n in left if n > 1),
+            "num_decoding": sum(1 for s in self.running if s.remaining <= 1),
+        }
+
+    def set_role(self, role: str) -> None:
+        """`Instance._set_role`: new work by the new role; the sequences here stay as they are."""
+        if role != self.role:
+            self.role = role
+            self.role_flips += 1
 
     def cached_prefix_tokens(self, req: SimRequest) -> int:
         """Prompt tokens this instance holds in its prefix cache."""
@@ -150,11 +182,20 @@ class SimInstance:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add(self, req: SimRequest, num_computed_tokens: int = 0) -> None:
-        """Queue a request; `num_computed_tokens` > 0 when its KV arrived from a prefill peer."""
+    def add(
+        self,
+        req: SimRequest,
+        num_computed_tokens: int = 0,
+        hand_over: bool = False,
+        now: float = 0.0,
+    ) -> None:
+        """Queue a request; `num_computed_tokens` > 0 when its KV arrived from a prefill peer,
+        `hand_over` when only its prefill runs here."""
         seq = SimSeq(req, req.num_prompt_tokens + (1 if num_computed_tokens else 0))
         seq.num_computed_tokens = num_computed_tokens
         seq.num_output_tokens = 1 if num_computed_tokens else 0
+        seq.hand_over = hand_over
+        seq.added_at = now
         self.waiting.append(seq)
 
     @property
@@ -222,10 +263,15 @@ class SimInstance:
         self.num_used_blocks -= seq.num_blocks
         seq.num_blocks = 0
 
-    def update(self, step: ScheduledStep, now: float) -> list[SimSeq]:
+    def update(self, step: ScheduledStep, now: float, seconds: float = 0.0) -> list[SimSeq]:
         """`Scheduler.update`: advance counts, sample, retire; returns the sequences done here
-        (finished, or, on a prefill instance, ready to hand over)."""
+        (finished, or prefilled and ready to hand over). `seconds`: the step's duration, for
+        the step stats (`Engine._measure`)."""
         self.steps += 1
+        shape = step.shape()  # pre-step counts: what the step ran
+        num_decodes = len(shape.decode_context_lens)
+        num_prefill_tokens = sum(n for _, n in step.items) - num_decodes
+        self.step_stats.record_step(seconds, num_prefill_tokens, num_decodes)
         finished = []
         for seq, num_new in step.items:
             seq.num_computed_tokens += num_new
@@ -234,6 +280,8 @@ class SimInstance:
                 continue
             seq.num_tokens += 1  # sampled a token
             seq.num_output_tokens += 1
+            if seq.num_output_tokens == 1:  # a prompt's first token, sampled here
+                self.step_stats.record_first_token(now - seq.added_at)
             if seq.req.first_token_at is None:
                 seq.req.first_token_at = now
             if self._is_done(seq):
@@ -244,8 +292,8 @@ class SimInstance:
         return finished
 
     def _is_done(self, seq: SimSeq) -> bool:
-        if self.role == "prefill":
-            return True  # hands over to a decode instance
+        if seq.hand_over:
+            return True  # to its decode instance, whatever this instance's role is now
         return (
             seq.num_output_tokens >= seq.req.output_len or seq.num_tokens >= self.spec.max_model_len
         )

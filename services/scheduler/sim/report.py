@@ -45,6 +45,9 @@ class SimReport:
     util_min: float
     util_max: float
     prefix_hit_rate: float
+    role_flips: int
+    final_roles: str
+    """Instances per role at the end, e.g. "8P:8D" or "16 both"."""
     utilisation: dict[str, float]
 
     def as_dict(self) -> dict:
@@ -110,8 +113,19 @@ def summarize(
         util_min=min(util.values(), default=math.nan),
         util_max=max(util.values(), default=math.nan),
         prefix_hit_rate=hit / queried if queried else 0.0,
+        role_flips=sum(i.role_flips for i in instances),
+        final_roles=roles_label([i.role for i in instances]),
         utilisation=util,
     )
+
+
+def roles_label(roles: Sequence[str]) -> str:
+    num_prefill, num_decode = roles.count("prefill"), roles.count("decode")
+    if num_prefill + num_decode == 0:
+        return f"{len(roles)} both"
+    label = f"{num_prefill}P:{num_decode}D"
+    num_both = len(roles) - num_prefill - num_decode
+    return f"{label}+{num_both} both" if num_both else label
 
 
 COLUMNS = (
@@ -128,6 +142,8 @@ COLUMNS = (
     ("util mean/min/max", None, "{:.0%}/{:.0%}/{:.0%}"),
     ("prefix hit", "prefix_hit_rate", "{:.1%}"),
     ("rejected", "num_rejected", "{}"),
+    ("role flips", "role_flips", "{}"),
+    ("roles at end", "final_roles", "{}"),
 )
 
 

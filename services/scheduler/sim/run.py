@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
-from services.scheduler.policies import POLICIES_USING_PREFIX_HITS, get_policy
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.policies import (
+    POLICIES_FLIPPING_ROLES,
+    POLICIES_USING_PREFIX_HITS,
+    get_policy,
+)
+from services.scheduler.rebalance import flip_config
 from services.scheduler.sim.cost_model import ModelShape
 from services.scheduler.sim.hardware import GiB, HardwareProfile, load_profile
 from services.scheduler.sim.instance import InstanceSpec, SimRequest
@@ -24,6 +30,8 @@ class Setup:
     hw: HardwareProfile
     cluster: ClusterSpec
     slo: Slo
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """The scheduler's options (its SLO targets are `slo`'s, its policy each run's)."""
 
     @property
     def num_instances(self) -> int:
@@ -48,6 +56,7 @@ class Setup:
             "roles": list(self.cluster.roles),
             "instance": asdict(self.cluster.instance),
             "slo": asdict(self.slo),
+            "scheduler": asdict(self.scheduler),
         }
 
 
@@ -99,7 +108,16 @@ def setup_from_args(args: argparse.Namespace, instances: int) -> Setup:
     cluster = ClusterSpec(
         roles_of(instances, args.pd), spec, heartbeat_interval=args.heartbeat_interval
     )
-    return Setup(tuple(trace), args.trace, model, hw, cluster, Slo(args.slo_ttft, args.slo_tpot))
+    scheduler = SchedulerConfig(
+        slo_ttft=args.slo_ttft,
+        slo_tpot=args.slo_tpot,
+        min_decode_instances=args.min_decode_instances,
+        flip_cooldown=args.flip_cooldown,
+        flip_idle=args.flip_idle,
+    )
+    scheduler.validate()
+    slo = Slo(args.slo_ttft, args.slo_tpot)
+    return Setup(tuple(trace), args.trace, model, hw, cluster, slo, scheduler)
 
 
 def to_requests(trace: tuple[TraceRequest, ...]) -> list[SimRequest]:
@@ -109,13 +127,23 @@ def to_requests(trace: tuple[TraceRequest, ...]) -> list[SimRequest]:
     ]
 
 
-def simulate(setup: Setup, policy_name: str) -> SimReport:
-    sim = Simulator(
+def simulator_for(setup: Setup, policy_name: str) -> Simulator:
+    """The simulator as the live scheduler would run `policy_name` with `setup`'s options."""
+    config = replace(
+        setup.scheduler, policy=policy_name, slo_ttft=setup.slo.ttft, slo_tpot=setup.slo.tpot
+    )
+    return Simulator(
         setup.model,
         setup.hw,
         setup.cluster,
         get_policy(policy_name),
         uses_prefix_hits=policy_name in POLICIES_USING_PREFIX_HITS,
+        targets=flip_config(config),
+        flip_roles=policy_name in POLICIES_FLIPPING_ROLES,
     )
+
+
+def simulate(setup: Setup, policy_name: str) -> SimReport:
+    sim = simulator_for(setup, policy_name)
     requests = sim.run(to_requests(setup.trace))
     return summarize(policy_name, requests, sim.instances, setup.slo)

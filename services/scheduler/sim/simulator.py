@@ -16,6 +16,12 @@ are delivered lazily but exactly: an instance's state only changes at its own ev
 before any state change and before any placement, each instance's latest due heartbeat is
 built from its current state (the state it had at that heartbeat's time) and handed to
 the registry. No per-heartbeat events, yet the same picture as a heartbeat every 250 ms.
+
+Role flips (policies in `POLICIES_FLIPPING_ROLES`, i.e. slo-pd): every `PLAN_INTERVAL` the
+simulator runs the live rebalancer's round, `services.scheduler.rebalance.rebalance` (all due
+heartbeats delivered first), and hands each flip to its instance at once (live, a
+`SetRoleCmd` a NATS hop away, applied between two steps). Placements carry the SLO targets
+as live (`placement_request`, from the same `FlipConfig`).
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from services.scheduler.cluster import ClusterSnapshot, Registry
-from services.scheduler.policies import PlacementRequest, Policy
+from services.scheduler.policies import FlipConfig, PlacementRequest, Policy
 from services.scheduler.prefix import RecentPlacements
+from services.scheduler.rebalance import PLAN_INTERVAL, placement_request, rebalance
 from services.scheduler.sim.cost_model import ModelShape, kv_transfer_time, step_time
 from services.scheduler.sim.hardware import HardwareProfile
 from services.scheduler.sim.instance import (
@@ -39,7 +46,7 @@ from services.scheduler.sim.instance import (
     SimRequest,
 )
 
-ARRIVE, STEP_DONE, KV_LANDED = 0, 1, 2
+ARRIVE, STEP_DONE, KV_LANDED, PLAN = 0, 1, 2, 3
 ALL_ROLES = ("both", "prefill", "decode")
 
 
@@ -65,6 +72,8 @@ class Simulator:
         cluster: ClusterSpec,
         policy: Policy,
         uses_prefix_hits: bool = False,
+        targets: FlipConfig | None = None,
+        flip_roles: bool = False,
     ):
         self.model = model
         self.hw = hw
@@ -72,6 +81,14 @@ class Simulator:
         self.policy = policy
         self.uses_prefix_hits = uses_prefix_hits
         """As live, only policies that read `prefix_hits` get them (`POLICIES_USING_...`)."""
+        self.targets = targets or FlipConfig()
+        """The live scheduler's `flip_config`: SLO targets for placements, flip options."""
+        self.flip_roles = flip_roles
+        """Run the rebalancer (live: policies in `POLICIES_FLIPPING_ROLES`)."""
+        self.plan_interval = PLAN_INTERVAL
+        self.num_role_flips = 0
+        self.flips: list[tuple[float, str, str]] = []
+        """Every flip ordered: (time, instance id, new role)."""
         self.recent = RecentPlacements()
         self.instances = [
             SimInstance(f"inst-{i:03d}", cluster.instance, role, cluster.model_name)
@@ -85,28 +102,42 @@ class Simulator:
         self._last_hb = [-math.inf] * n
         self._events: list[tuple[float, int, int, object]] = []
         self._order = itertools.count()
+        self._num_work_events = 0
+        """Events other than PLAN in the heap: the rebalancer stops when none are left."""
+        self._until = 0.0
         self.num_placed = 0
         self.now = 0.0
 
     # -- running -------------------------------------------------------------------------------
 
-    def run(self, requests: Sequence[SimRequest]) -> list[SimRequest]:
-        """Replay `requests` (sorted by arrival) to the end; returns them with their times."""
+    def run(self, requests: Sequence[SimRequest], until: float = 0.0) -> list[SimRequest]:
+        """Replay `requests` (sorted by arrival) to the end; returns them with their times.
+        With role flips, the rebalancer keeps planning until the last request is done, or
+        until `until` if later (to see flips back after the load is gone)."""
+        self._until = until
         for i in range(len(self.instances)):  # every instance has joined at t = 0
             self._deliver(i, 0.0)
         for req in requests:
             self._push(req.arrival, ARRIVE, req)
+        if self.flip_roles:
+            self._push(self.plan_interval, PLAN, None)
         while self._events:
             self.now, _, kind, payload = heapq.heappop(self._events)
+            if kind != PLAN:
+                self._num_work_events -= 1
             if kind == ARRIVE:
                 self._on_arrival(payload)  # type: ignore[arg-type]
             elif kind == STEP_DONE:
                 self._on_step_done(*payload)  # type: ignore[misc]
-            else:
+            elif kind == KV_LANDED:
                 self._on_kv_landed(*payload)  # type: ignore[misc]
+            else:
+                self._on_plan()
         return list(requests)
 
     def _push(self, at: float, kind: int, payload: object) -> None:
+        if kind != PLAN:
+            self._num_work_events += 1
         heapq.heappush(self._events, (at, next(self._order), kind, payload))
 
     # -- heartbeats ---------------------------------------------------------------------------
@@ -130,9 +161,19 @@ class Simulator:
 
     # -- events ------------------------------------------------------------------------------------
 
+    def _on_plan(self) -> None:
+        """`SchedulerService._rebalance`, one round: plan, note, deliver the flips."""
+        self._flush_all()
+        for instance_id, role in rebalance(self.registry, self.now, self.targets):
+            self._by_id[instance_id].set_role(role)
+            self.num_role_flips += 1
+            self.flips.append((self.now, instance_id, role))
+        if self._num_work_events or self.now + self.plan_interval <= self._until:
+            self._push(self.now + self.plan_interval, PLAN, None)
+
     def _on_arrival(self, req: SimRequest) -> None:
         self._flush_all()
-        snapshot = self.registry.snapshot()
+        snapshot = self.registry.snapshot(self.now)
         candidates = snapshot.candidates(None, ALL_ROLES)
         max_len = max((v.heartbeat.max_model_len for v in candidates), default=0)
         placed = False
@@ -147,7 +188,7 @@ class Simulator:
             return
         self.num_placed += 1
         inst = self._by_id[req.instance_id]  # type: ignore[index]
-        inst.add(req)
+        inst.add(req, hand_over=req.decode_instance_id is not None, now=self.now)
         self._kick(inst)
 
     def _place_colocated(
@@ -181,12 +222,16 @@ class Simulator:
             self.recent.add(req.hash_ids, instance_id, self.now)
 
     def _placement(self, req: SimRequest) -> PlacementRequest:
-        return PlacementRequest(
+        """`SchedulerService._placement`."""
+        return placement_request(
             request_id=req.request_id,
             num_prompt_tokens=req.num_prompt_tokens,
             max_tokens=req.output_len,
+            model=None,
+            priority=0,
             sequence_number=self.num_placed,
             prefix_hits=self._prefix_hits(req) if self.uses_prefix_hits else {},
+            targets=self.targets,
         )
 
     def _prefix_hits(self, req: SimRequest) -> dict[str, int]:
@@ -212,13 +257,13 @@ class Simulator:
         seconds = step_time(self.model, step.shape(), self.hw)
         inst.busy = True
         inst.busy_time += seconds
-        self._push(self.now + seconds, STEP_DONE, (inst, step))
+        self._push(self.now + seconds, STEP_DONE, (inst, step, seconds))
 
-    def _on_step_done(self, inst: SimInstance, step: ScheduledStep) -> None:
+    def _on_step_done(self, inst: SimInstance, step: ScheduledStep, seconds: float) -> None:
         self._flush_heartbeat(self._index[inst.instance_id])
         inst.busy = False
-        for seq in inst.update(step, self.now):
-            if inst.role == "prefill":
+        for seq in inst.update(step, self.now, seconds):
+            if seq.hand_over:
                 self._hand_over(seq.req)
             else:
                 seq.req.finished_at = self.now
@@ -235,5 +280,5 @@ class Simulator:
 
     def _on_kv_landed(self, inst: SimInstance, req: SimRequest) -> None:
         self._flush_heartbeat(self._index[inst.instance_id])
-        inst.add(req, num_computed_tokens=req.num_prompt_tokens)
+        inst.add(req, num_computed_tokens=req.num_prompt_tokens, now=self.now)
         self._kick(inst)

@@ -21,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pd", default="", help="P:D prefill and decode instances instead")
     p.add_argument(
-        "--policy", default="all", help="a policy name, or `all` (every one in POLICIES)"
+        "--policy",
+        default="all",
+        help="policy names (comma-separated), or `all` (every one in POLICIES)",
     )
     p.add_argument("--profile", default="cpu-local", help="hardware profile name or JSON file")
     p.add_argument(
@@ -47,6 +49,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument(
         "--heartbeat-interval", type=float, default=0.25, help="seconds between heartbeats"
+    )
+    flips = "the scheduler's, for policies that flip roles (slo-pd)"
+    p.add_argument(
+        "--min-decode-instances", type=int, default=1, help=f"{flips}: decode instances kept"
+    )
+    p.add_argument(
+        "--flip-cooldown", type=float, default=3.0, help=f"{flips}: seconds a role is kept"
+    )
+    p.add_argument(
+        "--flip-idle", type=float, default=2.0, help=f"{flips}: idle seconds before P -> D"
     )
     p.set_defaults(func=run)
     sub = p.add_subparsers(dest="sim_command")
@@ -75,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         print("error: give --slo-ttft and --slo-tpot", file=sys.stderr)
         return 2
     try:
-        names = list(POLICIES) if args.policy == "all" else [args.policy]
+        names = list(POLICIES) if args.policy == "all" else args.policy.split(",")
         for name in names:
             get_policy(name)
         counts = [int(n) for n in str(args.instances).split(",")]
