@@ -13,9 +13,12 @@ the same number of instances of the tiny demo model, one after another:
     .venv/bin/python benchmarks/pd_serving.py [--prefill 1 --decode 2 --time-scale 8 \
         --slo-ttft 1000 --slo-tpot 100]
 
-Prints one JSON line: per configuration TTFT and TPOT p50/p99 (ms), SLO attainment, goodput
-(req/s), failures, role flips ordered by the scheduler, KV bytes sent between instances, KV
-blocks and tokens still held once the run has drained (must be 0), and ratios vs colocated.
+Prints one JSON line: per configuration TTFT and TPOT p50/p99 (ms), the gap from the first
+to the second token (the PD handoff) and between later tokens, SLO attainment, goodput
+(req/s), failures, role flips ordered by the scheduler up to the end of the load (from
+`/cluster`), KV bytes sent between instances and the mean transfer time, KV blocks and tokens
+still held once the run has drained (must be 0), and ratios vs colocated. Each
+configuration's logs stay in `--log-dir/<name>/`; a table per configuration goes to stderr.
 """
 
 from __future__ import annotations
