@@ -1,0 +1,216 @@
+"""Prefill/decode disaggregation, live: colocated vs static PD vs slo-pd, same requests, one run.
+
+A bursty slice of the Azure code trace (by default the 20 s from minute 3: 161 requests,
+29 then 132 in 10 s) with lengths x 1/4 and arrivals replayed `--time-scale` x slower, sent
+by `xllm.bench` (open loop, streaming completions, exact output lengths) to three clusters of
+the same number of instances of the tiny demo model, one after another:
+
+  * colocated:  `--instances N`, policy least-load;
+  * static PD:  `--prefill P --decode D`, policy least-load;
+  * slo-pd:     `--prefill P --decode D`, policy slo-pd with the same SLOs as the report
+    (it may flip instances between prefill and decode; `--min-decode-instances 1`).
+
+    .venv/bin/python benchmarks/pd_serving.py [--prefill 1 --decode 2 --time-scale 8 \
+        --slo-ttft 1000 --slo-tpot 100]
+
+Prints one JSON line: per configuration TTFT and TPOT p50/p99 (ms), the gap from the first
+to the second token (the PD handoff) and between later tokens, SLO attainment, goodput
+(req/s), failures, role flips ordered by the scheduler up to the end of the load (from
+`/cluster`), KV bytes sent between instances and the mean transfer time, KV blocks and tokens
+still held once the run has drained (must be 0), and ratios vs colocated. Each
+configuration's logs stay in `--log-dir/<name>/`; a table per configuration goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from common import emit
+
+from xllm.bench.client import ClientConfig
+from xllm.bench.report import LatencyStats, Slo, format_table, summarize
+from xllm.bench.runner import LoadConfig, run_load
+from xllm.bench.workloads import PromptMaker, trace_workload
+from xllm.cluster import ClusterConfig, free_port, serving_cluster
+
+
+def cluster_state(config: ClusterConfig) -> dict:
+    url = config.base_url.removesuffix("/v1") + "/cluster"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+class RolePoller(threading.Thread):
+    """Polls `/cluster` once a second; keeps the most prefill instances seen at once."""
+
+    def __init__(self, config: ClusterConfig):
+        super().__init__(daemon=True)
+        self.config = config
+        self.done = threading.Event()
+        self.max_prefill = 0
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            try:
+                roles = cluster_state(self.config).get("role_counts", {})
+            except OSError:
+                continue
+            self.max_prefill = max(self.max_prefill, roles.get("prefill", 0))
+
+
+def settled_state(config: ClusterConfig, timeout: float = 20.0) -> dict:
+    """`/cluster` once every instance's heartbeat shows no sequence (or after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = cluster_state(config)
+        busy = sum(i["kv_blocks_used"] + i["num_tokens_in_flight"] for i in state["instances"])
+        if busy == 0 or time.monotonic() > deadline:
+            return state
+        time.sleep(1.0)
+
+
+def run_config(name: str, config: ClusterConfig, engine_args, requests, slo: Slo) -> dict:
+    print(f"== {name}: logs in {config.log_dir}", file=sys.stderr)
+    with serving_cluster(config, engine_args) as cluster:
+        cluster.wait_ready(600)
+        model = json.load(urllib.request.urlopen(config.base_url + "/models"))["data"][0]["id"]
+        client = ClientConfig(config.base_url, model)
+        poller = RolePoller(config)
+        poller.start()
+        bench = run_load(requests, client, LoadConfig(timeout=600.0, progress=False))
+        poller.done.set()
+        poller.join()
+        state = settled_state(config)
+    summary = summarize(bench.records, bench.duration, slo)
+    print(format_table(summary), file=sys.stderr)
+    instances = state["instances"]
+    # Token 1 -> token 2: in the PD shapes the handoff (token 1 from the prefill instance,
+    # token 2 from the decode instance once its KvReady arrived).
+    first_gaps = LatencyStats.of([r.itl[0] for r in bench.records if r.ok and r.itl])
+    later_gaps = LatencyStats.of([g for r in bench.records if r.ok for g in r.itl[1:]])
+    return {
+        "ttft_p50_ms": round(summary.ttft_ms.p50, 1),
+        "ttft_p99_ms": round(summary.ttft_ms.p99, 1),
+        "tpot_p50_ms": round(summary.tpot_ms.p50, 2),
+        "tpot_p99_ms": round(summary.tpot_ms.p99, 2),
+        "first_gap_p50_ms": round(first_gaps.p50, 1),
+        "first_gap_p99_ms": round(first_gaps.p99, 1),
+        "later_gap_p50_ms": round(later_gaps.p50, 1),
+        "later_gap_p99_ms": round(later_gaps.p99, 1),
+        "e2e_p99_ms": round(summary.e2e_ms.p99, 1),
+        "slo_attainment": round(summary.slo_attainment, 4),
+        "goodput_req_s": round(summary.goodput, 3),
+        "duration_s": round(summary.duration_s, 2),
+        "completed": summary.completed,
+        "failed": summary.failed,
+        "failures": summary.failures,
+        "role_flips": state.get("num_role_flips", 0),
+        "max_prefill_instances": poller.max_prefill,
+        "kv_bytes_sent": sum(i.get("kv_bytes_sent", 0) for i in instances),
+        "kv_transfers": sum(i.get("kv_transfers", 0) for i in instances),
+        "kv_transfer_mean_ms": round(
+            1e3
+            * sum(i.get("kv_transfer_seconds", 0.0) for i in instances)
+            / max(1, sum(i.get("kv_transfers", 0) for i in instances)),
+            1,
+        ),
+        "preemptions": sum(i.get("num_preemptions", 0) for i in instances),
+        "kv_blocks_held_after": sum(i["kv_blocks_used"] for i in instances),
+        "tokens_in_flight_after": sum(i["num_tokens_in_flight"] for i in instances),
+        "log_dir": config.log_dir,
+    }
+
+
+RATIO_KEYS = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "slo_attainment")
+
+
+def ratios(result: dict, base: dict) -> dict:
+    return {k: round(result[k] / base[k], 3) if base[k] else None for k in RATIO_KEYS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prefill", type=int, default=1)
+    parser.add_argument("--decode", type=int, default=2)
+    parser.add_argument("--trace-start", type=float, default=180.0)
+    parser.add_argument("--trace-duration", type=float, default=20.0)
+    parser.add_argument("--time-scale", type=float, default=8.0)
+    parser.add_argument("--length-scale", type=float, default=0.25)
+    parser.add_argument("--slo-ttft", type=float, default=1000.0, help="ms")
+    parser.add_argument("--slo-tpot", type=float, default=100.0, help="ms")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per instance")
+    parser.add_argument("--kv-cache-gb", type=float, default=0.5)
+    parser.add_argument("--configs", default="colocated,static-pd,slo-pd")
+    parser.add_argument("--log-dir", default="", help="default: a new temporary folder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    requests = trace_workload(
+        "azure-code",
+        PromptMaker(None, chat=False, seed=args.seed),
+        args.seed,
+        start=args.trace_start,
+        duration=args.trace_duration,
+        time_scale=args.time_scale,
+        length_scale=args.length_scale,
+    )
+    n = args.prefill + args.decode
+    engine_args = [
+        "--num-threads", str(args.threads),
+        "--kv-cache-gb", str(args.kv_cache_gb),
+        "--max-model-len", "4096",
+    ]  # fmt: skip
+    log_root = Path(args.log_dir or tempfile.mkdtemp(prefix="xllm-pd-bench-"))
+    common = {"host": "127.0.0.1", "log_level": "INFO", "stop_grace": 10.0}
+    shapes = {
+        "colocated": {"instances": n, "policy": "least-load"},
+        "static-pd": {"prefill": args.prefill, "decode": args.decode, "policy": "least-load"},
+        "slo-pd": {
+            "prefill": args.prefill,
+            "decode": args.decode,
+            "policy": "slo-pd",
+            "slo_ttft": args.slo_ttft / 1e3,
+            "slo_tpot": args.slo_tpot / 1e3,
+            "min_decode_instances": 1,
+        },
+    }
+    slo = Slo(args.slo_ttft, args.slo_tpot)
+    results = {}
+    for name in args.configs.split(","):
+        config = ClusterConfig(
+            port=free_port(), log_dir=str(log_root / name), **common, **shapes[name]
+        )
+        results[name] = run_config(name, config, engine_args, requests, slo)
+    base = results.get("colocated")
+    emit(
+        {
+            "benchmark": "pd_serving",
+            "model": "qwen3-tiny-bf16",
+            "trace": f"azure-code start={args.trace_start:g}s duration={args.trace_duration:g}s "
+            f"time x{args.time_scale:g} length x{args.length_scale:g}",
+            "requests": len(requests),
+            "input_tokens": sum(r.input_len for r in requests),
+            "output_tokens": sum(r.output_len for r in requests),
+            "instances": n,
+            "shapes": {
+                k: f"{n} colocated" if k == "colocated" else f"{args.prefill}P+{args.decode}D"
+                for k in results
+            },
+            "slo_ms": {"ttft": args.slo_ttft, "tpot": args.slo_tpot},
+            "results": results,
+            "vs_colocated": {
+                k: ratios(v, base) for k, v in results.items() if base and k != "colocated"
+            },
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
