@@ -19,9 +19,11 @@ only on that answer — or after `transfer_timeout`, if P died. So an abort raci
 never frees a block that P may still be writing into: D answers the client at once
 ("abort") but keeps the blocks until P confirms it has stopped.
 
-Everything here runs on the instance's event loop between engine steps (the engine is not
-thread-safe); only the Mooncake writes run on the transport's thread, and their completion
-comes back through the instance's inbox as a `TransferDone`.
+Everything that touches the engine runs on the instance's event loop between engine steps
+(the engine is not thread-safe); the Mooncake writes run on the transport's thread. A
+finished write is answered at once (`on_write_finished`, on the loop, while a step may be
+running: the decode instance should not wait out a long prefill step for its KvReady), and
+queued as a `TransferDone` so the prefill-side blocks are freed at the next step boundary.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class PdRequests:
         self.send_cmd = send_cmd
         self.send_delta = send_delta
         self.notify_transfer_done = notify_transfer_done
-        """Thread-safe: queues a `TransferDone` for the loop, which calls on_transfer_done."""
+        """Thread-safe: hands a `TransferDone` to the loop (on_write_finished at once,
+        on_transfer_done between steps)."""
         self.transfer_timeout = transfer_timeout
         self.awaiting_room: deque[DecodeCmd] = deque()
         self.reserved: dict[str, _Reserved] = {}
@@ -221,9 +224,13 @@ class PdRequests:
 
         future.add_done_callback(done)
 
-    async def on_transfer_done(self, done: TransferDone) -> None:
-        entry = self.prefilling.pop(done.request_id)
-        self.engine.release_prefilled(done.request_id)
+    async def on_write_finished(self, done: TransferDone) -> None:
+        """Answer the decode instance the moment the write ends — not at the next step
+        boundary, which may be a long prefill step away. Touches no engine state (the
+        engine may be mid-step); `on_transfer_done` frees the blocks between steps."""
+        entry = self.prefilling.get(done.request_id)
+        if entry is None:
+            return
         if entry.aborted:
             await self._answer(entry.cmd, error=aborted_error())
         elif done.error is not None:
@@ -238,6 +245,11 @@ class PdRequests:
                 first_logprob=wire_logprob(first.logprobs[0]) if first.logprobs else None,
                 num_blocks=len(entry.cmd.fill_block_ids),
             )
+
+    async def on_transfer_done(self, done: TransferDone) -> None:
+        """Between steps, after `on_write_finished`: the KV is delivered, free our copy."""
+        if self.prefilling.pop(done.request_id, None) is not None:
+            self.engine.release_prefilled(done.request_id)
 
     # -- both -----------------------------------------------------------------------------
 

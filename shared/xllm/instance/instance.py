@@ -89,6 +89,7 @@ class Instance:
         )
         # One thread: steps run strictly one after another, off the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._background: set[asyncio.Task] = set()  # keeps fire-and-forget tasks alive
         self.pd: PdRequests | None = None
         """PD disaggregation state; created when the instance first needs it."""
         self.role_flips = 0
@@ -147,7 +148,7 @@ class Instance:
                 send_cmd=self._send_cmd,
                 send_delta=self._send,
                 notify_transfer_done=lambda done: loop.call_soon_threadsafe(
-                    self.inbox.put_nowait, done
+                    self._transfer_finished, done
                 ),
                 transfer_timeout=self.config.kv_transfer_timeout,
             )
@@ -177,6 +178,13 @@ class Instance:
                 if self.pd is not None and delta.request_id in self.pd.prefilling:
                     await self.pd.on_step_output(delta)
             await self._pd_housekeeping()
+
+    def _transfer_finished(self, done: TransferDone) -> None:
+        """On the loop, as soon as a KV write ends, even mid-step (see disaggregation.py)."""
+        task = asyncio.ensure_future(self.pd.on_write_finished(done))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        self.inbox.put_nowait(done)
 
     async def _wait_for_command(self) -> None:
         if self.pd is None or not (self.pd.reserved or self.pd.awaiting_room):
