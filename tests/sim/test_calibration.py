@@ -50,15 +50,13 @@ def test_the_fit_recovers_factors_it_was_generated_with():
     assert fitted.linear_factor == pytest.approx(1.5, rel=1e-3)
 
 
-@pytest.mark.slow
-def test_calibrated_profile_predicts_held_out_engine_steps_within_15_percent(tiny_model_dir):
-    model_dir = tiny_model_dir("qwen3", "float32")
+def _held_out_errors(model_dir) -> tuple[dict[str, float], float]:
     profile, _train, held_out = cal.calibrate(
         model_dir,
         "float32",
         cal.TRAIN_TINY,
         cal.HELD_OUT_TINY,
-        rounds=7,  # 5 failed once in ~6 runs under a load average of 5 on 2 cores
+        rounds=7,
         repeats=3,
         warmup=1,
         name="test",
@@ -68,5 +66,18 @@ def test_calibrated_profile_predicts_held_out_engine_steps_within_15_percent(tin
         m.label: e
         for m, e in zip(held_out, fit.relative_errors(model, held_out, profile), strict=True)
     }
+    return errors, profile.fit["held_out_max_abs_rel_err"]
+
+
+@pytest.mark.slow
+def test_calibrated_profile_predicts_held_out_engine_steps_within_15_percent(tiny_model_dir):
+    model_dir = tiny_model_dir("qwen3", "float32")
+    # Step times are measured, and on a shared 2-core machine another process can steal a
+    # whole round of one shape: a second calibration (fresh measurements) is allowed. A
+    # cost model that really misses a held-out shape misses it both times.
+    for _ in range(2):
+        errors, max_error = _held_out_errors(model_dir)
+        if all(abs(e) < 0.15 for e in errors.values()):
+            break
     assert all(abs(e) < 0.15 for e in errors.values()), errors
-    assert profile.fit["held_out_max_abs_rel_err"] < 0.15
+    assert max_error < 0.15
