@@ -31,7 +31,7 @@ class SchedulerConfig:
         3.0, "slo-pd: seconds an instance keeps a role after a flip before it may flip again."
     )
     flip_idle: float = option(
-        2.0, "slo-pd: seconds with no queued prefill before a prefill instance counts as idle."
+        30.0, "slo-pd: seconds with no queued prefill before a prefill instance counts as idle."
     )
 
     def validate(self) -> None:

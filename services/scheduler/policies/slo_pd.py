@@ -148,7 +148,7 @@ class FlipConfig:
     """Prefill instances that always stay prefill."""
     cooldown: float = 3.0
     """Seconds an instance keeps a role after taking it before it may flip again."""
-    idle_seconds: float = 2.0
+    idle_seconds: float = 30.0
     """Seconds without queued prefill after which a prefill instance counts as idle."""
 
 

@@ -51,7 +51,7 @@ class ClusterConfig:
     slo_tpot: float = option(0.0, "TPOT target in seconds (--policy slo-pd); 0 = none.")
     min_decode_instances: int = option(1, "slo-pd: decode instances never flipped to prefill.")
     flip_cooldown: float = option(3.0, "slo-pd: seconds an instance keeps a role after a flip.")
-    flip_idle: float = option(2.0, "slo-pd: seconds without queued prefill that count as idle.")
+    flip_idle: float = option(30.0, "slo-pd: seconds without queued prefill that count as idle.")
     nats_url: str = option("", "NATS server URL; empty = start an embedded nats-server.")
     redis_url: str = option("", "Redis URL; empty = start an embedded Valkey.")
     api_key: str = option("", "Key clients must send as a Bearer token; empty = no auth.")
