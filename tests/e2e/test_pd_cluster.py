@@ -163,8 +163,10 @@ def test_a_request_survives_a_killed_instance(cluster, victim_role, engine_greed
     live = [i["instance_id"] for i in state(config)["instances"] if i["role"] == victim_role]
     if len(live) < 2:
         pytest.skip(f"a {victim_role} instance was already killed")
-    batch = prompts(6, seed=11, lengths=(1200, 700))
-    max_tokens = 200
+    if victim_role == "decode":  # long decodes: the victim is caught decoding
+        batch, max_tokens = prompts(6, seed=11, lengths=(1200, 700)), 200
+    else:  # much prompt work: the victim is caught prefilling, even on a quiet machine
+        batch, max_tokens = prompts(12, seed=12, lengths=(3500, 3000)), 32
     results: dict[int, str] = {}
     started = threading.Event()
 

@@ -13,7 +13,7 @@ Design notes.
     instance pushes its KV straight into them with one-sided writes, then tells the
     decode instance over NATS. The receiver runs no code per transfer, and nothing is
     staged in between: the bytes land where decode attention reads them.
-  * Overlap. Writes release the GIL, and `submit_blocks` runs them on a writer thread, so
+  * Overlap. Writes release the GIL, and `submit_blocks` runs them on a per-peer writer thread, so
     a request's KV travels while the engine keeps stepping the other requests (the
     request's blocks are held, so nothing overwrites them meanwhile). Shipping a long
     prompt's blocks chunk by chunk, before its prefill ends, would fit the same call;
@@ -104,7 +104,9 @@ class KvTransport:
             raise KvTransferError(f"cannot register the KV pool ({self.layout.nbytes} bytes)")
         self.stats = TransferStats()
         self._lock = threading.Lock()  # stats are updated from the writer thread
-        self._writer: ThreadPoolExecutor | None = None
+        self._writers: dict[str, ThreadPoolExecutor] = {}
+        """One writer thread per peer: a peer that dies mid-write can hold its thread until
+        TCP gives up (minutes), and must not hold up transfers to the other peers."""
 
     @property
     def peer(self) -> KvPeer:
@@ -146,16 +148,16 @@ class KvTransport:
     def submit_blocks(
         self, peer: KvPeer, local_block_ids: list[int], remote_block_ids: list[int]
     ) -> Future[int]:
-        """`write_blocks` on the writer thread, so the caller can compute meanwhile.
+        """`write_blocks` on the peer's writer thread, so the caller can compute meanwhile.
 
-        Transfers run one at a time in submission order. The caller must keep the local
-        blocks unchanged (held) until the future is done.
+        Transfers to one peer run one at a time in submission order. The caller must keep
+        the local blocks unchanged (held) until the future is done.
         """
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="kv-writer")
-        return self._writer.submit(
-            self.write_blocks, peer, list(local_block_ids), list(remote_block_ids)
-        )
+        writer = self._writers.get(peer.endpoint)
+        if writer is None:
+            writer = ThreadPoolExecutor(1, thread_name_prefix=f"kv-writer-{peer.endpoint}")
+            self._writers[peer.endpoint] = writer
+        return writer.submit(self.write_blocks, peer, list(local_block_ids), list(remote_block_ids))
 
     def record_received(self, num_blocks: int) -> None:
         """Count blocks a peer wrote into this pool (called on its notification)."""
@@ -164,8 +166,8 @@ class KvTransport:
             self.stats.bytes_received += num_blocks * self.layout.block_bytes
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
+        for writer in self._writers.values():
+            writer.shutdown(wait=False, cancel_futures=True)  # a dead peer's write may hang
         self.engine.unregister_memory(self.base_addr)
 
 
