@@ -83,6 +83,8 @@ class _Prefilling:
     first: SequenceOutput | None = None
     writing: bool = False
     aborted: bool = False
+    answered: bool = False
+    """KvReady sent (by whichever of on_write_finished / on_transfer_done ran first)."""
 
 
 class PdRequests:
@@ -229,8 +231,21 @@ class PdRequests:
         boundary, which may be a long prefill step away. Touches no engine state (the
         engine may be mid-step); `on_transfer_done` frees the blocks between steps."""
         entry = self.prefilling.get(done.request_id)
+        if entry is not None and not entry.answered:
+            await self._answer_transfer(entry, done)
+
+    async def on_transfer_done(self, done: TransferDone) -> None:
+        """Between steps: free our copy of the KV, and answer if `on_write_finished` has
+        not yet run (the two are scheduled separately; either may come first)."""
+        entry = self.prefilling.pop(done.request_id, None)
         if entry is None:
             return
+        self.engine.release_prefilled(done.request_id)
+        if not entry.answered:
+            await self._answer_transfer(entry, done)
+
+    async def _answer_transfer(self, entry: _Prefilling, done: TransferDone) -> None:
+        entry.answered = True  # before any await: the other caller must see it
         if entry.aborted:
             await self._answer(entry.cmd, error=aborted_error())
         elif done.error is not None:
@@ -245,11 +260,6 @@ class PdRequests:
                 first_logprob=wire_logprob(first.logprobs[0]) if first.logprobs else None,
                 num_blocks=len(entry.cmd.fill_block_ids),
             )
-
-    async def on_transfer_done(self, done: TransferDone) -> None:
-        """Between steps, after `on_write_finished`: the KV is delivered, free our copy."""
-        if self.prefilling.pop(done.request_id, None) is not None:
-            self.engine.release_prefilled(done.request_id)
 
     # -- both -----------------------------------------------------------------------------
 

@@ -315,8 +315,10 @@ class Instance:
             max_model_len=self.engine.max_model_len,
             num_running=stats.num_running,
             num_waiting=stats.num_waiting,
+            # Work, not footprint: prompt tokens served from the prefix cache cost nothing,
+            # as in the scheduler's own count of what it placed since this heartbeat.
             num_tokens_in_flight=sum(
-                s.num_tokens for s in [*scheduler.running, *scheduler.waiting]
+                s.num_tokens - s.num_cached_tokens for s in [*scheduler.running, *scheduler.waiting]
             ),
             kv_blocks_used=stats.num_blocks_used,
             kv_blocks_free=stats.num_blocks_free,

@@ -178,7 +178,8 @@ class Heartbeat:
     num_waiting: int
     """Sequences queued, not yet admitted."""
     num_tokens_in_flight: int
-    """Tokens of all running and waiting sequences (prompt + output so far); the load."""
+    """Tokens of all running and waiting sequences (prompt + output so far), less the prompt
+    tokens they took from the prefix cache; the load."""
     kv_blocks_used: int
     """KV blocks held by sequences."""
     kv_blocks_free: int
