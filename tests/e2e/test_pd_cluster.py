@@ -196,4 +196,4 @@ def test_a_request_survives_a_killed_instance(cluster, victim_role, engine_greed
     for i, text in enumerate(expected):
         assert results[i] == text, f"request {i}"
     assert state(config)["num_redispatched"] >= 1
-    wait_for(lambda: totals(config)["blocks_held"] == 0, 15, "every block to be released")
+    wait_for(lambda: totals(config)["blocks_held"] == 0, 60, "every block to be released")

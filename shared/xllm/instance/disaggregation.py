@@ -110,6 +110,9 @@ class PdRequests:
         self.awaiting_room: deque[DecodeCmd] = deque()
         self.reserved: dict[str, _Reserved] = {}
         self.prefilling: dict[str, _Prefilling] = {}
+        self.recently_aborted: deque[str] = deque(maxlen=4096)
+        """Aborts for requests unknown here: the gateway's abort can overtake the decode
+        instance's PrefillCmd, which must then be answered at once, not prefilled."""
 
     def owns(self, request_id: str) -> bool:
         return (
@@ -185,6 +188,9 @@ class PdRequests:
     # -- prefill side ---------------------------------------------------------------------
 
     async def on_prefill(self, cmd: PrefillCmd) -> None:
+        if cmd.request_id in self.recently_aborted:
+            await self._answer(cmd, error=aborted_error())
+            return
         layout = KvLayout(
             cmd.peer.num_layers, cmd.peer.num_blocks, cmd.peer.block_size, cmd.peer.token_bytes
         )
@@ -297,6 +303,7 @@ class PdRequests:
                 del self.prefilling[request_id]
                 await self._answer(entry.cmd, error=aborted_error())
             return True
+        self.recently_aborted.append(request_id)
         return False
 
     async def _answer(self, cmd: PrefillCmd, **fields) -> None:
