@@ -191,9 +191,7 @@ class PdRequests:
         if cmd.request_id in self.recently_aborted:
             await self._answer(cmd, error=aborted_error())
             return
-        layout = KvLayout(
-            cmd.peer.num_layers, cmd.peer.num_blocks, cmd.peer.block_size, cmd.peer.token_bytes
-        )
+        layout = peer_of(cmd.peer).layout
         if not layout.compatible_with(self.transport.layout):
             why = f"the decode instance's KV layout {layout} does not match {self.transport.layout}"
             await self._answer(cmd, error=ErrorInfo(code=ErrorCode.INTERNAL, message=why))

@@ -32,7 +32,7 @@ from nats.aio.client import Client as NATS
 from xllm.engine.engine import Engine, SequenceOutput
 from xllm.engine.sequence import FinishReason
 from xllm.instance.config import InstanceConfig
-from xllm.instance.disaggregation import PdRequests, TransferDone
+from xllm.instance.disaggregation import PdRequests, TransferDone, wire_logprob
 from xllm.instance.kv_events import KvEventPublisher
 from xllm.protocol import (
     AbortCmd,
@@ -44,7 +44,6 @@ from xllm.protocol import (
     InstanceLost,
     KvReady,
     KvSnapshotRequest,
-    LogprobEntry,
     PrefillCmd,
     SetRoleCmd,
     TokenDelta,
@@ -354,7 +353,7 @@ class Instance:
 def to_wire(d: SequenceOutput) -> TokenDelta:
     logprobs = None
     if d.logprobs is not None:
-        logprobs = [LogprobEntry(lp.token_id, lp.logprob, lp.top) for lp in d.logprobs]
+        logprobs = [wire_logprob(lp) for lp in d.logprobs]
     finish = d.finish_reason.value if isinstance(d.finish_reason, FinishReason) else None
     return TokenDelta(
         request_id=d.request_id,
