@@ -19,6 +19,38 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
+# Per-instance gauges: (metric name, Heartbeat field, help).
+INSTANCE_GAUGES = (
+    ("xllm_instance_requests_running", "num_running", "Sequences in the instance's running batch."),
+    ("xllm_instance_requests_waiting", "num_waiting", "Sequences queued at the instance."),
+    ("xllm_instance_kv_blocks_used", "kv_blocks_used", "KV blocks held by sequences."),
+    (
+        "xllm_instance_kv_blocks_free",
+        "kv_blocks_free",
+        "KV blocks free (cached prefixes included).",
+    ),
+    (
+        "xllm_instance_prefix_queried_tokens",
+        "prefix_queried_tokens",
+        "Prompt tokens looked up in the instance's prefix cache since it started.",
+    ),
+    (
+        "xllm_instance_prefix_hit_tokens",
+        "prefix_hit_tokens",
+        "Prompt tokens found in the instance's prefix cache since it started.",
+    ),
+    (
+        "xllm_instance_role_flips",
+        "role_flips",
+        "Role flips the instance carried out since it started.",
+    ),
+    (
+        "xllm_instance_recent_tpot_seconds",
+        "recent_tpot",
+        "Recent time per decode step (each running request gets one token per step).",
+    ),
+)
+
 
 class GatewayMetrics:
     def __init__(self) -> None:
@@ -46,39 +78,11 @@ class GatewayMetrics:
         self.generation_tokens = r.counter(
             "xllm_gateway_generation_tokens_total", "Generated tokens received."
         )
-        labels = ("instance", "role")
-        self.instance_running = r.gauge(
-            "xllm_instance_requests_running", "Sequences in the instance's running batch.", labels
-        )
-        self.instance_waiting = r.gauge(
-            "xllm_instance_requests_waiting", "Sequences queued at the instance.", labels
-        )
-        self.instance_kv_used = r.gauge(
-            "xllm_instance_kv_blocks_used", "KV blocks held by sequences.", labels
-        )
-        self.instance_kv_free = r.gauge(
-            "xllm_instance_kv_blocks_free", "KV blocks free (cached prefixes included).", labels
-        )
-        self.instance_prefix_queried = r.gauge(
-            "xllm_instance_prefix_queried_tokens",
-            "Prompt tokens looked up in the instance's prefix cache since it started.",
-            labels,
-        )
-        self.instance_prefix_hits = r.gauge(
-            "xllm_instance_prefix_hit_tokens",
-            "Prompt tokens found in the instance's prefix cache since it started.",
-            labels,
-        )
-        self.instance_role_flips = r.gauge(
-            "xllm_instance_role_flips",
-            "Role flips the instance carried out since it started.",
-            labels,
-        )
-        self.instance_recent_tpot = r.gauge(
-            "xllm_instance_recent_tpot_seconds",
-            "Recent time per decode step (each running request gets one token per step).",
-            labels,
-        )
+        # One gauge per heartbeat field, labelled by instance and role.
+        self.instance_gauges = [
+            (r.gauge(name, help, ("instance", "role")), field)
+            for name, field, help in INSTANCE_GAUGES
+        ]
         self.cluster_instances = r.gauge(
             "xllm_cluster_instances", "Live instances per role, as the scheduler places.", ("role",)
         )
@@ -107,22 +111,12 @@ class GatewayMetrics:
 
     def observe_cluster(self, state: ClusterState | None) -> None:
         """Replace the per-instance gauges with `state` (None: the scheduler did not answer)."""
-        gauges = (self.instance_running, self.instance_waiting)
-        gauges += (self.instance_kv_used, self.instance_kv_free)
-        gauges += (self.instance_prefix_queried, self.instance_prefix_hits)
-        gauges += (self.instance_role_flips, self.instance_recent_tpot, self.cluster_instances)
-        for gauge in gauges:
+        for gauge, _ in self.instance_gauges:
             gauge.clear()
+        self.cluster_instances.clear()
         for hb in state.instances if state is not None else ():
-            labels = {"instance": hb.instance_id, "role": hb.role}
-            self.instance_running.labels(**labels).set(hb.num_running)
-            self.instance_waiting.labels(**labels).set(hb.num_waiting)
-            self.instance_kv_used.labels(**labels).set(hb.kv_blocks_used)
-            self.instance_kv_free.labels(**labels).set(hb.kv_blocks_free)
-            self.instance_prefix_queried.labels(**labels).set(hb.prefix_queried_tokens)
-            self.instance_prefix_hits.labels(**labels).set(hb.prefix_hit_tokens)
-            self.instance_role_flips.labels(**labels).set(hb.role_flips)
-            self.instance_recent_tpot.labels(**labels).set(hb.recent_tpot)
+            for gauge, field in self.instance_gauges:
+                gauge.labels(instance=hb.instance_id, role=hb.role).set(getattr(hb, field))
         if state is not None:
             self.cluster_prefix_hit_rate.set(prefix_cache_summary(state)["hit_rate"])
             for role, count in state.role_counts.items():

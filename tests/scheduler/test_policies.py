@@ -6,28 +6,15 @@ import pytest
 
 from services.scheduler.cluster import ClusterSnapshot, InstanceView, Registry
 from services.scheduler.policies import PlacementRequest, get_policy, least_load, round_robin
+from tests.scheduler import beats
 from xllm.protocol import Heartbeat
 
 
 def heartbeat(
     instance_id: str, tokens: int = 0, running: int = 0, role: str = "both", model: str = "m"
 ) -> Heartbeat:
-    return Heartbeat(
-        instance_id=instance_id,
-        role=role,
-        model=model,
-        max_model_len=4096,
-        num_running=running,
-        num_waiting=0,
-        num_tokens_in_flight=tokens,
-        kv_blocks_used=0,
-        kv_blocks_free=100,
-        kv_block_size=16,
-        prefix_queried_tokens=0,
-        prefix_hit_tokens=0,
-        num_preemptions=0,
-        steps=0,
-        sent_at=0.0,
+    return beats.heartbeat(
+        instance_id, role, model=model, num_tokens_in_flight=tokens, num_running=running
     )
 
 

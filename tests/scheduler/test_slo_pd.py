@@ -10,34 +10,21 @@ import pytest
 from services.scheduler.cluster import Registry
 from services.scheduler.policies import POLICIES, FlipConfig, PlacementRequest, plan_role_flips
 from services.scheduler.policies.slo_pd import TtftPredictor, slo_pd
+from tests.scheduler.beats import heartbeat
 from xllm.protocol import Heartbeat
 
 SPT = 1e-3  # seconds per prefill token in these heartbeats
 
 
 def hb(instance_id: str, role: str, backlog: int = 0, **fields) -> Heartbeat:
-    base = dict(
-        instance_id=instance_id,
-        role=role,
-        model="m",
+    typical = dict(
         max_model_len=8192,
-        num_running=0,
-        num_waiting=0,
-        num_tokens_in_flight=0,
-        kv_blocks_used=0,
-        kv_blocks_free=100,
-        kv_block_size=16,
-        prefix_queried_tokens=0,
-        prefix_hit_tokens=0,
-        num_preemptions=0,
-        steps=0,
-        sent_at=0.0,
         num_prefill_backlog_tokens=backlog,
         prefill_tokens=10_000,
         prefill_seconds=10_000 * SPT,
         ttft_count=10,  # typical prompt: 1000 tokens
     )
-    return Heartbeat(**{**base, **fields})
+    return heartbeat(instance_id, role, **{**typical, **fields})
 
 
 class Cluster:
