@@ -9,7 +9,7 @@ from conftest import greedy, make_engine, random_prompts, run_engine
 
 import xllm.models.attention as attention
 import xllm.models.layers as layers
-from xllm.ops import kernels, pack_for_amx
+from xllm.ops import kernels, pack_weight
 
 native = kernels()
 needs_native = pytest.mark.skipif(native is None, reason="native kernels could not be built here")
@@ -46,14 +46,16 @@ def test_paged_decode_attention_matches_sdpa(dtype, tol, batch):
 
 @needs_native
 @pytest.mark.skipif(native is not None and not native.has_bf16_linear(), reason="no AVX512-BF16")
-@pytest.mark.parametrize("rows", [1, 3, 4, 9])
-def test_bf16_linear_matches_float_reference(rows):
+@pytest.mark.parametrize("rows", [1, 2, 3, 12, 13, 40])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_packed_bf16_linear_matches_float_reference(rows, with_bias):
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 256, generator=g).bfloat16()
-    w = (torch.randn(258, 256, generator=g) / 16).bfloat16()  # 258: a ragged last row tile
-    b = torch.randn(258, generator=g).bfloat16()
-    expected = F.linear(x.float(), w.float(), b.float())
-    got = native.bf16_linear(x, w, b).float()
+    # 304 columns = 19 blocks of 16: whole groups of column blocks and a ragged tail.
+    w = (torch.randn(304, 256, generator=g) / 16).bfloat16()
+    b = torch.randn(304, generator=g).bfloat16() if with_bias else None
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+    got = native.packed_bf16_linear(x, pack_weight(w), 304, b).float()
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)
 
 
@@ -65,7 +67,7 @@ def test_amx_linear_over_packed_weights_matches_float_reference(rows):
     x = torch.randn(rows, 256, generator=g).bfloat16()
     w = (torch.randn(96, 256, generator=g) / 16).bfloat16()
     b = torch.randn(96, generator=g).bfloat16()
-    got = native.amx_linear(x, pack_for_amx(w), 96, b).float()
+    got = native.amx_linear(x, pack_weight(w), 96, b).float()
     torch.testing.assert_close(got, F.linear(x.float(), w.float(), b.float()), atol=2e-2, rtol=1e-2)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xllm.ops import fast_linear, fast_rms_norm, pack_for_amx
+from xllm.ops import fast_linear, fast_rms_norm, pack_weight
 
 
 class Linear(nn.Module):
@@ -43,7 +43,7 @@ class Linear(nn.Module):
 
     def prepare(self) -> None:
         """After loading: keep a copy of the weight in the native kernels' tile layout."""
-        self.packed_weight = pack_for_amx(self.weight.data)
+        self.packed_weight = pack_weight(self.weight.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = fast_linear(x, self.weight, self.bias, self.packed_weight)  # decode batches on CPU

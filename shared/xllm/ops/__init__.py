@@ -1,8 +1,8 @@
 """Native CPU kernels for the decode hot path, compiled on first use, with torch fallbacks.
 
 `paged_decode_attention` reads each sequence's context straight from the paged KV pool
-(no gather); `fast_linear` streams weights once per step for decode-sized batches (AMX
-tiles over pre-packed weights, or AVX512-BF16 dot products where there is no AMX);
+(no gather); `fast_linear` streams weights once per step for decode-sized batches, over
+weights packed once at load (AMX tiles, or AVX512-BF16 dot products where there is no AMX);
 `fast_rms_norm` is one pass instead of ATen's ten small ops.
 The extension is built once per machine by torch's cpp_extension (needs a C++ compiler
 and ninja) into torch's extension cache; where it cannot be built, or the device is not
@@ -27,10 +27,11 @@ _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
 
-# Largest batches for which the native linears beat oneDNN on a 2-core Sapphire Rapids
-# (decode-sized matmuls are memory bound; oneDNN re-packs the weights every call).
+# Largest batches for which the native linears beat oneDNN on 2 cores (decode-sized
+# matmuls are memory bound, and oneDNN re-packs the weights every call): AMX measured on a
+# Sapphire Rapids, AVX512-BF16 on a Zen 4.
 AMX_LINEAR_MAX_ROWS = 128
-BF16_LINEAR_MAX_ROWS = 4
+BF16_LINEAR_MAX_ROWS = 128
 
 
 def kernels() -> ModuleType | None:
@@ -76,17 +77,17 @@ def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return None if k is None else k.rms_norm(x, weight, eps)
 
 
-def pack_for_amx(weight: torch.Tensor) -> torch.Tensor | None:
-    """W [N, K] in the AMX tile layout the native linear multiplies, or None when that
-    path does not apply (no AMX, not bf16 on CPU, N % 16 or K % 32 not zero)."""
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """W [N, K] in the VNNI layout the native linears multiply, [N/16, K/2, 16, 2] (for
+    each pair of input features, 16 output columns' pairs side by side), or None when no
+    native linear applies (no AMX or AVX512-BF16, not bf16 on CPU, N % 16 or K % 32)."""
     n, k = weight.shape
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or n % 16 or k % 32:
         return None
     native = kernels()
-    if native is None or not native.has_amx():
+    if native is None or not (native.has_amx() or native.has_bf16_linear()):
         return None
-    # [N/16, 16 cols, K/32, 16 k-pairs, 2] -> [N/16, K/32, 16 k-pairs, 16 cols, 2]
-    return weight.view(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+    return weight.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def fast_linear(
@@ -96,14 +97,12 @@ def fast_linear(
     packed: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """x @ W^T + b via a native kernel when one beats oneDNN for this shape, else None."""
-    if x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.bfloat16:
+    if packed is None or x.dim() != 2 or x.dtype != torch.bfloat16:
         return None
-    rows = x.shape[0]
-    if packed is not None and rows <= AMX_LINEAR_MAX_ROWS:
-        return kernels().amx_linear(x, packed, weight.shape[0], bias)  # type: ignore[union-attr]
-    if rows > BF16_LINEAR_MAX_ROWS or x.shape[1] % 32:
-        return None
-    native = kernels()
-    if native is None or not native.has_bf16_linear():
-        return None
-    return native.bf16_linear(x, weight, bias)
+    rows, native = x.shape[0], kernels()
+    if native.has_amx():  # type: ignore[union-attr]
+        if rows <= AMX_LINEAR_MAX_ROWS:
+            return native.amx_linear(x, packed, weight.shape[0], bias)  # type: ignore[union-attr]
+    elif rows <= BF16_LINEAR_MAX_ROWS:
+        return native.packed_bf16_linear(x, packed, weight.shape[0], bias)  # type: ignore[union-attr]
+    return None

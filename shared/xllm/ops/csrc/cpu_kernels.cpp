@@ -2,8 +2,9 @@
 //
 //  * paged_decode_attention: one query token per sequence attends to its context read
 //    straight from the paged KV pool through its block table: no gather, no copy.
-//  * bf16_linear: y = x W^T (+ b) for a few rows of x (decode batches), streaming each
-//    weight row from memory once for all rows of x, with AVX512-BF16 dot products.
+//  * packed_bf16_linear / amx_linear: y = x W^T (+ b) for decode-sized batches over weights
+//    packed once into the VNNI layout, streaming each weight from memory once per step for
+//    all rows of x (AVX512-BF16 dot products, or AMX tiles where the CPU has them).
 //    Decode is memory bound: the weights must be read once per step, at full bandwidth.
 //
 // Both parallelise with at::parallel_for over independent output tiles.
@@ -317,92 +318,96 @@ bool has_bf16_linear() {
 #endif
 }
 
+// ---------------------------------------------------------------------------------------
+// AVX512-BF16 linear over pre-packed weights.
+//
+// The packed layout (see amx_linear below) stores, for each block of 16 output columns and
+// each pair of input features, the 16 columns' pairs side by side: one 64-byte vector. So
+// a dot-product instruction multiplies 16 columns at once by one broadcast pair of x, and
+// accumulates into a vector of 16 outputs: no horizontal sums, and each block of a weight
+// is one contiguous stream the prefetchers follow. A micro-kernel keeps MR rows x NB
+// column blocks of outputs in registers, loading NB weight vectors per pair for MR rows.
+// ---------------------------------------------------------------------------------------
 #if defined(__AVX512BF16__)
 namespace {
 
-constexpr int kRows = 4;  // weight rows per tile: 4 x 2 KiB stays in L1 while x streams by
-constexpr int kCols = 4;  // rows of x per inner tile: 16 accumulators in registers
-
-inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-
-template <int R, int C>
-inline void tile(const uint16_t* w, int64_t ldw, const uint16_t* x, int64_t ldx, int64_t K,
-                 float out[R][C]) {
-  __m512 acc[R][C];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    __m512bh wv[R];
-    for (int i = 0; i < R; ++i) wv[i] = (__m512bh)_mm512_loadu_si512(w + i * ldw + k);
-    for (int j = 0; j < C; ++j) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j * ldx + k);
-      for (int i = 0; i < R; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[i], xv);
+template <int MR, int NB>
+inline void packed_micro(const uint16_t* w, int64_t K, const uint16_t* x, int64_t rows,
+                         float* out) {
+  __m512 acc[MR][NB];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  const auto* x32 = reinterpret_cast<const uint32_t*>(x);  // pairs of x, as one 32-bit word
+  const int64_t block = K * 16;                            // elements per column block
+  for (int64_t p = 0; p < K / 2; ++p) {
+    __m512bh wv[NB];
+    for (int j = 0; j < NB; ++j)
+      wv[j] = (__m512bh)_mm512_loadu_si512(w + j * block + p * 32);
+    for (int i = 0; i < MR && i < rows; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(x32[i * (K / 2) + p]);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[j], xv);
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) out[i][j] = hsum(acc[i][j]);
+  for (int i = 0; i < MR && i < rows; ++i)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(out + (i * NB + j) * 16, acc[i][j]);
 }
 
-template <int R>
-inline void row_block(const uint16_t* w, int64_t K, const uint16_t* x, int64_t M, int64_t n0,
-                      int64_t N, const at::BFloat16* bias, at::BFloat16* y) {
-  float part[R][kCols];
-  int64_t m = 0;
-  auto store = [&](int cols) {
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < cols; ++j) {
-        float v = part[i][j] + (bias ? static_cast<float>(bias[n0 + i]) : 0.f);
-        y[(m + j) * N + n0 + i] = at::BFloat16(v);
+// y[:, cols of blocks nb0 .. nb0+NB) for every row of x, MR rows at a time.
+template <int MR, int NB>
+inline void packed_columns(const uint16_t* w, const uint16_t* x, int64_t M, int64_t K,
+                           int64_t N, int64_t nb0, const at::BFloat16* bias, at::BFloat16* y) {
+  alignas(64) float out[MR * NB * 16];
+  for (int64_t m = 0; m < M; m += MR) {
+    const int64_t rows = std::min<int64_t>(MR, M - m);
+    packed_micro<MR, NB>(w + nb0 * K * 16, K, x + m * K, rows, out);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int j = 0; j < NB; ++j) {
+        const int64_t col = (nb0 + j) * 16;
+        __m512 v = _mm512_load_ps(out + (i * NB + j) * 16);
+        if (bias) v = _mm512_add_ps(v, load16(bias + col));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (m + i) * N + col),
+                            (__m256i)_mm512_cvtneps_pbh(v));
       }
-  };
-  for (; m + kCols <= M; m += kCols) {
-    tile<R, kCols>(w, K, x + m * K, K, K, part);
-    store(kCols);
   }
-  for (; m < M; ++m) {
-    float one[R][1];
-    tile<R, 1>(w, K, x + m * K, K, K, one);
-    for (int i = 0; i < R; ++i) part[i][0] = one[i][0];
-    store(1);
-  }
+}
+
+// Few rows are memory bound: many column streams per row. More rows are compute bound:
+// many rows per weight vector loaded (12 x 2 accumulators fill the 32 vector registers).
+template <int MR, int NB>
+void packed_linear_impl(const uint16_t* w, const uint16_t* x, int64_t M, int64_t K, int64_t N,
+                        const at::BFloat16* bias, at::BFloat16* y) {
+  const int64_t blocks = N / 16, groups = blocks / NB;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      packed_columns<MR, NB>(w, x, M, K, N, g * NB, bias, y);
+  });
+  for (int64_t nb = groups * NB; nb < blocks; ++nb)  // N not a multiple of 16 * NB
+    packed_columns<MR, 1>(w, x, M, K, N, nb, bias, y);
 }
 
 }  // namespace
 #endif
 
-at::Tensor bf16_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias) {
+at::Tensor packed_bf16_linear(at::Tensor x, at::Tensor packed, int64_t N,
+                              c10::optional<at::Tensor> bias) {
 #if defined(__AVX512BF16__)
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
-              "bf16_linear takes bfloat16 tensors");
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "shape mismatch");
-  TORCH_CHECK(x.size(1) % 32 == 0, "in_features must be a multiple of 32");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
+              "packed_bf16_linear takes bfloat16 tensors");
   x = x.contiguous();
-  weight = weight.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(N % 16 == 0 && K % 32 == 0 && packed.numel() == N * K, "packed weight shape mismatch");
   auto y = at::empty({M, N}, x.options());
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  const at::BFloat16* bp = nullptr;
+  const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->contiguous();
-    bp = b.data_ptr<at::BFloat16>();
-  }
+  const at::BFloat16* bp = nullptr;
+  if (bias.has_value() && bias->defined()) { b = bias->contiguous(); bp = b.data_ptr<at::BFloat16>(); }
   auto* yp = y.data_ptr<at::BFloat16>();
-  const int64_t tiles = (N + kRows - 1) / kRows;
-  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kRows;
-      if (n0 + kRows <= N) {
-        row_block<kRows>(wp + n0 * K, K, xp, M, n0, N, bp, yp);
-      } else {
-        for (int64_t n = n0; n < N; ++n) row_block<1>(wp + n * K, K, xp, M, n, N, bp, yp);
-      }
-    }
-  });
+  if (M <= 2) packed_linear_impl<2, 8>(wp, xp, M, K, N, bp, yp);
+  else packed_linear_impl<12, 2>(wp, xp, M, K, N, bp, yp);
   return y;
 #else
-  TORCH_CHECK(false, "bf16_linear needs a CPU with AVX512-BF16");
+  TORCH_CHECK(false, "packed_bf16_linear needs a CPU with AVX512-BF16");
 #endif
 }
 
@@ -410,8 +415,9 @@ at::Tensor bf16_linear(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor
 // AMX bf16 linear over pre-packed weights.
 //
 // W [N, K] is packed once into 1 KiB tiles, [N/16][K/32][16 k-pairs][16 columns][2], the
-// VNNI layout the tile unit multiplies directly; then y = x W^T streams each weight tile
-// from memory once per step and multiplies it with up to two 16-row blocks of x at a time.
+// VNNI layout the tile unit multiplies directly (the same bytes as packed_bf16_linear's
+// [N/16][K/2][16][2]); then y = x W^T streams each weight tile from memory once per step and
+// multiplies it with up to two 16-row blocks of x at a time.
 // ---------------------------------------------------------------------------------------
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
@@ -505,9 +511,9 @@ bool has_amx() { return false; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
-  m.def("bf16_linear", &bf16_linear, "small-batch bfloat16 linear (AVX512-BF16)");
+  m.def("packed_bf16_linear", &packed_bf16_linear, "bfloat16 linear over packed weights (AVX512-BF16)");
   m.def("amx_linear", &amx_linear, "bfloat16 linear over AMX-packed weights");
   m.def("has_amx", &has_amx, "AMX-BF16 compiled in and permitted");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
-  m.def("has_bf16_linear", &has_bf16_linear, "was bf16_linear compiled for this CPU");
+  m.def("has_bf16_linear", &has_bf16_linear, "was packed_bf16_linear compiled for this CPU");
 }
