@@ -29,9 +29,11 @@ def reference_attention(q, k_cache, v_cache, tables, lens, block_size):
 @needs_native
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_paged_decode_attention_matches_sdpa(dtype, tol, batch):
+# Query heads per KV head even and odd; head dims on the vector paths (64, 128) and not (48).
+@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (6, 2, 128), (4, 4, 48)])
+def test_paged_decode_attention_matches_sdpa(dtype, tol, batch, heads, kv_heads, dim):
     g = torch.Generator().manual_seed(batch)
-    heads, kv_heads, dim, block = 8, 2, 64, 16
+    block = 16
     num_blocks = 40
     k_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)

@@ -80,34 +80,29 @@ inline void to_floats(float* dst, const scalar_t* src, int64_t D) {
   for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]);
 }
 
-// Prefetch the head row of token t + kAhead: rows of one head sit 2 KiB+ apart (all heads of
-// a slot are interleaved), a stride the hardware prefetchers do not follow well.
-constexpr int64_t kAhead = 32;
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* head_base, const int64_t* table, int64_t block_size,
-                         int64_t slot_stride, int64_t t, int64_t T, int64_t D) {
-  if (t + kAhead >= T) return;
-  const int64_t u = t + kAhead;
-  const char* row = reinterpret_cast<const char*>(
-      head_base + (table[u / block_size] * block_size + u % block_size) * slot_stride);
-  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
-    __builtin_prefetch(row + off);
+// Prefetch one slot's run of `bytes` (the task's heads) in the block to be read next: blocks
+// sit at random places in the pool, so the hardware prefetchers lose the stream at every
+// block boundary.
+inline void prefetch_run(const void* start, int64_t bytes) {
+  if (start == nullptr) return;
+  for (int64_t off = 0; off < bytes; off += 64)
+    __builtin_prefetch(static_cast<const char*>(start) + off);
 }
 
 #if defined(__AVX512F__)
-// out_a = sum_t pa[t] v_t and out_b = sum_t pb[t] v_t over one KV head's rows v_t, NV * 16
-// wide, with both accumulators in registers: each row is loaded and converted once for
-// two query heads, and nothing is stored until the end.
+// out_a += sum_s pa[s] v_s and out_b += sum_s pb[s] v_s over n rows v_s of one KV head in
+// one block (rows `stride` apart), NV * 16 wide, both accumulators held in registers: each
+// row is loaded and converted once for two query heads.
 template <int NV, typename scalar_t>
-inline void weighted_rows_x2(const float* pa, const float* pb, const scalar_t* v_head,
-                             const int64_t* table, int64_t block_size, int64_t slot_stride,
-                             int64_t T, float* out_a, float* out_b) {
+inline void weighted_block_x2(const float* pa, const float* pb, const scalar_t* v, int64_t stride,
+                              int64_t n, float* out_a, float* out_b) {
   __m512 a[NV], b[NV];
-  for (int i = 0; i < NV; ++i) a[i] = b[i] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < T; ++t) {
-    prefetch_row(v_head, table, block_size, slot_stride, t, T, 16 * NV);
-    const scalar_t* v = v_head + (table[t / block_size] * block_size + t % block_size) * slot_stride;
-    const __m512 wa = _mm512_set1_ps(pa[t]), wb = _mm512_set1_ps(pb[t]);
+  for (int i = 0; i < NV; ++i) {
+    a[i] = _mm512_loadu_ps(out_a + 16 * i);
+    b[i] = _mm512_loadu_ps(out_b + 16 * i);
+  }
+  for (int64_t s = 0; s < n; ++s, v += stride) {
+    const __m512 wa = _mm512_set1_ps(pa[s]), wb = _mm512_set1_ps(pb[s]);
     for (int i = 0; i < NV; ++i) {
       const __m512 row = load16(v + 16 * i);
       a[i] = _mm512_fmadd_ps(wa, row, a[i]);
@@ -121,26 +116,30 @@ inline void weighted_rows_x2(const float* pa, const float* pb, const scalar_t* v
 }
 #endif
 
-// out[j] = sum_t p[j][t] v_t for the G query heads j sharing one KV head.
+// out[j] += sum_s p[j][s] v_s over the n rows of one block, for the G query heads j sharing
+// one KV head (p rows `T` apart).
 template <typename scalar_t>
-void weighted_rows(const float* p, int64_t G, const scalar_t* v_head, const int64_t* table,
-                   int64_t block_size, int64_t slot_stride, int64_t T, int64_t D, float* out) {
+void weighted_block(const float* p, int64_t T, int64_t G, const scalar_t* v, int64_t stride,
+                    int64_t n, int64_t D, float* out) {
 #if defined(__AVX512F__)
   if (D == 128 || D == 64) {
     for (int64_t g = 0; g < G; g += 2) {
-      const int64_t g2 = std::min(g + 1, G - 1);  // odd G: the last head pairs with itself
-      auto run = D == 128 ? weighted_rows_x2<8, scalar_t> : weighted_rows_x2<4, scalar_t>;
-      run(p + g * T, p + g2 * T, v_head, table, block_size, slot_stride, T, out + g * D, out + g2 * D);
+      if (g + 1 == G) {  // odd G: the last head pairs with a scratch copy of itself
+        float scratch[128];
+        std::copy(out + g * D, out + (g + 1) * D, scratch);
+        auto run = D == 128 ? weighted_block_x2<8, scalar_t> : weighted_block_x2<4, scalar_t>;
+        run(p + g * T, p + g * T, v, stride, n, out + g * D, scratch);
+        break;
+      }
+      auto run = D == 128 ? weighted_block_x2<8, scalar_t> : weighted_block_x2<4, scalar_t>;
+      run(p + g * T, p + (g + 1) * T, v, stride, n, out + g * D, out + (g + 1) * D);
     }
     return;
   }
 #endif
-  std::fill(out, out + G * D, 0.f);
-  for (int64_t t = 0; t < T; ++t) {
-    const scalar_t* v = v_head + (table[t / block_size] * block_size + t % block_size) * slot_stride;
+  for (int64_t s = 0; s < n; ++s, v += stride)
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t d = 0; d < D; ++d) out[g * D + d] += p[g * T + t] * to_float(v[d]);
-  }
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] += p[g * T + s] * to_float(v[d]);
 }
 
 // In place: x <- softmax(x), n elements.
@@ -176,10 +175,11 @@ inline void softmax_inplace(float* x, int64_t n) {
 
 // out[b, h, :] = softmax(q[b, h] . K[ctx(b)] * scale) V[ctx(b)].
 //
-// A task is one sequence and a run of KV heads [h0, h1): it walks the context slot by slot,
-// and since a slot stores all KV heads side by side ([slots, Hkv, D]), it reads one
-// contiguous run of (h1 - h0) * D elements per slot, for all the query heads sharing them.
-// Sequences are split into head runs only when there are too few to keep every thread busy.
+// A task is one sequence and a run of KV heads [h0, h1). It walks the context block by
+// block: a block's slots are contiguous in the pool ([block_size, Hkv, D] per block), so for
+// each slot it reads the task's heads as one contiguous run, and each block as one stream,
+// for all the query heads sharing those KV heads. Sequences are split into head runs only
+// when there are too few to keep every thread busy.
 template <typename scalar_t>
 void paged_decode_attention_impl(
     at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -210,36 +210,44 @@ void paged_decode_attention_impl(
   while (B * splits < 2 * at::get_num_threads() && splits * 2 <= Hkv && Hkv % (splits * 2) == 0)
     splits *= 2;
   const int64_t heads_per_task = Hkv / splits;
+  const int64_t run_bytes = heads_per_task * D * static_cast<int64_t>(sizeof(scalar_t));
 
   at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(H * D), acc(H * D), scores;
     std::vector<scalar_t> qb(H * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / splits;
-      const int64_t h0 = (task % splits) * heads_per_task, h1 = h0 + heads_per_task;
+      const int64_t h0 = (task % splits) * heads_per_task;
       const int64_t q0 = h0 * G, nq = heads_per_task * G;  // query heads of this task
-      const int64_t T = lens[b];
+      const int64_t T = lens[b], num_blocks = (T + block_size - 1) / block_size;
       scores.resize(nq * T);
       for (int64_t i = 0; i < nq * D; ++i) {
         qf[i] = to_float(qp[(b * H + q0) * D + i]) * static_cast<float>(scale);
         qb[i] = qp[(b * H + q0) * D + i];
       }
       const int64_t* table = tables + b * max_blocks;
-      for (int64_t h = h0; h < h1; ++h)
-        for (int64_t t = 0; t < T; ++t) {
-          prefetch_row(kp + h * D, table, block_size, slot_stride, t, T, D);
-          const int64_t slot = table[t / block_size] * block_size + t % block_size;
-          const scalar_t* k = kp + slot * slot_stride + h * D;
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t j = (h - h0) * G + g;
-            scores[j * T + t] = score(qb.data() + j * D, qf.data() + j * D, k);
-          }
+      // The task's first head in slot s of block i of this sequence, in `cache`.
+      auto run_of = [&](const scalar_t* cache, int64_t i, int64_t s) -> const scalar_t* {
+        if (i >= num_blocks) return nullptr;
+        return cache + (table[i] * block_size + s) * slot_stride + h0 * D;
+      };
+      for (int64_t i = 0; i < num_blocks; ++i) {
+        const int64_t t0 = i * block_size, n = std::min(block_size, T - t0);
+        for (int64_t s = 0; s < n; ++s) {
+          prefetch_run(run_of(kp, i + 1, s), run_bytes);
+          const scalar_t* k = run_of(kp, i, s);
+          for (int64_t j = 0; j < nq; ++j)
+            scores[j * T + t0 + s] = score(qb.data() + j * D, qf.data() + j * D, k + j / G * D);
         }
+      }
       for (int64_t j = 0; j < nq; ++j) softmax_inplace(scores.data() + j * T, T);
-      for (int64_t h = h0; h < h1; ++h) {
-        const int64_t j = (h - h0) * G;
-        weighted_rows(scores.data() + j * T, G, vp + h * D, table, block_size, slot_stride, T, D,
-                      acc.data() + j * D);
+      std::fill(acc.begin(), acc.begin() + nq * D, 0.f);
+      for (int64_t i = 0; i < num_blocks; ++i) {
+        const int64_t t0 = i * block_size, n = std::min(block_size, T - t0);
+        for (int64_t s = 0; s < n; ++s) prefetch_run(run_of(vp, i + 1, s), run_bytes);
+        for (int64_t h = 0; h < heads_per_task; ++h)
+          weighted_block(scores.data() + h * G * T + t0, T, G, run_of(vp, i, 0) + h * D,
+                         slot_stride, n, D, acc.data() + h * G * D);
       }
       for (int64_t i = 0; i < nq * D; ++i)
         op[(b * H + q0) * D + i] = static_cast<scalar_t>(acc[i]);
