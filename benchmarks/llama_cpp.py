@@ -41,9 +41,20 @@ def source() -> Path:
         (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="tar")
+        unpacked = Path(tmp) / sdist.name.removesuffix(".tar.gz")
+        # The sdist carries the submodule's git metadata: keep which llama.cpp commit it is.
+        head = unpacked / ".git" / "modules" / "vendor" / "llama.cpp" / "HEAD"
+        if head.is_file():
+            (HERE / "COMMIT").write_text(head.read_text())
         # Move only when complete, so an interrupted fetch is redone next time.
-        (Path(tmp) / sdist.name.removesuffix(".tar.gz") / "vendor" / "llama.cpp").rename(tree)
+        (unpacked / "vendor" / "llama.cpp").rename(tree)
     return tree
+
+
+def commit() -> str | None:
+    """The llama.cpp commit that the pinned sdist vendors, if it said."""
+    path = HERE / "COMMIT"
+    return path.read_text().strip() if path.is_file() else None
 
 
 def server_binary() -> Path:

@@ -292,6 +292,7 @@ def main() -> None:
             "benchmark": "vs_llama_cpp",
             "model": "qwen3-small-bf16",
             "llama_cpp_python": llama_cpp.LLAMA_CPP_PYTHON,
+            "llama_cpp_commit": llama_cpp.commit(),
             "input_len": args.input_len,
             "output_len": args.output_len,
             "threads": args.threads,
