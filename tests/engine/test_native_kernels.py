@@ -96,15 +96,46 @@ def test_engine_gives_the_same_tokens_with_and_without_native_kernels(tiny_model
 
 
 @needs_native
-def test_bf16_engine_logits_with_native_kernels_match_torch_path(tiny_model_dir, monkeypatch):
-    """bfloat16 rounds differently per kernel, so compare logits, not tokens."""
+def test_bf16_engine_logits_with_native_kernels_are_as_close_to_fp32_as_torch_path(
+    tiny_model_dir, monkeypatch
+):
+    """bfloat16 rounds differently per kernel, so neither path equals the other: each is
+    measured against the same weights run in float32, and the native one must be no worse."""
     from test_engine_vs_hf import prompt_logits
 
     model_dir = tiny_model_dir("qwen2", "bfloat16")
     (prompt,) = random_prompts([33], 4000, seed=12)
-    with_native = prompt_logits(make_engine(model_dir, dtype="bfloat16"), prompt)
+    exact = prompt_logits(make_engine(model_dir, dtype="float32"), prompt).float()
+    with_native = prompt_logits(make_engine(model_dir, dtype="bfloat16"), prompt).float()
+    monkeypatch.setattr(attention, "kernels", lambda: None)
     monkeypatch.setattr(layers, "fast_linear", lambda *args: None)
     monkeypatch.setattr(layers, "fast_rms_norm", lambda *args: None)
-    without = prompt_logits(make_engine(model_dir, dtype="bfloat16"), prompt)
-    assert (with_native - without).abs().max() < 0.25  # logits have std ~4
-    assert (with_native.argmax(-1) == without.argmax(-1)).float().mean() > 0.9
+    without = prompt_logits(make_engine(model_dir, dtype="bfloat16"), prompt).float()
+    native_error = (with_native - exact).abs().mean()
+    torch_error = (without - exact).abs().mean()
+    assert native_error < 1.2 * torch_error, (native_error, torch_error)
+    assert (with_native.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+
+
+@needs_native
+@pytest.mark.skipif(native is not None and not native.has_bf16_linear(), reason="no AVX512-BF16")
+@pytest.mark.parametrize("length, context", [(1, 0), (13, 0), (40, 0), (7, 33), (30, 50)])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (4, 4, 128)])
+def test_prefill_attention_matches_causal_sdpa(length, context, heads, kv_heads, dim):
+    g = torch.Generator().manual_seed(length + context)
+    total = context + length
+    q = torch.randn(length, heads, dim, generator=g).bfloat16()
+    # K/V as row views of a wider tensor, as the model hands them over (a fused qkv output).
+    kv = torch.randn(total, 3, kv_heads, dim, generator=g).bfloat16()
+    k, v = kv[:, 0], kv[:, 2]
+    out = torch.empty_like(q)
+    native.prefill_attention(out, q, k, v, context, dim**-0.5)
+    allowed = torch.arange(total)[None, :] <= context + torch.arange(length)[:, None]
+    expected = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1),
+        k.float().transpose(0, 1),
+        v.float().transpose(0, 1),
+        attn_mask=allowed,
+        enable_gqa=True,
+    ).transpose(0, 1)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

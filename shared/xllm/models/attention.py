@@ -121,6 +121,11 @@ class PagedAttention(nn.Module):
         if chunk.context_len:
             assert chunk.slots is not None
             k, v = self.k_cache[chunk.slots], self.v_cache[chunk.slots]  # [T, Hkv, D]
+        native = native_prefill_kernels(q)
+        if native is not None:
+            out = torch.empty_like(q)
+            native.prefill_attention(out, q, k, v, chunk.context_len, self.scale)
+            return out
         group = self.num_heads // self.num_kv_heads
         # 4-D inputs and K/V expanded to every head: the CPU flash kernel's fast path
         # (3-D or enable_gqa inputs fall back to a much slower one).
@@ -133,3 +138,12 @@ class PagedAttention(nn.Module):
             scale=self.scale,
         )
         return o[0].transpose(0, 1)  # [L, H, D]
+
+
+def native_prefill_kernels(q: torch.Tensor):
+    """The native kernels when they have a prefill attention for q (bf16 on a CPU with
+    AVX512-BF16, head dim a multiple of 32; ~4x torch's flash kernel there), else None."""
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-1] % 32:
+        return None
+    native = kernels()
+    return native if native is not None and native.has_bf16_linear() else None

@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <limits>
@@ -339,20 +340,22 @@ bool has_bf16_linear() {
 #if defined(__AVX512BF16__)
 namespace {
 
+// out[i][j*16 + c] = sum_k x[i][k] W[k][col c of block j], for `rows` <= MR rows of x (rows
+// `ldx` apart) and NB packed column blocks (`block` elements apart), over the first K
+// input features (K even).
 template <int MR, int NB>
-inline void packed_micro(const uint16_t* w, int64_t K, const uint16_t* x, int64_t rows,
-                         float* out) {
+inline void packed_micro(const uint16_t* w, int64_t block, int64_t K, const uint16_t* x,
+                         int64_t ldx, int64_t rows, float* out) {
   __m512 acc[MR][NB];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
   const auto* x32 = reinterpret_cast<const uint32_t*>(x);  // pairs of x, as one 32-bit word
-  const int64_t block = K * 16;                            // elements per column block
   for (int64_t p = 0; p < K / 2; ++p) {
     __m512bh wv[NB];
     for (int j = 0; j < NB; ++j)
       wv[j] = (__m512bh)_mm512_loadu_si512(w + j * block + p * 32);
     for (int i = 0; i < MR && i < rows; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(x32[i * (K / 2) + p]);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(x32[i * (ldx / 2) + p]);
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[j], xv);
     }
   }
@@ -367,7 +370,7 @@ inline void packed_columns(const uint16_t* w, const uint16_t* x, int64_t M, int6
   alignas(64) float out[MR * NB * 16];
   for (int64_t m = 0; m < M; m += MR) {
     const int64_t rows = std::min<int64_t>(MR, M - m);
-    packed_micro<MR, NB>(w + nb0 * K * 16, K, x + m * K, rows, out);
+    packed_micro<MR, NB>(w + nb0 * K * 16, K * 16, K, x + m * K, K, rows, out);
     for (int64_t i = 0; i < rows; ++i)
       for (int j = 0; j < NB; ++j) {
         const int64_t col = (nb0 + j) * 16;
@@ -416,6 +419,101 @@ at::Tensor packed_bf16_linear(at::Tensor x, at::Tensor packed, int64_t N,
   return y;
 #else
   TORCH_CHECK(false, "packed_bf16_linear needs a CPU with AVX512-BF16");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// Prefill attention (bf16, AVX512-BF16): the L query rows of one chunk against its T keys
+// (the T - L cached before it, then its own), causal. Per KV head, the keys are packed once
+// into the linear's layout (16 keys per vector), and the values transposed into it, so
+// q.K^T and P.V are both the packed micro-kernel: 12 query rows at a time, scores in
+// float32, softmax in float32, P rounded to bf16 for P.V (as torch's flash kernel does).
+// Each block of query rows reads only the keys its last row may see.
+// ---------------------------------------------------------------------------------------
+#if defined(__AVX512BF16__)
+namespace {
+
+constexpr int64_t kQueryRows = 12;
+
+// Rows [T, D] of one head (rows `ld` apart) -> [Tp/16][D/2][16][2], zero past T.
+void pack_keys(const uint16_t* k, int64_t ld, int64_t T, int64_t Tp, int64_t D, uint16_t* dst) {
+  for (int64_t t = 0; t < Tp; ++t)
+    for (int64_t d = 0; d < D; ++d)
+      dst[((t / 16 * (D / 2) + d / 2) * 16 + t % 16) * 2 + d % 2] = t < T ? k[t * ld + d] : 0;
+}
+
+// Rows [T, D] of one head -> their transpose [D, T] packed: [D/16][Tp/2][16][2], zero past T.
+void pack_values_transposed(const uint16_t* v, int64_t ld, int64_t T, int64_t Tp, int64_t D,
+                            uint16_t* dst) {
+  for (int64_t t = 0; t < Tp; ++t)
+    for (int64_t d = 0; d < D; ++d)
+      dst[((d / 16 * (Tp / 2) + t / 2) * 16 + d % 16) * 2 + t % 2] = t < T ? v[t * ld + d] : 0;
+}
+
+// y[i][cols] for `rows` rows of x over packed blocks [0, blocks) (blocks even), in float.
+void micro_rows(const uint16_t* w, int64_t block, int64_t K, const uint16_t* x, int64_t ldx,
+                int64_t rows, int64_t blocks, float* y, int64_t ldy) {
+  alignas(64) float out[kQueryRows * 2 * 16];
+  for (int64_t b = 0; b < blocks; b += 2) {
+    packed_micro<kQueryRows, 2>(w + b * block, block, K, x, ldx, rows, out);
+    for (int64_t i = 0; i < rows; ++i)
+      std::copy(out + i * 32, out + i * 32 + 32, y + i * ldy + b * 16);
+  }
+}
+
+}  // namespace
+#endif
+
+void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
+                       int64_t context_len, double scale) {
+#if defined(__AVX512BF16__)
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                  v.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
+              "prefill_attention takes bfloat16 tensors");
+  for (const auto& t : {out, q, k, v})
+    TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1 && t.stride(1) == t.size(2) && t.stride(0) % 2 == 0,
+                "prefill_attention takes [rows, heads, D] tensors with contiguous heads");
+  const int64_t L = q.size(0), H = q.size(1), D = q.size(2), T = k.size(0), Hkv = k.size(1);
+  TORCH_CHECK(T == context_len + L && v.size(0) == T && out.sizes() == q.sizes(), "shape mismatch");
+  TORCH_CHECK(D % 32 == 0 && H % Hkv == 0, "head dim must be a multiple of 32");
+  const int64_t G = H / Hkv, Tp = (T + 31) / 32 * 32;
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  auto* op = out.data_ptr<at::BFloat16>();
+  const int64_t ldq = q.stride(0), ldo = out.stride(0);
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> keys(Tp * D), values(D * Tp), probs(kQueryRows * Tp);
+    std::vector<float> scores(kQueryRows * Tp), o(kQueryRows * D);
+    for (int64_t h = begin; h < end; ++h) {
+      pack_keys(kp + h * D, k.stride(0), T, Tp, D, keys.data());
+      pack_values_transposed(vp + h * D, v.stride(0), T, Tp, D, values.data());
+      for (int64_t qh = h * G; qh < (h + 1) * G; ++qh)
+        for (int64_t i0 = 0; i0 < L; i0 += kQueryRows) {
+          const int64_t rows = std::min(kQueryRows, L - i0);
+          const int64_t seen = (context_len + i0 + rows + 31) / 32 * 32;  // keys, padded
+          const uint16_t* qrows = qp + i0 * ldq + qh * D;
+          micro_rows(keys.data(), D * 16, D, qrows, ldq, rows, seen / 16, scores.data(), Tp);
+          for (int64_t i = 0; i < rows; ++i) {
+            float* row = scores.data() + i * Tp;
+            const int64_t valid = context_len + i0 + i + 1;
+            for (int64_t t = 0; t < valid; ++t) row[t] *= fscale;
+            softmax_inplace(row, valid);
+            uint16_t* p = probs.data() + i * Tp;
+            for (int64_t t = 0; t < seen; ++t)
+              p[t] = t < valid ? at::BFloat16(row[t]).x : 0;
+          }
+          micro_rows(values.data(), Tp * 16, seen, probs.data(), Tp, rows, D / 16, o.data(), D);
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t d = 0; d < D; ++d)
+              op[(i0 + i) * ldo + qh * D + d] = at::BFloat16(o[i * D + d]);
+        }
+    }
+  });
+#else
+  TORCH_CHECK(false, "prefill_attention needs a CPU with AVX512-BF16");
 #endif
 }
 
@@ -520,6 +618,7 @@ bool has_amx() { return false; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
   m.def("packed_bf16_linear", &packed_bf16_linear, "bfloat16 linear over packed weights (AVX512-BF16)");
+  m.def("prefill_attention", &prefill_attention, "causal bfloat16 attention of a prefill chunk");
   m.def("amx_linear", &amx_linear, "bfloat16 linear over AMX-packed weights");
   m.def("has_amx", &has_amx, "AMX-BF16 compiled in and permitted");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
