@@ -76,13 +76,14 @@ def state(config) -> dict:
         return json.load(r)
 
 
-def wait_for(predicate, timeout: float, what: str):
+def wait_for(predicate, timeout: float, what: str, show=lambda: ""):
+    """`predicate()`'s first truthy value; on timeout, fails with `show()` (the state seen)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := predicate():
             return value
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}: {show()}")
 
 
 def totals(config) -> dict[str, int]:
@@ -91,6 +92,10 @@ def totals(config) -> dict[str, int]:
         key: sum(i[key] for i in instances)
         for key in ("kv_blocks_sent", "kv_bytes_sent", "kv_blocks_received", "kv_bytes_received")
     } | {"blocks_held": sum(i["kv_blocks_used"] for i in instances)}
+
+
+def holders(config) -> dict[str, int]:
+    return {i["instance_id"]: i["kv_blocks_used"] for i in state(config)["instances"]}
 
 
 def prompts(n: int, seed: int, lengths=(5, 16, 40, 123, 300, 777)) -> list[list[int]]:
@@ -196,4 +201,5 @@ def test_a_request_survives_a_killed_instance(cluster, victim_role, engine_greed
     for i, text in enumerate(expected):
         assert results[i] == text, f"request {i}"
     assert state(config)["num_redispatched"] >= 1
-    wait_for(lambda: totals(config)["blocks_held"] == 0, 60, "every block to be released")
+    released = lambda: totals(config)["blocks_held"] == 0  # noqa: E731
+    wait_for(released, 60, "every block to be released", lambda: holders(config))

@@ -51,6 +51,9 @@ from xllm.protocol import (
 
 log = logging.getLogger(__name__)
 
+LOST_PEER_MEMORY = 30.0
+"""Seconds after a peer is announced lost during which commands naming it are dropped."""
+
 SendCmd = Callable[[str, object], Awaitable[None]]
 """Publish a message on an instance's command subject: (instance_id, message)."""
 SendDelta = Callable[[TokenDelta], Awaitable[None]]
@@ -113,6 +116,9 @@ class PdRequests:
         self.recently_aborted: deque[str] = deque(maxlen=4096)
         """Aborts for requests unknown here: the gateway's abort can overtake the decode
         instance's PrefillCmd, which must then be answered at once, not prefilled."""
+        self.lost_at: dict[str, float] = {}
+        """Peers announced lost, and when: commands naming them that were already on their
+        way (or queued here for room) must not start a transfer no one will answer."""
 
     def owns(self, request_id: str) -> bool:
         return (
@@ -131,6 +137,9 @@ class PdRequests:
         """Reserve blocks for queued DecodeCmds, in order, while the pool has room."""
         while self.awaiting_room:
             cmd = self.awaiting_room[0]
+            if self._gone(cmd.request_id, cmd.prefill_instance_id):
+                self.awaiting_room.popleft()  # the gateway resumes or has dropped it
+                continue
             try:
                 reservation = self.engine.reserve_remote_prefill(
                     cmd.request_id, list(cmd.prompt_token_ids), cmd.sampling.to_params()
@@ -188,6 +197,8 @@ class PdRequests:
     # -- prefill side ---------------------------------------------------------------------
 
     async def on_prefill(self, cmd: PrefillCmd) -> None:
+        if self.peer_lost(cmd.decode_instance_id):
+            return  # no one would read the KV, nor the answer
         if cmd.request_id in self.recently_aborted:
             await self._answer(cmd, error=aborted_error())
             return
@@ -270,6 +281,9 @@ class PdRequests:
     async def on_instance_lost(self, instance_id: str) -> None:
         """A peer died: nothing it owed us will come, nothing we owe it can be delivered.
         Free what waits on it at once (the gateway resumes those requests elsewhere)."""
+        self.lost_at[instance_id] = time.monotonic()
+        for cmd in [c for c in self.awaiting_room if c.prefill_instance_id == instance_id]:
+            self.awaiting_room.remove(cmd)
         for request_id, entry in list(self.reserved.items()):
             if entry.cmd.prefill_instance_id == instance_id:
                 del self.reserved[request_id]
@@ -303,6 +317,17 @@ class PdRequests:
             return True
         self.recently_aborted.append(request_id)
         return False
+
+    def peer_lost(self, instance_id: str) -> bool:
+        """Announced lost within LOST_PEER_MEMORY (an instance restarted under the same id
+        later is a new peer)."""
+        lost_at = self.lost_at.get(instance_id)
+        return lost_at is not None and time.monotonic() - lost_at < LOST_PEER_MEMORY
+
+    def _gone(self, request_id: str, prefill_instance_id: str) -> bool:
+        """A queued DecodeCmd that must not reserve: aborted before it arrived, or its
+        prefill instance was lost (the gateway resumes such requests elsewhere)."""
+        return request_id in self.recently_aborted or self.peer_lost(prefill_instance_id)
 
     async def _answer(self, cmd: PrefillCmd, **fields) -> None:
         await self.send_cmd(cmd.decode_instance_id, KvReady(request_id=cmd.request_id, **fields))
