@@ -202,3 +202,27 @@ def test_abort_frees_blocks_at_any_point(engine):
     assert not engine.abort_request("2") and not engine.abort_request("unknown")
     assert not engine.has_unfinished()
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_seeded_tokens_are_the_same_after_a_pd_handoff(model_dir):
+    """The prefill engine samples the first token, the decode engine the rest (its KV
+    copied block by block, as Mooncake writes it between instances): a seeded request must
+    give the tokens it gives in one engine."""
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=2024, ignore_eos=True)
+    prefill, decode = make_engine(model_dir), make_engine(model_dir)
+    (prompt,) = prompts(prefill, [37], seed=5)
+    alone = run_engine(make_engine(model_dir), [prompt], params)["0"]
+
+    prefill.add_request("r", prompt, params, prefill_only=True)
+    (first,) = prefill.step()
+    reservation = decode.reserve_remote_prefill("r", prompt, params)
+    bs = prefill.config.block_size
+    source, target = prefill.runner.kv_cache.tensor, decode.runner.kv_cache.tensor
+    for src, dst in zip(prefill.prefilled_block_ids("r"), reservation.fill_block_ids, strict=True):
+        target[:, :, dst * bs : (dst + 1) * bs] = source[:, :, src * bs : (src + 1) * bs]
+    prefill.release_prefilled("r")
+    decode.commit_remote_prefill("r", first.token_ids[0])
+    handed_over = list(first.token_ids)
+    while decode.has_unfinished():
+        handed_over += [t for out in decode.step() for t in out.token_ids]
+    assert handed_over == alone

@@ -65,8 +65,8 @@ class Sampler:
         probs = torch.softmax(filter_logits(logits / temperature[:, None], params), dim=-1)
         noise = torch.empty_like(probs).exponential_()
         for row, seq in enumerate(seqs):
-            if seq.generator is not None:
-                noise[row].exponential_(generator=seq.generator)
+            if (generator := seq.next_token_generator()) is not None:
+                noise[row].exponential_(generator=generator)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 

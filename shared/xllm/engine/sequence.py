@@ -72,15 +72,22 @@ class Sequence:
         self.logprobs: list[Logprob] = []
         self.num_pending_forks = params.n - 1 if index == 0 else 0
         """Siblings still to be forked off this sequence once its prompt is computed."""
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed + index)
 
     def __repr__(self) -> str:
         return (
             f"Sequence({self.request_id}#{self.index}, {self.status.value}, "
             f"tokens={self.num_tokens}, computed={self.num_computed_tokens})"
         )
+
+    def next_token_generator(self) -> torch.Generator | None:
+        """For a seeded sequence, the generator of its next token's noise, seeded by (seed,
+        completion index, output position) instead of carried from step to step: the same
+        tokens then come out wherever the sequence continues (the decode instance after a
+        PD handoff, whose first token the prefill instance sampled)."""
+        if self.params.seed is None:
+            return None
+        key = (self.params.seed * 1_000_003 + self.index) * 1_000_033 + self.num_output_tokens
+        return torch.Generator().manual_seed(key % 2**63)
 
     @property
     def seq_id(self) -> tuple[str, int]:
