@@ -226,3 +226,15 @@ def test_seeded_tokens_are_the_same_after_a_pd_handoff(model_dir):
     while decode.has_unfinished():
         handed_over += [t for out in decode.step() for t in out.token_ids]
     assert handed_over == alone
+
+
+def test_seeded_tokens_are_the_same_when_resumed_from_the_streamed_ones(model_dir):
+    """How the gateway resumes a request whose instance died: the tokens streamed so far
+    are appended to the prompt and the rest is asked for, with the same seed."""
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=77, ignore_eos=True)
+    engine = make_engine(model_dir)
+    (prompt,) = prompts(engine, [29], seed=9)
+    alone = run_engine(engine, [prompt], params)["0"]
+    rest = SamplingParams(max_tokens=10, temperature=1.0, seed=77, ignore_eos=True)
+    resumed = run_engine(make_engine(model_dir), [prompt + alone[:6]], rest)["0"]
+    assert resumed == alone[6:]

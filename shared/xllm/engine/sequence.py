@@ -81,12 +81,13 @@ class Sequence:
 
     def next_token_generator(self) -> torch.Generator | None:
         """For a seeded sequence, the generator of its next token's noise, seeded by (seed,
-        completion index, output position) instead of carried from step to step: the same
-        tokens then come out wherever the sequence continues (the decode instance after a
-        PD handoff, whose first token the prefill instance sampled)."""
+        completion index, position of the token) instead of carried from step to step: the
+        same tokens then come out wherever the sequence continues — the decode instance
+        after a PD handoff, or another instance resuming it with the tokens streamed so far
+        appended to the prompt."""
         if self.params.seed is None:
             return None
-        key = (self.params.seed * 1_000_003 + self.index) * 1_000_033 + self.num_output_tokens
+        key = (self.params.seed * 1_000_003 + self.index) * 1_000_033 + self.num_tokens
         return torch.Generator().manual_seed(key % 2**63)
 
     @property
