@@ -124,16 +124,12 @@ void weighted_block(const float* p, int64_t T, int64_t G, const scalar_t* v, int
                     int64_t n, int64_t D, float* out) {
 #if defined(__AVX512F__)
   if (D == 128 || D == 64) {
+    auto run = D == 128 ? weighted_block_x2<8, scalar_t> : weighted_block_x2<4, scalar_t>;
     for (int64_t g = 0; g < G; g += 2) {
-      if (g + 1 == G) {  // odd G: the last head pairs with a scratch copy of itself
-        float scratch[128];
-        std::copy(out + g * D, out + (g + 1) * D, scratch);
-        auto run = D == 128 ? weighted_block_x2<8, scalar_t> : weighted_block_x2<4, scalar_t>;
-        run(p + g * T, p + g * T, v, stride, n, out + g * D, scratch);
-        break;
-      }
-      auto run = D == 128 ? weighted_block_x2<8, scalar_t> : weighted_block_x2<4, scalar_t>;
-      run(p + g * T, p + (g + 1) * T, v, stride, n, out + g * D, out + (g + 1) * D);
+      // Odd G: the last head pairs with itself; both halves load the same sums, add the
+      // same rows and store the same result, so its output is right.
+      const int64_t g2 = std::min(g + 1, G - 1);
+      run(p + g * T, p + g2 * T, v, stride, n, out + g * D, out + g2 * D);
     }
     return;
   }
