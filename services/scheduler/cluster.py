@@ -133,13 +133,26 @@ class Registry:
                 pending_requests=view.pending_requests + 1,
             )
 
-    def expire(self, now: float) -> list[str]:
-        """Drop instances silent for longer than the timeout; returns their ids."""
+    def expire(self, now: float) -> list[InstanceView]:
+        """Drop instances silent for longer than the timeout; returns their last views."""
         self._now = max(self._now, now)
-        dead = [i for i, v in self._views.items() if now - v.last_seen > self.timeout]
-        for instance_id in dead:
-            del self._views[instance_id]
+        dead = [v for v in self._views.values() if now - v.last_seen > self.timeout]
+        for view in dead:
+            del self._views[view.instance_id]
         return dead
+
+    def restarted(self, heartbeat: Heartbeat) -> float | None:
+        """The earlier run's `started_at` if `heartbeat` comes from a new run of a known
+        instance id (it restarted faster than the heartbeat timeout), else None."""
+        prev = self._views.get(heartbeat.instance_id)
+        if prev is None or not heartbeat.started_at or not prev.heartbeat.started_at:
+            return None
+        if prev.heartbeat.started_at == heartbeat.started_at:
+            return None
+        return prev.heartbeat.started_at
+
+    def forget(self, instance_id: str) -> None:
+        self._views.pop(instance_id, None)
 
     def snapshot(self, now: float | None = None) -> ClusterSnapshot:
         """The registry's current picture; `now` defaults to the latest update's time."""

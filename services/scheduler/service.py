@@ -88,16 +88,25 @@ class SchedulerService:
             await sub.unsubscribe()
 
     async def on_heartbeat(self, hb: Heartbeat) -> None:
+        lost_run = self.registry.restarted(hb)
+        if lost_run is not None:
+            # Whatever the old run held is gone: gateways resume its requests and peers free
+            # their transfers with it now, not after a heartbeat timeout that never comes.
+            log.warning("instance %s restarted: its earlier run is lost", hb.instance_id)
+            self.registry.forget(hb.instance_id)
+            lost = InstanceLost(instance_id=hb.instance_id, reason="restarted", started_at=lost_run)
+            await self.nc.publish(subjects.INSTANCE_LOST, encode(lost))
         if self.registry.update(hb, time.monotonic()):
             log.info("instance %s joined (%s, %s)", hb.instance_id, hb.role, hb.model)
 
     async def _sweep(self, stop: asyncio.Event) -> None:
         interval = self.config.heartbeat_timeout / 4
         while not stop.is_set():
-            for instance_id in self.registry.expire(time.monotonic()):
+            for view in self.registry.expire(time.monotonic()):
+                instance_id = view.instance_id
                 log.warning("instance %s missed its heartbeats: out of rotation", instance_id)
                 # Gateways resume its requests elsewhere; the resubmits count as redispatches.
-                lost = InstanceLost(instance_id=instance_id)
+                lost = InstanceLost(instance_id=instance_id, started_at=view.heartbeat.started_at)
                 await self.nc.publish(subjects.INSTANCE_LOST, encode(lost))
             await asyncio.sleep(interval)
 
@@ -167,6 +176,7 @@ class SchedulerService:
             sampling=req.sampling,
             priority=req.priority,
             prefill_instance_id=prefill_id,
+            prefill_started_at=snapshot.view(prefill_id).heartbeat.started_at,
         )
         await self.nc.publish(subjects.instance_cmd(decode_id), encode(cmd))
         self._note(prefill_id, req, placement, 0)

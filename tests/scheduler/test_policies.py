@@ -69,8 +69,18 @@ def test_registry_drops_silent_instances():
     assert registry.update(heartbeat("a"), now=0.0)
     assert not registry.update(heartbeat("a"), now=1.0)
     registry.update(heartbeat("b"), now=2.5)
-    assert registry.expire(now=3.5) == ["a"]
+    assert [v.instance_id for v in registry.expire(now=3.5)] == ["a"]
     assert "a" not in registry and "b" in registry
+
+
+def test_registry_tells_a_restarted_instance_from_a_live_one():
+    registry = Registry(timeout=2.0)
+    registry.update(beats.heartbeat("a", started_at=100.0), now=0.0)
+    assert registry.restarted(beats.heartbeat("a", started_at=100.0)) is None
+    assert registry.restarted(beats.heartbeat("b", started_at=300.0)) is None  # new, not restarted
+    assert registry.restarted(beats.heartbeat("a", started_at=200.0)) == 100.0
+    registry.forget("a")
+    assert "a" not in registry
 
 
 def test_unknown_policy_names_the_known_ones():

@@ -39,12 +39,13 @@ def pd(tiny_model_dir):
     return requests, engine, sent
 
 
-def decode_cmd(request_id: str, prefill_instance_id: str) -> DecodeCmd:
+def decode_cmd(request_id: str, prefill_instance_id: str, run: float = 0.0) -> DecodeCmd:
     return DecodeCmd(
         request_id=request_id,
         prompt_token_ids=list(range(100, 100 + PROMPT_TOKENS)),
         sampling=SamplingSpec(max_tokens=4),
         prefill_instance_id=prefill_instance_id,
+        prefill_started_at=run,
     )
 
 
@@ -75,3 +76,21 @@ def test_a_decode_cmd_arriving_after_its_abort_reserves_nothing(pd):
     asyncio.run(scenario())
     assert engine.block_manager.num_used_blocks == 0
     assert not requests.reserved and not sent
+
+
+def test_a_prefill_instance_restarted_under_its_id_is_a_new_peer(pd):
+    """The supervisor restarts a killed prefill instance under the same id within seconds:
+    the loss of its first run must not make the decode side drop DecodeCmds for the new
+    run (they would never be answered), while late ones for the lost run still are."""
+    requests, engine, sent = pd
+
+    async def scenario():
+        await requests.on_decode(decode_cmd("a", "p0", run=1.0))  # reserves 7 of 8 blocks
+        await requests.on_instance_lost("p0", started_at=1.0)
+        await requests.on_decode(decode_cmd("late", "p0", run=1.0))  # for the lost run
+        await requests.on_decode(decode_cmd("new", "p0", run=2.0))  # the restarted run
+
+    asyncio.run(scenario())
+    prefills = [cmd for _, cmd in sent if isinstance(cmd, PrefillCmd)]
+    assert [cmd.request_id for cmd in prefills] == ["a", "new"]
+    assert list(requests.reserved) == ["new"] and not requests.awaiting_room

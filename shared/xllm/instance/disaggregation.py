@@ -100,8 +100,11 @@ class PdRequests:
         send_delta: SendDelta,
         notify_transfer_done: Callable[[TransferDone], None],
         transfer_timeout: float,
+        started_at: float = 0.0,
     ):
         self.instance_id = instance_id
+        self.started_at = started_at
+        """This run's `Heartbeat.started_at`, sent with our PrefillCmds."""
         self.engine = engine
         self.transport = transport
         self.send_cmd = send_cmd
@@ -116,9 +119,10 @@ class PdRequests:
         self.recently_aborted: deque[str] = deque(maxlen=4096)
         """Aborts for requests unknown here: the gateway's abort can overtake the decode
         instance's PrefillCmd, which must then be answered at once, not prefilled."""
-        self.lost_at: dict[str, float] = {}
-        """Peers announced lost, and when: commands naming them that were already on their
-        way (or queued here for room) must not start a transfer no one will answer."""
+        self.lost_at: dict[str, tuple[float, float]] = {}
+        """Peers announced lost: when, and which run of them (`started_at`, 0 = unknown).
+        Commands naming that run that were already on their way (or queued here for room)
+        must not start a transfer no one will answer; a later run is a new peer."""
 
     def owns(self, request_id: str) -> bool:
         return (
@@ -137,7 +141,7 @@ class PdRequests:
         """Reserve blocks for queued DecodeCmds, in order, while the pool has room."""
         while self.awaiting_room:
             cmd = self.awaiting_room[0]
-            if self._gone(cmd.request_id, cmd.prefill_instance_id):
+            if self._gone(cmd):
                 self.awaiting_room.popleft()  # the gateway resumes or has dropped it
                 continue
             try:
@@ -159,6 +163,7 @@ class PdRequests:
                 sampling=cmd.sampling,
                 priority=cmd.priority,
                 decode_instance_id=self.instance_id,
+                decode_started_at=self.started_at,
                 peer=peer_info(self.transport.peer),
                 num_cached_tokens=reservation.num_cached_tokens,
                 fill_block_ids=list(fill),
@@ -197,7 +202,7 @@ class PdRequests:
     # -- prefill side ---------------------------------------------------------------------
 
     async def on_prefill(self, cmd: PrefillCmd) -> None:
-        if self.peer_lost(cmd.decode_instance_id):
+        if self.peer_lost(cmd.decode_instance_id, cmd.decode_started_at):
             return  # no one would read the KV, nor the answer
         if cmd.request_id in self.recently_aborted:
             await self._answer(cmd, error=aborted_error())
@@ -278,21 +283,24 @@ class PdRequests:
 
     # -- both -----------------------------------------------------------------------------
 
-    async def on_instance_lost(self, instance_id: str) -> None:
-        """A peer died: nothing it owed us will come, nothing we owe it can be delivered.
-        Free what waits on it at once (the gateway resumes those requests elsewhere)."""
-        self.lost_at[instance_id] = time.monotonic()
-        for cmd in [c for c in self.awaiting_room if c.prefill_instance_id == instance_id]:
+    async def on_instance_lost(self, instance_id: str, started_at: float = 0.0) -> None:
+        """A peer died (or restarted: `started_at` names the run that is gone): nothing it
+        owed us will come, nothing we owe it can be delivered. Free what waits on it at once
+        (the gateway resumes those requests elsewhere)."""
+        self.lost_at[instance_id] = (time.monotonic(), started_at)
+        for cmd in [c for c in self.awaiting_room if self._gone(c)]:
             self.awaiting_room.remove(cmd)
         for request_id, entry in list(self.reserved.items()):
-            if entry.cmd.prefill_instance_id == instance_id:
+            cmd = entry.cmd
+            if self.peer_lost(cmd.prefill_instance_id, cmd.prefill_started_at):
                 del self.reserved[request_id]
                 self.engine.abort_request(request_id)
         for request_id, entry in list(self.prefilling.items()):
-            if entry.cmd.decode_instance_id == instance_id and not entry.writing:
+            to_lost = self.peer_lost(entry.cmd.decode_instance_id, entry.cmd.decode_started_at)
+            if to_lost and not entry.writing:
                 del self.prefilling[request_id]
                 self.engine.abort_request(request_id)
-            elif entry.cmd.decode_instance_id == instance_id:
+            elif to_lost:
                 entry.aborted = True  # released when the (failing) write returns
 
     async def abort(self, request_id: str) -> bool:
@@ -318,16 +326,24 @@ class PdRequests:
         self.recently_aborted.append(request_id)
         return False
 
-    def peer_lost(self, instance_id: str) -> bool:
-        """Announced lost within LOST_PEER_MEMORY (an instance restarted under the same id
-        later is a new peer)."""
-        lost_at = self.lost_at.get(instance_id)
-        return lost_at is not None and time.monotonic() - lost_at < LOST_PEER_MEMORY
+    def peer_lost(self, instance_id: str, started_at: float = 0.0) -> bool:
+        """The run `started_at` of `instance_id` was announced lost within LOST_PEER_MEMORY.
+        A different run (restarted under the same id) is a new peer; an unknown run (0 on
+        either side) counts as the lost one."""
+        entry = self.lost_at.get(instance_id)
+        if entry is None:
+            return False
+        lost_at, lost_run = entry
+        if started_at and lost_run and started_at != lost_run:
+            return False
+        return time.monotonic() - lost_at < LOST_PEER_MEMORY
 
-    def _gone(self, request_id: str, prefill_instance_id: str) -> bool:
+    def _gone(self, cmd: DecodeCmd) -> bool:
         """A queued DecodeCmd that must not reserve: aborted before it arrived, or its
         prefill instance was lost (the gateway resumes such requests elsewhere)."""
-        return request_id in self.recently_aborted or self.peer_lost(prefill_instance_id)
+        return cmd.request_id in self.recently_aborted or self.peer_lost(
+            cmd.prefill_instance_id, cmd.prefill_started_at
+        )
 
     async def _answer(self, cmd: PrefillCmd, **fields) -> None:
         await self.send_cmd(cmd.decode_instance_id, KvReady(request_id=cmd.request_id, **fields))

@@ -110,6 +110,8 @@ class Instance:
         self.pd: PdRequests | None = None
         """PD disaggregation state; created when the instance first needs it."""
         self.role_flips = 0
+        self.started_at = time.time()
+        """Which run of this instance id this is (`Heartbeat.started_at`)."""
 
     async def _enqueue(self, cmd: Command) -> None:
         self.inbox.put_nowait(cmd)
@@ -168,6 +170,7 @@ class Instance:
                     self._transfer_finished, done
                 ),
                 transfer_timeout=self.config.kv_transfer_timeout,
+                started_at=self.started_at,
             )
             log.info("instance %s: KV transfer endpoint %s", self.instance_id, transport.endpoint)
         return self.pd
@@ -241,7 +244,7 @@ class Instance:
             await self._pd().on_transfer_done(cmd)
         elif isinstance(cmd, InstanceLost):
             if self.pd is not None:
-                await self.pd.on_instance_lost(cmd.instance_id)
+                await self.pd.on_instance_lost(cmd.instance_id, cmd.started_at)
         elif isinstance(cmd, KvSnapshotRequest):
             num_blocks = await self.kv_events.snapshot(self.engine.block_manager)
             log.info("instance %s: KV snapshot of %d blocks sent", self.instance_id, num_blocks)
@@ -327,6 +330,7 @@ class Instance:
         scheduler = self.engine.scheduler
         return Heartbeat(
             instance_id=self.instance_id,
+            started_at=self.started_at,
             role=self.role,  # type: ignore[arg-type]
             model=self.model_name,
             max_model_len=self.engine.max_model_len,

@@ -91,7 +91,7 @@ class ClusterState:
     instance's `Heartbeat.role_flips` counts the ones it carried out."""
 
 
-@message("instance_lost", version=1)
+@message("instance_lost", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InstanceLost:
     """scheduler → gateways (`INSTANCE_LOST`): an instance fell silent and left the rotation;
@@ -101,3 +101,6 @@ class InstanceLost:
     """The instance that was lost."""
     reason: str = "missed heartbeats"
     """Why the scheduler gave up on it, for logs."""
+    started_at: float = 0.0
+    """Which run of it was lost (its `Heartbeat.started_at`; 0 = unknown): a later run under
+    the same id is a new peer."""

@@ -47,7 +47,7 @@ class GenerateCmd:
     """0 = online; > 0 = offline / best-effort, preempted first (larger = less urgent)."""
 
 
-@message("decode", version=1)
+@message("decode", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DecodeCmd:
     """scheduler → decode instance: decode a request that `prefill_instance_id` prefills.
@@ -64,6 +64,10 @@ class DecodeCmd:
     """0 = online; > 0 = offline / best-effort."""
     prefill_instance_id: str
     """The instance that computes the prompt's KV and the first token."""
+    prefill_started_at: float = 0.0
+    """That instance's `Heartbeat.started_at` as the scheduler last saw it (0 = unknown):
+    which run of it is meant, so a restart under the same id is not mistaken for the lost
+    run (`InstanceLost.started_at`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,7 +89,7 @@ class KvPeerInfo:
     """Bytes of one token's K (or V) in one layer; must equal the sender's."""
 
 
-@message("prefill", version=1)
+@message("prefill", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrefillCmd:
     """decode instance → prefill instance: prefill this prompt, stream the first token to the
@@ -102,6 +106,8 @@ class PrefillCmd:
     """0 = online; > 0 = offline / best-effort."""
     decode_instance_id: str
     """Where `KvReady` goes."""
+    decode_started_at: float = 0.0
+    """The decode instance's `Heartbeat.started_at` (which run of it sent this)."""
     peer: KvPeerInfo
     """Where the KV goes."""
     num_cached_tokens: int
@@ -157,7 +163,7 @@ class SetRoleCmd:
     """The role to take from the next step on."""
 
 
-@message("heartbeat", version=3)
+@message("heartbeat", version=4)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """instance → scheduler, kvstore, gateway (`HEARTBEAT`): a load snapshot, published
@@ -167,6 +173,9 @@ class Heartbeat:
 
     instance_id: str
     """Cluster-unique id; the token of the instance's command subject."""
+    started_at: float = 0.0
+    """Unix time this run of the instance started: a new value under a known id means the
+    instance restarted and whatever the old run held is gone."""
     role: Role
     """The instance's current role."""
     model: str
