@@ -119,3 +119,20 @@ def test_cli_writes_a_goodput_matching_its_records(base_url, tmp_path):
     assert result["summary"]["goodput"] == pytest.approx(recomputed_goodput(result))
     for name in ("latency_cdf", "throughput", "queue"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_cli_takes_vllm_bench_serve_flag_names(base_url, tmp_path):
+    """What a `vllm bench serve` user types runs, and means the same as our names."""
+    argv = [
+        sys.executable, "-m", "xllm.cli", "bench", "serve", "--base-url", base_url,
+        "--dataset-name", "random", "--num-prompts", "16", "--max-concurrency", "4",
+        "--random-input-len", "32", "--random-output-len", "8", "--no-progress",
+        "--save-result", "--result-dir", str(tmp_path), "--result-filename", "vllm.json",
+    ]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "shared"), str(REPO)])}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "vllm.json").read_text())
+    assert result["summary"]["completed"] == 16 and result["summary"]["failed"] == 0
+    assert result["config"]["concurrency"] == 4
+    assert {(r["input_len"], r["output_tokens"]) for r in result["records"]} == {(32, 8)}

@@ -7,6 +7,11 @@
 Workloads: `random`, `sharegpt`, a trace name (`azure-code`, `mooncake`, `burstgpt`,
 `burstgpt-3`) or a CSV/JSONL trace file (see `xllm.bench.traces`). Prints the summary as one
 JSON line on stdout and a table on stderr.
+
+`vllm bench serve`'s flag names work too: `--num-prompts` (= --num-requests),
+`--max-concurrency` (= --concurrency), `--dataset-name` (= --workload), `--random-input-len`
+/ `--random-output-len` (= --input-len / --output-len), `--save-result` with
+`--result-filename` / `--result-dir` (= --result-json).
 """
 
 from __future__ import annotations
@@ -57,10 +62,33 @@ def _server_args(g) -> None:
 
 def _workload_args(g) -> None:
     names = ", ".join(TRACE_FILES)
-    g.add_argument("--workload", default="random", help=f"random, sharegpt, {names}, or a file")
-    g.add_argument("--num-requests", type=int, default=None, help="default 64; traces: all")
-    g.add_argument("--input-len", type=LengthRange.parse, default=LengthRange(128, 128))
-    g.add_argument("--output-len", type=LengthRange.parse, default=LengthRange(64, 64))
+    g.add_argument(
+        "--workload",
+        "--dataset-name",
+        default="random",
+        help=f"random, sharegpt, {names}, or a file",
+    )
+    g.add_argument(
+        "--num-requests",
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="default 64; traces: all",
+    )
+    g.add_argument(
+        "--input-len",
+        "--random-input-len",
+        type=LengthRange.parse,
+        default=LengthRange(128, 128),
+        help="tokens, N or LOW:HIGH",
+    )
+    g.add_argument(
+        "--output-len",
+        "--random-output-len",
+        type=LengthRange.parse,
+        default=LengthRange(64, 64),
+        help="tokens, N or LOW:HIGH",
+    )
     g.add_argument("--tokenizer", default=None, help="HF tokenizer folder for exact prompts")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--time-scale", type=float, default=1.0, help="x inter-arrival times")
@@ -70,7 +98,13 @@ def _workload_args(g) -> None:
 
 
 def _load_args(g) -> None:
-    g.add_argument("--concurrency", type=int, default=None, help="most requests in flight")
+    g.add_argument(
+        "--concurrency",
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="most requests in flight",
+    )
     g.add_argument(
         "--request-rate", type=float, default=None, help="Poisson req/s; default: trace times"
     )
@@ -82,6 +116,13 @@ def _load_args(g) -> None:
 
 def _output_args(g) -> None:
     g.add_argument("--result-json", default=None, help="write summary + per-request records")
+    g.add_argument(
+        "--save-result",
+        action="store_true",
+        help="write the result JSON (to --result-dir/--result-filename unless --result-json)",
+    )
+    g.add_argument("--result-filename", default=None, help="with --save-result")
+    g.add_argument("--result-dir", default=".", help="with --save-result")
     g.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots into DIR")
     g.add_argument("--no-progress", action="store_true")
 
@@ -151,14 +192,25 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(bench.records, bench.duration, Slo(args.slo_ttft, args.slo_tpot))
     print(format_table(summary), file=sys.stderr)
     print(json.dumps(summary.to_dict()))
-    if args.result_json:
-        _write_result(Path(args.result_json), args, model, summary.to_dict(), bench)
+    result_path = result_json_path(args, model)
+    if result_path is not None:
+        _write_result(result_path, args, model, summary.to_dict(), bench)
     if args.plot:
         from xllm.bench.plots import write_plots
 
         paths = write_plots(bench.records, args.plot, title=f"{args.workload} on {model}")
         print(f"plots: {', '.join(map(str, paths))}", file=sys.stderr)
     return 0 if summary.completed else 1
+
+
+def result_json_path(args: argparse.Namespace, model: str) -> Path | None:
+    """Where the result JSON goes: --result-json, else vLLM's --save-result naming."""
+    if args.result_json:
+        return Path(args.result_json)
+    if not args.save_result and not args.result_filename:
+        return None
+    name = args.result_filename or f"xllm-{args.workload}-{Path(model).name}.json"
+    return Path(args.result_dir) / name
 
 
 def _write_result(
