@@ -23,6 +23,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, error_middleware
 from services.gateway.metrics import prefix_cache_summary
 from services.gateway.model import ModelInfo
+from services.gateway.readiness import missing_roles, supervised_processes
 from services.gateway.state import GATEWAY, Gateway
 from xllm.metrics import CONTENT_TYPE
 from xllm.protocol import (
@@ -107,11 +108,23 @@ def auth_middleware(api_key: str):
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 when NATS is connected and the scheduler knows at least one instance, else 503."""
-    state = await request.app[GATEWAY].cluster_state()
-    if not state.instances:
-        raise ProtocolError(ErrorCode.NO_INSTANCE, "the scheduler knows no live instance")
-    return web.json_response({"status": "ok", "instances": len(state.instances)})
+    """200 when the cluster can serve a request: NATS connected, the scheduler answering,
+    and live instances that can prefill and decode (`readiness`); else 503 saying what is
+    missing. `?verbose` adds each instance's role and the supervisor's processes."""
+    gw = request.app[GATEWAY]
+    state = await gw.cluster_state()
+    missing = missing_roles(state)
+    if missing:
+        roles = ", ".join(sorted({hb.role for hb in state.instances})) or "none"
+        raise ProtocolError(
+            ErrorCode.NO_INSTANCE,
+            f"no live instance can {' or '.join(missing)} (live roles: {roles})",
+        )
+    body: dict = {"status": "ok", "instances": len(state.instances)}
+    if "verbose" in request.query:
+        body["roles"] = {hb.instance_id: hb.role for hb in state.instances}
+        body["processes"] = supervised_processes(gw.config.supervisor_state)
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -121,15 +134,21 @@ async def metrics(request: web.Request) -> web.Response:
     except ProtocolError:
         state = None  # the gateway's own metrics are still worth scraping
     gw.metrics.observe_cluster(state)
+    gw.metrics.observe_processes(supervised_processes(gw.config.supervisor_state))
     return web.Response(body=gw.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def cluster(request: web.Request) -> web.Response:
     """The scheduler's `ClusterState` as JSON: every instance's role, load and counters,
-    plus the cluster-wide prefix-cache hit rate."""
-    state = await request.app[GATEWAY].cluster_state()
+    the cluster-wide prefix-cache hit rate, and the supervisor's processes (`xllm up`)."""
+    gw = request.app[GATEWAY]
+    state = await gw.cluster_state()
     return web.json_response(
-        {**dataclasses.asdict(state), "prefix_cache": prefix_cache_summary(state)}
+        {
+            **dataclasses.asdict(state),
+            "prefix_cache": prefix_cache_summary(state),
+            "processes": supervised_processes(gw.config.supervisor_state),
+        }
     )
 
 

@@ -28,6 +28,14 @@ class GatewayConfig:
     max_inflight: int = option(512, "Most generation requests in flight at once (429 beyond).")
     request_timeout: float = option(600.0, "Seconds a generation may take end to end (504 after).")
     submit_timeout: float = option(5.0, "Seconds to wait for the scheduler to place a request.")
+    placement_wait: float = option(
+        30.0,
+        "Seconds a request waits for a live scheduler and instance (one restarting, a role "
+        "still loading) before it gets 503 with Retry-After.",
+    )
+    supervisor_state: str = option(
+        "", "JSON file where `xllm up`'s supervisor reports its processes (set by it)."
+    )
     cluster_timeout: float = option(
         1.0, "Seconds to wait for the scheduler's cluster view (/health, /cluster, /metrics)."
     )
@@ -41,6 +49,7 @@ class GatewayConfig:
             (self.max_inflight > 0, "--max-inflight must be positive"),
             (self.request_timeout > 0, "--request-timeout must be positive"),
             (self.submit_timeout > 0, "--submit-timeout must be positive"),
+            (self.placement_wait >= 0, "--placement-wait cannot be negative"),
             (self.cluster_timeout > 0, "--cluster-timeout must be positive"),
         ]
         for ok, message in checks:

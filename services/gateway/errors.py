@@ -52,6 +52,8 @@ class HttpError:
 
 _INVALID = "invalid_request_error"
 _TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+RETRY_AFTER = {429: "1", 503: "2"}
+"""Statuses a client should retry (overloaded; no instance, or one lost) → seconds to wait."""
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -77,7 +79,9 @@ def error_response(exc: BaseException) -> web.Response:
     err = classify(exc)
     if err.status >= 500 and not isinstance(exc, ProtocolError):
         log.error("request failed: %s", err.message, exc_info=exc)
-    return web.json_response(err.body(), status=err.status)
+    retry = RETRY_AFTER.get(err.status)
+    headers = {"Retry-After": retry} if retry else None
+    return web.json_response(err.body(), status=err.status, headers=headers)
 
 
 @web.middleware

@@ -89,6 +89,12 @@ class GatewayMetrics:
         self.cluster_role_flips = r.gauge(
             "xllm_cluster_role_flips", "Role flips the scheduler ordered since it started."
         )
+        self.process_restarts = r.gauge(
+            "xllm_process_restarts", "Times the supervisor restarted the process.", ("process",)
+        )
+        self.process_up = r.gauge(
+            "xllm_process_up", "1 while the supervised process runs, else 0.", ("process",)
+        )
         self.cluster_prefix_hit_rate = r.gauge(
             "xllm_cluster_prefix_cache_hit_rate",
             "Prefix-cache hit tokens / looked-up tokens over every live instance.",
@@ -122,6 +128,14 @@ class GatewayMetrics:
             for role, count in state.role_counts.items():
                 self.cluster_instances.labels(role=role).set(count)
             self.cluster_role_flips.set(state.num_role_flips)
+
+    def observe_processes(self, processes: list[dict]) -> None:
+        """The supervisor's processes (`readiness.supervised_processes`), if it has any."""
+        self.process_restarts.clear()
+        self.process_up.clear()
+        for row in processes:
+            self.process_restarts.labels(process=row["name"]).set(row["restarts"])
+            self.process_up.labels(process=row["name"]).set(int(row["state"] == "running"))
 
     def render(self) -> str:
         return self.registry.render()

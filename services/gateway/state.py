@@ -61,6 +61,7 @@ class Gateway:
             self.model,
             req,
             submit_timeout=self.config.submit_timeout,
+            placement_wait=self.config.placement_wait,
             timeout=self.config.request_timeout,
             live=self.live,
         )

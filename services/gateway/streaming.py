@@ -9,7 +9,9 @@ Contract with the scheduler and the instances (xllm.protocol, DESIGN.md §2):
   1. subscribe to `request_output(request_id)` *before* submitting, so no delta is missed;
      deltas are decoded in the NATS callback and queued (malformed ones are logged, dropped);
   2. `SCHED_SUBMIT` request/reply → `SubmitReply`; an error in it is raised as
-     `ProtocolError` (no reply at all → NO_INSTANCE, i.e. 503);
+     `ProtocolError` (no reply at all → NO_INSTANCE, i.e. 503). While no scheduler is
+     subscribed or it answers NO_INSTANCE (one restarting, a role still loading), the
+     submit is retried for up to `placement_wait` seconds first;
   3. per completion index: incremental detokenization and stop strings; a completion ends
      on its final delta or when a stop string matches;
   4. on leaving the context — finished, stop string, client gone, deadline, cancellation —
@@ -143,6 +145,18 @@ class CompletionText:
         return Output(self.index, text, tokens, delta.logprobs, finish)
 
 
+PLACEMENT_RETRY = 0.25
+"""Seconds between submits while no scheduler or fitting instance exists."""
+
+
+class _Unplaced(Exception):
+    """The scheduler placed nothing for a reason that may pass (`error` if it does not)."""
+
+    def __init__(self, error: ProtocolError):
+        super().__init__(str(error))
+        self.error = error
+
+
 class Generation:
     """A submitted request's stream of outputs; an async context manager (see module doc)."""
 
@@ -154,6 +168,7 @@ class Generation:
         *,
         submit_timeout: float,
         timeout: float,
+        placement_wait: float = 0.0,
         live: set[Generation] | None = None,
     ):
         self.nc = nc
@@ -164,6 +179,8 @@ class Generation:
         """The request id of the current attempt (changes when the request resumes)."""
         self.num_resumes = 0
         self.submit_timeout = submit_timeout
+        self.placement_wait = placement_wait
+        """Seconds an attempt waits for a scheduler and a fitting instance to exist."""
         self.timeout = timeout
         self.completions = [CompletionText(i, model, req) for i in range(req.sampling.n)]
         self.usage = Usage(prompt_tokens=len(req.prompt_token_ids))
@@ -260,7 +277,20 @@ class Generation:
     async def _submit(
         self, prompt: list[int], sampling: SamplingSpec, resumed: bool = False
     ) -> None:
-        """Submit an attempt; sets `instance_id` (and `prefill_instance_id`) from the reply."""
+        """Submit an attempt, waiting up to `placement_wait` while no scheduler answers or
+        no instance can take it (one restarting, a role still loading); sets `instance_id`
+        (and `prefill_instance_id`) from the reply."""
+        give_up_at = time.monotonic() + self.placement_wait
+        while True:
+            try:
+                await self._submit_once(prompt, sampling, resumed)
+                return
+            except _Unplaced as e:
+                if time.monotonic() + PLACEMENT_RETRY > give_up_at:
+                    raise e.error from None
+            await asyncio.sleep(PLACEMENT_RETRY)
+
+    async def _submit_once(self, prompt: list[int], sampling: SamplingSpec, resumed: bool) -> None:
         submit = SubmitRequest(
             request_id=self.attempt_id,
             prompt_token_ids=prompt,
@@ -273,7 +303,11 @@ class Generation:
             msg = await self.nc.request(
                 subjects.SCHED_SUBMIT, encode(submit), timeout=self.submit_timeout
             )
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        except nats.errors.NoRespondersError:  # none subscribed: nothing was placed
+            raise _Unplaced(
+                ProtocolError(ErrorCode.NO_INSTANCE, "no scheduler is running")
+            ) from None
+        except nats.errors.TimeoutError:  # not retried: it may have been placed after all
             raise ProtocolError(
                 ErrorCode.NO_INSTANCE,
                 f"no scheduler placed the request within {self.submit_timeout:g}s",
@@ -283,7 +317,8 @@ class Generation:
         except DecodeError as e:
             raise ProtocolError(ErrorCode.INTERNAL, f"bad reply from the scheduler: {e}") from e
         if reply.error is not None:
-            raise ProtocolError.from_info(reply.error)
+            error = ProtocolError.from_info(reply.error)
+            raise _Unplaced(error) if error.code == ErrorCode.NO_INSTANCE else error
         assert reply.instance_id is not None  # SubmitReply checks exactly one is set
         self.instance_id = reply.instance_id
         self.prefill_instance_id = reply.prefill_instance_id

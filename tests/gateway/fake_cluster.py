@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from xllm.protocol import (
     AbortCmd,
@@ -54,6 +54,8 @@ class FakeCluster:
     nc: object
     model_name: str
     plan: Callable[[SubmitRequest], Script]
+    roles: list[str] = field(default_factory=lambda: ["both"])
+    """The roles of the instances the cluster view reports (the first one is INSTANCE)."""
     submits: list[SubmitRequest] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
     _aborted: set[str] = field(default_factory=set)
@@ -100,7 +102,10 @@ class FakeCluster:
 
     async def on_cluster_state(self, _: ClusterStateRequest) -> ClusterState:
         return ClusterState(
-            instances=[self.heartbeat()],
+            instances=[
+                replace(self.heartbeat(), instance_id=f"{INSTANCE}-{i}" if i else INSTANCE, role=r)
+                for i, r in enumerate(self.roles)
+            ],
             policy="fake",
             num_submitted=len(self.submits),
             num_rejected=0,

@@ -71,6 +71,7 @@ async def env(nats_url, model_info):
         max_inflight=3,
         request_timeout=10.0,
         submit_timeout=2.0,
+        placement_wait=1.0,
         cluster_timeout=0.5,
     )
     server = TestServer(create_app(config, gateway_nc, model_info))
@@ -385,6 +386,53 @@ async def test_health_metrics_cluster(env):
     assert "xllm_gateway_time_to_first_token_seconds_count" in text
     assert 'xllm_instance_requests_waiting{instance="test-inst",role="both"} 0' in text
     assert "xllm_gateway_requests_running 0" in text
+
+
+async def test_health_needs_an_instance_for_each_half_of_a_request(env):
+    env.cluster.roles = ["prefill"]  # PD: the decode instance still loads
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(env.url("/health")) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "2"
+                assert "decode" in (await resp.json())["error"]["message"]
+            env.cluster.roles = ["prefill", "decode"]
+            async with http.get(env.url("/health?verbose")) as resp:
+                assert resp.status == 200
+                body = await resp.json()
+            assert sorted(body["roles"].values()) == ["decode", "prefill"]
+    finally:
+        env.cluster.roles = ["both"]
+
+
+async def test_a_request_waits_while_no_instance_can_take_it(env):
+    """A role still loading, an instance restarting: NO_INSTANCE is retried, not returned."""
+    submits = []
+
+    def plan(req):
+        submits.append(req.request_id)
+        if len(submits) <= 2:
+            return Script(tokens=[[1]], submit_error=ErrorInfo(ErrorCode.NO_INSTANCE, "loading"))
+        return env.default_plan(req)
+
+    env.cluster.plan = plan
+    r = await env.client.completions.create(model=MODEL, prompt="x", max_tokens=50)
+    assert r.choices[0].text == TEXTS[0]
+    assert submits == [r.id] * 3
+
+
+async def test_no_instance_after_the_placement_wait_is_a_retryable_503(env):
+    env.cluster.plan = lambda req: Script(
+        tokens=[[1]], submit_error=ErrorInfo(ErrorCode.NO_INSTANCE, "nobody home")
+    )
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 4}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(env.url("/v1/completions"), json=body, headers=headers) as resp,
+    ):
+        assert resp.status == 503 and resp.headers["Retry-After"] == "2"
+        assert (await resp.json())["error"]["code"] == "no_instance"
+    assert len(env.cluster.submits) >= 3  # retried for placement_wait (1 s), then answered
 
 
 async def test_health_without_scheduler_is_503(env):
