@@ -28,6 +28,7 @@ from xllm.cluster import (
     ClusterConfig,
     EmbeddedServerError,
     ProcessSpec,
+    RestartPolicy,
     demo_model,
     free_port,
     service_specs,
@@ -284,6 +285,85 @@ def test_failed_start_leaves_nothing_running(tmp_path):
     assert all(not s.is_running() for s in cluster.servers)
 
 
+FAST_RESTARTS = RestartPolicy(backoff=0.1, max_backoff=0.4, max_restarts=3, window=30.0)
+
+
+def _supervise_until(cluster: Cluster, done, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the supervisor did not get there in time"
+        cluster.wait(timeout=0.05)
+
+
+def test_supervised_child_is_restarted_and_counted(tmp_path):
+    reports: list[str] = []
+    cluster = Cluster(
+        [_sleeper("steady"), _sleeper("victim")],
+        log_dir=tmp_path,
+        embedded_servers=False,
+        restart=FAST_RESTARTS,
+        report=reports.append,
+    )
+    with cluster:
+        _wait_for_log(cluster, "victim", "started")
+        first_pid, steady_pid = cluster.processes["victim"].pid, cluster.processes["steady"].pid
+        os.kill(first_pid, signal.SIGKILL)
+        _supervise_until(cluster, lambda: cluster.processes["victim"].pid != first_pid)
+        rows = {r["name"]: r for r in json.loads(cluster.state_path.read_text())["processes"]}
+        assert rows["victim"]["restarts"] == 1 and rows["victim"]["state"] == "running"
+        assert rows["victim"]["last_exit"] == "signal SIGKILL"
+        assert rows["steady"]["restarts"] == 0 and cluster.processes["steady"].pid == steady_pid
+        assert any("victim exited with signal SIGKILL" in r for r in reports)
+        log = cluster.log_path("victim")  # appended to: the first run's lines stay
+        _supervise_until(cluster, lambda: log.read_text().count("started") == 2)
+
+
+def test_a_crash_looping_child_is_given_up_on_and_the_rest_keep_running(tmp_path):
+    crash = _python("crasher", "print('boom', flush=True); raise SystemExit(3)")
+    reports: list[str] = []
+    cluster = Cluster(
+        [_sleeper("steady"), crash],
+        log_dir=tmp_path,
+        embedded_servers=False,
+        restart=FAST_RESTARTS,
+        report=reports.append,
+    )
+    with cluster:
+        _supervise_until(cluster, lambda: any("giving up" in r for r in reports))
+        cluster.wait(timeout=0.3)  # no ChildExited: supervised, the cluster keeps running
+        assert cluster.processes["steady"].poll() is None
+        rows = {r["name"]: r for r in cluster.process_states()}
+        assert rows["crasher"] == rows["crasher"] | {"state": "failed", "restarts": 3}
+        with pytest.raises(ChildExited, match="boom"):  # before ready, it is an error
+            cluster.wait_ready(timeout=1)
+
+
+def test_supervised_nats_and_valkey_come_back_on_their_port_with_their_data(tmp_path):
+    cluster = Cluster([_sleeper("steady")], log_dir=tmp_path, restart=FAST_RESTARTS)
+    with cluster:
+        nats_server, valkey = cluster.servers
+        with socket.create_connection(("127.0.0.1", valkey.port)) as sock:
+            sock.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
+            assert sock.recv(16).startswith(b"+OK")
+            sock.sendall(b"*1\r\n$5\r\nBGREWRITEAOF\r\n")  # the append-only file, now
+            sock.recv(64)
+        time.sleep(1.5)  # appendfsync everysec
+        for server in (nats_server, valkey):
+            server.process.kill()
+
+        def both_back() -> bool:
+            rows = [r for r in cluster.process_states() if r["name"] in ("nats-server", "valkey")]
+            return all(r["restarts"] == 1 and r["state"] == "running" for r in rows)
+
+        _supervise_until(cluster, both_back)
+        with socket.create_connection(("127.0.0.1", valkey.port)) as sock:
+            sock.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+            assert sock.recv(16) == b"$1\r\nv\r\n"
+        rows = {r["name"]: r for r in cluster.process_states()}
+        assert rows["nats-server"]["restarts"] == 1 and rows["valkey"]["restarts"] == 1
+        assert cluster.processes["steady"].poll() is None
+
+
 def test_process_names_must_be_unique():
     with pytest.raises(ValueError, match="unique"):
         Cluster([_sleeper("a"), _sleeper("a")])
@@ -424,7 +504,9 @@ def _stand_in_services(root: Path) -> None:
         (root / "services" / name / "__main__.py").write_text(_STAND_IN)
 
 
-def _run_up(tmp_path: Path, crash: bool) -> tuple[subprocess.Popen, Path, Path]:
+def _run_up(
+    tmp_path: Path, crash: bool, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, Path, Path]:
     _stand_in_services(tmp_path / "src")
     records, logs = tmp_path / "records", tmp_path / "logs"
     records.mkdir()
@@ -437,7 +519,7 @@ def _run_up(tmp_path: Path, crash: bool) -> tuple[subprocess.Popen, Path, Path]:
     argv = [sys.executable, "-m", "xllm.cli", "up", "--model", str(tmp_path), "--host"]
     argv += ["127.0.0.1", "--port", str(free_port()), "--log-dir", str(logs), "--policy", "rr"]
     argv += ["--instances", "2", "--max-num-seqs", "4", "--api-key", "k", "--stop-grace", "3"]
-    argv += ["--ready-timeout", "30"]
+    argv += ["--ready-timeout", "30", *extra]
     # cwd: `python -m` puts it first on sys.path, and the repo's own services/ must not win.
     process = subprocess.Popen(
         argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -482,8 +564,8 @@ def test_up_runs_until_interrupted_then_stops_everything(tmp_path):
 
 
 @pytest.mark.slow
-def test_up_exits_nonzero_when_a_service_dies(tmp_path):
-    process, records, _ = _run_up(tmp_path, crash=True)
+def test_up_without_restarts_exits_nonzero_when_a_service_dies(tmp_path):
+    process, records, _ = _run_up(tmp_path, crash=True, extra=("--max-restarts", "0"))
     try:
         _, err = process.communicate(timeout=60)
     finally:
@@ -491,4 +573,30 @@ def test_up_exits_nonzero_when_a_service_dies(tmp_path):
             process.kill()
     assert process.returncode == 1
     assert "exited with code 3" in err and "inst-" in err
+    assert _pids_gone(records)
+
+
+@pytest.mark.slow
+def test_up_restarts_a_dead_service_and_gives_up_on_a_crash_loop(tmp_path):
+    extra = ("--max-restarts", "2", "--restart-window", "60")
+    process, records, _ = _run_up(tmp_path, crash=True, extra=extra)
+    try:
+        err_lines = []
+        for line in process.stderr:
+            err_lines.append(line)
+            if "giving up" in line:
+                break
+        else:
+            pytest.fail(f"xllm up never gave up on the crash loop: {''.join(err_lines)}")
+        assert process.poll() is None  # the rest keep serving
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    err = "".join(err_lines) + err
+    assert process.returncode == 0, err
+    assert err.count("exited with code 3; restarting it in") == 4  # 2 instances x 2 restarts
+    crashed = [r for r in records.iterdir() if r.name.startswith("decode")]
+    assert len(crashed) == 6  # each instance ran 3 times
     assert _pids_gone(records)

@@ -82,7 +82,7 @@ def test_a_prefill_instance_restarted_under_its_id_is_a_new_peer(pd):
     """The supervisor restarts a killed prefill instance under the same id within seconds:
     the loss of its first run must not make the decode side drop DecodeCmds for the new
     run (they would never be answered), while late ones for the lost run still are."""
-    requests, engine, sent = pd
+    requests, _engine, sent = pd
 
     async def scenario():
         await requests.on_decode(decode_cmd("a", "p0", run=1.0))  # reserves 7 of 8 blocks

@@ -1,7 +1,8 @@
 """A whole xLLM cluster on one machine: embedded NATS and Valkey, every service a subprocess.
 
 `embedded` runs nats-server and valkey-server from their PyPI packages; `launcher.Cluster`
-supervises a set of processes (start in order, health wait, crash detection, ordered stop);
+supervises a set of processes (start in order, health wait, restarts with backoff or
+crash detection, ordered stop);
 `topology` says which services a serving cluster runs and with which flags. `xllm up` is a
 thin command line over `serving_cluster()`; tests and benchmarks use the same pieces.
 """
@@ -13,7 +14,7 @@ from xllm.cluster.embedded import (
     start_nats,
     start_valkey,
 )
-from xllm.cluster.launcher import ChildExited, Cluster, ProcessSpec
+from xllm.cluster.launcher import ChildExited, Cluster, ProcessSpec, RestartPolicy
 from xllm.cluster.topology import ClusterConfig, demo_model, service_specs, serving_cluster
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "EmbeddedServer",
     "EmbeddedServerError",
     "ProcessSpec",
+    "RestartPolicy",
     "demo_model",
     "free_port",
     "service_specs",

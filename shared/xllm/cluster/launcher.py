@@ -22,6 +22,15 @@ The contract:
   time runs out.
 * `wait(timeout=None)` blocks while all children run; a child that exits, whatever its
   code, raises `ChildExited` with its log tail (services run until they are signalled).
+* With a `RestartPolicy` (what `xllm up` uses) the cluster supervises instead: a child that
+  exits is reported with its exit reason and log tail and started again after an
+  exponential backoff, and so are the embedded nats-server and Valkey (same port, same
+  directory: JetStream's streams and Valkey's append-only file survive). A process that
+  exits `max_restarts` times within `window` seconds is given up on and reported; the rest
+  keep running. `wait()` then returns only at its timeout (a signal ends it); `wait_ready()`
+  raises `ChildExited` only for a process given up on. Each process's state and restart
+  count are written to `<log_dir>/processes.json` (path in every child's
+  `XLLM_SUPERVISOR_STATE`), which the gateway shows in `/cluster` and `/metrics`.
 * `stop()` stops the children in reverse start order (SIGTERM to the child's process group;
   each may take until one shared deadline, `grace` seconds away, after which the rest are
   SIGKILLed), then Valkey and NATS last. Idempotent. `hurry()`, safe to call from a signal
@@ -37,16 +46,19 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from xllm.cluster.embedded import (
     EmbeddedServer,
+    EmbeddedServerError,
     die_with_parent,
     log_tail,
     start_nats,
@@ -54,6 +66,7 @@ from xllm.cluster.embedded import (
 )
 
 POLL_INTERVAL = 0.1  # seconds between liveness checks
+STATE_FILE = "processes.json"  # in log_dir: what the supervisor knows of each process
 HEALTH_INTERVAL = 0.25  # seconds between health probes
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ours is local
 
@@ -65,6 +78,37 @@ class ProcessSpec:
     name: str
     argv: Sequence[str]
     env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How a supervised cluster restarts a process that exited: `backoff` seconds after its
+    first exit, doubling with each further exit within `window` seconds up to `max_backoff`;
+    after `max_restarts` restarts within `window` it is given up on."""
+
+    backoff: float = 0.5
+    max_backoff: float = 8.0
+    max_restarts: int = 5
+    window: float = 60.0
+
+    def delay(self, recent_exits: int) -> float:
+        return min(self.max_backoff, self.backoff * 2 ** max(0, recent_exits - 1))
+
+
+@dataclass
+class _Restarts:
+    """One process's restart bookkeeping."""
+
+    count: int = 0
+    exits: deque[float] = field(default_factory=deque)  # monotonic times, within the window
+    restart_at: float | None = None  # when an exited process is due to start again
+    given_up: bool = False
+    last_exit: str = ""
+
+    def state(self, running: bool) -> str:
+        if self.given_up:
+            return "failed"
+        return "running" if running else "restarting"
 
 
 class ChildExited(RuntimeError):
@@ -93,6 +137,7 @@ class _Child:
     spec: ProcessSpec
     process: subprocess.Popen
     log_path: Path
+    restarts: _Restarts = field(default_factory=_Restarts)
 
 
 class Cluster:
@@ -110,6 +155,8 @@ class Cluster:
         redis_url: str | None = None,
         embedded_servers: bool = True,
         grace: float = 10.0,
+        restart: RestartPolicy | None = None,
+        report: Callable[[str], None] | None = None,
     ):
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
@@ -123,9 +170,13 @@ class Cluster:
         self.redis_url = redis_url
         self.embedded_servers = embedded_servers
         self.grace = grace
+        self.restart = restart
+        self.report = report or _print_stderr
         self._servers: list[EmbeddedServer] = []
+        self._server_restarts: dict[str, _Restarts] = {}
         self._children: list[_Child] = []
         self._hurry = False
+        self._env: dict[str, str] = {}
 
     # ---------------------------------------------------------------------------------------
     # Inspection
@@ -145,6 +196,21 @@ class Cluster:
             raise RuntimeError("the cluster has not been started")
         return self.log_dir / f"{name}.log"
 
+    @property
+    def state_path(self) -> Path:
+        if self.log_dir is None:
+            raise RuntimeError("the cluster has not been started")
+        return self.log_dir / STATE_FILE
+
+    def process_states(self) -> list[dict]:
+        """Every process (servers first): name, pid, state, restarts, last exit."""
+        rows = []
+        for server in self._servers:
+            restarts = self._server_restarts[server.name]
+            rows.append(_state_row(server.name, server.process, restarts))
+        rows += [_state_row(c.spec.name, c.process, c.restarts) for c in self._children]
+        return rows
+
     # ---------------------------------------------------------------------------------------
     # Lifecycle
 
@@ -157,9 +223,10 @@ class Cluster:
         self._hurry = False
         try:
             self._start_servers()
-            env = self._child_env()
+            self._env = self._child_env()
             for spec in self.specs:
-                self._children.append(self._spawn(spec, env))
+                self._children.append(self._spawn(spec, self._env))
+            self._write_state()
         except BaseException:  # also Ctrl-C halfway through: leave nothing behind
             self.stop()
             raise
@@ -170,9 +237,12 @@ class Cluster:
             self._servers.append(server)
             self.nats_url = server.url
         if self.redis_url is None and self.embedded_servers:
-            server = start_valkey(log_file=self.log_path("valkey"))
+            # Supervised, it may be restarted: keep the keys (the KV index) across that.
+            persist = self.restart is not None
+            server = start_valkey(log_file=self.log_path("valkey"), persist=persist)
             self._servers.append(server)
             self.redis_url = server.url
+        self._server_restarts = {server.name: _Restarts() for server in self._servers}
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -181,12 +251,14 @@ class Cluster:
             env["XLLM_NATS_URL"] = self.nats_url
         if self.redis_url is not None:
             env["XLLM_REDIS_URL"] = self.redis_url
+        env["XLLM_SUPERVISOR_STATE"] = str(self.state_path)
         env.update(self.env)
         return env
 
-    def _spawn(self, spec: ProcessSpec, env: Mapping[str, str]) -> _Child:
+    def _spawn(self, spec: ProcessSpec, env: Mapping[str, str], append: bool = False) -> _Child:
         log_path = self.log_path(spec.name)
-        with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        # A restarted child appends to its log, so the crash that caused it stays readable.
+        with open(log_path, "ab" if append else "wb") as log:  # the child keeps its own copy
             process = subprocess.Popen(
                 list(spec.argv),
                 env={**env, **spec.env},
@@ -205,11 +277,98 @@ class Cluster:
             if code is not None:
                 raise ChildExited(child.spec.name, code, child.log_path)
 
+    def poll(self) -> None:
+        """One round of watching: `check()` without a restart policy; with one, note what
+        exited and start again what is due (servers first: the services need them)."""
+        if self.restart is None:
+            self.check()
+            return
+        changed = False
+        now = time.monotonic()
+        for server in self._servers:
+            changed |= self._supervise_server(server, self._server_restarts[server.name], now)
+        for child in self._children:
+            changed |= self._supervise_child(child, now)
+        if changed:
+            self._write_state()
+
+    def _supervise_child(self, child: _Child, now: float) -> bool:
+        if child.process.poll() is not None and child.restarts.restart_at is None:
+            if not child.restarts.given_up:
+                self._note_exit(child.spec.name, child.process, child.log_path, child.restarts, now)
+                return True
+        elif child.restarts.restart_at is not None and now >= child.restarts.restart_at:
+            fresh = self._spawn(child.spec, self._env, append=True)
+            child.process = fresh.process
+            child.restarts.restart_at = None
+            child.restarts.count += 1
+            self.report(f"{child.spec.name} restarted (pid {child.process.pid})")
+            return True
+        return False
+
+    def _supervise_server(self, server: EmbeddedServer, restarts: _Restarts, now: float) -> bool:
+        if server.is_running() and restarts.restart_at is None:
+            return False
+        if restarts.restart_at is None:
+            if not restarts.given_up:
+                self._note_exit(server.name, server.process, server.log_path, restarts, now)
+                return True
+            return False
+        if now < restarts.restart_at:
+            return False
+        restarts.restart_at = None
+        restarts.count += 1
+        try:
+            server.restart()  # blocks until it answers (seconds at most)
+        except EmbeddedServerError as e:
+            self.report(f"{server.name} did not come back: {e}")
+            return True  # exited again: noted (and maybe given up on) next round
+        self.report(f"{server.name} restarted on {server.url}")
+        return True
+
+    def _note_exit(
+        self, name: str, process, log_path: Path, restarts: _Restarts, now: float
+    ) -> None:
+        assert self.restart is not None
+        policy = self.restart
+        restarts.last_exit = _describe_returncode(process.returncode)
+        restarts.exits.append(now)
+        while restarts.exits and now - restarts.exits[0] > policy.window:
+            restarts.exits.popleft()
+        tail = log_tail(log_path, 15)
+        if len(restarts.exits) > policy.max_restarts:
+            restarts.given_up = True
+            self.report(
+                f"{name} exited with {restarts.last_exit}, its {len(restarts.exits)}th exit in "
+                f"{policy.window:g}s: giving up on it (the rest keep running); "
+                f"last lines of {log_path}:\n{tail}"
+            )
+            return
+        delay = policy.delay(len(restarts.exits))
+        restarts.restart_at = now + delay
+        self.report(
+            f"{name} exited with {restarts.last_exit}; restarting it in {delay:.1f}s; "
+            f"last lines of {log_path}:\n{tail}"
+        )
+
+    def _raise_if_given_up(self) -> None:
+        for child in self._children:
+            if child.restarts.given_up:
+                raise ChildExited(child.spec.name, child.process.returncode, child.log_path)
+
+    def _write_state(self) -> None:
+        state = {"updated": time.time(), "processes": self.process_states()}
+        partial = self.state_path.with_suffix(".partial")
+        partial.write_text(json.dumps(state))
+        partial.replace(self.state_path)  # readers never see half a file
+
     def wait_ready(self, timeout: float) -> None:
-        """Return once `health_url` answers 200 (at once without one) and every child runs."""
+        """Return once `health_url` answers 200 (at once without one) and every child runs
+        (or, supervised, until none was given up on)."""
         deadline = time.monotonic() + timeout
         while True:
-            self.check()
+            self.poll()
+            self._raise_if_given_up()
             if self.health_url is None or _healthy(self.health_url, self.instances):
                 return
             if time.monotonic() > deadline:
@@ -227,12 +386,13 @@ class Cluster:
         )
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until a child exits (raising `ChildExited`) or `timeout` seconds pass."""
+        """Block until `timeout` seconds pass; unsupervised, a child that exits first raises
+        `ChildExited`, supervised it is restarted (see the module doc)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while deadline is None or time.monotonic() < deadline:
-            self.check()
+            self.poll()
             time.sleep(POLL_INTERVAL)
-        self.check()
+        self.poll()
 
     def hurry(self) -> None:
         """Make a running or later `stop()` skip the grace period (signal-handler safe)."""
@@ -260,6 +420,21 @@ class Cluster:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def _state_row(name: str, process: subprocess.Popen, restarts: _Restarts) -> dict:
+    running = process.poll() is None
+    return {
+        "name": name,
+        "pid": process.pid,
+        "state": restarts.state(running),
+        "restarts": restarts.count,
+        "last_exit": restarts.last_exit or None,
+    }
+
+
+def _print_stderr(message: str) -> None:
+    print(f"xllm: {message}", file=sys.stderr, flush=True)
 
 
 def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from xllm.cluster.launcher import Cluster, ProcessSpec
+from xllm.cluster.launcher import Cluster, ProcessSpec, RestartPolicy
 from xllm.config import option
 
 DEMO_ARCH, DEMO_SIZE, DEMO_DTYPE = "qwen3", "tiny", "bfloat16"
@@ -59,6 +59,12 @@ class ClusterConfig:
     log_level: str = option("INFO", "Logging level of every service.")
     ready_timeout: float = option(300.0, "Seconds to wait for the gateway's /health.")
     stop_grace: float = option(10.0, "Seconds the services get to drain before SIGKILL.")
+    max_restarts: int = option(
+        5,
+        "Restarts of one process within --restart-window before it is given up on (the rest "
+        "keep serving); 0 = any process exiting stops the whole cluster.",
+    )
+    restart_window: float = option(60.0, "Seconds over which --max-restarts is counted.")
     cache_dir: str = option("", "xLLM's cache folder (demo model); empty = ~/.cache/xllm.")
 
     def validate(self) -> None:
@@ -71,6 +77,8 @@ class ClusterConfig:
             (self.instances > 0, "--instances must be positive"),
             (0 < self.port < 65536, "--port must be in 1..65535"),
             (self.ready_timeout > 0, "--ready-timeout must be positive"),
+            (self.max_restarts >= 0, "--max-restarts cannot be negative"),
+            (self.restart_window > 0, "--restart-window must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -90,6 +98,12 @@ class ClusterConfig:
         """The OpenAI-compatible API root, e.g. `http://127.0.0.1:8000/v1`."""
         host = f"[{self.client_host}]" if ":" in self.client_host else self.client_host
         return f"http://{host}:{self.port}/v1"
+
+    @property
+    def restart_policy(self) -> RestartPolicy | None:
+        if not self.max_restarts:
+            return None
+        return RestartPolicy(max_restarts=self.max_restarts, window=self.restart_window)
 
     @property
     def health_url(self) -> str:
@@ -166,6 +180,7 @@ def serving_cluster(config: ClusterConfig, engine_args: Sequence[str] = ()) -> C
         nats_url=config.nats_url or None,
         redis_url=config.redis_url or None,
         grace=config.stop_grace,
+        restart=config.restart_policy,
     )
 
 

@@ -3,10 +3,13 @@
 Starts an embedded nats-server (JetStream) and Valkey unless `--nats-url`/`--redis-url` are
 given, then the scheduler, the instances and the gateway, each a subprocess logging to
 `<log-dir>/<name>.log` (see `xllm.cluster.topology` for the exact command lines). Prints the
-API address and an example request, waits for the gateway's `/health`, then runs until
-Ctrl-C, SIGTERM or SIGHUP (exit 0) or until any process exits on its own (its log tail is shown,
-everything is stopped, exit 1). Stopping: services first (SIGTERM, `--stop-grace` seconds,
-then SIGKILL; a second Ctrl-C skips the wait), NATS and Valkey last.
+API address and an example request, waits until the gateway's `/health` says the cluster can
+serve and every instance it started is live, then runs until Ctrl-C, SIGTERM or SIGHUP
+(exit 0). A process that exits meanwhile (NATS and Valkey included) is reported with its
+log tail and restarted with backoff; one that keeps exiting (`--max-restarts` times within
+`--restart-window`) is given up on while the rest keep serving (`--max-restarts 0`: any exit
+stops everything, exit 1). Stopping: services first (SIGTERM, `--stop-grace` seconds, then
+SIGKILL; a second Ctrl-C skips the wait), NATS and Valkey last.
 
 Engine flags (`--dtype`, `--kv-cache-gb`, `--max-num-seqs`, `--max-model-len`,
 `--num-threads`) are forwarded to every instance when given.
@@ -112,7 +115,7 @@ def _serve(cluster: Cluster, config: ClusterConfig) -> int:
     print(f"waiting for {config.health_url} ...", flush=True)
     cluster.wait_ready(config.ready_timeout)
     print("ready. Ctrl-C stops everything.", flush=True)
-    cluster.wait()  # without a timeout it returns only by raising ChildExited
+    cluster.wait()  # returns only by raising: a signal, or ChildExited when unsupervised
     return 1
 
 
