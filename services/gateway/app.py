@@ -23,6 +23,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, error_middleware
 from services.gateway.metrics import prefix_cache_summary
 from services.gateway.model import ModelInfo
+from services.gateway.offline import OfflineWorker
 from services.gateway.readiness import missing_roles, supervised_processes
 from services.gateway.state import GATEWAY, Gateway
 from xllm.metrics import CONTENT_TYPE
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 AUTH_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 """Paths that need the API key (when one is configured); /health and /metrics never do."""
+
+OFFLINE = web.AppKey("offline", OfflineWorker)
 
 SHUTDOWN_TIMEOUT = 5.0
 """Seconds in-flight requests get to finish on shutdown before they are cancelled (and
@@ -67,8 +70,14 @@ def _gateway_ctx(config: GatewayConfig, nc: NATS, model: ModelInfo | None):
         app[GATEWAY] = gateway = Gateway(config, nc, info)
         notices = TypeDispatcher({InstanceLost: gateway.on_instance_lost}, name="gateway notices")
         sub = await nc.subscribe(subjects.INSTANCE_LOST, cb=make_callback(notices))
+        watcher = asyncio.create_task(gateway.watch_reconnects())
+        app[OFFLINE] = worker = OfflineWorker(gateway, nc, config.offline_concurrency)
+        if config.offline_concurrency:
+            await worker.start()
         log.info("serving %s (context %d tokens)", info.name, info.max_model_len)
         yield
+        await worker.stop()
+        watcher.cancel()
         await sub.unsubscribe()
         # Handlers still running are cancelled by the runner; each aborts its request.
 
@@ -135,6 +144,9 @@ async def metrics(request: web.Request) -> web.Response:
         state = None  # the gateway's own metrics are still worth scraping
     gw.metrics.observe_cluster(state)
     gw.metrics.observe_processes(supervised_processes(gw.config.supervisor_state))
+    queued = await request.app[OFFLINE].queued()
+    if queued is not None:
+        gw.metrics.offline_queued.set(queued)
     return web.Response(body=gw.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
 

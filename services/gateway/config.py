@@ -33,6 +33,9 @@ class GatewayConfig:
         "Seconds a request waits for a live scheduler and instance (one restarting, a role "
         "still loading) before it gets 503 with Retry-After.",
     )
+    offline_concurrency: int = option(
+        8, "Offline jobs (NATS `xllm.offline.submit`) this gateway runs at once; 0 = none."
+    )
     supervisor_state: str = option(
         "", "JSON file where `xllm up`'s supervisor reports its processes (set by it)."
     )
@@ -50,6 +53,7 @@ class GatewayConfig:
             (self.request_timeout > 0, "--request-timeout must be positive"),
             (self.submit_timeout > 0, "--submit-timeout must be positive"),
             (self.placement_wait >= 0, "--placement-wait cannot be negative"),
+            (self.offline_concurrency >= 0, "--offline-concurrency cannot be negative"),
             (self.cluster_timeout > 0, "--cluster-timeout must be positive"),
         ]
         for ok, message in checks:

@@ -89,6 +89,17 @@ class GatewayMetrics:
         self.cluster_role_flips = r.gauge(
             "xllm_cluster_role_flips", "Role flips the scheduler ordered since it started."
         )
+        self.offline_running = r.gauge(
+            "xllm_offline_jobs_running", "Offline jobs this gateway is running."
+        )
+        self.offline_jobs = r.counter(
+            "xllm_offline_jobs_total",
+            "Offline jobs this gateway finished, by outcome (ok, error, dead_letter).",
+            ("outcome",),
+        )
+        self.offline_queued = r.gauge(
+            "xllm_offline_jobs_queued", "Offline jobs waiting in the queue (all workers)."
+        )
         self.process_restarts = r.gauge(
             "xllm_process_restarts", "Times the supervisor restarted the process.", ("process",)
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -63,16 +64,30 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
             async with gen:
                 if api.stream:
                     return await _stream(request, gw, api, gen)
-                return await _collect(gw, api, gen)
+                return web.json_response(await _collect(gw, api, gen), dumps=_dumps)
         finally:
             gw.metrics.observe_generation(gen)
 
 
-async def _collect(gw: Gateway, api: ApiRequest, gen: Generation) -> web.Response:
+async def generate_offline(gw: Gateway, body: dict, *, chat: bool, priority: int) -> dict:
+    """The JSON response an HTTP client would get for `body`, for an offline job: the same
+    parsing and rendering, never streamed, at `priority`, outside --max-inflight (offline
+    work has its own concurrency). Raises what the HTTP route would turn into an error."""
+    api = parse_chat(body, gw.model) if chat else parse_completion(body, gw.model)
+    api = replace(api, stream=False, gen=replace(api.gen, priority=priority))
+    gen = gw.generation(api.gen)
+    try:
+        async with gen:
+            return await _collect(gw, api, gen)
+    finally:
+        gw.metrics.observe_generation(gen)
+
+
+async def _collect(gw: Gateway, api: ApiRequest, gen: Generation) -> dict:
     renderer = make_renderer(api, gw.model)
     async for out in gen.outputs():
         renderer.add(out)
-    return web.json_response(renderer.response(gen.usage), dumps=_dumps)
+    return renderer.response(gen.usage)
 
 
 async def _stream(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -26,6 +28,11 @@ from xllm.protocol import (
     encode,
     subjects,
 )
+
+log = logging.getLogger(__name__)
+
+RECONNECT_POLL = 0.5
+"""Seconds between looks at the NATS client's reconnect count."""
 
 
 @dataclass
@@ -65,6 +72,19 @@ class Gateway:
             timeout=self.config.request_timeout,
             live=self.live,
         )
+
+    async def watch_reconnects(self) -> None:
+        """After NATS reconnects (a restart of nats-server, a network blip), resume every
+        running generation from the tokens it has: deltas published while this gateway was
+        away are lost, and waiting for them would hang the request until its timeout."""
+        seen = self.nc.stats["reconnects"]
+        while True:
+            await asyncio.sleep(RECONNECT_POLL)
+            if self.nc.stats["reconnects"] != seen and self.nc.is_connected:
+                seen = self.nc.stats["reconnects"]
+                log.warning("NATS reconnected: resuming %d running requests", len(self.live))
+                for generation in list(self.live):
+                    generation.bus_reconnected()
 
     async def on_instance_lost(self, notice: InstanceLost) -> None:
         for generation in list(self.live):

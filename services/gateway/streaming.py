@@ -79,6 +79,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    priority: int = 0
+    """0 = online (HTTP); > 0 = offline jobs, which online work preempts."""
 
 
 @dataclass(slots=True)
@@ -223,6 +225,12 @@ class Generation:
         if notice.instance_id in (self.instance_id, self.prefill_instance_id):
             self._queue.put_nowait(notice)
 
+    def bus_reconnected(self) -> None:
+        """NATS reconnected: deltas may have been lost meanwhile, so resume (as on a loss)."""
+        if self.instance_id is not None:
+            notice = InstanceLost(instance_id=self.instance_id, reason="NATS reconnected")
+            self._queue.put_nowait(notice)
+
     async def outputs(self):
         """Outputs until every completion finished; raises ProtocolError on a failed
         request (an error delta, or the deadline)."""
@@ -296,6 +304,7 @@ class Generation:
             prompt_token_ids=prompt,
             sampling=sampling,
             arrival_time=time.time(),
+            priority=self.req.priority,
             model=self.req.model,
             resumed=resumed,
         )

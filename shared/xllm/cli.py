@@ -14,6 +14,7 @@ import sys
 TOOL_MODULES = {
     "bench": "xllm.tools.bench",
     "generate": "xllm.tools.generate",
+    "jobs": "xllm.tools.jobs",
     "make-model": "xllm.tools.make_model",
     "up": "xllm.tools.up",
     "sim": "services.scheduler.sim.tool",

@@ -11,120 +11,17 @@ it instead of failing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from xllm.cluster import free_port
+from tests.e2e.xllm_up import CLIENT_TIMEOUT, Outcome, XllmUp, wait_restarted
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[2]
-MAX_TOKENS = 8
-CLIENT_TIMEOUT = 90.0  # seconds: a request still unanswered by then counts as a hang
-RECOVERY_TIMEOUT = 90.0  # seconds for a killed process to be back and the cluster ready
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-@dataclass
-class Outcome:
-    kind: str  # ok | retryable | refused | reset | hang | wrong
-    started: float
-    ended: float
-    detail: str = ""
-
-
-class XllmUp:
-    """`xllm up` as a subprocess; its stdout is read on a thread, so `ready` is seen at once."""
-
-    def __init__(self, model_dir: Path, log_dir: Path, *args: str, instance_ids=()):
-        self.instance_ids = set(instance_ids)
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "xllm.cli", "up", "--model", str(model_dir)]
-        argv += ["--host", "127.0.0.1", "--port", str(self.port), "--log-dir", str(log_dir)]
-        argv += ["--log-level", "WARNING", "--stop-grace", "5", "--ready-timeout", "240"]
-        argv += ["--max-model-len", "1024", "--kv-cache-gb", "0.05", *args]
-        env = os.environ | {
-            "PYTHONPATH": os.pathsep.join([str(REPO / "shared"), str(REPO)]),
-            "XLLM_NATIVE_KERNELS": "0",  # float32 model: the bf16 kernels would not run anyway
-        }
-        self.process = subprocess.Popen(
-            argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if line.startswith("ready"):
-                self.ready.set()
-
-    def wait_ready(self, timeout: float = 240.0) -> None:
-        if not self.ready.wait(timeout):
-            self.stop()
-            pytest.fail("xllm up never printed ready:\n" + "".join(self.lines[-60:]))
-
-    def get(self, path: str) -> dict:
-        with _NO_PROXY.open(self.base + path, timeout=5) as response:
-            return json.loads(response.read())
-
-    def runs(self) -> dict[str, float]:
-        """Each live instance's run (`started_at`), as the scheduler knows it."""
-        return {hb["instance_id"]: hb["started_at"] for hb in self.get("/cluster")["instances"]}
-
-    def processes(self) -> dict[str, dict]:
-        return {row["name"]: row for row in self.get("/cluster")["processes"]}
-
-    def complete(self, prompt: str) -> Outcome:
-        body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "min_tokens": MAX_TOKENS}
-        request = urllib.request.Request(
-            self.base + "/v1/completions",
-            data=json.dumps(body | {"ignore_eos": True}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        started = time.monotonic()
-        try:
-            with _NO_PROXY.open(request, timeout=CLIENT_TIMEOUT) as response:
-                tokens = json.loads(response.read())["usage"]["completion_tokens"]
-            kind = "ok" if tokens == MAX_TOKENS else "wrong"
-            return Outcome(kind, started, time.monotonic(), f"{tokens} tokens")
-        except urllib.error.HTTPError as e:
-            error = json.loads(e.read() or b"{}").get("error", {})
-            retryable = e.code in (429, 503) and e.headers.get("Retry-After") and error
-            kind = "retryable" if retryable else "wrong"
-            return Outcome(kind, started, time.monotonic(), f"{e.code} {error}")
-        except (TimeoutError, urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            if isinstance(reason, TimeoutError):
-                kind = "hang"
-            elif isinstance(reason, ConnectionRefusedError):
-                kind = "refused"
-            else:  # reset or closed mid-answer: the gateway died with the request
-                kind = "reset"
-            return Outcome(kind, started, time.monotonic(), repr(reason))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 class Load:
@@ -156,21 +53,6 @@ class Load:
             thread.join(CLIENT_TIMEOUT + 10)
 
 
-def _wait_restarted(up: XllmUp, name: str, restarts: int, old_run: float = 0.0) -> float:
-    """Seconds until `name` runs again after its `restarts`-th restart and /health is 200
-    (an instance: until its new run, not `old_run`, has joined the scheduler's rotation)."""
-    start = time.monotonic()
-    while time.monotonic() - start < RECOVERY_TIMEOUT:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            row = up.processes()[name]
-            back = row["restarts"] >= restarts and row["state"] == "running"
-            joined = name not in up.instance_ids or up.runs().get(name, old_run) != old_run
-            if back and joined and up.get("/health")["status"] == "ok":
-                return time.monotonic() - start
-        time.sleep(0.25)
-    pytest.fail(f"{name} was not back within {RECOVERY_TIMEOUT:g}s:\n" + "".join(up.lines[-40:]))
-
-
 @pytest.fixture
 def model_dir(tiny_model_dir):
     return tiny_model_dir("qwen3", "float32")
@@ -189,7 +71,7 @@ def test_xllm_up_restarts_each_killed_child_and_keeps_serving(model_dir, tmp_pat
                 pid, old_run = up.processes()[victim]["pid"], up.runs().get(victim, 0.0)
                 killed_at = time.monotonic()
                 os.kill(pid, signal.SIGKILL)
-                recovered[victim] = _wait_restarted(up, victim, restarts=1, old_run=old_run)
+                recovered[victim] = wait_restarted(up, victim, restarts=1, old_run=old_run)
                 if victim == "gateway":
                     refused_allowed.append((killed_at, time.monotonic()))
             time.sleep(2.0)
@@ -227,7 +109,7 @@ def test_pd_ready_means_servable_and_requests_wait_for_a_missing_decode(model_di
         os.kill(up.processes()["decode-0"]["pid"], signal.SIGKILL)
         time.sleep(0.5)
         late = up.complete("sent while the decode instance is down")
-        _wait_restarted(up, "decode-0", restarts=1, old_run=old_run)
+        wait_restarted(up, "decode-0", restarts=1, old_run=old_run)
     finally:
         up.stop()
     assert late.kind == "ok", late

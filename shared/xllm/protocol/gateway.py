@@ -4,8 +4,8 @@ Submit (`SCHED_SUBMIT`, request/reply with the gateway's deadline as the NATS ti
 the gateway has already validated and tokenized the request and subscribed to
 `request_output(request_id)`; the scheduler places it, sends the commands and replies with
 the chosen instance, or with an error (e.g. NO_INSTANCE, OVERLOADED) and sends nothing.
-Offline jobs are the same `SubmitRequest` with priority > 0, arriving through JetStream
-(`OFFLINE_SUBMIT`) instead of request/reply.
+Offline jobs are the same `SubmitRequest` with priority > 0: a gateway's offline worker
+takes them from JetStream (`OFFLINE_SUBMIT`) and submits them like HTTP requests.
 """
 
 from __future__ import annotations

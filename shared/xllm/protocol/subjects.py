@@ -81,15 +81,38 @@ one may handle a message."""
 # -- offline jobs (JetStream) -------------------------------------------------------------------
 
 OFFLINE_SUBMIT = "xllm.offline.submit"
-"""clients → JetStream stream `OFFLINE_STREAM` → scheduler (durable consumer
-`OFFLINE_CONSUMER`), at-least-once: `SubmitRequest` with priority > 0. Offline work is
-best-effort and preempted by online work."""
+"""clients → JetStream stream `OFFLINE_STREAM` → offline workers (durable pull consumer
+`OFFLINE_CONSUMER`, shared by every gateway), at-least-once. The payload is JSON, not
+msgpack, so any language's NATS client can submit: the body of `POST /v1/completions` or
+`/v1/chat/completions` plus `"endpoint"` naming which (and optionally `"custom_id"`). The
+`Nats-Msg-Id` header is the job id (a subject token): JetStream drops a re-publish of it
+within `OFFLINE_DUPLICATE_WINDOW`, and a job whose result is stored is never run again.
+Offline jobs run at priority 1: online work goes first and preempts them."""
 
 OFFLINE_STREAM = "XLLM_OFFLINE"
-"""JetStream stream name (not a subject) that stores `OFFLINE_SUBMIT` durably."""
+"""JetStream stream name (not a subject) that stores `OFFLINE_SUBMIT` durably (file)."""
 
-OFFLINE_CONSUMER = "scheduler"
-"""JetStream durable consumer name (not a subject) the scheduler pulls offline jobs with."""
+OFFLINE_CONSUMER = "offline-workers"
+"""JetStream durable consumer name (not a subject) the offline workers pull jobs with."""
+
+OFFLINE_DUPLICATE_WINDOW = 24 * 3600.0
+"""Seconds JetStream remembers a job id (`Nats-Msg-Id`) to drop re-publishes of it."""
+
+
+def offline_result(job_id: str) -> str:
+    """`xllm.offline.results.<job_id>` — offline worker → JetStream stream
+    `OFFLINE_RESULTS_STREAM` → clients (read it with a consumer, or the stream's last
+    message on the subject). JSON: `{"id", "job_id", "custom_id", "response":
+    {"status_code", "request_id", "body"}, "error"}` — OpenAI Batch API's output line; `body`
+    is what an HTTP client would get (the response, or `{"error": {...}}`); `error` is set
+    only when the job itself was unusable (not JSON, unknown endpoint, failed too often).
+    Exactly one per job: published with `Nats-Msg-Id` = job id, one message per subject."""
+    return f"{OFFLINE_RESULTS_PREFIX}.{token(job_id)}"
+
+
+OFFLINE_RESULTS_PREFIX = "xllm.offline.results"
+OFFLINE_RESULTS_STREAM = "XLLM_OFFLINE_RESULTS"
+"""JetStream stream name (not a subject) holding every `offline_result` (file storage)."""
 
 # -- subject tokens -----------------------------------------------------------------------------
 
