@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from services.gateway import openai_routes
+from services.gateway import batches, openai_routes
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, error_middleware
 from services.gateway.metrics import prefix_cache_summary
@@ -56,6 +56,7 @@ def create_app(config: GatewayConfig, nc: NATS, model: ModelInfo | None = None) 
     )
     app.cleanup_ctx.append(_gateway_ctx(config, nc, model))
     openai_routes.add_routes(app)
+    batches.add_routes(app)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/cluster", cluster)
@@ -70,14 +71,21 @@ def _gateway_ctx(config: GatewayConfig, nc: NATS, model: ModelInfo | None):
         app[GATEWAY] = gateway = Gateway(config, nc, info)
         notices = TypeDispatcher({InstanceLost: gateway.on_instance_lost}, name="gateway notices")
         sub = await nc.subscribe(subjects.INSTANCE_LOST, cb=make_callback(notices))
-        watcher = asyncio.create_task(gateway.watch_reconnects())
-        app[OFFLINE] = worker = OfflineWorker(gateway, nc, config.offline_concurrency)
+        app[batches.STORE] = store = batches.BatchStore(nc)
+        await store.open()
+        driver = batches.BatchDriver(store, nc)
+        app[OFFLINE] = worker = OfflineWorker(
+            gateway, nc, config.offline_concurrency, cancelled=driver.cancelled
+        )
         if config.offline_concurrency:
             await worker.start()
+        tasks = [asyncio.create_task(gateway.watch_reconnects())]
+        tasks.append(asyncio.create_task(driver.run()))
         log.info("serving %s (context %d tokens)", info.name, info.max_model_len)
         yield
         await worker.stop()
-        watcher.cancel()
+        for task in tasks:
+            task.cancel()
         await sub.unsubscribe()
         # Handlers still running are cancelled by the runner; each aborts its request.
 

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 
 import nats.errors
 import nats.js.errors
@@ -66,8 +67,16 @@ class UnusableJob(Exception):
 class OfflineWorker:
     """Pulls jobs and runs up to `concurrency` of them at once (see the module doc)."""
 
-    def __init__(self, gw: Gateway, nc: NATS, concurrency: int):
+    def __init__(
+        self,
+        gw: Gateway,
+        nc: NATS,
+        concurrency: int,
+        cancelled: Callable[[str], Awaitable[bool]] | None = None,
+    ):
         self.gw = gw
+        self.cancelled = cancelled
+        """Whether a job was withdrawn (its batch cancelled): answered, not run."""
         self.nc = nc
         self.js = nc.jetstream()
         self.concurrency = concurrency
@@ -129,6 +138,10 @@ class OfflineWorker:
         try:
             if await self._result_stored(job_id):
                 await msg.ack()  # ran before; its ack was lost (a crash, a restart)
+                return
+            if self.cancelled is not None and await self.cancelled(job_id):
+                result = _failed(job_id, None, 499, "the job's batch was cancelled", "cancelled")
+                await self._finish(msg, job_id, result, "cancelled")
                 return
             attempt = msg.metadata.num_delivered
             if attempt > MAX_ATTEMPTS:  # every earlier delivery died with its worker
@@ -231,9 +244,9 @@ def _result(job_id: str, custom_id: str | None, status: int, body: dict) -> dict
     }
 
 
-def _failed(job_id: str, custom_id: str | None, status: int, message: str) -> dict:
-    """The result of a job that could not be run at all (invalid, or dead-lettered)."""
-    code = "invalid_job" if status < 500 else "dead_letter"
+def _failed(job_id: str, custom_id: str | None, status: int, message: str, code: str = "") -> dict:
+    """The result of a job that was not run (invalid, dead-lettered, or cancelled)."""
+    code = code or ("invalid_job" if status < 500 else "dead_letter")
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return _result(job_id, custom_id, status, body) | {"error": {"code": code, "message": message}}
