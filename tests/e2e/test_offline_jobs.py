@@ -149,3 +149,47 @@ def _xllm(*args: str) -> str:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def test_a_batch_survives_a_gateway_restart(tiny_model_dir, tmp_path):
+    """The official client runs a batch; the gateway is SIGKILLed mid-way and restarted by
+    the supervisor; the batch still completes with one output line per custom_id."""
+    import io
+
+    import openai
+
+    up = XllmUp(tiny_model_dir("qwen3", "float32"), tmp_path / "logs", "--instances", "1")
+    try:
+        up.wait_ready()
+        client = openai.OpenAI(base_url=up.base + "/v1", api_key="unused", max_retries=0)
+        lines = [
+            {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+             "body": {"prompt": f"tell me about {i}", "max_tokens": 48, "min_tokens": 48,
+                      "ignore_eos": True}}
+            for i in range(20)
+        ]  # fmt: skip
+        lines[5]["body"]["temperature"] = -3  # an invalid request: the error file
+        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        uploaded = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"
+        )
+        while client.batches.retrieve(batch.id).request_counts.completed < 3:
+            time.sleep(0.2)
+        os.kill(up.processes()["gateway"]["pid"], signal.SIGKILL)
+        wait_restarted(up, "gateway", 1)
+        deadline = time.monotonic() + RESULTS_TIMEOUT
+        while (done := client.batches.retrieve(batch.id)).status != "completed":
+            assert done.status in ("in_progress", "finalizing"), done
+            assert time.monotonic() < deadline, done
+            time.sleep(0.5)
+        output = [
+            json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()
+        ]
+        errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    finally:
+        up.stop()
+    assert sorted(o["custom_id"] for o in output) == sorted(f"r{i}" for i in range(20) if i != 5)
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 48 for o in output)
+    assert [e["custom_id"] for e in errors] == ["r5"]
+    assert (done.request_counts.completed, done.request_counts.failed) == (19, 1)
