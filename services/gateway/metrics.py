@@ -106,6 +106,11 @@ class GatewayMetrics:
         self.process_up = r.gauge(
             "xllm_process_up", "1 while the supervised process runs, else 0.", ("process",)
         )
+        self.cluster_shed = r.gauge(
+            "xllm_cluster_requests_shed",
+            "Online requests the scheduler refused (429) because their TTFT target was out "
+            "of reach, since it started.",
+        )
         self.cluster_prefix_hit_rate = r.gauge(
             "xllm_cluster_prefix_cache_hit_rate",
             "Prefix-cache hit tokens / looked-up tokens over every live instance.",
@@ -139,6 +144,7 @@ class GatewayMetrics:
             for role, count in state.role_counts.items():
                 self.cluster_instances.labels(role=role).set(count)
             self.cluster_role_flips.set(state.num_role_flips)
+            self.cluster_shed.set(state.num_shed)
 
     def observe_processes(self, processes: list[dict]) -> None:
         """The supervisor's processes (`readiness.supervised_processes`), if it has any."""

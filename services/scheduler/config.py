@@ -24,6 +24,12 @@ class SchedulerConfig:
     slo_tpot: float = option(
         0.0, "Time-per-output-token target in seconds for --policy slo-pd; 0 = none."
     )
+    slo_admission: float = option(
+        0.0,
+        "Refuse (429) an online request whose predicted TTFT is beyond this many times "
+        "--slo-ttft on every instance, instead of queueing it to a certain miss; 0 = admit "
+        "all (1.5 is a safe margin over the predictor's error).",
+    )
     min_decode_instances: int = option(
         1, "slo-pd: decode instances never flipped to prefill (at least one)."
     )
@@ -37,6 +43,8 @@ class SchedulerConfig:
     def validate(self) -> None:
         checks = [
             (self.slo_ttft >= 0 and self.slo_tpot >= 0, "--slo-ttft/--slo-tpot cannot be negative"),
+            (self.slo_admission == 0 or self.slo_admission >= 1, "--slo-admission is 0 or >= 1"),
+            (self.slo_admission == 0 or self.slo_ttft > 0, "--slo-admission needs --slo-ttft"),
             (self.min_decode_instances >= 1, "--min-decode-instances must be at least 1"),
             (self.flip_cooldown >= 0, "--flip-cooldown cannot be negative"),
             (self.flip_idle >= 0, "--flip-idle cannot be negative"),

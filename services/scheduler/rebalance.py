@@ -26,6 +26,7 @@ def flip_config(config: SchedulerConfig) -> FlipConfig:
         min_decode_instances=config.min_decode_instances,
         cooldown=config.flip_cooldown,
         idle_seconds=config.flip_idle,
+        admission_margin=config.slo_admission or None,
     )
 
 
@@ -52,6 +53,7 @@ def placement_request(
         prefix_hits=prefix_hits,
         slo_ttft=targets.slo_ttft,
         slo_tpot=targets.slo_tpot,
+        admission_margin=targets.admission_margin,
     )
 
 

@@ -25,6 +25,7 @@ from services.scheduler.policies import (
     PlacementRequest,
     get_policy,
 )
+from services.scheduler.policies.admission import refusal
 from services.scheduler.prefix import PrefixMatcher
 from services.scheduler.rebalance import PLAN_INTERVAL, flip_config, placement_request, rebalance
 from xllm.protocol import (
@@ -62,6 +63,8 @@ class SchedulerService:
         self.num_rejected = 0
         self.num_redispatched = 0
         self.num_role_flips = 0
+        self.num_shed = 0
+        """Online requests refused by SLO admission (their TTFT target was out of reach)."""
         self.flip_config = flip_config(config)
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -131,6 +134,12 @@ class SchedulerService:
         error = self._check(req, snapshot)
         if error is None:
             placement = await self._placement(req, snapshot)
+            refused = refusal(placement, snapshot)
+            if refused is not None:
+                self.num_shed += 1
+                self.num_rejected += 1
+                error = ErrorInfo(code=ErrorCode.OVERLOADED, message=refused)
+                return SubmitReply(request_id=req.request_id, error=error)
             if snapshot.candidates(req.model, ("both",)):
                 reply = await self._place_colocated(req, placement, snapshot)
             else:
@@ -235,6 +244,7 @@ class SchedulerService:
             policy=self.config.policy,
             num_submitted=self.num_submitted,
             num_rejected=self.num_rejected,
+            num_shed=self.num_shed,
             num_redispatched=self.num_redispatched,
             sent_at=time.time(),
         )

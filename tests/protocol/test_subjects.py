@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from xllm.protocol import subjects
 
 # Constants that name something other than a subject, by suffix.
-NOT_SUBJECTS = ("_QUEUE", "_STREAM", "_CONSUMER")
+NOT_SUBJECTS = ("_QUEUE", "_STREAM", "_CONSUMER", "_WINDOW")
 
 
 def _module_tree() -> ast.Module:

@@ -273,3 +273,18 @@ def test_an_ordered_role_that_never_shows_is_forgotten_so_it_can_be_ordered_agai
     c.beat(hb("d1", "decode"), after=PENDING_ROLE_TIMEOUT)
     view = c.snapshot().view("d1")
     assert (view.role, view.pending_role, view.role_since) == ("decode", None, c.now)
+
+
+def test_admission_refuses_online_work_whose_ttft_target_is_out_of_reach():
+    from services.scheduler.policies.admission import refusal
+
+    online = replace(half("both", slo_ttft=2.0), admission_margin=1.5)  # ~1 s when idle
+    busy = hb("p0", "prefill", backlog=50_000)  # 50 s of queued prefill
+    assert refusal(online, Cluster(busy, hb("p1", "prefill")).snapshot()) is None
+    refused = refusal(online, Cluster(busy).snapshot())
+    assert refused is not None and "beyond the 2s target" in refused
+    assert refusal(replace(online, priority=1), Cluster(busy).snapshot()) is None  # offline
+    assert refusal(replace(online, slo_ttft=None), Cluster(busy).snapshot()) is None
+    assert refusal(replace(online, admission_margin=None), Cluster(busy).snapshot()) is None
+    near_miss = hb("p2", "prefill", backlog=1800)  # ~2.8 s: a miss, but within the margin
+    assert refusal(online, Cluster(near_miss).snapshot()) is None

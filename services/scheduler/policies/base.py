@@ -31,6 +31,9 @@ class PlacementRequest:
     slo_tpot: float | None = None
     """Time-per-output-token target, seconds (None = none); the SLO-aware policy prefers
     decode instances whose recent TPOT meets it."""
+    admission_margin: float | None = None
+    """SLO admission (`policies.admission`): refuse this request, if online, when its best
+    predicted TTFT is past this × `slo_ttft`; None = admit it whatever the prediction."""
 
     def uncached_tokens(self, instance_id: str) -> int:
         """Prompt tokens `instance_id` would have to prefill. At least one: the engine always

@@ -150,6 +150,8 @@ class FlipConfig:
     """Seconds an instance keeps a role after taking it before it may flip again."""
     idle_seconds: float = 30.0
     """Seconds without queued prefill after which a prefill instance counts as idle."""
+    admission_margin: float | None = None
+    """SLO admission: refuse online requests predicted past this × slo_ttft (None = off)."""
 
 
 def plan_role_flips(snapshot: ClusterSnapshot, config: FlipConfig) -> list[tuple[str, str]]:

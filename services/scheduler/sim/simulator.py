@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 
 from services.scheduler.cluster import ClusterSnapshot, Registry
 from services.scheduler.policies import FlipConfig, PlacementRequest, Policy
+from services.scheduler.policies.admission import refusal
 from services.scheduler.prefix import RecentPlacements
 from services.scheduler.rebalance import PLAN_INTERVAL, placement_request, rebalance
 from services.scheduler.sim.cost_model import ModelShape, kv_transfer_time, step_time
@@ -179,6 +180,9 @@ class Simulator:
         placed = False
         if req.num_prompt_tokens < max_len:  # `SchedulerService._check`
             placement = self._placement(req)
+            if refusal(placement, snapshot) is not None:  # SLO admission, as live
+                req.rejected = True
+                return
             if snapshot.candidates(None, ("both",)):
                 placed = self._place_colocated(req, placement, snapshot)
             else:

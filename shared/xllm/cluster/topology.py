@@ -49,6 +49,9 @@ class ClusterConfig:
     policy: str = option("cache-aware", "The scheduler's placement policy.")
     slo_ttft: float = option(0.0, "TTFT target in seconds (--policy slo-pd); 0 = none.")
     slo_tpot: float = option(0.0, "TPOT target in seconds (--policy slo-pd); 0 = none.")
+    slo_admission: float = option(
+        0.0, "Refuse (429) online requests predicted past this × --slo-ttft; 0 = admit all."
+    )
     min_decode_instances: int = option(1, "slo-pd: decode instances never flipped to prefill.")
     flip_cooldown: float = option(3.0, "slo-pd: seconds an instance keeps a role after a flip.")
     flip_idle: float = option(30.0, "slo-pd: seconds without queued prefill that count as idle.")
@@ -146,7 +149,14 @@ def service_specs(
     return specs
 
 
-SCHEDULER_OPTIONS = ("slo_ttft", "slo_tpot", "min_decode_instances", "flip_cooldown", "flip_idle")
+SCHEDULER_OPTIONS = (
+    "slo_ttft",
+    "slo_tpot",
+    "slo_admission",
+    "min_decode_instances",
+    "flip_cooldown",
+    "flip_idle",
+)
 """`ClusterConfig` fields that are the scheduler's options of the same name."""
 
 

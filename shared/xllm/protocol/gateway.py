@@ -66,7 +66,7 @@ class ClusterStateRequest:
     """gateway → scheduler (`CLUSTER_STATE`, request/reply): send me your view of the cluster."""
 
 
-@message("cluster_state", version=2)
+@message("cluster_state", version=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterState:
     """scheduler → gateway: every live instance's last heartbeat and the scheduler's counters."""
@@ -79,6 +79,8 @@ class ClusterState:
     """Requests placed since the scheduler started."""
     num_rejected: int
     """Submits answered with an error since the scheduler started."""
+    num_shed: int = 0
+    """Of those, online requests refused by SLO admission (TTFT target out of reach)."""
     num_redispatched: int
     """Requests re-placed after their instance failed."""
     sent_at: float

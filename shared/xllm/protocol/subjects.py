@@ -111,6 +111,9 @@ def offline_result(job_id: str) -> str:
 
 
 OFFLINE_RESULTS_PREFIX = "xllm.offline.results"
+"""offline workers → clients: the prefix of every `offline_result` subject (subscribe to
+`OFFLINE_RESULTS_PREFIX + ".>"` for all of them)."""
+
 OFFLINE_RESULTS_STREAM = "XLLM_OFFLINE_RESULTS"
 """JetStream stream name (not a subject) holding every `offline_result` (file storage)."""
 
