@@ -39,6 +39,8 @@ class StepStats:
     recent_tpot: float = 0.0
     """EWMA of the wall time of recent decode steps: each running decode gets one token per
     step, so this is the time per output token they see now. 0 before the first one."""
+    busy_seconds: float = 0.0
+    """Cumulative wall time of every step that computed something (utilization = its rate)."""
     ttft_count: int = 0
     """Cumulative first tokens sampled here (prompts this engine prefilled)."""
     ttft_seconds: float = 0.0
@@ -48,6 +50,7 @@ class StepStats:
         total = num_prefill_tokens + num_decodes
         if total == 0:
             return
+        self.busy_seconds += seconds
         self.prefill_tokens += num_prefill_tokens
         self.prefill_seconds += seconds * num_prefill_tokens / total
         if num_prefill_tokens:

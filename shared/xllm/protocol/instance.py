@@ -241,6 +241,9 @@ class Heartbeat:
     recent_tpot: float = 0.0
     """Exponentially weighted mean wall time of the recent decode steps, in seconds: the time
     per output token running requests see now; 0 before the first decode."""
+    busy_seconds: float = 0.0
+    """Cumulative wall time of the steps that computed something: the busy fraction over an
+    interval is its difference over the interval's length."""
     ttft_count: int = 0
     """Cumulative first tokens this instance sampled (prompts it prefilled)."""
     ttft_seconds: float = 0.0
