@@ -45,6 +45,31 @@ INSTANCE_GAUGES = (
         "Role flips the instance carried out since it started.",
     ),
     (
+        "xllm_instance_preemptions",
+        "num_preemptions",
+        "Sequences preempted (swapped out or dropped for recompute) since the instance started.",
+    ),
+    (
+        "xllm_instance_swapped_requests",
+        "num_swapped",
+        "Offline sequences preempted with their KV in host memory, waiting for room.",
+    ),
+    (
+        "xllm_instance_swap_out_blocks",
+        "swap_out_blocks",
+        "KV blocks swapped out to host memory since the instance started.",
+    ),
+    (
+        "xllm_instance_swap_in_blocks",
+        "swap_in_blocks",
+        "KV blocks swapped back in since the instance started.",
+    ),
+    (
+        "xllm_instance_swap_seconds",
+        "swap_seconds",
+        "Seconds spent copying swapped KV blocks since the instance started.",
+    ),
+    (
         "xllm_instance_recent_tpot_seconds",
         "recent_tpot",
         "Recent time per decode step (each running request gets one token per step).",

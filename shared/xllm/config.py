@@ -86,6 +86,11 @@ class EngineConfig:
     kv_cache_gb: float = option(2.0, "Memory for the KV pool, in GiB.")
     num_kv_blocks: int = option(0, "KV blocks in the pool; overrides --kv-cache-gb when positive.")
     max_num_seqs: int = option(64, "Most sequences in one batch.")
+    swap_space_gb: float = option(
+        1.0,
+        "Host memory for the KV of preempted offline requests, in GiB (committed only as "
+        "it is used); 0 = preempted offline requests are recomputed.",
+    )
     max_num_batched_tokens: int = option(
         2048, "Token budget of one step (prefill chunks + decodes)."
     )
@@ -101,6 +106,7 @@ class EngineConfig:
             (self.block_size > 0, "--block-size must be positive"),
             (self.max_num_seqs > 0, "--max-num-seqs must be positive"),
             (self.max_num_batched_tokens > 0, "--max-num-batched-tokens must be positive"),
+            (self.swap_space_gb >= 0, "--swap-space-gb cannot be negative"),
             (
                 self.kv_cache_gb > 0 or self.num_kv_blocks > 0,
                 "give --kv-cache-gb or --num-kv-blocks",

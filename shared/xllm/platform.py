@@ -43,6 +43,12 @@ def default_dtype(device: torch.device, checkpoint_dtype: torch.dtype) -> torch.
     return checkpoint_dtype
 
 
+def pins_host_memory(device: torch.device) -> bool:
+    """Whether host buffers that copy to and from `device` should be pinned (page-locked):
+    yes for accelerators (DMA), no for the CPU, where there is nothing to gain."""
+    return device.type in ("cuda", "npu")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -20,6 +20,7 @@ from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.scheduler import Scheduler
 from xllm.engine.sequence import FinishReason, Logprob, Sequence, SequenceStatus
 from xllm.engine.step_stats import StepStats
+from xllm.engine.swap import SwapSpace
 from xllm.models.config import ModelConfig, parse_dtype
 from xllm.platform import default_dtype, select_device
 
@@ -69,6 +70,14 @@ class EngineStats:
     short of their last token): the prefill queue a new prompt waits behind."""
     num_decoding: int = 0
     """Running sequences past their prompt (decoding)."""
+    num_swapped: int = 0
+    """Offline sequences preempted with their KV in host memory."""
+    num_swap_outs: int = 0
+    """Cumulative preemptions that kept the KV by swapping it out."""
+    swap_out_blocks: int = 0
+    swap_in_blocks: int = 0
+    swap_seconds: float = 0.0
+    """Cumulative time spent copying swapped blocks, both ways."""
 
 
 class Engine:
@@ -102,9 +111,11 @@ class Engine:
             config.max_num_batched_tokens,
             self.max_model_len,
             mc.eos_token_ids,
+            num_host_blocks=self._num_host_blocks(),
         )
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, mc, self.dtype, self.device, num_blocks)
+        self.swap_space = SwapSpace(self.runner.kv_cache, self._num_host_blocks())
         self.sequences: dict[str, list[Sequence]] = {}
         self.num_steps = 0
         self.step_stats = StepStats()
@@ -122,6 +133,17 @@ class Engine:
         )
         return max(1, int(self.config.kv_cache_gb * 2**30) // per_block)
 
+    def _num_host_blocks(self) -> int:
+        mc = self.model_config
+        per_block = KVCache.bytes_per_block(
+            mc.num_hidden_layers,
+            self.config.block_size,
+            mc.num_key_value_heads,
+            mc.head_dim,
+            self.dtype,
+        )
+        return int(self.config.swap_space_gb * 2**30) // per_block
+
     # -- requests -------------------------------------------------------------------------
 
     def add_request(
@@ -130,16 +152,22 @@ class Engine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prefill_only: bool = False,
+        priority: int = 0,
     ) -> None:
         """Queue a request; raises ValueError (and changes nothing) when it is invalid.
 
         `prefill_only` (prefill role): stop after the first token, whose delta says
-        `prefilled`, and hold the prompt's blocks until `release_prefilled`.
+        `prefilled`, and hold the prompt's blocks until `release_prefilled`. `priority`:
+        0 = online, > 0 = offline (served after online work, preempted first).
         """
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params, disaggregated=prefill_only)
-        seq = Sequence(request_id, prompt_token_ids, params, prefill_only=prefill_only)
+        if priority < 0:
+            raise ValueError(f"priority must be 0 (online) or more (offline), got {priority}")
+        seq = Sequence(
+            request_id, prompt_token_ids, params, prefill_only=prefill_only, priority=priority
+        )
         self.sequences[request_id] = [seq]
         self.scheduler.add(seq)
 
@@ -173,7 +201,11 @@ class Engine:
     # -- PD disaggregation ----------------------------------------------------------------
 
     def reserve_remote_prefill(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
     ) -> Reservation | None:
         """Decode side: hold blocks for a prompt another instance prefills; None if the pool
         is short. Raises ValueError when the request is invalid.
@@ -184,7 +216,7 @@ class Engine:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params, disaggregated=True)
-        seq = Sequence(request_id, prompt_token_ids, params)
+        seq = Sequence(request_id, prompt_token_ids, params, priority=priority)
         if not self.scheduler.reserve(seq):
             return None
         self.sequences[request_id] = [seq]
@@ -233,7 +265,11 @@ class Engine:
     def step(self) -> list[SequenceOutput]:
         started = time.perf_counter()
         out = self.scheduler.schedule()
-        if out.is_empty:
+        if out.swap_out:  # before the forward pass, which may reuse the freed blocks
+            self.swap_space.copy_out(self.runner.kv_cache, out.swap_out)
+        if out.swap_in:
+            self.swap_space.copy_in(self.runner.kv_cache, out.swap_in)
+        if not out.scheduled:
             return []
         num_decodes = sum(1 for item in out.scheduled if is_decode(item))  # before update()
         seqs, sampled = self.runner.execute(out)
@@ -290,6 +326,11 @@ class Engine:
             prefix_hit_tokens=bm.stats.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps,
+            num_swapped=len(self.scheduler.swapped),
+            num_swap_outs=self.scheduler.num_swap_outs,
+            swap_out_blocks=self.swap_space.stats.blocks_out,
+            swap_in_blocks=self.swap_space.stats.blocks_in,
+            swap_seconds=self.swap_space.stats.seconds,
             **self._backlog(),
         )
 

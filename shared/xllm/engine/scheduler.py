@@ -13,6 +13,19 @@ to the front of the queue to be recomputed (its prefix may still hit the cache).
 PD disaggregation adds sequences that hold blocks outside both queues (status HELD): a
 decode-side reservation whose prompt KV another instance writes, and a prefill-only
 sequence whose blocks wait to be sent. The scheduler never schedules or preempts them.
+
+Priority (report §3.1, online/offline co-location): a sequence's `priority` is 0 (online)
+or more (offline). Both queues keep online sequences ahead of offline ones, so online work
+is served first and offline work fills what is left of the token budget, the sequence
+slots and the KV pool; an offline prefill gets chunks only from that remainder, so online
+arrivals interrupt it at chunk boundaries. Preemption takes from the tail of `running`,
+offline first; an online request that cannot be admitted preempts running offline ones.
+A preempted offline sequence keeps its KV when the host swap space has room: its computed
+blocks are copied out (`SchedulerOutput.swap_out`, run by the engine before the forward
+pass) and it waits in `swapped` until room returns, when it is copied back in before any
+offline request is admitted; otherwise it is recomputed like an online one. Swap-outs and
+swap-ins never share a step, so no copy reads a block another copy of the step writes.
+Without offline work none of this costs more than a comparison per admitted sequence.
 """
 
 from __future__ import annotations
@@ -41,6 +54,10 @@ class SchedulerOutput:
     """(parent, child) pairs made this step; the child samples from the parent's logits."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """(src, dst) KV block copies to run after the forward pass (forks' partial blocks)."""
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    """(device block, host block) copies to run before the forward pass."""
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    """(host block, device block) copies to run before the forward pass."""
 
     @property
     def num_tokens(self) -> int:
@@ -48,7 +65,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.scheduled and not self.swap_out
 
 
 class Scheduler:
@@ -59,6 +76,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: Iterable[int] = (),
+        num_host_blocks: int = 0,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -67,31 +85,90 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.swapped: deque[Sequence] = deque()
+        """Offline sequences preempted with their KV in host memory, oldest first."""
+        self.free_host_blocks: list[int] = list(range(num_host_blocks))
         self.num_preemptions = 0
+        self.num_swap_outs = 0
+        """Sequences preempted by swapping (also counted in `num_preemptions`)."""
+        self.num_swapped_out_blocks = 0
+        self.num_swapped_in_blocks = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._enqueue(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
+
+    # -- the queues, online ahead of offline ----------------------------------------------
+
+    def _enqueue(self, seq: Sequence, front: bool = False) -> None:
+        """Into `waiting`: at the back (or `front`) of its class, online before offline."""
+        waiting = self.waiting
+        if seq.priority == 0:
+            if front:
+                waiting.appendleft(seq)
+            elif not waiting or waiting[-1].priority == 0:
+                waiting.append(seq)
+            else:
+                waiting.insert(_first_offline(waiting), seq)
+        elif front:
+            waiting.insert(_first_offline(waiting), seq)
+        else:
+            waiting.append(seq)
+
+    def _start(self, seq: Sequence) -> None:
+        """Into `running`, at the back of its class (preemption takes from the back)."""
+        running = self.running
+        if seq.priority > 0 or not running or running[-1].priority == 0:
+            running.append(seq)
+        else:
+            running.insert(_first_offline(running), seq)
 
     # -- schedule -------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        i = 0
+        # Online first: running, then waiting; offline after: running, swapped, waiting.
+        budget, i = self._continue(out, budget, 0, online_only=True)
+        budget = self._admit(out, budget, online_only=True)
+        while i < len(self.running) and self.running[i].priority == 0:
+            i += 1  # past the online ones just admitted (scheduled already)
+        budget, _ = self._continue(out, budget, i, online_only=False)
+        if self.waiting and self.waiting[0].priority == 0:
+            return out  # an online request still waits for room: offline work takes none
+        if self.swapped and not out.swap_out:
+            budget = self._swap_in(out, budget)
+        if not self.swapped:
+            self._admit(out, budget, online_only=False)
+        return out
+
+    def _continue(
+        self, out: SchedulerOutput, budget: int, start: int, online_only: bool
+    ) -> tuple[int, int]:
+        """Schedule running sequences from index `start` (decodes, or their prefill's next
+        chunk) while budget lasts; stops at the first offline one if `online_only`.
+        Returns the budget left and the index it stopped at."""
+        i = start
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if online_only and seq.priority > 0:
+                break
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(seq, num_new):
+            if not self._allocate_or_preempt(seq, num_new, out):
                 break  # `seq` itself was preempted; everything after it already was
             self._schedule(out, seq, num_new)
             budget -= num_new
             i += 1
+        return budget, i
+
+    def _admit(self, out: SchedulerOutput, budget: int, online_only: bool) -> int:
+        """Start waiting sequences in order while room allows; an online one that does not
+        fit preempts running offline ones until it does. Returns the budget left."""
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if len(self.running) + 1 + seq.num_pending_forks > self.max_num_seqs:
+            if online_only and seq.priority > 0:
                 break
             if seq.block_table:  # prefilled remotely: its prompt KV is in its blocks
                 cached, num_cached_tokens = [], seq.num_computed_tokens
@@ -100,7 +177,11 @@ class Scheduler:
                 num_cached_tokens = len(cached) * self.block_manager.block_size
             num_new = min(seq.num_tokens - num_cached_tokens, budget)
             extra = self._fork_blocks(seq, num_cached_tokens + num_new)
-            if not self.block_manager.allocate(seq, num_new, cached, extra):
+            fits = len(self.running) + 1 + seq.num_pending_forks <= self.max_num_seqs
+            if not (fits and self.block_manager.allocate(seq, num_new, cached, extra)):
+                if seq.priority == 0 and self.running and self.running[-1].priority > 0:
+                    budget += self._preempt(self.running.pop(), out)
+                    continue  # room for the online one may be there now
                 break
             self.waiting.popleft()
             if seq.num_output_tokens == 0:  # count prompts, not recomputes
@@ -108,16 +189,37 @@ class Scheduler:
                 seq.num_cached_tokens = num_cached_tokens
             seq.num_computed_tokens = num_cached_tokens
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._start(seq)
             self._schedule(out, seq, num_new)
             budget -= num_new
-        return out
+        return budget
 
-    def _allocate_or_preempt(self, seq: Sequence, num_new: int) -> bool:
+    def _swap_in(self, out: SchedulerOutput, budget: int) -> int:
+        """Bring swapped sequences back, oldest first, while room allows."""
+        bm = self.block_manager
+        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.swapped[0]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            extra = self._fork_blocks(seq, seq.num_computed_tokens + num_new)
+            if not bm.allocate(seq, num_new, num_extra_blocks=extra):
+                break
+            self.swapped.popleft()
+            host = seq.host_block_table
+            out.swap_in.extend(zip(host, seq.block_table, strict=False))
+            self.free_host_blocks.extend(host)
+            self.num_swapped_in_blocks += len(host)
+            seq.host_block_table = []
+            seq.status = SequenceStatus.RUNNING
+            self._start(seq)
+            self._schedule(out, seq, num_new)
+            budget -= num_new
+        return budget
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         extra = self._fork_blocks(seq, seq.num_computed_tokens + num_new)
         while not self.block_manager.allocate(seq, num_new, num_extra_blocks=extra):
             victim = self.running.pop()
-            self._preempt(victim)
+            self._preempt(victim, out)
             if victim is seq:
                 return False
         return True
@@ -142,12 +244,33 @@ class Scheduler:
                 out.forks.append((seq, child))
             seq.num_pending_forks = 0
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
+        """Take `seq` (already out of `running`) off the batch: swap its KV out if it is
+        offline and the host space has room, else drop its KV to recompute it later.
+        Returns the budget it gave back (it may have been scheduled this step already)."""
+        given_back = 0
+        for i, item in enumerate(out.scheduled):
+            if item.seq is seq:  # nothing of this step has run yet: unschedule it
+                given_back = item.num_new_tokens
+                del out.scheduled[i]
+                break
+        self.num_preemptions += 1
+        num_computed_blocks = -(-seq.num_computed_tokens // self.block_manager.block_size)
+        if seq.priority > 0 and 0 < num_computed_blocks <= len(self.free_host_blocks):
+            host = [self.free_host_blocks.pop() for _ in range(num_computed_blocks)]
+            out.swap_out.extend(zip(seq.block_table[:num_computed_blocks], host, strict=True))
+            seq.host_block_table = host
+            self.block_manager.free(seq)  # the copies run before anything can write them
+            seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(seq)
+            self.num_swap_outs += 1
+            self.num_swapped_out_blocks += num_computed_blocks
+            return given_back
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
+        self._enqueue(seq, front=True)
+        return given_back
 
     # -- after the step -------------------------------------------------------------------
 
@@ -202,6 +325,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.SWAPPED:
+            self.swapped.remove(seq)
+            self.free_host_blocks.extend(seq.host_block_table)
+            seq.host_block_table = []
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -233,5 +360,13 @@ class Scheduler:
             self.finish(seq, reason)
             return reason
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, front=True)
         return None
+
+
+def _first_offline(queue) -> int:
+    """Index of the first offline sequence in `queue` (its length if none)."""
+    for i, seq in enumerate(queue):
+        if seq.priority > 0:
+            return i
+    return len(queue)

@@ -24,6 +24,9 @@ class SequenceStatus(enum.Enum):
     HELD = "held"
     """Holds its blocks outside the queues (PD disaggregation): reserved for a remote
     prefill on the decode side, or prefilled and awaiting transfer on the prefill side."""
+    SWAPPED = "swapped"
+    """Preempted keeping its KV: its computed blocks were copied to host memory
+    (`host_block_table`) and its device blocks freed, until room returns."""
     FINISHED = "finished"
 
 
@@ -51,8 +54,12 @@ class Sequence:
         index: int = 0,
         arrival_time: float | None = None,
         prefill_only: bool = False,
+        priority: int = 0,
     ):
         self.request_id = request_id
+        self.priority = priority
+        """0 = online; > 0 = offline: scheduled after online work, preempted first, and
+        preempted by swapping its KV out rather than dropping it."""
         self.index = index
         """Which of the request's `n` completions this is."""
         self.params = params
@@ -64,6 +71,8 @@ class Sequence:
         self.num_cached_tokens = 0
         """Prompt tokens served from the prefix cache at admission (for usage and metrics)."""
         self.block_table: list[int] = []
+        self.host_block_table: list[int] = []
+        """While SWAPPED: the host swap blocks holding its computed KV, in order."""
         self.block_hashes: list[int] = []
         """Chained hashes of the full blocks of `token_ids`, extended lazily."""
         self.status = SequenceStatus.WAITING
@@ -116,7 +125,10 @@ class Sequence:
     def fork(self, index: int) -> Sequence:
         """A sibling with the same prompt and (shared) computed KV, before any output."""
         assert self.num_output_tokens == 0, "forks happen when the prompt is computed"
-        child = Sequence(self.request_id, self.token_ids, self.params, index, self.arrival_time)
+        child = Sequence(
+            self.request_id, self.token_ids, self.params, index, self.arrival_time,
+            priority=self.priority,
+        )  # fmt: skip
         child.block_hashes = list(self.block_hashes)
         child.num_cached_tokens = self.num_cached_tokens
         child.status = SequenceStatus.RUNNING

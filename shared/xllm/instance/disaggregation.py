@@ -146,7 +146,10 @@ class PdRequests:
                 continue
             try:
                 reservation = self.engine.reserve_remote_prefill(
-                    cmd.request_id, list(cmd.prompt_token_ids), cmd.sampling.to_params()
+                    cmd.request_id,
+                    list(cmd.prompt_token_ids),
+                    cmd.sampling.to_params(),
+                    priority=cmd.priority,
                 )
             except ValueError as e:
                 self.awaiting_room.popleft()
@@ -215,7 +218,11 @@ class PdRequests:
         try:
             params = cmd.sampling.to_params()
             self.engine.add_request(
-                cmd.request_id, list(cmd.prompt_token_ids), params, prefill_only=True
+                cmd.request_id,
+                list(cmd.prompt_token_ids),
+                params,
+                prefill_only=True,
+                priority=cmd.priority,
             )
         except ValueError as e:
             await self._answer(cmd, error=ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=str(e)))

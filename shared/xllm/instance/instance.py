@@ -264,7 +264,9 @@ class Instance:
     async def _start(self, cmd: GenerateCmd) -> None:
         try:
             params = cmd.sampling.to_params()
-            self.engine.add_request(cmd.request_id, list(cmd.prompt_token_ids), params)
+            self.engine.add_request(
+                cmd.request_id, list(cmd.prompt_token_ids), params, priority=cmd.priority
+            )
         except ValueError as e:
             code = (
                 ErrorCode.CONTEXT_LENGTH_EXCEEDED
@@ -352,6 +354,11 @@ class Instance:
             role_flips=self.role_flips,
             num_prefill_backlog_tokens=stats.num_prefill_backlog_tokens,
             num_decoding=stats.num_decoding,
+            num_swapped=stats.num_swapped,
+            num_swap_outs=stats.num_swap_outs,
+            swap_out_blocks=stats.swap_out_blocks,
+            swap_in_blocks=stats.swap_in_blocks,
+            swap_seconds=stats.swap_seconds,
             **dataclasses.asdict(self.engine.step_stats),
             **self._transfer_stats(),
         )

@@ -241,6 +241,16 @@ class Heartbeat:
     recent_tpot: float = 0.0
     """Exponentially weighted mean wall time of the recent decode steps, in seconds: the time
     per output token running requests see now; 0 before the first decode."""
+    num_swapped: int = 0
+    """Offline sequences preempted with their KV swapped to host memory, waiting for room."""
+    num_swap_outs: int = 0
+    """Cumulative preemptions of offline sequences that kept their KV (swapped out)."""
+    swap_out_blocks: int = 0
+    """Cumulative KV blocks copied to host memory by those preemptions."""
+    swap_in_blocks: int = 0
+    """Cumulative KV blocks copied back when swapped sequences resumed."""
+    swap_seconds: float = 0.0
+    """Cumulative seconds spent on those copies, both ways."""
     busy_seconds: float = 0.0
     """Cumulative wall time of the steps that computed something: the busy fraction over an
     interval is its difference over the interval's length."""
