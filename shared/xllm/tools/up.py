@@ -34,6 +34,7 @@ ENGINE_FLAGS = (
     ("--max-num-seqs", int, "most sequences in one batch"),
     ("--max-model-len", int, "longest prompt + output"),
     ("--num-threads", int, "torch CPU threads per instance"),
+    ("--swap-space-gb", float, "host memory per instance for preempted offline requests' KV"),
 )
 
 
