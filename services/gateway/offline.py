@@ -33,7 +33,6 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 
-import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig
@@ -121,10 +120,10 @@ class OfflineWorker:
                 continue
             try:
                 msgs = await self._sub.fetch(self.concurrency - len(self.running), FETCH_WAIT)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # no job within FETCH_WAIT (nats' and asyncio's alike)
                 continue
             except Exception as e:  # NATS reconnecting, or restarted: try again shortly
-                log.warning("pulling offline jobs failed: %s", e)
+                log.warning("pulling offline jobs failed: %r", e)
                 await asyncio.sleep(FETCH_WAIT)
                 continue
             for msg in msgs:
