@@ -31,6 +31,7 @@ from xllm.protocol import (
     gateway,
     instance,
     kv,
+    kv_peer,
     registry,
     sampling,
     stream,
@@ -163,7 +164,9 @@ def _undocumented_fields(module: types.ModuleType) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("module", [gateway, instance, kv, stream, sampling, errors_module])
+@pytest.mark.parametrize(
+    "module", [gateway, instance, kv, kv_peer, stream, sampling, errors_module]
+)
 def test_every_field_has_a_docstring(module):
     assert _undocumented_fields(module) == []
 

@@ -35,10 +35,10 @@ class PdWorker:
     """One engine with its pool registered on Mooncake; the test calls it through a pipe."""
 
     def __init__(self, model_dir: str, dtype: str):
-        from xllm.kv_transfer.mooncake import KvTransport
+        from xllm.kv_transfer.mooncake import MooncakeTransport
 
         self.engine = Engine(EngineConfig(model=model_dir, dtype=dtype, **ENGINE_OPTIONS))
-        self.transport = KvTransport(self.engine.runner.kv_cache.tensor, BLOCK_SIZE)
+        self.transport = MooncakeTransport(self.engine.runner.kv_cache.tensor, BLOCK_SIZE)
         self.outputs: dict[str, list[int]] = {}
 
     def peer(self):
@@ -67,7 +67,7 @@ class PdWorker:
                 first[rid] = delta.token_ids[0]
                 if reservations:
                     writes[rid] = self.send(rid, peer, reservations[rid])
-        return {rid: (token, writes[rid].result() if writes else 0) for rid, token in first.items()}
+        return {rid: (token, writes[rid].wait() if writes else 0) for rid, token in first.items()}
 
     def reserve(self, rid: str, prompt: list[int]):
         return self.engine.reserve_remote_prefill(rid, prompt, greedy())
@@ -76,7 +76,7 @@ class PdWorker:
         """Write the blocks D does not have cached into the ones it reserved."""
         skip = reservation.num_cached_tokens // BLOCK_SIZE
         local = self.engine.prefilled_block_ids(rid)[skip:]
-        return self.transport.submit_blocks(peer, local, reservation.fill_block_ids)
+        return self.transport.submit(peer, local, reservation.fill_block_ids)
 
     def release(self, rid: str) -> None:
         self.engine.release_prefilled(rid)

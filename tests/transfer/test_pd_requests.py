@@ -11,7 +11,9 @@ import pytest
 
 from xllm.config import EngineConfig
 from xllm.engine.engine import Engine
-from xllm.instance.disaggregation import PdRequests
+from xllm.instance.early_aborts import EarlyAborts
+from xllm.instance.lost_peers import LostPeers
+from xllm.instance.pd_decode import DecodeSide, DecodeState
 from xllm.protocol import DecodeCmd, PrefillCmd, SamplingSpec
 
 pytest.importorskip("mooncake.engine")
@@ -21,7 +23,7 @@ PROMPT_TOKENS = 100  # 7 blocks of 16: two such prompts do not fit in 8 blocks
 
 @pytest.fixture
 def pd(tiny_model_dir):
-    from xllm.kv_transfer.mooncake import KvTransport
+    from xllm.kv_transfer.mooncake import MooncakeTransport
 
     engine = Engine(
         EngineConfig(model=str(tiny_model_dir("qwen3", "float32")), num_kv_blocks=8, num_threads=1)
@@ -34,8 +36,18 @@ def pd(tiny_model_dir):
     async def send_delta(delta):
         pass
 
-    transport = KvTransport(engine.runner.kv_cache.tensor, engine.config.block_size)
-    requests = PdRequests("d0", engine, transport, send_cmd, send_delta, lambda done: None, 120.0)
+    transport = MooncakeTransport(engine.runner.kv_cache.tensor, engine.config.block_size)
+    requests = DecodeSide(
+        "d0",
+        0.0,
+        engine,
+        lambda: transport,
+        send_cmd,
+        send_delta,
+        LostPeers(),
+        EarlyAborts(),
+        transfer_timeout=120.0,
+    )
     return requests, engine, sent
 
 
@@ -55,14 +67,15 @@ def test_a_lost_prefill_instance_frees_reserved_and_queued_requests(pd):
     async def scenario():
         await requests.on_decode(decode_cmd("a", "p0"))  # reserves 7 of the 8 blocks
         await requests.on_decode(decode_cmd("b", "p0"))  # waits for room
-        assert engine.block_manager.num_used_blocks == 7 and len(requests.awaiting_room) == 1
+        awaiting_room = requests.in_state(DecodeState.AWAITING_ROOM)
+        assert engine.block_manager.num_used_blocks == 7 and len(awaiting_room) == 1
         await requests.on_instance_lost("p0")
         await requests.on_decode(decode_cmd("c", "p0"))  # was on its way when p0 died
         await requests.reserve_waiting()
 
     asyncio.run(scenario())
     assert engine.block_manager.num_used_blocks == 0
-    assert not requests.reserved and not requests.awaiting_room
+    assert not requests.requests  # none reserved, none awaiting room
     assert [cmd.request_id for _, cmd in sent if isinstance(cmd, PrefillCmd)] == ["a"]
 
 
@@ -75,7 +88,7 @@ def test_a_decode_cmd_arriving_after_its_abort_reserves_nothing(pd):
 
     asyncio.run(scenario())
     assert engine.block_manager.num_used_blocks == 0
-    assert not requests.reserved and not sent
+    assert not requests.requests and not sent
 
 
 def test_a_prefill_instance_restarted_under_its_id_is_a_new_peer(pd):
@@ -93,4 +106,5 @@ def test_a_prefill_instance_restarted_under_its_id_is_a_new_peer(pd):
     asyncio.run(scenario())
     prefills = [cmd for _, cmd in sent if isinstance(cmd, PrefillCmd)]
     assert [cmd.request_id for cmd in prefills] == ["a", "new"]
-    assert list(requests.reserved) == ["new"] and not requests.awaiting_room
+    assert requests.in_state(DecodeState.RESERVED) == ["new"]
+    assert not requests.in_state(DecodeState.AWAITING_ROOM)

@@ -1,4 +1,4 @@
-"""KvTransport between two real processes: block bytes arrive exactly, counts agree."""
+"""MooncakeTransport between two real processes: block bytes arrive exactly, counts agree."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from xllm.kv_transfer.layout import KvLayout, block_segments, pair_runs
+from xllm.kv_transfer.layout import block_segments, pair_runs
+from xllm.protocol import KvLayout, KvPeer
 
 pytest.importorskip("mooncake.engine")
 
@@ -44,9 +45,9 @@ def test_batches_cut_at_the_byte_limit():
 
 
 def test_a_dead_peer_is_an_error_not_a_hang():
-    from xllm.kv_transfer.mooncake import KvPeer, KvTransferError, KvTransport
+    from xllm.kv_transfer.mooncake import KvTransferError, MooncakeTransport
 
-    transport = KvTransport(torch.zeros(L, 2, 8 * BS, HKV, D), BS)
+    transport = MooncakeTransport(torch.zeros(L, 2, 8 * BS, HKV, D), BS)
     try:
         with pytest.raises(KvTransferError, match="failed"):
             transport.write_blocks(KvPeer("127.0.0.1:1", 4096, transport.layout), [0], [1])
@@ -56,10 +57,10 @@ def test_a_dead_peer_is_an_error_not_a_hang():
 
 
 def _receiver(conn, num_blocks: int) -> None:
-    from xllm.kv_transfer.mooncake import KvTransport
+    from xllm.kv_transfer.mooncake import MooncakeTransport
 
     kv = torch.zeros(L, 2, num_blocks * BS, HKV, D, dtype=torch.bfloat16)
-    transport = KvTransport(kv, BS)
+    transport = MooncakeTransport(kv, BS)
     conn.send(transport.peer)
     blocks = conn.recv()  # the sender is done writing into these
     transport.record_received(len(blocks))
@@ -69,13 +70,13 @@ def _receiver(conn, num_blocks: int) -> None:
 
 
 def _sender(conn, num_blocks: int, src_blocks: list[int], dst_blocks: list[int]) -> None:
-    from xllm.kv_transfer.mooncake import KvTransport
+    from xllm.kv_transfer.mooncake import MooncakeTransport
 
     kv = torch.randn(L, 2, num_blocks * BS, HKV, D).to(torch.bfloat16)
-    transport = KvTransport(kv, BS)
+    transport = MooncakeTransport(kv, BS)
     peer = conn.recv()
     transport.write_blocks(peer, src_blocks[:2], dst_blocks[:2])
-    transport.submit_blocks(peer, src_blocks[2:], dst_blocks[2:]).result()
+    transport.submit(peer, src_blocks[2:], dst_blocks[2:]).wait()
     kv = kv.view(L, 2, num_blocks, BS, HKV, D)
     conn.send((as_bytes(kv[:, :, src_blocks]), transport.stats))
     transport.close()

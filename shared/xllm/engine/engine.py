@@ -23,6 +23,7 @@ from xllm.engine.step_stats import StepStats
 from xllm.engine.swap import SwapSpace
 from xllm.models.config import ModelConfig, parse_dtype
 from xllm.platform import default_dtype, select_device
+from xllm.protocol.errors import ErrorCode, RequestRejected
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,8 @@ class Engine:
         prefill_only: bool = False,
         priority: int = 0,
     ) -> None:
-        """Queue a request; raises ValueError (and changes nothing) when it is invalid.
+        """Queue a request; raises ValueError (and changes nothing) when it is invalid —
+        `RequestRejected` with its code where the code is not plain INVALID_REQUEST.
 
         `prefill_only` (prefill role): stop after the first token, whose delta says
         `prefilled`, and hold the prompt's blocks until `release_prefilled`. `priority`:
@@ -181,9 +183,10 @@ class Engine:
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
+            raise RequestRejected(
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                 f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
-                f"{self.max_model_len} tokens, and at least one must be left to generate"
+                f"{self.max_model_len} tokens, and at least one must be left to generate",
             )
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xllm.config import option
+from xllm.kv_transfer import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,11 @@ class InstanceConfig:
     heartbeat_interval: float = option(0.25, "Seconds between load heartbeats.")
     kv_events_interval: float = option(
         0.2, "Seconds between batches of KV cache events sent to the kvstore."
+    )
+    kv_transfer_backend: str = option(
+        "mooncake",
+        "How KV blocks move between instances (PD disaggregation): mooncake (the Mooncake "
+        "Transfer Engine, between processes) or loopback (within one process, for tests).",
     )
     kv_transfer_host: str = option(
         "",
@@ -31,6 +37,11 @@ class InstanceConfig:
     def validate(self) -> None:
         if self.role not in ("prefill", "decode", "both"):
             raise ValueError(f"--role must be prefill, decode or both, not {self.role!r}")
+        if self.kv_transfer_backend not in BACKENDS:
+            raise ValueError(
+                f"--kv-transfer-backend must be one of {', '.join(BACKENDS)}, "
+                f"not {self.kv_transfer_backend!r}"
+            )
         if self.heartbeat_interval <= 0:
             raise ValueError("--heartbeat-interval must be positive")
         if self.kv_events_interval <= 0:

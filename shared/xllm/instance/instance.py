@@ -1,14 +1,18 @@
 """Instance: the engine behind NATS — commands in, token deltas and heartbeats out.
 
-NATS callbacks never touch the engine: they decode and queue commands in `inbox`. The
-engine loop applies queued commands only between steps, then runs one step in a worker
-thread (the asyncio loop stays free to receive, publish and heartbeat), then publishes one
-`TokenDelta` per completion that produced tokens. So aborts, new requests and role flips
-take effect at step boundaries and need no locking.
+NATS callbacks never touch the engine: they decode a message, keep it if its subject takes
+that type, and queue it in `inbox`. The engine loop applies queued messages only between
+steps, each through the one handler its type has in `handlers`, then runs one step in a
+worker thread (the asyncio loop stays free to receive, publish and heartbeat), then
+publishes one `TokenDelta` per completion that produced tokens. So aborts, new requests
+and role flips take effect at step boundaries and need no locking.
 
-PD disaggregation (report §3.2) lives in `PdRequests` (disaggregation.py): its commands
-are queued and applied like the others, and the Mooncake transport it needs is created
-when the instance first takes the prefill or decode role.
+PD disaggregation (report §3.2) is two small state machines, `DecodeSide` (pd_decode.py)
+and `PrefillSide` (pd_prefill.py), sharing what the instance remembers about lost peers
+and early aborts. Either role's commands are served in either PD role. The KV transport
+is injected (`open_transport`, chosen by `--kv-transfer-backend`) and opened the first time
+the instance takes a PD role or receives a PD command; a PD-colocated instance never
+registers its pool.
 
 KV events (report §3.4) follow the same rule: the loop collects the block manager's
 stored/evicted events after each step, a timer publishes them in batches (`KvEventPublisher`),
@@ -19,24 +23,32 @@ steps with every cached block hash.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from xllm.engine.engine import Engine, SequenceOutput
-from xllm.engine.sequence import FinishReason
+from xllm.engine.engine import Engine
 from xllm.instance.config import InstanceConfig
-from xllm.instance.disaggregation import PdRequests, TransferDone, wire_logprob
+from xllm.instance.early_aborts import EarlyAborts
+from xllm.instance.heartbeat import build_heartbeat
 from xllm.instance.kv_events import KvEventPublisher
+from xllm.instance.lost_peers import LostPeers
+from xllm.instance.pd_decode import DecodeSide
+from xllm.instance.pd_prefill import PrefillSide
+from xllm.instance.wire import abort_delta, error_delta, rejection, to_wire
+from xllm.kv_transfer import KvTransport, OpenTransport, open_transport
 from xllm.protocol import (
     AbortCmd,
     DecodeCmd,
+    DecodeError,
     ErrorCode,
     ErrorInfo,
     GenerateCmd,
@@ -47,24 +59,27 @@ from xllm.protocol import (
     PrefillCmd,
     SetRoleCmd,
     TokenDelta,
-    TypeDispatcher,
+    decode,
     encode,
     subjects,
 )
 
 log = logging.getLogger(__name__)
 
-Command = (
-    GenerateCmd
-    | AbortCmd
-    | SetRoleCmd
-    | KvSnapshotRequest
-    | DecodeCmd
-    | PrefillCmd
-    | KvReady
-    | TransferDone
-    | InstanceLost
-)
+
+@dataclass(frozen=True, slots=True)
+class WriteEnded:
+    """Internal: a prefill-side KV write is over; free its blocks at the step boundary."""
+
+    request_id: str
+
+
+COMMANDS = frozenset((GenerateCmd, AbortCmd, SetRoleCmd, DecodeCmd, PrefillCmd, KvReady))
+"""What `instance_cmd(id)` carries."""
+NOTICES = frozenset((KvSnapshotRequest, InstanceLost))
+"""What the broadcast subjects this instance listens to carry."""
+
+Handler = Callable[[Any], Awaitable[None]]
 
 
 def engine_thread() -> ThreadPoolExecutor:
@@ -85,7 +100,10 @@ class Instance:
         engine: Engine,
         nc: NATS,
         executor: ThreadPoolExecutor | None = None,
+        open_transport: OpenTransport | None = None,
     ):
+        """`open_transport` registers the engine's KV pool for PD transfers; None = the
+        backend `config.kv_transfer_backend` names."""
         config.validate()
         self.config = config
         self.engine = engine
@@ -94,47 +112,75 @@ class Instance:
         subjects.token(self.instance_id)  # fail fast on an id NATS cannot route
         self.role = config.role
         self.model_name = config.served_model_name or Path(engine.config.model).name
-        self.inbox: asyncio.Queue[Command] = asyncio.Queue()
-        self.dispatcher = TypeDispatcher(name=f"instance {self.instance_id}")
-        for cmd_type in (GenerateCmd, AbortCmd, SetRoleCmd, DecodeCmd, PrefillCmd, KvReady):
-            self.dispatcher.register(cmd_type, self._enqueue)
+        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
         self.kv_events = KvEventPublisher(nc, self.instance_id)
-        self.snapshots = TypeDispatcher(
-            {KvSnapshotRequest: self._on_snapshot_request, InstanceLost: self._enqueue},
-            name=f"instance {self.instance_id} notices",
-        )
         # One thread: steps run strictly one after another, off the event loop, on the
         # thread that loaded the model (see engine_thread).
         self.executor = executor or engine_thread()
+        self.open_transport = open_transport or default_transport(config)
+        self._transport: KvTransport | None = None
         self._background: set[asyncio.Task] = set()  # keeps fire-and-forget tasks alive
-        self.pd: PdRequests | None = None
-        """PD disaggregation state; created when the instance first needs it."""
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        """The loop `serve` runs on: where transfer threads hand their news to."""
         self.role_flips = 0
         self.started_at = time.time()
         """Which run of this instance id this is (`Heartbeat.started_at`)."""
+        self.lost_peers = LostPeers()
+        self.early_aborts = EarlyAborts()
+        self.decode = DecodeSide(
+            self.instance_id,
+            self.started_at,
+            engine,
+            self.transport,
+            self._send_cmd,
+            self._send,
+            self.lost_peers,
+            self.early_aborts,
+            config.kv_transfer_timeout,
+        )
+        self.prefill = PrefillSide(
+            engine,
+            self.transport,
+            self._send_cmd,
+            self._write_ended,
+            self.lost_peers,
+            self.early_aborts,
+        )
+        self.handlers: dict[type, Handler] = {
+            GenerateCmd: self._on_generate,
+            AbortCmd: self._on_abort,
+            SetRoleCmd: self._on_set_role,
+            DecodeCmd: self.decode.on_decode,
+            KvReady: self.decode.on_kv_ready,
+            PrefillCmd: self.prefill.on_prefill,
+            WriteEnded: self._on_write_ended,
+            InstanceLost: self._on_instance_lost,
+            KvSnapshotRequest: self._on_snapshot_request,
+        }
+        """The one dispatch: every queued message is applied by the handler of its type."""
 
-    async def _enqueue(self, cmd: Command) -> None:
-        self.inbox.put_nowait(cmd)
-
-    async def _on_snapshot_request(self, req: KvSnapshotRequest) -> None:
-        if req.instance_id in (None, self.instance_id):
-            self.inbox.put_nowait(req)
+    def transport(self) -> KvTransport:
+        """The KV transport, opened on first use."""
+        if self._transport is None:
+            kv = self.engine.runner.kv_cache.tensor
+            self._transport = self.open_transport(kv, self.engine.config.block_size)
+            log.info(
+                "instance %s: KV transfer endpoint %s", self.instance_id, self._transport.endpoint
+            )
+        return self._transport
 
     async def serve(self, stop: asyncio.Event) -> None:
-        async def on_command(msg) -> None:
-            await self.dispatcher.dispatch(msg.data, msg.subject)
-
-        async def on_notice(msg) -> None:
-            await self.snapshots.dispatch(msg.data, msg.subject)
-
+        self._event_loop = asyncio.get_running_loop()
         subs = [
-            await self.nc.subscribe(subjects.instance_cmd(self.instance_id), cb=on_command),
-            await self.nc.subscribe(subjects.KV_SNAPSHOT_REQUEST, cb=on_notice),
-            await self.nc.subscribe(subjects.INSTANCE_LOST, cb=on_notice),
+            await self.nc.subscribe(
+                subjects.instance_cmd(self.instance_id), cb=self._receiver(COMMANDS)
+            ),
+            await self.nc.subscribe(subjects.KV_SNAPSHOT_REQUEST, cb=self._receiver(NOTICES)),
+            await self.nc.subscribe(subjects.INSTANCE_LOST, cb=self._receiver(NOTICES)),
         ]
         await self.kv_events.reset()
         if self.role != "both":
-            self._pd()  # the transport's endpoint goes out with the first heartbeat
+            self.transport()  # its endpoint goes out with the first heartbeat
         tasks = [
             asyncio.create_task(self._heartbeats(stop)),
             asyncio.create_task(self._loop(stop)),
@@ -148,32 +194,28 @@ class Instance:
         for sub in subs:
             await sub.unsubscribe()
         self.executor.shutdown(wait=True)
-        if self.pd is not None:
-            self.pd.transport.close()
+        if self._transport is not None:
+            self._transport.close()
         await self._retract_kv_blocks()
 
-    def _pd(self) -> PdRequests:
-        if self.pd is None:
-            from xllm.kv_transfer.mooncake import KvTransport  # Mooncake only where needed
+    def _receiver(self, accepts: frozenset[type]) -> Callable[[Any], Awaitable[None]]:
+        """A subscription callback: decode, keep what this subject carries, queue it.
+        Anything else is logged and dropped (DESIGN.md §3: it never crashes the instance)."""
 
-            loop = asyncio.get_running_loop()
-            kv = self.engine.runner.kv_cache.tensor
-            host = self.config.kv_transfer_host or socket.gethostbyname(socket.gethostname())
-            transport = KvTransport(kv, self.engine.config.block_size, host)
-            self.pd = PdRequests(
-                self.instance_id,
-                self.engine,
-                transport,
-                send_cmd=self._send_cmd,
-                send_delta=self._send,
-                notify_transfer_done=lambda done: loop.call_soon_threadsafe(
-                    self._transfer_finished, done
-                ),
-                transfer_timeout=self.config.kv_transfer_timeout,
-                started_at=self.started_at,
-            )
-            log.info("instance %s: KV transfer endpoint %s", self.instance_id, transport.endpoint)
-        return self.pd
+        async def on_message(msg) -> None:
+            try:
+                cmd = decode(msg.data)
+            except DecodeError as e:
+                log.warning("instance %s: dropped undecodable message on %r: %s",
+                            self.instance_id, msg.subject, e)  # fmt: skip
+                return
+            if type(cmd) not in accepts:
+                log.warning("instance %s: dropped %s on %r: not accepted there",
+                            self.instance_id, type(cmd).__name__, msg.subject)  # fmt: skip
+                return
+            self.inbox.put_nowait(cmd)
+
+        return on_message
 
     # -- the engine loop ------------------------------------------------------------------
 
@@ -195,19 +237,12 @@ class Instance:
             self.kv_events.collect(self.engine.block_manager)  # between steps: safe to read
             for delta in deltas:
                 await self._send(to_wire(delta))
-                if self.pd is not None and delta.request_id in self.pd.prefilling:
-                    await self.pd.on_step_output(delta)
+                if self.prefill.owns(delta.request_id):
+                    await self.prefill.on_step_output(delta)
             await self._pd_housekeeping()
 
-    def _transfer_finished(self, done: TransferDone) -> None:
-        """On the loop, as soon as a KV write ends, even mid-step (see disaggregation.py)."""
-        task = asyncio.ensure_future(self.pd.on_write_finished(done))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        self.inbox.put_nowait(done)
-
     async def _wait_for_command(self) -> None:
-        if self.pd is None or not (self.pd.reserved or self.pd.awaiting_room):
+        if not self.decode.waits_on_peers():
             await self._apply(await self.inbox.get())
             return
         try:  # reservations wait on other instances: wake up to expire the abandoned
@@ -216,81 +251,83 @@ class Instance:
             await self._pd_housekeeping()
 
     async def _pd_housekeeping(self) -> None:
-        if self.pd is not None:
-            await self.pd.reserve_waiting()  # steps free blocks: queued reservations may fit
-            await self.pd.expire_reservations(time.monotonic())
+        await self.decode.reserve_waiting()  # steps free blocks: queued reservations may fit
+        await self.decode.expire(time.monotonic())
 
-    async def _apply(self, cmd: Command) -> None:
+    async def _apply(self, cmd: Any) -> None:
         try:
-            await self._apply_one(cmd)
+            await self.handlers[type(cmd)](cmd)
         except Exception:  # one bad command must not stop the loop serving the others
             log.exception("instance %s: applying %s failed", self.instance_id, type(cmd).__name__)
 
-    async def _apply_one(self, cmd: Command) -> None:
-        if isinstance(cmd, GenerateCmd):
-            await self._start(cmd)
-        elif isinstance(cmd, AbortCmd):
-            if self.pd is None or not await self.pd.abort(cmd.request_id):
-                await self._abort(cmd.request_id)
-        elif isinstance(cmd, SetRoleCmd):
-            await self._set_role(cmd.role)
-        elif isinstance(cmd, DecodeCmd):
-            await self._pd().on_decode(cmd)
-        elif isinstance(cmd, PrefillCmd):
-            await self._pd().on_prefill(cmd)
-        elif isinstance(cmd, KvReady):
-            await self._pd().on_kv_ready(cmd)
-        elif isinstance(cmd, TransferDone):
-            await self._pd().on_transfer_done(cmd)
-        elif isinstance(cmd, InstanceLost):
-            if self.pd is not None:
-                await self.pd.on_instance_lost(cmd.instance_id, cmd.started_at)
-        elif isinstance(cmd, KvSnapshotRequest):
-            num_blocks = await self.kv_events.snapshot(self.engine.block_manager)
-            log.info("instance %s: KV snapshot of %d blocks sent", self.instance_id, num_blocks)
+    def _write_ended(self, request_id: str) -> None:
+        """From the thread that ended a prefill-side KV write: answer the decode instance
+        at once, even mid-step (`on_write_ended` touches no engine state), and free the
+        blocks at the next step boundary (`WriteEnded` in the inbox)."""
 
-    async def _set_role(self, role: str) -> None:
-        """Flip role without reloading anything (§3.2): requests already here finish in
-        place; the scheduler sends new work by the new role. PD commands are served in
-        either PD role (one placed just before the flip may still arrive)."""
-        if role == self.role:
-            return
-        log.info("instance %s: role %s -> %s", self.instance_id, self.role, role)
-        if role != "both":
-            self._pd()
-        self.role = role
-        self.role_flips += 1
+        def on_loop() -> None:
+            task = asyncio.ensure_future(self.prefill.on_write_ended(request_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            self.inbox.put_nowait(WriteEnded(request_id))
 
-    async def _start(self, cmd: GenerateCmd) -> None:
+        assert self._event_loop is not None, "transfers start only while serving"
+        self._event_loop.call_soon_threadsafe(on_loop)
+
+    # -- handlers -------------------------------------------------------------------------
+
+    async def _on_generate(self, cmd: GenerateCmd) -> None:
         try:
             params = cmd.sampling.to_params()
             self.engine.add_request(
                 cmd.request_id, list(cmd.prompt_token_ids), params, priority=cmd.priority
             )
         except ValueError as e:
-            code = (
-                ErrorCode.CONTEXT_LENGTH_EXCEEDED
-                if "context" in str(e)
-                else ErrorCode.INVALID_REQUEST
-            )
-            await self._send_error(cmd.request_id, ErrorInfo(code=code, message=str(e)))
+            await self._send(error_delta(cmd.request_id, rejection(e)))
 
-    async def _abort(self, request_id: str) -> None:
+    async def _on_abort(self, cmd: AbortCmd) -> None:
+        request_id = cmd.request_id
+        if await self.decode.abort(request_id) or await self.prefill.abort(request_id):
+            return
         seqs = self.engine.sequences.get(request_id, [])
         unfinished = [s.index for s in seqs if not s.is_finished]
         if self.engine.abort_request(request_id):
             for index in unfinished:
-                await self._send(
-                    TokenDelta(request_id=request_id, index=index, finish_reason="abort")
-                )
+                await self._send(abort_delta(request_id, index))
+
+    async def _on_set_role(self, cmd: SetRoleCmd) -> None:
+        """Flip role without reloading anything (§3.2): requests already here finish in
+        place; the scheduler sends new work by the new role. PD commands are served in
+        either PD role (one placed just before the flip may still arrive)."""
+        if cmd.role == self.role:
+            return
+        log.info("instance %s: role %s -> %s", self.instance_id, self.role, cmd.role)
+        if cmd.role != "both":
+            self.transport()
+        self.role = cmd.role
+        self.role_flips += 1
+
+    async def _on_write_ended(self, msg: WriteEnded) -> None:
+        await self.prefill.release(msg.request_id)
+
+    async def _on_instance_lost(self, msg: InstanceLost) -> None:
+        """A peer died (or restarted: `started_at` names the run that is gone): nothing it
+        owed us will come, nothing we owe it can be delivered. Free what waits on it at once
+        (the gateway resumes those requests elsewhere)."""
+        await self.decode.on_instance_lost(msg.instance_id, msg.started_at)
+        await self.prefill.on_instance_lost(msg.instance_id, msg.started_at)
+
+    async def _on_snapshot_request(self, req: KvSnapshotRequest) -> None:
+        if req.instance_id not in (None, self.instance_id):
+            return
+        num_blocks = await self.kv_events.snapshot(self.engine.block_manager)
+        log.info("instance %s: KV snapshot of %d blocks sent", self.instance_id, num_blocks)
 
     async def _fail_all(self, message: str) -> None:
         for request_id in list(self.engine.sequences):
             self.engine.abort_request(request_id)
-            await self._send_error(request_id, ErrorInfo(code=ErrorCode.INTERNAL, message=message))
-
-    async def _send_error(self, request_id: str, error: ErrorInfo) -> None:
-        await self._send(TokenDelta(request_id=request_id, finish_reason="error", error=error))
+            error = ErrorInfo(code=ErrorCode.INTERNAL, message=message)
+            await self._send(error_delta(request_id, error))
 
     async def _send_cmd(self, instance_id: str, cmd) -> None:
         await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
@@ -328,69 +365,17 @@ class Instance:
             await asyncio.sleep(self.config.heartbeat_interval)
 
     def heartbeat(self) -> Heartbeat:
-        stats = self.engine.stats()
-        scheduler = self.engine.scheduler
-        return Heartbeat(
+        return build_heartbeat(
             instance_id=self.instance_id,
             started_at=self.started_at,
             role=self.role,  # type: ignore[arg-type]
             model=self.model_name,
-            max_model_len=self.engine.max_model_len,
-            num_running=stats.num_running,
-            num_waiting=stats.num_waiting,
-            # Work, not footprint: prompt tokens served from the prefix cache cost nothing,
-            # as in the scheduler's own count of what it placed since this heartbeat.
-            num_tokens_in_flight=sum(
-                s.num_tokens - s.num_cached_tokens for s in [*scheduler.running, *scheduler.waiting]
-            ),
-            kv_blocks_used=stats.num_blocks_used,
-            kv_blocks_free=stats.num_blocks_free,
-            kv_block_size=self.engine.config.block_size,
-            prefix_queried_tokens=stats.prefix_queried_tokens,
-            prefix_hit_tokens=stats.prefix_hit_tokens,
-            num_preemptions=stats.num_preemptions,
-            steps=stats.num_steps,
-            sent_at=time.time(),
+            engine=self.engine,
             role_flips=self.role_flips,
-            num_prefill_backlog_tokens=stats.num_prefill_backlog_tokens,
-            num_decoding=stats.num_decoding,
-            num_swapped=stats.num_swapped,
-            num_swap_outs=stats.num_swap_outs,
-            swap_out_blocks=stats.swap_out_blocks,
-            swap_in_blocks=stats.swap_in_blocks,
-            swap_seconds=stats.swap_seconds,
-            **dataclasses.asdict(self.engine.step_stats),
-            **self._transfer_stats(),
-        )
-
-    def _transfer_stats(self) -> dict:
-        if self.pd is None:
-            return {}
-        t = self.pd.transport
-        s = t.stats
-        return dict(
-            kv_transfer_endpoint=t.endpoint,
-            kv_blocks_sent=s.blocks_sent,
-            kv_bytes_sent=s.bytes_sent,
-            kv_blocks_received=s.blocks_received,
-            kv_bytes_received=s.bytes_received,
-            kv_transfers=s.transfers,
-            kv_transfer_seconds=s.seconds_sending,
+            transport=self._transport,
         )
 
 
-def to_wire(d: SequenceOutput) -> TokenDelta:
-    logprobs = None
-    if d.logprobs is not None:
-        logprobs = [wire_logprob(lp) for lp in d.logprobs]
-    finish = d.finish_reason.value if isinstance(d.finish_reason, FinishReason) else None
-    return TokenDelta(
-        request_id=d.request_id,
-        index=d.index,
-        token_ids=d.token_ids,
-        logprobs=logprobs,
-        finish_reason=finish,  # type: ignore[arg-type]
-        num_prompt_tokens=d.num_prompt_tokens,
-        num_cached_tokens=d.num_cached_tokens,
-        num_output_tokens=d.num_output_tokens,
-    )
+def default_transport(config: InstanceConfig) -> OpenTransport:
+    """The transport `--kv-transfer-backend` names (Mooncake: at `--kv-transfer-host`)."""
+    return open_transport(config.kv_transfer_backend, config.kv_transfer_host)

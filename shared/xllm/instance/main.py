@@ -25,14 +25,15 @@ def main(default_role: str, argv: list[str] | None = None) -> int:
 
     async def serve(nc, stop: asyncio.Event) -> None:
         from xllm.engine.engine import Engine
-        from xllm.instance.instance import Instance, engine_thread
+        from xllm.instance.instance import Instance, default_transport, engine_thread
 
         loop = asyncio.get_running_loop()
         # Loading weights takes seconds: off the loop, so NATS keeps its connection alive,
         # and on the thread that will run the steps.
         executor = engine_thread()
         engine = await loop.run_in_executor(executor, Engine, engine_config)
-        await Instance(instance_config, engine, nc, executor).serve(stop)
+        transport = default_transport(instance_config)  # opened on the first PD command
+        await Instance(instance_config, engine, nc, executor, transport).serve(stop)
 
     name = f"instance {instance_config.instance_id or ''}".strip()
     return run_service(name, serve, from_args(NatsConfig, args), from_args(LogConfig, args))

@@ -1,4 +1,4 @@
-"""KvLayout: where a KV block's bytes sit in an engine's pool, as (offset, length) runs.
+"""Where a KV block's bytes sit in an engine's pool (`KvLayout`), as (offset, length) runs.
 
 The pool (engine/kv_cache.py) is one contiguous tensor [L, 2, num_slots, Hkv, D] with
 slot = block_id * block_size + offset. So one block is 2L runs, one per (layer, K/V)
@@ -14,64 +14,26 @@ blocks is still 2L runs, just longer. Two pools may hold different numbers of bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from xllm.protocol.kv_peer import KvLayout
 
-@dataclass(frozen=True)
-class KvLayout:
-    num_layers: int
-    num_blocks: int
-    block_size: int
-    token_bytes: int
-    """Bytes of one token's K (or V) in one layer: Hkv * D * itemsize."""
 
-    @classmethod
-    def of(cls, tensor: torch.Tensor, block_size: int) -> KvLayout:
-        """The layout of a KV pool tensor [L, 2, num_slots, Hkv, D] (must be contiguous)."""
-        assert tensor.dim() == 5 and tensor.shape[1] == 2 and tensor.is_contiguous()
-        num_layers, _, num_slots, num_kv_heads, head_dim = tensor.shape
-        assert num_slots % block_size == 0
-        return cls(
-            num_layers,
-            num_slots // block_size,
-            block_size,
-            num_kv_heads * head_dim * tensor.element_size(),
-        )
+def layout_of(tensor: torch.Tensor, block_size: int) -> KvLayout:
+    """The layout of a KV pool tensor [L, 2, num_slots, Hkv, D] (must be contiguous)."""
+    assert tensor.dim() == 5 and tensor.shape[1] == 2 and tensor.is_contiguous()
+    num_layers, _, num_slots, num_kv_heads, head_dim = tensor.shape
+    assert num_slots % block_size == 0
+    token_bytes = num_kv_heads * head_dim * tensor.element_size()
+    return KvLayout(num_layers, num_slots // block_size, block_size, token_bytes)
 
-    @property
-    def plane_block_bytes(self) -> int:
-        """Bytes of one block in one (layer, K/V) plane."""
-        return self.block_size * self.token_bytes
 
-    @property
-    def block_bytes(self) -> int:
-        """Bytes of one block across all planes: what moving a block costs."""
-        return 2 * self.num_layers * self.plane_block_bytes
-
-    @property
-    def plane_bytes(self) -> int:
-        return self.num_blocks * self.plane_block_bytes
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.num_layers * self.plane_bytes
-
-    def compatible_with(self, other: KvLayout) -> bool:
-        """Blocks can move between the two pools (the number of blocks may differ)."""
-        return (self.num_layers, self.block_size, self.token_bytes) == (
-            other.num_layers,
-            other.block_size,
-            other.token_bytes,
-        )
-
-    def runs(self, block_id: int, num_blocks: int = 1) -> list[tuple[int, int]]:
-        """(offset, length) of blocks [block_id, block_id + num_blocks) in every plane."""
-        assert block_id >= 0 and block_id + num_blocks <= self.num_blocks
-        start = block_id * self.plane_block_bytes
-        length = num_blocks * self.plane_block_bytes
-        return [(p * self.plane_bytes + start, length) for p in range(2 * self.num_layers)]
+def block_runs(layout: KvLayout, block_id: int, num_blocks: int = 1) -> list[tuple[int, int]]:
+    """(offset, length) of blocks [block_id, block_id + num_blocks) in every plane."""
+    assert block_id >= 0 and block_id + num_blocks <= layout.num_blocks
+    start = block_id * layout.plane_block_bytes
+    length = num_blocks * layout.plane_block_bytes
+    return [(p * layout.plane_bytes + start, length) for p in range(2 * layout.num_layers)]
 
 
 def pair_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
@@ -97,6 +59,6 @@ def block_segments(
         raise ValueError(f"KV layouts cannot exchange blocks: {src} vs {dst}")
     segments: list[tuple[int, int, int]] = []
     for s, d, n in pair_runs(src_blocks, dst_blocks):
-        for (so, length), (do, _) in zip(src.runs(s, n), dst.runs(d, n), strict=True):
+        for (so, length), (do, _) in zip(block_runs(src, s, n), block_runs(dst, d, n), strict=True):
             segments.append((so, do, length))
     return segments

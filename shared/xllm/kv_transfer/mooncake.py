@@ -1,4 +1,5 @@
-"""KvTransport: an engine's KV pool on the Mooncake Transfer Engine (TCP), block writes to a peer.
+"""MooncakeTransport: an engine's KV pool on the Mooncake Transfer Engine (TCP), block writes
+to a peer (the `KvTransport` of `base.py`, between processes).
 
 Design notes.
 
@@ -13,7 +14,7 @@ Design notes.
     instance pushes its KV straight into them with one-sided writes, then tells the
     decode instance over NATS. The receiver runs no code per transfer, and nothing is
     staged in between: the bytes land where decode attention reads them.
-  * Overlap. Writes release the GIL, and `submit_blocks` runs them on a per-peer writer thread, so
+  * Overlap. Writes release the GIL, and `submit` runs them on a per-peer writer thread, so
     a request's KV travels while the engine keeps stepping the other requests (the
     request's blocks are held, so nothing overwrites them meanwhile). Shipping a long
     prompt's blocks chunk by chunk, before its prefill ends, would fit the same call;
@@ -23,18 +24,21 @@ Design notes.
   * Counting. The receiver cannot observe one-sided writes, so the sender counts the
     bytes it wrote and the receiver counts the bytes of the blocks it expected
     (`record_received`, called when the notification arrives); tests compare the two.
+  * Abort. A transfer still queued on its peer's writer thread is cancelled (its future
+    never runs); one that is writing runs to its end: Mooncake's synchronous batch write
+    cannot be interrupted.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from xllm.kv_transfer.layout import KvLayout, block_segments
+from xllm.kv_transfer.base import KvTransfer, KvTransferError, TransferStats
+from xllm.kv_transfer.layout import block_segments, layout_of
+from xllm.protocol.kv_peer import KvPeer
 
 P2P_HANDSHAKE = "P2PHANDSHAKE"
 
@@ -43,10 +47,6 @@ MAX_BATCH_BYTES = 16 << 20
 queue (MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER), and fails the batch when slices are turned
 away ("TCP lane queue-full rejection"). One 112 MiB batch failed so on this loaded 2-core
 machine (and passed when rerun); batches this size keep the queue short."""
-
-
-class KvTransferError(RuntimeError):
-    """Mooncake refused or failed an operation (its log on stderr has the details)."""
 
 
 def load_transfer_engine() -> type:
@@ -64,36 +64,12 @@ def load_transfer_engine() -> type:
     return TransferEngine
 
 
-@dataclass(frozen=True)
-class KvPeer:
-    """What a sender needs to write into a receiver's pool; the receiver hands it out."""
-
-    endpoint: str
-    """host:rpc_port of the receiver's transfer engine (its Mooncake segment name)."""
-    base_addr: int
-    """Address of the receiver's registered KV pool in its own process."""
-    layout: KvLayout
-
-
-@dataclass
-class TransferStats:
-    blocks_sent: int = 0
-    bytes_sent: int = 0
-    writes: int = 0
-    """Contiguous segments written (after merging consecutive blocks)."""
-    transfers: int = 0
-    seconds_sending: float = 0.0
-    """Wall time inside Mooncake writes, summed over transfers."""
-    blocks_received: int = 0
-    bytes_received: int = 0
-
-
-class KvTransport:
+class MooncakeTransport:
     """One engine's KV pool registered with Mooncake; writes its blocks into peers' pools."""
 
     def __init__(self, kv: torch.Tensor, block_size: int, hostname: str = "127.0.0.1"):
         """`kv` is the engine's pool [L, 2, num_slots, Hkv, D] (`KVCache.tensor`), on CPU."""
-        self.layout = KvLayout.of(kv, block_size)
+        self.layout = layout_of(kv, block_size)
         self.kv = kv  # keeps the registered memory alive
         self.base_addr = kv.data_ptr()
         self.engine = load_transfer_engine()()
@@ -103,7 +79,6 @@ class KvTransport:
         if self.engine.register_memory(self.base_addr, self.layout.nbytes) != 0:
             raise KvTransferError(f"cannot register the KV pool ({self.layout.nbytes} bytes)")
         self.stats = TransferStats()
-        self._lock = threading.Lock()  # stats are updated from the writer thread
         self._writers: dict[str, ThreadPoolExecutor] = {}
         """One writer thread per peer: a peer that dies mid-write can hold its thread until
         TCP gives up (minutes), and must not hold up transfers to the other peers."""
@@ -137,33 +112,27 @@ class KvTransport:
                 )
         elapsed = time.perf_counter() - start
         nbytes = sum(length for _, _, length in segments)
-        with self._lock:
-            self.stats.blocks_sent += len(local_block_ids)
-            self.stats.bytes_sent += nbytes
-            self.stats.writes += len(segments)
-            self.stats.transfers += 1
-            self.stats.seconds_sending += elapsed
+        self.stats.record_sent(len(local_block_ids), nbytes, len(segments), elapsed)
         return nbytes
 
-    def submit_blocks(
+    def submit(
         self, peer: KvPeer, local_block_ids: list[int], remote_block_ids: list[int]
-    ) -> Future[int]:
+    ) -> KvTransfer:
         """`write_blocks` on the peer's writer thread, so the caller can compute meanwhile.
 
         Transfers to one peer run one at a time in submission order. The caller must keep
-        the local blocks unchanged (held) until the future is done.
+        the local blocks unchanged (held) until the transfer is over.
         """
         writer = self._writers.get(peer.endpoint)
         if writer is None:
             writer = ThreadPoolExecutor(1, thread_name_prefix=f"kv-writer-{peer.endpoint}")
             self._writers[peer.endpoint] = writer
-        return writer.submit(self.write_blocks, peer, list(local_block_ids), list(remote_block_ids))
+        local, remote = list(local_block_ids), list(remote_block_ids)
+        return KvTransfer(writer.submit(self.write_blocks, peer, local, remote))
 
     def record_received(self, num_blocks: int) -> None:
         """Count blocks a peer wrote into this pool (called on its notification)."""
-        with self._lock:
-            self.stats.blocks_received += num_blocks
-            self.stats.bytes_received += num_blocks * self.layout.block_bytes
+        self.stats.record_received(num_blocks, num_blocks * self.layout.block_bytes)
 
     def close(self) -> None:
         for writer in self._writers.values():

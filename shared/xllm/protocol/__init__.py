@@ -2,11 +2,12 @@
 
     subjects.py   every subject / queue group / stream name, with sender → receiver and kind
     codec.py      @message registry, encode / decode (msgpack envelope {t, v, d}), DecodeError
-    errors.py     ErrorCode, ErrorInfo, ProtocolError, http_status
+    errors.py     ErrorCode, ErrorInfo, ProtocolError, RequestRejected, http_status
     sampling.py   SamplingSpec (wire form of the engine's SamplingParams)
     gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
     instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
     stream.py     TokenDelta, LogprobEntry
+    kv_peer.py    KvPeer, KvLayout (a KV pool as a write target, inside PrefillCmd)
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
 
@@ -17,7 +18,13 @@ which submodule a service imported first.
 from xllm.protocol import subjects
 from xllm.protocol.codec import DecodeError, decode, decode_as, encode, message, registry
 from xllm.protocol.dispatch import TypeDispatcher, make_callback
-from xllm.protocol.errors import ErrorCode, ErrorInfo, ProtocolError, http_status
+from xllm.protocol.errors import (
+    ErrorCode,
+    ErrorInfo,
+    ProtocolError,
+    RequestRejected,
+    http_status,
+)
 from xllm.protocol.gateway import (
     ClusterState,
     ClusterStateRequest,
@@ -30,13 +37,13 @@ from xllm.protocol.instance import (
     DecodeCmd,
     GenerateCmd,
     Heartbeat,
-    KvPeerInfo,
     KvReady,
     PrefillCmd,
     Role,
     SetRoleCmd,
 )
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
+from xllm.protocol.kv_peer import KvLayout, KvPeer
 from xllm.protocol.sampling import SamplingSpec
 from xllm.protocol.stream import FinishReason, LogprobEntry, TokenDelta
 
@@ -54,14 +61,16 @@ __all__ = [
     "InstanceLost",
     "KvEvent",
     "KvEvents",
+    "KvLayout",
     "KvMatchReply",
     "KvMatchRequest",
-    "KvPeerInfo",
+    "KvPeer",
     "KvReady",
     "KvSnapshotRequest",
     "LogprobEntry",
     "PrefillCmd",
     "ProtocolError",
+    "RequestRejected",
     "Role",
     "SamplingSpec",
     "SetRoleCmd",

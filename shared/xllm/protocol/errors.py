@@ -5,7 +5,9 @@ Contract:
     `ErrorCode` plus a human-readable message) inside the reply or stream message that
     would have carried the result (`SubmitReply.error`, `TokenDelta.error`).
   * Inside a process, code raises `ProtocolError(code, message)`; the handler at the
-    boundary catches it and puts `err.info` on the wire.
+    boundary catches it and puts `err.info` on the wire. A request refused as invalid
+    raises `RequestRejected`, which is a `ValueError` too: the code comes with the error,
+    and nothing reads it back out of the message text.
   * The gateway turns a code into an HTTP status with `http_status` — the one place
     that mapping lives.
 
@@ -84,3 +86,12 @@ class ProtocolError(Exception):
     def from_info(cls, info: ErrorInfo) -> ProtocolError:
         """Re-raise on this side an error that came over the wire."""
         return cls(info.code, info.message)
+
+
+class RequestRejected(ProtocolError, ValueError):
+    """A request refused before it ran, for a reason the client must fix (a user error:
+    `INVALID_REQUEST`, `CONTEXT_LENGTH_EXCEEDED`). A ValueError too, so input validation
+    that catches ValueError keeps catching it; `str()` is the message alone."""
+
+    def __str__(self) -> str:
+        return self.info.message

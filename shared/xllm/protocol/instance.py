@@ -24,6 +24,7 @@ from typing import Literal
 
 from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
+from xllm.protocol.kv_peer import KvPeer
 from xllm.protocol.sampling import SamplingSpec
 from xllm.protocol.stream import LogprobEntry
 
@@ -70,26 +71,7 @@ class DecodeCmd:
     run (`InstanceLost.started_at`)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KvPeerInfo:
-    """Where a prefill instance writes a request's KV: the decode instance's Mooncake
-    endpoint, its registered pool and that pool's layout (`xllm.kv_transfer.KvPeer`)."""
-
-    endpoint: str
-    """host:rpc_port of the decode instance's transfer engine."""
-    base_addr: int
-    """Address of its registered KV pool, in its own process."""
-    num_layers: int
-    """Layers of the pool; must equal the sender's."""
-    num_blocks: int
-    """Blocks in the pool (may differ from the sender's)."""
-    block_size: int
-    """Tokens per block; must equal the sender's."""
-    token_bytes: int
-    """Bytes of one token's K (or V) in one layer; must equal the sender's."""
-
-
-@message("prefill", version=2)
+@message("prefill", version=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrefillCmd:
     """decode instance → prefill instance: prefill this prompt, stream the first token to the
@@ -108,8 +90,8 @@ class PrefillCmd:
     """Where `KvReady` goes."""
     decode_started_at: float = 0.0
     """The decode instance's `Heartbeat.started_at` (which run of it sent this)."""
-    peer: KvPeerInfo
-    """Where the KV goes."""
+    peer: KvPeer
+    """Where the KV goes: the decode instance's pool and its layout (v3: the layout nested)."""
     num_cached_tokens: int
     """Leading prompt tokens the decode instance has cached already (whole blocks): their
     blocks are not sent."""
