@@ -79,7 +79,20 @@ COMMANDS = frozenset((GenerateCmd, AbortCmd, SetRoleCmd, DecodeCmd, PrefillCmd, 
 NOTICES = frozenset((KvSnapshotRequest, InstanceLost))
 """What the broadcast subjects this instance listens to carry."""
 
+Command = (
+    GenerateCmd
+    | AbortCmd
+    | SetRoleCmd
+    | DecodeCmd
+    | PrefillCmd
+    | KvReady
+    | KvSnapshotRequest
+    | InstanceLost
+    | WriteEnded
+)
+"""What the inbox holds: every key of `Instance.handlers`."""
 Handler = Callable[[Any], Awaitable[None]]
+"""Applies one queued message, on the loop, between engine steps."""
 
 
 def engine_thread() -> ThreadPoolExecutor:
@@ -112,7 +125,7 @@ class Instance:
         subjects.token(self.instance_id)  # fail fast on an id NATS cannot route
         self.role = config.role
         self.model_name = config.served_model_name or Path(engine.config.model).name
-        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.inbox: asyncio.Queue[Command] = asyncio.Queue()
         self.kv_events = KvEventPublisher(nc, self.instance_id)
         # One thread: steps run strictly one after another, off the event loop, on the
         # thread that loaded the model (see engine_thread).
@@ -146,7 +159,11 @@ class Instance:
             self.lost_peers,
             self.early_aborts,
         )
-        self.handlers: dict[type, Handler] = {
+        self.handlers = self._handler_table()
+        """The one dispatch: every queued message is applied by the handler of its type."""
+
+    def _handler_table(self) -> dict[type, Handler]:
+        return {
             GenerateCmd: self._on_generate,
             AbortCmd: self._on_abort,
             SetRoleCmd: self._on_set_role,
@@ -157,7 +174,6 @@ class Instance:
             InstanceLost: self._on_instance_lost,
             KvSnapshotRequest: self._on_snapshot_request,
         }
-        """The one dispatch: every queued message is applied by the handler of its type."""
 
     def transport(self) -> KvTransport:
         """The KV transport, opened on first use."""
@@ -254,7 +270,7 @@ class Instance:
         await self.decode.reserve_waiting()  # steps free blocks: queued reservations may fit
         await self.decode.expire(time.monotonic())
 
-    async def _apply(self, cmd: Any) -> None:
+    async def _apply(self, cmd: Command) -> None:
         try:
             await self.handlers[type(cmd)](cmd)
         except Exception:  # one bad command must not stop the loop serving the others

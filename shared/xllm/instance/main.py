@@ -32,7 +32,7 @@ def main(default_role: str, argv: list[str] | None = None) -> int:
         # and on the thread that will run the steps.
         executor = engine_thread()
         engine = await loop.run_in_executor(executor, Engine, engine_config)
-        transport = default_transport(instance_config)  # opened on the first PD command
+        transport = default_transport(instance_config)  # opened once a PD role needs it
         await Instance(instance_config, engine, nc, executor, transport).serve(stop)
 
     name = f"instance {instance_config.instance_id or ''}".strip()
