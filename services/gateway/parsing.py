@@ -23,7 +23,7 @@ from jinja2 import TemplateError
 from services.gateway.errors import ApiError, invalid
 from services.gateway.model import ModelInfo
 from services.gateway.streaming import GenerationRequest
-from xllm.protocol import ErrorCode, SamplingSpec
+from xllm.protocol import ErrorCode, SamplingParams
 
 MAX_N = 128
 """Most completions per request: each costs the gateway a detokenizer and the engine a
@@ -163,12 +163,12 @@ def check_prompt_length(prompt: list[int], model: ModelInfo, param: str) -> int:
 
 def _sampling(
     body: dict, model: ModelInfo, max_tokens: int, logprobs: int | None, chat: bool
-) -> SamplingSpec:
+) -> SamplingParams:
     stop_token_ids = json_field(body, "stop_token_ids", "an array", [])
     n = json_field(body, "n", "an integer", 1)
     if n > MAX_N:
         raise invalid(f"n must be at most {MAX_N}, got {n}", "n")
-    spec = SamplingSpec(
+    spec = SamplingParams(
         n=n,
         max_tokens=max_tokens,
         min_tokens=json_field(body, "min_tokens", "an integer", 0),
@@ -185,7 +185,7 @@ def _sampling(
         logprobs=logprobs,
     )
     try:
-        spec.to_params().validate(model.vocab_size)
+        spec.validate(model.vocab_size)
     except ValueError as e:
         message = str(e)
         param = message.split(" ", 1)[0]
@@ -195,7 +195,7 @@ def _sampling(
     return spec
 
 
-_SAMPLING_FIELDS = frozenset(SamplingSpec.__dataclass_fields__) | {"top_logprobs"}
+_SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__) | {"top_logprobs"}
 
 
 def token_ids(value: list, model: ModelInfo, param: str) -> list[int]:

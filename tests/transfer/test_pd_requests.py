@@ -12,7 +12,7 @@ import pytest
 from xllm.config import EngineConfig
 from xllm.engine.engine import Engine
 from xllm.instance.disaggregation import PdRequests
-from xllm.protocol import DecodeCmd, PrefillCmd, SamplingSpec
+from xllm.protocol import DecodeCmd, PrefillCmd, RequestSpec, SamplingParams
 
 pytest.importorskip("mooncake.engine")
 
@@ -42,8 +42,10 @@ def pd(tiny_model_dir):
 def decode_cmd(request_id: str, prefill_instance_id: str, run: float = 0.0) -> DecodeCmd:
     return DecodeCmd(
         request_id=request_id,
-        prompt_token_ids=list(range(100, 100 + PROMPT_TOKENS)),
-        sampling=SamplingSpec(max_tokens=4),
+        request=RequestSpec(
+            prompt_token_ids=list(range(100, 100 + PROMPT_TOKENS)),
+            sampling=SamplingParams(max_tokens=4),
+        ),
         prefill_instance_id=prefill_instance_id,
         prefill_started_at=run,
     )

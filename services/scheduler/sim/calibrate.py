@@ -100,8 +100,8 @@ class EngineBench:
         """Queue a random prompt of `num_tokens`; its first `computed` tokens count as
         prefilled already. Their KV slots keep whatever the pool held: a step's time does not
         depend on the values, and skipping those prefills saves minutes per shape on a CPU."""
-        from xllm.engine.sampling_params import SamplingParams
         from xllm.engine.sequence import SequenceStatus
+        from xllm.protocol.types import SamplingParams
 
         rid = f"cal-{next(self._ids)}"
         prompt = self._rng.integers(10, self.vocab, num_tokens).tolist()

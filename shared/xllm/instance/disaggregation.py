@@ -35,7 +35,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from xllm.engine.engine import Engine, SequenceOutput
-from xllm.engine.sequence import Logprob
 from xllm.kv_transfer.layout import KvLayout
 from xllm.kv_transfer.mooncake import KvPeer, KvTransport
 from xllm.protocol import (
@@ -44,7 +43,6 @@ from xllm.protocol import (
     ErrorInfo,
     KvPeerInfo,
     KvReady,
-    LogprobEntry,
     PrefillCmd,
     TokenDelta,
 )
@@ -147,9 +145,9 @@ class PdRequests:
             try:
                 reservation = self.engine.reserve_remote_prefill(
                     cmd.request_id,
-                    list(cmd.prompt_token_ids),
-                    cmd.sampling.to_params(),
-                    priority=cmd.priority,
+                    list(cmd.request.prompt_token_ids),
+                    cmd.request.sampling,
+                    priority=cmd.request.priority,
                 )
             except ValueError as e:
                 self.awaiting_room.popleft()
@@ -162,9 +160,7 @@ class PdRequests:
             self.reserved[cmd.request_id] = _Reserved(cmd, len(fill), time.monotonic())
             prefill = PrefillCmd(
                 request_id=cmd.request_id,
-                prompt_token_ids=cmd.prompt_token_ids,
-                sampling=cmd.sampling,
-                priority=cmd.priority,
+                request=cmd.request,
                 decode_instance_id=self.instance_id,
                 decode_started_at=self.started_at,
                 peer=peer_info(self.transport.peer),
@@ -184,9 +180,9 @@ class PdRequests:
                 await self.send_delta(error_delta(msg.request_id, msg.error))
             return
         self.transport.record_received(msg.num_blocks)
-        first = msg.first_logprob
-        logprob = Logprob(first.token_id, first.logprob, dict(first.top)) if first else None
-        reason = self.engine.commit_remote_prefill(msg.request_id, msg.first_token_id, logprob)
+        reason = self.engine.commit_remote_prefill(
+            msg.request_id, msg.first_token_id, msg.first_logprob
+        )
         if reason is not None:  # the first token ended it; P streamed the token itself
             await self.send_delta(
                 TokenDelta(request_id=msg.request_id, finish_reason=reason.value)  # type: ignore[arg-type]
@@ -216,13 +212,12 @@ class PdRequests:
             await self._answer(cmd, error=ErrorInfo(code=ErrorCode.INTERNAL, message=why))
             return
         try:
-            params = cmd.sampling.to_params()
             self.engine.add_request(
                 cmd.request_id,
-                list(cmd.prompt_token_ids),
-                params,
+                list(cmd.request.prompt_token_ids),
+                cmd.request.sampling,
                 prefill_only=True,
-                priority=cmd.priority,
+                priority=cmd.request.priority,
             )
         except ValueError as e:
             await self._answer(cmd, error=ErrorInfo(code=ErrorCode.INVALID_REQUEST, message=str(e)))
@@ -284,7 +279,7 @@ class PdRequests:
             await self._answer(
                 entry.cmd,
                 first_token_id=first.token_ids[0],
-                first_logprob=wire_logprob(first.logprobs[0]) if first.logprobs else None,
+                first_logprob=first.logprobs[0] if first.logprobs else None,
                 num_blocks=len(entry.cmd.fill_block_ids),
             )
 
@@ -374,10 +369,6 @@ def peer_info(peer: KvPeer) -> KvPeerInfo:
 def peer_of(info: KvPeerInfo) -> KvPeer:
     layout = KvLayout(info.num_layers, info.num_blocks, info.block_size, info.token_bytes)
     return KvPeer(info.endpoint, info.base_addr, layout)
-
-
-def wire_logprob(lp: Logprob) -> LogprobEntry:
-    return LogprobEntry(lp.token_id, lp.logprob, lp.top)
 
 
 def aborted_error() -> ErrorInfo:

@@ -32,7 +32,7 @@ from nats.aio.client import Client as NATS
 from xllm.engine.engine import Engine, SequenceOutput
 from xllm.engine.sequence import FinishReason
 from xllm.instance.config import InstanceConfig
-from xllm.instance.disaggregation import PdRequests, TransferDone, wire_logprob
+from xllm.instance.disaggregation import PdRequests, TransferDone
 from xllm.instance.kv_events import KvEventPublisher
 from xllm.protocol import (
     AbortCmd,
@@ -45,6 +45,7 @@ from xllm.protocol import (
     KvReady,
     KvSnapshotRequest,
     PrefillCmd,
+    Role,
     SetRoleCmd,
     TokenDelta,
     TypeDispatcher,
@@ -92,7 +93,7 @@ class Instance:
         self.nc = nc
         self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         subjects.token(self.instance_id)  # fail fast on an id NATS cannot route
-        self.role = config.role
+        self.role = Role(config.role)
         self.model_name = config.served_model_name or Path(engine.config.model).name
         self.inbox: asyncio.Queue[Command] = asyncio.Queue()
         self.dispatcher = TypeDispatcher(name=f"instance {self.instance_id}")
@@ -249,7 +250,7 @@ class Instance:
             num_blocks = await self.kv_events.snapshot(self.engine.block_manager)
             log.info("instance %s: KV snapshot of %d blocks sent", self.instance_id, num_blocks)
 
-    async def _set_role(self, role: str) -> None:
+    async def _set_role(self, role: Role) -> None:
         """Flip role without reloading anything (§3.2): requests already here finish in
         place; the scheduler sends new work by the new role. PD commands are served in
         either PD role (one placed just before the flip may still arrive)."""
@@ -263,9 +264,12 @@ class Instance:
 
     async def _start(self, cmd: GenerateCmd) -> None:
         try:
-            params = cmd.sampling.to_params()
+            request = cmd.request
             self.engine.add_request(
-                cmd.request_id, list(cmd.prompt_token_ids), params, priority=cmd.priority
+                cmd.request_id,
+                list(request.prompt_token_ids),
+                request.sampling,
+                priority=request.priority,
             )
         except ValueError as e:
             code = (
@@ -333,7 +337,7 @@ class Instance:
         return Heartbeat(
             instance_id=self.instance_id,
             started_at=self.started_at,
-            role=self.role,  # type: ignore[arg-type]
+            role=self.role,
             model=self.model_name,
             max_model_len=self.engine.max_model_len,
             num_running=stats.num_running,
@@ -380,15 +384,12 @@ class Instance:
 
 
 def to_wire(d: SequenceOutput) -> TokenDelta:
-    logprobs = None
-    if d.logprobs is not None:
-        logprobs = [wire_logprob(lp) for lp in d.logprobs]
     finish = d.finish_reason.value if isinstance(d.finish_reason, FinishReason) else None
     return TokenDelta(
         request_id=d.request_id,
         index=d.index,
         token_ids=d.token_ids,
-        logprobs=logprobs,
+        logprobs=d.logprobs,
         finish_reason=finish,  # type: ignore[arg-type]
         num_prompt_tokens=d.num_prompt_tokens,
         num_cached_tokens=d.num_cached_tokens,

@@ -3,10 +3,10 @@
     subjects.py   every subject / queue group / stream name, with sender → receiver and kind
     codec.py      @message registry, encode / decode (msgpack envelope {t, v, d}), DecodeError
     errors.py     ErrorCode, ErrorInfo, ProtocolError, http_status
-    sampling.py   SamplingSpec (wire form of the engine's SamplingParams)
+    types.py      SamplingParams, Logprob, Role, RequestSpec: the value types every layer shares
     gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
     instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
-    stream.py     TokenDelta, LogprobEntry
+    stream.py     TokenDelta, FinishReason
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
 
@@ -33,12 +33,11 @@ from xllm.protocol.instance import (
     KvPeerInfo,
     KvReady,
     PrefillCmd,
-    Role,
     SetRoleCmd,
 )
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
-from xllm.protocol.sampling import SamplingSpec
-from xllm.protocol.stream import FinishReason, LogprobEntry, TokenDelta
+from xllm.protocol.stream import FinishReason, TokenDelta
+from xllm.protocol.types import Logprob, RequestSpec, Role, SamplingParams
 
 __all__ = [
     "AbortCmd",
@@ -59,11 +58,12 @@ __all__ = [
     "KvPeerInfo",
     "KvReady",
     "KvSnapshotRequest",
-    "LogprobEntry",
+    "Logprob",
     "PrefillCmd",
     "ProtocolError",
+    "RequestSpec",
     "Role",
-    "SamplingSpec",
+    "SamplingParams",
     "SetRoleCmd",
     "SubmitReply",
     "SubmitRequest",
