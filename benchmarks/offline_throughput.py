@@ -20,7 +20,7 @@ from common import demo_model, emit, random_prompts
 
 from xllm.config import EngineConfig
 from xllm.engine.engine import Engine
-from xllm.engine.sampling_params import SamplingParams
+from xllm.protocol.types import SamplingParams
 
 
 def run_ours(model_dir, prompts, output_len: int, args) -> tuple[float, int]:

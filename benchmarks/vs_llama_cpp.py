@@ -218,8 +218,8 @@ def greedy_llama(root: str, prompt: list[int], n: int) -> list[int]:
 
 
 def greedy_ours(model_dir: Path, prompt: list[int], n: int, dtype: str, threads: int) -> list[int]:
-    from xllm.engine.sampling_params import SamplingParams
     from xllm.llm import LLM
+    from xllm.protocol.types import SamplingParams
 
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     llm = LLM(str(model_dir), dtype=dtype, num_threads=threads)

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from xllm.models.config import ModelConfig
 from xllm.tools import make_model as mm
 
 ARCHS = mm.ARCHS
@@ -221,13 +222,17 @@ def test_cli_writes_the_folder(tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_small_has_qwen3_0_6b_shapes(arch):
     # Shapes only: making `small` writes 1.2 GB, which is for benchmarks, not unit tests.
-    shape = mm.model_shape(arch, "small")
-    assert (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.head_dim) == (
-        1024, 28, 16, 8, 128,
-    )  # fmt: skip
-    assert (shape.intermediate, shape.vocab, shape.max_positions, shape.tied) == (
-        3072, 151936, 40960, True,
-    )  # fmt: skip
-    params = sum(math.prod(spec.shape) for spec in mm.tensor_specs(arch, shape))
+    c = mm.model_config(arch, "small")
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == (1024, 28, 16)
+    assert (c.num_key_value_heads, c.head_dim) == (8, 128)
+    assert (c.intermediate_size, c.vocab_size, c.max_position_embeddings) == (3072, 151936, 40960)
+    assert c.tie_word_embeddings
+    params = sum(math.prod(spec.shape) for spec in mm.tensor_specs(arch, c))
     assert 590e6 < params < 600e6
-    assert "lm_head.weight" not in {spec.name for spec in mm.tensor_specs(arch, shape)}
+    assert "lm_head.weight" not in {spec.name for spec in mm.tensor_specs(arch, c)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_folder_reads_back_as_the_config_it_was_written_from(arch, tiny_model_dir):
+    """One model-shape type: what make-model writes is what the engine reads."""
+    assert ModelConfig.from_dir(tiny_model_dir(arch)) == mm.model_config(arch, "tiny", "float32")

@@ -7,13 +7,18 @@ sampling fields (`ignore_eos`, `min_tokens`, `top_k`, `min_p`, `repetition_penal
 known fields the gateway cannot honour (batched prompts, echo, suffix, best_of != n,
 logit_bias, tools, JSON response formats) are rejected with a 400 that says so.
 
-The sampling rules live in one place, `SamplingParams.validate`; this module checks types,
-the context length (`max_tokens` defaults to what is left of the context, as in vLLM) and
-what only the gateway knows (the model name, the prompt).
+Sampling is read into the one `SamplingParams` and validated here, once, for the whole
+cluster: each of its scalar fields comes from the body field of the same name, with the JSON
+type its annotation says and its own default, so a field added there is accepted here. The
+rules live in `SamplingParams.validate`; this module checks JSON types, the context length
+(`max_tokens` defaults to what is left of the context, as in vLLM) and what only the gateway
+knows (the model name, the prompt).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +28,7 @@ from jinja2 import TemplateError
 from services.gateway.errors import ApiError, invalid
 from services.gateway.model import ModelInfo
 from services.gateway.streaming import GenerationRequest
-from xllm.protocol import ErrorCode, SamplingSpec
+from xllm.protocol import ErrorCode, SamplingParams
 
 MAX_N = 128
 """Most completions per request: each costs the gateway a detokenizer and the engine a
@@ -163,39 +168,60 @@ def check_prompt_length(prompt: list[int], model: ModelInfo, param: str) -> int:
 
 def _sampling(
     body: dict, model: ModelInfo, max_tokens: int, logprobs: int | None, chat: bool
-) -> SamplingSpec:
+) -> SamplingParams:
     stop_token_ids = json_field(body, "stop_token_ids", "an array", [])
     n = json_field(body, "n", "an integer", 1)
     if n > MAX_N:
         raise invalid(f"n must be at most {MAX_N}, got {n}", "n")
-    spec = SamplingSpec(
+    params = SamplingParams(
         n=n,
         max_tokens=max_tokens,
-        min_tokens=json_field(body, "min_tokens", "an integer", 0),
-        temperature=float(json_field(body, "temperature", "a number", 1.0)),
-        top_k=json_field(body, "top_k", "an integer", 0),
-        top_p=float(json_field(body, "top_p", "a number", 1.0)),
-        min_p=float(json_field(body, "min_p", "a number", 0.0)),
-        seed=json_field(body, "seed", "an integer"),
-        repetition_penalty=float(json_field(body, "repetition_penalty", "a number", 1.0)),
-        presence_penalty=float(json_field(body, "presence_penalty", "a number", 0.0)),
-        frequency_penalty=float(json_field(body, "frequency_penalty", "a number", 0.0)),
-        ignore_eos=json_field(body, "ignore_eos", "a boolean", False),
+        **_scalar_sampling_values(body),
         stop_token_ids=token_ids(stop_token_ids, model, "stop_token_ids"),
         logprobs=logprobs,
     )
     try:
-        spec.to_params().validate(model.vocab_size)
+        params.validate(model.vocab_size)
     except ValueError as e:
         message = str(e)
-        param = message.split(" ", 1)[0]
+        param = message.split(" ", 1)[0]  # validate's messages start with the field
         if param == "logprobs" and chat:
             param = "top_logprobs"
         raise invalid(message, param if param in _SAMPLING_FIELDS else None) from None
-    return spec
+    return params
 
 
-_SAMPLING_FIELDS = frozenset(SamplingSpec.__dataclass_fields__) | {"top_logprobs"}
+def _scalar_sampling_values(body: dict) -> dict[str, Any]:
+    """The values of the `SamplingParams` fields read straight from the body."""
+    values = {}
+    for name, (kind, default) in _SCALAR_FIELDS.items():
+        value = json_field(body, name, kind, default)
+        values[name] = float(value) if kind == "a number" and value is not None else value
+    return values
+
+
+_READ_APART = frozenset({"n", "max_tokens", "stop_token_ids", "logprobs"})
+"""Fields with rules of their own: a cap, the context's room, token ids of the vocabulary,
+and two spellings (completions' `logprobs`, chat's `logprobs` + `top_logprobs`)."""
+_JSON_KINDS = {int: "an integer", float: "a number", bool: "a boolean"}
+
+
+def _scalar_field_kinds() -> dict[str, tuple[str, Any]]:
+    """Every `SamplingParams` field but `_READ_APART`: name -> (its `json_field` kind, its
+    default). A field of another type fails here, at import: it needs a rule of its own."""
+    hints = typing.get_type_hints(SamplingParams)
+    fields = {}
+    for f in dataclasses.fields(SamplingParams):
+        if f.name not in _READ_APART:
+            # `int | None` (seed) reads as an integer; null already means the default.
+            types = typing.get_args(hints[f.name]) or (hints[f.name],)
+            scalar = next(t for t in types if t is not type(None))
+            fields[f.name] = (_JSON_KINDS[scalar], f.default)
+    return fields
+
+
+_SCALAR_FIELDS = _scalar_field_kinds()
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | {"top_logprobs"}
 
 
 def token_ids(value: list, model: ModelInfo, param: str) -> list[int]:

@@ -19,7 +19,7 @@ from typing import Any
 from services.gateway.model import ModelInfo
 from services.gateway.parsing import ApiRequest
 from services.gateway.streaming import Output, Usage
-from xllm.protocol import LogprobEntry
+from xllm.protocol import Logprob
 
 MIN_LOGPROB = -9999.0
 
@@ -104,7 +104,7 @@ class Renderer:
     def _merge_logprobs(self, into: Any, more: Any) -> None:
         raise NotImplementedError
 
-    def _top(self, entry: LogprobEntry) -> list[tuple[int, float]]:
+    def _top(self, entry: Logprob) -> list[tuple[int, float]]:
         """The entry's alternatives, most likely first, as many as were asked for."""
         ranked = sorted(entry.top.items(), key=lambda item: -item[1])
         return ranked[: self.api.logprobs or 0]

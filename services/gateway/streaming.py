@@ -48,9 +48,10 @@ from xllm.protocol import (
     ErrorCode,
     ErrorInfo,
     InstanceLost,
-    LogprobEntry,
+    Logprob,
     ProtocolError,
-    SamplingSpec,
+    RequestSpec,
+    SamplingParams,
     SubmitReply,
     SubmitRequest,
     TokenDelta,
@@ -74,7 +75,7 @@ class GenerationRequest:
     """`cmpl-…` / `chatcmpl-…`; also the token of the output subject."""
     model: str
     prompt_token_ids: list[int]
-    sampling: SamplingSpec
+    sampling: SamplingParams
     """Validated; `sampling.max_tokens` already fits the context."""
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
@@ -90,7 +91,7 @@ class Output:
     index: int
     text: str
     token_ids: list[int]
-    logprobs: list[LogprobEntry] | None
+    logprobs: list[Logprob] | None
     """One per token in `token_ids` when logprobs were asked for."""
     finish_reason: str | None
     """Set on the completion's last Output: stop, length, abort."""
@@ -283,7 +284,7 @@ class Generation:
         self._sub = await self.nc.subscribe(subject, cb=self._on_message)
 
     async def _submit(
-        self, prompt: list[int], sampling: SamplingSpec, resumed: bool = False
+        self, prompt: list[int], sampling: SamplingParams, resumed: bool = False
     ) -> None:
         """Submit an attempt, waiting up to `placement_wait` while no scheduler answers or
         no instance can take it (one restarting, a role still loading); sets `instance_id`
@@ -298,15 +299,17 @@ class Generation:
                     raise e.error from None
             await asyncio.sleep(PLACEMENT_RETRY)
 
-    async def _submit_once(self, prompt: list[int], sampling: SamplingSpec, resumed: bool) -> None:
-        submit = SubmitRequest(
-            request_id=self.attempt_id,
+    async def _submit_once(
+        self, prompt: list[int], sampling: SamplingParams, resumed: bool
+    ) -> None:
+        request = RequestSpec(
             prompt_token_ids=prompt,
             sampling=sampling,
-            arrival_time=time.time(),
             priority=self.req.priority,
             model=self.req.model,
-            resumed=resumed,
+        )
+        submit = SubmitRequest(
+            request_id=self.attempt_id, request=request, arrival_time=time.time(), resumed=resumed
         )
         try:
             msg = await self.nc.request(

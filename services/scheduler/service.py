@@ -140,7 +140,7 @@ class SchedulerService:
                 self.num_rejected += 1
                 error = ErrorInfo(code=ErrorCode.OVERLOADED, message=refused)
                 return SubmitReply(request_id=req.request_id, error=error)
-            if snapshot.candidates(req.model, ("both",)):
+            if snapshot.candidates(req.request.model, ("both",)):
                 reply = await self._place_colocated(req, placement, snapshot)
             else:
                 reply = await self._place_disaggregated(req, placement, snapshot)
@@ -162,12 +162,10 @@ class SchedulerService:
             return None
         cmd = GenerateCmd(
             request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            sampling=req.sampling,
-            priority=req.priority,
+            request=req.request,
         )
         await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
-        self._note(instance_id, req, placement, req.sampling.max_tokens)
+        self._note(instance_id, req, placement, req.request.sampling.max_tokens)
         return SubmitReply(request_id=req.request_id, instance_id=instance_id)
 
     async def _place_disaggregated(
@@ -181,15 +179,13 @@ class SchedulerService:
             return None
         cmd = DecodeCmd(
             request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            sampling=req.sampling,
-            priority=req.priority,
+            request=req.request,
             prefill_instance_id=prefill_id,
             prefill_started_at=snapshot.view(prefill_id).heartbeat.started_at,
         )
         await self.nc.publish(subjects.instance_cmd(decode_id), encode(cmd))
         self._note(prefill_id, req, placement, 0)
-        self._note(decode_id, req, placement, req.sampling.max_tokens)
+        self._note(decode_id, req, placement, req.request.sampling.max_tokens)
         return SubmitReply(
             request_id=req.request_id, instance_id=decode_id, prefill_instance_id=prefill_id
         )
@@ -201,37 +197,37 @@ class SchedulerService:
         self.registry.note_placement(instance_id, placement.uncached_tokens(instance_id) + decode)
         if self.uses_prefix_hits:
             block_size = self.registry.snapshot().view(instance_id).heartbeat.kv_block_size
-            self.prefix.placed(req.prompt_token_ids, instance_id, block_size)
+            self.prefix.placed(req.request.prompt_token_ids, instance_id, block_size)
 
     async def _placement(self, req: SubmitRequest, snapshot: ClusterSnapshot) -> PlacementRequest:
         hits: dict[str, int] = {}
         if self.uses_prefix_hits:
             candidates = {
                 v.instance_id: v.heartbeat.kv_block_size
-                for v in snapshot.candidates(req.model, ALL_ROLES)
+                for v in snapshot.candidates(req.request.model, ALL_ROLES)
             }
-            hits = await self.prefix.hit_tokens(req.prompt_token_ids, candidates)
+            hits = await self.prefix.hit_tokens(req.request.prompt_token_ids, candidates)
         return placement_request(
             request_id=req.request_id,
-            num_prompt_tokens=len(req.prompt_token_ids),
-            max_tokens=req.sampling.max_tokens,
-            model=req.model,
-            priority=req.priority,
+            num_prompt_tokens=len(req.request.prompt_token_ids),
+            max_tokens=req.request.sampling.max_tokens,
+            model=req.request.model,
+            priority=req.request.priority,
             sequence_number=self.num_submitted,
             prefix_hits=hits,
             targets=self.flip_config,
         )
 
     def _check(self, req: SubmitRequest, snapshot: ClusterSnapshot) -> ErrorInfo | None:
-        candidates = snapshot.candidates(req.model, ALL_ROLES)
+        candidates = snapshot.candidates(req.request.model, ALL_ROLES)
         if not candidates:
-            what = f"model {req.model!r}" if req.model else "any model"
+            what = f"model {req.request.model!r}" if req.request.model else "any model"
             return ErrorInfo(code=ErrorCode.NO_INSTANCE, message=f"no live instance serves {what}")
         max_len = max(v.heartbeat.max_model_len for v in candidates)
-        if len(req.prompt_token_ids) >= max_len:
+        if len(req.request.prompt_token_ids) >= max_len:
             return ErrorInfo(
                 code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                message=f"the prompt has {len(req.prompt_token_ids)} tokens; the context is {max_len}",
+                message=f"the prompt has {len(req.request.prompt_token_ids)} tokens; the context is {max_len}",
             )
         return None
 

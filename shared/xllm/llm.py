@@ -9,8 +9,7 @@ from typing import Any
 
 from xllm.config import EngineConfig
 from xllm.engine.engine import Engine
-from xllm.engine.sampling_params import SamplingParams
-from xllm.engine.sequence import Logprob
+from xllm.protocol.types import Logprob, SamplingParams
 from xllm.tokenizer import Tokenizer
 
 

@@ -63,8 +63,8 @@ def client(cluster):
 @pytest.fixture(scope="module")
 def engine_greedy(model_dir):
     """Greedy tokens of the engine alone, in this process, on the same weights."""
-    from xllm.engine.sampling_params import SamplingParams
     from xllm.llm import LLM
+    from xllm.protocol.types import SamplingParams
 
     llm = LLM(str(model_dir), num_kv_blocks=512, max_model_len=MAX_MODEL_LEN)
 

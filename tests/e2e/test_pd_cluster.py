@@ -39,8 +39,8 @@ def model_dir(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def engine_greedy(model_dir):
-    from xllm.engine.sampling_params import SamplingParams
     from xllm.llm import LLM
+    from xllm.protocol.types import SamplingParams
 
     llm = LLM(str(model_dir), num_kv_blocks=1024, max_model_len=MAX_MODEL_LEN)
 

@@ -7,7 +7,7 @@ import torch
 
 from xllm.config import EngineConfig
 from xllm.engine.engine import Engine
-from xllm.engine.sampling_params import SamplingParams
+from xllm.protocol.types import SamplingParams
 
 ARCHS = ("llama", "qwen2", "qwen3")
 

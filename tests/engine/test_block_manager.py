@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xllm.engine.block_manager import BlockManager
-from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.sequence import Sequence
+from xllm.protocol.types import SamplingParams
 
 BLOCK = 4
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import ARCHS, assert_greedy_matches, greedy, make_engine, random_prompts, run_engine
 
-from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.scheduler import ScheduledSeq
 from xllm.engine.sequence import Sequence
+from xllm.protocol.types import SamplingParams
 
 NEW_TOKENS = 40
 

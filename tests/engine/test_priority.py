@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from tests.engine.conftest import greedy, make_engine
 from xllm.engine.block_manager import BlockManager
-from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.scheduler import Scheduler, SchedulerOutput
 from xllm.engine.sequence import Sequence, SequenceStatus
+from xllm.protocol.types import SamplingParams
 
 BLOCK = 4
 

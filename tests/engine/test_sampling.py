@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import greedy, hf_greedy, make_engine, random_prompts, run_engine
 
-from xllm.engine.sampling_params import SamplingParams
+from xllm.protocol.types import SamplingParams
 
 
 @pytest.fixture(scope="module")

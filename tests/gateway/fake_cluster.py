@@ -20,7 +20,7 @@ from xllm.protocol import (
     ClusterStateRequest,
     ErrorInfo,
     Heartbeat,
-    LogprobEntry,
+    Logprob,
     SubmitReply,
     SubmitRequest,
     TokenDelta,
@@ -133,7 +133,7 @@ class FakeCluster:
         )
 
     async def _stream(self, req: SubmitRequest, script: Script) -> None:
-        rid, n, max_tokens = req.request_id, req.sampling.n, req.sampling.max_tokens
+        rid, n, max_tokens = req.request_id, req.request.sampling.n, req.request.sampling.max_tokens
         subject = subjects.request_output(rid)
         outputs = [script.tokens[i % len(script.tokens)][:max_tokens] for i in range(n)]
         finished: set[int] = set()
@@ -161,16 +161,16 @@ class FakeCluster:
 
 def _delta(req: SubmitRequest, index: int, token: int, num_output: int, finish) -> TokenDelta:
     logprobs = None
-    if req.sampling.logprobs is not None:
+    if req.request.sampling.logprobs is not None:
         top = {token: -0.5, token + 1: -1.5, token + 2: -2.5}
-        logprobs = [LogprobEntry(token, -0.5, dict(list(top.items())[: req.sampling.logprobs]))]
+        logprobs = [Logprob(token, -0.5, dict(list(top.items())[: req.request.sampling.logprobs]))]
     return TokenDelta(
         request_id=req.request_id,
         index=index,
         token_ids=[token],
         logprobs=logprobs,
         finish_reason=finish,
-        num_prompt_tokens=len(req.prompt_token_ids),
+        num_prompt_tokens=len(req.request.prompt_token_ids),
         num_cached_tokens=2,
         num_output_tokens=num_output,
     )

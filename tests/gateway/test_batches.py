@@ -110,7 +110,7 @@ async def test_a_batch_runs_to_an_output_and_an_error_file(env):
     assert [e["custom_id"] for e in errors] == ["req-7"]
     assert errors[0]["response"]["status_code"] == 400
     assert "max_tokens" in errors[0]["response"]["body"]["error"]["message"]
-    assert all(s.priority == 1 for s in cluster.submits[-19:])  # offline: below online work
+    assert all(s.request.priority == 1 for s in cluster.submits[-19:])  # offline: below online work
     listed = await client.batches.list(limit=5)
     assert done.id in [b.id for b in listed.data]
 

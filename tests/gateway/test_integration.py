@@ -26,7 +26,7 @@ from xllm.protocol import (
     ErrorInfo,
     InstanceLost,
     ProtocolError,
-    SamplingSpec,
+    SamplingParams,
     encode,
     subjects,
 )
@@ -108,15 +108,15 @@ async def test_completion(env):
     assert r.usage.total_tokens == len(prompt) + len(env.tokens(0))
     assert r.usage.prompt_tokens_details.cached_tokens == 2
     submit = env.cluster.submits[-1]
-    assert submit.request_id == r.id and submit.model == MODEL
-    assert submit.prompt_token_ids == prompt and submit.sampling.max_tokens == 50
+    assert submit.request_id == r.id and submit.request.model == MODEL
+    assert submit.request.prompt_token_ids == prompt and submit.request.sampling.max_tokens == 50
     await asyncio.sleep(0.05)
     assert r.id not in env.cluster.aborts  # finished normally: nothing to abort
 
 
 async def test_completion_defaults_max_tokens_to_the_rest_of_the_context(env):
     await env.client.completions.create(model=MODEL, prompt=[1, 2, 3])
-    assert env.cluster.submits[-1].sampling.max_tokens == env.model.max_model_len - 3
+    assert env.cluster.submits[-1].request.sampling.max_tokens == env.model.max_model_len - 3
 
 
 async def test_completion_length(env):
@@ -153,7 +153,7 @@ async def test_chat(env):
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == TEXTS[0]
     expected = env.model.tokenizer.encode_chat(messages)
-    assert env.cluster.submits[-1].prompt_token_ids == expected
+    assert env.cluster.submits[-1].request.prompt_token_ids == expected
     assert r.usage.prompt_tokens == len(expected)
 
 
@@ -333,7 +333,7 @@ async def test_deadline_raises_timeout_and_aborts(env):
         request_id="cmpl-deadline",
         model=MODEL,
         prompt_token_ids=[1, 2],
-        sampling=SamplingSpec(max_tokens=300),
+        sampling=SamplingParams(max_tokens=300),
     )
     gen = Generation(env.gateway_nc, env.model, req, submit_timeout=2, timeout=0.2)
     with pytest.raises(ProtocolError) as e:
@@ -454,7 +454,7 @@ async def test_a_lost_instance_resumes_the_stream_as_a_continuation(env):
     def plan(req) -> Script:
         if not req.resumed:  # the first attempt streams slowly until it is "lost"
             return Script(tokens=[tokens], delay=0.05)
-        done = len(req.prompt_token_ids) - len(prompt)
+        done = len(req.request.prompt_token_ids) - len(prompt)
         return Script(tokens=[tokens[done:]])
 
     env.cluster.plan = plan
@@ -472,10 +472,10 @@ async def test_a_lost_instance_resumes_the_stream_as_a_continuation(env):
     first, resumed = env.cluster.submits[-2:]
     assert not first.resumed and resumed.resumed
     assert resumed.request_id == f"{first.request_id}-r1"
-    done = len(resumed.prompt_token_ids) - len(prompt)
+    done = len(resumed.request.prompt_token_ids) - len(prompt)
     assert 5 <= done < 40
-    assert resumed.prompt_token_ids == prompt + tokens[:done]
-    assert resumed.sampling.max_tokens == 40 - done
+    assert resumed.request.prompt_token_ids == prompt + tokens[:done]
+    assert resumed.request.sampling.max_tokens == 40 - done
     assert received == [env.model.tokenizer.decode([t]) for t in tokens]
     assert await env.cluster.wait_abort(first.request_id)  # the old attempt is stopped
 

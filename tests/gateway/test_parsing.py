@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from aiohttp import web
 
+from services.gateway import parsing
 from services.gateway.errors import ApiError, classify
 from services.gateway.parsing import MAX_N, parse_chat, parse_completion
-from xllm.protocol import ErrorCode, ProtocolError, http_status
+from xllm.protocol import ErrorCode, ProtocolError, SamplingParams, http_status
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -99,6 +101,19 @@ def test_context_length(model_info):
     status, error = error_of(completion, model_info, prompt=[1] * 10, max_tokens=m - 9)
     assert (status, error["param"]) == (400, "max_tokens")
     assert completion(model_info, prompt=[1] * 10, max_tokens=m - 10).gen.sampling.max_tokens
+
+
+def test_every_scalar_sampling_field_is_read_from_the_body_field_of_its_name(model_info):
+    """parsing.py lists no sampling field: a field added to SamplingParams is accepted."""
+    body = {"min_tokens": 3, "temperature": 0.5, "top_k": 4, "top_p": 0.5, "min_p": 0.25,
+            "seed": 9, "repetition_penalty": 1.5, "presence_penalty": 0.5,
+            "frequency_penalty": -0.5, "ignore_eos": True}  # fmt: skip
+    scalar = {f.name for f in dataclasses.fields(SamplingParams)} - parsing._READ_APART
+    assert scalar == body.keys()
+    s = completion(model_info, prompt=[5], max_tokens=4, **body).gen.sampling
+    assert {name: getattr(s, name) for name in body} == body
+    assert type(s.temperature) is float and type(s.presence_penalty) is float
+    assert type(completion(model_info, prompt=[5], temperature=1).gen.sampling.temperature) is float
 
 
 def test_defaults_and_extras(model_info):

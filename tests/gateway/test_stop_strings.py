@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.gateway.streaming import CompletionText, GenerationRequest
 from xllm.detokenizer import StopStrings
-from xllm.protocol import SamplingSpec, TokenDelta
+from xllm.protocol import SamplingParams, TokenDelta
 
 
 def run(stops: StopStrings, pieces: list[str]) -> str:
@@ -55,7 +55,7 @@ def _completion(model_info, stop=(), include=False, skip_special=True) -> Comple
         request_id="cmpl-x",
         model="tiny",
         prompt_token_ids=[1, 2, 3],
-        sampling=SamplingSpec(),
+        sampling=SamplingParams(),
         stop=tuple(stop),
         include_stop_str_in_output=include,
         skip_special_tokens=skip_special,

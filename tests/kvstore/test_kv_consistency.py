@@ -33,7 +33,8 @@ from xllm.protocol import (
     GenerateCmd,
     KvMatchReply,
     KvMatchRequest,
-    SamplingSpec,
+    RequestSpec,
+    SamplingParams,
     TokenDelta,
     decode_as,
     encode,
@@ -94,8 +95,9 @@ class Cluster:
                 done.set()
 
         sub = await self.nc.subscribe(subjects.request_output(request_id), cb=on_delta)
-        sampling = SamplingSpec(max_tokens=4, temperature=0.0, ignore_eos=True)
-        cmd = GenerateCmd(request_id=request_id, prompt_token_ids=prompt, sampling=sampling)
+        sampling = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        request = RequestSpec(prompt_token_ids=prompt, sampling=sampling)
+        cmd = GenerateCmd(request_id=request_id, request=request)
         await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
         await asyncio.wait_for(done.wait(), timeout=120)
         await sub.unsubscribe()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, make_dataclass
 
 import msgpack
@@ -14,7 +15,8 @@ from xllm.protocol import (
     AbortCmd,
     DecodeError,
     GenerateCmd,
-    SamplingSpec,
+    RequestSpec,
+    SamplingParams,
     codec,
     decode,
     decode_as,
@@ -22,13 +24,24 @@ from xllm.protocol import (
     message,
 )
 
-GOOD = GenerateCmd(request_id="r1", prompt_token_ids=[1, 2, 3], sampling=SamplingSpec(seed=7))
+GOOD = GenerateCmd(
+    request_id="r1",
+    request=RequestSpec(prompt_token_ids=[1, 2, 3], sampling=SamplingParams(seed=7)),
+)
+REQUEST_FIELDS = frozenset(f.name for f in dataclasses.fields(RequestSpec))
 
 
-def envelope(t="generate", v=1, **fields) -> dict:
-    d = {"request_id": "r1", "prompt_token_ids": [1, 2, 3], "sampling": {}}
-    d.update(fields)
-    return {"t": t, "v": v, "d": {k: x for k, x in d.items() if x is not DROP}}
+def envelope(t="generate", v=2, **fields) -> dict:
+    """A hand-built GenerateCmd envelope; fields of `RequestSpec` go into `request`."""
+    request = {"prompt_token_ids": [1, 2, 3], "sampling": {}}
+    d = {"request_id": "r1", "request": request}
+    for name, value in fields.items():
+        (request if name in REQUEST_FIELDS else d)[name] = value
+    request = {k: x for k, x in request.items() if x is not DROP}
+    d = {k: x for k, x in d.items() if x is not DROP}
+    if "request" in d:
+        d["request"] = request
+    return {"t": t, "v": v, "d": d}
 
 
 DROP = object()
@@ -40,13 +53,13 @@ def pack(obj) -> bytes:
 
 def test_the_envelope_is_t_v_d():
     raw = msgpack.unpackb(encode(GOOD))
-    assert raw["t"] == "generate" and raw["v"] == 1
-    assert raw["d"]["request_id"] == "r1" and raw["d"]["sampling"]["seed"] == 7
+    assert raw["t"] == "generate" and raw["v"] == 2
+    assert raw["d"]["request_id"] == "r1" and raw["d"]["request"]["sampling"]["seed"] == 7
 
 
 def test_hand_built_envelope_decodes():
     assert decode(pack(envelope())) == GenerateCmd(
-        request_id="r1", prompt_token_ids=[1, 2, 3], sampling=SamplingSpec()
+        request_id="r1", request=RequestSpec(prompt_token_ids=[1, 2, 3], sampling=SamplingParams())
     )
 
 
@@ -71,10 +84,10 @@ def test_not_msgpack(data):
         "generate",
         [1, 2, 3],
         None,
-        {"t": "generate", "v": 1},  # no d
+        {"t": "generate", "v": 2},  # no d
         {"t": "generate", "d": {}},  # no v
         {**envelope(), "x": 1},  # extra envelope key
-        {"t": "generate", "v": 1, "d": [1, 2]},  # d not a map
+        {"t": "generate", "v": 2, "d": [1, 2]},  # d not a map
     ],
 )
 def test_not_an_envelope(obj):
@@ -88,20 +101,21 @@ def test_unknown_tag(tag):
         decode(pack(envelope(t=tag)))
 
 
-@pytest.mark.parametrize("version", [2, 99, 0, -1, True, "1", 1.0, None])
+# 1: GenerateCmd v2 moved its fields into `request`, so it reads v2 only (`oldest`).
+@pytest.mark.parametrize("version", [1, 3, 99, 0, -1, True, "2", 2.0, None])
 def test_unsupported_version(version):
     with pytest.raises(DecodeError, match="unsupported version"):
         decode(pack(envelope(v=version)))
 
 
 def test_older_version_fills_fields_added_later(monkeypatch):
-    """A v2 reader accepts v1 messages: fields added in v2 have defaults."""
-    monkeypatch.setitem(codec._TAG_OF, GenerateCmd, ("generate", 2))
-    old = decode(pack(envelope(v=1, priority=DROP)))
-    assert old.priority == 0
-    assert decode(pack(envelope(v=2))).request_id == "r1"
+    """A v3 reader accepts v2 messages: fields added in v3 have defaults."""
+    monkeypatch.setitem(codec._TAG_OF, GenerateCmd, ("generate", 3))
+    old = decode(pack(envelope(v=2, priority=DROP)))
+    assert old.request.priority == 0
+    assert decode(pack(envelope(v=3))).request_id == "r1"
     with pytest.raises(DecodeError, match="unsupported version"):
-        decode(pack(envelope(v=3)))
+        decode(pack(envelope(v=4)))
 
 
 def test_missing_required_field():
@@ -142,13 +156,16 @@ def test_ill_typed_fields(fields):
 
 
 def test_error_names_the_message_and_field():
-    with pytest.raises(DecodeError, match=r"generate v1: sampling: temperature: expected float"):
+    with pytest.raises(
+        DecodeError, match=r"generate v2: request: sampling: temperature: expected float"
+    ):
         decode(pack(envelope(sampling={"temperature": "hot"})))
 
 
 def test_ints_are_accepted_for_floats():
     msg = decode(pack(envelope(sampling={"temperature": 0, "top_p": 1})))
-    assert msg.sampling.temperature == 0.0 and type(msg.sampling.temperature) is float
+    sampling = msg.request.sampling
+    assert sampling.temperature == 0.0 and type(sampling.temperature) is float
 
 
 @pytest.mark.parametrize(
@@ -172,8 +189,9 @@ def test_ill_typed_fields_of_other_messages(tag, fields):
 
 @pytest.mark.parametrize("value", [2**64 - 1, -(2**63), 2**63 - 1])
 def test_64_bit_ints(value):
-    msg = GenerateCmd(request_id="r", prompt_token_ids=[value], sampling=SamplingSpec())
-    assert decode(encode(msg)).prompt_token_ids == [value]
+    request = RequestSpec(prompt_token_ids=[value], sampling=SamplingParams())
+    msg = GenerateCmd(request_id="r", request=request)
+    assert decode(encode(msg)).request.prompt_token_ids == [value]
 
 
 @settings(max_examples=200, deadline=None)
@@ -200,7 +218,7 @@ def test_decode_as_checks_the_type():
 
 def test_encode_refuses_unregistered_types():
     with pytest.raises(TypeError):
-        encode(SamplingSpec())
+        encode(SamplingParams())
     with pytest.raises(TypeError):
         encode({"t": "generate"})
 
@@ -236,3 +254,12 @@ def test_unsupported_field_types_fail_at_definition(annotation):
 def test_bad_version_numbers_are_refused():
     with pytest.raises(ValueError):
         message("test_bad_version", version=0)
+    with pytest.raises(ValueError):
+        message("test_bad_oldest", version=2, oldest=3)
+    with pytest.raises(ValueError):
+        message("test_bad_oldest", version=2, oldest=0)
+
+
+def test_versions_before_oldest_are_refused_by_name():
+    with pytest.raises(DecodeError, match=r"generate: unsupported version 1 \(known: 2\.\.2\)"):
+        decode(pack(envelope(v=1)))

@@ -12,7 +12,8 @@ from xllm.protocol import (
     ErrorCode,
     ErrorInfo,
     GenerateCmd,
-    SamplingSpec,
+    RequestSpec,
+    SamplingParams,
     SubmitReply,
     TypeDispatcher,
     decode,
@@ -21,7 +22,9 @@ from xllm.protocol import (
 )
 
 LOGGER = "xllm.protocol.dispatch"
-GENERATE = GenerateCmd(request_id="r1", prompt_token_ids=[1, 2], sampling=SamplingSpec())
+GENERATE = GenerateCmd(
+    request_id="r1", request=RequestSpec(prompt_token_ids=[1, 2], sampling=SamplingParams())
+)
 
 
 @dataclass
@@ -86,7 +89,7 @@ def test_registration_is_checked():
     with pytest.raises(ValueError):
         dispatcher.register(GenerateCmd, lambda m: None)
     with pytest.raises(TypeError):
-        dispatcher.register(SamplingSpec, lambda m: None)  # nested type, not a message
+        dispatcher.register(SamplingParams, lambda m: None)  # nested type, not a message
 
 
 async def test_callback_replies_to_requests():

@@ -13,6 +13,7 @@ import inspect
 import types
 import typing
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,8 +23,11 @@ from xllm.protocol import (
     ErrorInfo,
     KvEvent,
     KvEvents,
-    LogprobEntry,
-    SamplingSpec,
+    Logprob,
+    RequestSpec,
+    Role,
+    SamplingParams,
+    SetRoleCmd,
     SubmitReply,
     TokenDelta,
     decode,
@@ -33,10 +37,10 @@ from xllm.protocol import (
     kv,
     kv_peer,
     registry,
-    sampling,
     stream,
 )
 from xllm.protocol import errors as errors_module
+from xllm.protocol import types as value_types
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # msgpack's int range
 
@@ -108,11 +112,11 @@ def test_nested_tuples_come_back_as_their_named_types():
     delta = TokenDelta(
         request_id="r",
         token_ids=[5],
-        logprobs=[LogprobEntry(5, -0.25, {5: -0.25, 9: -3})],
+        logprobs=[Logprob(5, -0.25, {5: -0.25, 9: -3})],
         num_output_tokens=1,
     )
     back = decode(encode(delta))
-    assert type(back.logprobs[0]) is LogprobEntry
+    assert type(back.logprobs[0]) is Logprob
     assert back.logprobs[0].top == {5: -0.25, 9: -3.0}
     assert type(back.logprobs[0].top[9]) is float  # int on the wire, float in the message
 
@@ -125,6 +129,12 @@ def test_enum_fields_come_back_as_enums():
     reply = SubmitReply(request_id="r", error=ErrorInfo(ErrorCode.OVERLOADED, "busy"))
     back = decode(encode(reply))
     assert back.error.code is ErrorCode.OVERLOADED
+
+
+def test_role_travels_as_its_string():
+    beat = decode(encode(SetRoleCmd(role=Role.PREFILL)))
+    assert beat.role is Role.PREFILL and beat.role == "prefill"
+    assert msgpack.unpackb(encode(SetRoleCmd(role=Role.DECODE)))["d"]["role"] == "decode"
 
 
 def test_submit_reply_needs_exactly_one_outcome():
@@ -165,12 +175,13 @@ def _undocumented_fields(module: types.ModuleType) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "module", [gateway, instance, kv, kv_peer, stream, sampling, errors_module]
+    "module", [gateway, instance, kv, kv_peer, stream, value_types, errors_module]
 )
 def test_every_field_has_a_docstring(module):
     assert _undocumented_fields(module) == []
 
 
-def test_sampling_spec_is_nested_not_registered():
+def test_value_types_are_nested_not_registered():
     """Nested dataclasses have no tag: they are versioned by the messages that carry them."""
-    assert SamplingSpec not in {cls for cls, _ in registry().values()}
+    registered = {cls for cls, _ in registry().values()}
+    assert SamplingParams not in registered and RequestSpec not in registered

@@ -17,7 +17,8 @@ from xllm.protocol import (
     ErrorCode,
     GenerateCmd,
     InstanceLost,
-    SamplingSpec,
+    RequestSpec,
+    SamplingParams,
     SubmitReply,
     SubmitRequest,
     decode_as,
@@ -53,10 +54,12 @@ def busy(started_at: float = 1.0):
 async def submit(nc, rid: str, priority: int = 0) -> SubmitReply:
     req = SubmitRequest(
         request_id=rid,
-        prompt_token_ids=list(range(100)),
-        sampling=SamplingSpec(max_tokens=4),
+        request=RequestSpec(
+            prompt_token_ids=list(range(100)),
+            sampling=SamplingParams(max_tokens=4),
+            priority=priority,
+        ),
         arrival_time=0.0,
-        priority=priority,
     )
     msg = await nc.request(subjects.SCHED_SUBMIT, encode(req), timeout=5)
     return decode_as(msg.data, SubmitReply)

@@ -7,11 +7,12 @@ import pytest
 
 from services.scheduler.sim import calibrate as cal
 from services.scheduler.sim import fit
-from services.scheduler.sim.cost_model import ModelShape
+from services.scheduler.sim.cost_model import load_model_config
 from services.scheduler.sim.hardware import HardwareProfile
+from xllm.models.config import ModelConfig
 
 
-def synthetic(model: ModelShape, hw: HardwareProfile, shapes: list[cal.Shape]):
+def synthetic(model: ModelConfig, hw: HardwareProfile, shapes: list[cal.Shape]):
     """Measurements made by the model itself, from the calibration's own step shapes."""
     from services.scheduler.sim.cost_model import StepShape, step_time
 
@@ -27,7 +28,7 @@ def synthetic(model: ModelShape, hw: HardwareProfile, shapes: list[cal.Shape]):
 
 
 def test_the_fit_recovers_factors_it_was_generated_with():
-    model = ModelShape.load("qwen3-0.6b")
+    model = load_model_config("qwen3-0.6b")
     truth = HardwareProfile(
         name="t",
         peak_flops={"bfloat16": 1e12},
@@ -61,7 +62,7 @@ def _held_out_errors(model_dir) -> tuple[dict[str, float], float]:
         warmup=1,
         name="test",
     )
-    model = ModelShape.load(model_dir, "float32")
+    model = load_model_config(model_dir, "float32")
     errors = {
         m.label: e
         for m, e in zip(held_out, fit.relative_errors(model, held_out, profile), strict=True)

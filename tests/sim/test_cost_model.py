@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from services.scheduler.sim.cost_model import (
-    ModelShape,
     StepShape,
     kv_transfer_time,
+    load_model_config,
     step_cost,
     step_time,
 )
 from services.scheduler.sim.hardware import SPEC_PROFILES, load_profile
 
-QWEN3_06B = ModelShape.load("qwen3-0.6b")
+QWEN3_06B = load_model_config("qwen3-0.6b")
 A100 = SPEC_PROFILES["a100"]
 
 
@@ -27,10 +27,12 @@ def prefill(n: int, ctx: int = 0) -> StepShape:
 
 def test_model_shape_reads_qwen3_06b():
     m = QWEN3_06B
-    assert (m.hidden, m.layers, m.heads, m.kv_heads, m.head_dim) == (1024, 28, 16, 8, 128)
+    shape = (m.hidden_size, m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads)
+    assert (*shape, m.head_dim) == (1024, 28, 16, 8, 128)
     assert m.kv_bytes_per_token == 2 * 28 * 8 * 128 * 2
     # ~0.44B weights in the layers + 0.16B tied embedding/LM head: Qwen3-0.6B's 0.6B.
-    params = m.layers * (m.attn_weights + m.mlp_weights(1)[1]) + m.hidden * m.vocab
+    layers = m.num_hidden_layers * (m.attn_weights + m.mlp_weights(1)[1])
+    params = layers + m.hidden_size * m.vocab_size
     assert 0.55e9 < params < 0.65e9
 
 

@@ -15,13 +15,18 @@ from services.scheduler.policies import (
     PlacementRequest,
     get_policy,
 )
-from services.scheduler.sim.cost_model import ModelShape, StepShape, kv_transfer_time, step_time
+from services.scheduler.sim.cost_model import (
+    StepShape,
+    kv_transfer_time,
+    load_model_config,
+    step_time,
+)
 from services.scheduler.sim.hardware import SPEC_PROFILES
 from services.scheduler.sim.instance import InstanceSpec, SimInstance, SimRequest
 from services.scheduler.sim.report import Slo, percentile, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
 
-MODEL = ModelShape.load("qwen3-0.6b")
+MODEL = load_model_config("qwen3-0.6b")
 HW = SPEC_PROFILES["a100"]
 SPEC = InstanceSpec(num_kv_blocks=4096, block_size=16, max_num_batched_tokens=2048)
 

@@ -11,13 +11,13 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.policies import POLICIES_FLIPPING_ROLES, get_policy
 from services.scheduler.rebalance import PLAN_INTERVAL, flip_config
 from services.scheduler.sim import simulator
-from services.scheduler.sim.cost_model import ModelShape, StepShape, step_time
+from services.scheduler.sim.cost_model import StepShape, load_model_config, step_time
 from services.scheduler.sim.hardware import SPEC_PROFILES
 from services.scheduler.sim.instance import InstanceSpec, SimInstance, SimRequest
 from services.scheduler.sim.report import Slo, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
 
-MODEL = ModelShape.load("qwen3-8b")
+MODEL = load_model_config("qwen3-8b")
 HW = SPEC_PROFILES["a100"]
 SPEC = InstanceSpec(num_kv_blocks=8192, block_size=16, max_num_batched_tokens=2048)
 PROMPT_TOKENS = 1000

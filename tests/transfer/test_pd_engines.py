@@ -16,7 +16,7 @@ import torch
 
 from xllm.config import EngineConfig
 from xllm.engine.engine import Engine
-from xllm.engine.sampling_params import SamplingParams
+from xllm.protocol.types import SamplingParams
 
 pytest.importorskip("mooncake.engine")
 

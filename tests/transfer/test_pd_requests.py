@@ -14,7 +14,7 @@ from xllm.engine.engine import Engine
 from xllm.instance.early_aborts import EarlyAborts
 from xllm.instance.lost_peers import LostPeers
 from xllm.instance.pd_decode import DecodeSide, DecodeState
-from xllm.protocol import DecodeCmd, PrefillCmd, SamplingSpec
+from xllm.protocol import DecodeCmd, PrefillCmd, RequestSpec, SamplingParams
 
 pytest.importorskip("mooncake.engine")
 
@@ -54,8 +54,10 @@ def pd(tiny_model_dir):
 def decode_cmd(request_id: str, prefill_instance_id: str, run: float = 0.0) -> DecodeCmd:
     return DecodeCmd(
         request_id=request_id,
-        prompt_token_ids=list(range(100, 100 + PROMPT_TOKENS)),
-        sampling=SamplingSpec(max_tokens=4),
+        request=RequestSpec(
+            prompt_token_ids=list(range(100, 100 + PROMPT_TOKENS)),
+            sampling=SamplingParams(max_tokens=4),
+        ),
         prefill_instance_id=prefill_instance_id,
         prefill_started_at=run,
     )

@@ -4,9 +4,9 @@ prefill-only holding on the prefill side; no model, fake sampled tokens."""
 from __future__ import annotations
 
 from xllm.engine.block_manager import BlockManager
-from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.scheduler import Scheduler
 from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
+from xllm.protocol.types import SamplingParams
 
 BS = 4
 

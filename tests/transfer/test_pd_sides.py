@@ -29,7 +29,8 @@ from xllm.protocol import (
     ErrorCode,
     KvReady,
     PrefillCmd,
-    SamplingSpec,
+    RequestSpec,
+    SamplingParams,
     TokenDelta,
 )
 
@@ -142,8 +143,10 @@ class Pd:
 def decode_cmd(request_id: str, prompt: list[int], max_tokens: int) -> DecodeCmd:
     return DecodeCmd(
         request_id=request_id,
-        prompt_token_ids=prompt,
-        sampling=SamplingSpec(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+        request=RequestSpec(
+            prompt_token_ids=prompt,
+            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+        ),
         prefill_instance_id="p0",
         prefill_started_at=2.0,
     )
@@ -186,7 +189,7 @@ def test_the_kv_crosses_and_decode_continues_as_if_colocated(make_pd):
     decoded = pd.decode_to_end()["r"]
     first = next(t for d in pd.deltas if d.request_id == "r" for t in d.token_ids)
     colocated = pd.p_engine  # same weights: the same request run in one engine
-    colocated.add_request("c", PROMPT, decode_cmd("c", PROMPT, 4).sampling.to_params())
+    colocated.add_request("c", PROMPT, decode_cmd("c", PROMPT, 4).request.sampling)
     expected = []
     while colocated.has_unfinished():
         for out in colocated.step():

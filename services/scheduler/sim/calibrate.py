@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.scheduler.sim.cost_model import ModelShape, StepShape
+from services.scheduler.sim.cost_model import StepShape, load_model_config
 from services.scheduler.sim.fit import Measurement, fit_factors, fit_summary
 from services.scheduler.sim.hardware import GiB, HardwareProfile
 
@@ -76,7 +76,7 @@ class EngineBench:
         from xllm.config import EngineConfig
         from xllm.engine.engine import Engine
 
-        self.model = ModelShape.load(model_dir, dtype)
+        self.model = load_model_config(model_dir, dtype)
         kv_gb = 1.25 * (max_batch + 1) * (max_ctx + 64) * self.model.kv_bytes_per_token / GiB
         self.engine = Engine(
             EngineConfig(
@@ -100,8 +100,8 @@ class EngineBench:
         """Queue a random prompt of `num_tokens`; its first `computed` tokens count as
         prefilled already. Their KV slots keep whatever the pool held: a step's time does not
         depend on the values, and skipping those prefills saves minutes per shape on a CPU."""
-        from xllm.engine.sampling_params import SamplingParams
         from xllm.engine.sequence import SequenceStatus
+        from xllm.protocol.types import SamplingParams
 
         rid = f"cal-{next(self._ids)}"
         prompt = self._rng.integers(10, self.vocab, num_tokens).tolist()

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from services.scheduler.sim.cost_model import ModelShape, StepCost, StepShape, step_cost
+from services.scheduler.sim.cost_model import StepCost, StepShape, step_cost
 from services.scheduler.sim.hardware import HardwareProfile
+from xllm.models.config import ModelConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,7 @@ def features(cost: StepCost, peak: float, bw: float) -> list[float]:
 
 
 def fit_factors(
-    model: ModelShape, data: list[Measurement], base: HardwareProfile
+    model: ModelConfig, data: list[Measurement], base: HardwareProfile
 ) -> HardwareProfile:
     """Non-negative least squares on relative error: every subset of the factors is solved
     exactly and the best all-non-negative solution kept (seven factors: 127 small solves)."""
@@ -76,13 +77,15 @@ def fit_factors(
     return base.with_factors(overlap=1.0, **dict(zip(FACTORS, map(float, best), strict=True)))
 
 
-def relative_errors(model: ModelShape, data: list[Measurement], hw: HardwareProfile) -> list[float]:
+def relative_errors(
+    model: ModelConfig, data: list[Measurement], hw: HardwareProfile
+) -> list[float]:
     """(predicted - measured) / measured for each measurement."""
     return [hw.time_of(step_cost(model, m.step), model.dtype) / m.seconds - 1 for m in data]
 
 
 def fit_summary(
-    model: ModelShape, hw: HardwareProfile, train: list[Measurement], held_out: list[Measurement]
+    model: ModelConfig, hw: HardwareProfile, train: list[Measurement], held_out: list[Measurement]
 ) -> dict[str, float]:
     train_err = relative_errors(model, train, hw)
     test_err = relative_errors(model, held_out, hw)
@@ -98,7 +101,7 @@ def save_measurements(
     train: list[Measurement],
     held_out: list[Measurement],
     hw: HardwareProfile,
-    model: ModelShape,
+    model: ModelConfig,
 ) -> None:
     """One JSON line per measurement with its prediction: the evidence behind a profile."""
     rows = [("train", m) for m in train] + [("held_out", m) for m in held_out]
@@ -134,7 +137,7 @@ def load_measurements(path: str | Path) -> tuple[list[Measurement], list[Measure
     return train, held_out
 
 
-def refit(profile_path: str | Path, model: ModelShape) -> HardwareProfile:
+def refit(profile_path: str | Path, model: ModelConfig) -> HardwareProfile:
     """Fit `profile_path`'s factors again from the measurements saved beside it (after a
     change to the cost model, without measuring again); rewrites both files."""
     path = Path(profile_path)

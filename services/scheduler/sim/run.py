@@ -12,12 +12,13 @@ from services.scheduler.policies import (
     get_policy,
 )
 from services.scheduler.rebalance import flip_config
-from services.scheduler.sim.cost_model import ModelShape
+from services.scheduler.sim.cost_model import load_model_config
 from services.scheduler.sim.hardware import GiB, HardwareProfile, load_profile
 from services.scheduler.sim.instance import InstanceSpec, SimRequest
 from services.scheduler.sim.report import SimReport, Slo, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
 from xllm.bench.traces import TraceRequest, load_trace
+from xllm.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Setup:
 
     trace: tuple[TraceRequest, ...]
     trace_name: str
-    model: ModelShape
+    model: ModelConfig
     hw: HardwareProfile
     cluster: ClusterSpec
     slo: Slo
@@ -60,7 +61,7 @@ class Setup:
         }
 
 
-def kv_tokens(model: ModelShape, hw: HardwareProfile, kv_cache_gb: float = 0.0) -> int:
+def kv_tokens(model: ModelConfig, hw: HardwareProfile, kv_cache_gb: float = 0.0) -> int:
     """Tokens of KV one instance holds: the given GiB, the profile's pool, or 90% of memory
     minus the weights."""
     if kv_cache_gb > 0:
@@ -69,8 +70,8 @@ def kv_tokens(model: ModelShape, hw: HardwareProfile, kv_cache_gb: float = 0.0) 
         budget = hw.kv_cache_bytes
     else:
         weights = (
-            model.layers * (model.attn_weights + model.mlp_weights(1 << 30)[1])
-            + model.hidden * model.vocab
+            model.num_hidden_layers * (model.attn_weights + model.mlp_weights(1 << 30)[1])
+            + model.hidden_size * model.vocab_size
         ) * model.dtype_bytes
         budget = 0.9 * hw.memory_bytes - weights
     return int(budget // model.kv_bytes_per_token)
@@ -84,7 +85,7 @@ def roles_of(instances: int, pd: str) -> tuple[str, ...]:
 
 
 def setup_from_args(args: argparse.Namespace, instances: int) -> Setup:
-    model = ModelShape.load(args.model_config, args.dtype)
+    model = load_model_config(args.model_config, args.dtype)
     hw = load_profile(args.profile)
     tokens = kv_tokens(model, hw, args.kv_cache_gb)
     spec = InstanceSpec(

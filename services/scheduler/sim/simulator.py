@@ -37,7 +37,7 @@ from services.scheduler.policies import FlipConfig, PlacementRequest, Policy
 from services.scheduler.policies.admission import refusal
 from services.scheduler.prefix import RecentPlacements
 from services.scheduler.rebalance import PLAN_INTERVAL, placement_request, rebalance
-from services.scheduler.sim.cost_model import ModelShape, kv_transfer_time, step_time
+from services.scheduler.sim.cost_model import kv_transfer_time, step_time
 from services.scheduler.sim.hardware import HardwareProfile
 from services.scheduler.sim.instance import (
     HASH_BLOCK_TOKENS,
@@ -46,6 +46,7 @@ from services.scheduler.sim.instance import (
     SimInstance,
     SimRequest,
 )
+from xllm.models.config import ModelConfig
 
 ARRIVE, STEP_DONE, KV_LANDED, PLAN = 0, 1, 2, 3
 ALL_ROLES = ("both", "prefill", "decode")
@@ -68,7 +69,7 @@ class ClusterSpec:
 class Simulator:
     def __init__(
         self,
-        model: ModelShape,
+        model: ModelConfig,
         hw: HardwareProfile,
         cluster: ClusterSpec,
         policy: Policy,

@@ -116,10 +116,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     from services.scheduler.sim import calibrate as cal
     from services.scheduler.sim import fit
-    from services.scheduler.sim.cost_model import ModelShape
+    from services.scheduler.sim.cost_model import load_model_config
 
     if args.refit:
-        profile = fit.refit(args.out, ModelShape.load(args.model, args.dtype))
+        profile = fit.refit(args.out, load_model_config(args.model, args.dtype))
         print(json.dumps({"profile": args.out, **profile.fit}))
         return 0
     train, held_out = (
@@ -145,7 +145,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     )
     profile.save(args.out)
     measurements = Path(args.out).with_suffix(".measurements.jsonl")
-    model = ModelShape.load(args.model, args.dtype)
+    model = load_model_config(args.model, args.dtype)
     fit.save_measurements(measurements, train_data, test_data, profile, model)
     print(json.dumps({"profile": args.out, "measurements": str(measurements), **profile.fit}))
     return 0

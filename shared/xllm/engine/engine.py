@@ -16,14 +16,14 @@ from xllm.config import EngineConfig
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.model_runner import ModelRunner, is_decode
-from xllm.engine.sampling_params import SamplingParams
 from xllm.engine.scheduler import Scheduler
-from xllm.engine.sequence import FinishReason, Logprob, Sequence, SequenceStatus
+from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
 from xllm.engine.step_stats import StepStats
 from xllm.engine.swap import SwapSpace
 from xllm.models.config import ModelConfig, parse_dtype
 from xllm.platform import default_dtype, select_device
 from xllm.protocol.errors import ErrorCode, RequestRejected
+from xllm.protocol.types import Logprob, SamplingParams
 
 log = logging.getLogger(__name__)
 

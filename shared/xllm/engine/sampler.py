@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from xllm.engine.sampling_params import GREEDY_EPSILON
-from xllm.engine.sequence import Logprob, Sequence
+from xllm.engine.sequence import Sequence
+from xllm.protocol.types import GREEDY_EPSILON, Logprob
 
 
 @dataclass

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from xllm.engine.prefix_hash import extend_block_hashes
-from xllm.engine.sampling_params import SamplingParams
+from xllm.protocol.types import Logprob, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -34,15 +33,6 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS or a stop token
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # client or operator abort
-
-
-@dataclass
-class Logprob:
-    """The sampled token's logprob and the top alternatives (token id -> logprob)."""
-
-    token_id: int
-    logprob: float
-    top: dict[int, float] = field(default_factory=dict)
 
 
 class Sequence:

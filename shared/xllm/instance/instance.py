@@ -57,6 +57,7 @@ from xllm.protocol import (
     KvReady,
     KvSnapshotRequest,
     PrefillCmd,
+    Role,
     SetRoleCmd,
     TokenDelta,
     decode,
@@ -123,7 +124,7 @@ class Instance:
         self.nc = nc
         self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         subjects.token(self.instance_id)  # fail fast on an id NATS cannot route
-        self.role = config.role
+        self.role = Role(config.role)
         self.model_name = config.served_model_name or Path(engine.config.model).name
         self.inbox: asyncio.Queue[Command] = asyncio.Queue()
         self.kv_events = KvEventPublisher(nc, self.instance_id)
@@ -294,9 +295,12 @@ class Instance:
 
     async def _on_generate(self, cmd: GenerateCmd) -> None:
         try:
-            params = cmd.sampling.to_params()
+            request = cmd.request
             self.engine.add_request(
-                cmd.request_id, list(cmd.prompt_token_ids), params, priority=cmd.priority
+                cmd.request_id,
+                list(request.prompt_token_ids),
+                request.sampling,
+                priority=request.priority,
             )
         except ValueError as e:
             await self._send(error_delta(cmd.request_id, rejection(e)))
@@ -384,7 +388,7 @@ class Instance:
         return build_heartbeat(
             instance_id=self.instance_id,
             started_at=self.started_at,
-            role=self.role,  # type: ignore[arg-type]
+            role=self.role,
             model=self.model_name,
             engine=self.engine,
             role_flips=self.role_flips,

@@ -53,7 +53,6 @@ from xllm.instance.wire import (
     SendDelta,
     abort_delta,
     error_delta,
-    logprob_of,
     rejection,
 )
 from xllm.kv_transfer.base import KvReceiver
@@ -149,7 +148,7 @@ class DecodeSide:
                 await self.send_delta(error_delta(msg.request_id, msg.error))
             return
         self.transport().record_received(msg.num_blocks)
-        first_logprob = logprob_of(msg.first_logprob)
+        first_logprob = msg.first_logprob
         reason = self.engine.commit_remote_prefill(
             msg.request_id, msg.first_token_id, first_logprob
         )
@@ -205,9 +204,9 @@ class DecodeSide:
         try:
             reservation = self.engine.reserve_remote_prefill(
                 cmd.request_id,
-                list(cmd.prompt_token_ids),
-                cmd.sampling.to_params(),
-                priority=cmd.priority,
+                list(cmd.request.prompt_token_ids),
+                cmd.request.sampling,
+                priority=cmd.request.priority,
             )
         except ValueError as e:
             del self.requests[cmd.request_id]
@@ -218,9 +217,7 @@ class DecodeSide:
         request.state, request.reserved_at = DecodeState.RESERVED, time.monotonic()
         prefill = PrefillCmd(
             request_id=cmd.request_id,
-            prompt_token_ids=cmd.prompt_token_ids,
-            sampling=cmd.sampling,
-            priority=cmd.priority,
+            request=cmd.request,
             decode_instance_id=self.instance_id,
             decode_started_at=self.started_at,
             peer=self.transport().peer,

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from xllm.engine.engine import Engine, SequenceOutput
 from xllm.instance.early_aborts import EarlyAborts
 from xllm.instance.lost_peers import LostPeers
-from xllm.instance.wire import ABORTED, SendCmd, rejection, wire_logprob
+from xllm.instance.wire import ABORTED, SendCmd, rejection
 from xllm.kv_transfer.base import KvSender, KvTransfer, TransferState
 from xllm.protocol import ErrorCode, ErrorInfo, KvReady, PrefillCmd
 
@@ -110,10 +110,10 @@ class PrefillSide:
         try:
             self.engine.add_request(
                 cmd.request_id,
-                list(cmd.prompt_token_ids),
-                cmd.sampling.to_params(),
+                list(cmd.request.prompt_token_ids),
+                cmd.request.sampling,
                 prefill_only=True,
-                priority=cmd.priority,
+                priority=cmd.request.priority,
             )
         except ValueError as e:
             await self._answer(cmd, error=rejection(e))
@@ -208,7 +208,7 @@ class PrefillSide:
             await self._answer(
                 cmd,
                 first_token_id=first.token_ids[0],
-                first_logprob=wire_logprob(first.logprobs[0]) if first.logprobs else None,
+                first_logprob=first.logprobs[0] if first.logprobs else None,
                 num_blocks=len(cmd.fill_block_ids),
             )
 

@@ -1,5 +1,5 @@
-"""The instance's conversions to and from the wire: engine outputs → `TokenDelta`s, logprobs
-both ways, and the deltas and errors it sends when a request cannot run.
+"""The instance's conversions to the wire: engine outputs → `TokenDelta`s, and the deltas
+and errors it sends when a request cannot run.
 
 Error codes come from the errors' types (`RequestRejected` carries one), never from their
 text: `rejection` is the one place a refused request becomes an `ErrorInfo`.
@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from xllm.engine.engine import SequenceOutput
-from xllm.engine.sequence import FinishReason, Logprob
-from xllm.protocol import ErrorCode, ErrorInfo, LogprobEntry, ProtocolError, TokenDelta
+from xllm.engine.sequence import FinishReason
+from xllm.protocol import ErrorCode, ErrorInfo, ProtocolError, TokenDelta
 
 SendCmd = Callable[[str, object], Awaitable[None]]
 """Publish a message on an instance's command subject: (instance_id, message)."""
@@ -24,28 +24,17 @@ was delivered."""
 
 
 def to_wire(d: SequenceOutput) -> TokenDelta:
-    logprobs = None
-    if d.logprobs is not None:
-        logprobs = [wire_logprob(lp) for lp in d.logprobs]
     finish = d.finish_reason.value if isinstance(d.finish_reason, FinishReason) else None
     return TokenDelta(
         request_id=d.request_id,
         index=d.index,
         token_ids=d.token_ids,
-        logprobs=logprobs,
+        logprobs=d.logprobs,
         finish_reason=finish,  # type: ignore[arg-type]
         num_prompt_tokens=d.num_prompt_tokens,
         num_cached_tokens=d.num_cached_tokens,
         num_output_tokens=d.num_output_tokens,
     )
-
-
-def wire_logprob(lp: Logprob) -> LogprobEntry:
-    return LogprobEntry(lp.token_id, lp.logprob, lp.top)
-
-
-def logprob_of(entry: LogprobEntry | None) -> Logprob | None:
-    return None if entry is None else Logprob(entry.token_id, entry.logprob, dict(entry.top))
 
 
 def rejection(error: ValueError) -> ErrorInfo:

@@ -1,7 +1,13 @@
-"""ModelConfig: the parts of a Hugging Face `config.json` our models read, in one typed place.
+"""ModelConfig: a model's shape and the parts of a Hugging Face `config.json` we read, typed.
+
+The one description of a model's shape: the engine builds its layers from it, the
+simulator's cost model counts FLOPs and bytes from it (`attn_weights`, `mlp_weights`,
+`kv_bytes_per_token`), and `xllm make-model` writes checkpoints from it.
 
 transformers 4.x writes `rope_theta` and `rope_scaling` at the top level; 5.x may write a
 `rope_parameters` dict instead. Both are read here, so nothing else looks at raw keys.
+Importing this module does not import torch (the simulator runs without it); only
+`torch_dtype` and `parse_dtype` do.
 """
 
 from __future__ import annotations
@@ -9,48 +15,71 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
+DTYPE_NAMES = {
+    "float32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "half": "float16",
 }
+"""The dtype names (and aliases) a checkpoint's weights may have -> torch's name."""
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1}
+"""Bytes per element; the 8-bit ones for simulated deployments (`dataclasses.replace`)."""
+
+
+def dtype_name(name: str) -> str:
+    """torch's name of a dtype name or alias (`torch.` prefix allowed); ValueError if
+    unknown."""
+    try:
+        return DTYPE_NAMES[name.removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPE_NAMES)}") from None
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
-    try:
-        return DTYPES[name.removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+    return getattr(torch, dtype_name(name))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     architecture: str
+    """The Hugging Face class (`Qwen3ForCausalLM`): which of our models runs it."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
+    """The dense MLP's width (MoE models: see `moe_intermediate_size`)."""
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
-    max_position_embeddings: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    tie_word_embeddings: bool
-    attention_bias: bool
-    torch_dtype: torch.dtype
-    bos_token_id: int | None
-    eos_token_ids: tuple[int, ...]
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    dtype: str = "float32"
+    """The weights' dtype, by torch's name (`bfloat16`); `torch_dtype` is the torch object."""
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    num_experts: int = 0
+    """MoE: routed experts per layer (0 = dense MLP)."""
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -90,10 +119,43 @@ class ModelConfig:
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             # Qwen2 always has q/k/v bias; Llama and Qwen3 say so with `attention_bias`.
             attention_bias=raw.get("attention_bias", model_type == "qwen2"),
-            torch_dtype=parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            dtype=dtype_name(str(raw.get("torch_dtype") or raw.get("dtype") or "float32")),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_token_ids or _as_tuple(raw.get("eos_token_id")),
+            num_experts=raw.get("num_experts") or 0,
+            num_experts_per_tok=raw.get("num_experts_per_tok") or 0,
+            moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
             raw=raw,
+        )
+
+    # -- sizes (what a step reads and computes; the simulator's cost model) ----------------
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES.get(self.dtype, 2)
+
+    @property
+    def attn_weights(self) -> int:
+        """Weights of one layer's q, k, v and o projections."""
+        q_out = self.num_attention_heads * self.head_dim
+        kv_out = self.num_key_value_heads * self.head_dim
+        return self.hidden_size * (q_out + 2 * kv_out) + q_out * self.hidden_size
+
+    def mlp_weights(self, num_tokens: int) -> tuple[int, int]:
+        """(weights each token multiplies, weights a step of `num_tokens` reads) of one
+        layer's MLP: all of them when dense, the experts the tokens are routed to for MoE."""
+        if not self.num_experts:
+            dense = 3 * self.hidden_size * self.intermediate_size
+            return dense, dense
+        expert = 3 * self.hidden_size * self.moe_intermediate_size
+        touched = min(self.num_experts, num_tokens * self.num_experts_per_tok)
+        return self.num_experts_per_tok * expert, touched * expert
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token, all layers, in `dtype`."""
+        return (
+            2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * self.dtype_bytes
         )
 
 

@@ -3,10 +3,10 @@
     subjects.py   every subject / queue group / stream name, with sender → receiver and kind
     codec.py      @message registry, encode / decode (msgpack envelope {t, v, d}), DecodeError
     errors.py     ErrorCode, ErrorInfo, ProtocolError, RequestRejected, http_status
-    sampling.py   SamplingSpec (wire form of the engine's SamplingParams)
+    types.py      SamplingParams, Logprob, Role, RequestSpec: the value types every layer shares
     gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
     instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
-    stream.py     TokenDelta, LogprobEntry
+    stream.py     TokenDelta, FinishReason
     kv_peer.py    KvPeer, KvLayout (a KV pool as a write target, inside PrefillCmd)
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
@@ -39,13 +39,12 @@ from xllm.protocol.instance import (
     Heartbeat,
     KvReady,
     PrefillCmd,
-    Role,
     SetRoleCmd,
 )
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
 from xllm.protocol.kv_peer import KvLayout, KvPeer
-from xllm.protocol.sampling import SamplingSpec
-from xllm.protocol.stream import FinishReason, LogprobEntry, TokenDelta
+from xllm.protocol.stream import FinishReason, TokenDelta
+from xllm.protocol.types import Logprob, RequestSpec, Role, SamplingParams
 
 __all__ = [
     "AbortCmd",
@@ -67,12 +66,13 @@ __all__ = [
     "KvPeer",
     "KvReady",
     "KvSnapshotRequest",
-    "LogprobEntry",
+    "Logprob",
     "PrefillCmd",
     "ProtocolError",
     "RequestRejected",
+    "RequestSpec",
     "Role",
-    "SamplingSpec",
+    "SamplingParams",
     "SetRoleCmd",
     "SubmitReply",
     "SubmitRequest",

@@ -19,9 +19,12 @@ field that has no default, an unknown field, or a value of the wrong type (ints 
 where floats are expected; nothing else is coerced). Receivers log and drop such messages.
 
 Versioning: bump `version` on any change to a message's fields (or to a nested dataclass it
-carries). A decoder accepts its own version and older ones; a field added in a later version
-must have a default, which fills it in when an older peer leaves it out. A field whose
-meaning changes gets a new name. Nested dataclasses (SamplingSpec, ErrorInfo) have no tag
+carries). A decoder accepts its own version and older ones back to `oldest`; a field added
+in a later version must have a default, which fills it in when an older peer leaves it out.
+A field whose meaning changes gets a new name. A change older peers' messages cannot be read
+through (fields moved into a nested dataclass) also raises `oldest` to the new version, so
+their messages are refused as an unsupported version rather than misread: every peer is
+upgraded together. Nested dataclasses (SamplingParams, RequestSpec, ErrorInfo) have no tag
 and no version of their own: they are versioned by every message that carries them.
 
 `encode` does not validate (the producer is our own typed code); the tests round-trip every
@@ -50,9 +53,11 @@ class DecodeError(ValueError):
     """The bytes are not a message this process understands; log and drop them."""
 
 
-# tag -> class, and class -> (tag, newest version this process speaks).
+# tag -> class, class -> (tag, newest version this process speaks), class -> oldest version
+# it still reads.
 _BY_TAG: dict[str, type] = {}
 _TAG_OF: dict[type, tuple[str, int]] = {}
+_OLDEST: dict[type, int] = {}
 _ENVELOPE_KEYS = frozenset(("t", "v", "d"))
 
 
@@ -70,10 +75,13 @@ class _Spec:
 _SPECS: dict[type, _Spec] = {}
 
 
-def message(tag: str, version: int = 1) -> Callable[[type[T]], type[T]]:
-    """Class decorator: register a dataclass as a wire message under `tag` at `version`."""
+def message(tag: str, version: int = 1, oldest: int = 1) -> Callable[[type[T]], type[T]]:
+    """Class decorator: register a dataclass as a wire message under `tag` at `version`,
+    reading versions `oldest`..`version` (see Versioning in the module docstring)."""
     if not isinstance(version, int) or version < 1:
         raise ValueError(f"message version must be an int >= 1, got {version!r}")
+    if not isinstance(oldest, int) or not 1 <= oldest <= version:
+        raise ValueError(f"oldest version must be an int in [1, {version}], got {oldest!r}")
 
     def register(cls: type[T]) -> type[T]:
         if not dataclasses.is_dataclass(cls):
@@ -83,6 +91,7 @@ def message(tag: str, version: int = 1) -> Callable[[type[T]], type[T]]:
         _spec(cls)  # fail at import time on a field type the codec cannot carry
         _BY_TAG[tag] = cls
         _TAG_OF[cls] = (tag, version)
+        _OLDEST[cls] = oldest
         return cls
 
     return register
@@ -117,9 +126,11 @@ def decode(data: bytes) -> Any:
     cls = _BY_TAG.get(tag) if type(tag) is str else None
     if cls is None:
         raise DecodeError(f"unknown message type {_short(tag)}")
-    newest = _TAG_OF[cls][1]
-    if type(version) is not int or not 1 <= version <= newest:
-        raise DecodeError(f"{tag}: unsupported version {_short(version)} (known: 1..{newest})")
+    oldest, newest = _OLDEST[cls], _TAG_OF[cls][1]
+    if type(version) is not int or not oldest <= version <= newest:
+        raise DecodeError(
+            f"{tag}: unsupported version {_short(version)} (known: {oldest}..{newest})"
+        )
     try:
         return _from_map(_SPECS[cls], envelope["d"])
     except DecodeError as e:

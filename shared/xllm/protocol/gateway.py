@@ -15,26 +15,22 @@ from dataclasses import dataclass, field
 from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
 from xllm.protocol.instance import Heartbeat
-from xllm.protocol.sampling import SamplingSpec
+from xllm.protocol.types import RequestSpec
 
 
-@message("submit", version=2)
+# v3: prompt, sampling, priority and model moved into `request` (v2 is not read).
+@message("submit", version=3, oldest=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitRequest:
     """gateway → scheduler: place this request and start it."""
 
     request_id: str
     """Cluster-unique id chosen by the gateway; a valid subject token (`subjects.token`)."""
-    prompt_token_ids: list[int]
-    """The tokenized prompt (chat template applied)."""
-    sampling: SamplingSpec
-    """How to sample; already validated by the gateway."""
+    request: RequestSpec
+    """The prompt, how to sample it (validated by the gateway), its priority and model; the
+    scheduler forwards it unchanged in the commands it sends."""
     arrival_time: float
     """Unix time (seconds) the gateway received the request; for queueing and SLO policies."""
-    priority: int = 0
-    """0 = online; > 0 = offline / best-effort, preempted by online work."""
-    model: str | None = None
-    """The model the client asked for; only instances serving it are candidates. None = any."""
     resumed: bool = False
     """A continuation of a request whose instance was lost: the prompt holds the original
     prompt plus the tokens already streamed to the client."""

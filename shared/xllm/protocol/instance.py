@@ -20,19 +20,15 @@ PD disaggregation (report §3.2) is three messages, in this order:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
 from xllm.protocol.kv_peer import KvPeer
-from xllm.protocol.sampling import SamplingSpec
-from xllm.protocol.stream import LogprobEntry
-
-Role = Literal["prefill", "decode", "both"]
-"""An instance's role: prefill only, decode only, or both (PD-colocated, the default)."""
+from xllm.protocol.types import Logprob, RequestSpec, Role
 
 
-@message("generate", version=1)
+# v2: prompt, sampling and priority moved into `request` (v1 is not read).
+@message("generate", version=2, oldest=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerateCmd:
     """scheduler → instance: run a request from prompt to finish and stream its tokens on
@@ -40,15 +36,12 @@ class GenerateCmd:
 
     request_id: str
     """Cluster-unique id, chosen by the gateway; also the token of the output subject."""
-    prompt_token_ids: list[int]
-    """The tokenized prompt (chat template applied)."""
-    sampling: SamplingSpec
-    """How to sample; validated by the instance against its model."""
-    priority: int = 0
-    """0 = online; > 0 = offline / best-effort, preempted first (larger = less urgent)."""
+    request: RequestSpec
+    """The prompt and how to sample it; checked again by the instance against its model."""
 
 
-@message("decode", version=2)
+# v3: prompt, sampling and priority moved into `request` (v2 is not read).
+@message("decode", version=3, oldest=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DecodeCmd:
     """scheduler → decode instance: decode a request that `prefill_instance_id` prefills.
@@ -57,12 +50,9 @@ class DecodeCmd:
 
     request_id: str
     """Cluster-unique id, chosen by the gateway; also the token of the output subject."""
-    prompt_token_ids: list[int]
-    """The tokenized prompt (chat template applied)."""
-    sampling: SamplingSpec
-    """How to sample; validated by both instances against their model (n must be 1)."""
-    priority: int = 0
-    """0 = online; > 0 = offline / best-effort."""
+    request: RequestSpec
+    """The prompt and how to sample it; checked by both instances against their model
+    (`sampling.n` must be 1)."""
     prefill_instance_id: str
     """The instance that computes the prompt's KV and the first token."""
     prefill_started_at: float = 0.0
@@ -71,7 +61,8 @@ class DecodeCmd:
     run (`InstanceLost.started_at`)."""
 
 
-@message("prefill", version=3)
+# v4: the KV peer's layout nested (v3); prompt, sampling and priority moved into `request`.
+@message("prefill", version=4, oldest=4)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrefillCmd:
     """decode instance → prefill instance: prefill this prompt, stream the first token to the
@@ -80,18 +71,14 @@ class PrefillCmd:
 
     request_id: str
     """The request; the prefill instance streams its first token on its output subject."""
-    prompt_token_ids: list[int]
-    """The tokenized prompt."""
-    sampling: SamplingSpec
-    """How to sample the first token."""
-    priority: int = 0
-    """0 = online; > 0 = offline / best-effort."""
+    request: RequestSpec
+    """The prompt and how to sample its first token, as the `DecodeCmd` carried them."""
     decode_instance_id: str
     """Where `KvReady` goes."""
     decode_started_at: float = 0.0
     """The decode instance's `Heartbeat.started_at` (which run of it sent this)."""
     peer: KvPeer
-    """Where the KV goes: the decode instance's pool and its layout (v3: the layout nested)."""
+    """Where the KV goes: the decode instance's pool and its layout."""
     num_cached_tokens: int
     """Leading prompt tokens the decode instance has cached already (whole blocks): their
     blocks are not sent."""
@@ -111,7 +98,7 @@ class KvReady:
     """The request whose blocks were written."""
     first_token_id: int = -1
     """The token the prefill instance sampled (and already streamed)."""
-    first_logprob: LogprobEntry | None = None
+    first_logprob: Logprob | None = None
     """Its logprob entry, when logprobs were asked for."""
     num_blocks: int = 0
     """Blocks written."""

@@ -16,24 +16,14 @@ The request is done when every one of its `n` completions has sent its final del
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
+from xllm.protocol.types import Logprob
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 """Why a completion ended: EOS/stop token, max_tokens/context length, abort, failure."""
-
-
-class LogprobEntry(NamedTuple):
-    """The logprob of one sampled token; sent as a 3-element array to keep deltas small."""
-
-    token_id: int
-    """The sampled token."""
-    logprob: float
-    """Its log-probability under the raw (unpenalized, temperature 1) distribution."""
-    top: dict[int, float]
-    """The `logprobs` most likely tokens: token id -> log-probability (empty if 0 asked)."""
 
 
 @message("token_delta", version=1)
@@ -47,7 +37,7 @@ class TokenDelta:
     """Which of the request's `n` completions (0-based)."""
     token_ids: list[int] = field(default_factory=list)
     """Tokens generated since the previous delta of this completion."""
-    logprobs: list[LogprobEntry] | None = None
+    logprobs: list[Logprob] | None = None
     """One entry per token in `token_ids` when the request asked for logprobs, else None."""
     finish_reason: FinishReason | None = None
     """Set on the last delta of this completion only."""

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from xllm.engine.sampling_params import SamplingParams
+from xllm.protocol.types import SamplingParams
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

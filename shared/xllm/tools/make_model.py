@@ -58,6 +58,8 @@ from pathlib import Path
 
 import torch
 
+from xllm.models.config import ModelConfig
+
 ARCHS = ("llama", "qwen2", "qwen3")
 SIZES = ("tiny", "small")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -228,43 +230,54 @@ def _write_tokenizer(out: Path, model_max_length: int) -> None:
 # Shapes and config
 
 
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    max_positions: int
-    rope_theta: float
-    tied: bool
-    # llama3 RoPE scaling's pre-training context; below max_positions so that it matters.
-    rope_original_max_positions: int
-
-
-def model_shape(arch: str, size: str) -> Shape:
+def model_config(arch: str, size: str, dtype: str = "bfloat16") -> ModelConfig:
+    """The config of the `arch`/`size` checkpoint: `config.json` and `generation_config.json`
+    are written from it, and `ModelConfig.from_dir` reads the folder back as this value."""
     if arch not in ARCHS or size not in SIZES:
         raise ValueError(f"unknown model {arch!r}/{size!r}: arch in {ARCHS}, size in {SIZES}")
     if size == "small":  # exactly Qwen3-0.6B
-        return Shape(1024, 28, 16, 8, 128, 3072, 151936, 40960, 1e6, True, 8192)
-    return Shape(
-        hidden=128,
-        layers=4,
-        heads=4,
-        kv_heads=2,  # GQA
-        head_dim=64 if arch == "qwen3" else 32,  # Qwen3: heads * head_dim != hidden
-        intermediate=384,
-        vocab=math.ceil(TOKENIZER_VOCAB / 64) * 64,
-        max_positions=4096,
-        rope_theta=10000.0,  # short tests see many distinct rotations
-        tied=arch == "qwen3",  # untied llama/qwen2 exercise lm_head.weight
-        rope_original_max_positions=256,
+        shape = dict(
+            hidden_size=1024,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            intermediate_size=3072,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+        )
+        rope_original_max_positions = 8192
+    else:
+        shape = dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # GQA
+            head_dim=64 if arch == "qwen3" else 32,  # Qwen3: heads * head_dim != hidden
+            intermediate_size=384,
+            vocab_size=math.ceil(TOKENIZER_VOCAB / 64) * 64,
+            max_position_embeddings=4096,
+            rope_theta=10000.0,  # short tests see many distinct rotations
+            tie_word_embeddings=arch == "qwen3",  # untied llama/qwen2 exercise lm_head.weight
+        )
+        # llama3 RoPE scaling's pre-training context; below max_positions so that it matters.
+        rope_original_max_positions = 256
+    ids = _special_token_ids()
+    return ModelConfig(
+        architecture=_HF_CLASS[arch],
+        **shape,
+        rms_norm_eps=1e-6,
+        rope_scaling=_rope_scaling(arch, rope_original_max_positions),
+        attention_bias=arch == "qwen2",  # implied by the architecture, as on the hub
+        dtype=dtype,
+        bos_token_id=ids[ENDOFTEXT],
+        eos_token_ids=(ids[IM_END], ids[ENDOFTEXT]),  # what generation stops on
     )
 
 
-def _rope_scaling(arch: str, shape: Shape) -> dict | None:
+def _rope_scaling(arch: str, original_max_positions: int) -> dict | None:
     if arch != "llama":
         return None
     return {
@@ -272,58 +285,56 @@ def _rope_scaling(arch: str, shape: Shape) -> dict | None:
         "factor": 8.0,
         "low_freq_factor": 1.0,
         "high_freq_factor": 4.0,
-        "original_max_position_embeddings": shape.rope_original_max_positions,
+        "original_max_position_embeddings": original_max_positions,
     }
 
 
-def build_config(arch: str, shape: Shape, dtype: str) -> dict:
-    ids = _special_token_ids()
-    rope_scaling = _rope_scaling(arch, shape)
-    config = {
-        "architectures": [_HF_CLASS[arch]],
+def build_config(arch: str, config: ModelConfig) -> dict:
+    """`config.json` of `config`, with the keys transformers' class for `arch` expects."""
+    config_json = {
+        "architectures": [config.architecture],
         "model_type": arch,
-        "vocab_size": shape.vocab,
-        "hidden_size": shape.hidden,
-        "intermediate_size": shape.intermediate,
-        "num_hidden_layers": shape.layers,
-        "num_attention_heads": shape.heads,
-        "num_key_value_heads": shape.kv_heads,
-        "head_dim": shape.head_dim,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": shape.max_positions,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": shape.rope_theta,
-        "rope_scaling": rope_scaling,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
         "rope_parameters": {
             "rope_type": "default",
-            **(rope_scaling or {}),
-            "rope_theta": shape.rope_theta,
+            **(config.rope_scaling or {}),
+            "rope_theta": config.rope_theta,
         },
-        "tie_word_embeddings": shape.tied,
-        "bos_token_id": ids[ENDOFTEXT],
-        "eos_token_id": ids[IM_END],
-        "torch_dtype": dtype,
-        "dtype": dtype,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_ids[0],
+        "torch_dtype": config.dtype,
+        "dtype": config.dtype,
         "initializer_range": 0.02,
         "attention_dropout": 0.0,
         "use_cache": True,
     }
     if arch == "llama":
-        config |= {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+        config_json |= {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
     else:
-        config |= {"use_sliding_window": False, "sliding_window": None}
-        config |= {"max_window_layers": shape.layers}
+        config_json |= {"use_sliding_window": False, "sliding_window": None}
+        config_json |= {"max_window_layers": config.num_hidden_layers}
     if arch == "qwen3":
-        config["attention_bias"] = False
-    return config
+        config_json["attention_bias"] = False
+    return config_json
 
 
-def _generation_config() -> dict:
-    ids = _special_token_ids()
+def _generation_config(config: ModelConfig) -> dict:
     return {
-        "bos_token_id": ids[ENDOFTEXT],
-        "eos_token_id": [ids[IM_END], ids[ENDOFTEXT]],
-        "pad_token_id": ids[ENDOFTEXT],
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_ids),
+        "pad_token_id": _special_token_ids()[ENDOFTEXT],
         "do_sample": False,
     }
 
@@ -339,11 +350,14 @@ class TensorSpec:
     kind: str  # "embed", "linear", "qk", "residual", "norm", "qk_norm" or "bias"
 
 
-def tensor_specs(arch: str, shape: Shape) -> list[TensorSpec]:
+def tensor_specs(arch: str, config: ModelConfig) -> list[TensorSpec]:
     """HF's tensor names and shapes, in the order their values are drawn."""
-    h, q_dim, kv_dim = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    specs = [TensorSpec("model.embed_tokens.weight", (shape.vocab, h), "embed")]
-    for i in range(shape.layers):
+    h, head_dim, vocab = config.hidden_size, config.head_dim, config.vocab_size
+    q_dim = config.num_attention_heads * head_dim
+    kv_dim = config.num_key_value_heads * head_dim
+    mlp = config.intermediate_size
+    specs = [TensorSpec("model.embed_tokens.weight", (vocab, h), "embed")]
+    for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         specs += [
             TensorSpec(p + "input_layernorm.weight", (h,), "norm"),
@@ -359,19 +373,19 @@ def tensor_specs(arch: str, shape: Shape) -> list[TensorSpec]:
             ]
         if arch == "qwen3":
             specs += [
-                TensorSpec(p + "self_attn.q_norm.weight", (shape.head_dim,), "qk_norm"),
-                TensorSpec(p + "self_attn.k_norm.weight", (shape.head_dim,), "qk_norm"),
+                TensorSpec(p + "self_attn.q_norm.weight", (head_dim,), "qk_norm"),
+                TensorSpec(p + "self_attn.k_norm.weight", (head_dim,), "qk_norm"),
             ]
         specs += [
             TensorSpec(p + "self_attn.o_proj.weight", (h, q_dim), "residual"),
             TensorSpec(p + "post_attention_layernorm.weight", (h,), "norm"),
-            TensorSpec(p + "mlp.gate_proj.weight", (shape.intermediate, h), "linear"),
-            TensorSpec(p + "mlp.up_proj.weight", (shape.intermediate, h), "linear"),
-            TensorSpec(p + "mlp.down_proj.weight", (h, shape.intermediate), "residual"),
+            TensorSpec(p + "mlp.gate_proj.weight", (mlp, h), "linear"),
+            TensorSpec(p + "mlp.up_proj.weight", (mlp, h), "linear"),
+            TensorSpec(p + "mlp.down_proj.weight", (h, mlp), "residual"),
         ]
     specs.append(TensorSpec("model.norm.weight", (h,), "norm"))
-    if not shape.tied:
-        specs.append(TensorSpec("lm_head.weight", (shape.vocab, h), "embed"))
+    if not config.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", (vocab, h), "embed"))
     return specs
 
 
@@ -444,13 +458,14 @@ def make_model(
     """Write a random-weight HF checkpoint folder for `arch`/`size` into `out`; return it."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: one of {tuple(DTYPES)}")
-    shape = model_shape(arch, size)
+    config = model_config(arch, size, dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", build_config(arch, shape, dtype))
-    _write_json(out / "generation_config.json", _generation_config())
-    _write_tokenizer(out, shape.max_positions)
-    _write_safetensors(out / "model.safetensors", tensor_specs(arch, shape), seed, DTYPES[dtype])
+    _write_json(out / "config.json", build_config(arch, config))
+    _write_json(out / "generation_config.json", _generation_config(config))
+    _write_tokenizer(out, config.max_position_embeddings)
+    specs = tensor_specs(arch, config)
+    _write_safetensors(out / "model.safetensors", specs, seed, DTYPES[dtype])
     return out
 
 

@@ -1,0 +1,172 @@
+"""The plain value types every layer shares, defined once: sampling, logprobs, roles, requests.
+
+    SamplingParams   how one request turns logits into tokens, and `validate()`
+    Logprob          one sampled token's logprob and its top alternatives
+    Role             an instance's role: prefill, decode or both
+    RequestSpec      what a client asked for, as the gateway validated it
+
+The gateway builds them from HTTP, the messages carry them as they are (nested dataclasses
+travel as maps, NamedTuples as arrays, StrEnums as their string), and the engine computes
+with them: there is no wire twin to convert to and from. They import nothing but the
+standard library, so the engine can import them from here and the protocol imports nothing
+from the engine.
+
+Changing a field here changes every message that nests the type: bump those messages'
+versions (`codec` module docstring).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+GREEDY_EPSILON = 1e-5
+"""Temperatures below this are treated as greedy (argmax), as vLLM does."""
+MAX_LOGPROBS = 20
+"""Most top alternatives a request may ask for per token."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    """How one request turns logits into tokens.
+
+    Field names and defaults follow the OpenAI API and vLLM, so a request body maps onto
+    them one to one (the gateway reads each field from the body field of the same name).
+    Frozen: the engine keeps a reference to the object it was given.
+    """
+
+    n: int = 1
+    """Number of completions for the prompt; they share the prompt's KV blocks, and each
+    streams with its own `TokenDelta.index`."""
+    max_tokens: int = 16
+    """Upper bound on generated tokens per completion (the context length may cut it
+    shorter)."""
+    min_tokens: int = 0
+    """EOS and stop tokens are suppressed until this many tokens were generated."""
+    temperature: float = 1.0
+    """Softmax temperature; below `GREEDY_EPSILON` means greedy."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 or -1 disables."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the top token's."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same tokens, whatever else is batched;
+    None = unseeded."""
+    repetition_penalty: float = 1.0
+    """Multiplicative penalty on tokens already in prompt or output (1.0 = off)."""
+    presence_penalty: float = 0.0
+    """Additive penalty on tokens already generated at least once (0.0 = off)."""
+    frequency_penalty: float = 0.0
+    """Additive penalty proportional to how often a token was generated (0.0 = off)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a completion (finish_reason "stop"), besides EOS."""
+    logprobs: int | None = None
+    """Return the sampled token's logprob and this many top alternatives (0 = only the
+    token); None = off."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPSILON
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise `ValueError` with a message fit to show a user, starting with the name of
+        the offending field, when the parameters are out of range (stop token ids only when
+        `vocab_size` is given)."""
+        for ok, message in self._checks():
+            if not ok:
+                raise ValueError(message)
+        if vocab_size is not None:
+            bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(
+                    f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})"
+                )
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.n >= 1, f"n must be at least 1, got {self.n}"),
+            (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
+            (self.min_tokens >= 0, f"min_tokens must be non-negative, got {self.min_tokens}"),
+            (
+                self.min_tokens <= self.max_tokens,
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+            ),
+            (
+                0.0 <= self.temperature <= 100.0,
+                f"temperature must be in [0, 100], got {self.temperature}",
+            ),
+            (self.top_k >= -1, f"top_k must be -1 (disabled) or positive, got {self.top_k}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
+            (
+                0.0 < self.repetition_penalty <= 10.0,
+                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}",
+            ),
+            (
+                -2.0 <= self.presence_penalty <= 2.0,
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+            ),
+            (
+                -2.0 <= self.frequency_penalty <= 2.0,
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            ),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+            ),
+        ]
+
+
+class Logprob(NamedTuple):
+    """The logprob of one sampled token; a NamedTuple, so it travels as a 3-element array
+    and keeps token deltas small."""
+
+    token_id: int
+    """The sampled token."""
+    logprob: float
+    """Its log-probability under the raw (unpenalized, temperature 1) distribution."""
+    top: dict[int, float]
+    """The `logprobs` most likely tokens: token id -> log-probability (empty if 0 asked)."""
+
+
+class Role(enum.StrEnum):
+    """An instance's role. A StrEnum: it travels as its string and compares equal to it."""
+
+    PREFILL = "prefill"
+    """Prefill only: computes prompts and sends their KV to decode instances."""
+    DECODE = "decode"
+    """Decode only: takes prefilled requests and generates their tokens."""
+    BOTH = "both"
+    """PD-colocated (the default): a request runs from prompt to finish here."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestSpec:
+    """What a client asked for, as the gateway validated and tokenized it. The submit and
+    every command that starts work on a request nest it unchanged, next to their own
+    `request_id` (an attempt's id) and routing fields."""
+
+    prompt_token_ids: list[int]
+    """The tokenized prompt (chat template applied)."""
+    sampling: SamplingParams
+    """How to sample; validated by the gateway (and checked again by the engine that runs
+    it, against its own vocabulary)."""
+    priority: int = 0
+    """0 = online; > 0 = offline / best-effort, preempted by online work first (larger =
+    less urgent)."""
+    model: str | None = None
+    """The model the client asked for; only instances serving it are candidates. None =
+    any."""

@@ -1,0 +1,52 @@
+"""SamplingParams is one type from the gateway to the sampler: it travels as it is."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xllm.protocol import GenerateCmd, RequestSpec, SamplingParams, decode, encode
+
+params_strategy = st.builds(
+    SamplingParams,
+    n=st.integers(1, 8),
+    max_tokens=st.integers(1, 4096),
+    min_tokens=st.integers(0, 16),
+    temperature=st.floats(0, 2),
+    top_k=st.integers(-1, 100),
+    top_p=st.floats(0.01, 1),
+    min_p=st.floats(0, 1),
+    seed=st.none() | st.integers(0, 2**63 - 1),
+    repetition_penalty=st.floats(0.5, 2),
+    presence_penalty=st.floats(-2, 2),
+    frequency_penalty=st.floats(-2, 2),
+    ignore_eos=st.booleans(),
+    stop_token_ids=st.lists(st.integers(0, 150_000), max_size=4),
+    logprobs=st.none() | st.integers(0, 20),
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(params=params_strategy)
+def test_params_round_trip_through_the_wire(params):
+    cmd = GenerateCmd(request_id="r", request=RequestSpec(prompt_token_ids=[1], sampling=params))
+    back = decode(encode(cmd)).request.sampling
+    assert back == params and type(back) is SamplingParams
+
+
+def test_an_empty_map_is_the_defaults():
+    """A sender that leaves every field out means the defaults (the codec fills them in)."""
+    d = {"request_id": "r", "request": {"prompt_token_ids": [1], "sampling": {}}}
+    data = msgpack.packb({"t": "generate", "v": 2, "d": d})
+    assert decode(data).request.sampling == SamplingParams()
+
+
+def test_params_are_frozen():
+    """The engine keeps a reference to the params it was given: nobody may change them."""
+    params = SamplingParams()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.max_tokens = 3  # type: ignore[misc]
