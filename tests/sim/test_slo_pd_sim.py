@@ -51,6 +51,7 @@ def req(i, arrival, prompt=PROMPT_TOKENS, output=8):
 
 def test_the_simulator_runs_the_live_schedulers_functions():
     assert simulator.rebalance is service.rebalance
+    assert simulator.place is service.place and simulator.note is service.note
     assert simulator.placement_request is service.placement_request
     assert simulator.PLAN_INTERVAL == service.PLAN_INTERVAL == PLAN_INTERVAL
 

@@ -2,11 +2,10 @@
 
 Events (a heap ordered by time): a request arrives, an instance finishes a step, a
 request's KV lands on its decode instance. On arrival the simulator does what
-`SchedulerService.on_submit` does, with the same objects: the context-length check; prefix
-hits for policies that read them (the instances' caches, standing in for the kvstore, and
-the live `RecentPlacements`); `policy(PlacementRequest, registry.snapshot())` on the real
-`Registry`, once per half (roles prefill, decode) when no instance is colocated; then
-`note_placement` of the tokens each instance will compute. Instances step like our engine
+`SchedulerService.on_submit` does, with the same functions (`services.scheduler.placement`)
+and objects: `check`; prefix hits for policies that read them (the instances' caches,
+standing in for the kvstore, and the live `RecentPlacements`); `place` with the policy on
+the real `Registry`'s snapshot; then the `note` of the work each instance will compute. Instances step like our engine
 (see instance.py), each step lasting what the cost model says, and a disaggregated
 request's KV reaches its decode instance `kv_transfer_time` after its prefill.
 
@@ -30,13 +29,13 @@ import heapq
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from services.scheduler.cluster import ClusterSnapshot, Registry
+from services.scheduler.cluster import Registry
+from services.scheduler.placement import Note, Refusal, check, note, place, placement_request
 from services.scheduler.policies import FlipConfig, PlacementRequest, Policy
-from services.scheduler.policies.admission import refusal
 from services.scheduler.prefix import RecentPlacements
-from services.scheduler.rebalance import PLAN_INTERVAL, placement_request, rebalance
+from services.scheduler.rebalance import PLAN_INTERVAL, rebalance
 from services.scheduler.sim.cost_model import ModelShape, kv_transfer_time, step_time
 from services.scheduler.sim.hardware import HardwareProfile
 from services.scheduler.sim.instance import (
@@ -48,7 +47,6 @@ from services.scheduler.sim.instance import (
 )
 
 ARRIVE, STEP_DONE, KV_LANDED, PLAN = 0, 1, 2, 3
-ALL_ROLES = ("both", "prefill", "decode")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,60 +171,40 @@ class Simulator:
             self._push(self.now + self.plan_interval, PLAN, None)
 
     def _on_arrival(self, req: SimRequest) -> None:
+        """`SchedulerService.on_submit`: the same `check`, `place` and `note`."""
         self._flush_all()
         snapshot = self.registry.snapshot(self.now)
-        candidates = snapshot.candidates(None, ALL_ROLES)
-        max_len = max((v.heartbeat.max_model_len for v in candidates), default=0)
-        placed = False
-        if req.num_prompt_tokens < max_len:  # `SchedulerService._check`
-            placement = self._placement(req)
-            if refusal(placement, snapshot) is not None:  # SLO admission, as live
-                req.rejected = True
-                return
-            if snapshot.candidates(None, ("both",)):
-                placed = self._place_colocated(req, placement, snapshot)
-            else:
-                placed = self._place_disaggregated(req, placement, snapshot)
-        if not placed:
+        if check(None, req.num_prompt_tokens, snapshot) is not None:
             req.rejected = True
             return
+        request = self._placement_request(req)
+        decision = place(request, snapshot, self.policy)
+        if isinstance(decision, Refusal):
+            req.rejected = True
+            return
+        self._record(req, note(request, decision))
         self.num_placed += 1
-        inst = self._by_id[req.instance_id]  # type: ignore[index]
+        if decision.prefill_instance_id is None:
+            req.instance_id = decision.instance_id
+        else:
+            req.instance_id, req.decode_instance_id = (
+                decision.prefill_instance_id,
+                decision.instance_id,
+            )
+        inst = self._by_id[req.instance_id]
         inst.add(req, hand_over=req.decode_instance_id is not None, now=self.now)
         self._kick(inst)
 
-    def _place_colocated(
-        self, req: SimRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
-    ) -> bool:
-        instance_id = self.policy(placement, snapshot)
-        if instance_id is None:
-            return False
-        req.instance_id = instance_id
-        self._note(instance_id, req, placement, req.output_len)
-        return True
-
-    def _place_disaggregated(
-        self, req: SimRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
-    ) -> bool:
-        prefill_id = self.policy(replace(placement, roles=("prefill",)), snapshot)
-        decode_id = self.policy(replace(placement, roles=("decode",)), snapshot)
-        if prefill_id is None or decode_id is None:
-            return False
-        req.instance_id, req.decode_instance_id = prefill_id, decode_id
-        self._note(prefill_id, req, placement, 0)
-        self._note(decode_id, req, placement, req.output_len)
-        return True
-
-    def _note(
-        self, instance_id: str, req: SimRequest, placement: PlacementRequest, decode: int
-    ) -> None:
-        """`SchedulerService._note`: pending work is what the instance will compute."""
-        self.registry.note_placement(instance_id, placement.uncached_tokens(instance_id) + decode)
+    def _record(self, req: SimRequest, noted: Note) -> None:
+        """`SchedulerService._record`: pending work, and recent prefix placements."""
+        for instance_id, num_tokens in noted.pending_tokens:
+            self.registry.note_placement(instance_id, num_tokens)
         if self.uses_prefix_hits:
-            self.recent.add(req.hash_ids, instance_id, self.now)
+            for instance_id in noted.holders:
+                self.recent.add(req.hash_ids, instance_id, self.now)
 
-    def _placement(self, req: SimRequest) -> PlacementRequest:
-        """`SchedulerService._placement`."""
+    def _placement_request(self, req: SimRequest) -> PlacementRequest:
+        """`SchedulerService._placement_request`."""
         return placement_request(
             request_id=req.request_id,
             num_prompt_tokens=req.num_prompt_tokens,
