@@ -336,8 +336,8 @@ class Engine:
 
     def _backlog(self) -> dict[str, int]:
         # Per heartbeat, not per step: a pass over the queues is cheap at that rate.
-        sched = self.scheduler
-        left = [s.num_tokens - s.num_computed_tokens for s in [*sched.waiting, *sched.running]]
-        prefilling = [n for n in left if n > 1]
-        num_decoding = sum(1 for s in sched.running if s.num_computed_tokens >= s.num_tokens - 1)
-        return {"num_prefill_backlog_tokens": sum(prefilling), "num_decoding": num_decoding}
+        num_prefill_backlog_tokens, num_decoding = self.scheduler.backlog()
+        return {
+            "num_prefill_backlog_tokens": num_prefill_backlog_tokens,
+            "num_decoding": num_decoding,
+        }

@@ -100,6 +100,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
+    def backlog(self) -> tuple[int, int]:
+        """(tokens still to compute of the sequences prefilling, waiting or running short of
+        their last token; running sequences decoding): what heartbeats report as the prefill
+        queue a new prompt waits behind, and the decodes in flight."""
+        left = [s.num_tokens - s.num_computed_tokens for s in [*self.waiting, *self.running]]
+        num_decoding = sum(1 for s in self.running if s.num_computed_tokens >= s.num_tokens - 1)
+        return sum(n for n in left if n > 1), num_decoding
+
     # -- the queues, online ahead of offline ----------------------------------------------
 
     def _enqueue(self, seq: Sequence, front: bool = False) -> None:
