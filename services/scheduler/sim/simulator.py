@@ -5,9 +5,11 @@ request's KV lands on its decode instance. On arrival the simulator does what
 `SchedulerService.on_submit` does, with the same functions (`services.scheduler.placement`)
 and objects: `check`; prefix hits for policies that read them (the instances' caches,
 standing in for the kvstore, and the live `RecentPlacements`); `place` with the policy on
-the real `Registry`'s snapshot; then the `note` of the work each instance will compute. Instances step like our engine
-(see instance.py), each step lasting what the cost model says, and a disaggregated
-request's KV reaches its decode instance `kv_transfer_time` after its prefill.
+the real `Registry`'s snapshot; then the `note` of the work each instance will compute.
+Instances step as our engine does (instance.py: the engine's own scheduler and block
+manager), each step lasting what the cost model says, and a disaggregated request's KV
+reaches its decode instance `kv_transfer_time` after its prefill, its blocks held on the
+prefill instance until then.
 
 Heartbeats: every instance sends one each `heartbeat_interval` (staggered, as independent
 processes are), so policies see the same stale load plus pending placements as live. They
@@ -234,9 +236,9 @@ class Simulator:
         if inst.busy or not inst.has_work:
             return
         step = inst.schedule()
-        if not step.items:
+        if step.is_empty:
             return  # nothing fits (no KV room): wait for a step elsewhere to free some
-        seconds = step_time(self.model, step.shape(), self.hw)
+        seconds = step_time(self.model, step.shape, self.hw)
         inst.busy = True
         inst.busy_time += seconds
         self._push(self.now + seconds, STEP_DONE, (inst, step, seconds))
@@ -244,23 +246,23 @@ class Simulator:
     def _on_step_done(self, inst: SimInstance, step: ScheduledStep, seconds: float) -> None:
         self._flush_heartbeat(self._index[inst.instance_id])
         inst.busy = False
-        for seq in inst.update(step, self.now, seconds):
-            if seq.hand_over:
-                self._hand_over(seq.req)
-            else:
-                seq.req.finished_at = self.now
+        for req in inst.update(step, self.now, seconds):
+            if inst.is_prefilled(req):
+                self._hand_over(inst, req)
         self._kick(inst)
 
-    def _hand_over(self, req: SimRequest) -> None:
+    def _hand_over(self, source: SimInstance, req: SimRequest) -> None:
         """Send a finished prefill's KV to the decode instance chosen at placement."""
-        if req.output_len <= 1:  # the prefill's first token was the whole output
-            req.finished_at = self.now
-            return
         delay = kv_transfer_time(self.model, req.num_prompt_tokens, self.hw)
         target = self._by_id[req.decode_instance_id]  # type: ignore[index]
-        self._push(self.now + delay, KV_LANDED, (target, req))
+        self._push(self.now + delay, KV_LANDED, (source, target, req))
 
-    def _on_kv_landed(self, inst: SimInstance, req: SimRequest) -> None:
-        self._flush_heartbeat(self._index[inst.instance_id])
-        inst.add(req, num_computed_tokens=req.num_prompt_tokens, now=self.now)
-        self._kick(inst)
+    def _on_kv_landed(self, source: SimInstance, target: SimInstance, req: SimRequest) -> None:
+        """The transfer is done: the prefill side frees its blocks, the decode side takes
+        the request (both may now have room for more)."""
+        self._flush_heartbeat(self._index[source.instance_id])
+        self._flush_heartbeat(self._index[target.instance_id])
+        source.release_prefilled(req)
+        target.add_prefilled(req, self.now)
+        self._kick(target)
+        self._kick(source)
