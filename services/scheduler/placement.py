@@ -7,7 +7,10 @@ these pure functions and differ only in how they carry the decision out.
 
 `place` runs `check`, then SLO admission (`policies.admission.refusal`), then asks the
 policy for one colocated instance when the cluster has any, else once per half (roles
-prefill, decode). The caller turns a `Placement` into commands (live: a `GenerateCmd` to
+prefill, decode). Offline requests are placed by `policies.colocation` instead: colocated,
+the most headroom; disaggregated, prefill in the latency-relaxed pool and decode in the
+latency-strict pool only while the cost model predicts its TPOT target kept, else colocated
+on the prefill instance (which then decodes it). The caller turns a `Placement` into commands (live: a `GenerateCmd` to
 `instance_id`, or a `DecodeCmd` naming `prefill_instance_id`; simulated: the instances'
 queues) and a `Refusal` into its reply, then records the `Note` in its `Registry` (so the
 next placement, before the next heartbeat, sees this one's work) and, for policies reading
@@ -19,8 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from services.scheduler.cluster import ClusterSnapshot
-from services.scheduler.policies import FlipConfig, PlacementRequest, Policy
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.policies import FlipConfig, PlacementRequest, Policy, colocation
 from services.scheduler.policies.admission import refusal
+from services.scheduler.policies.colocation import DecodeCost
+from services.scheduler.sim.cost_model import ModelShape
+from services.scheduler.sim.hardware import load_profile
 from xllm.protocol import ErrorCode
 
 ALL_ROLES = ("both", "prefill", "decode")
@@ -86,6 +93,13 @@ def placement_request(
     )
 
 
+def decode_cost(config: SchedulerConfig) -> DecodeCost | None:
+    """The cost model offline decode admission predicts with (None: not configured)."""
+    if not config.cost_profile:
+        return None
+    return DecodeCost(ModelShape.load(config.cost_model), load_profile(config.cost_profile))
+
+
 def check(model: str | None, num_prompt_tokens: int, snapshot: ClusterSnapshot) -> Refusal | None:
     """Why no instance could serve a prompt of `num_prompt_tokens` for `model` (None: some
     can). Cheap, so the live scheduler runs it before asking the kvstore for prefix hits."""
@@ -103,20 +117,27 @@ def check(model: str | None, num_prompt_tokens: int, snapshot: ClusterSnapshot) 
 
 
 def place(
-    request: PlacementRequest, snapshot: ClusterSnapshot, policy: Policy
+    request: PlacementRequest,
+    snapshot: ClusterSnapshot,
+    policy: Policy,
+    cost: DecodeCost | None = None,
 ) -> Placement | Refusal:
-    """Where `request` runs, or why it runs nowhere."""
+    """Where `request` runs, or why it runs nowhere. Online requests go where `policy` says;
+    offline ones (priority > 0) where `policies.colocation` says, `cost` predicting decode
+    steps for its TPOT rule (None: offline decodes stay on their prefill instance)."""
     refused = check(request.model, request.num_prompt_tokens, snapshot)
     if refused is not None:
         return refused
     overloaded = refusal(request, snapshot)
     if overloaded is not None:
         return Refusal(ErrorCode.OVERLOADED, overloaded)
-    placement = (
-        _colocated(request, snapshot, policy)
-        if snapshot.candidates(request.model, ("both",))
-        else _disaggregated(request, snapshot, policy)
-    )
+    colocated = bool(snapshot.candidates(request.model, ("both",)))
+    if request.priority > 0:
+        placement = _offline(request, snapshot, cost, colocated)
+    elif colocated:
+        placement = _colocated(request, snapshot, policy)
+    else:
+        placement = _disaggregated(request, snapshot, policy)
     if placement is None:
         return Refusal(ErrorCode.NO_INSTANCE, "no instance can serve this request")
     return placement
@@ -138,6 +159,23 @@ def _disaggregated(
     decode_id = policy(replace(request, roles=("decode",)), snapshot)
     if prefill_id is None or decode_id is None:
         return None
+    return Placement(decode_id, prefill_instance_id=prefill_id)
+
+
+def _offline(
+    request: PlacementRequest, snapshot: ClusterSnapshot, cost: DecodeCost | None, colocated: bool
+) -> Placement | None:
+    """Colocated: the most headroom. PD: prefill in the relaxed pool; decode in the strict
+    pool if an instance there admits it, else on the prefill instance (a `GenerateCmd`)."""
+    if colocated:
+        instance_id = colocation.most_headroom(request, snapshot)
+        return None if instance_id is None else Placement(instance_id)
+    prefill_id = colocation.offline_prefill_instance(request, snapshot)
+    if prefill_id is None:
+        return None
+    decode_id = colocation.offline_decode_instance(request, snapshot, cost)
+    if decode_id is None:
+        return Placement(prefill_id)
     return Placement(decode_id, prefill_instance_id=prefill_id)
 
 

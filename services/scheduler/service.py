@@ -24,6 +24,7 @@ from services.scheduler.placement import (
     Placement,
     Refusal,
     check,
+    decode_cost,
     note,
     place,
     placement_request,
@@ -71,6 +72,8 @@ class SchedulerService:
         self.num_shed = 0
         """Online requests refused by SLO admission (their TTFT target was out of reach)."""
         self.flip_config = flip_config(config)
+        self.decode_cost = decode_cost(config)
+        """Predicts decode steps for offline decode admission (None: not configured)."""
 
     async def serve(self, stop: asyncio.Event) -> None:
         heartbeats = TypeDispatcher({Heartbeat: self.on_heartbeat}, name="scheduler heartbeats")
@@ -141,7 +144,7 @@ class SchedulerService:
         if refused is not None:  # before the kvstore round trip for prefix hits
             return self._refuse(req, refused)
         request = await self._placement_request(req, snapshot)
-        decision = place(request, snapshot, self.policy)
+        decision = place(request, snapshot, self.policy, self.decode_cost)
         if isinstance(decision, Refusal):
             return self._refuse(req, decision)
         await self._send(req, decision, snapshot)

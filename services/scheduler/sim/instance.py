@@ -16,11 +16,12 @@ the engine's block hashes share exactly what the trace shares: each full trace b
 unique to the request. The engine's prefix cache then hits whole trace blocks, as the
 trace's granularity says it may.
 
-PD disaggregation, as `xllm.instance` does it with the engine's PD calls: a prefill half is
-a `prefill_only` sequence, held (its blocks kept) after its first token until its KV has
-landed on the decode instance (`release_prefilled`); there the simulator calls
-`add_prefilled`, which reserves the prompt's blocks (`Scheduler.reserve`, waiting for room
-like a queued reservation) and admits it to decode (`admit_prefilled`). A role flip
+PD disaggregation, as `xllm.instance` does it with the engine's PD calls: the decode half
+comes first, reserving the prompt's blocks (`reserve`: `Scheduler.reserve`, queued while the
+pool is short); once reserved, the prefill half starts on its instance as a `prefill_only`
+sequence, held (its blocks kept) after its first token until its KV has landed in the
+reservation (`release_prefilled`); then the decode side admits it (`add_prefilled`:
+`admit_prefilled`). A role flip
 (`set_role`) changes what the scheduler places here, never the sequences already here.
 
 Heartbeats carry what `Instance.heartbeat` sends, from the same objects: the scheduler's
@@ -150,7 +151,14 @@ class SimInstance:
         self._held: dict[str, Sequence] = {}
         """Prefilled sequences holding their blocks until their KV lands elsewhere."""
         self._reservations: deque[SimRequest] = deque()
-        """Prefilled elsewhere, waiting for room to reserve their prompt's blocks."""
+        """To be prefilled elsewhere, waiting for room to reserve their prompt's blocks."""
+        self._reserved: dict[str, Sequence] = {}
+        """Holding blocks for their prompt's KV, which another instance computes."""
+        self.finished: list[SimRequest] = []
+        """Requests finished here since the simulator last took them."""
+        self.reserved: list[SimRequest] = []
+        """Requests whose blocks were reserved since the simulator last took them: their
+        prefill may start (live: the decode instance's `PrefillCmd`)."""
         self.busy = False
         self.busy_time = 0.0
         self.steps = 0
@@ -196,6 +204,8 @@ class SimInstance:
             role_flips=self.role_flips,
             num_prefill_backlog_tokens=num_prefill_backlog_tokens,
             num_decoding=num_decoding,
+            num_reserved=len(self._reserved),
+            num_reserved_tokens=sum(s.num_tokens for s in self._reserved.values()),
             num_swapped=len(sched.swapped),
             num_swap_outs=sched.num_swap_outs,
             swap_out_blocks=sched.num_swapped_out_blocks,
@@ -232,12 +242,20 @@ class SimInstance:
         self.requests[req.request_id] = req
         self.scheduler.add(self._sequence(req, now, prefill_only=hand_over))
 
-    def add_prefilled(self, req: SimRequest, now: float) -> None:
-        """Its KV (and first token) came from a prefill instance: reserve the prompt's
-        blocks and decode (`reserve_remote_prefill` + `commit_remote_prefill`)."""
+    def reserve(self, req: SimRequest, now: float) -> None:
+        """Placed here as a decode half (`DecodeCmd`): hold blocks for its prompt
+        (`reserve_remote_prefill`), at once or once room frees; see `reserved`."""
         self.requests[req.request_id] = req
         self._reservations.append(req)
         self._reserve_waiting(now)
+
+    def add_prefilled(self, req: SimRequest, now: float) -> None:
+        """Its KV and first token have landed in the reserved blocks: decode it
+        (`commit_remote_prefill`)."""
+        seq = self._reserved.pop(req.request_id)
+        if self.scheduler.admit_prefilled(seq, SAMPLED_TOKEN) is not None:
+            self._finish(req, now)  # that first token was its last
+            self._reserve_waiting(now)
 
     def release_prefilled(self, req: SimRequest) -> None:
         """Its KV has landed on the decode instance: free the blocks it held here."""
@@ -251,8 +269,8 @@ class SimInstance:
             if not self.scheduler.reserve(seq):
                 return  # in order: a step that frees blocks tries again
             self._reservations.popleft()
-            if self.scheduler.admit_prefilled(seq, SAMPLED_TOKEN) is not None:
-                self._finish(req, now)  # that first token was its last
+            self._reserved[req.request_id] = seq
+            self.reserved.append(req)
 
     def _sequence(self, req: SimRequest, now: float, prefill_only: bool = False) -> Sequence:
         params = SamplingParams(max_tokens=req.output_len, ignore_eos=True)
@@ -312,3 +330,12 @@ class SimInstance:
     def _finish(self, req: SimRequest, now: float) -> None:
         req.finished_at = now
         del self.requests[req.request_id]
+        self.finished.append(req)
+
+    def take_finished(self) -> list[SimRequest]:
+        finished, self.finished = self.finished, []
+        return finished
+
+    def take_reserved(self) -> list[SimRequest]:
+        reserved, self.reserved = self.reserved, []
+        return reserved

@@ -23,6 +23,11 @@ simulator runs the live rebalancer's round, `services.scheduler.rebalance.rebala
 heartbeats delivered first), and hands each flip to its instance at once (live, a
 `SetRoleCmd` a NATS hop away, applied between two steps). Placements carry the SLO targets
 as live (`placement_request`, from the same `FlipConfig`).
+
+Offline work (`backlog.OfflineBacklog`): requests of priority > 0 submitted beside the
+trace, a bounded number at a time as live offline workers do, and placed by the same
+`place` (its co-location rules); the engine's scheduler in each instance runs them after
+online work and preempts them for it.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from dataclasses import dataclass
 from services.scheduler.cluster import Registry
 from services.scheduler.placement import Note, Refusal, check, note, place, placement_request
 from services.scheduler.policies import FlipConfig, PlacementRequest, Policy
+from services.scheduler.policies.colocation import DecodeCost
 from services.scheduler.prefix import RecentPlacements
 from services.scheduler.rebalance import PLAN_INTERVAL, rebalance
+from services.scheduler.sim.backlog import OfflineBacklog
 from services.scheduler.sim.cost_model import ModelShape, kv_transfer_time, step_time
 from services.scheduler.sim.hardware import HardwareProfile
 from services.scheduler.sim.instance import (
@@ -75,6 +82,7 @@ class Simulator:
         uses_prefix_hits: bool = False,
         targets: FlipConfig | None = None,
         flip_roles: bool = False,
+        decode_cost: DecodeCost | None = None,
     ):
         self.model = model
         self.hw = hw
@@ -86,6 +94,11 @@ class Simulator:
         """The live scheduler's `flip_config`: SLO targets for placements, flip options."""
         self.flip_roles = flip_roles
         """Run the rebalancer (live: policies in `POLICIES_FLIPPING_ROLES`)."""
+        self.decode_cost = decode_cost or DecodeCost(model, hw)
+        """What offline decode admission predicts with (live: `--cost-profile/--cost-model`);
+        by default the simulation's own cost model, so its predictions are exact."""
+        self.backlog = OfflineBacklog(())
+        self._num_online_left = 0
         self.plan_interval = PLAN_INTERVAL
         self.num_role_flips = 0
         self.flips: list[tuple[float, str, str]] = []
@@ -111,14 +124,23 @@ class Simulator:
 
     # -- running -------------------------------------------------------------------------------
 
-    def run(self, requests: Sequence[SimRequest], until: float = 0.0) -> list[SimRequest]:
-        """Replay `requests` (sorted by arrival) to the end; returns them with their times.
-        With role flips, the rebalancer keeps planning until the last request is done, or
-        until `until` if later (to see flips back after the load is gone)."""
+    def run(
+        self,
+        requests: Sequence[SimRequest],
+        until: float = 0.0,
+        backlog: OfflineBacklog | None = None,
+    ) -> list[SimRequest]:
+        """Replay `requests` (sorted by arrival) to the end, with `backlog`'s offline
+        requests beside them while they last; returns them and the offline requests
+        submitted, with their times. With role
+        flips, the rebalancer keeps planning until the last request is done, or until
+        `until` if later (to see flips back after the load is gone)."""
         self._until = until
+        self.backlog = backlog or OfflineBacklog(())
+        self._num_online_left = len(requests)
         for i in range(len(self.instances)):  # every instance has joined at t = 0
             self._deliver(i, 0.0)
-        for req in requests:
+        for req in [*self.backlog.start(), *requests]:
             self._push(req.arrival, ARRIVE, req)
         if self.flip_roles:
             self._push(self.plan_interval, PLAN, None)
@@ -134,7 +156,7 @@ class Simulator:
                 self._on_kv_landed(*payload)  # type: ignore[misc]
             else:
                 self._on_plan()
-        return list(requests)
+        return [*requests, *self.backlog.submitted]
 
     def _push(self, at: float, kind: int, payload: object) -> None:
         if kind != PLAN:
@@ -177,12 +199,12 @@ class Simulator:
         self._flush_all()
         snapshot = self.registry.snapshot(self.now)
         if check(None, req.num_prompt_tokens, snapshot) is not None:
-            req.rejected = True
+            self._reject(req)
             return
         request = self._placement_request(req)
-        decision = place(request, snapshot, self.policy)
+        decision = place(request, snapshot, self.policy, self.decode_cost)
         if isinstance(decision, Refusal):
-            req.rejected = True
+            self._reject(req)
             return
         self._record(req, note(request, decision))
         self.num_placed += 1
@@ -193,9 +215,27 @@ class Simulator:
                 decision.prefill_instance_id,
                 decision.instance_id,
             )
-        inst = self._by_id[req.instance_id]
-        inst.add(req, hand_over=req.decode_instance_id is not None, now=self.now)
-        self._kick(inst)
+        if req.decode_instance_id is None:
+            inst = self._by_id[req.instance_id]
+            inst.add(req, now=self.now)
+            self._kick(inst)
+        else:  # live: the DecodeCmd; the decode side asks for the prefill once reserved
+            target = self._by_id[req.decode_instance_id]
+            target.reserve(req, self.now)
+            self._start_prefills(target)
+
+    def _reject(self, req: SimRequest) -> None:
+        req.rejected = True
+        self._done(req)
+
+    def _done(self, req: SimRequest) -> None:
+        """`req` finished or was refused: count it; an offline one makes room for the next."""
+        if req.priority == 0:
+            self._num_online_left -= 1
+            return
+        following = self.backlog.done(self.now, online_over=self._num_online_left == 0)
+        if following is not None:
+            self._push(self.now, ARRIVE, following)
 
     def _record(self, req: SimRequest, noted: Note) -> None:
         """`SchedulerService._record`: pending work, and recent prefix placements."""
@@ -212,7 +252,7 @@ class Simulator:
             num_prompt_tokens=req.num_prompt_tokens,
             max_tokens=req.output_len,
             model=None,
-            priority=0,
+            priority=req.priority,
             sequence_number=self.num_placed,
             prefix_hits=self._prefix_hits(req) if self.uses_prefix_hits else {},
             targets=self.targets,
@@ -249,7 +289,21 @@ class Simulator:
         for req in inst.update(step, self.now, seconds):
             if inst.is_prefilled(req):
                 self._hand_over(inst, req)
+        self._take_finished(inst)
+        self._start_prefills(inst)
         self._kick(inst)
+
+    def _take_finished(self, inst: SimInstance) -> None:
+        for req in inst.take_finished():
+            self._done(req)
+
+    def _start_prefills(self, decode: SimInstance) -> None:
+        """The prefill halves of the requests `decode` has just reserved blocks for."""
+        for req in decode.take_reserved():
+            inst = self._by_id[req.instance_id]  # type: ignore[index]
+            self._flush_heartbeat(self._index[inst.instance_id])
+            inst.add(req, hand_over=True, now=self.now)
+            self._kick(inst)
 
     def _hand_over(self, source: SimInstance, req: SimRequest) -> None:
         """Send a finished prefill's KV to the decode instance chosen at placement."""
@@ -264,5 +318,7 @@ class Simulator:
         self._flush_heartbeat(self._index[target.instance_id])
         source.release_prefilled(req)
         target.add_prefilled(req, self.now)
+        self._take_finished(target)
+        self._start_prefills(target)
         self._kick(target)
         self._kick(source)

@@ -70,6 +70,10 @@ class EngineStats:
     short of their last token): the prefill queue a new prompt waits behind."""
     num_decoding: int = 0
     """Running sequences past their prompt (decoding)."""
+    num_reserved: int = 0
+    """Decode side: sequences holding blocks for a remote prefill, awaiting their KV."""
+    num_reserved_tokens: int = 0
+    """Their prompt tokens."""
     num_swapped: int = 0
     """Offline sequences preempted with their KV in host memory."""
     num_swap_outs: int = 0
@@ -332,7 +336,20 @@ class Engine:
             swap_in_blocks=self.swap_space.stats.blocks_in,
             swap_seconds=self.swap_space.stats.seconds,
             **self._backlog(),
+            **self._reserved(),
         )
+
+    def _reserved(self) -> dict[str, int]:
+        reserved = [
+            seq
+            for seqs in self.sequences.values()
+            for seq in seqs
+            if seq.status is SequenceStatus.HELD and not seq.prefill_only
+        ]
+        return {
+            "num_reserved": len(reserved),
+            "num_reserved_tokens": sum(seq.num_tokens for seq in reserved),
+        }
 
     def _backlog(self) -> dict[str, int]:
         # Per heartbeat, not per step: a pass over the queues is cheap at that rate.

@@ -354,6 +354,8 @@ class Instance:
             role_flips=self.role_flips,
             num_prefill_backlog_tokens=stats.num_prefill_backlog_tokens,
             num_decoding=stats.num_decoding,
+            num_reserved=stats.num_reserved,
+            num_reserved_tokens=stats.num_reserved_tokens,
             num_swapped=stats.num_swapped,
             num_swap_outs=stats.num_swap_outs,
             swap_out_blocks=stats.swap_out_blocks,

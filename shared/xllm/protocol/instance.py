@@ -227,6 +227,11 @@ class Heartbeat:
     num_decoding: int = 0
     """Running sequences past their prompt, decoding (after a decode → prefill flip, the
     ones finishing in place)."""
+    num_reserved: int = 0
+    """Decode side: sequences holding blocks for a prompt another instance prefills, not
+    yet in the queues (they decode here once their KV lands)."""
+    num_reserved_tokens: int = 0
+    """The prompt tokens of those sequences."""
     prefill_tokens: int = 0
     """Cumulative tokens computed by prefill steps (prompt chunks and recomputes)."""
     prefill_seconds: float = 0.0
