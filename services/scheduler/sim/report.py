@@ -7,7 +7,8 @@ Definitions (stated once, used by the table and the JSON line):
     (no instance, prompt too long) count as missing it;
   * `wall` runs from the first arrival to the last finish (or arrival);
   * goodput = requests meeting the SLO per second of wall time;
-  * utilisation of an instance = time spent in steps / wall time.
+  * utilisation of an instance = time spent in steps / wall time (or until the last
+    offline request finished, if later).
 
 Offline requests (priority > 0) have no SLO: every figure above is over the online
 requests alone, and the offline ones add their count and their output tokens per second
@@ -104,7 +105,9 @@ def summarize(
     offline_done = [r for r in offline if r.finished_at is not None and r.finished_at <= end]
     ttfts = [t for r in requests if (t := ttft(r)) is not None]
     tpots = [t for r in requests if (t := tpot(r)) is not None]
-    util = {i.instance_id: i.busy_time / wall for i in instances}
+    # Offline work in flight when the online trace ends finishes after it: steps to then.
+    busy_span = max([wall] + [(r.finished_at or 0.0) - start for r in offline])
+    util = {i.instance_id: i.busy_time / busy_span for i in instances}
     queried = sum(i.prefix_queried_tokens for i in instances)
     hit = sum(i.prefix_hit_tokens for i in instances)
     good = sum(meets(r, slo) for r in requests)
