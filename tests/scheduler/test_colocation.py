@@ -113,3 +113,15 @@ def test_colocated_offline_work_takes_the_most_headroom_and_is_never_shed():
         sequence_number=0, slo_ttft=1.0, admission_margin=1.5,
     )  # fmt: skip
     assert place(request, snap, get_policy("round-robin"), COST) == Placement("b")
+
+
+def test_the_scheduler_predicts_with_the_cost_model_it_is_given():
+    from services.scheduler.config import SchedulerConfig
+    from services.scheduler.placement import decode_cost
+    from xllm.cluster import ClusterConfig, service_specs
+
+    assert decode_cost(SchedulerConfig()) is None
+    assert decode_cost(SchedulerConfig(cost_profile="a100", cost_model="qwen3-8b")) == COST
+    config = ClusterConfig(prefill=1, decode=1, cost_profile="a100", cost_model="qwen3-8b")
+    argv = {s.name: s for s in service_specs(config, "/m")}["scheduler"].argv
+    assert argv[-4:] == ["--cost-profile", "a100", "--cost-model", "qwen3-8b"]
