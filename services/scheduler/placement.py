@@ -59,6 +59,8 @@ class Note:
     pending_tokens: tuple[tuple[str, int], ...]
     """(instance, tokens it will compute for the request) for each instance placed on, the
     prefill half first. Every one of them ends up holding the prompt's KV."""
+    offline: bool = False
+    """An offline request's work: online prompts do not wait behind it."""
 
     @property
     def holders(self) -> tuple[str, ...]:
@@ -185,6 +187,7 @@ def note(request: PlacementRequest, placement: Placement) -> Note:
     where it decodes."""
     decode_id, prefill_id = placement.instance_id, placement.prefill_instance_id
     decode = (decode_id, request.uncached_tokens(decode_id) + request.max_tokens)
+    offline = request.priority > 0
     if prefill_id is None:
-        return Note((decode,))
-    return Note(((prefill_id, request.uncached_tokens(prefill_id)), decode))
+        return Note((decode,), offline)
+    return Note(((prefill_id, request.uncached_tokens(prefill_id)), decode), offline)

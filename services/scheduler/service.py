@@ -187,7 +187,7 @@ class SchedulerService:
 
     def _record(self, req: SubmitRequest, noted: Note) -> None:
         for instance_id, num_tokens in noted.pending_tokens:
-            self.registry.note_placement(instance_id, num_tokens)
+            self.registry.note_placement(instance_id, num_tokens, noted.offline)
         if self.uses_prefix_hits:
             views = self.registry.snapshot()
             for instance_id in noted.holders:

@@ -125,3 +125,19 @@ def test_the_scheduler_predicts_with_the_cost_model_it_is_given():
     config = ClusterConfig(prefill=1, decode=1, cost_profile="a100", cost_model="qwen3-8b")
     argv = {s.name: s for s in service_specs(config, "/m")}["scheduler"].argv
     assert argv[-4:] == ["--cost-profile", "a100", "--cost-model", "qwen3-8b"]
+
+
+def test_online_ttft_predictions_ignore_offline_prefill_work():
+    from services.scheduler.cluster import Registry
+    from services.scheduler.policies.slo_pd import TtftPredictor
+
+    registry = Registry(timeout=2.0)
+    beat = heartbeat(
+        "p", "prefill", num_prefill_backlog_tokens=9000, num_offline_prefill_backlog_tokens=8000
+    )
+    registry.update(beat, now=0.0)
+    registry.note_placement("p", 500)
+    registry.note_placement("p", 3000, offline=True)
+    (p,) = registry.snapshot().instances
+    assert p.load == beat.num_tokens_in_flight + 3500  # least-load still sees all the work
+    assert TtftPredictor.queued_tokens(p) == 1000 + 500

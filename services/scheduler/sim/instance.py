@@ -182,7 +182,7 @@ class SimInstance:
     def heartbeat(self, sent_at: float) -> Heartbeat:
         """The heartbeat our instance would send now (see `Instance.heartbeat`)."""
         sched, bm = self.scheduler, self.block_manager
-        num_prefill_backlog_tokens, num_decoding = sched.backlog()
+        backlog = sched.backlog()
         return Heartbeat(
             instance_id=self.instance_id,
             role=self.role,  # type: ignore[arg-type]
@@ -202,8 +202,9 @@ class SimInstance:
             steps=self.steps,
             sent_at=sent_at,
             role_flips=self.role_flips,
-            num_prefill_backlog_tokens=num_prefill_backlog_tokens,
-            num_decoding=num_decoding,
+            num_prefill_backlog_tokens=backlog.num_prefill_backlog_tokens,
+            num_offline_prefill_backlog_tokens=backlog.num_offline_prefill_backlog_tokens,
+            num_decoding=backlog.num_decoding,
             num_reserved=len(self._reserved),
             num_reserved_tokens=sum(s.num_tokens for s in self._reserved.values()),
             num_swapped=len(sched.swapped),

@@ -240,7 +240,7 @@ class Simulator:
     def _record(self, req: SimRequest, noted: Note) -> None:
         """`SchedulerService._record`: pending work, and recent prefix placements."""
         for instance_id, num_tokens in noted.pending_tokens:
-            self.registry.note_placement(instance_id, num_tokens)
+            self.registry.note_placement(instance_id, num_tokens, noted.offline)
         if self.uses_prefix_hits:
             for instance_id in noted.holders:
                 self.recent.add(req.hash_ids, instance_id, self.now)

@@ -68,6 +68,8 @@ class EngineStats:
     num_prefill_backlog_tokens: int = 0
     """Tokens still to compute of the sequences that are prefilling (waiting or running
     short of their last token): the prefill queue a new prompt waits behind."""
+    num_offline_prefill_backlog_tokens: int = 0
+    """Of `num_prefill_backlog_tokens`, the offline sequences'."""
     num_decoding: int = 0
     """Running sequences past their prompt (decoding)."""
     num_reserved: int = 0
@@ -353,8 +355,9 @@ class Engine:
 
     def _backlog(self) -> dict[str, int]:
         # Per heartbeat, not per step: a pass over the queues is cheap at that rate.
-        num_prefill_backlog_tokens, num_decoding = self.scheduler.backlog()
+        backlog = self.scheduler.backlog()
         return {
-            "num_prefill_backlog_tokens": num_prefill_backlog_tokens,
-            "num_decoding": num_decoding,
+            "num_prefill_backlog_tokens": backlog.num_prefill_backlog_tokens,
+            "num_offline_prefill_backlog_tokens": backlog.num_offline_prefill_backlog_tokens,
+            "num_decoding": backlog.num_decoding,
         }

@@ -353,6 +353,7 @@ class Instance:
             sent_at=time.time(),
             role_flips=self.role_flips,
             num_prefill_backlog_tokens=stats.num_prefill_backlog_tokens,
+            num_offline_prefill_backlog_tokens=stats.num_offline_prefill_backlog_tokens,
             num_decoding=stats.num_decoding,
             num_reserved=stats.num_reserved,
             num_reserved_tokens=stats.num_reserved_tokens,
