@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.placement import decode_cost
 from services.scheduler.policies import get_policy
 from xllm.config import LogConfig, NatsConfig, add_arguments, from_args
 from xllm.service.runtime import run_service
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         get_policy(config.policy)
         config.validate()
+        decode_cost(config)  # an unknown profile or model config fails here, not later
     except ValueError as e:
         parser.error(str(e))
 

@@ -28,6 +28,8 @@ class InstanceView:
     pending_requests: int = 0
     """Work placed here since that heartbeat: without it, every request of a burst would
     see the same stale load and land on the same instance."""
+    pending_offline_tokens: int = 0
+    """Of `pending_tokens`, those of offline requests (online prompts go before them)."""
     started_as: str = ""
     """The role of the instance's first heartbeat (its home pool); "" = unknown."""
     role_since: float = 0.0
@@ -124,12 +126,13 @@ class Registry:
         if view is not None and view.role != role:
             self._views[instance_id] = replace(view, pending_role=role, role_since=now)
 
-    def note_placement(self, instance_id: str, num_tokens: int) -> None:
+    def note_placement(self, instance_id: str, num_tokens: int, offline: bool = False) -> None:
         view = self._views.get(instance_id)
         if view is not None:
             self._views[instance_id] = replace(
                 view,
                 pending_tokens=view.pending_tokens + num_tokens,
+                pending_offline_tokens=view.pending_offline_tokens + (num_tokens if offline else 0),
                 pending_requests=view.pending_requests + 1,
             )
 

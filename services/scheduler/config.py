@@ -39,6 +39,15 @@ class SchedulerConfig:
     flip_idle: float = option(
         30.0, "slo-pd: seconds with no queued prefill before a prefill instance counts as idle."
     )
+    cost_profile: str = option(
+        "",
+        "Hardware profile (built-in name or JSON) of the instances, with --cost-model: offline "
+        "decodes then join decode instances while the predicted step keeps --slo-tpot; "
+        "without both, offline decodes stay on the prefill instance (PD clusters).",
+    )
+    cost_model: str = option(
+        "", "Model config (built-in name, folder or config.json) for --cost-profile."
+    )
 
     def validate(self) -> None:
         checks = [
@@ -48,6 +57,10 @@ class SchedulerConfig:
             (self.min_decode_instances >= 1, "--min-decode-instances must be at least 1"),
             (self.flip_cooldown >= 0, "--flip-cooldown cannot be negative"),
             (self.flip_idle >= 0, "--flip-idle cannot be negative"),
+            (
+                bool(self.cost_profile) == bool(self.cost_model),
+                "--cost-profile and --cost-model go together",
+            ),
         ]
         for ok, message in checks:
             if not ok:

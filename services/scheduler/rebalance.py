@@ -1,10 +1,10 @@
-"""What the live scheduler and the simulator share beyond the policies: the SLO targets a
-policy sees in each `PlacementRequest`, and one round of the role rebalancer.
+"""The role rebalancer, shared by the live scheduler and the simulator: its options (also the
+SLO targets every `PlacementRequest` carries, see `placement.placement_request`) and one round.
 
 `SchedulerService` and `services.scheduler.sim.simulator.Simulator` both call these, so the
 simulator runs the live code path: the same `FlipConfig` from the same `SchedulerConfig`
-options, the same `PlacementRequest` fields, and every `PLAN_INTERVAL` the same
-`plan_role_flips` on a `Registry` snapshot followed by `Registry.note_role` for each flip.
+options, and every `PLAN_INTERVAL` the same `plan_role_flips` on a `Registry` snapshot
+followed by `Registry.note_role` for each flip.
 Only the delivery differs: live, a `SetRoleCmd` over NATS; simulated, the instance's role.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from services.scheduler.cluster import Registry
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.policies import FlipConfig, PlacementRequest, plan_role_flips
+from services.scheduler.policies import FlipConfig, plan_role_flips
 
 PLAN_INTERVAL = 0.25
 """Seconds between role-flip plans (about one instance heartbeat)."""
@@ -27,33 +27,6 @@ def flip_config(config: SchedulerConfig) -> FlipConfig:
         cooldown=config.flip_cooldown,
         idle_seconds=config.flip_idle,
         admission_margin=config.slo_admission or None,
-    )
-
-
-def placement_request(
-    *,
-    request_id: str,
-    num_prompt_tokens: int,
-    max_tokens: int,
-    model: str | None,
-    priority: int,
-    sequence_number: int,
-    prefix_hits: dict[str, int],
-    targets: FlipConfig,
-) -> PlacementRequest:
-    """What a policy sees of a request, with the SLO targets of `targets` (every policy gets
-    them; slo-pd reads them)."""
-    return PlacementRequest(
-        request_id=request_id,
-        num_prompt_tokens=num_prompt_tokens,
-        max_tokens=max_tokens,
-        model=model,
-        priority=priority,
-        sequence_number=sequence_number,
-        prefix_hits=prefix_hits,
-        slo_ttft=targets.slo_ttft,
-        slo_tpot=targets.slo_tpot,
-        admission_margin=targets.admission_margin,
     )
 
 

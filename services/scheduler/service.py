@@ -1,8 +1,8 @@
 """The scheduler service: registry from heartbeats, placement on submit, cluster view.
 
 Handlers run on the event loop and share state without locks (asyncio, one thread).
-Submit: check the request fits some instance, ask the policy for one, send it the
-`GenerateCmd`, reply with its id. Heartbeats keep the registry; a sweeper drops instances
+Submit: the decision is `placement.place`'s (shared with the simulator); this file only
+sends the command it says and replies with where the request went. Heartbeats keep the registry; a sweeper drops instances
 that fell silent, so new requests go elsewhere within `heartbeat_timeout`. With a policy
 that flips roles (slo-pd), a rebalancer asks `plan_role_flips` every `PLAN_INTERVAL` and
 sends the `SetRoleCmd`s it plans.
@@ -13,26 +13,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
 
 from nats.aio.client import Client as NATS
 
 from services.scheduler.cluster import ClusterSnapshot, Registry
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.placement import (
+    ALL_ROLES,
+    Note,
+    Placement,
+    Refusal,
+    check,
+    decode_cost,
+    note,
+    place,
+    placement_request,
+)
 from services.scheduler.policies import (
     POLICIES_FLIPPING_ROLES,
     POLICIES_USING_PREFIX_HITS,
     PlacementRequest,
     get_policy,
 )
-from services.scheduler.policies.admission import refusal
 from services.scheduler.prefix import PrefixMatcher
-from services.scheduler.rebalance import PLAN_INTERVAL, flip_config, placement_request, rebalance
+from services.scheduler.rebalance import PLAN_INTERVAL, flip_config, rebalance
 from xllm.protocol import (
     ClusterState,
     ClusterStateRequest,
     DecodeCmd,
-    ErrorCode,
     ErrorInfo,
     GenerateCmd,
     Heartbeat,
@@ -47,8 +55,6 @@ from xllm.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-ALL_ROLES = ("both", "prefill", "decode")
 
 
 class SchedulerService:
@@ -66,6 +72,8 @@ class SchedulerService:
         self.num_shed = 0
         """Online requests refused by SLO admission (their TTFT target was out of reach)."""
         self.flip_config = flip_config(config)
+        self.decode_cost = decode_cost(config)
+        """Predicts decode steps for offline decode admission (None: not configured)."""
 
     async def serve(self, stop: asyncio.Event) -> None:
         heartbeats = TypeDispatcher({Heartbeat: self.on_heartbeat}, name="scheduler heartbeats")
@@ -130,76 +138,61 @@ class SchedulerService:
                 log.exception("role-flip planning failed")
 
     async def on_submit(self, req: SubmitRequest) -> SubmitReply:
+        """Place `req` (`placement.place`), send the command the placement says, note it."""
         snapshot = self.registry.snapshot(time.monotonic())
-        error = self._check(req, snapshot)
-        if error is None:
-            placement = await self._placement(req, snapshot)
-            refused = refusal(placement, snapshot)
-            if refused is not None:
-                self.num_shed += 1
-                self.num_rejected += 1
-                error = ErrorInfo(code=ErrorCode.OVERLOADED, message=refused)
-                return SubmitReply(request_id=req.request_id, error=error)
-            if snapshot.candidates(req.request.model, ("both",)):
-                reply = await self._place_colocated(req, placement, snapshot)
-            else:
-                reply = await self._place_disaggregated(req, placement, snapshot)
-            if reply is not None:
-                self.num_submitted += 1
-                self.num_redispatched += req.resumed
-                return reply
-            error = ErrorInfo(
-                code=ErrorCode.NO_INSTANCE, message="no instance can serve this request"
-            )
+        refused = check(req.request.model, len(req.request.prompt_token_ids), snapshot)
+        if refused is not None:  # before the kvstore round trip for prefix hits
+            return self._refuse(req, refused)
+        request = await self._placement_request(req, snapshot)
+        decision = place(request, snapshot, self.policy, self.decode_cost)
+        if isinstance(decision, Refusal):
+            return self._refuse(req, decision)
+        await self._send(req, decision, snapshot)
+        self._record(req, note(request, decision))
+        self.num_submitted += 1
+        self.num_redispatched += req.resumed
+        return SubmitReply(
+            request_id=req.request_id,
+            instance_id=decision.instance_id,
+            prefill_instance_id=decision.prefill_instance_id,
+        )
+
+    def _refuse(self, req: SubmitRequest, refused: Refusal) -> SubmitReply:
         self.num_rejected += 1
+        self.num_shed += refused.shed
+        error = ErrorInfo(code=refused.code, message=refused.message)
         return SubmitReply(request_id=req.request_id, error=error)
 
-    async def _place_colocated(
-        self, req: SubmitRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
-    ) -> SubmitReply | None:
-        instance_id = self.policy(placement, snapshot)
-        if instance_id is None:
-            return None
-        cmd = GenerateCmd(
-            request_id=req.request_id,
-            request=req.request,
-        )
-        await self.nc.publish(subjects.instance_cmd(instance_id), encode(cmd))
-        self._note(instance_id, req, placement, req.request.sampling.max_tokens)
-        return SubmitReply(request_id=req.request_id, instance_id=instance_id)
+    async def _send(self, req: SubmitRequest, placement: Placement, snapshot: ClusterSnapshot):
+        """Colocated: a `GenerateCmd`; disaggregated: a `DecodeCmd` to the decode instance,
+        which takes it from there (it asks the prefill instance for the KV)."""
+        prefill_id = placement.prefill_instance_id
+        if prefill_id is None:
+            cmd: GenerateCmd | DecodeCmd = GenerateCmd(
+                request_id=req.request_id,
+                request=req.request,
+            )
+        else:
+            cmd = DecodeCmd(
+                request_id=req.request_id,
+                request=req.request,
+                prefill_instance_id=prefill_id,
+                prefill_started_at=snapshot.view(prefill_id).heartbeat.started_at,
+            )
+        await self.nc.publish(subjects.instance_cmd(placement.instance_id), encode(cmd))
 
-    async def _place_disaggregated(
-        self, req: SubmitRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
-    ) -> SubmitReply | None:
-        """Prefill on one instance, decode on another: the policy picks each half among
-        the instances of that role; the decode instance takes it from there (DecodeCmd)."""
-        prefill_id = self.policy(replace(placement, roles=("prefill",)), snapshot)
-        decode_id = self.policy(replace(placement, roles=("decode",)), snapshot)
-        if prefill_id is None or decode_id is None:
-            return None
-        cmd = DecodeCmd(
-            request_id=req.request_id,
-            request=req.request,
-            prefill_instance_id=prefill_id,
-            prefill_started_at=snapshot.view(prefill_id).heartbeat.started_at,
-        )
-        await self.nc.publish(subjects.instance_cmd(decode_id), encode(cmd))
-        self._note(prefill_id, req, placement, 0)
-        self._note(decode_id, req, placement, req.request.sampling.max_tokens)
-        return SubmitReply(
-            request_id=req.request_id, instance_id=decode_id, prefill_instance_id=prefill_id
-        )
-
-    def _note(
-        self, instance_id: str, req: SubmitRequest, placement: PlacementRequest, decode: int
-    ) -> None:
-        # Pending work counts what the instance will compute: the hit is not recomputed.
-        self.registry.note_placement(instance_id, placement.uncached_tokens(instance_id) + decode)
+    def _record(self, req: SubmitRequest, noted: Note) -> None:
+        for instance_id, num_tokens in noted.pending_tokens:
+            self.registry.note_placement(instance_id, num_tokens, noted.offline)
         if self.uses_prefix_hits:
-            block_size = self.registry.snapshot().view(instance_id).heartbeat.kv_block_size
-            self.prefix.placed(req.request.prompt_token_ids, instance_id, block_size)
+            views = self.registry.snapshot()
+            for instance_id in noted.holders:
+                block_size = views.view(instance_id).heartbeat.kv_block_size
+                self.prefix.placed(req.request.prompt_token_ids, instance_id, block_size)
 
-    async def _placement(self, req: SubmitRequest, snapshot: ClusterSnapshot) -> PlacementRequest:
+    async def _placement_request(
+        self, req: SubmitRequest, snapshot: ClusterSnapshot
+    ) -> PlacementRequest:
         hits: dict[str, int] = {}
         if self.uses_prefix_hits:
             candidates = {
@@ -217,19 +210,6 @@ class SchedulerService:
             prefix_hits=hits,
             targets=self.flip_config,
         )
-
-    def _check(self, req: SubmitRequest, snapshot: ClusterSnapshot) -> ErrorInfo | None:
-        candidates = snapshot.candidates(req.request.model, ALL_ROLES)
-        if not candidates:
-            what = f"model {req.request.model!r}" if req.request.model else "any model"
-            return ErrorInfo(code=ErrorCode.NO_INSTANCE, message=f"no live instance serves {what}")
-        max_len = max(v.heartbeat.max_model_len for v in candidates)
-        if len(req.request.prompt_token_ids) >= max_len:
-            return ErrorInfo(
-                code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                message=f"the prompt has {len(req.request.prompt_token_ids)} tokens; the context is {max_len}",
-            )
-        return None
 
     async def on_cluster_state(self, _: ClusterStateRequest) -> ClusterState:
         views = self.registry.snapshot().instances

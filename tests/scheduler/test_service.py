@@ -14,6 +14,7 @@ from tests.scheduler.beats import heartbeat
 from xllm.protocol import (
     ClusterState,
     ClusterStateRequest,
+    DecodeCmd,
     ErrorCode,
     GenerateCmd,
     InstanceLost,
@@ -90,6 +91,35 @@ async def test_slo_admission_refuses_online_work_only(nats_url):
     assert offline.instance_id == "i0"  # offline work has no TTFT target: it queues
     assert [decode_as(m.data, GenerateCmd).request_id for m in cmds] == ["offline-1"]
     assert (state.num_shed, state.num_rejected, state.num_submitted) == (1, 1, 1)
+
+
+async def test_offline_work_decodes_on_its_prefill_instance_without_a_cost_model(nats_url):
+    config = SchedulerConfig(policy="least-load", slo_tpot=0.1)
+    nc, close = await run_scheduler(nats_url, config)
+    try:
+        cmds = {"p": [], "d": []}
+
+        def on_cmd(instance_id):
+            async def cb(msg):
+                cmds[instance_id].append(msg)
+
+            return cb
+
+        subs = [await nc.subscribe(subjects.instance_cmd(i), cb=on_cmd(i)) for i in cmds]
+        for instance_id, role in (("p", "prefill"), ("d", "decode")):
+            await nc.publish(subjects.HEARTBEAT, encode(heartbeat(instance_id, role)))
+        await asyncio.sleep(0.3)
+        offline = await submit(nc, "offline-1", priority=1)
+        online = await submit(nc, "online-1")
+        await asyncio.sleep(0.2)
+        for sub in subs:
+            await sub.unsubscribe()
+    finally:
+        await close()
+    assert (offline.instance_id, offline.prefill_instance_id) == ("p", None)
+    assert (online.instance_id, online.prefill_instance_id) == ("d", "p")
+    assert [decode_as(m.data, GenerateCmd).request_id for m in cmds["p"]] == ["offline-1"]
+    assert [decode_as(m.data, DecodeCmd).request_id for m in cmds["d"]] == ["online-1"]
 
 
 async def test_a_restarted_instance_is_announced_lost_at_once(nats_url):

@@ -72,7 +72,7 @@ def test_decodes_go_first_and_a_new_prompt_shares_their_step():
     inst.add(req(0, prompt=10, output=10))
     inst.update(inst.schedule(), 0.0)  # prefill, first token
     inst.add(req(1, prompt=3000))
-    shape = inst.schedule().shape()
+    shape = inst.schedule().shape
     assert shape.decode_context_lens == (11,)
     assert shape.prefill_chunks == ((2047, 0),)  # the budget left after one decode
 

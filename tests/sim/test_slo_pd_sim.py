@@ -51,6 +51,7 @@ def req(i, arrival, prompt=PROMPT_TOKENS, output=8):
 
 def test_the_simulator_runs_the_live_schedulers_functions():
     assert simulator.rebalance is service.rebalance
+    assert simulator.place is service.place and simulator.note is service.note
     assert simulator.placement_request is service.placement_request
     assert simulator.PLAN_INTERVAL == service.PLAN_INTERVAL == PLAN_INTERVAL
 
@@ -82,7 +83,7 @@ def test_heartbeats_carry_the_step_stats_and_the_prefill_backlog():
     assert (hb.decode_steps, hb.recent_tpot) == (0, 0.0)
 
     step = inst.schedule()  # 1 decode + a 2,047-token chunk, as the engine would
-    assert step.shape().decode_context_lens == (11,)
+    assert step.shape.decode_context_lens == (11,)
     inst.update(step, 1.1, seconds=1.0)
     hb = inst.heartbeat(1.1)
     assert hb.num_prefill_backlog_tokens == 3000 - 2047

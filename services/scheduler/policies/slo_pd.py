@@ -76,9 +76,12 @@ class TtftPredictor:
 
     @staticmethod
     def queued_tokens(view: InstanceView) -> int:
-        """Prefill tokens ahead of a new prompt: the heartbeat's backlog plus what the
-        scheduler placed there since."""
-        return view.heartbeat.num_prefill_backlog_tokens + view.pending_tokens
+        """Prefill tokens ahead of a new online prompt: the heartbeat's backlog plus what
+        the scheduler placed there since, less offline work (the engine prefills online
+        prompts first)."""
+        hb = view.heartbeat
+        backlog = hb.num_prefill_backlog_tokens - hb.num_offline_prefill_backlog_tokens
+        return backlog + view.pending_tokens - view.pending_offline_tokens
 
     def predict(self, view: InstanceView, num_new_tokens: int) -> float:
         """Seconds to the first token of a prompt needing `num_new_tokens` prefilled there."""

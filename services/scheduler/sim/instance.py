@@ -1,39 +1,55 @@
-"""A simulated instance: our engine's scheduler, replayed on counts instead of tensors.
+"""A simulated instance: our engine's own `Scheduler` and `BlockManager`, with the forward pass
+replaced by the cost model's step time.
 
-`SimInstance.schedule()` follows `xllm.engine.scheduler.Scheduler.schedule` step for step —
-running sequences first (decodes and unfinished prefill chunks) under the token budget,
-then waiting ones in arrival order while `max_num_seqs`, the budget and KV blocks allow;
-the most recent running sequence is preempted (recomputed later) when blocks run out — so
-the step shapes the cost model prices are the shapes our engine would run.
+`SimInstance` holds the real `xllm.engine.scheduler.Scheduler` over a real `BlockManager`
+and drives it as `Engine.step` does: `schedule()` (here: returns the step and its shape for
+the cost model), then, when the simulator says the step's time has passed, `update()` with
+a sampled token for every sequence that samples. So the simulator gets the engine's chunked
+prefill, online-before-offline priority, preemption (and swapping, given host blocks) and
+prefix cache as they are, and cannot drift from them. What it leaves out is only the
+tensors: the model, the sampler (every sampled token is `SAMPLED_TOKEN`, never an EOS, so a
+request stops at its trace output length or the context) and KV copies (swaps cost no time).
 
-The prefix cache is kept at the trace's granularity: an LRU of prefix-block ids (Mooncake
-`hash_ids`, 512 tokens each), at most a pool's worth. A hit skips those tokens' prefill,
-as `find_cached_prefix` does.
+Prompts have no text, so their tokens are made up (`SimRequest.prompt_token_ids`) so that
+the engine's block hashes share exactly what the trace shares: each full trace block
+(Mooncake `hash_ids`, 512 tokens) is 512 copies of its id, and the rest of the prompt is
+unique to the request. The engine's prefix cache then hits whole trace blocks, as the
+trace's granularity says it may.
 
-Heartbeats carry what the SLO-aware policy reads, with `xllm.engine.step_stats`'s meanings:
-the same `StepStats` records each simulated step (its seconds, prefill tokens, decodes) and
-each first token sampled here; the prefill backlog and decoding counts are the engine's
-`_backlog` over the simulated queues. A role flip (`set_role`) changes what the scheduler
-places here, never what happens to the sequences already here: each knows whether it hands
-over after its prefill (placed here as a prefill half) or decodes here, so decodes in flight
-finish in place and prefills placed just before the flip still hand over, as live.
+PD disaggregation, as `xllm.instance` does it with the engine's PD calls: the decode half
+comes first, reserving the prompt's blocks (`reserve`: `Scheduler.reserve`, queued while the
+pool is short); once reserved, the prefill half starts on its instance as a `prefill_only`
+sequence, held (its blocks kept) after its first token until its KV has landed in the
+reservation (`release_prefilled`); then the decode side admits it (`add_prefilled`:
+`admit_prefilled`). A role flip
+(`set_role`) changes what the scheduler places here, never the sequences already here.
+
+Heartbeats carry what `Instance.heartbeat` sends, from the same objects: the scheduler's
+queues and `backlog()`, the block manager's counts, and a `StepStats` fed each simulated
+step (its seconds, prefill tokens and decodes) and each first token sampled here.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import itertools
+from collections import deque
 from dataclasses import dataclass, field
 
 from services.scheduler.sim.cost_model import StepShape
+from xllm.engine.block_manager import BlockManager
+from xllm.engine.prefix_hash import block_hashes
+from xllm.engine.scheduler import Scheduler, SchedulerOutput
+from xllm.engine.sequence import Sequence, SequenceStatus
 from xllm.engine.step_stats import StepStats
 from xllm.protocol import Heartbeat
+from xllm.protocol.types import SamplingParams
 
 HASH_BLOCK_TOKENS = 512
 """Tokens per trace prefix block (Mooncake's `hash_ids`)."""
+SAMPLED_TOKEN = 0
+"""The token every simulated sample yields (the scheduler knows no EOS here)."""
 
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+_serials = itertools.count(1)
 
 
 @dataclass
@@ -45,6 +61,8 @@ class SimRequest:
     num_prompt_tokens: int
     output_len: int
     hash_ids: tuple[int, ...] = ()
+    priority: int = 0
+    """0 = online; > 0 = offline (the engine serves it after online work)."""
     instance_id: str | None = None
     """Where it runs (its prefill, when disaggregated)."""
     decode_instance_id: str | None = None
@@ -53,25 +71,23 @@ class SimRequest:
     finished_at: float | None = None
     num_cached_tokens: int = 0
     rejected: bool = False
+    serial: int = field(default_factory=lambda: next(_serials), repr=False)
+    """Unique in the process: what makes this request's own prompt tokens its own."""
+    _block_hashes: list[int] | None = field(default=None, repr=False)
 
+    def prompt_token_ids(self) -> list[int]:
+        """Made-up prompt tokens sharing with other prompts exactly the trace's full blocks.
+        Lists of repeated ints cost one pointer a token; built again when needed."""
+        num_full = min(len(self.hash_ids), self.num_prompt_tokens // HASH_BLOCK_TOKENS)
+        tokens = [h for h in self.hash_ids[:num_full] for _ in range(HASH_BLOCK_TOKENS)]
+        own = -self.serial  # trace block ids are >= 0: never one of theirs
+        return tokens + [own] * (self.num_prompt_tokens - len(tokens))
 
-@dataclass
-class SimSeq:
-    """Engine-side state of a request: `Sequence`'s counts, without the tokens."""
-
-    req: SimRequest
-    num_tokens: int
-    num_computed_tokens: int = 0
-    num_output_tokens: int = 0
-    num_blocks: int = 0
-    hand_over: bool = False
-    """Placed here as a prefill half: done after its first token, decoded elsewhere."""
-    added_at: float = 0.0
-    """When it reached this instance (`Sequence.arrival_time`, for `ttft_seconds`)."""
-
-    @property
-    def remaining(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+    def block_hashes(self, block_size: int) -> list[int]:
+        """The engine's hash chain of the prompt's full blocks, computed once."""
+        if self._block_hashes is None:
+            self._block_hashes = block_hashes(self.prompt_token_ids(), block_size)
+        return self._block_hashes
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,25 +100,34 @@ class InstanceSpec:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 32768
     enable_prefix_caching: bool = True
+    num_host_blocks: int = 0
+    """Host swap space in blocks (`--swap-space-gb`): preempted offline work keeps its KV."""
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class ScheduledStep:
-    items: list[tuple[SimSeq, int]] = field(default_factory=list)
-    """(sequence, new tokens) in schedule order."""
+    output: SchedulerOutput
+    """What `Scheduler.schedule` returned."""
+    shape: StepShape
+    """What the cost model prices, taken before `update` changes the counts."""
 
-    def shape(self) -> StepShape:
-        """What the cost model prices; call before `update` (it reads pre-step counts)."""
-        decodes: list[int] = []
-        chunks: list[tuple[int, int]] = []
-        samples = 0
-        for seq, n in self.items:
-            if n == 1 and seq.num_computed_tokens > 0:  # `model_runner.is_decode`
-                decodes.append(seq.num_tokens)
-                continue
-            chunks.append((n, seq.num_computed_tokens))
-            samples += seq.num_computed_tokens + n == seq.num_tokens
-        return StepShape(tuple(decodes), tuple(chunks), samples)
+    @property
+    def is_empty(self) -> bool:
+        return self.output.is_empty
+
+
+def step_shape(out: SchedulerOutput) -> StepShape:
+    decodes: list[int] = []
+    chunks: list[tuple[int, int]] = []
+    samples = 0
+    for item in out.scheduled:
+        seq = item.seq
+        if item.num_new_tokens == 1 and seq.num_computed_tokens > 0:  # `model_runner.is_decode`
+            decodes.append(seq.num_tokens)
+            continue
+        chunks.append((item.num_new_tokens, seq.num_computed_tokens))
+        samples += item.samples
+    return StepShape(tuple(decodes), tuple(chunks), samples)
 
 
 class SimInstance:
@@ -111,51 +136,83 @@ class SimInstance:
         self.spec = spec
         self.role = role
         self.model = model
-        self.waiting: deque[SimSeq] = deque()
-        self.running: list[SimSeq] = []
-        self.prefix_cache: OrderedDict[int, None] = OrderedDict()
-        self.num_used_blocks = 0
+        self.block_manager = BlockManager(
+            spec.num_kv_blocks, spec.block_size, spec.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            spec.max_num_seqs,
+            spec.max_num_batched_tokens,
+            spec.max_model_len,
+            num_host_blocks=spec.num_host_blocks,
+        )
+        self.requests: dict[str, SimRequest] = {}
+        """The requests whose sequences are here (running, queued or held)."""
+        self._held: dict[str, Sequence] = {}
+        """Prefilled sequences holding their blocks until their KV lands elsewhere."""
+        self._reservations: deque[SimRequest] = deque()
+        """To be prefilled elsewhere, waiting for room to reserve their prompt's blocks."""
+        self._reserved: dict[str, Sequence] = {}
+        """Holding blocks for their prompt's KV, which another instance computes."""
+        self.finished: list[SimRequest] = []
+        """Requests finished here since the simulator last took them."""
+        self.reserved: list[SimRequest] = []
+        """Requests whose blocks were reserved since the simulator last took them: their
+        prefill may start (live: the decode instance's `PrefillCmd`)."""
         self.busy = False
         self.busy_time = 0.0
         self.steps = 0
-        self.num_preemptions = 0
-        self.prefix_queried_tokens = 0
-        self.prefix_hit_tokens = 0
         self.step_stats = StepStats()
         self.role_flips = 0
 
     # -- what the scheduler sees ---------------------------------------------------------------
 
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    @property
+    def prefix_queried_tokens(self) -> int:
+        return self.block_manager.stats.queried_tokens
+
+    @property
+    def prefix_hit_tokens(self) -> int:
+        return self.block_manager.stats.hit_tokens
+
     def heartbeat(self, sent_at: float) -> Heartbeat:
-        """The heartbeat our instance would send now (see `Instance._heartbeat`)."""
+        """The heartbeat our instance would send now (see `Instance.heartbeat`)."""
+        sched, bm = self.scheduler, self.block_manager
+        backlog = sched.backlog()
         return Heartbeat(
             instance_id=self.instance_id,
             role=self.role,  # type: ignore[arg-type]
             model=self.model,
             max_model_len=self.spec.max_model_len,
-            num_running=len(self.running),
-            num_waiting=len(self.waiting),
-            num_tokens_in_flight=sum(s.num_tokens for s in [*self.running, *self.waiting]),
-            kv_blocks_used=self.num_used_blocks,
-            kv_blocks_free=self.spec.num_kv_blocks - self.num_used_blocks,
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            num_tokens_in_flight=sum(
+                s.num_tokens - s.num_cached_tokens for s in [*sched.running, *sched.waiting]
+            ),
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_free=bm.num_free_blocks,
             kv_block_size=self.spec.block_size,
-            prefix_queried_tokens=self.prefix_queried_tokens,
-            prefix_hit_tokens=self.prefix_hit_tokens,
-            num_preemptions=self.num_preemptions,
+            prefix_queried_tokens=bm.stats.queried_tokens,
+            prefix_hit_tokens=bm.stats.hit_tokens,
+            num_preemptions=sched.num_preemptions,
             steps=self.steps,
             sent_at=sent_at,
             role_flips=self.role_flips,
-            **self._backlog(),
+            num_prefill_backlog_tokens=backlog.num_prefill_backlog_tokens,
+            num_offline_prefill_backlog_tokens=backlog.num_offline_prefill_backlog_tokens,
+            num_decoding=backlog.num_decoding,
+            num_reserved=len(self._reserved),
+            num_reserved_tokens=sum(s.num_tokens for s in self._reserved.values()),
+            num_swapped=len(sched.swapped),
+            num_swap_outs=sched.num_swap_outs,
+            swap_out_blocks=sched.num_swapped_out_blocks,
+            swap_in_blocks=sched.num_swapped_in_blocks,
             **vars(self.step_stats),  # its fields, all scalars (`asdict` is 10x slower)
         )
-
-    def _backlog(self) -> dict[str, int]:
-        """`Engine._backlog`: prompt tokens still to prefill, and the sequences decoding."""
-        left = [s.remaining for s in [*self.waiting, *self.running]]
-        return {
-            "num_prefill_backlog_tokens": sum(n for n in left if n > 1),
-            "num_decoding": sum(1 for s in self.running if s.remaining <= 1),
-        }
 
     def set_role(self, role: str) -> None:
         """`Instance._set_role`: new work by the new role; the sequences here stay as they are."""
@@ -164,13 +221,12 @@ class SimInstance:
             self.role_flips += 1
 
     def cached_prefix_tokens(self, req: SimRequest) -> int:
-        """Prompt tokens this instance holds in its prefix cache."""
-        hit = 0
-        for block in req.hash_ids:
-            if block not in self.prefix_cache:
-                break
-            hit += 1
-        return self.usable_hit(req, hit * HASH_BLOCK_TOKENS)
+        """Prompt tokens this instance's prefix cache holds (what the kvstore would say)."""
+        if not self.spec.enable_prefix_caching:
+            return 0
+        hashes = req.block_hashes(self.spec.block_size)
+        blocks = self.block_manager.cached_blocks_of(hashes, req.num_prompt_tokens)
+        return len(blocks) * self.spec.block_size
 
     def usable_hit(self, req: SimRequest, tokens: int) -> int:
         """What the engine can reuse of a `tokens` prefix: whole KV blocks, never the last
@@ -182,140 +238,105 @@ class SimInstance:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add(
-        self,
-        req: SimRequest,
-        num_computed_tokens: int = 0,
-        hand_over: bool = False,
-        now: float = 0.0,
-    ) -> None:
-        """Queue a request; `num_computed_tokens` > 0 when its KV arrived from a prefill peer,
-        `hand_over` when only its prefill runs here."""
-        seq = SimSeq(req, req.num_prompt_tokens + (1 if num_computed_tokens else 0))
-        seq.num_computed_tokens = num_computed_tokens
-        seq.num_output_tokens = 1 if num_computed_tokens else 0
-        seq.hand_over = hand_over
-        seq.added_at = now
-        self.waiting.append(seq)
+    def add(self, req: SimRequest, hand_over: bool = False, now: float = 0.0) -> None:
+        """`Engine.add_request`; `hand_over`: only its prefill runs here (`prefill_only`)."""
+        self.requests[req.request_id] = req
+        self.scheduler.add(self._sequence(req, now, prefill_only=hand_over))
+
+    def reserve(self, req: SimRequest, now: float) -> None:
+        """Placed here as a decode half (`DecodeCmd`): hold blocks for its prompt
+        (`reserve_remote_prefill`), at once or once room frees; see `reserved`."""
+        self.requests[req.request_id] = req
+        self._reservations.append(req)
+        self._reserve_waiting(now)
+
+    def add_prefilled(self, req: SimRequest, now: float) -> None:
+        """Its KV and first token have landed in the reserved blocks: decode it
+        (`commit_remote_prefill`)."""
+        seq = self._reserved.pop(req.request_id)
+        if self.scheduler.admit_prefilled(seq, SAMPLED_TOKEN) is not None:
+            self._finish(req, now)  # that first token was its last
+            self._reserve_waiting(now)
+
+    def release_prefilled(self, req: SimRequest) -> None:
+        """Its KV has landed on the decode instance: free the blocks it held here."""
+        self.scheduler.finish(self._held.pop(req.request_id), None)
+        del self.requests[req.request_id]
+
+    def _reserve_waiting(self, now: float) -> None:
+        while self._reservations:
+            req = self._reservations[0]
+            seq = self._sequence(req, now)
+            if not self.scheduler.reserve(seq):
+                return  # in order: a step that frees blocks tries again
+            self._reservations.popleft()
+            self._reserved[req.request_id] = seq
+            self.reserved.append(req)
+
+    def _sequence(self, req: SimRequest, now: float, prefill_only: bool = False) -> Sequence:
+        params = SamplingParams(max_tokens=req.output_len, ignore_eos=True)
+        seq = Sequence(
+            req.request_id,
+            req.prompt_token_ids(),
+            params,
+            arrival_time=now,
+            prefill_only=prefill_only,
+            priority=req.priority,
+        )
+        if self.spec.enable_prefix_caching:  # hashed once per request, not per instance
+            seq.block_hashes = list(req.block_hashes(self.spec.block_size))
+        return seq
 
     @property
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        return self.scheduler.has_unfinished()
 
     # -- one step -----------------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledStep:
-        """`Scheduler.schedule`: running first, then admissions, under one token budget."""
-        out = ScheduledStep()
-        budget = self.spec.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            num_new = min(seq.remaining, budget)
-            if not self._allocate_or_preempt(seq, num_new):
-                break
-            out.items.append((seq, num_new))
-            budget -= num_new
-            i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.spec.max_num_seqs:
-            seq = self.waiting[0]
-            cached = self._admission_cache_hit(seq)
-            start = max(cached, seq.num_computed_tokens)
-            num_new = min(seq.num_tokens - start, budget)
-            if not self._allocate(seq, start + num_new):
-                break
-            self.waiting.popleft()
-            seq.num_computed_tokens = start
-            self.running.append(seq)
-            out.items.append((seq, num_new))
-            budget -= num_new
-        return out
+        """`Scheduler.schedule`, with the step's shape for the cost model."""
+        out = self.scheduler.schedule()
+        return ScheduledStep(out, step_shape(out))
 
-    def _admission_cache_hit(self, seq: SimSeq) -> int:
-        cached = self.cached_prefix_tokens(seq.req)
-        if seq.num_output_tokens == 0:  # count prompts, not recomputes (as the engine does)
-            self.prefix_queried_tokens += seq.num_tokens
-            self.prefix_hit_tokens += cached
-            seq.req.num_cached_tokens = cached
-        return cached
-
-    def _allocate(self, seq: SimSeq, num_tokens: int) -> bool:
-        """Hold blocks for `num_tokens` tokens of `seq`; False (no change) if the pool is full."""
-        need = cdiv(num_tokens, self.spec.block_size) - seq.num_blocks
-        if self.num_used_blocks + need > self.spec.num_kv_blocks:
-            return False
-        self.num_used_blocks += need
-        seq.num_blocks += need
-        return True
-
-    def _allocate_or_preempt(self, seq: SimSeq, num_new: int) -> bool:
-        while not self._allocate(seq, seq.num_computed_tokens + num_new):
-            victim = self.running.pop()
-            self._free(victim)
-            victim.num_computed_tokens = 0
-            self.waiting.appendleft(victim)
-            self.num_preemptions += 1
-            if victim is seq:
-                return False
-        return True
-
-    def _free(self, seq: SimSeq) -> None:
-        self.num_used_blocks -= seq.num_blocks
-        seq.num_blocks = 0
-
-    def update(self, step: ScheduledStep, now: float, seconds: float = 0.0) -> list[SimSeq]:
-        """`Scheduler.update`: advance counts, sample, retire; returns the sequences done here
-        (finished, or prefilled and ready to hand over). `seconds`: the step's duration, for
-        the step stats (`Engine._measure`)."""
+    def update(self, step: ScheduledStep, now: float, seconds: float = 0.0) -> list[SimRequest]:
+        """`Scheduler.update` with a sampled token for each sequence that samples; returns
+        the requests whose part here is done: finished, or prefilled and ready to hand over
+        (`is_prefilled`). `seconds`: the step's duration (`Engine._measure`)."""
         self.steps += 1
-        shape = step.shape()  # pre-step counts: what the step ran
-        num_decodes = len(shape.decode_context_lens)
-        num_prefill_tokens = sum(n for _, n in step.items) - num_decodes
-        self.step_stats.record_step(seconds, num_prefill_tokens, num_decodes)
-        finished = []
-        for seq, num_new in step.items:
-            seq.num_computed_tokens += num_new
-            self._cache_prefix_blocks(seq)
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue
-            seq.num_tokens += 1  # sampled a token
-            seq.num_output_tokens += 1
+        out = step.output
+        num_decodes = len(step.shape.decode_context_lens)
+        self.step_stats.record_step(seconds, out.num_tokens - num_decodes, num_decodes)
+        sampled = {item.seq.seq_id: SAMPLED_TOKEN for item in out.scheduled if item.samples}
+        done = []
+        for seq in self.scheduler.update(out, sampled):
+            req = self.requests[seq.request_id]
             if seq.num_output_tokens == 1:  # a prompt's first token, sampled here
-                self.step_stats.record_first_token(now - seq.added_at)
-            if seq.req.first_token_at is None:
-                seq.req.first_token_at = now
-            if self._is_done(seq):
-                finished.append(seq)
-        for seq in finished:
-            self.running.remove(seq)
-            self._free(seq)
+                self.step_stats.record_first_token(now - seq.arrival_time)
+                req.num_cached_tokens = seq.num_cached_tokens
+                if req.first_token_at is None:
+                    req.first_token_at = now
+            if seq.status is SequenceStatus.HELD:
+                self._held[seq.request_id] = seq
+                done.append(req)
+            elif seq.is_finished:
+                self._finish(req, now)
+                done.append(req)
+        self._reserve_waiting(now)  # the step may have freed blocks
+        return done
+
+    def is_prefilled(self, req: SimRequest) -> bool:
+        """Prefilled here and held for its decode instance."""
+        return req.request_id in self._held
+
+    def _finish(self, req: SimRequest, now: float) -> None:
+        req.finished_at = now
+        del self.requests[req.request_id]
+        self.finished.append(req)
+
+    def take_finished(self) -> list[SimRequest]:
+        finished, self.finished = self.finished, []
         return finished
 
-    def _is_done(self, seq: SimSeq) -> bool:
-        if seq.hand_over:
-            return True  # to its decode instance, whatever this instance's role is now
-        return (
-            seq.num_output_tokens >= seq.req.output_len or seq.num_tokens >= self.spec.max_model_len
-        )
-
-    # -- prefix cache ---------------------------------------------------------------------------
-
-    def _cache_prefix_blocks(self, seq: SimSeq) -> None:
-        """Publish the trace blocks `seq` has fully computed (like `cache_full_blocks`)."""
-        if not self.spec.enable_prefix_caching:
-            return
-        full = min(seq.num_computed_tokens, seq.req.num_prompt_tokens) // HASH_BLOCK_TOKENS
-        for block in seq.req.hash_ids[:full]:
-            self.prefix_cache[block] = None
-            self.prefix_cache.move_to_end(block)
-        self._evict_prefix_blocks()
-
-    def _evict_prefix_blocks(self) -> None:
-        """Keep at most a pool's worth of blocks, least recently used out first.
-
-        The engine's cache lives in free blocks and in running sequences' blocks, so a
-        whole pool is its upper bound; the simulated hit rate is optimistic by that much.
-        """
-        capacity = self.spec.num_kv_blocks * self.spec.block_size // HASH_BLOCK_TOKENS
-        while len(self.prefix_cache) > capacity:
-            self.prefix_cache.popitem(last=False)
+    def take_reserved(self) -> list[SimRequest]:
+        reserved, self.reserved = self.reserved, []
+        return reserved

@@ -7,14 +7,20 @@ Definitions (stated once, used by the table and the JSON line):
     (no instance, prompt too long) count as missing it;
   * `wall` runs from the first arrival to the last finish (or arrival);
   * goodput = requests meeting the SLO per second of wall time;
-  * utilisation of an instance = time spent in steps / wall time.
+  * utilisation of an instance = time spent in steps / wall time (or until the last
+    offline request finished, if later).
+
+Offline requests (priority > 0) have no SLO: every figure above is over the online
+requests alone, and the offline ones add their count and their output tokens per second
+of that wall time (of the requests finished within it; with no online requests, the wall
+runs from 0 to the last offline finish).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from services.scheduler.sim.instance import SimInstance, SimRequest
 
@@ -49,6 +55,12 @@ class SimReport:
     final_roles: str
     """Instances per role at the end, e.g. "8P:8D" or "16 both"."""
     utilisation: dict[str, float]
+    num_offline: int = 0
+    """Offline requests submitted (the backlog's, as far as the run took it)."""
+    offline_done: int = 0
+    """Of those, finished within the wall time."""
+    offline_tok_s: float = 0.0
+    """Their output tokens per second of wall time."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -84,12 +96,18 @@ def meets(req: SimRequest, slo: Slo) -> bool:
 def summarize(
     policy: str, requests: Sequence[SimRequest], instances: Sequence[SimInstance], slo: Slo
 ) -> SimReport:
-    start = min((r.arrival for r in requests), default=0.0)
-    end = max([r.arrival for r in requests] + [r.finished_at or 0.0 for r in requests])
+    offline = [r for r in requests if r.priority > 0]
+    requests = [r for r in requests if r.priority == 0]
+    timed = requests or [replace(r, arrival=0.0) for r in offline]
+    start = min((r.arrival for r in timed), default=0.0)
+    end = max([r.arrival for r in timed] + [r.finished_at or 0.0 for r in timed])
     wall = max(end - start, 1e-9)
+    offline_done = [r for r in offline if r.finished_at is not None and r.finished_at <= end]
     ttfts = [t for r in requests if (t := ttft(r)) is not None]
     tpots = [t for r in requests if (t := tpot(r)) is not None]
-    util = {i.instance_id: i.busy_time / wall for i in instances}
+    # Offline work in flight when the online trace ends finishes after it: steps to then.
+    busy_span = max([wall] + [(r.finished_at or 0.0) - start for r in offline])
+    util = {i.instance_id: i.busy_time / busy_span for i in instances}
     queried = sum(i.prefix_queried_tokens for i in instances)
     hit = sum(i.prefix_hit_tokens for i in instances)
     good = sum(meets(r, slo) for r in requests)
@@ -116,6 +134,9 @@ def summarize(
         role_flips=sum(i.role_flips for i in instances),
         final_roles=roles_label([i.role for i in instances]),
         utilisation=util,
+        num_offline=len(offline),
+        offline_done=len(offline_done),
+        offline_tok_s=sum(r.output_len for r in offline_done) / wall,
     )
 
 
@@ -144,6 +165,7 @@ COLUMNS = (
     ("rejected", "num_rejected", "{}"),
     ("role flips", "role_flips", "{}"),
     ("roles at end", "final_roles", "{}"),
+    ("offline tok/s", "offline_tok_s", "{:.0f}"),
 )
 
 

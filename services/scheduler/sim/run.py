@@ -12,6 +12,7 @@ from services.scheduler.policies import (
     get_policy,
 )
 from services.scheduler.rebalance import flip_config
+from services.scheduler.sim.backlog import OfflineBacklog, sharegpt_backlog
 from services.scheduler.sim.cost_model import load_model_config
 from services.scheduler.sim.hardware import GiB, HardwareProfile, load_profile
 from services.scheduler.sim.instance import InstanceSpec, SimRequest
@@ -19,6 +20,22 @@ from services.scheduler.sim.report import SimReport, Slo, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
 from xllm.bench.traces import TraceRequest, load_trace
 from xllm.models.config import ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineSpec:
+    """`backlog.sharegpt_backlog`'s arguments and the number submitted at once."""
+
+    num_requests: int
+    output_len: tuple[int, int] = (256, 256)
+    input_len: int = 0
+    """Prompt tokens each; 0 = ShareGPT prompt lengths."""
+    concurrency: int = 64
+    """Offline requests in flight at once (live: the offline workers'); 0 = all at t = 0."""
+
+    def backlog(self) -> OfflineBacklog:
+        requests = sharegpt_backlog(self.num_requests, self.output_len, self.input_len)
+        return OfflineBacklog(requests, self.concurrency)
 
 
 @dataclass(frozen=True)
@@ -33,6 +50,8 @@ class Setup:
     slo: Slo
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """The scheduler's options (its SLO targets are `slo`'s, its policy each run's)."""
+    offline: OfflineSpec | None = None
+    """An offline backlog beside the trace (None: online only)."""
 
     @property
     def num_instances(self) -> int:
@@ -45,7 +64,17 @@ class Setup:
             f"trace {self.trace_name}: {len(self.trace)} requests over "
             f"{self.trace[-1].arrival - self.trace[0].arrival:.0f} s; instances ({roles}) on "
             f"{self.hw.name}; KV pool {spec.num_kv_blocks * spec.block_size} tokens each; "
-            f"SLO TTFT <= {self.slo.ttft} s, TPOT <= {self.slo.tpot} s"
+            f"SLO TTFT <= {self.slo.ttft} s, TPOT <= {self.slo.tpot} s{self._offline()}"
+        )
+
+    def _offline(self) -> str:
+        o = self.offline
+        if o is None:
+            return ""
+        prompts = f"{o.input_len}-token" if o.input_len else "ShareGPT"
+        return (
+            f"; offline backlog of {o.num_requests} {prompts} prompts, "
+            f"{o.output_len[0]}-{o.output_len[1]} output tokens, {o.concurrency or 'all'} at once"
         )
 
     def as_dict(self) -> dict:
@@ -58,6 +87,7 @@ class Setup:
             "instance": asdict(self.cluster.instance),
             "slo": asdict(self.slo),
             "scheduler": asdict(self.scheduler),
+            "offline": None if self.offline is None else asdict(self.offline),
         }
 
 
@@ -118,7 +148,16 @@ def setup_from_args(args: argparse.Namespace, instances: int) -> Setup:
     )
     scheduler.validate()
     slo = Slo(args.slo_ttft, args.slo_tpot)
-    return Setup(tuple(trace), args.trace, model, hw, cluster, slo, scheduler)
+    offline = None
+    if args.offline_backlog > 0:
+        low, _, high = args.offline_output_len.partition(":")
+        offline = OfflineSpec(
+            args.offline_backlog,
+            (int(low), int(high or low)),
+            args.offline_input_len,
+            args.offline_concurrency,
+        )
+    return Setup(tuple(trace), args.trace, model, hw, cluster, slo, scheduler, offline)
 
 
 def to_requests(trace: tuple[TraceRequest, ...]) -> list[SimRequest]:
@@ -146,5 +185,6 @@ def simulator_for(setup: Setup, policy_name: str) -> Simulator:
 
 def simulate(setup: Setup, policy_name: str) -> SimReport:
     sim = simulator_for(setup, policy_name)
-    requests = sim.run(to_requests(setup.trace))
+    backlog = None if setup.offline is None else setup.offline.backlog()
+    requests = sim.run(to_requests(setup.trace), backlog=backlog)
     return summarize(policy_name, requests, sim.instances, setup.slo)

@@ -2,13 +2,14 @@
 
 Events (a heap ordered by time): a request arrives, an instance finishes a step, a
 request's KV lands on its decode instance. On arrival the simulator does what
-`SchedulerService.on_submit` does, with the same objects: the context-length check; prefix
-hits for policies that read them (the instances' caches, standing in for the kvstore, and
-the live `RecentPlacements`); `policy(PlacementRequest, registry.snapshot())` on the real
-`Registry`, once per half (roles prefill, decode) when no instance is colocated; then
-`note_placement` of the tokens each instance will compute. Instances step like our engine
-(see instance.py), each step lasting what the cost model says, and a disaggregated
-request's KV reaches its decode instance `kv_transfer_time` after its prefill.
+`SchedulerService.on_submit` does, with the same functions (`services.scheduler.placement`)
+and objects: `check`; prefix hits for policies that read them (the instances' caches,
+standing in for the kvstore, and the live `RecentPlacements`); `place` with the policy on
+the real `Registry`'s snapshot; then the `note` of the work each instance will compute.
+Instances step as our engine does (instance.py: the engine's own scheduler and block
+manager), each step lasting what the cost model says, and a disaggregated request's KV
+reaches its decode instance `kv_transfer_time` after its prefill, its blocks held on the
+prefill instance until then.
 
 Heartbeats: every instance sends one each `heartbeat_interval` (staggered, as independent
 processes are), so policies see the same stale load plus pending placements as live. They
@@ -22,6 +23,11 @@ simulator runs the live rebalancer's round, `services.scheduler.rebalance.rebala
 heartbeats delivered first), and hands each flip to its instance at once (live, a
 `SetRoleCmd` a NATS hop away, applied between two steps). Placements carry the SLO targets
 as live (`placement_request`, from the same `FlipConfig`).
+
+Offline work (`backlog.OfflineBacklog`): requests of priority > 0 submitted beside the
+trace, a bounded number at a time as live offline workers do, and placed by the same
+`place` (its co-location rules); the engine's scheduler in each instance runs them after
+online work and preempts them for it.
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ import heapq
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from services.scheduler.cluster import ClusterSnapshot, Registry
+from services.scheduler.cluster import Registry
+from services.scheduler.placement import Note, Refusal, check, note, place, placement_request
 from services.scheduler.policies import FlipConfig, PlacementRequest, Policy
-from services.scheduler.policies.admission import refusal
+from services.scheduler.policies.colocation import DecodeCost
 from services.scheduler.prefix import RecentPlacements
-from services.scheduler.rebalance import PLAN_INTERVAL, placement_request, rebalance
+from services.scheduler.rebalance import PLAN_INTERVAL, rebalance
+from services.scheduler.sim.backlog import OfflineBacklog
 from services.scheduler.sim.cost_model import kv_transfer_time, step_time
 from services.scheduler.sim.hardware import HardwareProfile
 from services.scheduler.sim.instance import (
@@ -49,7 +57,6 @@ from services.scheduler.sim.instance import (
 from xllm.models.config import ModelConfig
 
 ARRIVE, STEP_DONE, KV_LANDED, PLAN = 0, 1, 2, 3
-ALL_ROLES = ("both", "prefill", "decode")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,7 @@ class Simulator:
         uses_prefix_hits: bool = False,
         targets: FlipConfig | None = None,
         flip_roles: bool = False,
+        decode_cost: DecodeCost | None = None,
     ):
         self.model = model
         self.hw = hw
@@ -87,6 +95,11 @@ class Simulator:
         """The live scheduler's `flip_config`: SLO targets for placements, flip options."""
         self.flip_roles = flip_roles
         """Run the rebalancer (live: policies in `POLICIES_FLIPPING_ROLES`)."""
+        self.decode_cost = decode_cost or DecodeCost(model, hw)
+        """What offline decode admission predicts with (live: `--cost-profile/--cost-model`);
+        by default the simulation's own cost model, so its predictions are exact."""
+        self.backlog = OfflineBacklog(())
+        self._num_online_left = 0
         self.plan_interval = PLAN_INTERVAL
         self.num_role_flips = 0
         self.flips: list[tuple[float, str, str]] = []
@@ -112,14 +125,23 @@ class Simulator:
 
     # -- running -------------------------------------------------------------------------------
 
-    def run(self, requests: Sequence[SimRequest], until: float = 0.0) -> list[SimRequest]:
-        """Replay `requests` (sorted by arrival) to the end; returns them with their times.
-        With role flips, the rebalancer keeps planning until the last request is done, or
-        until `until` if later (to see flips back after the load is gone)."""
+    def run(
+        self,
+        requests: Sequence[SimRequest],
+        until: float = 0.0,
+        backlog: OfflineBacklog | None = None,
+    ) -> list[SimRequest]:
+        """Replay `requests` (sorted by arrival) to the end, with `backlog`'s offline
+        requests beside them while they last; returns them and the offline requests
+        submitted, with their times. With role
+        flips, the rebalancer keeps planning until the last request is done, or until
+        `until` if later (to see flips back after the load is gone)."""
         self._until = until
+        self.backlog = backlog or OfflineBacklog(())
+        self._num_online_left = len(requests)
         for i in range(len(self.instances)):  # every instance has joined at t = 0
             self._deliver(i, 0.0)
-        for req in requests:
+        for req in [*self.backlog.start(), *requests]:
             self._push(req.arrival, ARRIVE, req)
         if self.flip_roles:
             self._push(self.plan_interval, PLAN, None)
@@ -135,7 +157,7 @@ class Simulator:
                 self._on_kv_landed(*payload)  # type: ignore[misc]
             else:
                 self._on_plan()
-        return list(requests)
+        return [*requests, *self.backlog.submitted]
 
     def _push(self, at: float, kind: int, payload: object) -> None:
         if kind != PLAN:
@@ -174,66 +196,64 @@ class Simulator:
             self._push(self.now + self.plan_interval, PLAN, None)
 
     def _on_arrival(self, req: SimRequest) -> None:
+        """`SchedulerService.on_submit`: the same `check`, `place` and `note`."""
         self._flush_all()
         snapshot = self.registry.snapshot(self.now)
-        candidates = snapshot.candidates(None, ALL_ROLES)
-        max_len = max((v.heartbeat.max_model_len for v in candidates), default=0)
-        placed = False
-        if req.num_prompt_tokens < max_len:  # `SchedulerService._check`
-            placement = self._placement(req)
-            if refusal(placement, snapshot) is not None:  # SLO admission, as live
-                req.rejected = True
-                return
-            if snapshot.candidates(None, ("both",)):
-                placed = self._place_colocated(req, placement, snapshot)
-            else:
-                placed = self._place_disaggregated(req, placement, snapshot)
-        if not placed:
-            req.rejected = True
+        if check(None, req.num_prompt_tokens, snapshot) is not None:
+            self._reject(req)
             return
+        request = self._placement_request(req)
+        decision = place(request, snapshot, self.policy, self.decode_cost)
+        if isinstance(decision, Refusal):
+            self._reject(req)
+            return
+        self._record(req, note(request, decision))
         self.num_placed += 1
-        inst = self._by_id[req.instance_id]  # type: ignore[index]
-        inst.add(req, hand_over=req.decode_instance_id is not None, now=self.now)
-        self._kick(inst)
+        if decision.prefill_instance_id is None:
+            req.instance_id = decision.instance_id
+        else:
+            req.instance_id, req.decode_instance_id = (
+                decision.prefill_instance_id,
+                decision.instance_id,
+            )
+        if req.decode_instance_id is None:
+            inst = self._by_id[req.instance_id]
+            inst.add(req, now=self.now)
+            self._kick(inst)
+        else:  # live: the DecodeCmd; the decode side asks for the prefill once reserved
+            target = self._by_id[req.decode_instance_id]
+            target.reserve(req, self.now)
+            self._start_prefills(target)
 
-    def _place_colocated(
-        self, req: SimRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
-    ) -> bool:
-        instance_id = self.policy(placement, snapshot)
-        if instance_id is None:
-            return False
-        req.instance_id = instance_id
-        self._note(instance_id, req, placement, req.output_len)
-        return True
+    def _reject(self, req: SimRequest) -> None:
+        req.rejected = True
+        self._done(req)
 
-    def _place_disaggregated(
-        self, req: SimRequest, placement: PlacementRequest, snapshot: ClusterSnapshot
-    ) -> bool:
-        prefill_id = self.policy(replace(placement, roles=("prefill",)), snapshot)
-        decode_id = self.policy(replace(placement, roles=("decode",)), snapshot)
-        if prefill_id is None or decode_id is None:
-            return False
-        req.instance_id, req.decode_instance_id = prefill_id, decode_id
-        self._note(prefill_id, req, placement, 0)
-        self._note(decode_id, req, placement, req.output_len)
-        return True
+    def _done(self, req: SimRequest) -> None:
+        """`req` finished or was refused: count it; an offline one makes room for the next."""
+        if req.priority == 0:
+            self._num_online_left -= 1
+            return
+        following = self.backlog.done(self.now, online_over=self._num_online_left == 0)
+        if following is not None:
+            self._push(self.now, ARRIVE, following)
 
-    def _note(
-        self, instance_id: str, req: SimRequest, placement: PlacementRequest, decode: int
-    ) -> None:
-        """`SchedulerService._note`: pending work is what the instance will compute."""
-        self.registry.note_placement(instance_id, placement.uncached_tokens(instance_id) + decode)
+    def _record(self, req: SimRequest, noted: Note) -> None:
+        """`SchedulerService._record`: pending work, and recent prefix placements."""
+        for instance_id, num_tokens in noted.pending_tokens:
+            self.registry.note_placement(instance_id, num_tokens, noted.offline)
         if self.uses_prefix_hits:
-            self.recent.add(req.hash_ids, instance_id, self.now)
+            for instance_id in noted.holders:
+                self.recent.add(req.hash_ids, instance_id, self.now)
 
-    def _placement(self, req: SimRequest) -> PlacementRequest:
-        """`SchedulerService._placement`."""
+    def _placement_request(self, req: SimRequest) -> PlacementRequest:
+        """`SchedulerService._placement_request`."""
         return placement_request(
             request_id=req.request_id,
             num_prompt_tokens=req.num_prompt_tokens,
             max_tokens=req.output_len,
             model=None,
-            priority=0,
+            priority=req.priority,
             sequence_number=self.num_placed,
             prefix_hits=self._prefix_hits(req) if self.uses_prefix_hits else {},
             targets=self.targets,
@@ -257,9 +277,9 @@ class Simulator:
         if inst.busy or not inst.has_work:
             return
         step = inst.schedule()
-        if not step.items:
+        if step.is_empty:
             return  # nothing fits (no KV room): wait for a step elsewhere to free some
-        seconds = step_time(self.model, step.shape(), self.hw)
+        seconds = step_time(self.model, step.shape, self.hw)
         inst.busy = True
         inst.busy_time += seconds
         self._push(self.now + seconds, STEP_DONE, (inst, step, seconds))
@@ -267,23 +287,39 @@ class Simulator:
     def _on_step_done(self, inst: SimInstance, step: ScheduledStep, seconds: float) -> None:
         self._flush_heartbeat(self._index[inst.instance_id])
         inst.busy = False
-        for seq in inst.update(step, self.now, seconds):
-            if seq.hand_over:
-                self._hand_over(seq.req)
-            else:
-                seq.req.finished_at = self.now
+        for req in inst.update(step, self.now, seconds):
+            if inst.is_prefilled(req):
+                self._hand_over(inst, req)
+        self._take_finished(inst)
+        self._start_prefills(inst)
         self._kick(inst)
 
-    def _hand_over(self, req: SimRequest) -> None:
+    def _take_finished(self, inst: SimInstance) -> None:
+        for req in inst.take_finished():
+            self._done(req)
+
+    def _start_prefills(self, decode: SimInstance) -> None:
+        """The prefill halves of the requests `decode` has just reserved blocks for."""
+        for req in decode.take_reserved():
+            inst = self._by_id[req.instance_id]  # type: ignore[index]
+            self._flush_heartbeat(self._index[inst.instance_id])
+            inst.add(req, hand_over=True, now=self.now)
+            self._kick(inst)
+
+    def _hand_over(self, source: SimInstance, req: SimRequest) -> None:
         """Send a finished prefill's KV to the decode instance chosen at placement."""
-        if req.output_len <= 1:  # the prefill's first token was the whole output
-            req.finished_at = self.now
-            return
         delay = kv_transfer_time(self.model, req.num_prompt_tokens, self.hw)
         target = self._by_id[req.decode_instance_id]  # type: ignore[index]
-        self._push(self.now + delay, KV_LANDED, (target, req))
+        self._push(self.now + delay, KV_LANDED, (source, target, req))
 
-    def _on_kv_landed(self, inst: SimInstance, req: SimRequest) -> None:
-        self._flush_heartbeat(self._index[inst.instance_id])
-        inst.add(req, num_computed_tokens=req.num_prompt_tokens, now=self.now)
-        self._kick(inst)
+    def _on_kv_landed(self, source: SimInstance, target: SimInstance, req: SimRequest) -> None:
+        """The transfer is done: the prefill side frees its blocks, the decode side takes
+        the request (both may now have room for more)."""
+        self._flush_heartbeat(self._index[source.instance_id])
+        self._flush_heartbeat(self._index[target.instance_id])
+        source.release_prefilled(req)
+        target.add_prefilled(req, self.now)
+        self._take_finished(target)
+        self._start_prefills(target)
+        self._kick(target)
+        self._kick(source)

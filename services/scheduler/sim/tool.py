@@ -60,6 +60,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--flip-idle", type=float, default=2.0, help=f"{flips}: idle seconds before P -> D"
     )
+    offline = "offline backlog (priority 1) beside the trace"
+    p.add_argument("--offline-backlog", type=int, default=0, help=f"{offline}: requests (0 = none)")
+    p.add_argument(
+        "--offline-input-len", type=int, default=0, help=f"{offline}: prompt tokens (0 = ShareGPT)"
+    )
+    p.add_argument(
+        "--offline-output-len", default="256", help=f"{offline}: output tokens, N or LO:HI"
+    )
+    p.add_argument(
+        "--offline-concurrency",
+        type=int,
+        default=64,
+        help=f"{offline}: requests in flight at once, as offline workers submit (0 = all)",
+    )
     p.set_defaults(func=run)
     sub = p.add_subparsers(dest="sim_command")
     c = sub.add_parser("calibrate", help="time our engine and fit a hardware profile")

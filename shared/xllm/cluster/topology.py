@@ -55,6 +55,10 @@ class ClusterConfig:
     min_decode_instances: int = option(1, "slo-pd: decode instances never flipped to prefill.")
     flip_cooldown: float = option(3.0, "slo-pd: seconds an instance keeps a role after a flip.")
     flip_idle: float = option(30.0, "slo-pd: seconds without queued prefill that count as idle.")
+    cost_profile: str = option(
+        "", "Hardware profile (e.g. a100) for offline decode admission, with --cost-model."
+    )
+    cost_model: str = option("", "Model config (e.g. qwen3-8b) for --cost-profile.")
     nats_url: str = option("", "NATS server URL; empty = start an embedded nats-server.")
     redis_url: str = option("", "Redis URL; empty = start an embedded Valkey.")
     api_key: str = option("", "Key clients must send as a Bearer token; empty = no auth.")
@@ -156,6 +160,8 @@ SCHEDULER_OPTIONS = (
     "min_decode_instances",
     "flip_cooldown",
     "flip_idle",
+    "cost_profile",
+    "cost_model",
 )
 """`ClusterConfig` fields that are the scheduler's options of the same name."""
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from xllm.engine.sequence import Sequence
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
@@ -78,9 +78,13 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return []
+        return self.cached_blocks_of(seq.full_block_hashes(self.block_size), seq.num_tokens)
+
+    def cached_blocks_of(self, block_hashes: list[int], num_tokens: int) -> list[int]:
+        """`find_cached_prefix` for a prompt of `num_tokens` known by its `block_hashes`."""
         hit: list[int] = []
-        max_blocks = (seq.num_tokens - 1) // self.block_size
-        for block_hash in seq.full_block_hashes(self.block_size)[:max_blocks]:
+        max_blocks = (num_tokens - 1) // self.block_size
+        for block_hash in block_hashes[:max_blocks]:
             block_id = self.cached_blocks.get(block_hash)
             if block_id is None:
                 break
@@ -138,14 +142,17 @@ class BlockManager:
                     # Holds nothing reusable: hand it out before any cached block.
                     self.free_blocks.move_to_end(block_id, last=False)
         seq.block_table = []
+        seq.num_published_blocks = 0
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Publish the blocks `seq` has completely computed into the prefix cache."""
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= seq.num_published_blocks:
+            return  # called every step: a decode completes a block once in block_size steps
         hashes = seq.full_block_hashes(self.block_size)
-        for i in range(num_full):
+        for i in range(seq.num_published_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is not None:
                 continue
@@ -155,6 +162,12 @@ class BlockManager:
             block.block_hash = block_hash
             self.cached_blocks[block_hash] = block.block_id
             self.events.append(("stored", block_hash))
+        # Skip next time only what is published for good (a referenced block keeps its hash);
+        # a duplicate stays in range, to be published if the first copy is evicted.
+        i = seq.num_published_blocks
+        while i < num_full and self.blocks[seq.block_table[i]].block_hash is not None:
+            i += 1
+        seq.num_published_blocks = i
 
     def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
         """Share `parent`'s full blocks with `child`; copy the partial last one.

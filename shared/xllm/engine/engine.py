@@ -69,8 +69,14 @@ class EngineStats:
     num_prefill_backlog_tokens: int = 0
     """Tokens still to compute of the sequences that are prefilling (waiting or running
     short of their last token): the prefill queue a new prompt waits behind."""
+    num_offline_prefill_backlog_tokens: int = 0
+    """Of `num_prefill_backlog_tokens`, the offline sequences'."""
     num_decoding: int = 0
     """Running sequences past their prompt (decoding)."""
+    num_reserved: int = 0
+    """Decode side: sequences holding blocks for a remote prefill, awaiting their KV."""
+    num_reserved_tokens: int = 0
+    """Their prompt tokens."""
     num_swapped: int = 0
     """Offline sequences preempted with their KV in host memory."""
     num_swap_outs: int = 0
@@ -335,12 +341,26 @@ class Engine:
             swap_in_blocks=self.swap_space.stats.blocks_in,
             swap_seconds=self.swap_space.stats.seconds,
             **self._backlog(),
+            **self._reserved(),
         )
+
+    def _reserved(self) -> dict[str, int]:
+        reserved = [
+            seq
+            for seqs in self.sequences.values()
+            for seq in seqs
+            if seq.status is SequenceStatus.HELD and not seq.prefill_only
+        ]
+        return {
+            "num_reserved": len(reserved),
+            "num_reserved_tokens": sum(seq.num_tokens for seq in reserved),
+        }
 
     def _backlog(self) -> dict[str, int]:
         # Per heartbeat, not per step: a pass over the queues is cheap at that rate.
-        sched = self.scheduler
-        left = [s.num_tokens - s.num_computed_tokens for s in [*sched.waiting, *sched.running]]
-        prefilling = [n for n in left if n > 1]
-        num_decoding = sum(1 for s in sched.running if s.num_computed_tokens >= s.num_tokens - 1)
-        return {"num_prefill_backlog_tokens": sum(prefilling), "num_decoding": num_decoding}
+        backlog = self.scheduler.backlog()
+        return {
+            "num_prefill_backlog_tokens": backlog.num_prefill_backlog_tokens,
+            "num_offline_prefill_backlog_tokens": backlog.num_offline_prefill_backlog_tokens,
+            "num_decoding": backlog.num_decoding,
+        }

@@ -47,6 +47,17 @@ class ScheduledSeq:
     """This step reaches the end of the sequence's tokens, so it samples the next one."""
 
 
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    num_prefill_backlog_tokens: int
+    """Tokens still to compute of the sequences prefilling (waiting, or running short of
+    their last token): the prefill queue a new prompt waits behind."""
+    num_offline_prefill_backlog_tokens: int
+    """Of those, the offline sequences': an online prompt does not wait behind them."""
+    num_decoding: int
+    """Running sequences past their prompt, decoding."""
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
@@ -99,6 +110,19 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
+
+    def backlog(self) -> Backlog:
+        """The prefill queue and the decodes in flight, as heartbeats report them."""
+        prefilling = [
+            (s.num_tokens - s.num_computed_tokens, s.priority)
+            for s in [*self.waiting, *self.running]
+            if s.num_tokens - s.num_computed_tokens > 1
+        ]
+        return Backlog(
+            num_prefill_backlog_tokens=sum(n for n, _ in prefilling),
+            num_offline_prefill_backlog_tokens=sum(n for n, p in prefilling if p > 0),
+            num_decoding=sum(1 for s in self.running if s.num_computed_tokens >= s.num_tokens - 1),
+        )
 
     # -- the queues, online ahead of offline ----------------------------------------------
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import enum
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from xllm.engine.prefix_hash import extend_block_hashes
 from xllm.protocol.types import Logprob, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SequenceStatus(enum.Enum):
@@ -61,6 +63,9 @@ class Sequence:
         self.num_cached_tokens = 0
         """Prompt tokens served from the prefix cache at admission (for usage and metrics)."""
         self.block_table: list[int] = []
+        self.num_published_blocks = 0
+        """Leading blocks of `block_table` already in the prefix cache: `cache_full_blocks`
+        starts after them (reset when the blocks are freed)."""
         self.host_block_table: list[int] = []
         """While SWAPPED: the host swap blocks holding its computed KV, in order."""
         self.block_hashes: list[int] = []
@@ -86,6 +91,8 @@ class Sequence:
         appended to the prompt."""
         if self.params.seed is None:
             return None
+        import torch  # here: the scheduler and the simulator use sequences without torch
+
         key = (self.params.seed * 1_000_003 + self.index) * 1_000_033 + self.num_tokens
         return torch.Generator().manual_seed(key % 2**63)
 

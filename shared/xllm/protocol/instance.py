@@ -193,9 +193,17 @@ class Heartbeat:
     num_prefill_backlog_tokens: int = 0
     """Tokens not yet computed of the sequences still prefilling (waiting, or running short
     of their last token): the prefill queue a new prompt waits behind."""
+    num_offline_prefill_backlog_tokens: int = 0
+    """Of `num_prefill_backlog_tokens`, the offline sequences' (priority > 0): the engine
+    prefills online prompts first, so they do not wait behind these."""
     num_decoding: int = 0
     """Running sequences past their prompt, decoding (after a decode → prefill flip, the
     ones finishing in place)."""
+    num_reserved: int = 0
+    """Decode side: sequences holding blocks for a prompt another instance prefills, not
+    yet in the queues (they decode here once their KV lands)."""
+    num_reserved_tokens: int = 0
+    """The prompt tokens of those sequences."""
     prefill_tokens: int = 0
     """Cumulative tokens computed by prefill steps (prompt chunks and recomputes)."""
     prefill_seconds: float = 0.0
