@@ -23,11 +23,11 @@ from dataclasses import dataclass, replace
 
 from services.scheduler.cluster import ClusterSnapshot
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.cost_model import load_model_config
+from services.scheduler.hardware import load_profile
 from services.scheduler.policies import FlipConfig, PlacementRequest, Policy, colocation
 from services.scheduler.policies.admission import refusal
 from services.scheduler.policies.colocation import DecodeCost
-from services.scheduler.sim.cost_model import load_model_config
-from services.scheduler.sim.hardware import load_profile
 from xllm.protocol import ErrorCode
 
 ALL_ROLES = ("both", "prefill", "decode")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from services.scheduler.cluster import ClusterSnapshot, InstanceView
+from services.scheduler.cost_model import StepShape, load_model_config, step_time
+from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.placement import Placement, place
 from services.scheduler.policies import PlacementRequest, get_policy
 from services.scheduler.policies.colocation import (
@@ -13,8 +15,6 @@ from services.scheduler.policies.colocation import (
     admits_offline_decode,
     predicted_decode_step,
 )
-from services.scheduler.sim.cost_model import StepShape, load_model_config, step_time
-from services.scheduler.sim.hardware import SPEC_PROFILES
 from tests.scheduler.beats import heartbeat
 
 COST = DecodeCost(load_model_config("qwen3-8b"), SPEC_PROFILES["a100"])

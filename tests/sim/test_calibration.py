@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 
+from services.scheduler.cost_model import load_model_config
+from services.scheduler.hardware import HardwareProfile
 from services.scheduler.sim import calibrate as cal
 from services.scheduler.sim import fit
-from services.scheduler.sim.cost_model import load_model_config
-from services.scheduler.sim.hardware import HardwareProfile
 from xllm.models.config import ModelConfig
 
 
 def synthetic(model: ModelConfig, hw: HardwareProfile, shapes: list[cal.Shape]):
     """Measurements made by the model itself, from the calibration's own step shapes."""
-    from services.scheduler.sim.cost_model import StepShape, step_time
+    from services.scheduler.cost_model import StepShape, step_time
 
     out = []
     for s in shapes:

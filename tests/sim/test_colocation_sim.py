@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import pytest
 
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.cost_model import load_model_config
+from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import colocation, get_policy
 from services.scheduler.rebalance import flip_config
 from services.scheduler.sim.backlog import OfflineBacklog, sharegpt_backlog
-from services.scheduler.sim.cost_model import load_model_config
-from services.scheduler.sim.hardware import SPEC_PROFILES
 from services.scheduler.sim.instance import InstanceSpec, SimRequest
 from services.scheduler.sim.report import SimReport, Slo, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator

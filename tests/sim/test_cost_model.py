@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.sim.cost_model import (
+from services.scheduler.cost_model import (
     StepShape,
     kv_transfer_time,
     load_model_config,
     step_cost,
     step_time,
 )
-from services.scheduler.sim.hardware import SPEC_PROFILES, load_profile
+from services.scheduler.hardware import SPEC_PROFILES, load_profile
 
 QWEN3_06B = load_model_config("qwen3-0.6b")
 A100 = SPEC_PROFILES["a100"]

@@ -9,19 +9,19 @@ from collections import Counter
 import pytest
 
 from services.scheduler.cluster import ClusterSnapshot
+from services.scheduler.cost_model import (
+    StepShape,
+    kv_transfer_time,
+    load_model_config,
+    step_time,
+)
+from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import (
     POLICIES,
     POLICIES_USING_PREFIX_HITS,
     PlacementRequest,
     get_policy,
 )
-from services.scheduler.sim.cost_model import (
-    StepShape,
-    kv_transfer_time,
-    load_model_config,
-    step_time,
-)
-from services.scheduler.sim.hardware import SPEC_PROFILES
 from services.scheduler.sim.instance import InstanceSpec, SimInstance, SimRequest
 from services.scheduler.sim.report import Slo, percentile, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator

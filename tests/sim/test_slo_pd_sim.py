@@ -8,11 +8,11 @@ import pytest
 
 from services.scheduler import service
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.cost_model import StepShape, load_model_config, step_time
+from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import POLICIES_FLIPPING_ROLES, get_policy
 from services.scheduler.rebalance import PLAN_INTERVAL, flip_config
 from services.scheduler.sim import simulator
-from services.scheduler.sim.cost_model import StepShape, load_model_config, step_time
-from services.scheduler.sim.hardware import SPEC_PROFILES
 from services.scheduler.sim.instance import InstanceSpec, SimInstance, SimRequest
 from services.scheduler.sim.report import Slo, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator

@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.scheduler.cluster import ClusterSnapshot, InstanceView
+from services.scheduler.cost_model import StepShape, step_time
+from services.scheduler.hardware import HardwareProfile
 from services.scheduler.policies.base import PlacementRequest
 from services.scheduler.policies.slo_pd import least_loaded
-from services.scheduler.sim.cost_model import StepShape, step_time
-from services.scheduler.sim.hardware import HardwareProfile
 from xllm.models.config import ModelConfig
 
 RELAXED_POOL = ("prefill",)

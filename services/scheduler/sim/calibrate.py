@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from services.scheduler.sim.cost_model import StepShape, load_model_config
+from services.scheduler.cost_model import StepShape, load_model_config
+from services.scheduler.hardware import GiB, HardwareProfile
 from services.scheduler.sim.fit import Measurement, fit_factors, fit_summary
-from services.scheduler.sim.hardware import GiB, HardwareProfile
 
 
 @dataclass(frozen=True, slots=True)

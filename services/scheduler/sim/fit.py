@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.scheduler.sim.cost_model import StepCost, StepShape, step_cost
-from services.scheduler.sim.hardware import HardwareProfile
+from services.scheduler.cost_model import StepCost, StepShape, step_cost
+from services.scheduler.hardware import HardwareProfile
 from xllm.models.config import ModelConfig
 
 

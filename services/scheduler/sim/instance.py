@@ -35,7 +35,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from services.scheduler.sim.cost_model import StepShape
+from services.scheduler.cost_model import StepShape
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.prefix_hash import block_hashes
 from xllm.engine.scheduler import Scheduler, SchedulerOutput

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import asdict, dataclass, field, replace
 
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.cost_model import load_model_config
+from services.scheduler.hardware import GiB, HardwareProfile, load_profile
 from services.scheduler.policies import (
     POLICIES_FLIPPING_ROLES,
     POLICIES_USING_PREFIX_HITS,
@@ -13,8 +15,6 @@ from services.scheduler.policies import (
 )
 from services.scheduler.rebalance import flip_config
 from services.scheduler.sim.backlog import OfflineBacklog, sharegpt_backlog
-from services.scheduler.sim.cost_model import load_model_config
-from services.scheduler.sim.hardware import GiB, HardwareProfile, load_profile
 from services.scheduler.sim.instance import InstanceSpec, SimRequest
 from services.scheduler.sim.report import SimReport, Slo, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator

@@ -39,14 +39,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.scheduler.cluster import Registry
+from services.scheduler.cost_model import kv_transfer_time, step_time
+from services.scheduler.hardware import HardwareProfile
 from services.scheduler.placement import Note, Refusal, check, note, place, placement_request
 from services.scheduler.policies import FlipConfig, PlacementRequest, Policy
 from services.scheduler.policies.colocation import DecodeCost
 from services.scheduler.prefix import RecentPlacements
 from services.scheduler.rebalance import PLAN_INTERVAL, rebalance
 from services.scheduler.sim.backlog import OfflineBacklog
-from services.scheduler.sim.cost_model import kv_transfer_time, step_time
-from services.scheduler.sim.hardware import HardwareProfile
 from services.scheduler.sim.instance import (
     HASH_BLOCK_TOKENS,
     InstanceSpec,

@@ -128,9 +128,9 @@ def run(args: argparse.Namespace) -> int:
 def run_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from services.scheduler.cost_model import load_model_config
     from services.scheduler.sim import calibrate as cal
     from services.scheduler.sim import fit
-    from services.scheduler.sim.cost_model import load_model_config
 
     if args.refit:
         profile = fit.refit(args.out, load_model_config(args.model, args.dtype))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from services.scheduler.sim.cost_model import StepCost
+    from services.scheduler.cost_model import StepCost
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 GB = 1e9

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 from xllm.models.config import ModelConfig
 
 if TYPE_CHECKING:
-    from services.scheduler.sim.hardware import HardwareProfile
+    from services.scheduler.hardware import HardwareProfile
 
-BUILTIN_MODELS = Path(__file__).parent / "models"
+BUILTIN_MODELS = Path(__file__).parent / "model_configs"
 
 
 def load_model_config(name_or_path: str | Path, dtype: str | None = None) -> ModelConfig:
