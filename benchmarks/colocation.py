@@ -1,7 +1,7 @@
 """Online/offline co-location, live: online traffic with and without an offline backlog.
 
 Online traffic is a slice of the Azure code trace (by default 10 s from minute 3, lengths
-x 1/4, arrivals replayed `--time-scale` x slower), sent by `xllm.bench` (open loop,
+x 1/4, arrivals replayed `--time-scale` x slower), sent by `xllm.cli.bench` (open loop,
 streaming, exact output lengths). The offline backlog is ShareGPT prompts, more than the
 window can finish. Four runs, each on a fresh `xllm up`-shaped cluster (one colocated
 instance of the tiny demo model, bf16):
@@ -39,11 +39,11 @@ from pathlib import Path
 import nats
 from common import emit
 
-from xllm.bench.client import ClientConfig
-from xllm.bench.report import Slo, format_table, summarize
-from xllm.bench.runner import LoadConfig, run_load
-from xllm.bench.workloads import LengthRange, PromptMaker, sharegpt_workload, trace_workload
-from xllm.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.bench.client import ClientConfig
+from xllm.cli.bench.report import Slo, format_table, summarize
+from xllm.cli.bench.runner import LoadConfig, run_load
+from xllm.cli.bench.workloads import LengthRange, PromptMaker, sharegpt_workload, trace_workload
+from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
 from xllm.protocol import subjects
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -16,7 +16,7 @@ def demo_model(
     arch: str = "qwen3", size: str = "small", seed: int = 0, dtype: str = "bfloat16"
 ) -> Path:
     """A random-weight checkpoint made once and reused (~1.2 GB for `small`)."""
-    from xllm.tools.make_model import make_model
+    from xllm.cli.commands.make_model import make_model
 
     out = CACHE / f"{arch}-{size}-{dtype}-seed{seed}"
     if not (out / "config.json").is_file():

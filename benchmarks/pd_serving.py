@@ -2,7 +2,7 @@
 
 A bursty slice of the Azure code trace (by default the 20 s from minute 3: 161 requests,
 29 then 132 in 10 s) with lengths x 1/4 and arrivals replayed `--time-scale` x slower, sent
-by `xllm.bench` (open loop, streaming completions, exact output lengths) to three clusters of
+by `xllm.cli.bench` (open loop, streaming completions, exact output lengths) to three clusters of
 the same number of instances of the tiny demo model, one after another:
 
   * colocated:  `--instances N`, policy least-load;
@@ -34,11 +34,11 @@ from pathlib import Path
 
 from common import emit
 
-from xllm.bench.client import ClientConfig
-from xllm.bench.report import LatencyStats, Slo, format_table, summarize
-from xllm.bench.runner import LoadConfig, run_load
-from xllm.bench.workloads import PromptMaker, trace_workload
-from xllm.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.bench.client import ClientConfig
+from xllm.cli.bench.report import LatencyStats, Slo, format_table, summarize
+from xllm.cli.bench.runner import LoadConfig, run_load
+from xllm.cli.bench.workloads import PromptMaker, trace_workload
+from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
 
 
 def cluster_state(config: ClusterConfig) -> dict:

@@ -16,11 +16,11 @@ The slice, the same for every policy:
   so shared trace blocks are shared whole KV blocks), times x `--time-scale`;
 * requests longer than the model's context (prompt + output) are dropped and counted.
 
-Prompts are built from the `hash_ids` (`xllm.bench.workloads`): requests sharing leading
+Prompts are built from the `hash_ids` (`xllm.cli.bench.workloads`): requests sharing leading
 hash ids share a prompt prefix. Each request asks for its traced output length exactly.
 
 Per policy: warm-up requests (random prompts, unrelated to the trace), then the replay
-through `xllm.bench` (streaming `/v1/completions`). The hit rate is the cluster's own,
+through `xllm.cli.bench` (streaming `/v1/completions`). The hit rate is the cluster's own,
 from the gateway's `/cluster`: prefix hit tokens / queried tokens of the instances, taken
 as the difference across the replay so that the warm-up does not count. `ideal_hit_rate`
 is the bound a single instance with an unbounded cache would reach on the slice (every
@@ -50,14 +50,14 @@ from fractions import Fraction
 
 from common import emit
 
-from xllm.bench.client import ClientConfig
-from xllm.bench.report import summarize
-from xllm.bench.runner import LoadConfig, run_load
-from xllm.bench.traces import TraceRequest, load_trace
-from xllm.bench.workloads import BenchRequest, PromptMaker, requests_from_trace
-from xllm.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.bench.client import ClientConfig
+from xllm.cli.bench.report import summarize
+from xllm.cli.bench.runner import LoadConfig, run_load
+from xllm.cli.bench.traces import TraceRequest, load_trace
+from xllm.cli.bench.workloads import BenchRequest, PromptMaker, requests_from_trace
+from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.commands.bench import first_model
 from xllm.engine.prefix_hash import block_hashes
-from xllm.tools.bench import first_model
 
 POLICIES = ("cache-aware", "least-load", "round-robin")
 KV_BLOCK_SIZE = 16  # the engine's default `--block-size`

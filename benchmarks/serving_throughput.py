@@ -24,7 +24,7 @@ import aiohttp
 from common import demo_model, emit, random_prompts
 from offline_throughput import run_ours
 
-from xllm.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
 
 
 async def stream_one(

@@ -5,7 +5,7 @@
 The Qwen3-0.6B-shaped `small` demo model in bfloat16 is served by `llama-server` (the model
 converted to a bf16 GGUF; llama.cpp fetched from PyPI's `llama-cpp-python` sdist and built
 once, see `llama_cpp.py`), then by `xllm up`, never both at once. Each gets the same random
-token-id prompts through `xllm.bench` (streamed `/v1/completions`, exact output lengths):
+token-id prompts through `xllm.cli.bench` (streamed `/v1/completions`, exact output lengths):
 
   * c16: 16 requests of 512 input / 128 output tokens, all 16 at once;
   * c1:  a few requests of 512 / 128, one at a time.
@@ -39,12 +39,12 @@ from pathlib import Path
 import llama_cpp
 from common import demo_model, emit
 
-from xllm.bench.client import ClientConfig
-from xllm.bench.report import summarize
-from xllm.bench.runner import LoadConfig, run_load
-from xllm.bench.workloads import LengthRange, PromptMaker, random_workload
-from xllm.cluster import ClusterConfig, free_port, serving_cluster
-from xllm.tools.bench import first_model
+from xllm.cli.bench.client import ClientConfig
+from xllm.cli.bench.report import summarize
+from xllm.cli.bench.runner import LoadConfig, run_load
+from xllm.cli.bench.workloads import LengthRange, PromptMaker, random_workload
+from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.commands.bench import first_model
 
 MARGIN = 64
 """Context tokens per llama-server slot beyond prompt + output (it counts a few extra)."""
@@ -168,7 +168,7 @@ def xllm_server(model_dir: Path, threads: int, extra_args: list[str]):
 
 
 def measure(root: str, requests: list, concurrency: int) -> dict:
-    """One scenario through `xllm.bench`: the figures we compare, from its summary."""
+    """One scenario through `xllm.cli.bench`: the figures we compare, from its summary."""
     base_url = root + "/v1"
     client = ClientConfig(base_url, first_model(base_url))
     load = LoadConfig(concurrency=concurrency, progress=False)

@@ -11,7 +11,7 @@ import pytest
 def tiny_model_dir(tmp_path_factory):
     """`tiny_model_dir(arch, dtype="float32") -> Path`: the tiny random model of `arch` (seed 0),
     made on first use and shared by the whole session."""
-    from xllm.tools.make_model import make_model
+    from xllm.cli.commands.make_model import make_model
 
     made: dict[tuple[str, str], Path] = {}
 
@@ -27,7 +27,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def nats_url():
     """URL of a nats-server with JetStream, started on a free port for the session."""
-    from xllm.cluster.embedded import start_nats
+    from xllm.cli.cluster.embedded import start_nats
 
     with start_nats() as server:
         yield server.url
@@ -36,7 +36,7 @@ def nats_url():
 @pytest.fixture(scope="session")
 def redis_url():
     """URL (`redis://127.0.0.1:<port>/0`) of a Valkey server started for the session."""
-    from xllm.cluster.embedded import start_valkey
+    from xllm.cli.cluster.embedded import start_valkey
 
     with start_valkey() as server:
         yield server.url

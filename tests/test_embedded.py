@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from xllm.cli import main as cli_main
-from xllm.cluster import (
+from xllm.cli.cluster import (
     ChildExited,
     Cluster,
     ClusterConfig,
@@ -36,7 +36,7 @@ from xllm.cluster import (
     start_nats,
     start_valkey,
 )
-from xllm.cluster.topology import has_service
+from xllm.cli.cluster.topology import has_service
 
 
 def _refuses(port: int) -> bool:
@@ -133,7 +133,7 @@ def test_server_dies_with_its_starter():
 
 
 _STARTER = (
-    "import time; from xllm.cluster import start_nats; s = start_nats(); "
+    "import time; from xllm.cli.cluster import start_nats; s = start_nats(); "
     "print(s.process.pid, s.workdir, flush=True); time.sleep(60)"
 )
 
@@ -450,7 +450,7 @@ def test_up_refuses_a_busy_port(capsys):
 
 def test_engine_flags_are_forwarded_only_when_given():
     from xllm.cli import build_parser
-    from xllm.tools.up import engine_args
+    from xllm.cli.commands.up import engine_args
 
     args = build_parser().parse_args(["up", "--max-num-seqs", "8", "--kv-cache-gb", "0.5"])
     assert engine_args(args) == ["--kv-cache-gb", "0.5", "--max-num-seqs", "8"]

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from xllm.cli.commands import make_model as mm
 from xllm.models.config import ModelConfig
-from xllm.tools import make_model as mm
 
 ARCHS = mm.ARCHS
 

@@ -24,9 +24,9 @@ from services.gateway.errors import ApiError, error_middleware
 from services.gateway.metrics import prefix_cache_summary
 from services.gateway.model import ModelInfo
 from services.gateway.offline import OfflineWorker
+from services.gateway.prometheus import CONTENT_TYPE
 from services.gateway.readiness import missing_roles, supervised_processes
 from services.gateway.state import GATEWAY, Gateway
-from xllm.metrics import CONTENT_TYPE
 from xllm.protocol import (
     ErrorCode,
     InstanceLost,

@@ -1,4 +1,4 @@
-"""The gateway's Prometheus metrics (on xllm.metrics' registry), served at GET /metrics.
+"""The gateway's Prometheus metrics (on services.gateway.prometheus' registry), served at GET /metrics.
 
 Gateway-side: requests by endpoint and status, generation requests in flight, time to first
 token, time per output token, end-to-end latency, prompt and generated token counts.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 
+from services.gateway.prometheus import Registry
 from services.gateway.streaming import Generation
-from xllm.metrics import Registry
 from xllm.protocol import ClusterState
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

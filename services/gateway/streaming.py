@@ -40,8 +40,8 @@ from dataclasses import dataclass, replace
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from services.gateway.detokenizer import IncrementalDetokenizer, StopStrings
 from services.gateway.model import ModelInfo
-from xllm.detokenizer import IncrementalDetokenizer, StopStrings
 from xllm.protocol import (
     AbortCmd,
     DecodeError,

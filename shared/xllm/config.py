@@ -100,6 +100,11 @@ class EngineConfig:
     enable_prefix_caching: bool = option(True, "Reuse the KV of cached prompt prefixes.")
     seed: int = option(0, "Seed of the sampler's global generator.")
     num_threads: int = option(0, "CPU threads for torch; 0 = torch's default (one per core).")
+    native_kernels: bool = option(
+        True,
+        "Use our native CPU kernels where the CPU has what they need (AVX512-BF16, AMX); "
+        "off = torch's own ops only.",
+    )
 
     def validate(self) -> None:
         checks = [

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from xllm.bench.client import ClientConfig
-from xllm.bench.report import Slo, summarize
-from xllm.bench.runner import LoadConfig, run_load
-from xllm.bench.workloads import LengthRange, PromptMaker, random_workload, trace_workload
-from xllm.cluster import ClusterConfig, free_port, serving_cluster
-from xllm.tools.bench import first_model
+from xllm.cli.bench.client import ClientConfig
+from xllm.cli.bench.report import Slo, summarize
+from xllm.cli.bench.runner import LoadConfig, run_load
+from xllm.cli.bench.workloads import LengthRange, PromptMaker, random_workload, trace_workload
+from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.commands.bench import first_model
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def base_url(model_dir, tmp_path_factory):
 
 
 def recomputed_goodput(result: dict) -> float:
-    """Goodput from the written records alone, by the definition in `xllm.bench.report`."""
+    """Goodput from the written records alone, by the definition in `xllm.cli.bench.report`."""
     slo = result["summary"]["slo"]
     good = 0
     for r in result["records"]:

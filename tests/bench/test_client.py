@@ -10,10 +10,10 @@ import json
 import pytest
 from aiohttp import web
 
-from xllm.bench.client import ClientConfig
-from xllm.bench.runner import LoadConfig, WarmupFailed, run_load_async
-from xllm.bench.workloads import BenchRequest
-from xllm.cluster import free_port
+from xllm.cli.bench.client import ClientConfig
+from xllm.cli.bench.runner import LoadConfig, WarmupFailed, run_load_async
+from xllm.cli.bench.workloads import BenchRequest
+from xllm.cli.cluster import free_port
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -77,7 +77,7 @@ async def test_a_failed_warmup_stops_the_run():
 
 
 def test_request_body_asks_for_the_exact_length():
-    from xllm.bench.client import request_body
+    from xllm.cli.bench.client import request_body
 
     body = request_body(BenchRequest([5, 6], 2, 7), ClientConfig("u", "m", extra_body={"seed": 1}))
     assert (body["max_tokens"], body["min_tokens"], body["ignore_eos"]) == (7, 7, True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from xllm.bench.client import RequestRecord
-from xllm.bench.report import Slo, format_table, summarize
-from xllm.bench.runner import LoadConfig, arrival_times
-from xllm.bench.workloads import BenchRequest, LengthRange
+from xllm.cli.bench.client import RequestRecord
+from xllm.cli.bench.report import Slo, format_table, summarize
+from xllm.cli.bench.runner import LoadConfig, arrival_times
+from xllm.cli.bench.workloads import BenchRequest, LengthRange
 
 
 def record(i: int, ttft: float, tpot: float, n: int = 11, error: str | None = None):

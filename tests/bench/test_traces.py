@@ -9,7 +9,7 @@ from statistics import mean
 
 import pytest
 
-from xllm.bench.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest, data_dir, load_trace
+from xllm.cli.bench.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest, data_dir, load_trace
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xllm.bench.workloads import (
+from xllm.cli.bench.workloads import (
     SAFE_TOKEN_IDS,
     LengthRange,
     PromptMaker,

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from xllm.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
 
 pytestmark = pytest.mark.slow
 

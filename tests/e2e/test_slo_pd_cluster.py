@@ -21,7 +21,7 @@ import urllib.request
 import openai
 import pytest
 
-from xllm.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
 
 pytestmark = pytest.mark.slow
 

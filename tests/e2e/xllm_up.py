@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from xllm.cluster import free_port
+from xllm.cli.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 8

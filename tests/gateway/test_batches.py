@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from services.gateway.app import create_app
 from services.gateway.config import GatewayConfig
 from tests.gateway.fake_cluster import FakeCluster, Script
-from xllm.cluster.embedded import start_nats
+from xllm.cli.cluster.embedded import start_nats
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

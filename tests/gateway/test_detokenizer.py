@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from xllm.detokenizer import IncrementalDetokenizer
+from services.gateway.detokenizer import IncrementalDetokenizer
 
 TEXT = "Héllo wörld — 世界 🎉 naïve café; ünïcödé at the end: 日本"
 

@@ -1,10 +1,10 @@
-"""xllm.metrics: the Prometheus text exposition format."""
+"""services.gateway.prometheus: the Prometheus text exposition format."""
 
 from __future__ import annotations
 
 import pytest
 
-from xllm.metrics import Registry
+from services.gateway.prometheus import Registry
 
 
 def test_counter_gauge_histogram_text():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from services.gateway.detokenizer import StopStrings
 from services.gateway.streaming import CompletionText, GenerationRequest
-from xllm.detokenizer import StopStrings
 from xllm.protocol import SamplingParams, TokenDelta
 
 

@@ -118,7 +118,7 @@ def test_colocated_offline_work_takes_the_most_headroom_and_is_never_shed():
 def test_the_scheduler_predicts_with_the_cost_model_it_is_given():
     from services.scheduler.config import SchedulerConfig
     from services.scheduler.placement import decode_cost
-    from xllm.cluster import ClusterConfig, service_specs
+    from xllm.cli.cluster import ClusterConfig, service_specs
 
     assert decode_cost(SchedulerConfig()) is None
     assert decode_cost(SchedulerConfig(cost_profile="a100", cost_model="qwen3-8b")) == COST

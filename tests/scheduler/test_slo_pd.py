@@ -217,7 +217,7 @@ def test_predictor_prefers_recent_measurements_per_instance_then_the_pool_mean()
 
 def test_xllm_up_passes_the_slo_options_to_the_scheduler():
     from services.scheduler.__main__ import main
-    from xllm.cluster import ClusterConfig, service_specs
+    from xllm.cli.cluster import ClusterConfig, service_specs
 
     config = ClusterConfig(prefill=1, decode=2, policy="slo-pd", slo_ttft=1.5, flip_idle=1.0)
     specs = {s.name: s for s in service_specs(config, "/m")}

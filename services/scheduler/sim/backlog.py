@@ -24,7 +24,7 @@ def sharegpt_backlog(
 ) -> list[SimRequest]:
     """`n` offline requests: ShareGPT prompt lengths (or `input_len` tokens each, if > 0),
     output lengths uniform in `output_len` (inclusive)."""
-    from xllm.bench.workloads import LengthRange, PromptMaker, sharegpt_workload
+    from xllm.cli.bench.workloads import LengthRange, PromptMaker, sharegpt_workload
 
     rng = random.Random(seed)
     if input_len > 0:

@@ -18,7 +18,7 @@ from services.scheduler.sim.backlog import OfflineBacklog, sharegpt_backlog
 from services.scheduler.sim.instance import InstanceSpec, SimRequest
 from services.scheduler.sim.report import SimReport, Slo, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
-from xllm.bench.traces import TraceRequest, load_trace
+from xllm.cli.bench.traces import TraceRequest, load_trace
 from xllm.models.config import ModelConfig
 
 

@@ -21,6 +21,7 @@ from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
 from xllm.engine.step_stats import StepStats
 from xllm.engine.swap import SwapSpace
 from xllm.models.config import ModelConfig, parse_dtype
+from xllm.ops import use_native_kernels
 from xllm.platform import default_dtype, select_device
 from xllm.protocol.errors import ErrorCode, RequestRejected
 from xllm.protocol.types import Logprob, SamplingParams
@@ -92,6 +93,7 @@ class Engine:
         config.validate()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        use_native_kernels(config.native_kernels)
         self.config = config
         self.model_config = mc = ModelConfig.from_dir(config.model)
         self.device = select_device(config.device)

@@ -11,7 +11,11 @@ from xllm.kv_transfer import BACKENDS
 @dataclass(frozen=True)
 class InstanceConfig:
     instance_id: str = option("", "Cluster-unique id (a NATS subject token); empty = host-pid.")
-    role: str = option("both", "prefill, decode or both (PD-colocated).")
+    role: str = option(
+        "",
+        "prefill, decode or both (PD-colocated); empty = the service's own "
+        "(prefill for services.prefill, decode for services.decode; both in-process).",
+    )
     served_model_name: str = option(
         "", "The model name clients use; empty = the model folder's name."
     )
@@ -35,7 +39,7 @@ class InstanceConfig:
     )
 
     def validate(self) -> None:
-        if self.role not in ("prefill", "decode", "both"):
+        if self.role not in ("", "prefill", "decode", "both"):
             raise ValueError(f"--role must be prefill, decode or both, not {self.role!r}")
         if self.kv_transfer_backend not in BACKENDS:
             raise ValueError(

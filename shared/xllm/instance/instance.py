@@ -124,7 +124,7 @@ class Instance:
         self.nc = nc
         self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         subjects.token(self.instance_id)  # fail fast on an id NATS cannot route
-        self.role = Role(config.role)
+        self.role = Role(config.role or Role.BOTH)
         self.model_name = config.served_model_name or Path(engine.config.model).name
         self.inbox: asyncio.Queue[Command] = asyncio.Queue()
         self.kv_events = KvEventPublisher(nc, self.instance_id)

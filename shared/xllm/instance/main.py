@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import dataclasses
 
 from xllm.config import EngineConfig, LogConfig, NatsConfig, add_arguments, from_args
 from xllm.instance.config import InstanceConfig
@@ -15,10 +15,10 @@ def main(default_role: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=f"xLLM instance (default role: {default_role})")
     for cls in (InstanceConfig, EngineConfig, NatsConfig, LogConfig):
         add_arguments(parser, cls)
-    if "XLLM_ROLE" not in os.environ:
-        parser.set_defaults(role=default_role)
     args = parser.parse_args(argv)
     instance_config = from_args(InstanceConfig, args)
+    if not instance_config.role:
+        instance_config = dataclasses.replace(instance_config, role=default_role)
     engine_config = from_args(EngineConfig, args)
     if not engine_config.model:
         parser.error("--model (or XLLM_MODEL) is required")

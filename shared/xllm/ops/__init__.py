@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -26,12 +25,20 @@ _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
+_enabled = True
 
 # Largest batches for which the native linears beat oneDNN on 2 cores (decode-sized
 # matmuls are memory bound, and oneDNN re-packs the weights every call): AMX measured on a
 # Sapphire Rapids, AVX512-BF16 on a Zen 4.
 AMX_LINEAR_MAX_ROWS = 128
 BF16_LINEAR_MAX_ROWS = 128
+
+
+def use_native_kernels(enabled: bool) -> None:
+    """Allow or forbid the native kernels for this process (`EngineConfig.native_kernels`);
+    takes effect only before the first `kernels()` call, which builds or skips them once."""
+    global _enabled
+    _enabled = enabled
 
 
 def kernels() -> ModuleType | None:
@@ -47,7 +54,7 @@ def kernels() -> ModuleType | None:
 
 
 def _build() -> ModuleType | None:
-    if os.environ.get("XLLM_NATIVE_KERNELS", "1") == "0":
+    if not _enabled:
         return None
     try:
         from torch.utils.cpp_extension import load

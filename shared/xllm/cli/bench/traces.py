@@ -28,12 +28,13 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+
+from xllm.config import from_env, option
 
 MOONCAKE_BLOCK_TOKENS = 512
 """Tokens per `hash_ids` entry in the raw Mooncake trace."""
@@ -84,12 +85,17 @@ _GENERIC_OUTPUT = re.compile(r"output|generated|completion|response.?tok|decode"
 _MILLISECONDS = re.compile(r"(^|[_ ])ms$|_ms_|millis", re.I)
 
 
+@dataclass(frozen=True)
+class TraceConfig:
+    data_dir: str = option("", "Folder of the shipped traces; empty = <repo>/../shared/data.")
+
+
 def data_dir() -> Path:
     """Folder of the shipped traces: `$XLLM_DATA_DIR`, else `<repo root>/../shared/data`."""
-    env = os.environ.get("XLLM_DATA_DIR")
-    if env:
-        return Path(env)
-    repo_root = Path(__file__).resolve().parents[3]  # shared/xllm/bench/traces.py
+    configured = from_env(TraceConfig).data_dir
+    if configured:
+        return Path(configured)
+    repo_root = Path(__file__).resolve().parents[4]  # shared/xllm/cli/bench/traces.py
     return repo_root.parent / "shared" / "data"
 
 

@@ -5,7 +5,7 @@
         --slo-ttft 500 --slo-tpot 100 --result-json out.json --plot /tmp/plots
 
 Workloads: `random`, `sharegpt`, a trace name (`azure-code`, `mooncake`, `burstgpt`,
-`burstgpt-3`) or a CSV/JSONL trace file (see `xllm.bench.traces`). Prints the summary as one
+`burstgpt-3`) or a CSV/JSONL trace file (see `xllm.cli.bench.traces`). Prints the summary as one
 JSON line on stdout and a table on stderr.
 
 `vllm bench serve`'s flag names work too: `--num-prompts` (= --num-requests),
@@ -24,11 +24,11 @@ import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
-from xllm.bench.client import ClientConfig
-from xllm.bench.report import Slo, format_table, summarize
-from xllm.bench.runner import BenchRun, LoadConfig, WarmupFailed, run_load
-from xllm.bench.traces import TRACE_FILES
-from xllm.bench.workloads import (
+from xllm.cli.bench.client import ClientConfig
+from xllm.cli.bench.report import Slo, format_table, summarize
+from xllm.cli.bench.runner import BenchRun, LoadConfig, WarmupFailed, run_load
+from xllm.cli.bench.traces import TRACE_FILES
+from xllm.cli.bench.workloads import (
     BenchRequest,
     LengthRange,
     PromptMaker,
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     if result_path is not None:
         _write_result(result_path, args, model, summary.to_dict(), bench)
     if args.plot:
-        from xllm.bench.plots import write_plots
+        from xllm.cli.bench.plots import write_plots
 
         paths = write_plots(bench.records, args.plot, title=f"{args.workload} on {model}")
         print(f"plots: {', '.join(map(str, paths))}", file=sys.stderr)

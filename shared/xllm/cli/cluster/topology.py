@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from xllm.cluster.launcher import Cluster, ProcessSpec, RestartPolicy
+from xllm.cli.cluster.launcher import Cluster, ProcessSpec, RestartPolicy
 from xllm.config import option
 
 DEMO_ARCH, DEMO_SIZE, DEMO_DTYPE = "qwen3", "tiny", "bfloat16"
@@ -206,7 +206,7 @@ def demo_model(cache_dir: str | Path = "") -> Path:
     out = root / "models" / f"{DEMO_ARCH}-{DEMO_SIZE}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    from xllm.tools.make_model import make_model  # imports torch: only when needed
+    from xllm.cli.commands.make_model import make_model  # imports torch: only when needed
 
     # Made beside its final place and renamed into it, so that an interrupted run (or a
     # concurrent one) never leaves a half-written model that later runs would trust.

@@ -2,7 +2,7 @@
 
 Starts an embedded nats-server (JetStream) and Valkey unless `--nats-url`/`--redis-url` are
 given, then the scheduler, the instances and the gateway, each a subprocess logging to
-`<log-dir>/<name>.log` (see `xllm.cluster.topology` for the exact command lines). Prints the
+`<log-dir>/<name>.log` (see `xllm.cli.cluster.topology` for the exact command lines). Prints the
 API address and an example request, waits until the gateway's `/health` says the cluster can
 serve and every instance it started is live, then runs until Ctrl-C, SIGTERM or SIGHUP
 (exit 0). A process that exits meanwhile (NATS and Valkey included) is reported with its
@@ -23,8 +23,8 @@ import socket
 import sys
 from pathlib import Path
 
-from xllm.cluster.launcher import ChildExited, Cluster
-from xllm.cluster.topology import ClusterConfig, serving_cluster
+from xllm.cli.cluster.launcher import ChildExited, Cluster
+from xllm.cli.cluster.topology import ClusterConfig, serving_cluster
 from xllm.config import add_arguments, from_args
 
 # (flag, type, help): engine options `xllm up` passes on to the instances when given.

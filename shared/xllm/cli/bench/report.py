@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from xllm.bench.client import RequestRecord
+from xllm.cli.bench.client import RequestRecord
 
 PERCENTILES = (50, 90, 99)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from xllm.bench.workloads import BenchRequest
+from xllm.cli.bench.workloads import BenchRequest
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,15 @@ crash detection, ordered stop);
 thin command line over `serving_cluster()`; tests and benchmarks use the same pieces.
 """
 
-from xllm.cluster.embedded import (
+from xllm.cli.cluster.embedded import (
     EmbeddedServer,
     EmbeddedServerError,
     free_port,
     start_nats,
     start_valkey,
 )
-from xllm.cluster.launcher import ChildExited, Cluster, ProcessSpec, RestartPolicy
-from xllm.cluster.topology import ClusterConfig, demo_model, service_specs, serving_cluster
+from xllm.cli.cluster.launcher import ChildExited, Cluster, ProcessSpec, RestartPolicy
+from xllm.cli.cluster.topology import ClusterConfig, demo_model, service_specs, serving_cluster
 
 __all__ = [
     "ChildExited",

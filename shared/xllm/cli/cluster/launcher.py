@@ -2,7 +2,7 @@
 
 `Cluster(specs, ...)` runs each `ProcessSpec` (a name, an argv, extra environment) as its own
 subprocess and owns their whole lifetime; `xllm up`, the end-to-end tests and the benchmarks
-all use it (`xllm.cluster.topology` says which services a serving cluster consists of).
+all use it (`xllm.cli.cluster.topology` says which services a serving cluster consists of).
 
 The contract:
 
@@ -56,7 +56,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xllm.cluster.embedded import (
+from xllm.cli.cluster.embedded import (
     EmbeddedServer,
     EmbeddedServerError,
     die_with_parent,

@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from xllm.bench.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest, data_dir, load_trace
+from xllm.cli.bench.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest, data_dir, load_trace
 
 SHAREGPT_FILE = "ShareGPT_V3_filtered_1000.json.gz"
 

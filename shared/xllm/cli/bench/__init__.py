@@ -1,6 +1,6 @@
 """Benchmarking a serving endpoint: traces, workloads, a streaming client, reports, plots.
 
-`xllm bench serve` (in `xllm.tools.bench`) puts them together; the simulator reads traces
+`xllm bench serve` (in `xllm.cli.commands.bench`) puts them together; the simulator reads traces
 through `load_trace` too.
 
     traces.py     shipped and custom traces -> TraceRequest (arrival, lengths, prefix blocks)
@@ -11,6 +11,6 @@ through `load_trace` too.
     plots.py      records -> PNG plots (matplotlib, imported lazily)
 """
 
-from xllm.bench.traces import TRACE_FILES, TraceRequest, data_dir, load_trace
+from xllm.cli.bench.traces import TRACE_FILES, TraceRequest, data_dir, load_trace
 
 __all__ = ["TRACE_FILES", "TraceRequest", "data_dir", "load_trace"]

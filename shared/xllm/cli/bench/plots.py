@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xllm.bench.client import RequestRecord
+from xllm.cli.bench.client import RequestRecord
 
 
 def write_plots(records: list[RequestRecord], out_dir: str | Path, title: str = "") -> list[Path]:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from xllm.bench.client import ClientConfig, RequestRecord, send
-from xllm.bench.workloads import BenchRequest
+from xllm.cli.bench.client import ClientConfig, RequestRecord, send
+from xllm.cli.bench.workloads import BenchRequest
 
 
 @dataclass(frozen=True)
