@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from xllm.config import option
+from xllm.config import SloConfig, option
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
+class GatewayConfig(SloConfig):
+    """The gateway's options; the SLO targets (`SloConfig`) come first."""
+
     host: str = option("0.0.0.0", "Address the HTTP server listens on.")
     port: int = option(8000, "Port the HTTP server listens on.")
     model: str = option(

@@ -1,7 +1,8 @@
 """The gateway's Prometheus metrics (on services.gateway.prometheus' registry), served at GET /metrics.
 
 Gateway-side: requests by endpoint and status, generation requests in flight, time to first
-token, time per output token, end-to-end latency, prompt and generated token counts.
+token, time per output token, end-to-end latency, prompt and generated token counts, and
+online requests within the SLO targets (`SloConfig`: attainment).
 Cluster-side, refreshed from the scheduler's `ClusterState` at each scrape: running and
 waiting sequences and KV blocks per instance, role flips per instance (from heartbeats),
 live instances per role and the flips the scheduler ordered.
@@ -13,6 +14,7 @@ import time
 
 from services.gateway.prometheus import Registry
 from services.gateway.streaming import Generation
+from xllm.config import SloConfig
 from xllm.protocol import ClusterState
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -78,7 +80,8 @@ INSTANCE_GAUGES = (
 
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, slo: SloConfig | None = None) -> None:
+        self.slo = slo or SloConfig()
         self.registry = r = Registry()
         self.requests = r.counter(
             "xllm_gateway_requests_total", "HTTP requests answered.", ("endpoint", "status")
@@ -99,6 +102,22 @@ class GatewayMetrics:
             "From arrival to the end of a request whose completions all finished.",
             buckets=E2E_BUCKETS,
         )
+        self.online_finished = r.counter(
+            "xllm_gateway_online_requests_finished_total",
+            "Online (HTTP) generation requests that finished (every completion to its end).",
+        )
+        self.online_slo_met = r.counter(
+            "xllm_gateway_online_requests_slo_met_total",
+            "Of those, the ones within both SLO targets (--slo-ttft, --slo-tpot; a target of "
+            "0 is always met). Attainment = this / xllm_gateway_online_requests_finished_total.",
+        )
+        self.online_slo_attainment = r.gauge(
+            "xllm_gateway_online_slo_attainment",
+            "Share of finished online requests within both SLO targets since the gateway "
+            "started (1 before the first).",
+        )
+        self.online_slo_attainment.set(1.0)
+        self.num_online_finished = self.num_online_slo_met = 0
         self.prompt_tokens = r.counter("xllm_gateway_prompt_tokens_total", "Prompt tokens.")
         self.generation_tokens = r.counter(
             "xllm_gateway_generation_tokens_total", "Generated tokens received."
@@ -150,11 +169,28 @@ class GatewayMetrics:
         first, last = gen.first_token_at, gen.last_token_at
         if first is None or last is None:
             return
-        self.ttft.observe(first - gen.started_at)
+        ttft, tpot = first - gen.started_at, None
+        self.ttft.observe(ttft)
         if gen.usage.completion_tokens > 1:
             per_completion = gen.usage.completion_tokens / len(gen.completions)
             if per_completion > 1:
-                self.tpot.observe((last - first) / (per_completion - 1))
+                tpot = (last - first) / (per_completion - 1)
+                self.tpot.observe(tpot)
+        if gen.finished and gen.req.priority == 0:
+            self._observe_online(ttft, tpot)
+
+    def _observe_online(self, ttft: float, tpot: float | None) -> None:
+        """Count a finished online request against the SLO targets (as `xllm bench` does:
+        TTFT within its target, and TPOT within its own when there was a second token)."""
+        slo = self.slo
+        met = (not slo.slo_ttft or ttft <= slo.slo_ttft) and (
+            not slo.slo_tpot or tpot is None or tpot <= slo.slo_tpot
+        )
+        self.num_online_finished += 1
+        self.num_online_slo_met += met
+        self.online_finished.inc()
+        self.online_slo_met.inc(int(met))
+        self.online_slo_attainment.set(self.num_online_slo_met / self.num_online_finished)
 
     def observe_cluster(self, state: ClusterState | None) -> None:
         """Replace the per-instance gauges with `state` (None: the scheduler did not answer)."""

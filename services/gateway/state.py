@@ -40,11 +40,14 @@ class Gateway:
     config: GatewayConfig
     nc: NATS
     model: ModelInfo
-    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    metrics: GatewayMetrics = field(init=False)
     inflight: int = 0
     """Generation requests being served (the semaphore of --max-inflight)."""
     live: set[Generation] = field(default_factory=set)
     """Generations submitted and not yet ended: where `InstanceLost` notices go."""
+
+    def __post_init__(self) -> None:
+        self.metrics = GatewayMetrics(self.config)  # counts attainment against its SLO targets
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:

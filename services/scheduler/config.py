@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xllm.config import option
+from xllm.config import SloConfig, option
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(SloConfig):
+    """The scheduler's options; the SLO targets (`SloConfig`) come first."""
+
     policy: str = option(
         "cache-aware", "Placement policy: round-robin, least-load, cache-aware, slo-pd."
     )
@@ -17,12 +19,6 @@ class SchedulerConfig:
     )
     kv_match_timeout: float = option(
         0.05, "Seconds to wait for the kvstore's prefix match before placing without it."
-    )
-    slo_ttft: float = option(
-        0.0, "Time-to-first-token target in seconds for --policy slo-pd; 0 = none."
-    )
-    slo_tpot: float = option(
-        0.0, "Time-per-output-token target in seconds for --policy slo-pd; 0 = none."
     )
     slo_admission: float = option(
         0.0,

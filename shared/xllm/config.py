@@ -123,6 +123,23 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class SloConfig:
+    """The online latency targets, shared by the services that act on them (the scheduler
+    places and admits by them; the gateway counts how often they were met)."""
+
+    slo_ttft: float = option(
+        0.0,
+        "Online time-to-first-token target in seconds (slo-pd placement, SLO admission, "
+        "the gateway's attainment counters); 0 = none.",
+    )
+    slo_tpot: float = option(
+        0.0,
+        "Online time-per-output-token target in seconds (slo-pd placement, offline decode "
+        "admission, the gateway's attainment counters); 0 = none.",
+    )
+
+
+@dataclass(frozen=True)
 class NatsConfig:
     nats_url: str = option("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated.")
     nats_connect_timeout: float = option(30.0, "Seconds to keep retrying the first connection.")

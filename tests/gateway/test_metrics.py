@@ -70,3 +70,45 @@ def test_misuse_raises():
         r.counter("c_total", "again")
     with pytest.raises(ValueError):
         r.histogram("h", "H.", ("le",))
+
+
+def _ended(ttft: float, tpot: float, tokens: int = 5, priority: int = 0, finished: bool = True):
+    """What `GatewayMetrics.observe_generation` reads of an ended `Generation`."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        usage=SimpleNamespace(prompt_tokens=10, completion_tokens=tokens),
+        finished=finished,
+        started_at=100.0,
+        first_token_at=100.0 + ttft,
+        last_token_at=100.0 + ttft + tpot * (tokens - 1),
+        completions=[object()],
+        req=SimpleNamespace(priority=priority),
+    )
+
+
+def test_online_slo_attainment_counts_finished_online_requests_within_both_targets():
+    from services.gateway.metrics import GatewayMetrics
+    from xllm.config import SloConfig
+
+    metrics = GatewayMetrics(SloConfig(slo_ttft=1.0, slo_tpot=0.1))
+    metrics.observe_generation(_ended(ttft=0.5, tpot=0.05))  # met
+    metrics.observe_generation(_ended(ttft=1.5, tpot=0.05))  # TTFT missed
+    metrics.observe_generation(_ended(ttft=0.5, tpot=0.2))  # TPOT missed
+    metrics.observe_generation(_ended(ttft=0.5, tpot=0.5, tokens=1))  # one token: no TPOT
+    metrics.observe_generation(_ended(ttft=9.0, tpot=0.05, priority=1))  # offline: not counted
+    metrics.observe_generation(_ended(ttft=9.0, tpot=0.05, finished=False))  # failed: neither
+    text = metrics.render()
+    assert "xllm_gateway_online_requests_finished_total 4" in text
+    assert "xllm_gateway_online_requests_slo_met_total 2" in text
+    assert "xllm_gateway_online_slo_attainment 0.5" in text
+
+
+def test_without_targets_every_finished_online_request_meets_them():
+    from services.gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    metrics.observe_generation(_ended(ttft=30.0, tpot=5.0))
+    text = metrics.render()
+    assert "xllm_gateway_online_requests_slo_met_total 1" in text
+    assert "xllm_gateway_online_requests_finished_total 1" in text

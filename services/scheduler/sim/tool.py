@@ -15,7 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="simulate a cluster on a trace with the scheduler's own policies",
         description=__doc__,
     )
-    p.add_argument("--trace", default="azure-code", help="trace name or file (xllm.cli.bench.traces)")
+    p.add_argument(
+        "--trace", default="azure-code", help="trace name or file (xllm.cli.bench.traces)"
+    )
     p.add_argument(
         "--instances", default="16", help="PD-colocated instances; a list (8,16,32) sweeps"
     )

@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xllm.cli.cluster.launcher import Cluster, ProcessSpec, RestartPolicy
-from xllm.config import option
+from xllm.config import SloConfig, option
 
 DEMO_ARCH, DEMO_SIZE, DEMO_DTYPE = "qwen3", "tiny", "bfloat16"
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
+class ClusterConfig(SloConfig):
     model: str = option("", "Model folder; empty = the tiny demo model (made once, cached).")
     host: str = option("0.0.0.0", "Address the gateway listens on.")
     port: int = option(8000, "Port the gateway listens on.")
@@ -47,8 +47,6 @@ class ClusterConfig:
     prefill: int = option(0, "Prefill instances (PD-disaggregated; give --decode too).")
     decode: int = option(0, "Decode instances (PD-disaggregated; give --prefill too).")
     policy: str = option("cache-aware", "The scheduler's placement policy.")
-    slo_ttft: float = option(0.0, "TTFT target in seconds (--policy slo-pd); 0 = none.")
-    slo_tpot: float = option(0.0, "TPOT target in seconds (--policy slo-pd); 0 = none.")
     slo_admission: float = option(
         0.0, "Refuse (429) online requests predicted past this × --slo-ttft; 0 = admit all."
     )
@@ -148,6 +146,7 @@ def service_specs(
         specs.append(ProcessSpec(instance_id, argv))
     gateway_args = ["--model", str(model), "--host", config.host, "--port", str(config.port)]
     gateway_args += _flag_value(engine_args, "--max-model-len")  # it checks prompt lengths too
+    gateway_args += _changed_flags(config, GATEWAY_OPTIONS)
     gateway_env = {"XLLM_API_KEY": config.api_key} if config.api_key else {}
     specs.append(ProcessSpec("gateway", module("gateway", *gateway_args), gateway_env))
     return specs
@@ -164,6 +163,10 @@ SCHEDULER_OPTIONS = (
     "cost_model",
 )
 """`ClusterConfig` fields that are the scheduler's options of the same name."""
+
+GATEWAY_OPTIONS = ("slo_ttft", "slo_tpot")
+"""`ClusterConfig` fields that are the gateway's options of the same name (its SLO
+attainment counters)."""
 
 
 def _changed_flags(config: ClusterConfig, names: Sequence[str]) -> list[str]:
