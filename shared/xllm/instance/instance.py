@@ -37,6 +37,7 @@ from xllm.instance.kv_events import KvEventPublisher
 from xllm.protocol import (
     AbortCmd,
     DecodeCmd,
+    DraftCounts,
     ErrorCode,
     ErrorInfo,
     GenerateCmd,
@@ -359,6 +360,10 @@ class Instance:
             swap_out_blocks=stats.swap_out_blocks,
             swap_in_blocks=stats.swap_in_blocks,
             swap_seconds=stats.swap_seconds,
+            num_draft_tokens=stats.num_draft_tokens,
+            num_accepted_draft_tokens=stats.num_accepted_draft_tokens,
+            recent_acceptance_rate=stats.recent_acceptance_rate,
+            speculating=stats.speculating,
             **dataclasses.asdict(self.engine.step_stats),
             **self._transfer_stats(),
         )
@@ -393,4 +398,7 @@ def to_wire(d: SequenceOutput) -> TokenDelta:
         num_prompt_tokens=d.num_prompt_tokens,
         num_cached_tokens=d.num_cached_tokens,
         num_output_tokens=d.num_output_tokens,
+        drafts=DraftCounts(d.num_draft_tokens, d.num_accepted_draft_tokens)
+        if d.num_draft_tokens
+        else None,
     )

@@ -6,7 +6,7 @@
     sampling.py   SamplingSpec (wire form of the engine's SamplingParams)
     gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
     instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
-    stream.py     TokenDelta, LogprobEntry
+    stream.py     TokenDelta, LogprobEntry, DraftCounts
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
 
@@ -38,7 +38,7 @@ from xllm.protocol.instance import (
 )
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
 from xllm.protocol.sampling import SamplingSpec
-from xllm.protocol.stream import FinishReason, LogprobEntry, TokenDelta
+from xllm.protocol.stream import DraftCounts, FinishReason, LogprobEntry, TokenDelta
 
 __all__ = [
     "AbortCmd",
@@ -46,6 +46,7 @@ __all__ = [
     "ClusterStateRequest",
     "DecodeCmd",
     "DecodeError",
+    "DraftCounts",
     "ErrorCode",
     "ErrorInfo",
     "FinishReason",

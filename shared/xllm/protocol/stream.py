@@ -36,7 +36,16 @@ class LogprobEntry(NamedTuple):
     """The `logprobs` most likely tokens: token id -> log-probability (empty if 0 asked)."""
 
 
-@message("token_delta", version=1)
+class DraftCounts(NamedTuple):
+    """Speculative decoding's tally for one completion, cumulative; a 2-element array."""
+
+    num_draft_tokens: int
+    """Draft tokens verified so far."""
+    num_accepted_tokens: int
+    """Of those, the ones the target model kept."""
+
+
+@message("token_delta", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TokenDelta:
     """instance → gateway: what one step produced for one completion of a request."""
@@ -59,3 +68,6 @@ class TokenDelta:
     """Prompt tokens served from the prefix cache."""
     num_output_tokens: int = 0
     """Tokens generated so far for this completion, including `token_ids`."""
+    drafts: DraftCounts | None = None
+    """Set once the completion has speculated (several tokens in one delta are what kept
+    drafts look like); None otherwise, which keeps this hot message small."""
