@@ -52,18 +52,6 @@ def speculative_engine(model_dir, proposer: Proposer | None = None, **options):
     return engine
 
 
-def loopy_model(tmp_path_factory, arch: str):
-    """The tiny model of `arch` with near-uniform attention (QK gain 1): it loops."""
-    import xllm.tools.make_model as make_model
-
-    saved = make_model.QK_GAIN
-    make_model.QK_GAIN = 1.0
-    try:
-        return make_model.make_model(arch, "tiny", tmp_path_factory.mktemp(f"loopy-{arch}"))
-    finally:
-        make_model.QK_GAIN = saved
-
-
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
@@ -88,8 +76,8 @@ def test_greedy_with_drafts_of_every_outcome_equals_plain_and_transformers(
         assert_greedy_matches(hf, prompts[i], expected[str(i)], NEW_TOKENS)
 
 
-def test_greedy_with_ngram_drafts_equals_plain(tmp_path_factory, arch):
-    model_dir = loopy_model(tmp_path_factory, arch)
+def test_greedy_with_ngram_drafts_equals_plain(loopy_model_dir, arch):
+    model_dir = loopy_model_dir(arch)
     plain = make_engine(model_dir, max_num_batched_tokens=32)
     vocab = plain.model_config.vocab_size
     repetitive = random_prompts([12], vocab, seed=7)[0] * 4

@@ -13,7 +13,7 @@ SIGKILL; a second Ctrl-C skips the wait), NATS and Valkey last.
 
 Engine flags (`--dtype`, `--kv-cache-gb`, `--max-num-seqs`, `--max-model-len`,
 `--num-threads`, `--swap-space-gb`, `--speculative`, `--num-speculative-tokens`, `--ngram-max`,
-`--ngram-min`) are forwarded to every instance when given.
+`--ngram-min`, `--speculative-adaptive`) are forwarded to every instance when given.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ ENGINE_FLAGS = (
     ("--num-speculative-tokens", int, "most draft tokens verified per sequence per step"),
     ("--ngram-max", int, "longest n-gram the ngram proposer matches"),
     ("--ngram-min", int, "shortest n-gram the ngram proposer matches"),
+    ("--speculative-adaptive", str, "true: speculate only when it pays (default); false: always"),
 )
 
 
