@@ -89,15 +89,19 @@ def test_greedy_outputs_equal_the_engine_without_speculation(cluster, model_dir)
         details = r.usage.completion_tokens_details
         kept += details.accepted_prediction_tokens if details else 0
     assert kept > 0, "no draft was kept: the test compared nothing speculative"
-    deadline = time.monotonic() + 10  # heartbeats are periodic: wait for a fresh one
+    # Heartbeats are periodic: wait for ones sent after the last request finished.
+    deadline = time.monotonic() + 15
     while True:
         seen = {i["role"]: i for i in instances(config)}
         speculated = seen["decode" if pd else "both"]
-        if speculated["num_accepted_draft_tokens"] > 0 or time.monotonic() > deadline:
+        settled = all(i["kv_blocks_used"] == 0 for i in seen.values())
+        if (settled and speculated["num_accepted_draft_tokens"] > 0) or (
+            time.monotonic() > deadline
+        ):
             break
         time.sleep(0.3)
+    assert settled, {role: i["kv_blocks_used"] for role, i in seen.items()}
     assert speculated["num_accepted_draft_tokens"] > 0
     assert speculated["num_draft_tokens"] >= speculated["num_accepted_draft_tokens"]
     if pd:
         assert seen["prefill"]["num_draft_tokens"] == 0  # prefill-only requests never draft
-    assert all(i["kv_blocks_used"] == 0 for i in seen.values())
