@@ -13,10 +13,11 @@ model standing in for copying. Each cell runs the engine three ways on the same 
 speculation off, adaptive (`--speculative ngram`, the default switch) and forced on
 (`--speculative-adaptive false`, what the switch protects against).
 
-    .venv/bin/python benchmarks/speculative.py [--size tiny --concurrency 1,4 --output-len 96]
+    .venv/bin/python benchmarks/speculative.py [--size tiny --concurrency 1,4 --output-len 384]
 
-Prints one JSON line: per workload and concurrency the three tok/s, adaptive / off and
-forced / off, and the acceptance rate; `min_adaptive_ratio` over all cells.
+Prints one JSON line: per workload and concurrency the three tok/s (each the best of
+`--repeats` timed runs after a warm-up), adaptive / off and forced / off, and the acceptance
+rate; `min_adaptive_ratio` over all cells.
 """
 
 from __future__ import annotations
@@ -60,22 +61,35 @@ def workload_prompts(kind: str, n: int, length: int, vocab: int) -> list[list[in
     return [(s * 4)[:length] for s in segments]
 
 
-def run(model_dir, prompts, output_len: int, options: dict) -> tuple[float, Engine]:
-    """Output tok/s of `prompts` submitted together, after a short warm-up request."""
-    config = EngineConfig(model=str(model_dir), dtype="float32", kv_cache_gb=0.5, **options)
+def run(model_dir, prompts, output_len: int, options: dict, repeats: int) -> tuple[float, Engine]:
+    """Best output tok/s of `prompts` submitted together, after a warm-up on the same prompts
+    (a few tokens each: every step shape, verifications included, is then no longer a
+    first, and the adaptive switch has measurements, as in a server that has been up)."""
+    config = EngineConfig(
+        model=str(model_dir),
+        dtype="float32",
+        kv_cache_gb=0.5,
+        enable_prefix_caching=False,  # the warm-up must not shorten the timed prefills
+        **options,
+    )
     engine = Engine(config)
-    warmup = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
-    engine.add_request("warmup", prompts[0][:16], warmup)
-    while engine.has_unfinished():
-        engine.step()
+    generate(engine, prompts, 24, "warmup")
+    best = 0.0
+    for repeat in range(repeats):  # the best of a few: other processes share these cores
+        start = time.perf_counter()
+        generated = generate(engine, prompts, output_len, f"run{repeat}")
+        best = max(best, generated / (time.perf_counter() - start))
+    return best, engine
+
+
+def generate(engine: Engine, prompts, output_len: int, tag: str) -> int:
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params)
+        engine.add_request(f"{tag}-{i}", prompt, params)
     generated = 0
     while engine.has_unfinished():
         generated += sum(len(d.token_ids) for d in engine.step())
-    return generated / (time.perf_counter() - start), engine
+    return generated
 
 
 def cell(model_dir, kind: str, concurrency: int, args) -> dict:
@@ -83,9 +97,9 @@ def cell(model_dir, kind: str, concurrency: int, args) -> dict:
     prompts = workload_prompts(kind, concurrency, args.input_len, vocab)
     result: dict = {"workload": kind, "concurrency": concurrency}
     for mode, options in MODES.items():
-        tok_s, engine = run(model_dir, prompts, args.output_len, options)
+        tok_s, engine = run(model_dir, prompts, args.output_len, options, args.repeats)
         result[f"{mode}_tok_s"] = round(tok_s, 1)
-        if mode == "forced":
+        if mode == "forced":  # (counts include the warm-up's)
             stats = engine.stats()
             kept, drafts = stats.num_accepted_draft_tokens, stats.num_draft_tokens
             result["acceptance_rate"] = round(kept / drafts, 3) if drafts else 0.0
@@ -101,7 +115,8 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", choices=("tiny", "small"))
     parser.add_argument("--concurrency", default="1,4", help="comma-separated")
     parser.add_argument("--input-len", type=int, default=64)
-    parser.add_argument("--output-len", type=int, default=96)
+    parser.add_argument("--output-len", type=int, default=384)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (best)")
     args = parser.parse_args()
     models = {
         "repetitive": loopy_model(args.arch, args.size),
