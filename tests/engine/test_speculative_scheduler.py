@@ -87,6 +87,20 @@ def test_drafts_never_preempt_they_shrink_to_a_plain_decode():
     assert s.num_preemptions == 0 and seq in s.running
 
 
+def test_drafts_never_take_the_block_a_later_decode_needs():
+    s = make(num_blocks=4)
+    a = Sequence("a", [100, 101, 102], SamplingParams(max_tokens=32))
+    b = Sequence("b", [200, 201, 202], SamplingParams(max_tokens=32))
+    s.add(a)
+    s.add(b)
+    out = s.schedule(4)
+    s.update(out, {a.seq_id: 5, b.seq_id: 5})  # 4 tokens each: 2 blocks used, 2 free
+    # a's drafts would take both free blocks, and b's decode then none: they shrink instead.
+    out = s.schedule(4)
+    assert [(x.seq.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 1)]
+    assert s.num_preemptions == 0
+
+
 def test_update_appends_the_kept_tokens_and_frees_the_tail():
     s = make()
     seq = decoding(s)  # 7 tokens: 2 blocks

@@ -30,8 +30,8 @@ Without offline work none of this costs more than a comparison per admitted sequ
 Speculative decoding (`schedule(num_draft_tokens=k)`, k > 0, with a proposer): a decoding
 sequence with drafts is scheduled for 1 + d tokens — its last token, then d drafts
 (`speculation.draft_room` bounds d) — with slots for all; the drafts ride on
-`ScheduledSeq.draft_token_ids`, not in `token_ids`, and never preempt anyone (no room: a
-plain decode). `update` appends the tokens the verification kept one at a time, checking
+`ScheduledSeq.draft_token_ids`, not in `token_ids`, and never preempt anyone (their blocks
+come only from beyond one per running sequence; no room: a plain decode). `update` appends the tokens the verification kept one at a time, checking
 the stop conditions after each (tokens after a stop are dropped), sets
 `num_computed_tokens = num_tokens - 1` (the target's own token has no KV yet) and frees the
 blocks wholly past the tokens. Rejected drafts' KV lies only past `num_computed_tokens`,
@@ -180,7 +180,7 @@ class Scheduler:
                 break
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             drafts = self._drafts(seq, budget) if num_new == 1 and self._max_drafts else []
-            if drafts and not self.block_manager.allocate(seq, 1 + len(drafts)):
+            if drafts and not self._allocate_drafts(seq, len(drafts)):
                 drafts = []  # no room for the drafts' slots: a plain decode
             if not drafts and not self._allocate_or_preempt(seq, num_new, out):
                 break  # `seq` itself was preempted; everything after it already was
@@ -194,6 +194,15 @@ class Scheduler:
         room = draft_room(seq, self._max_drafts, budget, self.max_model_len)
         assert self.proposer is not None
         return self.proposer.propose(seq, room) if room > 0 else []
+
+    def _allocate_drafts(self, seq: Sequence, num_drafts: int) -> bool:
+        """Slots for the last token and the drafts, taking for the drafts only blocks beyond
+        one per running sequence: drafts never leave a later decode to preempt someone."""
+        bm = self.block_manager
+        extra = bm.num_blocks_needed(seq, 1 + num_drafts) - bm.num_blocks_needed(seq, 1)
+        if extra and bm.num_free_blocks - extra < len(self.running):
+            return False
+        return bm.allocate(seq, 1 + num_drafts)
 
     def _admit(self, out: SchedulerOutput, budget: int, online_only: bool) -> int:
         """Start waiting sequences in order while room allows; an online one that does not
