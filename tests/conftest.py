@@ -25,6 +25,28 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def loopy_model_dir(tmp_path_factory):
+    """`loopy_model_dir(arch) -> Path`: the tiny float32 model of `arch` with near-uniform
+    attention (QK gain 1; see make_model's notes), whose greedy output falls into loops —
+    something for prompt-lookup speculation to copy. Made on first use."""
+    import xllm.cli.commands.make_model as make_model
+
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            saved, make_model.QK_GAIN = make_model.QK_GAIN, 1.0
+            try:
+                out = tmp_path_factory.mktemp(f"loopy-{arch}")
+                made[arch] = make_model.make_model(arch, "tiny", out, dtype="float32")
+            finally:
+                make_model.QK_GAIN = saved
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def nats_url():
     """URL of a nats-server with JetStream, started on a free port for the session."""
     from xllm.cli.cluster.embedded import start_nats

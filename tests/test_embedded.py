@@ -455,6 +455,8 @@ def test_engine_flags_are_forwarded_only_when_given():
     args = build_parser().parse_args(["up", "--max-num-seqs", "8", "--kv-cache-gb", "0.5"])
     assert engine_args(args) == ["--kv-cache-gb", "0.5", "--max-num-seqs", "8"]
     assert engine_args(build_parser().parse_args(["up"])) == []
+    spec = ["--speculative", "ngram", "--num-speculative-tokens", "3"]
+    assert engine_args(build_parser().parse_args(["up", *spec])) == spec
 
 
 def test_log_dir_defaults_to_a_kept_temp_dir():

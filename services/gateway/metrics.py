@@ -76,6 +76,26 @@ INSTANCE_GAUGES = (
         "recent_tpot",
         "Recent time per decode step (each running request gets one token per step).",
     ),
+    (
+        "xllm_instance_spec_draft_tokens",
+        "num_draft_tokens",
+        "Speculative draft tokens verified since the instance started.",
+    ),
+    (
+        "xllm_instance_spec_accepted_tokens",
+        "num_accepted_draft_tokens",
+        "Speculative draft tokens the target model kept since the instance started.",
+    ),
+    (
+        "xllm_instance_spec_acceptance_rate",
+        "recent_acceptance_rate",
+        "Kept / verified draft tokens over the instance's recent speculative steps.",
+    ),
+    (
+        "xllm_instance_speculating",
+        "speculating",
+        "1 while the instance's adaptive switch has speculation on, else 0.",
+    ),
 )
 
 

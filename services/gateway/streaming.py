@@ -102,14 +102,23 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int = 0
     cached_tokens: int = 0
+    draft_tokens: int = 0
+    """Speculative drafts the instance verified for the request (every attempt's)."""
+    accepted_draft_tokens: int = 0
 
     def to_dict(self) -> dict:
-        return {
+        usage = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+        if self.draft_tokens:  # OpenAI's names for a prediction's kept / rejected tokens
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": self.accepted_draft_tokens,
+                "rejected_prediction_tokens": self.draft_tokens - self.accepted_draft_tokens,
+            }
+        return usage
 
 
 class CompletionText:
@@ -130,6 +139,31 @@ class CompletionText:
         return len(self.token_ids)
 
     def feed(self, delta: TokenDelta) -> Output:
+        """The text `delta` adds. A delta of several tokens (speculative decoding) is fed
+        one token at a time when stop strings are set, so the tokens after the one that
+        completes a stop string are dropped — from `token_ids` and the usage too — just as
+        if they had come one per delta."""
+        if len(delta.token_ids) > 1 and self.stops.stop:
+            return self._feed_each(delta)
+        return self._feed(delta)
+
+    def _feed_each(self, delta: TokenDelta) -> Output:
+        outs: list[Output] = []
+        last = len(delta.token_ids) - 1
+        for j, token in enumerate(delta.token_ids):
+            lps = None if delta.logprobs is None else delta.logprobs[j : j + 1]
+            finish = delta.finish_reason if j == last else None
+            outs.append(
+                self._feed(replace(delta, token_ids=[token], logprobs=lps, finish_reason=finish))
+            )
+            if self.finish_reason is not None:
+                break
+        text = "".join(o.text for o in outs)
+        tokens = [t for o in outs for t in o.token_ids]
+        lps = None if delta.logprobs is None else [lp for o in outs for lp in o.logprobs or ()]
+        return Output(self.index, text, tokens, lps, self.finish_reason)
+
+    def _feed(self, delta: TokenDelta) -> Output:
         tokens = delta.token_ids
         self.token_ids += tokens
         text_tokens = tokens
@@ -197,6 +231,7 @@ class Generation:
         self._deadline = self.started_at + timeout
         self._queue: asyncio.Queue[TokenDelta | InstanceLost] = asyncio.Queue()
         self._engine_done: set[int] = set()  # indices whose final delta arrived
+        self._drafts_before = (0, 0)  # (drafts, accepted) of the attempts before this one
         self._sub = None
 
     @property
@@ -254,17 +289,24 @@ class Generation:
             completion = self.completions[delta.index]
             if completion.finish_reason is not None:
                 continue  # cut by a stop string already; the rest is discarded
-            self._count(delta)
-            yield completion.feed(delta)
+            out = completion.feed(delta)
+            self._count(delta, len(out.token_ids))
+            yield out
 
-    def _count(self, delta: TokenDelta) -> None:
+    def _count(self, delta: TokenDelta, num_tokens: int) -> None:
+        """Usage and timing of a delta, of which `num_tokens` tokens were used."""
         now = time.monotonic()
         if delta.token_ids:
             if self.first_token_at is None:
                 self.first_token_at = now
             self.last_token_at = now
-        self.usage.completion_tokens += len(delta.token_ids)
+        self.usage.completion_tokens += num_tokens
         self.usage.cached_tokens = max(self.usage.cached_tokens, delta.num_cached_tokens)
+        if delta.drafts is not None:  # cumulative per attempt: earlier attempts' come first
+            self.usage.draft_tokens = self._drafts_before[0] + delta.drafts.num_draft_tokens
+            self.usage.accepted_draft_tokens = (
+                self._drafts_before[1] + delta.drafts.num_accepted_tokens
+            )
 
     # -- NATS -------------------------------------------------------------------------------
 
@@ -360,6 +402,7 @@ class Generation:
             )
         await self._abort()  # in case it is alive after all (a partition): free its blocks
         await self._unsubscribe()
+        self._drafts_before = (self.usage.draft_tokens, self.usage.accepted_draft_tokens)
         self.num_resumes += 1
         self.attempt_id = f"{self.req.request_id}-r{self.num_resumes}"
         generated = self.completions[0].token_ids

@@ -105,6 +105,23 @@ class EngineConfig:
         "Use our native CPU kernels where the CPU has what they need (AVX512-BF16, AMX); "
         "off = torch's own ops only.",
     )
+    speculative: str = option(
+        "",
+        "Speculative decoding: '' (off) or ngram (prompt lookup: drafts copied from the "
+        "sequence's own earlier tokens).",
+    )
+    num_speculative_tokens: int = option(4, "Most draft tokens verified per sequence per step.")
+    ngram_max: int = option(
+        4, "Longest n-gram the ngram proposer matches (vLLM's prompt_lookup_max)."
+    )
+    ngram_min: int = option(
+        2, "Shortest n-gram the ngram proposer matches (vLLM's prompt_lookup_min)."
+    )
+    speculative_adaptive: bool = option(
+        True,
+        "Decide every step, from measured acceptance and step times, whether speculation "
+        "pays at the current batch size; false = speculate whenever there are drafts.",
+    )
 
     def validate(self) -> None:
         checks = [
@@ -115,6 +132,15 @@ class EngineConfig:
             (
                 self.kv_cache_gb > 0 or self.num_kv_blocks > 0,
                 "give --kv-cache-gb or --num-kv-blocks",
+            ),
+            (
+                self.speculative in ("", "ngram"),
+                f"--speculative must be '' (off) or ngram, got {self.speculative!r}",
+            ),
+            (self.num_speculative_tokens > 0, "--num-speculative-tokens must be positive"),
+            (
+                1 <= self.ngram_min <= self.ngram_max,
+                "--ngram-min must be at least 1 and at most --ngram-max",
             ),
         ]
         for ok, message in checks:

@@ -18,6 +18,7 @@ from xllm.protocol import (
     AbortCmd,
     ClusterState,
     ClusterStateRequest,
+    DraftCounts,
     ErrorInfo,
     Heartbeat,
     Logprob,
@@ -47,6 +48,9 @@ class Script:
     """Reply this to the submit instead of placing the request."""
     stream_error: ErrorInfo | None = None
     """After the tokens, send an error delta instead of the final ones."""
+    tokens_per_delta: int = 1
+    """Tokens per delta, as speculative decoding sends them: each delta beyond the first
+    token also reports its tokens as kept drafts (and as many rejected ones)."""
 
 
 @dataclass
@@ -130,6 +134,10 @@ class FakeCluster:
             num_preemptions=0,
             steps=0,
             sent_at=time.time(),
+            num_draft_tokens=40,
+            num_accepted_draft_tokens=25,
+            recent_acceptance_rate=0.625,
+            speculating=True,
         )
 
     async def _stream(self, req: SubmitRequest, script: Script) -> None:
@@ -137,7 +145,8 @@ class FakeCluster:
         subject = subjects.request_output(rid)
         outputs = [script.tokens[i % len(script.tokens)][:max_tokens] for i in range(n)]
         finished: set[int] = set()
-        for step in range(max(len(tokens) for tokens in outputs)):
+        per = script.tokens_per_delta
+        for step in range(0, max(len(tokens) for tokens in outputs), per):
             await asyncio.sleep(script.delay)
             if rid in self._aborted:
                 break
@@ -145,10 +154,12 @@ class FakeCluster:
                 if step >= len(tokens):
                     continue
                 finish = None
-                if step == len(tokens) - 1 and script.stream_error is None:
+                if step + per >= len(tokens) and script.stream_error is None:
                     finish = "length" if len(tokens) == max_tokens else script.finish_reason
                     finished.add(index)
-                delta = _delta(req, index, tokens[step], step + 1, finish)
+                chunk = tokens[step : step + per]
+                kept = step + len(chunk) - (step // per + 1) if per > 1 else 0  # all but 1 a delta
+                delta = _delta(req, index, chunk, step, finish, kept)
                 await self.nc.publish(subject, encode(delta))
         if rid in self._aborted:
             for index in sorted(set(range(n)) - finished):
@@ -159,18 +170,27 @@ class FakeCluster:
             await self.nc.publish(subject, encode(error))
 
 
-def _delta(req: SubmitRequest, index: int, token: int, num_output: int, finish) -> TokenDelta:
+def _delta(
+    req: SubmitRequest, index: int, tokens: list[int], before: int, finish, kept: int = 0
+) -> TokenDelta:
+    """The delta of `tokens` after `before` others; `kept` drafts so far (and as many
+    rejected)."""
     logprobs = None
     if req.request.sampling.logprobs is not None:
-        top = {token: -0.5, token + 1: -1.5, token + 2: -2.5}
-        logprobs = [Logprob(token, -0.5, dict(list(top.items())[: req.request.sampling.logprobs]))]
+        logprobs = []
+        for token in tokens:
+            top = {token: -0.5, token + 1: -1.5, token + 2: -2.5}
+            logprobs.append(
+                Logprob(token, -0.5, dict(list(top.items())[: req.request.sampling.logprobs]))
+            )
     return TokenDelta(
         request_id=req.request_id,
         index=index,
-        token_ids=[token],
+        token_ids=list(tokens),
         logprobs=logprobs,
         finish_reason=finish,
         num_prompt_tokens=len(req.request.prompt_token_ids),
         num_cached_tokens=2,
-        num_output_tokens=num_output,
+        num_output_tokens=before + len(tokens),
+        drafts=DraftCounts(2 * kept, kept) if kept else None,
     )

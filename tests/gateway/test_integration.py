@@ -385,6 +385,9 @@ async def test_health_metrics_cluster(env):
     assert 'xllm_gateway_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "xllm_gateway_time_to_first_token_seconds_count" in text
     assert 'xllm_instance_requests_waiting{instance="test-inst",role="both"} 0' in text
+    assert 'xllm_instance_spec_accepted_tokens{instance="test-inst",role="both"} 25' in text
+    assert 'xllm_instance_spec_acceptance_rate{instance="test-inst",role="both"} 0.625' in text
+    assert 'xllm_instance_speculating{instance="test-inst",role="both"} 1' in text
     assert "xllm_gateway_requests_running 0" in text
 
 
@@ -495,3 +498,31 @@ async def test_a_lost_instance_fails_a_request_with_n_above_1(env):
     await task
     assert err.value.status_code == 503
     assert "lost" in err.value.message
+
+
+async def test_multi_token_deltas_read_as_single_token_ones(env):
+    """Speculative decoding's deltas carry several tokens: the same text, usage and stop
+    string cut as one token per delta, plus the drafts in completion_tokens_details."""
+    one = await env.client.completions.create(model=MODEL, prompt="x", max_tokens=50)
+    cut_one = await env.client.completions.create(
+        model=MODEL, prompt="x", max_tokens=50, stop=["is comp"]
+    )
+    assert one.usage.completion_tokens_details is None  # no drafts, no details
+    env.cluster.plan = lambda req: Script(tokens=[env.tokens(0)], tokens_per_delta=3)
+    many = await env.client.completions.create(model=MODEL, prompt="x", max_tokens=50)
+    assert many.choices[0].text == one.choices[0].text and many.choices[0].finish_reason == "stop"
+    assert many.usage.completion_tokens == one.usage.completion_tokens
+    n = len(env.tokens(0))
+    kept = n - -(-n // 3)  # all but one token of each delta
+    details = many.usage.completion_tokens_details
+    assert (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (kept, kept)
+    cut = await env.client.completions.create(
+        model=MODEL, prompt="x", max_tokens=50, stop=["is comp"]
+    )
+    assert cut.choices[0].text == cut_one.choices[0].text == "Hello world, this "
+    assert cut.usage.completion_tokens == cut_one.usage.completion_tokens  # not the whole delta
+    stream = await env.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == TEXTS[0]

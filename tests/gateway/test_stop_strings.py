@@ -104,3 +104,30 @@ def test_held_text_is_flushed_at_the_end(model_info):
     outs = _feed(_completion(model_info, stop=["</end>"]), ids, finish="length")
     assert "".join(o.text for o in outs) == "value: </e"
     assert outs[-1].finish_reason == "length"
+
+
+def test_a_stop_string_inside_a_multi_token_delta_drops_the_tokens_after_it(model_info):
+    tok = model_info.tokenizer
+    ids = tok.encode("Hello world, this is the end.")
+    stop = "world, th"
+    one_by_one = _completion(model_info, stop=[stop])
+    singles = _feed(one_by_one, ids)
+    for size in (2, 3, len(ids)):
+        completion = _completion(model_info, stop=[stop])
+        outs = []
+        for start in range(0, len(ids), size):
+            delta = TokenDelta(request_id="cmpl-x", token_ids=ids[start : start + size])
+            outs.append(completion.feed(delta))
+            if completion.finish_reason is not None:
+                break
+        assert "".join(o.text for o in outs) == "Hello "
+        assert completion.finish_reason == "stop"
+        assert [t for o in outs for t in o.token_ids] == [t for o in singles for t in o.token_ids]
+
+
+def test_a_multi_token_delta_ending_in_the_stop_token(model_info):
+    tok = model_info.tokenizer
+    ids = [*tok.encode("Hi there"), tok.token_to_id("<|im_end|>")]
+    completion = _completion(model_info, skip_special=False)
+    out = completion.feed(TokenDelta(request_id="cmpl-x", token_ids=ids, finish_reason="stop"))
+    assert out.text == "Hi there" and out.finish_reason == "stop" and out.token_ids == ids

@@ -144,6 +144,19 @@ class BlockManager:
         seq.block_table = []
         seq.num_published_blocks = 0
 
+    def free_tail(self, seq: Sequence, num_tokens: int) -> None:
+        """Free `seq`'s blocks wholly past its first `num_tokens` slots (those that held only
+        rejected speculative drafts). They were allocated for this sequence alone this step,
+        so they are unshared and hold nothing cached."""
+        keep = cdiv(num_tokens, self.block_size)
+        for block_id in seq.block_table[keep:]:
+            block = self.blocks[block_id]
+            assert block.ref_count == 1 and block.block_hash is None, block
+            block.ref_count = 0
+            self.free_blocks[block_id] = None
+            self.free_blocks.move_to_end(block_id, last=False)  # nothing reusable in it
+        del seq.block_table[keep:]
+
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Publish the blocks `seq` has completely computed into the prefix cache."""
         if not self.enable_prefix_caching:

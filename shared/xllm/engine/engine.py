@@ -2,6 +2,10 @@
 
 The engine is synchronous and single-threaded on purpose: the instance program drives
 `step()` from its own thread and feeds requests and aborts in between steps.
+
+With `--speculative`, each step first asks `AdaptiveSpeculation` how many drafts decoding
+sequences may verify (0 when it does not pay at this batch size: the plain step runs, see
+speculation.py); a delta then carries every token a verification kept.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from xllm.config import EngineConfig
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.model_runner import ModelRunner, is_decode
-from xllm.engine.scheduler import Scheduler
+from xllm.engine.proposer import make_proposer
+from xllm.engine.scheduler import Scheduler, SchedulerOutput
 from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
+from xllm.engine.speculation import AdaptiveSpeculation, SpeculativeStep
 from xllm.engine.step_stats import StepStats
 from xllm.engine.swap import SwapSpace
 from xllm.models.config import ModelConfig, parse_dtype
@@ -43,6 +49,10 @@ class SequenceOutput:
     num_output_tokens: int = 0
     prefilled: bool = False
     """A prefill-only request's first token: its prompt KV is held until `release_prefilled`."""
+    num_draft_tokens: int = 0
+    """Speculative drafts verified for this completion so far (cumulative)."""
+    num_accepted_draft_tokens: int = 0
+    """Of those, the ones kept (cumulative)."""
 
 
 @dataclass
@@ -86,6 +96,15 @@ class EngineStats:
     swap_in_blocks: int = 0
     swap_seconds: float = 0.0
     """Cumulative time spent copying swapped blocks, both ways."""
+    num_draft_tokens: int = 0
+    """Cumulative speculative drafts verified."""
+    num_accepted_draft_tokens: int = 0
+    """Cumulative drafts kept by the verification."""
+    recent_acceptance_rate: float = 0.0
+    """Kept / verified drafts over the recent speculative steps (what the adaptive rule
+    uses); 0 before any."""
+    speculating: bool = False
+    """Whether the last step asked for drafts (False when speculation is off)."""
 
 
 class Engine:
@@ -121,12 +140,21 @@ class Engine:
             self.max_model_len,
             mc.eos_token_ids,
             num_host_blocks=self._num_host_blocks(),
+            proposer=make_proposer(config),
         )
+        self.speculation: AdaptiveSpeculation | None = None
+        if config.speculative:
+            self.speculation = AdaptiveSpeculation(
+                config.num_speculative_tokens, config.speculative_adaptive
+            )
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, mc, self.dtype, self.device, num_blocks)
         self.swap_space = SwapSpace(self.runner.kv_cache, self._num_host_blocks())
         self.sequences: dict[str, list[Sequence]] = {}
         self.num_steps = 0
+        self.num_draft_tokens = 0
+        """Cumulative speculative drafts verified, and kept (over every sequence)."""
+        self.num_accepted_draft_tokens = 0
         self.step_stats = StepStats()
 
     def _num_blocks(self) -> int:
@@ -275,14 +303,15 @@ class Engine:
 
     def step(self) -> list[SequenceOutput]:
         started = time.perf_counter()
-        out = self.scheduler.schedule()
+        out = self.scheduler.schedule(self._num_draft_tokens())
         if out.swap_out:  # before the forward pass, which may reuse the freed blocks
             self.swap_space.copy_out(self.runner.kv_cache, out.swap_out)
         if out.swap_in:
             self.swap_space.copy_in(self.runner.kv_cache, out.swap_in)
         if not out.scheduled:
             return []
-        num_decodes = sum(1 for item in out.scheduled if is_decode(item))  # before update()
+        shape = step_shape(out)  # before update()
+        num_before = {i.seq.seq_id: i.seq.num_tokens for i in out.scheduled if i.draft_token_ids}
         seqs, sampled = self.runner.execute(out)
         for seq, logprob in zip(seqs, sampled.logprobs, strict=True):
             if logprob is not None:
@@ -291,34 +320,49 @@ class Engine:
         for _parent, child in out.forks:
             self.sequences[child.request_id].append(child)
         self.num_steps += 1
-        deltas = [self._delta(seq) for seq in self.scheduler.update(out, tokens)]
-        self._measure(
-            time.perf_counter() - started, out.num_tokens - num_decodes, num_decodes, seqs
-        )
+        updated = self.scheduler.update(out, tokens, sampled.verified)
+        deltas = [
+            self._delta(seq, seq.num_tokens - num_before.get(seq.seq_id, seq.num_tokens - 1))
+            for seq in updated
+        ]
+        shape.num_accepted_tokens = sum(len(t) - 1 for t in sampled.verified.values())
+        shape.seconds = time.perf_counter() - started
+        self._measure(shape, seqs)
         return deltas
 
-    def _measure(
-        self, seconds: float, num_prefill_tokens: int, num_decodes: int, sampled: list[Sequence]
-    ) -> None:
+    def _num_draft_tokens(self) -> int:
+        """This step's k: drafts per decoding sequence (0 = a plain step)."""
+        if self.speculation is None:
+            return 0
+        return self.speculation.num_draft_tokens(len(self.scheduler.running))
+
+    def _measure(self, shape: SpeculativeStep, sampled: list[Sequence]) -> None:
+        self.num_draft_tokens += shape.num_draft_tokens
+        self.num_accepted_draft_tokens += shape.num_accepted_tokens
         if self.num_steps > 1:  # the first step pays one-time costs (kernels, allocator)
-            self.step_stats.record_step(seconds, num_prefill_tokens, num_decodes)
+            self.step_stats.record_step(shape.seconds, shape.num_prefill_tokens, shape.num_decodes)
+            if self.speculation is not None:
+                self.speculation.record(shape)
         for seq in sampled:
             if seq.num_output_tokens == 1 and seq.index == 0:  # a prompt's first token
                 self.step_stats.record_first_token(time.monotonic() - seq.arrival_time)
 
-    def _delta(self, seq: Sequence) -> SequenceOutput:
+    def _delta(self, seq: Sequence, num_new_tokens: int = 1) -> SequenceOutput:
+        """The last `num_new_tokens` tokens of `seq` (several after a verification)."""
         if seq.is_finished:
             self._forget_if_done(seq.request_id)
         return SequenceOutput(
             request_id=seq.request_id,
             index=seq.index,
-            token_ids=[seq.token_ids[-1]],
+            token_ids=seq.token_ids[-num_new_tokens:],
             logprobs=[seq.logprobs[-1]] if seq.params.logprobs is not None else None,
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens,
             prefilled=seq.status is SequenceStatus.HELD,
+            num_draft_tokens=seq.num_draft_tokens,
+            num_accepted_draft_tokens=seq.num_accepted_draft_tokens,
         )
 
     def _forget_if_done(self, request_id: str) -> None:
@@ -328,6 +372,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
+        spec = self.speculation
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -342,6 +387,10 @@ class Engine:
             swap_out_blocks=self.swap_space.stats.blocks_out,
             swap_in_blocks=self.swap_space.stats.blocks_in,
             swap_seconds=self.swap_space.stats.seconds,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_draft_tokens=self.num_accepted_draft_tokens,
+            recent_acceptance_rate=spec.acceptance_rate if spec else 0.0,
+            speculating=spec.speculating if spec else False,
             **self._backlog(),
             **self._reserved(),
         )
@@ -366,3 +415,15 @@ class Engine:
             "num_offline_prefill_backlog_tokens": backlog.num_offline_prefill_backlog_tokens,
             "num_decoding": backlog.num_decoding,
         }
+
+
+def step_shape(out: SchedulerOutput) -> SpeculativeStep:
+    """Measure a scheduled step (before `Scheduler.update` moves the counts on)."""
+    decoding = [i for i in out.scheduled if i.draft_token_ids or is_decode(i)]
+    num_decode_tokens = sum(i.num_new_tokens for i in decoding)
+    return SpeculativeStep(
+        num_decodes=len(decoding),
+        num_tokens=num_decode_tokens,
+        num_draft_tokens=num_decode_tokens - len(decoding),
+        num_prefill_tokens=out.num_tokens - num_decode_tokens,
+    )

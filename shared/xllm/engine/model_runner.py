@@ -3,6 +3,12 @@
 Per step: lay the scheduled tokens out flat (decodes first, see models/attention.py),
 build the attention metadata once, run the forward pass, copy forked blocks, take the
 logits of the rows that sample and hand them to the Sampler.
+
+A sequence verifying speculative drafts is laid out like a prefill chunk with context: its
+last token and its d drafts are d + 1 query rows attending to its cached KV and causally to
+each other (the chunk-with-context path of models/attention.py), so every draft of every
+sequence is verified in the one forward pass of the step. All d + 1 rows' logits go to the
+RejectionSampler.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 
 from xllm.config import EngineConfig
 from xllm.engine.kv_cache import KVCache
+from xllm.engine.rejection_sampler import RejectionSampler
 from xllm.engine.sampler import Sampler, SamplerOutput
 from xllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from xllm.engine.sequence import Sequence
@@ -48,19 +55,29 @@ class ModelRunner:
         for index, attn in enumerate(attention_layers):
             attn.k_cache, attn.v_cache = self.kv_cache.layer(index)
         self.sampler = Sampler(model_config.eos_token_ids)
+        self.rejection_sampler = RejectionSampler()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput]:
-        """Run one step; returns the sequences that sampled (forks included) and their tokens."""
+        """Run one step; returns the sequences that sampled (forks included) and their tokens
+        (those that verified drafts: in `SamplerOutput.verified` only)."""
         items = order_decodes_first(out.scheduled)
         input_ids, positions, meta = self._prepare(items)
         hidden = self.model(input_ids, positions, meta)  # [N, hidden]
         self.kv_cache.copy_blocks(out.block_copies)
         rows, seqs = sampling_rows(items, out.forks)
-        if not seqs:
+        verify_rows, verifying = verification_rows(items)
+        if not seqs and not verifying:
             return [], SamplerOutput([], [])
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        return seqs, self.sampler(logits.cpu(), seqs)
+        all_rows = torch.tensor(rows + verify_rows, device=self.device)
+        logits = self.model.compute_logits(hidden[all_rows]).cpu()  # [R, V]
+        sampled = self.sampler(logits[: len(rows)], seqs) if seqs else SamplerOutput([], [])
+        if verifying:
+            drafts = [item.draft_token_ids for item in verifying]
+            verify_seqs = [item.seq for item in verifying]
+            kept = self.rejection_sampler(logits[len(rows) :], verify_seqs, drafts)
+            sampled.verified = {s.seq_id: t for s, t in zip(verify_seqs, kept, strict=True)}
+        return seqs, sampled
 
     def _prepare(
         self, items: list[ScheduledSeq]
@@ -72,7 +89,9 @@ class ModelRunner:
         slot_runs: list[torch.Tensor] = []
         for item in items:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            tokens.extend(seq.token_ids[start : start + n])
+            drafts = item.draft_token_ids
+            tokens.extend(seq.token_ids[start : start + n - len(drafts)])
+            tokens.extend(drafts)
             if is_decode(item):
                 decodes.append(seq)
                 continue
@@ -136,7 +155,7 @@ def sampling_rows(
     end = 0
     for item in items:
         end += item.num_new_tokens
-        if item.samples:
+        if item.samples and not item.draft_token_ids:
             rows.append(end - 1)
             seqs.append(item.seq)
             row_of[item.seq.seq_id] = end - 1
@@ -144,3 +163,17 @@ def sampling_rows(
         rows.append(row_of[parent.seq_id])
         seqs.append(child)
     return rows, seqs
+
+
+def verification_rows(items: list[ScheduledSeq]) -> tuple[list[int], list[ScheduledSeq]]:
+    """Flat-batch rows of the last token and the drafts of each sequence verifying drafts,
+    in order (the rows the RejectionSampler reads)."""
+    rows: list[int] = []
+    verifying: list[ScheduledSeq] = []
+    end = 0
+    for item in items:
+        end += item.num_new_tokens
+        if item.draft_token_ids:
+            rows.extend(range(end - len(item.draft_token_ids) - 1, end))
+            verifying.append(item)
+    return rows, verifying

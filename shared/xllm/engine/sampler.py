@@ -9,7 +9,7 @@ which lets each seeded row draw its noise from its own generator in one call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,9 @@ from xllm.protocol.types import GREEDY_EPSILON, Logprob
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[Logprob | None]
+    verified: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    """seq_id -> the tokens a speculative verification kept, then the target's own token
+    (rejection_sampler.py); such sequences are not in `token_ids`."""
 
 
 class Sampler:

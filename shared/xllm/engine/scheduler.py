@@ -26,6 +26,17 @@ pass) and it waits in `swapped` until room returns, when it is copied back in be
 offline request is admitted; otherwise it is recomputed like an online one. Swap-outs and
 swap-ins never share a step, so no copy reads a block another copy of the step writes.
 Without offline work none of this costs more than a comparison per admitted sequence.
+
+Speculative decoding (`schedule(num_draft_tokens=k)`, k > 0, with a proposer): a decoding
+sequence with drafts is scheduled for 1 + d tokens — its last token, then d drafts
+(`speculation.draft_room` bounds d) — with slots for all; the drafts ride on
+`ScheduledSeq.draft_token_ids`, not in `token_ids`, and never preempt anyone (their blocks
+come only from beyond one per running sequence; no room: a plain decode). `update` appends the tokens the verification kept one at a time, checking
+the stop conditions after each (tokens after a stop are dropped), sets
+`num_computed_tokens = num_tokens - 1` (the target's own token has no KV yet) and frees the
+blocks wholly past the tokens. Rejected drafts' KV lies only past `num_computed_tokens`,
+where the prefix cache never looks (it takes only full computed blocks); later steps
+overwrite it.
 """
 
 from __future__ import annotations
@@ -36,7 +47,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from xllm.engine.block_manager import BlockManager
+from xllm.engine.proposer import Proposer
 from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
+from xllm.engine.speculation import draft_room
 
 
 @dataclass
@@ -45,6 +58,9 @@ class ScheduledSeq:
     num_new_tokens: int
     samples: bool
     """This step reaches the end of the sequence's tokens, so it samples the next one."""
+    draft_token_ids: list[int] = field(default_factory=list)
+    """Speculative drafts verified after the sequence's last token; they are the last
+    `len(draft_token_ids)` of the `num_new_tokens` and not (yet) in `token_ids`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +104,11 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: Iterable[int] = (),
         num_host_blocks: int = 0,
+        proposer: Proposer | None = None,
     ):
         self.block_manager = block_manager
+        self.proposer = proposer
+        """Where drafts come from when a step speculates (None: never)."""
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -104,6 +123,7 @@ class Scheduler:
         """Sequences preempted by swapping (also counted in `num_preemptions`)."""
         self.num_swapped_out_blocks = 0
         self.num_swapped_in_blocks = 0
+        self._max_drafts = 0  # this step's k (see schedule)
 
     def add(self, seq: Sequence) -> None:
         self._enqueue(seq)
@@ -151,7 +171,10 @@ class Scheduler:
 
     # -- schedule -------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, num_draft_tokens: int = 0) -> SchedulerOutput:
+        """The next step. `num_draft_tokens` > 0: decoding sequences may verify up to that
+        many drafts each (module doc)."""
+        self._max_drafts = num_draft_tokens if self.proposer is not None else 0
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         # Online first: running, then waiting; offline after: running, swapped, waiting.
@@ -180,12 +203,30 @@ class Scheduler:
             if online_only and seq.priority > 0:
                 break
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(seq, num_new, out):
+            drafts = self._drafts(seq, budget) if num_new == 1 and self._max_drafts else []
+            if drafts and not self._allocate_drafts(seq, len(drafts)):
+                drafts = []  # no room for the drafts' slots: a plain decode
+            if not drafts and not self._allocate_or_preempt(seq, num_new, out):
                 break  # `seq` itself was preempted; everything after it already was
-            self._schedule(out, seq, num_new)
+            num_new += len(drafts)
+            self._schedule(out, seq, num_new, drafts)
             budget -= num_new
             i += 1
         return budget, i
+
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        room = draft_room(seq, self._max_drafts, budget, self.max_model_len)
+        assert self.proposer is not None
+        return self.proposer.propose(seq, room) if room > 0 else []
+
+    def _allocate_drafts(self, seq: Sequence, num_drafts: int) -> bool:
+        """Slots for the last token and the drafts, taking for the drafts only blocks beyond
+        one per running sequence: drafts never leave a later decode to preempt someone."""
+        bm = self.block_manager
+        extra = bm.num_blocks_needed(seq, 1 + num_drafts) - bm.num_blocks_needed(seq, 1)
+        if extra and bm.num_free_blocks - extra < len(self.running):
+            return False
+        return bm.allocate(seq, 1 + num_drafts)
 
     def _admit(self, out: SchedulerOutput, budget: int, online_only: bool) -> int:
         """Start waiting sequences in order while room allows; an online one that does not
@@ -255,9 +296,11 @@ class Scheduler:
         partial = seq.num_tokens % self.block_manager.block_size != 0
         return seq.num_pending_forks if partial else 0
 
-    def _schedule(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
-        samples = seq.num_computed_tokens + num_new == seq.num_tokens
-        item = ScheduledSeq(seq, num_new, samples)
+    def _schedule(
+        self, out: SchedulerOutput, seq: Sequence, num_new: int, drafts: list[int] = ()
+    ) -> None:
+        samples = seq.num_computed_tokens + num_new - len(drafts) == seq.num_tokens
+        item = ScheduledSeq(seq, num_new, samples, list(drafts))
         out.scheduled.append(item)
         if item.samples and seq.num_pending_forks:
             for index in range(seq.params.n - seq.num_pending_forks, seq.params.n):
@@ -298,19 +341,30 @@ class Scheduler:
 
     # -- after the step -------------------------------------------------------------------
 
-    def update(self, out: SchedulerOutput, sampled: dict[tuple[str, int], int]) -> list[Sequence]:
+    def update(
+        self,
+        out: SchedulerOutput,
+        sampled: dict[tuple[str, int], int],
+        verified: dict[tuple[str, int], list[int]] | None = None,
+    ) -> list[Sequence]:
         """Advance computed counts, append sampled tokens, retire finished sequences.
 
         `sampled` maps seq_id -> token for every sequence that sampled this step,
-        forks included. Returns the sequences that sampled, in a stable order.
+        forks included, except those that verified drafts: `verified` maps those to the
+        tokens to append (the kept drafts, then the target's token). Returns the sequences
+        that sampled, in a stable order.
         """
         sampled_seqs: list[Sequence] = []
         for item in out.scheduled:
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
+            seq.num_computed_tokens += item.num_new_tokens - len(item.draft_token_ids)
             self.block_manager.cache_full_blocks(seq)
             if item.samples:
                 sampled_seqs.append(seq)
+            if item.draft_token_ids:
+                assert verified is not None, "drafts were scheduled but not verified"
+                seq.num_draft_tokens += len(item.draft_token_ids)
+                seq.num_accepted_draft_tokens += len(verified[seq.seq_id]) - 1
         for parent, siblings in itertools.groupby(out.forks, key=lambda fork: fork[0]):
             children = [child for _, child in siblings]
             for child in children:
@@ -319,14 +373,30 @@ class Scheduler:
             self.running[at:at] = children
             sampled_seqs.extend(children)
         for seq in sampled_seqs:
-            seq.token_ids.append(sampled[seq.seq_id])
-            reason = self._finish_reason(seq)
+            if verified and seq.seq_id in verified:
+                reason = self._append_verified(seq, verified[seq.seq_id])
+            else:
+                seq.token_ids.append(sampled[seq.seq_id])
+                reason = self._finish_reason(seq)
             if reason is not None:
                 self.finish(seq, reason)
             elif seq.prefill_only:
                 self.running.remove(seq)
                 seq.status = SequenceStatus.HELD  # until its blocks are sent
         return sampled_seqs
+
+    def _append_verified(self, seq: Sequence, tokens: list[int]) -> FinishReason | None:
+        """Append a verification's tokens one at a time, up to the first that ends `seq`;
+        then the kept drafts count as computed and the blocks past the tokens are freed."""
+        for token in tokens:
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq)
+            if reason is not None:
+                return reason  # the rest is dropped; finish() frees every block
+        seq.num_computed_tokens = seq.num_tokens - 1
+        self.block_manager.cache_full_blocks(seq)
+        self.block_manager.free_tail(seq, seq.num_tokens)
+        return None
 
     def _finish_reason(self, seq: Sequence) -> FinishReason | None:
         params = seq.params

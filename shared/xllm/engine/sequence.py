@@ -76,6 +76,10 @@ class Sequence:
         self.logprobs: list[Logprob] = []
         self.num_pending_forks = params.n - 1 if index == 0 else 0
         """Siblings still to be forked off this sequence once its prompt is computed."""
+        self.num_draft_tokens = 0
+        """Speculative draft tokens verified for this sequence so far."""
+        self.num_accepted_draft_tokens = 0
+        """Of those, the ones the target model accepted."""
 
     def __repr__(self) -> str:
         return (
@@ -83,17 +87,18 @@ class Sequence:
             f"tokens={self.num_tokens}, computed={self.num_computed_tokens})"
         )
 
-    def next_token_generator(self) -> torch.Generator | None:
+    def next_token_generator(self, offset: int = 0) -> torch.Generator | None:
         """For a seeded sequence, the generator of its next token's noise, seeded by (seed,
         completion index, position of the token) instead of carried from step to step: the
         same tokens then come out wherever the sequence continues — the decode instance
         after a PD handoff, or another instance resuming it with the tokens streamed so far
-        appended to the prompt."""
+        appended to the prompt. `offset`: the token that many positions further (the rows
+        of a speculative verification)."""
         if self.params.seed is None:
             return None
         import torch  # here: the scheduler and the simulator use sequences without torch
 
-        key = (self.params.seed * 1_000_003 + self.index) * 1_000_033 + self.num_tokens
+        key = (self.params.seed * 1_000_003 + self.index) * 1_000_033 + self.num_tokens + offset
         return torch.Generator().manual_seed(key % 2**63)
 
     @property

@@ -58,6 +58,10 @@ def build_heartbeat(
         swap_out_blocks=stats.swap_out_blocks,
         swap_in_blocks=stats.swap_in_blocks,
         swap_seconds=stats.swap_seconds,
+        num_draft_tokens=stats.num_draft_tokens,
+        num_accepted_draft_tokens=stats.num_accepted_draft_tokens,
+        recent_acceptance_rate=stats.recent_acceptance_rate,
+        speculating=stats.speculating,
         **dataclasses.asdict(engine.step_stats),
         **transfer_fields(transport),
     )

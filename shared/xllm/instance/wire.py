@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from xllm.engine.engine import SequenceOutput
 from xllm.engine.sequence import FinishReason
-from xllm.protocol import ErrorCode, ErrorInfo, ProtocolError, TokenDelta
+from xllm.protocol import DraftCounts, ErrorCode, ErrorInfo, ProtocolError, TokenDelta
 
 SendCmd = Callable[[str, object], Awaitable[None]]
 """Publish a message on an instance's command subject: (instance_id, message)."""
@@ -34,6 +34,9 @@ def to_wire(d: SequenceOutput) -> TokenDelta:
         num_prompt_tokens=d.num_prompt_tokens,
         num_cached_tokens=d.num_cached_tokens,
         num_output_tokens=d.num_output_tokens,
+        drafts=DraftCounts(d.num_draft_tokens, d.num_accepted_draft_tokens)
+        if d.num_draft_tokens
+        else None,
     )
 
 

@@ -6,7 +6,7 @@
     types.py      SamplingParams, Logprob, Role, RequestSpec: the value types every layer shares
     gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
     instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
-    stream.py     TokenDelta, FinishReason
+    stream.py     TokenDelta, FinishReason, DraftCounts
     kv_peer.py    KvPeer, KvLayout (a KV pool as a write target, inside PrefillCmd)
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
@@ -43,7 +43,7 @@ from xllm.protocol.instance import (
 )
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
 from xllm.protocol.kv_peer import KvLayout, KvPeer
-from xllm.protocol.stream import FinishReason, TokenDelta
+from xllm.protocol.stream import DraftCounts, FinishReason, TokenDelta
 from xllm.protocol.types import Logprob, RequestSpec, Role, SamplingParams
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "ClusterStateRequest",
     "DecodeCmd",
     "DecodeError",
+    "DraftCounts",
     "ErrorCode",
     "ErrorInfo",
     "FinishReason",

@@ -132,7 +132,7 @@ class SetRoleCmd:
     """The role to take from the next step on."""
 
 
-@message("heartbeat", version=4)
+@message("heartbeat", version=5)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """instance → scheduler, kvstore, gateway (`HEARTBEAT`): a load snapshot, published
@@ -235,3 +235,12 @@ class Heartbeat:
     """Cumulative first tokens this instance sampled (prompts it prefilled)."""
     ttft_seconds: float = 0.0
     """Cumulative seconds from a request's arrival at this instance to its first token."""
+    num_draft_tokens: int = 0
+    """Cumulative speculative draft tokens verified (0 without `--speculative`)."""
+    num_accepted_draft_tokens: int = 0
+    """Cumulative drafts the verification kept (acceptance = this / num_draft_tokens)."""
+    recent_acceptance_rate: float = 0.0
+    """Kept / verified drafts over the recent speculative steps, what the adaptive switch
+    decides from; 0 before any."""
+    speculating: bool = False
+    """Whether the instance's last step speculated (the adaptive switch's current choice)."""

@@ -16,7 +16,7 @@ The request is done when every one of its `n` completions has sent its final del
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
@@ -26,7 +26,16 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 """Why a completion ended: EOS/stop token, max_tokens/context length, abort, failure."""
 
 
-@message("token_delta", version=1)
+class DraftCounts(NamedTuple):
+    """Speculative decoding's tally for one completion, cumulative; a 2-element array."""
+
+    num_draft_tokens: int
+    """Draft tokens verified so far."""
+    num_accepted_tokens: int
+    """Of those, the ones the target model kept."""
+
+
+@message("token_delta", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TokenDelta:
     """instance → gateway: what one step produced for one completion of a request."""
@@ -49,3 +58,6 @@ class TokenDelta:
     """Prompt tokens served from the prefix cache."""
     num_output_tokens: int = 0
     """Tokens generated so far for this completion, including `token_ids`."""
+    drafts: DraftCounts | None = None
+    """Set once the completion has speculated (several tokens in one delta are what kept
+    drafts look like); None otherwise, which keeps this hot message small."""

@@ -12,7 +12,8 @@ stops everything, exit 1). Stopping: services first (SIGTERM, `--stop-grace` sec
 SIGKILL; a second Ctrl-C skips the wait), NATS and Valkey last.
 
 Engine flags (`--dtype`, `--kv-cache-gb`, `--max-num-seqs`, `--max-model-len`,
-`--num-threads`) are forwarded to every instance when given.
+`--num-threads`, `--swap-space-gb`, `--speculative`, `--num-speculative-tokens`, `--ngram-max`,
+`--ngram-min`, `--speculative-adaptive`) are forwarded to every instance when given.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ ENGINE_FLAGS = (
     ("--max-model-len", int, "longest prompt + output"),
     ("--num-threads", int, "torch CPU threads per instance"),
     ("--swap-space-gb", float, "host memory per instance for preempted offline requests' KV"),
+    ("--speculative", str, "speculative decoding: ngram (prompt lookup), or '' for off"),
+    ("--num-speculative-tokens", int, "most draft tokens verified per sequence per step"),
+    ("--ngram-max", int, "longest n-gram the ngram proposer matches"),
+    ("--ngram-min", int, "shortest n-gram the ngram proposer matches"),
+    ("--speculative-adaptive", str, "true: speculate only when it pays (default); false: always"),
 )
 
 
