@@ -200,9 +200,10 @@ def _scalar_sampling_values(body: dict) -> dict[str, Any]:
     return values
 
 
-_READ_APART = frozenset({"n", "max_tokens", "stop_token_ids", "logprobs"})
+_READ_APART = frozenset({"n", "max_tokens", "stop_token_ids", "logprobs", "structured"})
 """Fields with rules of their own: a cap, the context's room, token ids of the vocabulary,
-and two spellings (completions' `logprobs`, chat's `logprobs` + `top_logprobs`)."""
+two spellings (completions' `logprobs`, chat's `logprobs` + `top_logprobs`), and a grammar
+read from several request fields (`structured`)."""
 _JSON_KINDS = {int: "an integer", float: "a number", bool: "a boolean"}
 
 
