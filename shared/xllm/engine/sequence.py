@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from xllm.engine.prefix_hash import extend_block_hashes
 from xllm.protocol.types import Logprob, SamplingParams
+
+if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -71,6 +75,9 @@ class Sequence:
         self.logprobs: list[Logprob] = []
         self.num_pending_forks = params.n - 1 if index == 0 else 0
         """Siblings still to be forked off this sequence once its prompt is computed."""
+        self.grammar: GrammarMatcher | None = None
+        """With `params.structured`: the grammar's matcher, past every output token (the
+        engine sets it, engine/grammar.py). Terminated = the completion is over."""
 
     def __repr__(self) -> str:
         return (
@@ -120,6 +127,7 @@ class Sequence:
             priority=self.priority,
         )  # fmt: skip
         child.block_hashes = list(self.block_hashes)
+        child.grammar = self.grammar.fork() if self.grammar is not None else None
         child.num_cached_tokens = self.num_cached_tokens
         child.status = SequenceStatus.RUNNING
         return child
