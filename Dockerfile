@@ -18,6 +18,9 @@ WORKDIR /app
 # pulls a multi-GB CUDA build; its own layer, so code changes do not download it again.
 ARG TORCH_VERSION=2.13.0
 RUN pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
+# xgrammar (structured output) without triton, its GPU-only requirement (as in the Makefile).
+ARG XGRAMMAR_VERSION=0.2.9
+RUN pip install --no-deps "xgrammar==${XGRAMMAR_VERSION}"
 
 COPY pyproject.toml ./
 COPY shared ./shared

@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+XGRAMMAR_VERSION ?= 0.2.9
 ARGS ?=
 
 .PHONY: run test test-fast lint bench setup clean
@@ -29,6 +30,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	# xgrammar without its triton requirement (GPU kernels only); pyproject lists the rest.
+	$(PY) -m pip install --quiet --no-deps "xgrammar==$(XGRAMMAR_VERSION)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

@@ -3,9 +3,11 @@
 Accepted: OpenAI's /v1/completions and /v1/chat/completions fields, plus vLLM's extra
 sampling fields (`ignore_eos`, `min_tokens`, `top_k`, `min_p`, `repetition_penalty`,
 `stop_token_ids`, `include_stop_str_in_output`, `skip_special_tokens`, `add_special_tokens`,
-`add_generation_prompt`, `chat_template_kwargs`). Unknown fields are ignored, as vLLM does;
-known fields the gateway cannot honour (batched prompts, echo, suffix, best_of != n,
-logit_bias, tools, JSON response formats) are rejected with a 400 that says so.
+`add_generation_prompt`, `chat_template_kwargs`), structured output (`response_format`,
+vLLM's `structured_outputs` and `guided_*`: structured.py) and, for chat, `tools` with
+`tool_choice` (tools.py). Unknown fields are ignored, as vLLM does; known fields the gateway
+cannot honour (batched prompts, echo, suffix, best_of != n, logit_bias, legacy `functions`)
+are rejected with a 400 that says so.
 
 Sampling is read into the one `SamplingParams` and validated here, once, for the whole
 cluster: each of its scalar fields comes from the body field of the same name, with the JSON
@@ -28,7 +30,9 @@ from jinja2 import TemplateError
 from services.gateway.errors import ApiError, invalid
 from services.gateway.model import ModelInfo
 from services.gateway.streaming import GenerationRequest
-from xllm.protocol import ErrorCode, SamplingParams
+from services.gateway.structured import structured_output
+from services.gateway.tools import ToolCalling, tool_calling
+from xllm.protocol import ErrorCode, SamplingParams, StructuredOutput
 
 MAX_N = 128
 """Most completions per request: each costs the gateway a detokenizer and the engine a
@@ -55,6 +59,8 @@ class ApiRequest:
     logprobs: int | None
     """Top alternatives per token to render (completions' `logprobs`, chat's `top_logprobs`);
     None = no logprobs."""
+    tool_calling: ToolCalling | None = None
+    """Chat with a forced tool call: how to read the output as `tool_calls`."""
 
 
 def json_field(body: dict, name: str, kind: str, default: Any = None) -> Any:
@@ -88,16 +94,21 @@ def parse_completion(body: dict, model: ModelInfo) -> ApiRequest:
     if best_of is not None and best_of != json_field(body, "n", "an integer", 1):
         raise invalid("`best_of` different from `n` is not supported", "best_of")
     max_tokens = json_field(body, "max_tokens", "an integer")
-    return _api_request(body, model, prompt, max_tokens, logprobs, chat=False)
+    structured = structured_output(body)
+    return _api_request(body, model, prompt, max_tokens, logprobs, structured, chat=False)
 
 
 def parse_chat(body: dict, model: ModelInfo) -> ApiRequest:
     check_model(body, model)
-    _unsupported(body, tools=[], functions=[], logit_bias={})
-    response_format = json_field(body, "response_format", "an object", {"type": "text"})
-    if response_format.get("type", "text") != "text":
-        raise invalid("only the `text` response format is supported", "response_format")
-    prompt = chat_prompt(body, model)
+    _unsupported(body, functions=[], logit_bias={})
+    calling, structured, tools = tool_calling(body)
+    if (also := structured_output(body)) is not None:
+        if structured is not None:
+            raise invalid(
+                "a forced tool call and an output constraint exclude each other", "tool_choice"
+            )
+        structured = also
+    prompt = chat_prompt(body, model, tools)
     top = json_field(body, "top_logprobs", "an integer")
     if json_field(body, "logprobs", "a boolean", False):
         logprobs = 0 if top is None else top
@@ -108,7 +119,8 @@ def parse_chat(body: dict, model: ModelInfo) -> ApiRequest:
     max_tokens = json_field(body, "max_completion_tokens", "an integer")
     if max_tokens is None:
         max_tokens = json_field(body, "max_tokens", "an integer")
-    return _api_request(body, model, prompt, max_tokens, logprobs, chat=True)
+    api = _api_request(body, model, prompt, max_tokens, logprobs, structured, chat=True)
+    return dataclasses.replace(api, tool_calling=calling)
 
 
 def _api_request(
@@ -117,12 +129,14 @@ def _api_request(
     prompt: list[int],
     max_tokens: int | None,
     logprobs: int | None,
+    structured: StructuredOutput | None,
     *,
     chat: bool,
 ) -> ApiRequest:
     param = "messages" if chat else "prompt"
     room = check_prompt_length(prompt, model, param)
-    sampling = _sampling(body, model, room if max_tokens is None else max_tokens, logprobs, chat)
+    max_tokens = room if max_tokens is None else max_tokens
+    sampling = _sampling(body, model, max_tokens, logprobs, structured, chat)
     if sampling.max_tokens > room:
         raise ApiError(
             ErrorCode.CONTEXT_LENGTH_EXCEEDED,
@@ -167,7 +181,12 @@ def check_prompt_length(prompt: list[int], model: ModelInfo, param: str) -> int:
 
 
 def _sampling(
-    body: dict, model: ModelInfo, max_tokens: int, logprobs: int | None, chat: bool
+    body: dict,
+    model: ModelInfo,
+    max_tokens: int,
+    logprobs: int | None,
+    structured: StructuredOutput | None,
+    chat: bool,
 ) -> SamplingParams:
     stop_token_ids = json_field(body, "stop_token_ids", "an array", [])
     n = json_field(body, "n", "an integer", 1)
@@ -179,6 +198,7 @@ def _sampling(
         **_scalar_sampling_values(body),
         stop_token_ids=token_ids(stop_token_ids, model, "stop_token_ids"),
         logprobs=logprobs,
+        structured=structured,
     )
     try:
         params.validate(model.vocab_size)
@@ -200,9 +220,10 @@ def _scalar_sampling_values(body: dict) -> dict[str, Any]:
     return values
 
 
-_READ_APART = frozenset({"n", "max_tokens", "stop_token_ids", "logprobs"})
+_READ_APART = frozenset({"n", "max_tokens", "stop_token_ids", "logprobs", "structured"})
 """Fields with rules of their own: a cap, the context's room, token ids of the vocabulary,
-and two spellings (completions' `logprobs`, chat's `logprobs` + `top_logprobs`)."""
+two spellings (completions' `logprobs`, chat's `logprobs` + `top_logprobs`), and a grammar
+read from several request fields (`structured`)."""
 _JSON_KINDS = {int: "an integer", float: "a number", bool: "a boolean"}
 
 
@@ -263,12 +284,15 @@ def _completion_prompt(body: dict, model: ModelInfo) -> list[int]:
     raise invalid("`prompt` must be a string or an array of token ids", "prompt")
 
 
-def chat_prompt(body: dict, model: ModelInfo) -> list[int]:
-    """The chat template applied to `messages`, tokenized."""
+def chat_prompt(body: dict, model: ModelInfo, tools: list | None = None) -> list[int]:
+    """The chat template applied to `messages` (and `tools`, as HF templates take them),
+    tokenized."""
     messages = json_field(body, "messages", "an array")
     if not messages:
         raise invalid("`messages` must be a non-empty array", "messages")
     kwargs = json_field(body, "chat_template_kwargs", "an object", {})
+    if tools is not None:
+        kwargs = {"tools": tools, **kwargs}
     add_generation_prompt = json_field(body, "add_generation_prompt", "a boolean", True)
     add_special = json_field(body, "add_special_tokens", "a boolean", False)
     tokenizer = model.tokenizer

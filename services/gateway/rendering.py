@@ -9,6 +9,10 @@ Logprobs follow OpenAI: completions use the legacy shape (tokens / token_logprob
 top_logprobs / text_offset, with text_offset counted over the token texts), chat the
 `{"content": [{token, logprob, bytes, top_logprobs}]}` shape. Logprobs of -inf are sent as
 -9999.0 (JSON has no infinity; OpenAI and vLLM do the same).
+
+A chat with a forced tool call (tools.py) holds its text back and answers with
+`message.tool_calls` and finish_reason "tool_calls"; streamed, the calls come whole in the
+completion's last chunk (OpenAI's clients accumulate argument deltas, one delta is valid).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ MIN_LOGPROB = -9999.0
 
 
 def make_renderer(api: ApiRequest, model: ModelInfo) -> Renderer:
+    if api.tool_calling is not None:
+        return ToolCallRenderer(api, model)
     return (ChatRenderer if api.chat else CompletionRenderer)(api, model)
 
 
@@ -189,6 +195,41 @@ class ChatRenderer(Renderer):
 
     def _merge_logprobs(self, into: dict, more: dict) -> None:
         into["content"].extend(more["content"])
+
+
+class ToolCallRenderer(ChatRenderer):
+    """Chat whose output is a forced tool call: rendered once the completion is over."""
+
+    def chunk(self, out: Output) -> dict | None:
+        self.add(out)
+        if out.finish_reason is None:
+            return None
+        message, finish = self._message(out.index)
+        delta = dict(message)
+        if "tool_calls" in delta:
+            delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(delta["tool_calls"])]
+        logprobs = None if self.logprobs is None else self.logprobs[out.index]
+        choice = {"index": out.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        chunk = self._header(self.chunk_object_name) | {"choices": [choice]}
+        if self.api.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def response(self, usage: Usage) -> dict:
+        response = super().response(usage)
+        for choice in response["choices"]:
+            choice["message"], choice["finish_reason"] = self._message(choice["index"])
+        return response
+
+    def _message(self, index: int) -> tuple[dict, str | None]:
+        """Completion `index`'s message and finish reason: its tool calls if the output is
+        complete ("stop") and parses as calls, else its text as it is."""
+        text, finish = "".join(self.texts[index]), self.finish_reasons[index]
+        assert self.api.tool_calling is not None
+        calls = self.api.tool_calling.calls(text) if finish == "stop" else None
+        if calls is None:
+            return {"role": "assistant", "content": text}, finish
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
 
 
 def _clamp(logprob: float) -> float:

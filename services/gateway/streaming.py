@@ -20,8 +20,9 @@ Contract with the scheduler and the instances (xllm.protocol, DESIGN.md §2):
   5. if the scheduler reports the instance lost (`InstanceLost`), the request resumes on
      another instance: once every delta that arrived before the notice has been fed, it is
      resubmitted as a continuation — the prompt plus the tokens already streamed, the
-     remaining token budget — under a new request id (`<id>-r<attempt>`), so a late delta
-     of the old attempt can never mix in. The client sees one uninterrupted stream; greedy
+     remaining token budget, a grammar told how many prompt tokens it must replay — under
+     a new request id (`<id>-r<attempt>`), so a late delta of the old attempt can never
+     mix in. The client sees one uninterrupted stream; greedy
      output is exactly what it would have been. Seeded sampling restarts its generator, and
      requests with n > 1 are failed (INSTANCE_FAILED) rather than resumed.
 
@@ -406,10 +407,14 @@ class Generation:
         self.num_resumes += 1
         self.attempt_id = f"{self.req.request_id}-r{self.num_resumes}"
         generated = self.completions[0].token_ids
+        structured = self.req.sampling.structured
+        if structured is not None:  # the grammar goes on from after the streamed tokens
+            structured = replace(structured, num_replayed_tokens=len(generated))
         sampling = replace(
             self.req.sampling,
             max_tokens=self.req.sampling.max_tokens - len(generated),
             min_tokens=max(0, self.req.sampling.min_tokens - len(generated)),
+            structured=structured,
         )
         await self._subscribe()
         await self._submit(self.req.prompt_token_ids + generated, sampling, resumed=True)

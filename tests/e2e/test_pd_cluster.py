@@ -3,8 +3,9 @@
 `xllm up --prefill P --decode D` as a user runs it, for 1 + 1 and 2 + 2 instances: greedy
 outputs equal the engine alone (colocated) token for token; the bytes the prefill
 instances wrote equal the bytes the decode instances expected, which equal the prompts'
-blocks; no block stays held on either side after requests finish or are aborted; and a
-request survives its decode instance or its prefill instance being SIGKILLed.
+blocks; no block stays held on either side after requests finish or are aborted; a
+request survives its decode instance or its prefill instance being SIGKILLed; and a
+grammar (a JSON schema, a forced tool call) holds across the handoff.
 """
 
 from __future__ import annotations
@@ -158,6 +159,48 @@ def test_an_aborted_stream_leaves_no_block_held(cluster):
             break
     stream.close()
     wait_for(lambda: totals(config)["blocks_held"] == 0, 15, "the aborted request's blocks")
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+
+
+def test_a_json_schema_and_a_tool_call_hold_across_the_handoff(cluster):
+    """The prefill instance samples the first token under the grammar, the decode instance
+    continues it: sampled (temperature 1) outputs still follow the schema."""
+    jsonschema = pytest.importorskip("jsonschema")
+    _c, config = cluster
+    client = openai.OpenAI(base_url=config.base_url, api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "The weather?"}]
+    response_format = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}
+
+    def ask(seed: int):
+        return client.chat.completions.create(
+            model=model, messages=messages, max_tokens=64, temperature=1.0, seed=seed,
+            response_format=response_format,
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(4) as pool:
+        for r in pool.map(ask, range(8)):
+            assert r.choices[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(r.choices[0].message.content), WEATHER)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+    r = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=400, seed=0, tools=tools,
+        tool_choice="required",
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "tool_calls"
+    for call in r.choices[0].message.tool_calls:
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)
 
 
 @pytest.mark.parametrize("victim_role", ["decode", "prefill"])

@@ -7,6 +7,7 @@ every request on "test-inst", streams scripted token deltas and records aborts.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 import aiohttp
@@ -526,3 +527,110 @@ async def test_multi_token_deltas_read_as_single_token_ones(env):
     )
     chunks = [chunk async for chunk in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == TEXTS[0]
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city"],
+}
+
+
+def text_plan(env, text: str):
+    """A script streaming `text` then EOS, as a constrained engine would."""
+    tok = env.model.tokenizer
+    return lambda req: Script(tokens=[tok.encode(text) + [tok.token_to_id("<|im_end|>")]])
+
+
+async def test_an_invalid_schema_is_a_400_naming_the_field(env):
+    bad = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "objec"}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        await env.client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], response_format=bad
+        )
+    body = err.value.body
+    assert body["param"] == "response_format" and body["type"] == "invalid_request_error"
+    assert "objec" in body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        await env.client.completions.create(
+            model=MODEL, prompt="x", extra_body={"structured_outputs": {"regex": "(a"}}
+        )
+    assert err.value.body["param"] == "structured_outputs"
+
+
+async def test_a_json_schema_travels_to_the_scheduler(env):
+    env.cluster.plan = text_plan(env, '{"city": "Paris"}')
+    response_format = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}
+    r = await env.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], response_format=response_format
+    )
+    assert json.loads(r.choices[0].message.content) == {"city": "Paris"}
+    structured = env.cluster.submits[-1].request.sampling.structured
+    assert structured.kind == "json" and json.loads(structured.spec) == WEATHER
+
+
+async def test_a_resumed_grammar_replays_the_streamed_tokens(env):
+    tokens = list(range(300, 340))
+
+    def plan(req) -> Script:
+        if not req.resumed:
+            return Script(tokens=[tokens], delay=0.05)
+        done = len(req.request.prompt_token_ids) - len(prompt)
+        return Script(tokens=[tokens[done:]])
+
+    env.cluster.plan = plan
+    prompt = env.model.tokenizer.encode("Count")
+    stream = await env.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=40, stream=True,
+        extra_body={"structured_outputs": {"regex": "[a-z ]*"}},
+    )  # fmt: skip
+    num_chunks = 0
+    async for _ in stream:
+        num_chunks += 1
+        if num_chunks == 5:
+            lost = InstanceLost(instance_id=INSTANCE)
+            await env.cluster.nc.publish(subjects.INSTANCE_LOST, encode(lost))
+    first, resumed = env.cluster.submits[-2:]
+    done = len(resumed.request.prompt_token_ids) - len(prompt)
+    assert first.request.sampling.structured.num_replayed_tokens == 0
+    assert resumed.request.sampling.structured.num_replayed_tokens == done > 0
+    assert resumed.request.sampling.structured.spec == "[a-z ]*"
+
+
+async def test_a_forced_tool_call_is_answered_as_tool_calls(env):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    env.cluster.plan = text_plan(env, '[{"name": "get_weather", "parameters": {"city": "Paris"}}]')
+    r = await env.client.chat.completions.create(
+        model=MODEL, messages=messages, tools=tools, tool_choice="required"
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+    env.cluster.plan = text_plan(env, '{"city": "Oslo", "days": 2}')
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    stream = await env.client.chat.completions.create(
+        model=MODEL, messages=messages, tools=tools, tool_choice=named, stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    (last,) = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert last.choices[0].finish_reason == "tool_calls"
+    (call,) = last.choices[0].delta.tool_calls
+    assert call.index == 0 and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Oslo", "days": 2}
+    assert json.loads(env.cluster.submits[-1].request.sampling.structured.spec) == WEATHER
+
+
+async def test_a_tool_call_cut_by_max_tokens_is_plain_content(env):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+    env.cluster.plan = text_plan(env, '{"city": "Paris"}')
+    r = await env.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=3,
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "length" and not r.choices[0].message.tool_calls
+    assert r.choices[0].message.content.startswith("{")

@@ -80,7 +80,32 @@ def test_invalid_completion_bodies_are_400(model_info, body, param):
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"tools": [{"type": "function"}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": []}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}, "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "x"},
+            "tool_choice",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "response_format": {"type": "json_object"},
+            },
+            "tool_choice",
+        ),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format",
+        ),
     ],
 )
 def test_invalid_chat_bodies_are_400(model_info, body, param):
@@ -170,3 +195,93 @@ def test_other_exceptions():
     assert classify(TimeoutError()).status == 504
     err = classify(RuntimeError("boom"))
     assert err.status == 500 and err.type == "server_error" and "boom" not in err.message
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "spec"),
+    [
+        ({"response_format": {"type": "json_object"}}, "json_object", ""),
+        ({"response_format": {"type": "text"}}, None, None),
+        (
+            {"response_format": {"type": "json_schema",
+                                 "json_schema": {"name": "a", "schema": SCHEMA, "strict": True}}},
+            "json", json.dumps(SCHEMA),
+        ),
+        ({"structured_outputs": {"json": SCHEMA}}, "json", json.dumps(SCHEMA)),
+        ({"structured_outputs": {"regex": "[0-9]+"}}, "regex", "[0-9]+"),
+        ({"structured_outputs": {"choice": ["a", "é"]}}, "choice", '["a", "é"]'),
+        ({"structured_outputs": {"grammar": 'root ::= "x"'}}, "grammar", 'root ::= "x"'),
+        ({"guided_json": json.dumps(SCHEMA)}, "json", json.dumps(SCHEMA)),
+        ({"guided_regex": "a|b"}, "regex", "a|b"),
+        ({"guided_choice": ["a"]}, "choice", '["a"]'),
+        ({"guided_grammar": 'root ::= "x"'}, "grammar", 'root ::= "x"'),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("make", [completion, chat])
+def test_structured_output_fields_become_one_constraint(model_info, make, body, kind, spec):
+    structured = make(model_info, **body).gen.sampling.structured
+    if kind is None:
+        assert structured is None
+    else:
+        assert (structured.kind, structured.spec) == (kind, spec)
+        assert structured.num_replayed_tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"response_format": {"type": "json_schema",
+                              "json_schema": {"name": "a", "schema": {"type": "objec"}}}},
+         "response_format", "objec"),
+        ({"structured_outputs": {"regex": "[a-z"}}, "structured_outputs", "Unclosed"),
+        ({"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs", "EBNF"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "one"),
+        ({"structured_outputs": "a"}, "structured_outputs", "exactly one"),
+        ({"guided_json": "{not json"}, "guided_json", "not JSON"),
+        ({"guided_regex": 5}, "guided_regex", "string"),
+        ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex",
+         "one output constraint"),
+    ],
+)  # fmt: skip
+def test_invalid_constraints_are_400_naming_the_field(model_info, body, param, words):
+    status, error = error_of(completion, model_info, **body)
+    assert (status, error["param"], error["type"]) == (400, param, "invalid_request_error")
+    assert words in error["message"]
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}},
+    {"type": "function", "function": {"name": "noop"}},
+]
+
+
+def test_tool_choice_sets_the_constraint_and_how_to_read_calls(model_info):
+    named = chat(model_info, tools=TOOLS,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+    assert named.tool_calling.function == "get_weather"
+    assert json.loads(named.gen.sampling.structured.spec) == SCHEMA
+    for choice in ("required", "auto", None):  # auto: treated as required (tools.py)
+        api = chat(model_info, tools=TOOLS, **({"tool_choice": choice} if choice else {}))
+        assert api.tool_calling.function is None
+        schema = json.loads(api.gen.sampling.structured.spec)
+        assert schema["type"] == "array" and len(schema["items"]["anyOf"]) == 2
+    free = chat(model_info, tools=TOOLS, tool_choice="none")
+    assert free.tool_calling is None and free.gen.sampling.structured is None
+
+
+def test_tool_calls_read_from_the_output(model_info):
+    named = chat(model_info, tools=TOOLS,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+    (call,) = named.tool_calling.calls('{"a": 1}')
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"a": 1}'}
+    array = chat(model_info, tools=TOOLS, tool_choice="required").tool_calling
+    calls = array.calls('[{"name": "noop", "parameters": {}}, {"name": "get_weather", '
+                        '"parameters": {"a": 2}}]')  # fmt: skip
+    assert [c["function"]["name"] for c in calls] == ["noop", "get_weather"]
+    assert calls[1]["function"]["arguments"] == '{"a": 2}'
+    assert array.calls('[{"name": "noop", "par') is None  # cut short

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xllm.protocol import GenerateCmd, RequestSpec, SamplingParams, decode, encode
+from xllm.protocol import (
+    GenerateCmd,
+    RequestSpec,
+    SamplingParams,
+    StructuredKind,
+    StructuredOutput,
+    decode,
+    encode,
+)
 
 params_strategy = st.builds(
     SamplingParams,
@@ -27,6 +35,13 @@ params_strategy = st.builds(
     ignore_eos=st.booleans(),
     stop_token_ids=st.lists(st.integers(0, 150_000), max_size=4),
     logprobs=st.none() | st.integers(0, 20),
+    structured=st.none()
+    | st.builds(
+        StructuredOutput,
+        kind=st.sampled_from(StructuredKind),
+        spec=st.text(max_size=40),
+        num_replayed_tokens=st.integers(0, 100),
+    ),
 )
 
 
@@ -50,3 +65,20 @@ def test_params_are_frozen():
     params = SamplingParams()
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.max_tokens = 3  # type: ignore[misc]
+
+
+def test_a_grammar_travels_as_a_nested_map_and_forbids_speculation():
+    structured = StructuredOutput(kind=StructuredKind.REGEX, spec="[a-z]+", num_replayed_tokens=3)
+    params = SamplingParams(structured=structured)
+    cmd = GenerateCmd(request_id="r", request=RequestSpec(prompt_token_ids=[1], sampling=params))
+    wire = msgpack.unpackb(encode(cmd))["d"]["request"]["sampling"]["structured"]
+    assert wire == {"kind": "regex", "spec": "[a-z]+", "num_replayed_tokens": 3}
+    assert decode(encode(cmd)).request.sampling == params
+    assert not params.allows_speculation and SamplingParams().allows_speculation
+    assert structured.key == (StructuredKind.REGEX, "[a-z]+")
+
+
+def test_a_v2_generate_without_a_grammar_still_decodes():
+    d = {"request_id": "r", "request": {"prompt_token_ids": [1], "sampling": {"n": 1}}}
+    msg = decode(msgpack.packb({"t": "generate", "v": 2, "d": d}))
+    assert msg.request.sampling.structured is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,11 @@ from xllm.ops import use_native_kernels
 from xllm.platform import default_dtype, select_device
 from xllm.protocol.errors import ErrorCode, RequestRejected
 from xllm.protocol.types import Logprob, SamplingParams
+
+if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
+
+    from xllm.engine.grammar import GrammarCache
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +162,8 @@ class Engine:
         """Cumulative speculative drafts verified, and kept (over every sequence)."""
         self.num_accepted_draft_tokens = 0
         self.step_stats = StepStats()
+        self.grammars: GrammarCache | None = None
+        """Compiled grammars of structured-output requests; made with the first one."""
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks > 0:
@@ -206,6 +214,7 @@ class Engine:
         seq = Sequence(
             request_id, prompt_token_ids, params, prefill_only=prefill_only, priority=priority
         )
+        seq.grammar = self._grammar_matcher(prompt_token_ids, params)
         self.sequences[request_id] = [seq]
         self.scheduler.add(seq)
 
@@ -226,6 +235,20 @@ class Engine:
             )
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
+    def _grammar_matcher(
+        self, prompt_token_ids: list[int], params: SamplingParams
+    ) -> GrammarMatcher | None:
+        """A constrained request's matcher, past the output its prompt replays (None for
+        free text); ValueError if the grammar does not compile or the replay breaks it."""
+        if params.structured is None:
+            return None
+        if self.grammars is None:
+            from xllm.engine.grammar import GrammarCache  # xgrammar loads only when needed
+
+            mc = self.model_config
+            self.grammars = GrammarCache(self.config.model, mc.vocab_size, mc.eos_token_ids)
+        return self.grammars.matcher(params.structured, prompt_token_ids)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks; False if unknown or done."""
@@ -256,6 +279,7 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params, disaggregated=True)
         seq = Sequence(request_id, prompt_token_ids, params, priority=priority)
+        seq.grammar = self._grammar_matcher(prompt_token_ids, params)
         if not self.scheduler.reserve(seq):
             return None
         self.sequences[request_id] = [seq]
@@ -269,8 +293,13 @@ class Engine:
     ) -> FinishReason | None:
         """Decode side: the reserved blocks now hold the prompt's KV; decode from the first
         token (already streamed by the prefill side). Returns the finish reason if that
-        token ends the request (its blocks are then freed)."""
+        token ends the request (its blocks are then freed). A grammar's fresh matcher here
+        advances past that token, as the prefill side's did."""
         seq = self._held(request_id)
+        if seq.grammar is not None:
+            from xllm.engine.grammar import accept_tokens
+
+            accept_tokens([seq], [first_token_id])
         if first_logprob is not None:
             seq.logprobs.append(first_logprob)
         reason = self.scheduler.admit_prefilled(seq, first_token_id)

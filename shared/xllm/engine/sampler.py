@@ -1,8 +1,9 @@
 """Sampler: logits of a batch of sequences -> next tokens (and logprobs), all in tensors.
 
 Order of processing, as in vLLM: raw logprobs (returned to users) are taken from the
-model's logits; then penalties, min_tokens suppression, temperature, top-k, top-p and
-min-p shape the distribution that is sampled. Greedy rows take the argmax of the
+model's logits; then penalties, min_tokens suppression, the grammar mask of constrained
+rows (engine/grammar.py), temperature, top-k, top-p and min-p shape the distribution that
+is sampled, and each constrained row's token advances its grammar. Greedy rows take the argmax of the
 penalised logits. Random rows use the exponential race (argmax of p / E with E ~ Exp(1)),
 which lets each seeded row draw its noise from its own generator in one call.
 """
@@ -31,7 +32,8 @@ class Sampler:
         self.eos_token_ids = list(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits [R, V] float32, one row per sequence in `seqs`."""
+        """logits [R, V] float32, one row per sequence in `seqs` (constrained rows are masked
+        in place)."""
         params = [s.params for s in seqs]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -42,11 +44,19 @@ class Sampler:
             for s, p in zip(seqs, params, strict=True)
         ):
             logits = self._suppress_stop_tokens(logits, seqs)
+        constrained = any(s.grammar is not None for s in seqs)
+        if constrained:
+            # Imported here: xgrammar loads with the first constrained request, not before.
+            from xllm.engine import grammar
+
+            grammar.mask_logits(logits, seqs)
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, seqs)
         token_list = tokens.tolist()
+        if constrained:
+            grammar.accept_tokens(seqs, token_list)
         logprobs: list[Logprob | None] = [None] * len(seqs)
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, tokens, params)

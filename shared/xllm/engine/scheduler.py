@@ -401,6 +401,8 @@ class Scheduler:
     def _finish_reason(self, seq: Sequence) -> FinishReason | None:
         params = seq.params
         token = seq.token_ids[-1]
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            return FinishReason.STOP  # its grammar took a stop token: nothing may follow
         if seq.num_output_tokens >= params.min_tokens and (
             (not params.ignore_eos and token in self.eos_token_ids)
             or token in params.stop_token_ids

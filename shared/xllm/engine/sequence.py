@@ -17,6 +17,7 @@ from xllm.protocol.types import Logprob, SamplingParams
 
 if TYPE_CHECKING:
     import torch
+    from xgrammar import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -80,6 +81,9 @@ class Sequence:
         """Speculative draft tokens verified for this sequence so far."""
         self.num_accepted_draft_tokens = 0
         """Of those, the ones the target model accepted."""
+        self.grammar: GrammarMatcher | None = None
+        """With `params.structured`: the grammar's matcher, past every output token (the
+        engine sets it, engine/grammar.py). Terminated = the completion is over."""
 
     def __repr__(self) -> str:
         return (
@@ -132,6 +136,7 @@ class Sequence:
             priority=self.priority,
         )  # fmt: skip
         child.block_hashes = list(self.block_hashes)
+        child.grammar = self.grammar.fork() if self.grammar is not None else None
         child.num_cached_tokens = self.num_cached_tokens
         child.status = SequenceStatus.RUNNING
         return child

@@ -26,8 +26,9 @@ of the steps run the worse mode). Only steps that decode and prefill nothing are
 a prefill chunk's cost says nothing about decoding. When the rule says no, the step is the
 plain path unchanged; the proposer is not even called.
 
-Eligibility (`can_speculate`): requests with penalties, pending min_tokens, logprobs or
-n > 1 never speculate (see rejection_sampler.py), nor do prefill-only ones.
+Eligibility (`can_speculate`): requests with penalties, pending min_tokens, logprobs,
+n > 1 or a grammar (`SamplingParams.allows_speculation`) never speculate (see
+rejection_sampler.py), nor do prefill-only ones.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def can_speculate(seq: Sequence) -> bool:
     p = seq.params
     return (
         p.n == 1
+        and p.allows_speculation
         and p.logprobs is None
         and not p.has_penalties
         and seq.num_output_tokens >= p.min_tokens

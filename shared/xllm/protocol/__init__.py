@@ -3,7 +3,8 @@
     subjects.py   every subject / queue group / stream name, with sender → receiver and kind
     codec.py      @message registry, encode / decode (msgpack envelope {t, v, d}), DecodeError
     errors.py     ErrorCode, ErrorInfo, ProtocolError, RequestRejected, http_status
-    types.py      SamplingParams, Logprob, Role, RequestSpec: the value types every layer shares
+    types.py      SamplingParams, StructuredOutput, Logprob, Role, RequestSpec: the value
+                  types every layer shares
     gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
     instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
     stream.py     TokenDelta, FinishReason, DraftCounts
@@ -44,7 +45,14 @@ from xllm.protocol.instance import (
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
 from xllm.protocol.kv_peer import KvLayout, KvPeer
 from xllm.protocol.stream import DraftCounts, FinishReason, TokenDelta
-from xllm.protocol.types import Logprob, RequestSpec, Role, SamplingParams
+from xllm.protocol.types import (
+    Logprob,
+    RequestSpec,
+    Role,
+    SamplingParams,
+    StructuredKind,
+    StructuredOutput,
+)
 
 __all__ = [
     "AbortCmd",
@@ -75,6 +83,8 @@ __all__ = [
     "Role",
     "SamplingParams",
     "SetRoleCmd",
+    "StructuredKind",
+    "StructuredOutput",
     "SubmitReply",
     "SubmitRequest",
     "TokenDelta",

@@ -1,6 +1,7 @@
 """The plain value types every layer shares, defined once: sampling, logprobs, roles, requests.
 
     SamplingParams   how one request turns logits into tokens, and `validate()`
+    StructuredOutput a grammar the output must follow (JSON schema, regex, choice, EBNF)
     Logprob          one sampled token's logprob and its top alternatives
     Role             an instance's role: prefill, decode or both
     RequestSpec      what a client asked for, as the gateway validated it
@@ -25,6 +26,43 @@ GREEDY_EPSILON = 1e-5
 """Temperatures below this are treated as greedy (argmax), as vLLM does."""
 MAX_LOGPROBS = 20
 """Most top alternatives a request may ask for per token."""
+
+
+class StructuredKind(enum.StrEnum):
+    """What `StructuredOutput.spec` holds; a StrEnum, so it travels as its string."""
+
+    JSON = "json"
+    """A JSON schema, as JSON text (OpenAI's `json_schema`, vLLM's `json`)."""
+    JSON_OBJECT = "json_object"
+    """Any JSON object (OpenAI's `json_object`); `spec` is empty."""
+    REGEX = "regex"
+    """A regular expression the whole output matches."""
+    CHOICE = "choice"
+    """One of a list of strings, given as a JSON array of strings."""
+    GRAMMAR = "grammar"
+    """An EBNF grammar (xgrammar's / GBNF dialect, rule `root` first)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StructuredOutput:
+    """A constraint on the generated text: every token is sampled from those the grammar
+    allows next, and the completion ends ("stop") when the grammar is complete and the
+    model's EOS follows. The gateway checks `spec` parses; engines compile it against their
+    tokenizer (cached by (kind, spec))."""
+
+    kind: StructuredKind
+    """What `spec` is."""
+    spec: str = ""
+    """The schema, regex, choices or grammar, as text (see `StructuredKind`)."""
+    num_replayed_tokens: int = 0
+    """How many trailing prompt tokens are output already generated under this grammar: a
+    request resumed on another instance carries the tokens streamed so far at the end of its
+    prompt, and the grammar must continue from after them."""
+
+    @property
+    def key(self) -> tuple[StructuredKind, str]:
+        """What a compiled grammar depends on (not on how far a request got)."""
+        return (self.kind, self.spec)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,10 +106,20 @@ class SamplingParams:
     logprobs: int | None = None
     """Return the sampled token's logprob and this many top alternatives (0 = only the
     token); None = off."""
+    structured: StructuredOutput | None = None
+    """A grammar the output must follow (response_format / structured_outputs); None = free
+    text."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPSILON
+
+    @property
+    def allows_speculation(self) -> bool:
+        """Whether draft tokens may be proposed and verified for this request. NOTE: not
+        with a grammar: drafts are not checked against it, and its matcher advances one
+        sampled token at a time, so constrained requests always decode token by token."""
+        return self.structured is None
 
     @property
     def has_penalties(self) -> bool:
@@ -126,6 +174,10 @@ class SamplingParams:
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
                 f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+            ),
+            (
+                self.structured is None or self.structured.num_replayed_tokens >= 0,
+                "structured.num_replayed_tokens must be non-negative",
             ),
         ]
 
