@@ -91,6 +91,12 @@ class EngineConfig:
         "Host memory for the KV of preempted offline requests, in GiB (committed only as "
         "it is used); 0 = preempted offline requests are recomputed.",
     )
+    offline_step_share: float = option(
+        0.5,
+        "While online requests run, offline work may lengthen a step by at most this share "
+        "of a decode step's time (priced at the measured prefill cost per token); 0 = "
+        "offline work waits for online work to finish.",
+    )
     max_num_batched_tokens: int = option(
         2048, "Token budget of one step (prefill chunks + decodes)."
     )
@@ -129,6 +135,7 @@ class EngineConfig:
             (self.max_num_seqs > 0, "--max-num-seqs must be positive"),
             (self.max_num_batched_tokens > 0, "--max-num-batched-tokens must be positive"),
             (self.swap_space_gb >= 0, "--swap-space-gb cannot be negative"),
+            (self.offline_step_share >= 0, "--offline-step-share cannot be negative"),
             (
                 self.kv_cache_gb > 0 or self.num_kv_blocks > 0,
                 "give --kv-cache-gb or --num-kv-blocks",

@@ -201,3 +201,25 @@ def test_offline_greedy_output_is_unchanged_by_an_online_burst_that_swaps_it(tin
     assert len(engine.scheduler.free_host_blocks) == engine.swap_space.num_blocks
     _, recomputed = run(with_burst=True, swap_space_gb=0.0)  # no host room: recompute
     assert all(recomputed[f"off{i}"] == alone[f"off{i}"] for i in range(3))
+
+
+def test_offline_prompt_chunks_beside_online_work_stay_within_the_offline_budget():
+    s = make(num_blocks=64, budget=64)
+    s.add(seq("online", 8, max_tokens=50))
+    step(s)  # the online prompt, alone
+    s.add(seq("offline", 40, priority=1, base=1))
+    out = s.schedule(offline_budget=5)
+    chunks = {item.seq.request_id: item.num_new_tokens for item in out.scheduled}
+    assert chunks == {"online": 1, "offline": 5}  # not the 40 the token budget leaves
+    s.update(out, {x.seq.seq_id: 7 for x in out.scheduled if x.samples})
+    s.finish(s.running[0], None)  # the online request ends
+    out = s.schedule(offline_budget=5)
+    assert [(i.seq.request_id, i.num_new_tokens) for i in out.scheduled] == [("offline", 35)]
+
+
+def test_the_offline_budget_prices_a_share_of_a_decode_step_in_prefill_tokens():
+    from xllm.engine.scheduler import offline_token_budget
+
+    assert offline_token_budget(0.5, 0.020, 0.0001) == 100  # 10 ms of prompt at 0.1 ms each
+    assert offline_token_budget(0.0, 0.020, 0.0001) == 0
+    assert offline_token_budget(0.5, 0.0, 0.0001) is None  # nothing measured yet

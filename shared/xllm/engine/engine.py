@@ -22,7 +22,7 @@ from xllm.engine.block_manager import BlockManager
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.model_runner import ModelRunner, is_decode
 from xllm.engine.proposer import make_proposer
-from xllm.engine.scheduler import Scheduler, SchedulerOutput
+from xllm.engine.scheduler import Scheduler, SchedulerOutput, offline_token_budget
 from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
 from xllm.engine.speculation import AdaptiveSpeculation, SpeculativeStep
 from xllm.engine.step_stats import StepStats
@@ -162,6 +162,9 @@ class Engine:
         """Cumulative speculative drafts verified, and kept (over every sequence)."""
         self.num_accepted_draft_tokens = 0
         self.step_stats = StepStats()
+        self.decode_step_seconds = 0.0
+        """Exponentially weighted wall time of the recent plain decode steps (no prompt
+        tokens, no drafts): the basis of `offline_token_budget`."""
         self.grammars: GrammarCache | None = None
         """Compiled grammars of structured-output requests; made with the first one."""
 
@@ -332,7 +335,12 @@ class Engine:
 
     def step(self) -> list[SequenceOutput]:
         started = time.perf_counter()
-        out = self.scheduler.schedule(self._num_draft_tokens())
+        offline_budget = offline_token_budget(
+            self.config.offline_step_share,
+            self.decode_step_seconds,
+            self.step_stats.recent_prefill_seconds_per_token,
+        )
+        out = self.scheduler.schedule(self._num_draft_tokens(), offline_budget)
         if out.swap_out:  # before the forward pass, which may reuse the freed blocks
             self.swap_space.copy_out(self.runner.kv_cache, out.swap_out)
         if out.swap_in:
@@ -370,6 +378,11 @@ class Engine:
         self.num_accepted_draft_tokens += shape.num_accepted_tokens
         if self.num_steps > 1:  # the first step pays one-time costs (kernels, allocator)
             self.step_stats.record_step(shape.seconds, shape.num_prefill_tokens, shape.num_decodes)
+            if shape.num_prefill_tokens == 0 and shape.num_draft_tokens == 0:
+                # Plain decode steps only: the basis of the offline budget must not grow
+                # with the offline prompt chunks it admits.
+                weight = 0.1 if self.decode_step_seconds else 1.0
+                self.decode_step_seconds += weight * (shape.seconds - self.decode_step_seconds)
             if self.speculation is not None:
                 self.speculation.record(shape)
         for seq in sampled:

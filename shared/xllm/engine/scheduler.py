@@ -171,9 +171,13 @@ class Scheduler:
 
     # -- schedule -------------------------------------------------------------------------
 
-    def schedule(self, num_draft_tokens: int = 0) -> SchedulerOutput:
+    def schedule(
+        self, num_draft_tokens: int = 0, offline_budget: int | None = None
+    ) -> SchedulerOutput:
         """The next step. `num_draft_tokens` > 0: decoding sequences may verify up to that
-        many drafts each (module doc)."""
+        many drafts each (module doc). `offline_budget`: the most tokens offline work may
+        add to a step that also runs online sequences (`offline_token_budget`); None = what
+        the token budget leaves."""
         self._max_drafts = num_draft_tokens if self.proposer is not None else 0
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -182,6 +186,8 @@ class Scheduler:
         budget = self._admit(out, budget, online_only=True)
         while i < len(self.running) and self.running[i].priority == 0:
             i += 1  # past the online ones just admitted (scheduled already)
+        if offline_budget is not None and i > 0:  # online sequences run in this step
+            budget = min(budget, offline_budget)
         budget, _ = self._continue(out, budget, i, online_only=False)
         if self.waiting and self.waiting[0].priority == 0:
             return out  # an online request still waits for room: offline work takes none
@@ -458,6 +464,20 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self._enqueue(seq, front=True)
         return None
+
+
+def offline_token_budget(
+    share: float, decode_step_seconds: float, prefill_seconds_per_token: float
+) -> int | None:
+    """Tokens offline work may add to a step that runs online sequences: `share` of an
+    online decode step's time, priced at the measured prefill cost per token. So an offline
+    prompt chunk stretches an online request's time per output token (and delays the next
+    online arrival's first token) by about that share at most, instead of by a whole chunk
+    of the token budget (report §3.1: offline work fills what online latency leaves).
+    None = no cap yet: nothing measured."""
+    if decode_step_seconds <= 0 or prefill_seconds_per_token <= 0:
+        return None
+    return int(share * decode_step_seconds / prefill_seconds_per_token)
 
 
 def _first_offline(queue) -> int:
