@@ -25,7 +25,7 @@ reservation (`release_prefilled`); then the decode side admits it (`add_prefille
 (`set_role`) changes what the scheduler places here, never the sequences already here.
 
 Heartbeats carry what `Instance.heartbeat` sends, from the same objects: the scheduler's
-queues and `backlog()`, the block manager's counts, and a `StepStats` fed each simulated
+queues and `load_stats()`, the block manager's counts, and a `StepStats` fed each simulated
 step (its seconds, prefill tokens and decodes) and each first token sampled here.
 """
 
@@ -42,7 +42,7 @@ from xllm.engine.prefix_hash import block_hashes
 from xllm.engine.scheduler import Scheduler, SchedulerOutput
 from xllm.engine.sequence import Sequence, SequenceStatus
 from xllm.engine.step_stats import record_first_token, record_step
-from xllm.protocol import Heartbeat, KvCacheStats, LoadStats, PreemptionStats, StepStats
+from xllm.protocol import Heartbeat, PreemptionStats, StepStats
 from xllm.protocol.types import SamplingParams
 
 HASH_BLOCK_TOKENS = 512
@@ -182,7 +182,6 @@ class SimInstance:
     def heartbeat(self, sent_at: float) -> Heartbeat:
         """The heartbeat our instance would send now (see `Instance.heartbeat`)."""
         sched, bm = self.scheduler, self.block_manager
-        backlog = sched.backlog()
         return Heartbeat(
             instance_id=self.instance_id,
             role=self.role,  # type: ignore[arg-type]
@@ -191,24 +190,8 @@ class SimInstance:
             kv_block_size=self.spec.block_size,
             sent_at=sent_at,
             role_flips=self.role_flips,
-            load=LoadStats(
-                num_running=len(sched.running),
-                num_waiting=len(sched.waiting),
-                num_tokens_in_flight=sum(
-                    s.num_tokens - s.num_cached_tokens for s in [*sched.running, *sched.waiting]
-                ),
-                num_prefill_backlog_tokens=backlog.num_prefill_backlog_tokens,
-                num_offline_prefill_backlog_tokens=backlog.num_offline_prefill_backlog_tokens,
-                num_decoding=backlog.num_decoding,
-                num_reserved=len(self._reserved),
-                num_reserved_tokens=sum(s.num_tokens for s in self._reserved.values()),
-            ),
-            kv=KvCacheStats(
-                blocks_used=bm.num_used_blocks,
-                blocks_free=bm.num_free_blocks,
-                prefix_queried_tokens=bm.stats.queried_tokens,
-                prefix_hit_tokens=bm.stats.hit_tokens,
-            ),
+            load=sched.load_stats(self._reserved.values()),
+            kv=bm.kv_stats(),
             steps=copy.copy(self.step_stats),  # this instance goes on counting in it
             preemption=PreemptionStats(
                 num_preemptions=sched.num_preemptions,

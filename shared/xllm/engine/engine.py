@@ -31,7 +31,6 @@ from xllm.ops import use_native_kernels
 from xllm.platform import default_dtype, select_device
 from xllm.protocol.errors import ErrorCode, RequestRejected
 from xllm.protocol.stats import (
-    KvCacheStats,
     LoadStats,
     PreemptionStats,
     SpeculationStats,
@@ -342,37 +341,13 @@ class Engine:
     # one step stale at worst) --------------------------------------------------------------
 
     def load_stats(self) -> LoadStats:
-        sched = self.scheduler
-        backlog = sched.backlog()  # a pass over the queues: cheap at heartbeat rate
         reserved = [
             seq
             for seqs in self.sequences.values()
             for seq in seqs
             if seq.status is SequenceStatus.HELD and not seq.prefill_only
         ]
-        return LoadStats(
-            num_running=len(sched.running),
-            num_waiting=len(sched.waiting),
-            # Work, not footprint: prompt tokens served from the prefix cache cost nothing,
-            # as in the cluster scheduler's own count of what it placed since a heartbeat.
-            num_tokens_in_flight=sum(
-                s.num_tokens - s.num_cached_tokens for s in [*sched.running, *sched.waiting]
-            ),
-            num_prefill_backlog_tokens=backlog.num_prefill_backlog_tokens,
-            num_offline_prefill_backlog_tokens=backlog.num_offline_prefill_backlog_tokens,
-            num_decoding=backlog.num_decoding,
-            num_reserved=len(reserved),
-            num_reserved_tokens=sum(seq.num_tokens for seq in reserved),
-        )
-
-    def kv_stats(self) -> KvCacheStats:
-        bm = self.block_manager
-        return KvCacheStats(
-            blocks_used=bm.num_used_blocks,
-            blocks_free=bm.num_free_blocks,
-            prefix_queried_tokens=bm.stats.queried_tokens,
-            prefix_hit_tokens=bm.stats.hit_tokens,
-        )
+        return self.scheduler.load_stats(reserved)
 
     def preemption_stats(self) -> PreemptionStats:
         sched, swap = self.scheduler, self.swap_space.stats

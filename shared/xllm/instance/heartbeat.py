@@ -35,7 +35,7 @@ def build_heartbeat(
         sent_at=time.time(),
         role_flips=role_flips,
         load=engine.load_stats(),
-        kv=engine.kv_stats(),
+        kv=engine.block_manager.kv_stats(),
         steps=copy.copy(engine.step_stats),  # the engine thread goes on counting in it
         preemption=engine.preemption_stats(),
         speculation=engine.speculation_stats(),
