@@ -119,7 +119,7 @@ def run_config(name: str, config: ClusterConfig, engine_args, requests, slo: Slo
         "kv_transfers": sum(i["transfer"]["transfers"] for i in instances),
         "kv_transfer_mean_ms": round(
             1e3
-            * sum(i["transfer"]["seconds"] for i in instances)
+            * sum(i["transfer"]["seconds_sending"] for i in instances)
             / max(1, sum(i["transfer"]["transfers"] for i in instances)),
             1,
         ),

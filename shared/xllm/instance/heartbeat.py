@@ -11,6 +11,7 @@ import time
 
 from xllm.engine.engine import Engine
 from xllm.kv_transfer import KvTransport
+from xllm.kv_transfer.base import stats_snapshot
 from xllm.protocol import Heartbeat, KvTransferStats, Role
 
 
@@ -39,20 +40,5 @@ def build_heartbeat(
         steps=copy.copy(engine.step_stats),  # the engine thread goes on counting in it
         preemption=engine.preemption_stats(),
         speculation=engine.speculation_stats(),
-        transfer=transfer_stats(transport),
-    )
-
-
-def transfer_stats(transport: KvTransport | None) -> KvTransferStats:
-    """What `transport` moved so far; all zero before a transport opened."""
-    if transport is None:
-        return KvTransferStats()
-    s = transport.stats
-    return KvTransferStats(
-        blocks_sent=s.blocks_sent,
-        bytes_sent=s.bytes_sent,
-        blocks_received=s.blocks_received,
-        bytes_received=s.bytes_received,
-        transfers=s.transfers,
-        seconds=s.seconds_sending,
+        transfer=stats_snapshot(transport.stats) if transport else KvTransferStats(),
     )

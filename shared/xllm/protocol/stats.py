@@ -133,18 +133,21 @@ class SpeculationStats:
 
 @dataclass(slots=True, kw_only=True)
 class KvTransferStats:
-    """KV blocks moved between instances through the transfer engine; all zero before a
-    transport opened (`Heartbeat.kv_transfer_endpoint` None)."""
+    """KV blocks moved between instances: the transport's own counters (`xllm.kv_transfer`
+    counts them); all zero before a transport opened (`Heartbeat.kv_transfer_endpoint` None)."""
 
     blocks_sent: int = 0
     """Cumulative KV blocks this instance wrote into decode instances (prefill role)."""
     bytes_sent: int = 0
     """Cumulative bytes of those blocks."""
-    blocks_received: int = 0
-    """Cumulative KV blocks prefill instances wrote into this one (decode role)."""
-    bytes_received: int = 0
-    """Cumulative bytes of those blocks."""
+    writes: int = 0
+    """Cumulative contiguous segments written for them (after merging consecutive blocks)."""
     transfers: int = 0
     """Cumulative requests whose KV this instance sent."""
-    seconds: float = 0.0
-    """Cumulative wall time of those transfers (mean latency = this / transfers)."""
+    seconds_sending: float = 0.0
+    """Cumulative wall time inside those writes (mean latency = this / transfers)."""
+    blocks_received: int = 0
+    """Cumulative KV blocks prefill instances wrote into this one (decode role), as their
+    `KvReady`s said (the receiver cannot observe one-sided writes)."""
+    bytes_received: int = 0
+    """Cumulative bytes of those blocks."""
