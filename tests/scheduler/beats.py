@@ -6,8 +6,11 @@ import dataclasses
 
 from xllm.protocol import Heartbeat
 
-GROUPS = {f.name: f.default_factory for f in dataclasses.fields(Heartbeat) if f.name != "role"}
-GROUPS = {name: cls for name, cls in GROUPS.items() if dataclasses.is_dataclass(cls)}
+GROUPS = {
+    f.name: f.default_factory
+    for f in dataclasses.fields(Heartbeat)
+    if dataclasses.is_dataclass(f.default_factory)
+}
 """Heartbeat field -> its stats type (`load` -> LoadStats, ...)."""
 GROUP_OF = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 """Stats field -> the Heartbeat field holding it (`num_running` -> "load")."""
