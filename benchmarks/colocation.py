@@ -52,7 +52,7 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def busy_seconds(config: ClusterConfig) -> float:
     url = config.base_url.removesuffix("/v1") + "/cluster"
     with _NO_PROXY.open(url, timeout=10) as response:
-        return sum(i.get("busy_seconds", 0.0) for i in json.load(response)["instances"])
+        return sum(i["steps"]["busy_seconds"] for i in json.load(response)["instances"])
 
 
 class HttpBacklog(threading.Thread):

@@ -70,7 +70,9 @@ def settled_state(config: ClusterConfig, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         state = cluster_state(config)
-        busy = sum(i["kv_blocks_used"] + i["num_tokens_in_flight"] for i in state["instances"])
+        busy = sum(
+            i["kv"]["blocks_used"] + i["load"]["num_tokens_in_flight"] for i in state["instances"]
+        )
         if busy == 0 or time.monotonic() > deadline:
             return state
         time.sleep(1.0)
@@ -113,17 +115,17 @@ def run_config(name: str, config: ClusterConfig, engine_args, requests, slo: Slo
         "failures": summary.failures,
         "role_flips": state.get("num_role_flips", 0),
         "max_prefill_instances": poller.max_prefill,
-        "kv_bytes_sent": sum(i.get("kv_bytes_sent", 0) for i in instances),
-        "kv_transfers": sum(i.get("kv_transfers", 0) for i in instances),
+        "kv_bytes_sent": sum(i["transfer"]["bytes_sent"] for i in instances),
+        "kv_transfers": sum(i["transfer"]["transfers"] for i in instances),
         "kv_transfer_mean_ms": round(
             1e3
-            * sum(i.get("kv_transfer_seconds", 0.0) for i in instances)
-            / max(1, sum(i.get("kv_transfers", 0) for i in instances)),
+            * sum(i["transfer"]["seconds_sending"] for i in instances)
+            / max(1, sum(i["transfer"]["transfers"] for i in instances)),
             1,
         ),
-        "preemptions": sum(i.get("num_preemptions", 0) for i in instances),
-        "kv_blocks_held_after": sum(i["kv_blocks_used"] for i in instances),
-        "tokens_in_flight_after": sum(i["num_tokens_in_flight"] for i in instances),
+        "preemptions": sum(i["preemption"]["num_preemptions"] for i in instances),
+        "kv_blocks_held_after": sum(i["kv"]["blocks_used"] for i in instances),
+        "tokens_in_flight_after": sum(i["load"]["num_tokens_in_flight"] for i in instances),
         "log_dir": config.log_dir,
     }
 

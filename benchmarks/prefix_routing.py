@@ -124,7 +124,7 @@ def prefix_counters(base_url: str, settle: float) -> dict[str, tuple[int, int]]:
     """instance -> (queried, hit) prefix tokens, once the heartbeats have caught up."""
     time.sleep(settle)  # > the instances' heartbeat interval (0.25 s)
     return {
-        hb["instance_id"]: (hb["prefix_queried_tokens"], hb["prefix_hit_tokens"])
+        hb["instance_id"]: (hb["kv"]["prefix_queried_tokens"], hb["kv"]["prefix_hit_tokens"])
         for hb in cluster_state(base_url)["instances"]
     }
 

@@ -100,7 +100,7 @@ def cell(model_dir, kind: str, concurrency: int, args) -> dict:
         tok_s, engine = run(model_dir, prompts, args.output_len, options, args.repeats)
         result[f"{mode}_tok_s"] = round(tok_s, 1)
         if mode == "forced":  # (counts include the warm-up's)
-            stats = engine.stats()
+            stats = engine.speculation_stats()
             kept, drafts = stats.num_accepted_draft_tokens, stats.num_draft_tokens
             result["acceptance_rate"] = round(kept / drafts, 3) if drafts else 0.0
     result["adaptive_ratio"] = round(result["adaptive_tok_s"] / result["off_tok_s"], 3)

@@ -11,6 +11,7 @@ live instances per role and the flips the scheduler ordered.
 from __future__ import annotations
 
 import time
+from operator import attrgetter
 
 from services.gateway.prometheus import Registry
 from services.gateway.streaming import Generation
@@ -21,24 +22,28 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
-# Per-instance gauges: (metric name, Heartbeat field, help).
+# Per-instance gauges: (metric name, path of the Heartbeat field, help).
 INSTANCE_GAUGES = (
-    ("xllm_instance_requests_running", "num_running", "Sequences in the instance's running batch."),
-    ("xllm_instance_requests_waiting", "num_waiting", "Sequences queued at the instance."),
-    ("xllm_instance_kv_blocks_used", "kv_blocks_used", "KV blocks held by sequences."),
+    (
+        "xllm_instance_requests_running",
+        "load.num_running",
+        "Sequences in the instance's running batch.",
+    ),
+    ("xllm_instance_requests_waiting", "load.num_waiting", "Sequences queued at the instance."),
+    ("xllm_instance_kv_blocks_used", "kv.blocks_used", "KV blocks held by sequences."),
     (
         "xllm_instance_kv_blocks_free",
-        "kv_blocks_free",
+        "kv.blocks_free",
         "KV blocks free (cached prefixes included).",
     ),
     (
         "xllm_instance_prefix_queried_tokens",
-        "prefix_queried_tokens",
+        "kv.prefix_queried_tokens",
         "Prompt tokens looked up in the instance's prefix cache since it started.",
     ),
     (
         "xllm_instance_prefix_hit_tokens",
-        "prefix_hit_tokens",
+        "kv.prefix_hit_tokens",
         "Prompt tokens found in the instance's prefix cache since it started.",
     ),
     (
@@ -48,52 +53,52 @@ INSTANCE_GAUGES = (
     ),
     (
         "xllm_instance_preemptions",
-        "num_preemptions",
+        "preemption.num_preemptions",
         "Sequences preempted (swapped out or dropped for recompute) since the instance started.",
     ),
     (
         "xllm_instance_swapped_requests",
-        "num_swapped",
+        "preemption.num_swapped",
         "Offline sequences preempted with their KV in host memory, waiting for room.",
     ),
     (
         "xllm_instance_swap_out_blocks",
-        "swap_out_blocks",
+        "preemption.swap_out_blocks",
         "KV blocks swapped out to host memory since the instance started.",
     ),
     (
         "xllm_instance_swap_in_blocks",
-        "swap_in_blocks",
+        "preemption.swap_in_blocks",
         "KV blocks swapped back in since the instance started.",
     ),
     (
         "xllm_instance_swap_seconds",
-        "swap_seconds",
+        "preemption.swap_seconds",
         "Seconds spent copying swapped KV blocks since the instance started.",
     ),
     (
         "xllm_instance_recent_tpot_seconds",
-        "recent_tpot",
+        "steps.recent_tpot",
         "Recent time per decode step (each running request gets one token per step).",
     ),
     (
         "xllm_instance_spec_draft_tokens",
-        "num_draft_tokens",
+        "speculation.num_draft_tokens",
         "Speculative draft tokens verified since the instance started.",
     ),
     (
         "xllm_instance_spec_accepted_tokens",
-        "num_accepted_draft_tokens",
+        "speculation.num_accepted_draft_tokens",
         "Speculative draft tokens the target model kept since the instance started.",
     ),
     (
         "xllm_instance_spec_acceptance_rate",
-        "recent_acceptance_rate",
+        "speculation.recent_acceptance_rate",
         "Kept / verified draft tokens over the instance's recent speculative steps.",
     ),
     (
         "xllm_instance_speculating",
-        "speculating",
+        "speculation.speculating",
         "1 while the instance's adaptive switch has speculation on, else 0.",
     ),
 )
@@ -144,8 +149,8 @@ class GatewayMetrics:
         )
         # One gauge per heartbeat field, labelled by instance and role.
         self.instance_gauges = [
-            (r.gauge(name, help, ("instance", "role")), field)
-            for name, field, help in INSTANCE_GAUGES
+            (r.gauge(name, help, ("instance", "role")), attrgetter(path))
+            for name, path, help in INSTANCE_GAUGES
         ]
         self.cluster_instances = r.gauge(
             "xllm_cluster_instances", "Live instances per role, as the scheduler places.", ("role",)
@@ -218,8 +223,8 @@ class GatewayMetrics:
             gauge.clear()
         self.cluster_instances.clear()
         for hb in state.instances if state is not None else ():
-            for gauge, field in self.instance_gauges:
-                gauge.labels(instance=hb.instance_id, role=hb.role).set(getattr(hb, field))
+            for gauge, value_of in self.instance_gauges:
+                gauge.labels(instance=hb.instance_id, role=hb.role).set(value_of(hb))
         if state is not None:
             self.cluster_prefix_hit_rate.set(prefix_cache_summary(state)["hit_rate"])
             for role, count in state.role_counts.items():
@@ -241,8 +246,8 @@ class GatewayMetrics:
 
 def prefix_cache_summary(state: ClusterState) -> dict[str, float]:
     """Cluster-wide prefix-cache use over the live instances' lifetimes."""
-    queried = sum(hb.prefix_queried_tokens for hb in state.instances)
-    hits = sum(hb.prefix_hit_tokens for hb in state.instances)
+    queried = sum(hb.kv.prefix_queried_tokens for hb in state.instances)
+    hits = sum(hb.kv.prefix_hit_tokens for hb in state.instances)
     return {
         "queried_tokens": queried,
         "hit_tokens": hits,

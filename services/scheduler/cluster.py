@@ -52,11 +52,15 @@ class InstanceView:
     @property
     def load(self) -> int:
         """Queued work in tokens: what a new request waits behind."""
-        return self.heartbeat.num_tokens_in_flight + self.pending_tokens
+        return self.heartbeat.load.num_tokens_in_flight + self.pending_tokens
 
     @property
     def num_requests(self) -> int:
-        return self.heartbeat.num_running + self.heartbeat.num_waiting + self.pending_requests
+        return (
+            self.heartbeat.load.num_running
+            + self.heartbeat.load.num_waiting
+            + self.pending_requests
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +101,8 @@ class Registry:
         """Record a heartbeat; True if the instance is new to the registry."""
         self._now = max(self._now, now)
         prev = self._views.get(heartbeat.instance_id)
-        idle = heartbeat.num_prefill_backlog_tokens == 0 and heartbeat.num_waiting == 0
+        load = heartbeat.load
+        idle = load.num_prefill_backlog_tokens == 0 and load.num_waiting == 0
         if prev is None:
             role = heartbeat.role
             self._views[heartbeat.instance_id] = InstanceView(

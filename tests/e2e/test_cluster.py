@@ -83,7 +83,7 @@ def cluster_state(config) -> dict:
 
 
 def blocks_held(config) -> int:
-    return sum(i["kv_blocks_used"] for i in cluster_state(config)["instances"])
+    return sum(i["kv"]["blocks_used"] for i in cluster_state(config)["instances"])
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -274,7 +274,7 @@ def test_killed_instance_leaves_rotation_and_its_running_request_survives(
             future.result(timeout=1)  # its exception, if it failed
             raise AssertionError(f"the stream did not start: {streamed}")
         running = wait_for(
-            lambda: [i for i in cluster_state(config)["instances"] if i["num_running"]],
+            lambda: [i for i in cluster_state(config)["instances"] if i["load"]["num_running"]],
             10,
             "a heartbeat showing the request running",
         )

@@ -90,13 +90,13 @@ def wait_for(predicate, timeout: float, what: str, show=lambda: ""):
 def totals(config) -> dict[str, int]:
     instances = state(config)["instances"]
     return {
-        key: sum(i[key] for i in instances)
-        for key in ("kv_blocks_sent", "kv_bytes_sent", "kv_blocks_received", "kv_bytes_received")
-    } | {"blocks_held": sum(i["kv_blocks_used"] for i in instances)}
+        f"kv_{key}": sum(i["transfer"][key] for i in instances)
+        for key in ("blocks_sent", "bytes_sent", "blocks_received", "bytes_received")
+    } | {"blocks_held": sum(i["kv"]["blocks_used"] for i in instances)}
 
 
 def holders(config) -> dict[str, int]:
-    return {i["instance_id"]: i["kv_blocks_used"] for i in state(config)["instances"]}
+    return {i["instance_id"]: i["kv"]["blocks_used"] for i in state(config)["instances"]}
 
 
 def prompts(n: int, seed: int, lengths=(5, 16, 40, 123, 300, 777)) -> list[list[int]]:
@@ -230,7 +230,8 @@ def test_a_request_survives_a_killed_instance(cluster, victim_role, engine_greed
             lambda: [
                 i
                 for i in state(config)["instances"]
-                if i["role"] == victim_role and (i["num_running"] or i["num_waiting"])
+                if i["role"] == victim_role
+                and (i["load"]["num_running"] or i["load"]["num_waiting"])
             ],
             30,
             f"a busy {victim_role} instance",

@@ -70,7 +70,7 @@ def run_workload(model_dir, policy: str, log_dir) -> tuple[list[list[int]], dict
 def hits_by_instance(state: dict) -> dict[str, tuple[int, int]]:
     """instance -> (prompt tokens it served, of which prefix-cache hits)."""
     return {
-        i["instance_id"]: (i["prefix_queried_tokens"], i["prefix_hit_tokens"])
+        i["instance_id"]: (i["kv"]["prefix_queried_tokens"], i["kv"]["prefix_hit_tokens"])
         for i in state["instances"]
     }
 

@@ -98,9 +98,14 @@ class RoleRecorder(threading.Thread):
 
     def summary(self) -> list[dict]:
         """What the planner saw last, for a failure message."""
-        keys = ("instance_id", "role", "num_prefill_backlog_tokens", "num_decoding")
-        keys += ("recent_prefill_seconds_per_token", "prefill_tokens", "ttft_count")
-        return [{k: i[k] for k in keys} for i in self.last.get("instances", [])]
+        load = ("num_prefill_backlog_tokens", "num_decoding")
+        steps = ("recent_prefill_seconds_per_token", "prefill_tokens", "ttft_count")
+        return [
+            {"instance_id": i["instance_id"], "role": i["role"]}
+            | {k: i["load"][k] for k in load}
+            | {k: i["steps"][k] for k in steps}
+            for i in self.last.get("instances", [])
+        ]
 
 
 def roles(state: dict) -> dict[str, str]:
@@ -129,7 +134,7 @@ def test_burst_flips_a_decode_instance_to_prefill_and_back(cluster):
         # Warm-up: every instance runs a step (first steps load kernels) before the burst.
         for _ in range(3):
             await asyncio.gather(*(complete(client, model, 1000 + k, 300) for k in range(2)))
-            if all(i["steps"] for i in cluster_state(cluster)["instances"]):
+            if all(i["steps"]["num_steps"] for i in cluster_state(cluster)["instances"]):
                 break
         first = [
             asyncio.create_task(complete(client, model, i, PROMPT_TOKENS)) for i in range(WAVES[0])
@@ -165,10 +170,10 @@ def test_burst_flips_a_decode_instance_to_prefill_and_back(cluster):
     assert recorder.history["prefill-0"] == ["prefill"], recorder.history
     by_id = {i["instance_id"]: i for i in state["instances"]}
     assert by_id[flipped[0]]["role_flips"] == 2
-    assert by_id[flipped[0]]["ttft_count"] > 0, "the flipped instance served prefills"
+    assert by_id[flipped[0]]["steps"]["ttft_count"] > 0, "the flipped instance served prefills"
     assert state["num_role_flips"] == 2
     assert state["role_counts"] == {"both": 0, "prefill": 1, "decode": 2}
     deadline = time.monotonic() + 10
-    while any(i["kv_blocks_used"] for i in cluster_state(cluster)["instances"]):
+    while any(i["kv"]["blocks_used"] for i in cluster_state(cluster)["instances"]):
         assert time.monotonic() < deadline, "KV blocks still held after every request ended"
         time.sleep(0.2)

@@ -94,14 +94,17 @@ def test_greedy_outputs_equal_the_engine_without_speculation(cluster, model_dir)
     while True:
         seen = {i["role"]: i for i in instances(config)}
         speculated = seen["decode" if pd else "both"]
-        settled = all(i["kv_blocks_used"] == 0 for i in seen.values())
-        if (settled and speculated["num_accepted_draft_tokens"] > 0) or (
+        settled = all(i["kv"]["blocks_used"] == 0 for i in seen.values())
+        if (settled and speculated["speculation"]["num_accepted_draft_tokens"] > 0) or (
             time.monotonic() > deadline
         ):
             break
         time.sleep(0.3)
-    assert settled, {role: i["kv_blocks_used"] for role, i in seen.items()}
-    assert speculated["num_accepted_draft_tokens"] > 0
-    assert speculated["num_draft_tokens"] >= speculated["num_accepted_draft_tokens"]
+    assert settled, {role: i["kv"]["blocks_used"] for role, i in seen.items()}
+    drafts = speculated["speculation"]
+    assert drafts["num_accepted_draft_tokens"] > 0
+    assert drafts["num_draft_tokens"] >= drafts["num_accepted_draft_tokens"]
     if pd:
-        assert seen["prefill"]["num_draft_tokens"] == 0  # prefill-only requests never draft
+        assert (
+            seen["prefill"]["speculation"]["num_draft_tokens"] == 0
+        )  # prefill-only requests never draft

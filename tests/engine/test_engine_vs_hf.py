@@ -78,7 +78,7 @@ def test_chunked_prefill_matches_transformers(model_dir, hf_model):
     hf = hf_model(model_dir)
     for i, prompt in enumerate(prompts):
         assert_greedy_matches(hf, prompt, out[str(i)], NEW_TOKENS)
-    assert engine.num_steps > NEW_TOKENS + 5
+    assert engine.step_stats.num_steps > NEW_TOKENS + 5
 
 
 def test_prefix_cache_hit_matches_transformers(model_dir, hf_model):

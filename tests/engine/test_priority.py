@@ -191,7 +191,7 @@ def test_offline_greedy_output_is_unchanged_by_an_online_burst_that_swaps_it(tin
 
     _, alone = run(with_burst=False)
     engine, mixed = run(with_burst=True)
-    stats = engine.stats()
+    stats = engine.preemption_stats()
     assert stats.num_swap_outs > 0 and stats.swap_out_blocks > 0
     assert stats.swap_in_blocks == stats.swap_out_blocks  # every swapped block came back
     for i in range(3):

@@ -68,9 +68,9 @@ def test_greedy_with_drafts_of_every_outcome_equals_plain_and_transformers(
     expected = run_engine(plain, prompts, greedy(NEW_TOKENS))
     engine = speculative_engine(model_dir, Oracle(prompts, expected, vocab), **options)
     assert run_engine(engine, prompts, greedy(NEW_TOKENS)) == expected
-    stats = engine.stats()
+    stats = engine.speculation_stats()
     assert 0 < stats.num_accepted_draft_tokens < stats.num_draft_tokens
-    assert engine.num_steps < plain.num_steps  # kept drafts saved steps
+    assert engine.step_stats.num_steps < plain.step_stats.num_steps  # kept drafts saved steps
     hf = hf_model(model_dir)
     for i in (0, 2):
         assert_greedy_matches(hf, prompts[i], expected[str(i)], NEW_TOKENS)
@@ -85,7 +85,7 @@ def test_greedy_with_ngram_drafts_equals_plain(loopy_model_dir, arch):
     expected = run_engine(plain, prompts, greedy(60))
     engine = speculative_engine(model_dir, max_num_batched_tokens=32)
     assert run_engine(engine, prompts, greedy(60)) == expected
-    assert engine.stats().num_accepted_draft_tokens > 10
+    assert engine.speculation_stats().num_accepted_draft_tokens > 10
 
 
 def test_no_block_is_leaked_by_aborts_mid_speculation_or_by_finishing(tiny_model_dir):
@@ -108,7 +108,7 @@ def test_no_block_is_leaked_by_aborts_mid_speculation_or_by_finishing(tiny_model
         if step == 4:
             for rid in ("1", "4"):
                 assert engine.abort_request(rid)
-    assert engine.stats().num_accepted_draft_tokens > 0
+    assert engine.speculation_stats().num_accepted_draft_tokens > 0
     assert bm.num_free_blocks == bm.num_blocks and not engine.sequences
 
 
@@ -209,7 +209,7 @@ def test_sampled_outputs_follow_the_target_law(tiny_model_dir, hf_model):
     law = exact_law(hf_model(model_dir), prompt, SamplingParams(temperature=temperature))
     engine.scheduler.proposer = Likeliest(law)
     outputs = sampled_run(engine, prompt, temperature)
-    assert engine.stats().num_accepted_draft_tokens > SAMPLES // 4
+    assert engine.speculation_stats().num_accepted_draft_tokens > SAMPLES // 4
     stat, df = chi_square(outputs, law)
     assert stat < chi_square_critical(df), (stat, df)
 

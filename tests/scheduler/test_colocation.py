@@ -26,7 +26,7 @@ def view(
     instance_id: str, role: str = "decode", pending: tuple[int, int] = (0, 0), **fields
 ) -> InstanceView:
     """An instance from its heartbeat's `fields` and (tokens, requests) placed since."""
-    fields.setdefault("kv_blocks_free", 10_000)
+    fields.setdefault("blocks_free", 10_000)
     hb = heartbeat(instance_id, role, **fields)
     return InstanceView(hb, 0.0, pending_tokens=pending[0], pending_requests=pending[1])
 
@@ -61,8 +61,8 @@ def test_offline_decode_is_admitted_only_within_the_tpot_target():
 
 def test_offline_decode_leaves_half_the_kv_pool_to_online_work():
     # 2,000 blocks of 16 tokens; the request would hold 1,200 tokens.
-    roomy = view("d", kv_blocks_used=900, kv_blocks_free=1100)
-    full = view("d", kv_blocks_used=950, kv_blocks_free=1050)
+    roomy = view("d", blocks_used=900, blocks_free=1100)
+    full = view("d", blocks_used=950, blocks_free=1050)
     assert admits_offline_decode(roomy, offline(), None)
     assert not admits_offline_decode(full, offline(), None)
 
@@ -139,5 +139,5 @@ def test_online_ttft_predictions_ignore_offline_prefill_work():
     registry.note_placement("p", 500)
     registry.note_placement("p", 3000, offline=True)
     (p,) = registry.snapshot().instances
-    assert p.load == beat.num_tokens_in_flight + 3500  # least-load still sees all the work
+    assert p.load == beat.load.num_tokens_in_flight + 3500  # least-load still sees all the work
     assert TtftPredictor.queued_tokens(p) == 1000 + 500

@@ -98,7 +98,7 @@ def test_heartbeats_are_stale_by_up_to_one_interval():
     def spy(request: PlacementRequest, snapshot: ClusterSnapshot):
         seen.append(
             {
-                v.instance_id: (v.heartbeat.num_running, v.pending_requests)
+                v.instance_id: (v.heartbeat.load.num_running, v.pending_requests)
                 for v in snapshot.instances
             }
         )
@@ -185,7 +185,7 @@ def test_pd_places_both_halves_with_the_policy_and_hands_the_kv_over():
     assert (r.instance_id, r.decode_instance_id) == ("inst-000", "inst-001")
     assert r.first_token_at == pytest.approx(prefill)
     assert r.finished_at == pytest.approx(prefill + transfer + sum(decodes))
-    assert sim.instances[1].steps == 2
+    assert sim.instances[1].step_stats.num_steps == 2
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
@@ -194,7 +194,7 @@ def test_every_policy_runs_a_disaggregated_cluster(name):
     done, sim = run(requests, policy=name, roles=("prefill",) * 2 + ("decode",) * 2)
     assert all(r.finished_at is not None and not r.rejected for r in done)
     assert {r.decode_instance_id for r in done} <= {"inst-002", "inst-003"}
-    assert sum(i.steps for i in sim.instances[2:]) > 0
+    assert sum(i.step_stats.num_steps for i in sim.instances[2:]) > 0
 
 
 def test_percentile_interpolates_like_numpy():

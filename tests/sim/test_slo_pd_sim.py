@@ -76,26 +76,26 @@ def test_heartbeats_carry_the_step_stats_and_the_prefill_backlog():
     inst.update(inst.schedule(), 0.1, seconds=0.1)  # its prefill: 10 tokens, first token
     inst.add(SimRequest("p", 0.1, 3000, 4), now=0.1)
     hb = inst.heartbeat(0.1)
-    assert (hb.num_prefill_backlog_tokens, hb.num_decoding) == (3000, 1)
-    assert (hb.prefill_tokens, hb.prefill_seconds) == (10, pytest.approx(0.1))
-    assert hb.recent_prefill_seconds_per_token == pytest.approx(0.01)
-    assert (hb.ttft_count, hb.ttft_seconds) == (1, pytest.approx(0.1))
-    assert (hb.decode_steps, hb.recent_tpot) == (0, 0.0)
+    assert (hb.load.num_prefill_backlog_tokens, hb.load.num_decoding) == (3000, 1)
+    assert (hb.steps.prefill_tokens, hb.steps.prefill_seconds) == (10, pytest.approx(0.1))
+    assert hb.steps.recent_prefill_seconds_per_token == pytest.approx(0.01)
+    assert (hb.steps.ttft_count, hb.steps.ttft_seconds) == (1, pytest.approx(0.1))
+    assert (hb.steps.decode_steps, hb.steps.recent_tpot) == (0, 0.0)
 
     step = inst.schedule()  # 1 decode + a 2,047-token chunk, as the engine would
     assert step.shape.decode_context_lens == (11,)
     inst.update(step, 1.1, seconds=1.0)
     hb = inst.heartbeat(1.1)
-    assert hb.num_prefill_backlog_tokens == 3000 - 2047
-    assert hb.prefill_tokens == 10 + 2047
-    assert hb.prefill_seconds == pytest.approx(0.1 + 2047 / 2048)  # split by token share
-    assert (hb.decode_steps, hb.decode_seconds, hb.recent_tpot) == (1, 1.0, 1.0)
-    assert hb.ttft_count == 1  # the long prompt has no first token yet
+    assert hb.load.num_prefill_backlog_tokens == 3000 - 2047
+    assert hb.steps.prefill_tokens == 10 + 2047
+    assert hb.steps.prefill_seconds == pytest.approx(0.1 + 2047 / 2048)  # split by token share
+    assert (hb.steps.decode_steps, hb.steps.decode_seconds, hb.steps.recent_tpot) == (1, 1.0, 1.0)
+    assert hb.steps.ttft_count == 1  # the long prompt has no first token yet
 
     inst.update(inst.schedule(), 1.6, seconds=0.5)
     hb = inst.heartbeat(1.6)
-    assert (hb.num_prefill_backlog_tokens, hb.num_decoding) == (0, 2)
-    assert (hb.ttft_count, hb.ttft_seconds) == (2, pytest.approx(0.1 + 1.5))
+    assert (hb.load.num_prefill_backlog_tokens, hb.load.num_decoding) == (0, 2)
+    assert (hb.steps.ttft_count, hb.steps.ttft_seconds) == (2, pytest.approx(0.1 + 1.5))
 
 
 def test_a_pd_run_fills_the_heartbeats_the_policy_reads():
@@ -104,11 +104,13 @@ def test_a_pd_run_fills_the_heartbeats_the_policy_reads():
     assert all(r.finished_at is not None for r in done)
     views = {v.instance_id: v.heartbeat for v in sim.registry.snapshot().instances}
     p, d = views["inst-000"], views["inst-001"]
-    assert p.ttft_count == 10 and p.prefill_tokens == 10 * PROMPT_TOKENS
-    assert p.prefill_seconds > 0 and p.recent_prefill_seconds_per_token > 0
-    assert p.decode_steps == 0  # a prefill instance only prefills
-    assert d.ttft_count == 0 and d.prefill_tokens == 0  # its first tokens came with the KV
-    assert d.decode_steps > 0 and d.recent_tpot > 0
+    assert p.steps.ttft_count == 10 and p.steps.prefill_tokens == 10 * PROMPT_TOKENS
+    assert p.steps.prefill_seconds > 0 and p.steps.recent_prefill_seconds_per_token > 0
+    assert p.steps.decode_steps == 0  # a prefill instance only prefills
+    assert (
+        d.steps.ttft_count == 0 and d.steps.prefill_tokens == 0
+    )  # its first tokens came with the KV
+    assert d.steps.decode_steps > 0 and d.steps.recent_tpot > 0
     assert sim.num_role_flips == 0  # a light load: nothing to rebalance
 
 

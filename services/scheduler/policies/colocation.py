@@ -66,19 +66,19 @@ def predicted_decode_step(view: InstanceView, request: PlacementRequest, cost: D
     holds (running, queued, reserved for a prefill elsewhere, or placed since its
     heartbeat) decodes, over all their tokens, and `request` at its mean context over its
     output."""
-    hb = view.heartbeat
-    num_seqs = hb.num_running + hb.num_waiting + hb.num_reserved + view.pending_requests + 1
+    load = view.heartbeat.load
+    num_seqs = load.num_running + load.num_waiting + load.num_reserved + view.pending_requests + 1
     num_tokens = (
-        view.load + hb.num_reserved_tokens + request.num_prompt_tokens + request.max_tokens // 2
+        view.load + load.num_reserved_tokens + request.num_prompt_tokens + request.max_tokens // 2
     )
     return cost.decode_step(num_seqs, num_tokens)
 
 
 def kv_fill_with(view: InstanceView, request: PlacementRequest) -> float:
     """The share of `view`'s KV pool in use with `request` there at its full length."""
-    hb = view.heartbeat
-    pool = (hb.kv_blocks_used + hb.kv_blocks_free) * hb.kv_block_size
-    used = hb.kv_blocks_used * hb.kv_block_size + view.pending_tokens
+    kv, block_size = view.heartbeat.kv, view.heartbeat.kv_block_size
+    pool = (kv.blocks_used + kv.blocks_free) * block_size
+    used = kv.blocks_used * block_size + view.pending_tokens
     return (used + request.num_prompt_tokens + request.max_tokens) / max(pool, 1)
 
 

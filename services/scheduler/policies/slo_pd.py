@@ -59,28 +59,28 @@ class TtftPredictor:
         their lifetime counters' ratio, else the default."""
         views = list(views)
         recent = [
-            v.heartbeat.recent_prefill_seconds_per_token
+            v.heartbeat.steps.recent_prefill_seconds_per_token
             for v in views
-            if v.heartbeat.recent_prefill_seconds_per_token > 0
+            if v.heartbeat.steps.recent_prefill_seconds_per_token > 0
         ]
         if recent:
             return cls(sum(recent) / len(recent), overhead)
-        tokens = sum(v.heartbeat.prefill_tokens for v in views)
-        seconds = sum(v.heartbeat.prefill_seconds for v in views)
+        tokens = sum(v.heartbeat.steps.prefill_tokens for v in views)
+        seconds = sum(v.heartbeat.steps.prefill_seconds for v in views)
         if tokens < MIN_FIT_TOKENS or seconds <= 0:
             return cls(DEFAULT_SECONDS_PER_TOKEN, overhead)
         return cls(seconds / tokens, overhead)
 
     def seconds_per_token_of(self, view: InstanceView) -> float:
-        return view.heartbeat.recent_prefill_seconds_per_token or self.seconds_per_token
+        return view.heartbeat.steps.recent_prefill_seconds_per_token or self.seconds_per_token
 
     @staticmethod
     def queued_tokens(view: InstanceView) -> int:
         """Prefill tokens ahead of a new online prompt: the heartbeat's backlog plus what
         the scheduler placed there since, less offline work (the engine prefills online
         prompts first)."""
-        hb = view.heartbeat
-        backlog = hb.num_prefill_backlog_tokens - hb.num_offline_prefill_backlog_tokens
+        load = view.heartbeat.load
+        backlog = load.num_prefill_backlog_tokens - load.num_offline_prefill_backlog_tokens
         return backlog + view.pending_tokens - view.pending_offline_tokens
 
     def predict(self, view: InstanceView, num_new_tokens: int) -> float:
@@ -122,12 +122,13 @@ def _place_prefill(request: PlacementRequest, snapshot: ClusterSnapshot) -> str 
 
 def is_flipping_to_prefill(view: InstanceView) -> bool:
     """In the D→P pool: ordered to prefill but not confirmed, or still decoding."""
-    return view.pending_role == "prefill" or view.heartbeat.num_decoding > 0
+    return view.pending_role == "prefill" or view.heartbeat.load.num_decoding > 0
 
 
 def tpot_over(view: InstanceView, slo_tpot: float) -> bool:
     """Decoding now, at more than `slo_tpot` seconds per output token."""
-    return view.heartbeat.num_decoding > 0 and view.heartbeat.recent_tpot > slo_tpot
+    hb = view.heartbeat
+    return hb.load.num_decoding > 0 and hb.steps.recent_tpot > slo_tpot
 
 
 def least_loaded(candidates: Sequence[InstanceView]) -> str | None:
@@ -225,8 +226,8 @@ def ttft_at_risk(
 
 def typical_prompt(pool: Sequence[InstanceView]) -> int:
     """Mean prefill tokens per first token over the pool's lifetime (0 before any)."""
-    count = sum(v.heartbeat.ttft_count for v in pool)
-    return sum(v.heartbeat.prefill_tokens for v in pool) // count if count else 0
+    count = sum(v.heartbeat.steps.ttft_count for v in pool)
+    return sum(v.heartbeat.steps.prefill_tokens for v in pool) // count if count else 0
 
 
 def _idle(view: InstanceView, now: float, seconds: float) -> bool:

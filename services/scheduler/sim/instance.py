@@ -25,12 +25,13 @@ reservation (`release_prefilled`); then the decode side admits it (`add_prefille
 (`set_role`) changes what the scheduler places here, never the sequences already here.
 
 Heartbeats carry what `Instance.heartbeat` sends, from the same objects: the scheduler's
-queues and `backlog()`, the block manager's counts, and a `StepStats` fed each simulated
+queues and `load_stats()`, the block manager's counts, and a `StepStats` fed each simulated
 step (its seconds, prefill tokens and decodes) and each first token sampled here.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,8 +41,8 @@ from xllm.engine.block_manager import BlockManager
 from xllm.engine.prefix_hash import block_hashes
 from xllm.engine.scheduler import Scheduler, SchedulerOutput
 from xllm.engine.sequence import Sequence, SequenceStatus
-from xllm.engine.step_stats import StepStats
-from xllm.protocol import Heartbeat
+from xllm.engine.step_stats import record_first_token, record_step
+from xllm.protocol import Heartbeat, PreemptionStats, StepStats
 from xllm.protocol.types import SamplingParams
 
 HASH_BLOCK_TOKENS = 512
@@ -161,7 +162,6 @@ class SimInstance:
         prefill may start (live: the decode instance's `PrefillCmd`)."""
         self.busy = False
         self.busy_time = 0.0
-        self.steps = 0
         self.step_stats = StepStats()
         self.role_flips = 0
 
@@ -182,36 +182,24 @@ class SimInstance:
     def heartbeat(self, sent_at: float) -> Heartbeat:
         """The heartbeat our instance would send now (see `Instance.heartbeat`)."""
         sched, bm = self.scheduler, self.block_manager
-        backlog = sched.backlog()
         return Heartbeat(
             instance_id=self.instance_id,
             role=self.role,  # type: ignore[arg-type]
             model=self.model,
             max_model_len=self.spec.max_model_len,
-            num_running=len(sched.running),
-            num_waiting=len(sched.waiting),
-            num_tokens_in_flight=sum(
-                s.num_tokens - s.num_cached_tokens for s in [*sched.running, *sched.waiting]
-            ),
-            kv_blocks_used=bm.num_used_blocks,
-            kv_blocks_free=bm.num_free_blocks,
             kv_block_size=self.spec.block_size,
-            prefix_queried_tokens=bm.stats.queried_tokens,
-            prefix_hit_tokens=bm.stats.hit_tokens,
-            num_preemptions=sched.num_preemptions,
-            steps=self.steps,
             sent_at=sent_at,
             role_flips=self.role_flips,
-            num_prefill_backlog_tokens=backlog.num_prefill_backlog_tokens,
-            num_offline_prefill_backlog_tokens=backlog.num_offline_prefill_backlog_tokens,
-            num_decoding=backlog.num_decoding,
-            num_reserved=len(self._reserved),
-            num_reserved_tokens=sum(s.num_tokens for s in self._reserved.values()),
-            num_swapped=len(sched.swapped),
-            num_swap_outs=sched.num_swap_outs,
-            swap_out_blocks=sched.num_swapped_out_blocks,
-            swap_in_blocks=sched.num_swapped_in_blocks,
-            **vars(self.step_stats),  # its fields, all scalars (`asdict` is 10x slower)
+            load=sched.load_stats(self._reserved.values()),
+            kv=bm.kv_stats(),
+            steps=copy.copy(self.step_stats),  # this instance goes on counting in it
+            preemption=PreemptionStats(
+                num_preemptions=sched.num_preemptions,
+                num_swapped=len(sched.swapped),
+                num_swap_outs=sched.num_swap_outs,
+                swap_out_blocks=sched.num_swapped_out_blocks,
+                swap_in_blocks=sched.num_swapped_in_blocks,
+            ),
         )
 
     def set_role(self, role: str) -> None:
@@ -302,16 +290,16 @@ class SimInstance:
         """`Scheduler.update` with a sampled token for each sequence that samples; returns
         the requests whose part here is done: finished, or prefilled and ready to hand over
         (`is_prefilled`). `seconds`: the step's duration (`Engine._measure`)."""
-        self.steps += 1
+        self.step_stats.num_steps += 1
         out = step.output
         num_decodes = len(step.shape.decode_context_lens)
-        self.step_stats.record_step(seconds, out.num_tokens - num_decodes, num_decodes)
+        record_step(self.step_stats, seconds, out.num_tokens - num_decodes, num_decodes)
         sampled = {item.seq.seq_id: SAMPLED_TOKEN for item in out.scheduled if item.samples}
         done = []
         for seq in self.scheduler.update(out, sampled):
             req = self.requests[seq.request_id]
             if seq.num_output_tokens == 1:  # a prompt's first token, sampled here
-                self.step_stats.record_first_token(now - seq.arrival_time)
+                record_first_token(self.step_stats, now - seq.arrival_time)
                 req.num_cached_tokens = seq.num_cached_tokens
                 if req.first_token_at is None:
                     req.first_token_at = now

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from xllm.engine.sequence import Sequence
+from xllm.protocol.stats import KvCacheStats
 
 
 @dataclass(slots=True)
@@ -67,6 +68,15 @@ class BlockManager:
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
+
+    def kv_stats(self) -> KvCacheStats:
+        """The pool and prefix cache as heartbeats report them."""
+        return KvCacheStats(
+            blocks_used=self.num_used_blocks,
+            blocks_free=self.num_free_blocks,
+            prefix_queried_tokens=self.stats.queried_tokens,
+            prefix_hit_tokens=self.stats.hit_tokens,
+        )
 
     # -- prefix cache ---------------------------------------------------------------------
 

@@ -25,12 +25,18 @@ from xllm.engine.proposer import make_proposer
 from xllm.engine.scheduler import Scheduler, SchedulerOutput, offline_token_budget
 from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
 from xllm.engine.speculation import AdaptiveSpeculation, SpeculativeStep
-from xllm.engine.step_stats import StepStats
+from xllm.engine.step_stats import record_first_token, record_step
 from xllm.engine.swap import SwapSpace
 from xllm.models.config import ModelConfig, parse_dtype
 from xllm.ops import use_native_kernels
 from xllm.platform import default_dtype, select_device
 from xllm.protocol.errors import ErrorCode, RequestRejected
+from xllm.protocol.stats import (
+    LoadStats,
+    PreemptionStats,
+    SpeculationStats,
+    StepStats,
+)
 from xllm.protocol.types import Logprob, SamplingParams
 
 if TYPE_CHECKING:
@@ -71,46 +77,6 @@ class Reservation:
     """Prompt tokens already in this instance's prefix cache (whole blocks)."""
     fill_block_ids: list[int]
     """The blocks the prefill side must write: `block_ids` after the cached ones."""
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_blocks_used: int
-    num_blocks_free: int
-    prefix_queried_tokens: int
-    prefix_hit_tokens: int
-    num_preemptions: int
-    num_steps: int
-    num_prefill_backlog_tokens: int = 0
-    """Tokens still to compute of the sequences that are prefilling (waiting or running
-    short of their last token): the prefill queue a new prompt waits behind."""
-    num_offline_prefill_backlog_tokens: int = 0
-    """Of `num_prefill_backlog_tokens`, the offline sequences'."""
-    num_decoding: int = 0
-    """Running sequences past their prompt (decoding)."""
-    num_reserved: int = 0
-    """Decode side: sequences holding blocks for a remote prefill, awaiting their KV."""
-    num_reserved_tokens: int = 0
-    """Their prompt tokens."""
-    num_swapped: int = 0
-    """Offline sequences preempted with their KV in host memory."""
-    num_swap_outs: int = 0
-    """Cumulative preemptions that kept the KV by swapping it out."""
-    swap_out_blocks: int = 0
-    swap_in_blocks: int = 0
-    swap_seconds: float = 0.0
-    """Cumulative time spent copying swapped blocks, both ways."""
-    num_draft_tokens: int = 0
-    """Cumulative speculative drafts verified."""
-    num_accepted_draft_tokens: int = 0
-    """Cumulative drafts kept by the verification."""
-    recent_acceptance_rate: float = 0.0
-    """Kept / verified drafts over the recent speculative steps (what the adaptive rule
-    uses); 0 before any."""
-    speculating: bool = False
-    """Whether the last step asked for drafts (False when speculation is off)."""
 
 
 class Engine:
@@ -157,11 +123,11 @@ class Engine:
         self.runner = ModelRunner(config, mc, self.dtype, self.device, num_blocks)
         self.swap_space = SwapSpace(self.runner.kv_cache, self._num_host_blocks())
         self.sequences: dict[str, list[Sequence]] = {}
-        self.num_steps = 0
         self.num_draft_tokens = 0
         """Cumulative speculative drafts verified, and kept (over every sequence)."""
         self.num_accepted_draft_tokens = 0
         self.step_stats = StepStats()
+        """Counted in place by every step; the heartbeat sends a copy."""
         self.decode_step_seconds = 0.0
         """Exponentially weighted wall time of the recent plain decode steps (no prompt
         tokens, no drafts): the basis of `offline_token_budget`."""
@@ -356,7 +322,7 @@ class Engine:
         tokens = {seq.seq_id: tok for seq, tok in zip(seqs, sampled.token_ids, strict=True)}
         for _parent, child in out.forks:
             self.sequences[child.request_id].append(child)
-        self.num_steps += 1
+        self.step_stats.num_steps += 1
         updated = self.scheduler.update(out, tokens, sampled.verified)
         deltas = [
             self._delta(seq, seq.num_tokens - num_before.get(seq.seq_id, seq.num_tokens - 1))
@@ -376,8 +342,9 @@ class Engine:
     def _measure(self, shape: SpeculativeStep, sampled: list[Sequence]) -> None:
         self.num_draft_tokens += shape.num_draft_tokens
         self.num_accepted_draft_tokens += shape.num_accepted_tokens
-        if self.num_steps > 1:  # the first step pays one-time costs (kernels, allocator)
-            self.step_stats.record_step(shape.seconds, shape.num_prefill_tokens, shape.num_decodes)
+        # The first step pays one-time costs (kernels, allocator): it is left out.
+        if self.step_stats.num_steps > 1:
+            record_step(self.step_stats, shape.seconds, shape.num_prefill_tokens, shape.num_decodes)
             if shape.num_prefill_tokens == 0 and shape.num_draft_tokens == 0:
                 # Plain decode steps only: the basis of the offline budget must not grow
                 # with the offline prompt chunks it admits.
@@ -387,7 +354,7 @@ class Engine:
                 self.speculation.record(shape)
         for seq in sampled:
             if seq.num_output_tokens == 1 and seq.index == 0:  # a prompt's first token
-                self.step_stats.record_first_token(time.monotonic() - seq.arrival_time)
+                record_first_token(self.step_stats, time.monotonic() - seq.arrival_time)
 
     def _delta(self, seq: Sequence, num_new_tokens: int = 1) -> SequenceOutput:
         """The last `num_new_tokens` tokens of `seq` (several after a verification)."""
@@ -412,51 +379,37 @@ class Engine:
         if seqs and all(s.is_finished for s in seqs) and len(seqs) == seqs[0].params.n:
             del self.sequences[request_id]
 
-    def stats(self) -> EngineStats:
-        bm = self.block_manager
-        spec = self.speculation
-        return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
-            num_blocks_used=bm.num_used_blocks,
-            num_blocks_free=bm.num_free_blocks,
-            prefix_queried_tokens=bm.stats.queried_tokens,
-            prefix_hit_tokens=bm.stats.hit_tokens,
-            num_preemptions=self.scheduler.num_preemptions,
-            num_steps=self.num_steps,
-            num_swapped=len(self.scheduler.swapped),
-            num_swap_outs=self.scheduler.num_swap_outs,
-            swap_out_blocks=self.swap_space.stats.blocks_out,
-            swap_in_blocks=self.swap_space.stats.blocks_in,
-            swap_seconds=self.swap_space.stats.seconds,
-            num_draft_tokens=self.num_draft_tokens,
-            num_accepted_draft_tokens=self.num_accepted_draft_tokens,
-            recent_acceptance_rate=spec.acceptance_rate if spec else 0.0,
-            speculating=spec.speculating if spec else False,
-            **self._backlog(),
-            **self._reserved(),
-        )
+    # -- statistics, as the heartbeat carries them (read between steps or from another thread:
+    # one step stale at worst) --------------------------------------------------------------
 
-    def _reserved(self) -> dict[str, int]:
+    def load_stats(self) -> LoadStats:
         reserved = [
             seq
             for seqs in self.sequences.values()
             for seq in seqs
             if seq.status is SequenceStatus.HELD and not seq.prefill_only
         ]
-        return {
-            "num_reserved": len(reserved),
-            "num_reserved_tokens": sum(seq.num_tokens for seq in reserved),
-        }
+        return self.scheduler.load_stats(reserved)
 
-    def _backlog(self) -> dict[str, int]:
-        # Per heartbeat, not per step: a pass over the queues is cheap at that rate.
-        backlog = self.scheduler.backlog()
-        return {
-            "num_prefill_backlog_tokens": backlog.num_prefill_backlog_tokens,
-            "num_offline_prefill_backlog_tokens": backlog.num_offline_prefill_backlog_tokens,
-            "num_decoding": backlog.num_decoding,
-        }
+    def preemption_stats(self) -> PreemptionStats:
+        sched, swap = self.scheduler, self.swap_space.stats
+        return PreemptionStats(
+            num_preemptions=sched.num_preemptions,
+            num_swapped=len(sched.swapped),
+            num_swap_outs=sched.num_swap_outs,
+            swap_out_blocks=swap.blocks_out,
+            swap_in_blocks=swap.blocks_in,
+            swap_seconds=swap.seconds,
+        )
+
+    def speculation_stats(self) -> SpeculationStats:
+        spec = self.speculation
+        return SpeculationStats(
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_draft_tokens=self.num_accepted_draft_tokens,
+            recent_acceptance_rate=spec.acceptance_rate if spec else 0.0,
+            speculating=spec.speculating if spec else False,
+        )
 
 
 def step_shape(out: SchedulerOutput) -> SpeculativeStep:

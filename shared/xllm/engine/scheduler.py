@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.proposer import Proposer
 from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
 from xllm.engine.speculation import draft_room
+from xllm.protocol.stats import LoadStats
 
 
 @dataclass
@@ -61,17 +62,6 @@ class ScheduledSeq:
     draft_token_ids: list[int] = field(default_factory=list)
     """Speculative drafts verified after the sequence's last token; they are the last
     `len(draft_token_ids)` of the `num_new_tokens` and not (yet) in `token_ids`."""
-
-
-@dataclass(frozen=True, slots=True)
-class Backlog:
-    num_prefill_backlog_tokens: int
-    """Tokens still to compute of the sequences prefilling (waiting, or running short of
-    their last token): the prefill queue a new prompt waits behind."""
-    num_offline_prefill_backlog_tokens: int
-    """Of those, the offline sequences': an online prompt does not wait behind them."""
-    num_decoding: int
-    """Running sequences past their prompt, decoding."""
 
 
 @dataclass
@@ -131,17 +121,27 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
-    def backlog(self) -> Backlog:
-        """The prefill queue and the decodes in flight, as heartbeats report them."""
+    def load_stats(self, reserved: Collection[Sequence] = ()) -> LoadStats:
+        """The queues as heartbeats report them, with `reserved`: the sequences holding
+        blocks for a prompt another instance prefills (held by the engine, not queued here).
+        A pass over the queues: cheap at heartbeat rate, too slow per step."""
+        queued = [*self.waiting, *self.running]
         prefilling = [
             (s.num_tokens - s.num_computed_tokens, s.priority)
-            for s in [*self.waiting, *self.running]
+            for s in queued
             if s.num_tokens - s.num_computed_tokens > 1
         ]
-        return Backlog(
+        return LoadStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            # Work, not footprint: prompt tokens served from the prefix cache cost nothing,
+            # as in the cluster scheduler's own count of what it placed since a heartbeat.
+            num_tokens_in_flight=sum(s.num_tokens - s.num_cached_tokens for s in queued),
             num_prefill_backlog_tokens=sum(n for n, _ in prefilling),
             num_offline_prefill_backlog_tokens=sum(n for n, p in prefilling if p > 0),
             num_decoding=sum(1 for s in self.running if s.num_computed_tokens >= s.num_tokens - 1),
+            num_reserved=len(reserved),
+            num_reserved_tokens=sum(s.num_tokens for s in reserved),
         )
 
     # -- the queues, online ahead of offline ----------------------------------------------

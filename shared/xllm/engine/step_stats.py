@@ -1,4 +1,5 @@
-"""StepStats: what the engine's steps cost, for the scheduler's SLO-aware policy (report §3.2).
+"""Counting `StepStats` (protocol/stats.py): what the engine's steps cost, for the scheduler's
+SLO-aware policy (report §3.2). The value is the heartbeat's own; this module fills it.
 
 Counted once per step from numbers the step already has (its prefill tokens, its decode
 sequences, its wall time) and once per first token, never per token. Cumulative counters, as
@@ -16,7 +17,7 @@ still counts as the decodes' inter-token time — that interference is what TPOT
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from xllm.protocol.stats import StepStats
 
 TPOT_EWMA_WEIGHT = 0.2
 """Weight of the newest decode step in `recent_tpot` (about the last ten steps matter)."""
@@ -24,51 +25,35 @@ RECENT_PREFILL_TOKENS = 8192
 """Prefill tokens `recent_prefill_seconds_per_token` roughly averages over."""
 
 
-@dataclass
-class StepStats:
-    prefill_tokens: int = 0
-    """Cumulative tokens computed by prefill (prompt chunks and recomputes), not decodes."""
-    prefill_seconds: float = 0.0
-    """Cumulative step time charged to those tokens."""
-    recent_prefill_seconds_per_token: float = 0.0
-    """Recent prefill time per token (see the module doc); 0 before the first prefill."""
-    decode_steps: int = 0
-    """Cumulative steps that ran at least one decode."""
-    decode_seconds: float = 0.0
-    """Cumulative wall time of those steps."""
-    recent_tpot: float = 0.0
-    """EWMA of the wall time of recent decode steps: each running decode gets one token per
-    step, so this is the time per output token they see now. 0 before the first one."""
-    busy_seconds: float = 0.0
-    """Cumulative wall time of every step that computed something (utilization = its rate)."""
-    ttft_count: int = 0
-    """Cumulative first tokens sampled here (prompts this engine prefilled)."""
-    ttft_seconds: float = 0.0
-    """Cumulative time from `add_request` to those first tokens (queueing + prefill)."""
+def record_step(
+    stats: StepStats, seconds: float, num_prefill_tokens: int, num_decodes: int
+) -> None:
+    """Count one step of `seconds` that computed `num_prefill_tokens` prompt tokens and one
+    token for each of `num_decodes` decoding sequences (nothing, for an empty step)."""
+    total = num_prefill_tokens + num_decodes
+    if total == 0:
+        return
+    stats.busy_seconds += seconds
+    stats.prefill_tokens += num_prefill_tokens
+    stats.prefill_seconds += seconds * num_prefill_tokens / total
+    if num_prefill_tokens:
+        per_token = seconds / total
+        weight = min(1.0, num_prefill_tokens / RECENT_PREFILL_TOKENS)
+        if stats.recent_prefill_seconds_per_token == 0.0:
+            weight = 1.0
+        stats.recent_prefill_seconds_per_token += weight * (
+            per_token - stats.recent_prefill_seconds_per_token
+        )
+    if num_decodes:
+        stats.decode_steps += 1
+        stats.decode_seconds += seconds
+        if stats.recent_tpot == 0.0:
+            stats.recent_tpot = seconds
+        else:
+            stats.recent_tpot += TPOT_EWMA_WEIGHT * (seconds - stats.recent_tpot)
 
-    def record_step(self, seconds: float, num_prefill_tokens: int, num_decodes: int) -> None:
-        total = num_prefill_tokens + num_decodes
-        if total == 0:
-            return
-        self.busy_seconds += seconds
-        self.prefill_tokens += num_prefill_tokens
-        self.prefill_seconds += seconds * num_prefill_tokens / total
-        if num_prefill_tokens:
-            per_token = seconds / total
-            weight = min(1.0, num_prefill_tokens / RECENT_PREFILL_TOKENS)
-            if self.recent_prefill_seconds_per_token == 0.0:
-                weight = 1.0
-            self.recent_prefill_seconds_per_token += weight * (
-                per_token - self.recent_prefill_seconds_per_token
-            )
-        if num_decodes:
-            self.decode_steps += 1
-            self.decode_seconds += seconds
-            if self.recent_tpot == 0.0:
-                self.recent_tpot = seconds
-            else:
-                self.recent_tpot += TPOT_EWMA_WEIGHT * (seconds - self.recent_tpot)
 
-    def record_first_token(self, seconds: float) -> None:
-        self.ttft_count += 1
-        self.ttft_seconds += seconds
+def record_first_token(stats: StepStats, seconds: float) -> None:
+    """Count a prompt's first token, `seconds` after its request arrived."""
+    stats.ttft_count += 1
+    stats.ttft_seconds += seconds

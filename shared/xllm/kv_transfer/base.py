@@ -29,14 +29,15 @@ for tests). `xllm.kv_transfer.open_transport` picks one by name (`--kv-transfer-
 
 from __future__ import annotations
 
+import copy
 import enum
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Protocol
 
 from xllm.protocol.kv_peer import KvLayout, KvPeer
+from xllm.protocol.stats import KvTransferStats
 
 
 class KvTransferError(RuntimeError):
@@ -108,35 +109,33 @@ class KvTransfer:
 
 
 _STATS_LOCK = threading.Lock()
-"""Guards every TransferStats: writer threads update them, one update per transfer."""
+"""Guards every transport's `KvTransferStats`: writer threads update them, one update per
+transfer, and the heartbeat copies them."""
 
 
-@dataclass
-class TransferStats:
-    """What a transport moved, both ways (a plain value: tests send it through a pipe)."""
+def count_sent(
+    stats: KvTransferStats, num_blocks: int, nbytes: int, num_writes: int, seconds: float
+) -> None:
+    """Count one finished transfer of `num_blocks` blocks in `num_writes` writes."""
+    with _STATS_LOCK:
+        stats.blocks_sent += num_blocks
+        stats.bytes_sent += nbytes
+        stats.writes += num_writes
+        stats.transfers += 1
+        stats.seconds_sending += seconds
 
-    blocks_sent: int = 0
-    bytes_sent: int = 0
-    writes: int = 0
-    """Contiguous segments written (after merging consecutive blocks)."""
-    transfers: int = 0
-    seconds_sending: float = 0.0
-    """Wall time inside writes, summed over transfers."""
-    blocks_received: int = 0
-    bytes_received: int = 0
 
-    def record_sent(self, num_blocks: int, nbytes: int, num_writes: int, seconds: float) -> None:
-        with _STATS_LOCK:
-            self.blocks_sent += num_blocks
-            self.bytes_sent += nbytes
-            self.writes += num_writes
-            self.transfers += 1
-            self.seconds_sending += seconds
+def count_received(stats: KvTransferStats, num_blocks: int, nbytes: int) -> None:
+    """Count blocks a peer says it wrote into this pool."""
+    with _STATS_LOCK:
+        stats.blocks_received += num_blocks
+        stats.bytes_received += nbytes
 
-    def record_received(self, num_blocks: int, nbytes: int) -> None:
-        with _STATS_LOCK:
-            self.blocks_received += num_blocks
-            self.bytes_received += nbytes
+
+def stats_snapshot(stats: KvTransferStats) -> KvTransferStats:
+    """A copy of `stats` no writer thread is halfway through (for a heartbeat)."""
+    with _STATS_LOCK:
+        return copy.copy(stats)
 
 
 class KvReceiver(Protocol):
@@ -174,7 +173,8 @@ class KvTransport(KvSender, KvReceiver, Protocol):
 
     endpoint: str
     """Where peers reach this transport (goes out in heartbeats)."""
-    stats: TransferStats
+    stats: KvTransferStats
+    """What it moved so far, counted with `count_sent` / `count_received`."""
 
     def close(self) -> None:
         """Stop the transport; transfers still waiting are dropped, in-flight ones may fail."""

@@ -22,9 +22,10 @@ from concurrent.futures import Future
 
 import torch
 
-from xllm.kv_transfer.base import KvTransfer, KvTransferError, TransferStats
+from xllm.kv_transfer.base import KvTransfer, KvTransferError, count_received, count_sent
 from xllm.kv_transfer.layout import block_segments, layout_of
 from xllm.protocol.kv_peer import KvPeer
+from xllm.protocol.stats import KvTransferStats
 
 _POOLS: dict[str, LoopbackTransport] = {}
 """Every open loopback pool of this process, by endpoint."""
@@ -40,7 +41,7 @@ class LoopbackTransport:
         self.kv = kv
         self.hold = hold
         self.endpoint = f"loopback-{next(_NAMES)}"
-        self.stats = TransferStats()
+        self.stats = KvTransferStats()
         self._queues: dict[str, deque[tuple[Future[int], KvPeer, list[int], list[int]]]] = {}
         """Held transfers per peer endpoint, oldest first; the head is the one writing."""
         _POOLS[self.endpoint] = self
@@ -81,7 +82,7 @@ class LoopbackTransport:
         return sum(1 for q in self._queues.values() for f, *_ in q if not f.done())
 
     def record_received(self, num_blocks: int) -> None:
-        self.stats.record_received(num_blocks, num_blocks * self.layout.block_bytes)
+        count_received(self.stats, num_blocks, num_blocks * self.layout.block_bytes)
 
     def close(self) -> None:
         _POOLS.pop(self.endpoint, None)
@@ -105,7 +106,7 @@ class LoopbackTransport:
             future.set_exception(exc)
             return
         nbytes = sum(length for *_, length in segments)
-        self.stats.record_sent(len(local), nbytes, len(segments), time.perf_counter() - start)
+        count_sent(self.stats, len(local), nbytes, len(segments), time.perf_counter() - start)
         future.set_result(nbytes)
 
     @staticmethod

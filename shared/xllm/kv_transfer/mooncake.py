@@ -36,9 +36,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from xllm.kv_transfer.base import KvTransfer, KvTransferError, TransferStats
+from xllm.kv_transfer.base import KvTransfer, KvTransferError, count_received, count_sent
 from xllm.kv_transfer.layout import block_segments, layout_of
 from xllm.protocol.kv_peer import KvPeer
+from xllm.protocol.stats import KvTransferStats
 
 P2P_HANDSHAKE = "P2PHANDSHAKE"
 
@@ -78,7 +79,7 @@ class MooncakeTransport:
         self.endpoint = f"{hostname}:{self.engine.get_rpc_port()}"
         if self.engine.register_memory(self.base_addr, self.layout.nbytes) != 0:
             raise KvTransferError(f"cannot register the KV pool ({self.layout.nbytes} bytes)")
-        self.stats = TransferStats()
+        self.stats = KvTransferStats()
         self._writers: dict[str, ThreadPoolExecutor] = {}
         """One writer thread per peer: a peer that dies mid-write can hold its thread until
         TCP gives up (minutes), and must not hold up transfers to the other peers."""
@@ -112,7 +113,7 @@ class MooncakeTransport:
                 )
         elapsed = time.perf_counter() - start
         nbytes = sum(length for _, _, length in segments)
-        self.stats.record_sent(len(local_block_ids), nbytes, len(segments), elapsed)
+        count_sent(self.stats, len(local_block_ids), nbytes, len(segments), elapsed)
         return nbytes
 
     def submit(
@@ -132,7 +133,7 @@ class MooncakeTransport:
 
     def record_received(self, num_blocks: int) -> None:
         """Count blocks a peer wrote into this pool (called on its notification)."""
-        self.stats.record_received(num_blocks, num_blocks * self.layout.block_bytes)
+        count_received(self.stats, num_blocks, num_blocks * self.layout.block_bytes)
 
     def close(self) -> None:
         for writer in self._writers.values():

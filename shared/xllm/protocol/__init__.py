@@ -9,6 +9,8 @@
     instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
     stream.py     TokenDelta, FinishReason, DraftCounts
     kv_peer.py    KvPeer, KvLayout (a KV pool as a write target, inside PrefillCmd)
+    stats.py      LoadStats, KvCacheStats, StepStats, PreemptionStats, SpeculationStats,
+                  KvTransferStats: the stats groups a Heartbeat carries
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
 
@@ -44,6 +46,14 @@ from xllm.protocol.instance import (
 )
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
 from xllm.protocol.kv_peer import KvLayout, KvPeer
+from xllm.protocol.stats import (
+    KvCacheStats,
+    KvTransferStats,
+    LoadStats,
+    PreemptionStats,
+    SpeculationStats,
+    StepStats,
+)
 from xllm.protocol.stream import DraftCounts, FinishReason, TokenDelta
 from xllm.protocol.types import (
     Logprob,
@@ -67,6 +77,7 @@ __all__ = [
     "GenerateCmd",
     "Heartbeat",
     "InstanceLost",
+    "KvCacheStats",
     "KvEvent",
     "KvEvents",
     "KvLayout",
@@ -75,7 +86,10 @@ __all__ = [
     "KvPeer",
     "KvReady",
     "KvSnapshotRequest",
+    "KvTransferStats",
+    "LoadStats",
     "Logprob",
+    "PreemptionStats",
     "PrefillCmd",
     "ProtocolError",
     "RequestRejected",
@@ -83,6 +97,8 @@ __all__ = [
     "Role",
     "SamplingParams",
     "SetRoleCmd",
+    "SpeculationStats",
+    "StepStats",
     "StructuredKind",
     "StructuredOutput",
     "SubmitReply",

@@ -19,11 +19,19 @@ PD disaggregation (report §3.2) is three messages, in this order:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
 from xllm.protocol.kv_peer import KvPeer
+from xllm.protocol.stats import (
+    KvCacheStats,
+    KvTransferStats,
+    LoadStats,
+    PreemptionStats,
+    SpeculationStats,
+    StepStats,
+)
 from xllm.protocol.types import Logprob, RequestSpec, Role
 
 
@@ -135,13 +143,13 @@ class SetRoleCmd:
     """The role to take from the next step on."""
 
 
-@message("heartbeat", version=5)
+# v6: the stats nested in groups (`load`, `kv`, `steps`, ...: see stats.py); v5 is not read.
+@message("heartbeat", version=6, oldest=6)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """instance → scheduler, kvstore, gateway (`HEARTBEAT`): a load snapshot, published
-    periodically. Counters (`prefix_*`, `num_preemptions`, `steps`, `prefill_*`, `decode_*`,
-    `ttft_*`, `kv_*`) are cumulative since the instance started, so a lost heartbeat loses
-    nothing; rates are differences or ratios (`prefill_seconds / prefill_tokens`)."""
+    periodically: who the instance is, then its statistics in the groups of stats.py
+    (counters there are cumulative since `started_at`, so a lost heartbeat loses nothing)."""
 
     instance_id: str
     """Cluster-unique id; the token of the instance's command subject."""
@@ -154,96 +162,23 @@ class Heartbeat:
     """The served model's name (what clients put in `model`)."""
     max_model_len: int
     """Context length: prompt plus output tokens must fit."""
-    num_running: int
-    """Sequences in the running batch."""
-    num_waiting: int
-    """Sequences queued, not yet admitted."""
-    num_tokens_in_flight: int
-    """Tokens of all running and waiting sequences (prompt + output so far), less the prompt
-    tokens they took from the prefix cache; the load."""
-    kv_blocks_used: int
-    """KV blocks held by sequences."""
-    kv_blocks_free: int
-    """KV blocks free, including cached prefix blocks that may be evicted."""
     kv_block_size: int
     """Tokens per KV block; prefix block hashes are computed with this size."""
-    prefix_queried_tokens: int
-    """Cumulative prompt tokens looked up in the prefix cache."""
-    prefix_hit_tokens: int
-    """Cumulative prompt tokens found in the prefix cache."""
-    num_preemptions: int
-    """Cumulative sequences preempted (recomputed later) for lack of KV blocks."""
-    steps: int
-    """Cumulative engine steps."""
-    sent_at: float
-    """Unix time (seconds) when this heartbeat was sent."""
     kv_transfer_endpoint: str | None = None
     """Where peers reach this instance's KV transfer engine (host:port); None = no transfer."""
-    kv_blocks_sent: int = 0
-    """Cumulative KV blocks this instance wrote into decode instances (prefill role)."""
-    kv_bytes_sent: int = 0
-    """Cumulative bytes of those blocks."""
-    kv_blocks_received: int = 0
-    """Cumulative KV blocks prefill instances wrote into this one (decode role)."""
-    kv_bytes_received: int = 0
-    """Cumulative bytes of those blocks."""
-    kv_transfers: int = 0
-    """Cumulative requests whose KV this instance sent."""
-    kv_transfer_seconds: float = 0.0
-    """Cumulative wall time of those transfers (mean latency = this / kv_transfers)."""
+    sent_at: float
+    """Unix time (seconds) when this heartbeat was sent."""
     role_flips: int = 0
     """Cumulative role changes (`SetRoleCmd`s that changed the role)."""
-    num_prefill_backlog_tokens: int = 0
-    """Tokens not yet computed of the sequences still prefilling (waiting, or running short
-    of their last token): the prefill queue a new prompt waits behind."""
-    num_offline_prefill_backlog_tokens: int = 0
-    """Of `num_prefill_backlog_tokens`, the offline sequences' (priority > 0): the engine
-    prefills online prompts first, so they do not wait behind these."""
-    num_decoding: int = 0
-    """Running sequences past their prompt, decoding (after a decode → prefill flip, the
-    ones finishing in place)."""
-    num_reserved: int = 0
-    """Decode side: sequences holding blocks for a prompt another instance prefills, not
-    yet in the queues (they decode here once their KV lands)."""
-    num_reserved_tokens: int = 0
-    """The prompt tokens of those sequences."""
-    prefill_tokens: int = 0
-    """Cumulative tokens computed by prefill steps (prompt chunks and recomputes)."""
-    prefill_seconds: float = 0.0
-    """Cumulative step time charged to those tokens (a mixed step is split by token share)."""
-    recent_prefill_seconds_per_token: float = 0.0
-    """Prefill time per token over roughly the last 8k prefill tokens (each step weighted by
-    its tokens); 0 before the first prefill. What the TTFT predictor fits from."""
-    decode_steps: int = 0
-    """Cumulative engine steps that ran at least one decode."""
-    decode_seconds: float = 0.0
-    """Cumulative wall time of those steps (mean TPOT = this / decode_steps)."""
-    recent_tpot: float = 0.0
-    """Exponentially weighted mean wall time of the recent decode steps, in seconds: the time
-    per output token running requests see now; 0 before the first decode."""
-    num_swapped: int = 0
-    """Offline sequences preempted with their KV swapped to host memory, waiting for room."""
-    num_swap_outs: int = 0
-    """Cumulative preemptions of offline sequences that kept their KV (swapped out)."""
-    swap_out_blocks: int = 0
-    """Cumulative KV blocks copied to host memory by those preemptions."""
-    swap_in_blocks: int = 0
-    """Cumulative KV blocks copied back when swapped sequences resumed."""
-    swap_seconds: float = 0.0
-    """Cumulative seconds spent on those copies, both ways."""
-    busy_seconds: float = 0.0
-    """Cumulative wall time of the steps that computed something: the busy fraction over an
-    interval is its difference over the interval's length."""
-    ttft_count: int = 0
-    """Cumulative first tokens this instance sampled (prompts it prefilled)."""
-    ttft_seconds: float = 0.0
-    """Cumulative seconds from a request's arrival at this instance to its first token."""
-    num_draft_tokens: int = 0
-    """Cumulative speculative draft tokens verified (0 without `--speculative`)."""
-    num_accepted_draft_tokens: int = 0
-    """Cumulative drafts the verification kept (acceptance = this / num_draft_tokens)."""
-    recent_acceptance_rate: float = 0.0
-    """Kept / verified drafts over the recent speculative steps, what the adaptive switch
-    decides from; 0 before any."""
-    speculating: bool = False
-    """Whether the instance's last step speculated (the adaptive switch's current choice)."""
+    load: LoadStats = field(default_factory=LoadStats)
+    """The queues: what placement balances."""
+    kv: KvCacheStats = field(default_factory=KvCacheStats)
+    """The KV pool and prefix cache."""
+    steps: StepStats = field(default_factory=StepStats)
+    """What the engine's steps cost."""
+    preemption: PreemptionStats = field(default_factory=PreemptionStats)
+    """Sequences preempted for lack of blocks, recomputed or swapped."""
+    speculation: SpeculationStats = field(default_factory=SpeculationStats)
+    """Speculative decoding's drafts and switch."""
+    transfer: KvTransferStats = field(default_factory=KvTransferStats)
+    """KV moved to and from other instances."""
