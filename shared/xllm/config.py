@@ -92,7 +92,7 @@ class EngineConfig:
         "it is used); 0 = preempted offline requests are recomputed.",
     )
     offline_step_share: float = option(
-        0.5,
+        0.2,
         "While online requests run, offline work may lengthen a step by at most this share "
         "of a decode step's time (priced at the measured prefill cost per token); 0 = "
         "offline work waits for online work to finish.",
