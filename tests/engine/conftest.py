@@ -96,3 +96,26 @@ def assert_greedy_matches(model, prompt: list[int], ours: list[int], max_tokens:
 def random_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def handed_over(
+    prefill: Engine, decode: Engine, prompt: list[int], params: SamplingParams
+) -> tuple[object, list[int]]:
+    """A PD handoff between two engines of one process: `prefill` computes the prompt and
+    samples the first token, its KV is copied block by block into `decode`'s reservation
+    (as Mooncake writes it between instances), and `decode` runs the rest. Returns what
+    `commit_remote_prefill` said (the finish reason, if the first token ended it) and every
+    output token."""
+    prefill.add_request("r", prompt, params, prefill_only=True)
+    (first,) = prefill.step()
+    reservation = decode.reserve_remote_prefill("r", prompt, params)
+    bs = prefill.config.block_size
+    source, target = prefill.runner.kv_cache.tensor, decode.runner.kv_cache.tensor
+    for src, dst in zip(prefill.prefilled_block_ids("r"), reservation.fill_block_ids, strict=True):
+        target[:, :, dst * bs : (dst + 1) * bs] = source[:, :, src * bs : (src + 1) * bs]
+    prefill.release_prefilled("r")
+    committed = decode.commit_remote_prefill("r", first.token_ids[0])
+    tokens = list(first.token_ids)
+    while decode.has_unfinished():
+        tokens += [t for out in decode.step() for t in out.token_ids]
+    return committed, tokens

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import greedy, hf_greedy, make_engine, random_prompts, run_engine
+from conftest import greedy, handed_over, hf_greedy, make_engine, random_prompts, run_engine
 
 from xllm.protocol.types import SamplingParams
 
@@ -213,19 +213,8 @@ def test_seeded_tokens_are_the_same_after_a_pd_handoff(model_dir):
     (prompt,) = prompts(prefill, [37], seed=5)
     alone = run_engine(make_engine(model_dir), [prompt], params)["0"]
 
-    prefill.add_request("r", prompt, params, prefill_only=True)
-    (first,) = prefill.step()
-    reservation = decode.reserve_remote_prefill("r", prompt, params)
-    bs = prefill.config.block_size
-    source, target = prefill.runner.kv_cache.tensor, decode.runner.kv_cache.tensor
-    for src, dst in zip(prefill.prefilled_block_ids("r"), reservation.fill_block_ids, strict=True):
-        target[:, :, dst * bs : (dst + 1) * bs] = source[:, :, src * bs : (src + 1) * bs]
-    prefill.release_prefilled("r")
-    decode.commit_remote_prefill("r", first.token_ids[0])
-    handed_over = list(first.token_ids)
-    while decode.has_unfinished():
-        handed_over += [t for out in decode.step() for t in out.token_ids]
-    assert handed_over == alone
+    _, tokens = handed_over(prefill, decode, prompt, params)
+    assert tokens == alone
 
 
 def test_seeded_tokens_are_the_same_when_resumed_from_the_streamed_ones(model_dir):

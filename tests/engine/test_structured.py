@@ -9,7 +9,7 @@ import re
 
 import jsonschema
 import pytest
-from conftest import make_engine, random_prompts
+from conftest import handed_over, make_engine, random_prompts
 
 from xllm.engine.engine import Engine
 from xllm.engine.grammar import GrammarCache, grammar_of
@@ -136,20 +136,10 @@ def test_a_grammar_survives_a_pd_handoff(model_dir, tokenizer):
     alone, reason = run(make_engine(model_dir), [prompt], [params])["0"]
     assert reason == "stop"
 
-    prefill.add_request("r", prompt, params, prefill_only=True)
-    (first,) = prefill.step()
-    reservation = decode.reserve_remote_prefill("r", prompt, params)
-    bs = prefill.config.block_size
-    source, target = prefill.runner.kv_cache.tensor, decode.runner.kv_cache.tensor
-    for src, dst in zip(prefill.prefilled_block_ids("r"), reservation.fill_block_ids, strict=True):
-        target[:, :, dst * bs : (dst + 1) * bs] = source[:, :, src * bs : (src + 1) * bs]
-    prefill.release_prefilled("r")
-    assert decode.commit_remote_prefill("r", first.token_ids[0]) is None
-    handed_over = list(first.token_ids)
-    while decode.has_unfinished():
-        handed_over += [t for out in decode.step() for t in out.token_ids]
-    assert handed_over == alone
-    jsonschema.validate(json.loads(tokenizer.decode(handed_over)), SCHEMA)
+    committed, tokens = handed_over(prefill, decode, prompt, params)
+    assert committed is None
+    assert tokens == alone
+    jsonschema.validate(json.loads(tokenizer.decode(tokens)), SCHEMA)
 
 
 @pytest.mark.parametrize("k", [1, 7])
