@@ -4,8 +4,8 @@ Order of processing, as in vLLM: raw logprobs (returned to users) are taken from
 model's logits; then penalties, min_tokens suppression, the grammar mask of constrained
 rows (engine/grammar.py), temperature, top-k, top-p and min-p shape the distribution that
 is sampled, and each constrained row's token advances its grammar. Greedy rows take the
-argmax of the penalised logits. Random rows use the exponential race (argmax of p / E with E ~ Exp(1)),
-which lets each seeded row draw its noise from its own generator in one call.
+argmax of the penalised logits. Random rows use the exponential race (argmax of p / E with
+E ~ Exp(1)), which lets each seeded row draw its noise from its own generator in one call.
 """
 
 from __future__ import annotations
