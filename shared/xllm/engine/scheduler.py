@@ -209,6 +209,9 @@ class Scheduler:
             if online_only and seq.priority > 0:
                 break
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new == 0:  # a beam waiting for the rest of its group (beam_search.py)
+                i += 1
+                continue
             drafts = self._drafts(seq, budget) if num_new == 1 and self._max_drafts else []
             if drafts and not self._allocate_drafts(seq, len(drafts)):
                 drafts = []  # no room for the drafts' slots: a plain decode
@@ -379,6 +382,8 @@ class Scheduler:
             self.running[at:at] = children
             sampled_seqs.extend(children)
         for seq in sampled_seqs:
+            if seq.beam is not None:
+                continue  # its group picks its token once all its beams sampled
             if verified and seq.seq_id in verified:
                 reason = self._append_verified(seq, verified[seq.seq_id])
             else:
@@ -435,6 +440,12 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
+    def adopt(self, seq: Sequence) -> None:
+        """Into `running`: a sequence forked outside the scheduler (a beam, beam_search.py),
+        holding its blocks already."""
+        seq.status = SequenceStatus.RUNNING
+        self._start(seq)
+
     # -- PD disaggregation: blocks held outside the queues ---------------------------------
 
     def reserve(self, seq: Sequence) -> bool:
@@ -449,13 +460,20 @@ class Scheduler:
         seq.status = SequenceStatus.HELD
         return True
 
-    def admit_prefilled(self, seq: Sequence, first_token_id: int) -> FinishReason | None:
+    def admit_prefilled(self, seq: Sequence, first_token_id: int | None) -> FinishReason | None:
         """Decode side: the prompt's KV has arrived in `seq`'s reserved blocks and the prefill
         side sampled `first_token_id`. Queue `seq` to decode (first in line: it already
-        holds its blocks), or finish it if that token ends it; returns the finish reason."""
+        holds its blocks), or finish it if that token ends it; returns the finish reason.
+        `first_token_id` None (beam search, which needs the prompt's logits, not a token):
+        the prompt's last token is computed again here, and samples."""
         assert seq.status is SequenceStatus.HELD and seq.num_output_tokens == 0, seq
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.block_manager.cache_full_blocks(seq)
+        if first_token_id is None:
+            seq.num_computed_tokens -= 1
+            seq.status = SequenceStatus.WAITING
+            self._enqueue(seq, front=True)
+            return None
         seq.token_ids.append(first_token_id)
         reason = self._finish_reason(seq)
         if reason is not None:

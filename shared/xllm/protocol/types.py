@@ -133,7 +133,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < GREEDY_EPSILON
+        """Argmax decoding; beam search is deterministic too (its rows' argmax is unused)."""
+        return self.temperature < GREEDY_EPSILON or self.use_beam_search
 
     @property
     def allows_speculation(self) -> bool:
