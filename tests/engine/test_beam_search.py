@@ -10,6 +10,7 @@ returned beam, and the cumulative logprobs (length-penalised) match transformers
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -23,9 +24,7 @@ MAX_TOKENS = 12  # 11 + 12 crosses a block boundary: later forks share only full
 
 def beam_params(width: int, n: int, **kw) -> SamplingParams:
     kw.setdefault("ignore_eos", True)
-    return SamplingParams(
-        use_beam_search=True, beam_width=width, n=n, max_tokens=MAX_TOKENS, **kw
-    )
+    return SamplingParams(use_beam_search=True, beam_width=width, n=n, max_tokens=MAX_TOKENS, **kw)
 
 
 def run_beams(engine, prompt, params, request_id="beam", others=()):
@@ -116,3 +115,130 @@ def test_beam_search_matches_transformers(
     if stop and length_penalty <= 1.0:  # (a penalty > 1 favours the beams that ran longest)
         assert any(o.finish_reason == "stop" for o in ours), "no beam stopped: a weak test"
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def random_items(vocab: int, count: int, seed: int = 0) -> list[list[int]]:
+    """`count` distinct random item ids of 2 to 4 tokens (some prefixes of others)."""
+    g = torch.Generator().manual_seed(seed)
+    items: dict[tuple[int, ...], None] = {}
+    while len(items) < count:
+        length = int(torch.randint(2, 5, (1,), generator=g))
+        items[tuple(torch.randint(3, vocab, (length,), generator=g).tolist())] = None
+    return [list(item) for item in items]
+
+
+def strip_stop(tokens: list[int], stop_ids) -> tuple[int, ...]:
+    return tuple(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)
+
+
+def test_every_beam_is_a_valid_item(tiny_model_dir):
+    engine = make_engine(tiny_model_dir("qwen3"))
+    vocab = engine.model_config.vocab_size
+    items = random_items(vocab, 1000)
+    # Short items that are prefixes of longer ones: those may end only with a stop token.
+    items += [item[:1] for item in items[:20]]
+    (prompt,) = random_prompts([PROMPT_LEN], vocab, seed=3)
+    params = SamplingParams(
+        use_beam_search=True, beam_width=16, n=16, max_tokens=6, allowed_items=items
+    )
+    outs = run_beams(engine, prompt, params)
+    valid = {tuple(item) for item in items}
+    stops = set(engine.model_config.eos_token_ids)
+    assert all(strip_stop(o.token_ids, stops) in valid for o in outs), [o.token_ids for o in outs]
+    assert len({tuple(o.token_ids) for o in outs}) == 16
+    scores = [o.cumulative_logprob / len(o.token_ids) for o in outs]
+    assert scores == sorted(scores, reverse=True)
+    # Unconstrained, the same search returns no item: the mask is what made them valid.
+    free = run_beams(
+        engine,
+        prompt,
+        SamplingParams(use_beam_search=True, beam_width=16, n=16, max_tokens=6),
+        "free",
+    )
+    assert not any(strip_stop(o.token_ids, stops) in valid for o in free)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_an_item_trie_registered_by_name(tiny_model_dir, tmp_path):
+    path = tmp_path / "items.txt"
+    items = random_items(1000, 50, seed=1)
+    path.write_text("\n".join(" ".join(map(str, item)) for item in items) + "\n")
+    engine = make_engine(tiny_model_dir("llama"), item_trie=f"items={path}")
+    (prompt,) = random_prompts([PROMPT_LEN], engine.model_config.vocab_size, seed=4)
+    params = SamplingParams(
+        use_beam_search=True, beam_width=4, n=4, max_tokens=4, ignore_eos=True, item_trie="items"
+    )
+    outs = run_beams(engine, prompt, params)
+    assert all(tuple(o.token_ids) in {tuple(i) for i in items} for o in outs)
+    with pytest.raises(ValueError, match="item_trie 'nope' is not registered"):
+        engine.add_request("x", prompt, dataclasses.replace(params, item_trie="nope"))
+
+
+def wide_engine(tiny_model_dir):
+    return make_engine(tiny_model_dir("llama"), max_num_seqs=128, num_kv_blocks=512)
+
+
+def test_width_128_runs_and_frees_every_block(tiny_model_dir):
+    engine = wide_engine(tiny_model_dir)
+    bm = engine.block_manager
+    (prompt,) = random_prompts([PROMPT_LEN + 16], engine.model_config.vocab_size, seed=5)
+    params = beam_params(128, 4)
+    engine.add_request("wide", prompt, params)
+    most_beams = most_blocks = 0
+    outs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs[out.index] = out
+        bm.check_integrity()
+        live = engine.sequences.get("wide", [])
+        most_beams = max(most_beams, len(live))
+        most_blocks = max(most_blocks, bm.num_used_blocks)
+        if live:  # copy-on-write: the prompt's full block is one block shared by all beams
+            assert len({seq.block_table[0] for seq in live}) == 1
+    assert most_beams == 128 and len(outs) == 4
+    assert all(len(o.token_ids) == MAX_TOKENS for o in outs.values())
+    assert most_blocks < 128 * 3, "beams share their common blocks"
+    assert bm.num_free_blocks == bm.num_blocks and not engine.sequences
+
+
+def test_aborting_a_wide_search_frees_every_block(tiny_model_dir):
+    engine = wide_engine(tiny_model_dir)
+    bm = engine.block_manager
+    (prompt,) = random_prompts([PROMPT_LEN], engine.model_config.vocab_size, seed=6)
+    engine.add_request("wide", prompt, beam_params(128, 2))
+    for _ in range(5):
+        assert not engine.step(), "a beam search streams nothing before its end"
+    assert len(engine.sequences["wide"]) == 128 and bm.num_used_blocks > 0
+    assert engine.abort_request("wide")
+    bm.check_integrity()
+    assert bm.num_free_blocks == bm.num_blocks and not engine.has_unfinished()
+
+
+def test_beams_decoded_after_a_pd_handoff_equal_the_colocated_ones(tiny_model_dir):
+    """The prefill engine computes the prompt (and samples a first token the beams do not
+    use); the decode engine gets the KV, computes the prompt's last token again for its
+    logits, and runs the whole search."""
+    model_dir = tiny_model_dir("qwen3")
+    prefill, decode, colocated = (make_engine(model_dir) for _ in range(3))
+    (prompt,) = random_prompts([PROMPT_LEN + 16], prefill.model_config.vocab_size, seed=8)
+    params = beam_params(4, 2, length_penalty=0.7)
+    prefill.add_request("r", prompt, params, prefill_only=True)
+    (first,) = prefill.step()
+    assert first.prefilled
+    reservation = decode.reserve_remote_prefill("r", prompt, params)
+    bs = prefill.config.block_size
+    source, target = prefill.runner.kv_cache.tensor, decode.runner.kv_cache.tensor
+    for src, dst in zip(prefill.prefilled_block_ids("r"), reservation.fill_block_ids, strict=True):
+        target[:, :, dst * bs : (dst + 1) * bs] = source[:, :, src * bs : (src + 1) * bs]
+    prefill.release_prefilled("r")
+    assert decode.commit_remote_prefill("r", first.token_ids[0]) is None
+    handed = {}
+    while decode.has_unfinished():
+        handed.update({out.index: out for out in decode.step()})
+    expected = run_beams(colocated, prompt, params)
+    assert [handed[i].token_ids for i in range(2)] == [o.token_ids for o in expected]
+    assert [handed[i].cumulative_logprob for i in range(2)] == pytest.approx(
+        [o.cumulative_logprob for o in expected], abs=1e-5
+    )
+    for engine in (prefill, decode):
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -124,5 +124,5 @@ def test_bad_beam_search_params_say_what_is_wrong(fields, message):
     "fields", [{"beam_width": 4}, {"length_penalty": 2.0}, {"item_trie": "items"}]
 )
 def test_beam_fields_without_beam_search_are_refused(fields):
-    with pytest.raises(ValueError, match="needs? use_beam_search"):
+    with pytest.raises(ValueError, match=r"needs? use_beam_search"):
         SamplingParams(**fields).validate()

@@ -169,7 +169,9 @@ class BeamGroup:
         at_max = length >= self.max_tokens
         running: list[tuple[int, int, float, int]] = []  # (parent, token, score, trie node)
         ended: list[BeamResult] = []
-        for rank, (parent, token, score) in enumerate(zip(parents, tokens, top.tolist())):
+        for rank, (parent, token, score) in enumerate(
+            zip(parents, tokens, top.tolist(), strict=True)
+        ):
             if score == NEG_INF:
                 break  # sorted: only masked candidates follow
             node = ROOT

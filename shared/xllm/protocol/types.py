@@ -240,7 +240,7 @@ class SamplingParams:
             (self.logprobs is None, "use_beam_search returns cumulative logprobs, not logprobs"),
             (
                 self.early_stopping in (False, True, "never"),
-                f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}",
+                f'early_stopping must be true, false or "never", got {self.early_stopping!r}',
             ),
             (
                 -10.0 <= self.length_penalty <= 10.0,
