@@ -176,11 +176,14 @@ class BeamGroup:
                 break  # sorted: only masked candidates follow
             node = ROOT
             stop = token in self.stop_token_ids
+            complete = False  # an item with nothing after it: ends as if at max_tokens
             if self.trie is not None and not stop:
                 node = self.trie.next_node(self.nodes[beams[parent].index], token)
-                stop = self.trie.is_leaf(node)  # a completed item with nothing after it
-            if stop or at_max:
+                complete = self.trie.is_leaf(node)
+            if stop or complete or at_max:
                 if rank < self.width:
+                    # "stop" means a stop token ends the output (the gateway drops it from
+                    # the text); a completed item ends it like max_tokens: "length".
                     reason = FinishReason.STOP if stop else FinishReason.LENGTH
                     output = [*beams[parent].output_token_ids, token]
                     ended.append(BeamResult(output, score, penalized[rank], reason))

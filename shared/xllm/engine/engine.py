@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -193,6 +193,11 @@ class Engine:
         self.validate(prompt_token_ids, params, disaggregated=prefill_only)
         if priority < 0:
             raise ValueError(f"priority must be 0 (online) or more (offline), got {priority}")
+        if prefill_only and params.use_beam_search:
+            # The decode side's beams start from the prompt's logits, not from the token
+            # sampled here: nothing may end the request at that token.
+            params = replace(params, ignore_eos=True, stop_token_ids=[], min_tokens=0,
+                             max_tokens=max(2, params.max_tokens))  # fmt: skip
         seq = Sequence(
             request_id, prompt_token_ids, params, prefill_only=prefill_only, priority=priority
         )
