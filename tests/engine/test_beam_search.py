@@ -242,3 +242,30 @@ def test_beams_decoded_after_a_pd_handoff_equal_the_colocated_ones(tiny_model_di
     )
     for engine in (prefill, decode):
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_beams_preempted_and_recomputed_still_match_transformers(tiny_model_dir, hf_model):
+    """A pool too small for the beams and three other requests at once: beams are preempted
+    (their KV dropped, recomputed later) and their group waits for them."""
+    model_dir = str(tiny_model_dir("llama"))
+    engine = make_engine(model_dir, num_kv_blocks=12, enable_prefix_caching=False)
+    vocab = engine.model_config.vocab_size
+    prompt, *others = random_prompts([PROMPT_LEN, 30, 30, 30], vocab, seed=9)
+    ours = run_beams(engine, prompt, beam_params(4, 4), others=others)
+    assert engine.scheduler.num_preemptions > 0
+    theirs, _ = hf_beams(hf_model(model_dir), prompt, 4, 4)
+    assert [o.token_ids for o in ours] == theirs
+    assert engine.block_manager.num_free_blocks == 12
+
+
+def test_beams_next_to_speculation_and_a_pool_too_small(tiny_model_dir):
+    model_dir = tiny_model_dir("qwen3")
+    (prompt,) = random_prompts([PROMPT_LEN], 500, seed=10)
+    plain = run_beams(make_engine(model_dir), prompt, beam_params(4, 2))
+    speculative = make_engine(model_dir, speculative="ngram", speculative_adaptive=False)
+    assert [o.token_ids for o in run_beams(speculative, prompt, beam_params(4, 2))] == [
+        o.token_ids for o in plain
+    ]
+    small = make_engine(model_dir, num_kv_blocks=4)
+    with pytest.raises(ValueError, match="may need 8 KV blocks; this instance has 4"):
+        small.add_request("x", prompt, beam_params(4, 2))

@@ -208,7 +208,7 @@ class Engine:
     def validate(
         self, prompt_token_ids: list[int], params: SamplingParams, disaggregated: bool = False
     ) -> None:
-        vocab = self.model_config.vocab_size
+        vocab, bs = self.model_config.vocab_size, self.config.block_size
         params.validate(vocab)
         if disaggregated and params.n != 1 and not params.use_beam_search:
             raise ValueError("n > 1 is not supported with prefill/decode disaggregation")
@@ -216,6 +216,15 @@ class Engine:
             raise ValueError(
                 f"beam_width ({params.num_beams}) exceeds this instance's --max-num-seqs "
                 f"({self.config.max_num_seqs})"
+            )
+        beam_blocks = params.num_beams * -(-(len(prompt_token_ids) + params.max_tokens) // bs)
+        if beam_blocks > self.block_manager.num_blocks:
+            # Beams wait for each other every step: a group the pool cannot hold would
+            # never advance (shared blocks make this bound conservative).
+            raise ValueError(
+                f"beam_width {params.num_beams} beams of {len(prompt_token_ids)} + "
+                f"{params.max_tokens} tokens may need {beam_blocks} KV blocks; this instance "
+                f"has {self.block_manager.num_blocks}"
             )
         if params.item_trie is not None and params.item_trie not in self.item_tries:
             known = ", ".join(sorted(self.item_tries)) or "none"
