@@ -170,8 +170,12 @@ def test_an_item_trie_registered_by_name(tiny_model_dir, tmp_path):
     )
     outs = run_beams(engine, prompt, params)
     assert all(tuple(o.token_ids) in {tuple(i) for i in items} for o in outs)
+    unknown = dataclasses.replace(params, item_trie="nope")
     with pytest.raises(ValueError, match="item_trie 'nope' is not registered"):
-        engine.add_request("x", prompt, dataclasses.replace(params, item_trie="nope"))
+        engine.add_request("x", prompt, unknown)
+    # A prefill instance only computes the prompt: it needs no trie.
+    engine.add_request("p", prompt, unknown, prefill_only=True)
+    assert engine.abort_request("p") and not engine.sequences
 
 
 def wide_engine(tiny_model_dir):

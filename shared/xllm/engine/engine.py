@@ -202,7 +202,7 @@ class Engine:
             request_id, prompt_token_ids, params, prefill_only=prefill_only, priority=priority
         )
         seq.grammar = self._grammar_matcher(prompt_token_ids, params)
-        self.sequences[request_id] = self._beams(seq) if not prefill_only else [seq]
+        self.sequences[request_id] = [seq] if prefill_only else self._beams(seq)
         self.scheduler.add(seq)
 
     def validate(
@@ -226,9 +226,6 @@ class Engine:
                 f"{params.max_tokens} tokens may need {beam_blocks} KV blocks; this instance "
                 f"has {self.block_manager.num_blocks}"
             )
-        if params.item_trie is not None and params.item_trie not in self.item_tries:
-            known = ", ".join(sorted(self.item_tries)) or "none"
-            raise ValueError(f"item_trie {params.item_trie!r} is not registered (known: {known})")
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -255,7 +252,9 @@ class Engine:
         return self.grammars.matcher(params.structured, prompt_token_ids)
 
     def _beams(self, seq: Sequence) -> list[Sequence]:
-        """The request's sequences: for beam search, its group's live beams (from `seq`)."""
+        """The request's sequences: for beam search, its group's live beams (from `seq`).
+        ValueError for a trie name not registered here (where the beams run: a prefill
+        instance needs none)."""
         params = seq.params
         if not params.use_beam_search:
             return [seq]
@@ -263,7 +262,12 @@ class Engine:
         if params.allowed_items is not None:
             trie = ItemTrie(params.allowed_items)
         elif params.item_trie is not None:
-            trie = self.item_tries[params.item_trie]
+            trie = self.item_tries.get(params.item_trie)
+            if trie is None:
+                known = ", ".join(sorted(self.item_tries)) or "none"
+                raise ValueError(
+                    f"item_trie {params.item_trie!r} is not registered (known: {known})"
+                )
         group = BeamGroup(seq, self.max_model_len, self.model_config.eos_token_ids, trie)
         return group.beams
 
@@ -297,9 +301,10 @@ class Engine:
         self.validate(prompt_token_ids, params, disaggregated=True)
         seq = Sequence(request_id, prompt_token_ids, params, priority=priority)
         seq.grammar = self._grammar_matcher(prompt_token_ids, params)
+        seqs = self._beams(seq)
         if not self.scheduler.reserve(seq):
             return None
-        self.sequences[request_id] = self._beams(seq)
+        self.sequences[request_id] = seqs
         num_cached_blocks = seq.num_cached_tokens // self.config.block_size
         return Reservation(
             list(seq.block_table), seq.num_cached_tokens, seq.block_table[num_cached_blocks:]

@@ -27,6 +27,10 @@ offline request is admitted; otherwise it is recomputed like an online one. Swap
 swap-ins never share a step, so no copy reads a block another copy of the step writes.
 Without offline work none of this costs more than a comparison per admitted sequence.
 
+Beam search (beam_search.py): a beam samples like any sequence, but `update` appends no
+token to it; its group does, once all its beams sampled, and forks new beams into
+`running` (`adopt`). Until then a beam has nothing to compute and is skipped.
+
 Speculative decoding (`schedule(num_draft_tokens=k)`, k > 0, with a proposer): a decoding
 sequence with drafts is scheduled for 1 + d tokens — its last token, then d drafts
 (`speculation.draft_room` bounds d) — with slots for all; the drafts ride on
