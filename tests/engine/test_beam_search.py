@@ -75,17 +75,20 @@ def frequent_token(engine, prompt) -> int:
 
 
 CASES = [
-    pytest.param(2, 2, 1.0, False, False, id="w2"),
-    pytest.param(4, 3, 2.0, True, True, id="w4-lp2-early"),
-    pytest.param(8, 4, -0.5, "never", True, id="w8-lp-0.5-never"),
-    pytest.param(8, 8, 1.0, False, True, id="w8-stop"),
+    pytest.param(2, 2, 1.0, False, False, 0, id="w2"),
+    pytest.param(4, 3, 2.0, True, True, 0, id="w4-lp2-early"),
+    pytest.param(4, 4, 1.0, True, True, 5, id="w4-early-min5"),
+    pytest.param(8, 4, -0.5, "never", True, 0, id="w8-lp-0.5-never"),
+    pytest.param(8, 8, 1.0, False, True, 0, id="w8-stop"),
 ]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize(("width", "n", "length_penalty", "early_stopping", "stop"), CASES)
+@pytest.mark.parametrize(
+    ("width", "n", "length_penalty", "early_stopping", "stop", "min_tokens"), CASES
+)
 def test_beam_search_matches_transformers(
-    tiny_model_dir, hf_model, arch, width, n, length_penalty, early_stopping, stop
+    tiny_model_dir, hf_model, arch, width, n, length_penalty, early_stopping, stop, min_tokens
 ):
     model_dir = str(tiny_model_dir(arch))
     engine = make_engine(model_dir)
@@ -98,6 +101,7 @@ def test_beam_search_matches_transformers(
         length_penalty=length_penalty,
         early_stopping=early_stopping,
         stop_token_ids=[stop_id] if stop else [],
+        min_tokens=min_tokens,
     )
     ours = run_beams(engine, prompt, params, others=[other])
     theirs, scores = hf_beams(
@@ -108,8 +112,10 @@ def test_beam_search_matches_transformers(
         stop=stop_id,
         length_penalty=length_penalty,
         early_stopping=early_stopping,
+        min_new_tokens=min_tokens,
     )
     assert [o.token_ids for o in ours] == theirs
+    assert all(len(o.token_ids) >= min_tokens for o in ours)
     ours_scores = [o.cumulative_logprob / len(o.token_ids) ** length_penalty for o in ours]
     assert ours_scores == pytest.approx(scores, abs=1e-4)
     if stop and length_penalty <= 1.0:  # (a penalty > 1 favours the beams that ran longest)
