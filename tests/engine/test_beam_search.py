@@ -27,10 +27,10 @@ def beam_params(width: int, n: int, **kw) -> SamplingParams:
     return SamplingParams(use_beam_search=True, beam_width=width, n=n, max_tokens=MAX_TOKENS, **kw)
 
 
-def run_beams(engine, prompt, params, request_id="beam", others=()):
+def run_beams(engine, prompt, params, request_id="beam", others=(), priority=0):
     """Step to completion; returns the beam request's outputs by rank (and checks that no
     delta of it came before the end)."""
-    engine.add_request(request_id, prompt, params)
+    engine.add_request(request_id, prompt, params, priority=priority)
     for i, other in enumerate(others):
         engine.add_request(f"other{i}", other, greedy(MAX_TOKENS))
     beams = {}
@@ -254,14 +254,18 @@ def test_beams_decoded_after_a_pd_handoff_equal_the_colocated_ones(tiny_model_di
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_beams_preempted_and_recomputed_still_match_transformers(tiny_model_dir, hf_model):
+@pytest.mark.parametrize("priority", [0, 1], ids=["online", "offline"])
+def test_beams_preempted_and_recomputed_still_match_transformers(
+    tiny_model_dir, hf_model, priority
+):
     """A pool too small for the beams and three other requests at once: beams are preempted
-    (their KV dropped, recomputed later) and their group waits for them."""
+    (their KV dropped, recomputed later — offline ones too, never swapped: see
+    Scheduler._preempt) and their group waits for them."""
     model_dir = str(tiny_model_dir("llama"))
     engine = make_engine(model_dir, num_kv_blocks=12, enable_prefix_caching=False)
     vocab = engine.model_config.vocab_size
     prompt, *others = random_prompts([PROMPT_LEN, 30, 30, 30], vocab, seed=9)
-    ours = run_beams(engine, prompt, beam_params(4, 4), others=others)
+    ours = run_beams(engine, prompt, beam_params(4, 4), others=others, priority=priority)
     assert engine.scheduler.num_preemptions > 0
     theirs, _ = hf_beams(hf_model(model_dir), prompt, 4, 4)
     assert [o.token_ids for o in ours] == theirs

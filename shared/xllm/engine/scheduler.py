@@ -336,7 +336,10 @@ class Scheduler:
                 break
         self.num_preemptions += 1
         num_computed_blocks = -(-seq.num_computed_tokens // self.block_manager.block_size)
-        if seq.priority > 0 and 0 < num_computed_blocks <= len(self.free_host_blocks):
+        # (Not a beam: one swapped back in with its candidates taken would not sample again,
+        # and its group advances only on a sample; recomputed, it samples.)
+        swappable = seq.priority > 0 and seq.beam is None
+        if swappable and 0 < num_computed_blocks <= len(self.free_host_blocks):
             host = [self.free_host_blocks.pop() for _ in range(num_computed_blocks)]
             out.swap_out.extend(zip(seq.block_table[:num_computed_blocks], host, strict=True))
             seq.host_block_table = host
