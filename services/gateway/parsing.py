@@ -199,6 +199,7 @@ def _sampling(
         stop_token_ids=token_ids(stop_token_ids, model, "stop_token_ids"),
         logprobs=logprobs,
         structured=structured,
+        **_beam_values(body, model),
     )
     try:
         params.validate(model.vocab_size)
@@ -220,10 +221,34 @@ def _scalar_sampling_values(body: dict) -> dict[str, Any]:
     return values
 
 
-_READ_APART = frozenset({"n", "max_tokens", "stop_token_ids", "logprobs", "structured"})
+_READ_APART = frozenset(
+    {"n", "max_tokens", "stop_token_ids", "logprobs", "structured"}
+    | {"early_stopping", "item_trie", "allowed_items"}
+)
 """Fields with rules of their own: a cap, the context's room, token ids of the vocabulary,
-two spellings (completions' `logprobs`, chat's `logprobs` + `top_logprobs`), and a grammar
-read from several request fields (`structured`)."""
+two spellings (completions' `logprobs`, chat's `logprobs` + `top_logprobs`), a grammar
+read from several request fields (`structured`), and beam search's non-scalars
+(`_beam_values`)."""
+
+
+def _beam_values(body: dict, model: ModelInfo) -> dict[str, Any]:
+    """Beam search's fields that are not plain scalars: `early_stopping` (true, false or
+    "never", as transformers and vLLM take it), the item trie by name (`item_trie`) or
+    inline (`allowed_items`, arrays of token ids of the vocabulary)."""
+    early = body.get("early_stopping", False)
+    if early is None:
+        early = False
+    if not (isinstance(early, bool) or early == "never"):
+        raise invalid('`early_stopping` must be true, false or "never"', "early_stopping")
+    items = json_field(body, "allowed_items", "an array", None)
+    if items is not None:
+        if not all(isinstance(item, list) for item in items):
+            raise invalid("`allowed_items` must be an array of token id arrays", "allowed_items")
+        items = [token_ids(item, model, "allowed_items") for item in items]
+    item_trie = json_field(body, "item_trie", "a string", None)
+    return {"early_stopping": early, "item_trie": item_trie, "allowed_items": items}
+
+
 _JSON_KINDS = {int: "an integer", float: "a number", bool: "a boolean"}
 
 

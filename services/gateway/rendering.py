@@ -45,6 +45,8 @@ class Renderer:
         n = api.gen.sampling.n
         self.texts: list[list[str]] = [[] for _ in range(n)]
         self.finish_reasons: list[str | None] = [None] * n
+        self.cumulative_logprobs: list[float | None] = [None] * n
+        """Beam search's: each beam's summed logprob, in its choice (as vLLM's outputs)."""
         self.logprobs: list[Any] | None = None
         if api.logprobs is not None:
             self.logprobs = [self._empty_logprobs() for _ in range(n)]
@@ -58,6 +60,8 @@ class Renderer:
             return None
         choice = {"index": out.index, **self._delta(out)}
         choice |= {"logprobs": logprobs, "finish_reason": out.finish_reason}
+        if out.cumulative_logprob is not None:
+            choice["cumulative_logprob"] = out.cumulative_logprob
         chunk = self._header(self.chunk_object_name) | {"choices": [choice]}
         if self.api.include_usage:
             chunk["usage"] = None
@@ -72,6 +76,8 @@ class Renderer:
         self.texts[out.index].append(out.text)
         if out.finish_reason is not None:
             self.finish_reasons[out.index] = out.finish_reason
+        if out.cumulative_logprob is not None:
+            self.cumulative_logprobs[out.index] = out.cumulative_logprob
         logprobs = self._logprobs(out)
         if logprobs is not None and self.logprobs is not None:
             self._merge_logprobs(self.logprobs[out.index], logprobs)
@@ -81,7 +87,10 @@ class Renderer:
         for i, parts in enumerate(self.texts):
             logprobs = None if self.logprobs is None else self.logprobs[i]
             choice = {"index": i, **self._body("".join(parts))}
-            choices.append(choice | {"logprobs": logprobs, "finish_reason": self.finish_reasons[i]})
+            choice |= {"logprobs": logprobs, "finish_reason": self.finish_reasons[i]}
+            if self.cumulative_logprobs[i] is not None:
+                choice["cumulative_logprob"] = self.cumulative_logprobs[i]
+            choices.append(choice)
         return self._header(self.object_name) | {"choices": choices, "usage": usage.to_dict()}
 
     # -- per kind ---------------------------------------------------------------------------

@@ -24,7 +24,8 @@ Contract with the scheduler and the instances (xllm.protocol, DESIGN.md §2):
      a new request id (`<id>-r<attempt>`), so a late delta of the old attempt can never
      mix in. The client sees one uninterrupted stream; greedy
      output is exactly what it would have been. Seeded sampling restarts its generator, and
-     requests with n > 1 are failed (INSTANCE_FAILED) rather than resumed.
+     requests with n > 1 are failed (INSTANCE_FAILED) rather than resumed — but a beam
+     search, which streams only its final beams, starts its (deterministic) search again.
 
 NOTE: `AbortCmd` stops all `n` completions. A completion of n > 1 cut by a stop string is
 dropped here at once, but the engine keeps generating it until the request as a whole ends.
@@ -96,6 +97,8 @@ class Output:
     """One per token in `token_ids` when logprobs were asked for."""
     finish_reason: str | None
     """Set on the completion's last Output: stop, length, abort."""
+    cumulative_logprob: float | None = None
+    """Beam search: the beam's summed logprob (its one Output is the whole beam)."""
 
 
 @dataclass(slots=True)
@@ -180,7 +183,7 @@ class CompletionText:
         elif finish is not None:
             text += self.stops.flush()
         self.finish_reason = finish
-        return Output(self.index, text, tokens, delta.logprobs, finish)
+        return Output(self.index, text, tokens, delta.logprobs, finish, delta.cumulative_logprob)
 
 
 PLACEMENT_RETRY = 0.25
@@ -221,6 +224,8 @@ class Generation:
         """Seconds an attempt waits for a scheduler and a fitting instance to exist."""
         self.timeout = timeout
         self.completions = [CompletionText(i, model, req) for i in range(req.sampling.n)]
+        self.beam_search = req.sampling.use_beam_search
+        """Its beams come whole at the end: a lost instance's search starts again."""
         self.usage = Usage(prompt_tokens=len(req.prompt_token_ids))
         self.instance_id: str | None = None
         """The instance streaming the output (the decode instance, when disaggregated)."""
@@ -282,6 +287,8 @@ class Generation:
             if delta.finish_reason == "error":  # the whole request failed (an abort is harmless)
                 info = delta.error or ErrorInfo(ErrorCode.INSTANCE_FAILED, "the instance failed")
                 raise ProtocolError.from_info(info)
+            if self.beam_search and delta.finish_reason is None:
+                continue  # a beam search sends only its final beams (P's first token is not one)
             if not 0 <= delta.index < len(self.completions):
                 log.warning("%s: dropped a delta for index %d", self.req.request_id, delta.index)
                 continue
@@ -396,7 +403,7 @@ class Generation:
         lost = f"{self.instance_id}" + (
             f" / {self.prefill_instance_id}" if self.prefill_instance_id else ""
         )
-        if len(self.completions) > 1 or self.num_resumes >= MAX_RESUMES:
+        if (len(self.completions) > 1 and not self.beam_search) or self.num_resumes >= MAX_RESUMES:
             why = "n > 1 is not resumed" if len(self.completions) > 1 else "too many resumes"
             raise ProtocolError(
                 ErrorCode.INSTANCE_FAILED, f"the instance running the request was lost ({why})"
@@ -406,7 +413,7 @@ class Generation:
         self._drafts_before = (self.usage.draft_tokens, self.usage.accepted_draft_tokens)
         self.num_resumes += 1
         self.attempt_id = f"{self.req.request_id}-r{self.num_resumes}"
-        generated = self.completions[0].token_ids
+        generated = [] if self.beam_search else self.completions[0].token_ids
         structured = self.req.sampling.structured
         if structured is not None:  # the grammar goes on from after the streamed tokens
             structured = replace(structured, num_replayed_tokens=len(generated))

@@ -128,6 +128,22 @@ class EngineConfig:
         "Decide every step, from measured acceptance and step times, whether speculation "
         "pays at the current batch size; false = speculate whenever there are drafts.",
     )
+    item_trie: str = option(
+        "",
+        "Item tries for constrained beam search, NAME=PATH[,NAME=PATH...]: the token id "
+        "sequences a request naming the trie (`item_trie`) may produce; PATH is a JSON array "
+        "of token id arrays (.json) or one item a line, ids separated by spaces.",
+    )
+
+    def item_trie_paths(self) -> dict[str, str]:
+        """--item-trie as name -> path; ValueError if malformed."""
+        paths: dict[str, str] = {}
+        for entry in filter(None, (e.strip() for e in self.item_trie.split(","))):
+            name, sep, path = entry.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"--item-trie entries are NAME=PATH, got {entry!r}")
+            paths[name.strip()] = path.strip()
+        return paths
 
     def validate(self) -> None:
         checks = [
@@ -153,6 +169,7 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.item_trie_paths()
 
 
 @dataclass(frozen=True)

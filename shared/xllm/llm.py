@@ -20,6 +20,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[Logprob] | None = None
+    cumulative_logprob: float | None = None
+    """Beam search: the beam's summed logprob (outputs are its beams, best first)."""
 
 
 @dataclass
@@ -64,6 +66,7 @@ class LLM:
                 if delta.logprobs is not None:
                     completion.logprobs = (completion.logprobs or []) + delta.logprobs
                 if delta.finish_reason is not None:
+                    completion.cumulative_logprob = delta.cumulative_logprob
                     completion.finish_reason = delta.finish_reason.value
                     result.num_cached_tokens = delta.num_cached_tokens
         for result in results.values():

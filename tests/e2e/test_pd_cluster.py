@@ -247,3 +247,42 @@ def test_a_request_survives_a_killed_instance(cluster, victim_role, engine_greed
     assert state(config)["num_redispatched"] >= 1
     released = lambda: totals(config)["blocks_held"] == 0  # noqa: E731
     wait_for(released, 60, "every block to be released", lambda: holders(config))
+
+
+def test_beam_search_through_the_cluster_equals_the_engine(cluster, model_dir):
+    """Beams decoded on the decode instance after the handoff: the same beams, in the same
+    order, with the same cumulative logprobs as the engine alone; with an item trie given
+    inline every beam is an item; no block stays held."""
+    from dataclasses import replace
+
+    from xllm.llm import LLM
+    from xllm.protocol.types import SamplingParams
+
+    _, config = cluster
+    (prompt,) = prompts(1, seed=11, lengths=(37,))
+    rng = random.Random(5)
+    items = [[rng.randrange(100, 3000) for _ in range(rng.randrange(2, 5))] for _ in range(300)]
+    beam = {"use_beam_search": True, "beam_width": 8, "length_penalty": 0.5, "ignore_eos": True}
+    client = openai.OpenAI(base_url=config.base_url, api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+
+    def ask(**fields):
+        body = beam | fields
+        return client.completions.create(model=model, prompt=prompt, n=3, max_tokens=6,
+                                         extra_body=body).choices  # fmt: skip
+
+    llm = LLM(str(model_dir), num_kv_blocks=1024, max_model_len=MAX_MODEL_LEN)
+    params = SamplingParams(n=3, max_tokens=6, **beam)
+    (expected,) = llm.generate([prompt], params)
+    choices = ask()
+    assert [ch.text for ch in choices] == [o.text for o in expected.outputs]
+    assert [ch.model_extra["cumulative_logprob"] for ch in choices] == pytest.approx(
+        [o.cumulative_logprob for o in expected.outputs], abs=1e-4
+    )
+    (constrained,) = llm.generate([prompt], replace(params, allowed_items=items))
+    assert all(o.token_ids in items for o in constrained.outputs)
+    choices = ask(allowed_items=items)
+    assert [ch.text for ch in choices] == [o.text for o in constrained.outputs]
+    with pytest.raises(openai.BadRequestError, match="item_trie 'nope' is not registered"):
+        ask(item_trie="nope")
+    wait_for(lambda: totals(config)["blocks_held"] == 0, 10, "every block to be released")

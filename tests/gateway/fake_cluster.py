@@ -54,6 +54,10 @@ class Script:
     tokens_per_delta: int = 1
     """Tokens per delta, as speculative decoding sends them: each delta beyond the first
     token also reports its tokens as kept drafts (and as many rejected ones)."""
+    cumulative_logprobs: list[float] | None = None
+    """Beam search: a stray one-token delta (a prefill instance's first token, which the
+    gateway must ignore), then each completion whole in one final delta with its
+    cumulative logprob from this list."""
 
 
 @dataclass
@@ -143,6 +147,9 @@ class FakeCluster:
         subject = subjects.request_output(rid)
         outputs = [script.tokens[i % len(script.tokens)][:max_tokens] for i in range(n)]
         finished: set[int] = set()
+        if script.cumulative_logprobs is not None:
+            await self._stream_beams(req, outputs, script.cumulative_logprobs)
+            return
         per = script.tokens_per_delta
         for step in range(0, max(len(tokens) for tokens in outputs), per):
             await asyncio.sleep(script.delay)
@@ -166,6 +173,19 @@ class FakeCluster:
         elif script.stream_error is not None:
             error = TokenDelta(request_id=rid, finish_reason="error", error=script.stream_error)
             await self.nc.publish(subject, encode(error))
+
+    async def _stream_beams(
+        self, req: SubmitRequest, outputs: list[list[int]], cumulative_logprobs: list[float]
+    ) -> None:
+        subject = subjects.request_output(req.request_id)
+        await self.nc.publish(subject, encode(_delta(req, 0, outputs[0][:1], 0, None)))
+        for index, tokens in enumerate(outputs):
+            finish = "length" if len(tokens) == req.request.sampling.max_tokens else "stop"
+            delta = replace(
+                _delta(req, index, tokens, 0, finish),
+                cumulative_logprob=cumulative_logprobs[index],
+            )
+            await self.nc.publish(subject, encode(delta))
 
 
 def _delta(

@@ -634,3 +634,39 @@ async def test_a_tool_call_cut_by_max_tokens_is_plain_content(env):
     )  # fmt: skip
     assert r.choices[0].finish_reason == "length" and not r.choices[0].message.tool_calls
     assert r.choices[0].message.content.startswith("{")
+
+
+async def test_beam_search_answers_its_beams_with_their_cumulative_logprobs(env):
+    env.cluster.plan = lambda req: Script(
+        tokens=[env.tokens(0), env.tokens(1)], cumulative_logprobs=[-1.25, -2.5]
+    )
+    beam = {"use_beam_search": True, "beam_width": 4, "length_penalty": 0.5}
+    r = await env.client.completions.create(
+        model=MODEL, prompt="x", max_tokens=60, n=2, extra_body=beam
+    )
+    assert [c.text for c in r.choices] == TEXTS  # the stray first token is not in them
+    assert [c.model_extra["cumulative_logprob"] for c in r.choices] == [-1.25, -2.5]
+    assert r.usage.completion_tokens == len(env.tokens(0)) + len(env.tokens(1))
+    sampling = env.cluster.submits[-1].request.sampling
+    assert (sampling.use_beam_search, sampling.num_beams, sampling.length_penalty) == (
+        True, 4, 0.5,
+    )  # fmt: skip
+    stream = await env.client.completions.create(
+        model=MODEL, prompt="x", max_tokens=60, n=2, stream=True, extra_body=beam
+    )
+    texts, scores = ["", ""], [None, None]
+    async for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            scores[choice.index] = choice.model_extra.get(
+                "cumulative_logprob", scores[choice.index]
+            )
+    assert texts == TEXTS and scores == [-1.25, -2.5]
+
+
+async def test_bad_beam_search_fields_are_a_400(env):
+    with pytest.raises(openai.BadRequestError) as e:
+        await env.client.completions.create(
+            model=MODEL, prompt="x", n=5, extra_body={"use_beam_search": True, "beam_width": 2}
+        )
+    assert e.value.body["param"] == "n" and "must not exceed beam_width" in e.value.body["message"]

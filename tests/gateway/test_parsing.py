@@ -133,10 +133,13 @@ def test_every_scalar_sampling_field_is_read_from_the_body_field_of_its_name(mod
     body = {"min_tokens": 3, "temperature": 0.5, "top_k": 4, "top_p": 0.5, "min_p": 0.25,
             "seed": 9, "repetition_penalty": 1.5, "presence_penalty": 0.5,
             "frequency_penalty": -0.5, "ignore_eos": True}  # fmt: skip
+    beam = {"use_beam_search": True, "beam_width": 3, "length_penalty": 0.5}  # valid together
     scalar = {f.name for f in dataclasses.fields(SamplingParams)} - parsing._READ_APART
-    assert scalar == body.keys()
+    assert scalar == body.keys() | beam.keys()
     s = completion(model_info, prompt=[5], max_tokens=4, **body).gen.sampling
     assert {name: getattr(s, name) for name in body} == body
+    s = completion(model_info, prompt=[5], max_tokens=4, **beam).gen.sampling
+    assert {name: getattr(s, name) for name in beam} == beam
     assert type(s.temperature) is float and type(s.presence_penalty) is float
     assert type(completion(model_info, prompt=[5], temperature=1).gen.sampling.temperature) is float
 
@@ -285,3 +288,32 @@ def test_tool_calls_read_from_the_output(model_info):
     assert [c["function"]["name"] for c in calls] == ["noop", "get_weather"]
     assert calls[1]["function"]["arguments"] == '{"a": 2}'
     assert array.calls('[{"name": "noop", "par') is None  # cut short
+
+
+def test_beam_search_fields(model_info):
+    s = completion(
+        model_info, prompt=[5], max_tokens=4, n=2, use_beam_search=True, beam_width=4,
+        early_stopping="never", allowed_items=[[5, 6], [7]],
+    ).gen.sampling  # fmt: skip
+    assert (s.num_beams, s.n, s.early_stopping, s.allowed_items) == (4, 2, "never", [[5, 6], [7]])
+    s = completion(model_info, prompt=[5], use_beam_search=True, item_trie="items").gen.sampling
+    assert s.item_trie == "items" and s.early_stopping is False
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"use_beam_search": True, "beam_width": 1000}, "beam_width"),
+        ({"use_beam_search": True, "n": 3, "beam_width": 2}, "n"),
+        ({"use_beam_search": True, "early_stopping": "soon"}, "early_stopping"),
+        ({"use_beam_search": True, "allowed_items": [5]}, "allowed_items"),
+        ({"use_beam_search": True, "allowed_items": [[10**9]]}, "allowed_items"),
+        ({"use_beam_search": True, "item_trie": 3}, "item_trie"),
+        ({"use_beam_search": True, "response_format": {"type": "json_object"}}, "use_beam_search"),
+        ({"beam_width": 4}, "beam_width"),
+    ],
+)
+def test_bad_beam_search_fields_are_a_400_naming_the_field(model_info, fields, param):
+    with pytest.raises(ApiError) as raised:
+        completion(model_info, prompt=[5], max_tokens=4, **fields)
+    assert raised.value.param == param

@@ -82,3 +82,47 @@ def test_a_v2_generate_without_a_grammar_still_decodes():
     d = {"request_id": "r", "request": {"prompt_token_ids": [1], "sampling": {"n": 1}}}
     msg = decode(msgpack.packb({"t": "generate", "v": 2, "d": d}))
     assert msg.request.sampling.structured is None
+
+
+@pytest.mark.parametrize("early_stopping", [False, True, "never"])
+def test_beam_search_fields_travel_and_forbid_speculation(early_stopping):
+    params = SamplingParams(
+        n=2,
+        use_beam_search=True,
+        beam_width=4,
+        length_penalty=0.5,
+        early_stopping=early_stopping,
+        allowed_items=[[5, 6], [7]],
+    )
+    params.validate(vocab_size=10)
+    cmd = GenerateCmd(request_id="r", request=RequestSpec(prompt_token_ids=[1], sampling=params))
+    assert decode(encode(cmd)).request.sampling == params
+    assert params.num_beams == 4 and not params.allows_speculation
+    assert SamplingParams(n=3, use_beam_search=True).num_beams == 3
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"beam_width": 257}, "beam_width must be in"),
+        ({"beam_width": 2, "n": 3}, r"n \(3\) must not exceed beam_width \(2\)"),
+        ({"structured": StructuredOutput(kind=StructuredKind.JSON_OBJECT)}, "structured"),
+        ({"repetition_penalty": 1.2}, "penalties"),
+        ({"logprobs": 1}, "cumulative logprobs"),
+        ({"early_stopping": "sometimes"}, "early_stopping must be"),
+        ({"item_trie": "a", "allowed_items": [[1]]}, "not both"),
+        ({"allowed_items": [[1], []]}, "non-empty"),
+        ({"allowed_items": [[1, 99]]}, r"allowed_items token ids must be in \[0, 10\)"),
+    ],
+)
+def test_bad_beam_search_params_say_what_is_wrong(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(use_beam_search=True, **fields).validate(vocab_size=10)
+
+
+@pytest.mark.parametrize(
+    "fields", [{"beam_width": 4}, {"length_penalty": 2.0}, {"item_trie": "items"}]
+)
+def test_beam_fields_without_beam_search_are_refused(fields):
+    with pytest.raises(ValueError, match=r"needs? use_beam_search"):
+        SamplingParams(**fields).validate()

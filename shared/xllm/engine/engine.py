@@ -3,6 +3,10 @@
 The engine is synchronous and single-threaded on purpose: the instance program drives
 `step()` from its own thread and feeds requests and aborts in between steps.
 
+Beam search requests run as groups of live sequences in the same batch (beam_search.py):
+the sampler takes their candidates, and after `Scheduler.update` each group whose beams
+all sampled picks its next beams; it reports once, with its best beams whole, at the end.
+
 With `--speculative`, each step first asks `AdaptiveSpeculation` how many drafts decoding
 sequences may verify (0 when it does not pay at this batch size: the plain step runs, see
 speculation.py); a delta then carries every token a verification kept.
@@ -12,13 +16,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from xllm.config import EngineConfig
+from xllm.engine.beam_search import BeamCandidates, BeamGroup, BeamResult, ready_groups
 from xllm.engine.block_manager import BlockManager
+from xllm.engine.item_trie import ItemTrie
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.model_runner import ModelRunner, is_decode
 from xllm.engine.proposer import make_proposer
@@ -65,6 +71,9 @@ class SequenceOutput:
     """Speculative drafts verified for this completion so far (cumulative)."""
     num_accepted_draft_tokens: int = 0
     """Of those, the ones kept (cumulative)."""
+    cumulative_logprob: float | None = None
+    """Beam search: this beam's summed logprob; `token_ids` is then the whole output and
+    `index` the beam's rank, best first."""
 
 
 @dataclass
@@ -133,6 +142,10 @@ class Engine:
         tokens, no drafts): the basis of `offline_token_budget`."""
         self.grammars: GrammarCache | None = None
         """Compiled grammars of structured-output requests; made with the first one."""
+        self.item_tries = {
+            name: ItemTrie.from_file(path) for name, path in config.item_trie_paths().items()
+        }
+        """Beam search's item tries registered by name (--item-trie)."""
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks > 0:
@@ -180,20 +193,39 @@ class Engine:
         self.validate(prompt_token_ids, params, disaggregated=prefill_only)
         if priority < 0:
             raise ValueError(f"priority must be 0 (online) or more (offline), got {priority}")
+        if prefill_only and params.use_beam_search:
+            # The decode side's beams start from the prompt's logits, not from the token
+            # sampled here: nothing may end the request at that token.
+            params = replace(params, ignore_eos=True, stop_token_ids=[], min_tokens=0,
+                             max_tokens=max(2, params.max_tokens))  # fmt: skip
         seq = Sequence(
             request_id, prompt_token_ids, params, prefill_only=prefill_only, priority=priority
         )
         seq.grammar = self._grammar_matcher(prompt_token_ids, params)
-        self.sequences[request_id] = [seq]
+        self.sequences[request_id] = [seq] if prefill_only else self._beams(seq)
         self.scheduler.add(seq)
 
     def validate(
         self, prompt_token_ids: list[int], params: SamplingParams, disaggregated: bool = False
     ) -> None:
-        vocab = self.model_config.vocab_size
+        vocab, bs = self.model_config.vocab_size, self.config.block_size
         params.validate(vocab)
-        if disaggregated and params.n != 1:
+        if disaggregated and params.n != 1 and not params.use_beam_search:
             raise ValueError("n > 1 is not supported with prefill/decode disaggregation")
+        if params.num_beams > self.config.max_num_seqs:
+            raise ValueError(
+                f"beam_width ({params.num_beams}) exceeds this instance's --max-num-seqs "
+                f"({self.config.max_num_seqs})"
+            )
+        beam_blocks = params.num_beams * -(-(len(prompt_token_ids) + params.max_tokens) // bs)
+        if beam_blocks > self.block_manager.num_blocks:
+            # Beams wait for each other every step: a group the pool cannot hold would
+            # never advance (shared blocks make this bound conservative).
+            raise ValueError(
+                f"beam_width {params.num_beams} beams of {len(prompt_token_ids)} + "
+                f"{params.max_tokens} tokens may need {beam_blocks} KV blocks; this instance "
+                f"has {self.block_manager.num_blocks}"
+            )
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -218,6 +250,26 @@ class Engine:
             mc = self.model_config
             self.grammars = GrammarCache(self.config.model, mc.vocab_size, mc.eos_token_ids)
         return self.grammars.matcher(params.structured, prompt_token_ids)
+
+    def _beams(self, seq: Sequence) -> list[Sequence]:
+        """The request's sequences: for beam search, its group's live beams (from `seq`).
+        ValueError for a trie name not registered here (where the beams run: a prefill
+        instance needs none)."""
+        params = seq.params
+        if not params.use_beam_search:
+            return [seq]
+        trie = None
+        if params.allowed_items is not None:
+            trie = ItemTrie(params.allowed_items)
+        elif params.item_trie is not None:
+            trie = self.item_tries.get(params.item_trie)
+            if trie is None:
+                known = ", ".join(sorted(self.item_tries)) or "none"
+                raise ValueError(
+                    f"item_trie {params.item_trie!r} is not registered (known: {known})"
+                )
+        group = BeamGroup(seq, self.max_model_len, self.model_config.eos_token_ids, trie)
+        return group.beams
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks; False if unknown or done."""
@@ -249,9 +301,10 @@ class Engine:
         self.validate(prompt_token_ids, params, disaggregated=True)
         seq = Sequence(request_id, prompt_token_ids, params, priority=priority)
         seq.grammar = self._grammar_matcher(prompt_token_ids, params)
+        seqs = self._beams(seq)
         if not self.scheduler.reserve(seq):
             return None
-        self.sequences[request_id] = [seq]
+        self.sequences[request_id] = seqs
         num_cached_blocks = seq.num_cached_tokens // self.config.block_size
         return Reservation(
             list(seq.block_table), seq.num_cached_tokens, seq.block_table[num_cached_blocks:]
@@ -263,8 +316,11 @@ class Engine:
         """Decode side: the reserved blocks now hold the prompt's KV; decode from the first
         token (already streamed by the prefill side). Returns the finish reason if that
         token ends the request (its blocks are then freed). A grammar's fresh matcher here
-        advances past that token, as the prefill side's did."""
+        advances past that token, as the prefill side's did. A beam search ignores the
+        token: its first beams come from the prompt's logits, computed again here."""
         seq = self._held(request_id)
+        if seq.beam is not None:
+            return self.scheduler.admit_prefilled(seq, None)
         if seq.grammar is not None:
             from xllm.engine.grammar import accept_tokens
 
@@ -327,11 +383,32 @@ class Engine:
         deltas = [
             self._delta(seq, seq.num_tokens - num_before.get(seq.seq_id, seq.num_tokens - 1))
             for seq in updated
+            if seq.beam is None
         ]
+        if sampled.beams is not None:
+            deltas += self._advance_beams(sampled.beams)
         shape.num_accepted_tokens = sum(len(t) - 1 for t in sampled.verified.values())
         shape.seconds = time.perf_counter() - started
         self._measure(shape, seqs)
         return deltas
+
+    def _advance_beams(self, candidates: BeamCandidates) -> list[SequenceOutput]:
+        """Advance the beam groups whose beams all sampled; the outputs of those that ended."""
+        outputs: list[SequenceOutput] = []
+        copies: list[tuple[int, int]] = []
+        for group in ready_groups(candidates):
+            first = group.beams[0]
+            copies += group.advance(self.scheduler)
+            if group.done:
+                self.sequences.pop(group.request_id, None)
+                results = group.results()
+                outputs += [
+                    beam_output(first, index, results[index] if index < len(results) else None)
+                    for index in range(group.params.n)
+                ]
+        if copies:  # before the next forward pass writes the forks' next tokens
+            self.runner.kv_cache.copy_blocks(copies)
+        return outputs
 
     def _num_draft_tokens(self) -> int:
         """This step's k: drafts per decoding sequence (0 = a plain step)."""
@@ -410,6 +487,21 @@ class Engine:
             recent_acceptance_rate=spec.acceptance_rate if spec else 0.0,
             speculating=spec.speculating if spec else False,
         )
+
+
+def beam_output(seq: Sequence, index: int, result: BeamResult | None) -> SequenceOutput:
+    """The final output of a beam search's `index`-th best beam (empty when fewer beams
+    finished than asked for, e.g. an item trie with fewer items that fit)."""
+    return SequenceOutput(
+        request_id=seq.request_id,
+        index=index,
+        token_ids=result.token_ids if result else [],
+        finish_reason=result.finish_reason if result else FinishReason.LENGTH,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_cached_tokens=seq.num_cached_tokens,
+        num_output_tokens=len(result.token_ids) if result else 0,
+        cumulative_logprob=result.cumulative_logprob if result else None,
+    )
 
 
 def step_shape(out: SchedulerOutput) -> SpeculativeStep:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from xllm.engine.beam_search import BeamCandidates, beam_candidates
 from xllm.engine.sequence import Sequence
 from xllm.protocol.types import GREEDY_EPSILON, Logprob
 
@@ -25,6 +26,9 @@ class SamplerOutput:
     verified: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     """seq_id -> the tokens a speculative verification kept, then the target's own token
     (rejection_sampler.py); such sequences are not in `token_ids`."""
+    beams: BeamCandidates | None = None
+    """The candidates of the beams among the rows (beam_search.py); their `token_ids` entry
+    is only the argmax, which their group does not use."""
 
 
 class Sampler:
@@ -35,6 +39,7 @@ class Sampler:
         """logits [R, V] float32, one row per sequence in `seqs` (constrained rows are masked
         in place)."""
         params = [s.params for s in seqs]
+        beams = beam_candidates(logits, seqs) if any(p.use_beam_search for p in params) else None
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         if any(p.has_penalties for p in params):
@@ -60,7 +65,7 @@ class Sampler:
         logprobs: list[Logprob | None] = [None] * len(seqs)
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, tokens, params)
-        return SamplerOutput(token_list, logprobs)
+        return SamplerOutput(token_list, logprobs, beams=beams)
 
     def _suppress_stop_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         logits = logits.clone()

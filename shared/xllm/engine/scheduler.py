@@ -27,6 +27,10 @@ offline request is admitted; otherwise it is recomputed like an online one. Swap
 swap-ins never share a step, so no copy reads a block another copy of the step writes.
 Without offline work none of this costs more than a comparison per admitted sequence.
 
+Beam search (beam_search.py): a beam samples like any sequence, but `update` appends no
+token to it; its group does, once all its beams sampled, and forks new beams into
+`running` (`adopt`). Until then a beam has nothing to compute and is skipped.
+
 Speculative decoding (`schedule(num_draft_tokens=k)`, k > 0, with a proposer): a decoding
 sequence with drafts is scheduled for 1 + d tokens — its last token, then d drafts
 (`speculation.draft_room` bounds d) — with slots for all; the drafts ride on
@@ -209,6 +213,9 @@ class Scheduler:
             if online_only and seq.priority > 0:
                 break
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new == 0:  # a beam waiting for the rest of its group (beam_search.py)
+                i += 1
+                continue
             drafts = self._drafts(seq, budget) if num_new == 1 and self._max_drafts else []
             if drafts and not self._allocate_drafts(seq, len(drafts)):
                 drafts = []  # no room for the drafts' slots: a plain decode
@@ -329,7 +336,10 @@ class Scheduler:
                 break
         self.num_preemptions += 1
         num_computed_blocks = -(-seq.num_computed_tokens // self.block_manager.block_size)
-        if seq.priority > 0 and 0 < num_computed_blocks <= len(self.free_host_blocks):
+        # (Not a beam: one swapped back in with its candidates taken would not sample again,
+        # and its group advances only on a sample; recomputed, it samples.)
+        swappable = seq.priority > 0 and seq.beam is None
+        if swappable and 0 < num_computed_blocks <= len(self.free_host_blocks):
             host = [self.free_host_blocks.pop() for _ in range(num_computed_blocks)]
             out.swap_out.extend(zip(seq.block_table[:num_computed_blocks], host, strict=True))
             seq.host_block_table = host
@@ -379,6 +389,8 @@ class Scheduler:
             self.running[at:at] = children
             sampled_seqs.extend(children)
         for seq in sampled_seqs:
+            if seq.beam is not None:
+                continue  # its group picks its token once all its beams sampled
             if verified and seq.seq_id in verified:
                 reason = self._append_verified(seq, verified[seq.seq_id])
             else:
@@ -435,6 +447,12 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
+    def adopt(self, seq: Sequence) -> None:
+        """Into `running`: a sequence forked outside the scheduler (a beam, beam_search.py),
+        holding its blocks already."""
+        seq.status = SequenceStatus.RUNNING
+        self._start(seq)
+
     # -- PD disaggregation: blocks held outside the queues ---------------------------------
 
     def reserve(self, seq: Sequence) -> bool:
@@ -449,13 +467,20 @@ class Scheduler:
         seq.status = SequenceStatus.HELD
         return True
 
-    def admit_prefilled(self, seq: Sequence, first_token_id: int) -> FinishReason | None:
+    def admit_prefilled(self, seq: Sequence, first_token_id: int | None) -> FinishReason | None:
         """Decode side: the prompt's KV has arrived in `seq`'s reserved blocks and the prefill
         side sampled `first_token_id`. Queue `seq` to decode (first in line: it already
-        holds its blocks), or finish it if that token ends it; returns the finish reason."""
+        holds its blocks), or finish it if that token ends it; returns the finish reason.
+        `first_token_id` None (beam search, which needs the prompt's logits, not a token):
+        the prompt's last token is computed again here, and samples."""
         assert seq.status is SequenceStatus.HELD and seq.num_output_tokens == 0, seq
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.block_manager.cache_full_blocks(seq)
+        if first_token_id is None:
+            seq.num_computed_tokens -= 1
+            seq.status = SequenceStatus.WAITING
+            self._enqueue(seq, front=True)
+            return None
         seq.token_ids.append(first_token_id)
         reason = self._finish_reason(seq)
         if reason is not None:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import torch
     from xgrammar import GrammarMatcher
 
+    from xllm.engine.beam_search import BeamGroup
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -75,7 +77,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.logprobs: list[Logprob] = []
-        self.num_pending_forks = params.n - 1 if index == 0 else 0
+        self.num_pending_forks = params.n - 1 if index == 0 and not params.use_beam_search else 0
         """Siblings still to be forked off this sequence once its prompt is computed."""
         self.num_draft_tokens = 0
         """Speculative draft tokens verified for this sequence so far."""
@@ -84,6 +86,8 @@ class Sequence:
         self.grammar: GrammarMatcher | None = None
         """With `params.structured`: the grammar's matcher, past every output token (the
         engine sets it, engine/grammar.py). Terminated = the completion is over."""
+        self.beam: BeamGroup | None = None
+        """A beam of a beam search: its group picks its tokens (engine/beam_search.py)."""
 
     def __repr__(self) -> str:
         return (

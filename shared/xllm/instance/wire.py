@@ -37,6 +37,7 @@ def to_wire(d: SequenceOutput) -> TokenDelta:
         drafts=DraftCounts(d.num_draft_tokens, d.num_accepted_draft_tokens)
         if d.num_draft_tokens
         else None,
+        cumulative_logprob=d.cumulative_logprob,
     )
 
 

@@ -11,6 +11,8 @@ Stream contract, per completion index:
     died mid-way); every other delta has error None;
   * the `num_*` usage counts are cumulative, so the final delta carries the request's usage.
 The request is done when every one of its `n` completions has sent its final delta.
+A beam search request streams nothing until the search ends, then sends its `n` best beams,
+each whole in one final delta with `cumulative_logprob` set.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class DraftCounts(NamedTuple):
     """Of those, the ones the target model kept."""
 
 
-@message("token_delta", version=2)
+# v3: `cumulative_logprob` (beam search's final deltas).
+@message("token_delta", version=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TokenDelta:
     """instance → gateway: what one step produced for one completion of a request."""
@@ -61,3 +64,6 @@ class TokenDelta:
     drafts: DraftCounts | None = None
     """Set once the completion has speculated (several tokens in one delta are what kept
     drafts look like); None otherwise, which keeps this hot message small."""
+    cumulative_logprob: float | None = None
+    """Beam search: a beam is sent whole, in one final delta (its `index` = its rank, best
+    first), with the sum of its tokens' logprobs here; None for sampled completions."""

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 GREEDY_EPSILON = 1e-5
 """Temperatures below this are treated as greedy (argmax), as vLLM does."""
 MAX_LOGPROBS = 20
 """Most top alternatives a request may ask for per token."""
+MAX_BEAM_WIDTH = 256
+"""Widest beam search a request may ask for."""
 
 
 class StructuredKind(enum.StrEnum):
@@ -109,17 +111,42 @@ class SamplingParams:
     structured: StructuredOutput | None = None
     """A grammar the output must follow (response_format / structured_outputs); None = free
     text."""
+    use_beam_search: bool = False
+    """Beam search instead of sampling (engine/beam_search.py): `beam_width` beams decode in
+    the batch and the best `n` are returned, each with its cumulative logprob, at the end
+    (no streaming). Deterministic: temperature, top-k/p, min-p and seed do not apply."""
+    beam_width: int = 0
+    """Beams kept per step; 0 = `n` (vLLM's OpenAI server uses `n` as the width)."""
+    length_penalty: float = 1.0
+    """Beam scores are cumulative logprob / output length ** length_penalty (transformers'
+    semantics: > 0 favours longer beams, < 0 shorter ones)."""
+    early_stopping: Literal[False, True, "never"] = False
+    """When beam search stops (transformers' semantics): True = as soon as `beam_width`
+    beams finished; False = when no running beam can beat the worst finished one at its
+    current length; "never" = only when none can at any length up to max_tokens."""
+    item_trie: str | None = None
+    """Beam search over valid items: the name of a trie of allowed token sequences the
+    instance registered (`--item-trie NAME=PATH`); every token must extend a prefix of an
+    item, and a beam finishes only as a complete item."""
+    allowed_items: list[list[int]] | None = None
+    """As `item_trie`, the allowed token sequences given inline."""
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < GREEDY_EPSILON
+        """Argmax decoding; beam search is deterministic too (its rows' argmax is unused)."""
+        return self.temperature < GREEDY_EPSILON or self.use_beam_search
 
     @property
     def allows_speculation(self) -> bool:
         """Whether draft tokens may be proposed and verified for this request. NOTE: not
         with a grammar: drafts are not checked against it, and its matcher advances one
         sampled token at a time, so constrained requests always decode token by token."""
-        return self.structured is None
+        return self.structured is None and not self.use_beam_search
+
+    @property
+    def num_beams(self) -> int:
+        """The beam width of a beam search (0 for sampling)."""
+        return (self.beam_width or self.n) if self.use_beam_search else 0
 
     @property
     def has_penalties(self) -> bool:
@@ -142,6 +169,10 @@ class SamplingParams:
                 raise ValueError(
                     f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})"
                 )
+            if self.allowed_items is not None and any(
+                not 0 <= t < vocab_size for item in self.allowed_items for t in item
+            ):
+                raise ValueError(f"allowed_items token ids must be in [0, {vocab_size})")
 
     def _checks(self) -> list[tuple[bool, str]]:
         return [
@@ -178,6 +209,50 @@ class SamplingParams:
             (
                 self.structured is None or self.structured.num_replayed_tokens >= 0,
                 "structured.num_replayed_tokens must be non-negative",
+            ),
+            *self._beam_checks(),
+        ]
+
+    def _beam_checks(self) -> list[tuple[bool, str]]:
+        if not self.use_beam_search:
+            return [
+                (
+                    self.beam_width == 0 or self.beam_width == 1,
+                    "beam_width needs use_beam_search",
+                ),
+                (self.length_penalty == 1.0, "length_penalty needs use_beam_search"),
+                (self.early_stopping is False, "early_stopping needs use_beam_search"),
+                (
+                    self.item_trie is None and self.allowed_items is None,
+                    "item_trie / allowed_items need use_beam_search",
+                ),
+            ]
+        width = self.num_beams
+        items = self.allowed_items
+        return [
+            (
+                1 <= width <= MAX_BEAM_WIDTH,
+                f"beam_width must be in [1, {MAX_BEAM_WIDTH}], got {self.beam_width}",
+            ),
+            (self.n <= width, f"n ({self.n}) must not exceed beam_width ({width})"),
+            (self.structured is None, "use_beam_search cannot be combined with structured output"),
+            (not self.has_penalties, "use_beam_search cannot be combined with penalties"),
+            (self.logprobs is None, "use_beam_search returns cumulative logprobs, not logprobs"),
+            (
+                self.early_stopping in (False, True, "never"),
+                f'early_stopping must be true, false or "never", got {self.early_stopping!r}',
+            ),
+            (
+                -10.0 <= self.length_penalty <= 10.0,
+                f"length_penalty must be in [-10, 10], got {self.length_penalty}",
+            ),
+            (
+                self.item_trie is None or items is None,
+                "give item_trie or allowed_items, not both",
+            ),
+            (
+                items is None or (len(items) > 0 and all(len(item) > 0 for item in items)),
+                "allowed_items must be a non-empty list of non-empty token id lists",
             ),
         ]
 
