@@ -91,6 +91,22 @@ class EngineConfig:
         "Host memory for the KV of preempted offline requests, in GiB (committed only as "
         "it is used); 0 = preempted offline requests are recomputed.",
     )
+    host_kv_gb: float = option(
+        0.0,
+        "Host-memory KV tier, in GiB: every cached prefix block is also copied here, so one "
+        "evicted from the KV pool is loaded back instead of recomputed; at least the pool's "
+        "size; 0 = off (no tiers).",
+    )
+    disk_kv_dir: str = option(
+        "", "Folder of the disk KV tier (blocks evicted from host memory); '' = no disk tier."
+    )
+    disk_kv_gb: float = option(4.0, "Size of the disk KV tier, in GiB.")
+    host_kv_gbps: float = option(
+        10.0, "Host tier -> KV pool bandwidth (GB/s) the load-or-recompute choice assumes."
+    )
+    disk_kv_gbps: float = option(
+        1.0, "Disk tier -> host bandwidth (GB/s) the load-or-recompute choice assumes."
+    )
     offline_step_share: float = option(
         0.2,
         "While online requests run, offline work may lengthen a step by at most this share "
@@ -136,6 +152,12 @@ class EngineConfig:
             (self.max_num_batched_tokens > 0, "--max-num-batched-tokens must be positive"),
             (self.swap_space_gb >= 0, "--swap-space-gb cannot be negative"),
             (self.offline_step_share >= 0, "--offline-step-share cannot be negative"),
+            (self.host_kv_gb >= 0 and self.disk_kv_gb >= 0, "KV tier sizes cannot be negative"),
+            (
+                not self.disk_kv_dir or self.host_kv_gb > 0,
+                "--disk-kv-dir needs --host-kv-gb (disk holds what host memory evicts)",
+            ),
+            (self.host_kv_gbps > 0 and self.disk_kv_gbps > 0, "tier bandwidths must be positive"),
             (
                 self.kv_cache_gb > 0 or self.num_kv_blocks > 0,
                 "give --kv-cache-gb or --num-kv-blocks",

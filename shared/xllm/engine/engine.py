@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from xgrammar import GrammarMatcher
 
     from xllm.engine.grammar import GrammarCache
+    from xllm.engine.kv_tiers import KvTiers
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,11 @@ class Engine:
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, mc, self.dtype, self.device, num_blocks)
         self.swap_space = SwapSpace(self.runner.kv_cache, self._num_host_blocks())
+        self.tiers: KvTiers | None = None
+        if config.host_kv_gb > 0:
+            from xllm.engine.kv_tiers import make_tiers
+
+            self.tiers = make_tiers(config, self.runner.kv_cache, self.block_manager)
         self.sequences: dict[str, list[Sequence]] = {}
         self.num_draft_tokens = 0
         """Cumulative speculative drafts verified, and kept (over every sequence)."""
@@ -185,6 +191,10 @@ class Engine:
         )
         seq.grammar = self._grammar_matcher(prompt_token_ids, params)
         self.sequences[request_id] = [seq]
+        if self.tiers is not None and self.config.enable_prefix_caching:
+            prefill_cost = self.step_stats.recent_prefill_seconds_per_token
+            if self.tiers.start_load(seq, prefill_cost):
+                return  # queued when its prefix is back on the device (`_step_tiers`)
         self.scheduler.add(seq)
 
     def validate(
@@ -225,7 +235,9 @@ class Engine:
         if seqs is None:
             return False
         for seq in seqs:
-            if not seq.is_finished:
+            if self.tiers is not None and self.tiers.forget(seq):
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
+            elif not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.ABORT)
         return True
 
@@ -295,12 +307,14 @@ class Engine:
         return seqs[0]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.tiers and self.tiers.num_loading)
 
     # -- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[SequenceOutput]:
         started = time.perf_counter()
+        if self.tiers is not None:
+            self._step_tiers()
         offline_budget = offline_token_budget(
             self.config.offline_step_share,
             self.decode_step_seconds,
@@ -332,6 +346,15 @@ class Engine:
         shape.seconds = time.perf_counter() - started
         self._measure(shape, seqs)
         return deltas
+
+    def _step_tiers(self) -> None:
+        """Copy last step's new blocks to host memory (before this step's forward pass may
+        overwrite them) and queue the requests whose prefix finished loading (waiting a
+        little for one when nothing else can run)."""
+        assert self.tiers is not None
+        self.tiers.write_through()
+        for seq in self.tiers.poll(wait=not self.scheduler.has_unfinished()):
+            self.scheduler.add(seq)
 
     def _num_draft_tokens(self) -> int:
         """This step's k: drafts per decoding sequence (0 = a plain step)."""
