@@ -2,7 +2,9 @@
 
 Layout (every key under `prefix`, default "xllm:kv:"):
 
-    block:<hash>        HASH  instance_id -> tier       who holds this block, and where
+    block:<hash>        HASH  instance_id -> tiers      who holds this block, and in which of
+                                                        its tiers ("device,host": fastest
+                                                        first, comma-separated)
     inst:<id>:blocks    SET   block hashes              what one instance holds (for its count,
                                                         a reset and dropping a dead instance)
     inst:<id>:seq       STRING                          the last `KvEvents.seq` applied
@@ -26,9 +28,25 @@ from redis.asyncio import Redis
 
 from xllm.protocol import KvEvent
 
+# The tiers of one instance's copies of a block, as the hash field's value: their names,
+# fastest first, comma-separated ("device,host").
+_TIER_SET = """
+local TIERS = {"device", "host", "disk", "store"}
+local function parse(text)
+  local set = {}
+  if text then for t in string.gmatch(text, "[^,]+") do set[t] = true end end
+  return set
+end
+local function join(set)
+  local out = {}
+  for _, t in ipairs(TIERS) do if set[t] then table.insert(out, t) end end
+  return table.concat(out, ",")
+end
+"""
+
 # KEYS: [block prefix, instance blocks set, instance seq key, instances set]
 # ARGV: [instance id, seq, reset (0/1), kind1, hash1, tier1, kind2, hash2, tier2, ...]
-_APPLY = """
+_APPLY = _TIER_SET + """
 local block_prefix, inst_blocks, inst_seq, instances = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local iid = ARGV[1]
 local prev_seq = redis.call("GET", inst_seq) or "-1"
@@ -41,11 +59,14 @@ end
 for i = 4, #ARGV, 3 do
   local kind, h, tier = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local key = block_prefix .. h
-  if kind == "stored" then
-    redis.call("HSET", key, iid, tier)
+  local tiers = parse(redis.call("HGET", key, iid))
+  tiers[tier] = (kind == "stored") or nil
+  local value = join(tiers)
+  if value ~= "" then
+    redis.call("HSET", key, iid, value)
     redis.call("SADD", inst_blocks, h)
-  elseif redis.call("HGET", key, iid) == tier then
-    -- evicted from this tier; a copy that moved to another tier first stays
+  else
+    -- evicted from its last tier here
     redis.call("HDEL", key, iid)
     redis.call("SREM", inst_blocks, h)
   end
@@ -66,20 +87,32 @@ return redis.call("SREM", instances, ARGV[1])
 """
 
 # KEYS: [block prefix]; ARGV: hashes of the chain, block 0 first.
-# Returns a flat [instance, matched blocks, ...] for every instance holding block 0.
+# Returns a flat [instance, matched blocks, blocks whose fastest copy is on device, in host,
+# on disk, in the store, ...] for every instance holding block 0.
 _MATCH = """
-local alive, matched = {}, {}
-local first = redis.call("HKEYS", KEYS[1] .. ARGV[1])
+local FASTEST = {device = 1, host = 2, disk = 3, store = 4}
+local alive, matched, by_tier = {}, {}, {}
+local first = redis.call("HGETALL", KEYS[1] .. ARGV[1])
 if #first == 0 then return {} end
-for _, iid in ipairs(first) do alive[iid] = true; matched[iid] = 1 end
-local remaining = #first
+local remaining = 0
+local function count(iid, tiers)
+  local t = FASTEST[string.match(tiers, "^[^,]+")] or 4
+  by_tier[iid][t] = by_tier[iid][t] + 1
+end
+for j = 1, #first, 2 do
+  local iid = first[j]
+  alive[iid] = true; matched[iid] = 1; by_tier[iid] = {0, 0, 0, 0}; remaining = remaining + 1
+  count(iid, first[j + 1])
+end
 for i = 2, #ARGV do
   if remaining == 0 then break end
   local holders = {}
-  for _, iid in ipairs(redis.call("HKEYS", KEYS[1] .. ARGV[i])) do holders[iid] = true end
+  local flat = redis.call("HGETALL", KEYS[1] .. ARGV[i])
+  for j = 1, #flat, 2 do holders[flat[j]] = flat[j + 1] end
   for iid, _ in pairs(alive) do
     if holders[iid] then
       matched[iid] = i
+      count(iid, holders[iid])
     else
       alive[iid] = nil
       remaining = remaining - 1
@@ -87,9 +120,15 @@ for i = 2, #ARGV do
   end
 end
 local out = {}
-for iid, n in pairs(matched) do table.insert(out, iid); table.insert(out, n) end
+for iid, n in pairs(matched) do
+  table.insert(out, iid); table.insert(out, n)
+  for t = 1, 4 do table.insert(out, by_tier[iid][t]) end
+end
 return out
 """
+
+TIERS = ("device", "host", "disk", "store")
+"""Fastest first; a block's tier in a match is the fastest one holding it."""
 
 
 class Applied(NamedTuple):
@@ -134,12 +173,33 @@ class KvIndex:
     ) -> dict[str, int]:
         """instance -> number of leading blocks of the chain it holds (those holding none are
         left out); only `instance_ids` if given."""
+        matched, _ = await self.match_tiers(block_hashes, instance_ids)
+        return matched
+
+    async def match_tiers(
+        self, block_hashes: Sequence[int], instance_ids: Iterable[str] = ()
+    ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """`match`, and per instance how many of its matched blocks are fastest in each tier
+        (tiers holding none left out)."""
         if not block_hashes:
-            return {}
+            return {}, {}
         flat = await self._match(keys=[f"{self.prefix}block:"], args=list(block_hashes))
-        matched = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
         wanted = set(instance_ids)
-        return {i: n for i, n in matched.items() if not wanted or i in wanted}
+        matched: dict[str, int] = {}
+        by_tier: dict[str, dict[str, int]] = {}
+        for i in range(0, len(flat), 6):
+            instance_id = _text(flat[i])
+            if wanted and instance_id not in wanted:
+                continue
+            matched[instance_id] = int(flat[i + 1])
+            counts = zip(TIERS, flat[i + 2 : i + 6], strict=True)
+            by_tier[instance_id] = {tier: int(n) for tier, n in counts if int(n)}
+        return matched, by_tier
+
+    async def tiers_of(self, block_hash: int) -> dict[str, set[str]]:
+        """instance -> the tiers holding its copies of one block."""
+        held = await self.redis.hgetall(f"{self.prefix}block:{block_hash}")
+        return {_text(i): set(_text(t).split(",")) for i, t in held.items()}
 
     async def instances(self) -> set[str]:
         return {_text(i) for i in await self.redis.smembers(f"{self.prefix}instances")}

@@ -345,6 +345,14 @@ class KvTiers:
     def _path(self, block_hash: int) -> str:
         return os.path.join(self.disk_dir, f"{block_hash:016x}.kv")
 
+    def drain_events(self) -> list[tuple[str, int, str]]:
+        events, self.events = self.events, []
+        return events
+
+    def held(self) -> list[tuple[int, str]]:
+        """(block hash, tier) of every block these tiers hold (a snapshot for the index)."""
+        return [(h, HOST) for h in self.host] + [(h, DISK) for h in self.disk]
+
     def check_integrity(self) -> None:
         """Assert the tier invariants of the module docstring (tests call this)."""
         assert len(self.host) + len(self.free_host_blocks) == self.host_tensor.shape[2] // (
