@@ -107,6 +107,25 @@ class EngineConfig:
     disk_kv_gbps: float = option(
         1.0, "Disk tier -> host bandwidth (GB/s) the load-or-recompute choice assumes."
     )
+    kv_store_master: str = option(
+        "",
+        "host:port of the Mooncake Store master: the cluster KV tier (full prefix blocks put "
+        "there are fetched by any instance); needs --host-kv-gb; '' = off.",
+    )
+    kv_store_host: str = option(
+        "127.0.0.1", "This instance's address as other Mooncake Store clients reach it."
+    )
+    kv_store_segment_gb: float = option(
+        1.0, "Memory this instance lends to Mooncake Store for its objects, in GiB."
+    )
+    kv_store_put_min_reuse: int = option(
+        0,
+        "Which blocks go to the store: 0 = every full prefix block cached; N = a block once "
+        "N requests have reused it (eager put of hot prefixes).",
+    )
+    kv_store_gbps: float = option(
+        1.0, "Store -> host bandwidth (GB/s) the load-or-recompute choice assumes."
+    )
     offline_step_share: float = option(
         0.2,
         "While online requests run, offline work may lengthen a step by at most this share "
@@ -157,7 +176,15 @@ class EngineConfig:
                 not self.disk_kv_dir or self.host_kv_gb > 0,
                 "--disk-kv-dir needs --host-kv-gb (disk holds what host memory evicts)",
             ),
-            (self.host_kv_gbps > 0 and self.disk_kv_gbps > 0, "tier bandwidths must be positive"),
+            (
+                not self.kv_store_master or self.host_kv_gb > 0,
+                "--kv-store-master needs --host-kv-gb (blocks from the store land there first)",
+            ),
+            (self.kv_store_put_min_reuse >= 0, "--kv-store-put-min-reuse cannot be negative"),
+            (
+                min(self.host_kv_gbps, self.disk_kv_gbps, self.kv_store_gbps) > 0,
+                "tier bandwidths must be positive",
+            ),
             (
                 self.kv_cache_gb > 0 or self.num_kv_blocks > 0,
                 "give --kv-cache-gb or --num-kv-blocks",

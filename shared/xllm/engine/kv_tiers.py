@@ -34,6 +34,7 @@ from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,7 +43,11 @@ from xllm.engine.block_manager import BlockManager
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.sequence import Sequence
 
-HOST, DISK = "host", "disk"
+if TYPE_CHECKING:
+    from xllm.engine.kv_store import KvStore
+
+HOST, DISK, STORE = "host", "disk", "store"
+SLOWEST_FIRST = (STORE, DISK, HOST)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ class TierStats:
     load_seconds: float = 0.0
     """Wall time of the loads whose slowest tier was this one (worker thread, start to end)."""
     num_loads: int = 0
+    failed_loads: int = 0
+    """Loads that failed (the request recomputed instead), counted by their slowest tier."""
     blocks_stored: int = 0
     blocks_evicted: int = 0
 
@@ -81,13 +88,23 @@ def make_tiers(config: EngineConfig, kv: KVCache, block_manager: BlockManager) -
             f"--host-kv-gb holds {num_host} blocks, fewer than the KV pool's {kv.num_blocks}: "
             "host memory must hold every block cached on the device"
         )
+    store = None
+    if config.kv_store_master:
+        from xllm.engine.kv_store import KvStore, namespace
+
+        space = namespace(config.model, kv.tensor.dtype, kv.block_size)
+        segment = int(config.kv_store_segment_gb * 2**30)
+        store = KvStore(config.kv_store_master, config.kv_store_host, segment, space)
+    bandwidth = {HOST: config.host_kv_gbps, DISK: config.disk_kv_gbps, STORE: config.kv_store_gbps}
     return KvTiers(
         kv,
         block_manager,
         num_host,
         config.disk_kv_dir,
         int(config.disk_kv_gb * 2**30) // per_block,
-        {HOST: config.host_kv_gbps, DISK: config.disk_kv_gbps},
+        bandwidth,
+        store,
+        config.kv_store_put_min_reuse,
     )
 
 
@@ -116,6 +133,8 @@ class KvTiers:
         disk_dir: str = "",
         num_disk_blocks: int = 0,
         bandwidth_gbps: dict[str, float] | None = None,
+        store: KvStore | None = None,
+        store_min_reuse: int = 0,
     ):
         self.kv = kv
         self.bm = block_manager
@@ -140,11 +159,17 @@ class KvTiers:
             weakref.finalize(self, shutil.rmtree, self.disk_dir, True)
         self.pinned: Counter[int] = Counter()
         """Hashes a load in flight reads or writes: not evicted from host or disk."""
-        self.bandwidth_gbps = bandwidth_gbps or {HOST: 10.0, DISK: 1.0}
+        self.bandwidth_gbps = bandwidth_gbps or {HOST: 10.0, DISK: 1.0, STORE: 1.0}
+        self.store = store
+        self.store_min_reuse = store_min_reuse
+        """0: put every block cached into the store; N: put a block once N requests reused it."""
+        self.reuse: Counter[int] = Counter()
+        self.puts: list[tuple[int, Future]] = []
+        self.put_worker = ThreadPoolExecutor(1, thread_name_prefix="xllm-kv-put") if store else None
         self.loads: list[PendingLoad] = []
         self.events: list[tuple[str, int, str]] = []
         """("stored" | "evicted", block hash, tier) of the host and disk tiers, in order."""
-        self.stats = {HOST: TierStats(), DISK: TierStats()}
+        self.stats = {HOST: TierStats(), DISK: TierStats(), STORE: TierStats()}
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="xllm-kv-tiers")
         block_manager.stored_log = []
 
@@ -173,6 +198,40 @@ class KvTiers:
             pairs.append((block_id, host_block))
         if pairs:
             _copy(self.kv.tensor, self.host_tensor, pairs, self.block_size)
+        if self.store is not None:
+            if self.store_min_reuse == 0:
+                for block_hash, _ in stored:
+                    self._put(block_hash)
+            self._collect_puts()
+
+    def flush(self) -> None:
+        """Write through and wait for the puts in flight (an instance about to go idle or
+        stop; tests)."""
+        self.write_through()
+        if self.put_worker is not None:
+            self.put_worker.submit(lambda: None).result()
+            self._collect_puts()
+
+    def _put(self, block_hash: int) -> None:
+        """Put a block in host memory into the store, on the put worker (from a copy: the
+        host block may be reused before the put runs)."""
+        assert self.store is not None and self.put_worker is not None
+        host_block = self.host.get(block_hash)
+        if host_block is None:
+            return
+        start = host_block * self.block_size
+        data = self.host_tensor[:, :, start : start + self.block_size].clone()
+        self.puts.append((block_hash, self.put_worker.submit(self.store.put, block_hash, data)))
+
+    def _collect_puts(self) -> None:
+        pending = []
+        for block_hash, future in self.puts:
+            if not future.done():
+                pending.append((block_hash, future))
+            elif future.exception() is None and future.result():
+                self.stats[STORE].blocks_stored += 1
+                self.events.append(("stored", block_hash, STORE))
+        self.puts = pending
 
     # -- loading back ---------------------------------------------------------------------
 
@@ -194,16 +253,17 @@ class KvTiers:
         if block_ids is None:
             return False
         self.pinned.update(hashes)
-        reads = []  # (file, host block) for blocks from disk: into host memory first
+        reads = []  # (tier, hash, host block) for blocks from disk or store: into host first
         for block_hash, tier in zip(hashes, tiers, strict=True):
-            if tier == DISK:
-                host_block = self._host_block()
-                assert host_block is not None, "host memory smaller than the device pool"
-                self._host_insert(block_hash, host_block)
-                self.disk.move_to_end(block_hash)
-                reads.append((self._path(block_hash), host_block))
-            else:
+            if tier == HOST:
                 self.host.move_to_end(block_hash)
+                continue
+            host_block = self._host_block()
+            assert host_block is not None, "host memory smaller than the device pool"
+            self._host_insert(block_hash, host_block)
+            if tier == DISK:
+                self.disk.move_to_end(block_hash)
+            reads.append((tier, block_hash, host_block))
         pairs = [(self.host[h], b) for h, b in zip(hashes, block_ids, strict=True)]
         future = self.worker.submit(self._load, reads, pairs)
         self.loads.append(PendingLoad(seq, block_ids, hashes, future, tiers))
@@ -228,11 +288,12 @@ class KvTiers:
             self.pinned += Counter()  # drop the zeros
             try:
                 seconds = load.future.result()
-            except Exception:
-                log.exception("loading %d KV blocks failed; recomputing them", len(load.block_ids))
+            except Exception as e:
+                log.warning("loading %d KV blocks failed (%s); recomputing", len(load.tiers), e)
                 self.bm.release_load(load.block_ids)
+                self.stats[_slowest(load.tiers)].failed_loads += 1
                 for block_hash, tier in zip(load.block_hashes, load.tiers, strict=True):
-                    if tier == DISK:  # its host copy may be garbage
+                    if tier != HOST:  # its host copy may be garbage
                         self._host_remove(block_hash)
             else:
                 self.bm.finish_load(load.block_ids, load.block_hashes)
@@ -256,7 +317,8 @@ class KvTiers:
         prompt's full blocks (never the last token's) until one is in no tier."""
         device_hits, hashes, tiers = [], [], []
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        for block_hash in seq.full_block_hashes(self.block_size)[:max_blocks]:
+        chain = seq.full_block_hashes(self.block_size)[:max_blocks]
+        for i, block_hash in enumerate(chain):
             block_id = self.bm.cached_blocks.get(block_hash)
             if block_id is not None:
                 device_hits.append(block_id)
@@ -269,14 +331,37 @@ class KvTiers:
                 hashes.append(block_hash)
                 tiers.append(DISK)
             else:
+                if self.store is not None:  # the rest of the chain, from the cluster's store
+                    rest = chain[i:]
+                    rest = rest[: next((j for j, h in enumerate(rest) if h in self.pinned), None)]
+                    n = self.store.leading_present(rest)
+                    hashes += rest[:n]
+                    tiers += [STORE] * n
                 break
+            if self.store is not None and self.store_min_reuse:
+                self._count_reuse(block_hash)
         return device_hits, hashes, tiers
 
-    def _load(self, reads: list[tuple[str, int]], pairs: list[tuple[int, int]]) -> float:
-        """Worker thread: disk files -> host blocks, then host blocks -> device blocks."""
+    def _count_reuse(self, block_hash: int) -> None:
+        """Eager put: a block goes to the store when the `store_min_reuse`-th request reuses
+        it. (The counts are forgotten wholesale now and then: a bound, not an LRU.)"""
+        self.reuse[block_hash] += 1
+        if self.reuse[block_hash] == self.store_min_reuse:
+            self._put(block_hash)
+        if len(self.reuse) > 8 * len(self.host_tensor[0, 0]) // self.block_size:
+            self.reuse.clear()
+
+    def _load(self, reads: list[tuple[str, int, int]], pairs: list[tuple[int, int]]) -> float:
+        """Worker thread: disk files and store objects -> host blocks, then host blocks ->
+        device blocks."""
         started = time.perf_counter()
-        for path, host_block in reads:
-            data = torch.from_file(path, size=self.bytes_per_block, dtype=torch.uint8)
+        for tier, block_hash, host_block in reads:
+            if tier == DISK:
+                path = self._path(block_hash)
+                data = torch.from_file(path, size=self.bytes_per_block, dtype=torch.uint8)
+            else:
+                assert self.store is not None
+                data = self.store.get(block_hash, self.bytes_per_block)
             block = data.view(self.host_tensor.dtype).view(self.block_shape)
             start = host_block * self.block_size
             self.host_tensor[:, :, start : start + self.block_size] = block
@@ -287,7 +372,7 @@ class KvTiers:
         for tier in load.tiers:
             self.stats[tier].hits += 1
             self.stats[tier].bytes_loaded += self.bytes_per_block
-        slowest = DISK if DISK in load.tiers else HOST
+        slowest = _slowest(load.tiers)
         self.stats[slowest].load_seconds += seconds
         self.stats[slowest].num_loads += 1
 
@@ -372,6 +457,12 @@ class KvTiers:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
+        if self.put_worker is not None:
+            self.put_worker.shutdown(wait=True)
+
+
+def _slowest(tiers: list[str]) -> str:
+    return next(t for t in SLOWEST_FIRST if t in tiers)
 
 
 def _copy(src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]], block_size: int):
