@@ -113,7 +113,9 @@ class EngineConfig:
         "there are fetched by any instance); needs --host-kv-gb; '' = off.",
     )
     kv_store_host: str = option(
-        "127.0.0.1", "This instance's address as other Mooncake Store clients reach it."
+        "127.0.0.1",
+        "This instance's address as other Mooncake Store clients reach it; '' = the address "
+        "its hostname resolves to (containers).",
     )
     kv_store_segment_gb: float = option(
         1.0, "Memory this instance lends to Mooncake Store for its objects, in GiB."

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import socket
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ class KvStore:
         except ImportError as e:  # pragma: no cover - shipped with mooncake-transfer-engine
             raise RuntimeError(f"--kv-store-master needs mooncake-transfer-engine: {e}") from e
         self.prefix = f"xllm:{namespace}:"
+        host = host or socket.gethostbyname(socket.gethostname())
         self.client = MooncakeDistributedStore()
         rc = self.client.setup(
             host, "P2PHANDSHAKE", segment_bytes, LOCAL_BUFFER_BYTES, "tcp", "", master
