@@ -46,7 +46,9 @@ end
 
 # KEYS: [block prefix, instance blocks set, instance seq key, instances set]
 # ARGV: [instance id, seq, reset (0/1), kind1, hash1, tier1, kind2, hash2, tier2, ...]
-_APPLY = _TIER_SET + """
+_APPLY = (
+    _TIER_SET
+    + """
 local block_prefix, inst_blocks, inst_seq, instances = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local iid = ARGV[1]
 local prev_seq = redis.call("GET", inst_seq) or "-1"
@@ -75,6 +77,7 @@ redis.call("SET", inst_seq, ARGV[2])
 redis.call("SADD", instances, iid)
 return {redis.call("SCARD", inst_blocks), tonumber(prev_seq)}
 """
+)
 
 # KEYS: [block prefix, instance blocks set, instance seq key, instances set]; ARGV: [instance id]
 _DROP = """

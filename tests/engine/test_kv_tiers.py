@@ -74,6 +74,9 @@ def test_prefix_comes_back_from_host_then_disk(model, tmp_path):
     assert hits["p2"] == (4, 4, 4 * BLOCK)  # then from disk
     assert tiers.stats["disk"].bytes_loaded == 4 * tiers.bytes_per_block
     assert tiers.stats["disk"].num_loads == 1 and tiers.stats["disk"].load_seconds > 0
+    beat = tiered.tier_stats()  # what the heartbeat carries: a copy
+    assert (beat.host.hits, beat.disk.hits, beat.store.hits) == (4, 4, 0)
+    assert beat.disk.bytes_loaded == tiers.stats["disk"].bytes_loaded
     # Without tiers the prefix was recomputed each time.
     assert plain.block_manager.stats.hit_tokens == 0
 

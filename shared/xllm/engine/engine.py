@@ -32,6 +32,7 @@ from xllm.ops import use_native_kernels
 from xllm.platform import default_dtype, select_device
 from xllm.protocol.errors import ErrorCode, RequestRejected
 from xllm.protocol.stats import (
+    KvTierStats,
     LoadStats,
     PreemptionStats,
     SpeculationStats,
@@ -424,6 +425,9 @@ class Engine:
             swap_in_blocks=swap.blocks_in,
             swap_seconds=swap.seconds,
         )
+
+    def tier_stats(self) -> KvTierStats:
+        return self.tiers.tier_stats() if self.tiers is not None else KvTierStats()
 
     def speculation_stats(self) -> SpeculationStats:
         spec = self.speculation

@@ -24,6 +24,7 @@ pinned for the load, out of host blocks pinned for the load, and into or out of 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -42,6 +43,7 @@ from xllm.config import EngineConfig
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.sequence import Sequence
+from xllm.protocol.stats import KvTierCounters, KvTierStats
 
 if TYPE_CHECKING:
     from xllm.engine.kv_store import KvStore
@@ -50,22 +52,6 @@ HOST, DISK, STORE = "host", "disk", "store"
 SLOWEST_FIRST = (STORE, DISK, HOST)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TierStats:
-    """One tier's counters (cumulative)."""
-
-    hits: int = 0
-    """Blocks loaded to the device from this tier."""
-    bytes_loaded: int = 0
-    load_seconds: float = 0.0
-    """Wall time of the loads whose slowest tier was this one (worker thread, start to end)."""
-    num_loads: int = 0
-    failed_loads: int = 0
-    """Loads that failed (the request recomputed instead), counted by their slowest tier."""
-    blocks_stored: int = 0
-    blocks_evicted: int = 0
 
 
 @dataclass
@@ -169,7 +155,7 @@ class KvTiers:
         self.loads: list[PendingLoad] = []
         self.events: list[tuple[str, int, str]] = []
         """("stored" | "evicted", block hash, tier) of the host and disk tiers, in order."""
-        self.stats = {HOST: TierStats(), DISK: TierStats(), STORE: TierStats()}
+        self.stats = {HOST: KvTierCounters(), DISK: KvTierCounters(), STORE: KvTierCounters()}
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="xllm-kv-tiers")
         block_manager.stored_log = []
 
@@ -429,6 +415,10 @@ class KvTiers:
 
     def _path(self, block_hash: int) -> str:
         return os.path.join(self.disk_dir, f"{block_hash:016x}.kv")
+
+    def tier_stats(self) -> KvTierStats:
+        """A copy of the counters (the heartbeat reads it while steps go on)."""
+        return KvTierStats(**{t: copy.copy(c) for t, c in self.stats.items()})
 
     def drain_events(self) -> list[tuple[str, int, str]]:
         events, self.events = self.events, []

@@ -26,6 +26,7 @@ from xllm.protocol.errors import ErrorInfo
 from xllm.protocol.kv_peer import KvPeer
 from xllm.protocol.stats import (
     KvCacheStats,
+    KvTierStats,
     KvTransferStats,
     LoadStats,
     PreemptionStats,
@@ -144,7 +145,8 @@ class SetRoleCmd:
 
 
 # v6: the stats nested in groups (`load`, `kv`, `steps`, ...: see stats.py); v5 is not read.
-@message("heartbeat", version=6, oldest=6)
+# v7: `tiers`.
+@message("heartbeat", version=7, oldest=6)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """instance → scheduler, kvstore, gateway (`HEARTBEAT`): a load snapshot, published
@@ -182,3 +184,5 @@ class Heartbeat:
     """Speculative decoding's drafts and switch."""
     transfer: KvTransferStats = field(default_factory=KvTransferStats)
     """KV moved to and from other instances."""
+    tiers: KvTierStats = field(default_factory=KvTierStats)
+    """The host, disk and store KV tiers (v7)."""
