@@ -126,8 +126,9 @@ def test_tier_invariants_hold_and_nothing_leaks(tmp_path_factory, program, nb, h
     d.tiers.write_through()
     d.check()
     assert all(b.ref_count == 0 for b in d.bm.blocks)
-    assert len(d.tiers.host) + len(d.tiers.free_host_blocks) == nb + host_extra
+    assert len(d.tiers.host.index) + len(d.tiers.host.free) == nb + host_extra
     d.tiers.worker.submit(lambda: None).result()  # the disk writes and removals are done
-    files = set(os.listdir(d.tiers.disk_dir)) if d.tiers.disk_dir else set()
-    assert files == {f"{h:016x}.kv" for h in d.tiers.disk}
+    disk = d.tiers.disk
+    files = set(os.listdir(disk.dir)) if disk is not None else set()
+    assert files == {f"{h:016x}.kv" for h in disk or ()}
     d.tiers.close()

@@ -12,8 +12,9 @@ metadata server. Every call fails fast when the master is gone (an RPC error cod
 object, measured at well under a millisecond) and works again once it is back (the client
 reconnects and remounts its segment itself); the tiers then fall back to recomputing.
 
-Calls block: the tiers make them on worker threads (puts and gets), except the existence
-check of a prompt's missing blocks, one RPC when a request arrives.
+Calls block: puts run on a put worker of their own, gets on the tiers' load worker; only the
+existence check of a prompt's missing blocks runs on the engine's thread, one RPC when a
+request arrives whose prefix the local tiers do not hold.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import hashlib
 import json
 import logging
 import socket
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -55,6 +57,26 @@ class KvStore:
         if rc != 0:
             raise RuntimeError(f"cannot join Mooncake Store at {master} (error {rc})")
 
+        self.put_worker = ThreadPoolExecutor(1, thread_name_prefix="xllm-kv-put")
+        self.puts: list[tuple[int, Future]] = []
+
+    def put_async(self, block_hash: int, block: torch.Tensor) -> None:
+        """Put `block` (a copy, owned by the put) on the put worker."""
+        self.puts.append((block_hash, self.put_worker.submit(self.put, block_hash, block)))
+
+    def finished_puts(self, wait: bool = False) -> list[int]:
+        """The hashes whose put succeeded since the last call (all queued ones if `wait`)."""
+        if wait:
+            self.put_worker.submit(lambda: None).result()
+        done, pending = [], []
+        for block_hash, future in self.puts:
+            if not future.done():
+                pending.append((block_hash, future))
+            elif future.exception() is None and future.result():
+                done.append(block_hash)
+        self.puts = pending
+        return done
+
     def key(self, block_hash: int) -> str:
         return f"{self.prefix}{block_hash:016x}"
 
@@ -80,6 +102,7 @@ class KvStore:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def close(self) -> None:
+        self.put_worker.shutdown(wait=True)
         self.client.close()
 
 

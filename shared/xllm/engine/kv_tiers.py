@@ -1,4 +1,4 @@
-"""KvTiers: the slower KV tiers behind the device pool — host memory, then disk.
+"""KvTiers: the slower KV tiers behind the device pool — host memory, disk, the cluster store.
 
 Rule (report §3.4): a block cached on the device is also in host memory. Every full prefix
 block the block manager caches is copied to a host block at the end of the step that
@@ -8,8 +8,12 @@ configured it is then written to a file (lazily: only on host eviction), so disk
 fell out of host memory. Host memory must hold at least the device pool (`Engine` checks),
 which is what lets host eviction always find a block that is not on the device.
 
+The cluster store (`kv_store.py`, Mooncake Store), when configured, gets a copy of every
+block written through to host memory (or, with `store_min_reuse` N, of a block once N
+requests reused it), and serves the blocks no local tier holds.
+
 Loading back: a request whose prompt misses the device cache but hits these tiers is held
-out of the scheduler while its blocks are copied in (disk -> host -> device) on a worker
+out of the scheduler while its blocks are copied in (disk/store -> host -> device) on a worker
 thread, as long as that is cheaper than recomputing them (`load_pays`). The engine keeps
 stepping the other requests meanwhile. The blocks being written are taken from the device
 pool for the load (`BlockManager.reserve_for_load`: referenced, in no block table, so no
@@ -26,22 +30,17 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import shutil
-import tempfile
 import time
-import weakref
-from collections import Counter, OrderedDict
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from xllm.config import EngineConfig
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.kv_cache import KVCache
+from xllm.engine.kv_tier_pools import DiskTier, HostPool, copy_blocks
 from xllm.engine.sequence import Sequence
 from xllm.protocol.stats import KvTierCounters, KvTierStats
 
@@ -125,57 +124,45 @@ class KvTiers:
         self.kv = kv
         self.bm = block_manager
         self.block_size = kv.block_size
-        layers, two, _, heads, dim = kv.tensor.shape
-        self.block_shape = (layers, two, kv.block_size, heads, dim)
-        self.host_tensor = torch.empty(
-            layers, two, num_host_blocks * kv.block_size, heads, dim, dtype=kv.tensor.dtype
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="xllm-kv-tiers")
+        self.host = HostPool(kv, num_host_blocks)
+        self.bytes_per_block = self.host.bytes_per_block
+        self.disk = (
+            DiskTier(disk_dir, num_disk_blocks, self.worker.submit)
+            if disk_dir and num_disk_blocks
+            else None
         )
-        self.bytes_per_block = self.host_tensor[:, :, : kv.block_size].numel() * kv.tensor.itemsize
-        self.host: OrderedDict[int, int] = OrderedDict()
-        """block hash -> host block, least recently used first."""
-        self.free_host_blocks = list(range(num_host_blocks))
-        self.disk: OrderedDict[int, None] = OrderedDict()
-        """Hashes with a file in `disk_dir`, least recently used first."""
-        self.num_disk_blocks = num_disk_blocks if disk_dir else 0
-        self.disk_dir = ""
-        if self.num_disk_blocks:
-            os.makedirs(disk_dir, exist_ok=True)
-            # A folder of our own: instances may share `disk_dir`; removed when we go.
-            self.disk_dir = tempfile.mkdtemp(prefix="xllm-kv-", dir=disk_dir)
-            weakref.finalize(self, shutil.rmtree, self.disk_dir, True)
-        self.pinned: Counter[int] = Counter()
-        """Hashes a load in flight reads or writes: not evicted from host or disk."""
-        self.bandwidth_gbps = bandwidth_gbps or {HOST: 10.0, DISK: 1.0, STORE: 1.0}
         self.store = store
         self.store_min_reuse = store_min_reuse
-        """0: put every block cached into the store; N: put a block once N requests reused it."""
+        """0: put every block written through into the store; N: a block once N requests
+        reused it."""
         self.reuse: Counter[int] = Counter()
-        self.puts: list[tuple[int, Future]] = []
-        self.put_worker = ThreadPoolExecutor(1, thread_name_prefix="xllm-kv-put") if store else None
+        self.bandwidth_gbps = bandwidth_gbps or {HOST: 10.0, DISK: 1.0, STORE: 1.0}
+        self.pinned: Counter[int] = Counter()
+        """Hashes a load in flight reads or writes: not evicted from host or disk."""
         self.loads: list[PendingLoad] = []
         self.events: list[tuple[str, int, str]] = []
-        """("stored" | "evicted", block hash, tier) of the host and disk tiers, in order."""
+        """("stored" | "evicted", block hash, tier) of the host, disk and store tiers."""
         self.stats = {HOST: KvTierCounters(), DISK: KvTierCounters(), STORE: KvTierCounters()}
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="xllm-kv-tiers")
         block_manager.stored_log = []
 
     @property
     def num_loading(self) -> int:
         return len(self.loads)
 
-    # -- write-through (end of every step) ------------------------------------------------
+    # -- write-through (start of every step) ----------------------------------------------
 
     def write_through(self) -> None:
-        """Copy the blocks cached since the last call into host memory. Called before
-        anything can overwrite them: at the start of a step (before its forward pass) and
-        before a load reserves device blocks."""
+        """Copy the blocks cached since the last call into host memory (and put them in the
+        store). Called before anything can overwrite them: at the start of a step (before
+        its forward pass) and before a load reserves device blocks."""
         stored, self.bm.stored_log = self.bm.stored_log, []
         pairs = []
         for block_hash, block_id in stored:
             if self.bm.cached_blocks.get(block_hash) != block_id:
                 continue  # evicted since (a load took the block): its KV is gone
             if block_hash in self.host:
-                self.host.move_to_end(block_hash)
+                self.host.touch(block_hash)
                 continue
             host_block = self._host_block()
             if host_block is None:
@@ -183,41 +170,27 @@ class KvTiers:
             self._host_insert(block_hash, host_block)
             pairs.append((block_id, host_block))
         if pairs:
-            _copy(self.kv.tensor, self.host_tensor, pairs, self.block_size)
+            copy_blocks(self.kv.tensor, self.host.tensor, pairs, self.block_size)
         if self.store is not None:
             if self.store_min_reuse == 0:
-                for block_hash, _ in stored:
-                    self._put(block_hash)
-            self._collect_puts()
+                for block_id, host_block in pairs:
+                    self._put(self.bm.blocks[block_id].block_hash, host_block)
+            self._count_puts(self.store.finished_puts())
 
     def flush(self) -> None:
-        """Write through and wait for the puts in flight (an instance about to go idle or
-        stop; tests)."""
+        """Write through and wait for the puts in flight (before going idle; tests)."""
         self.write_through()
-        if self.put_worker is not None:
-            self.put_worker.submit(lambda: None).result()
-            self._collect_puts()
+        if self.store is not None:
+            self._count_puts(self.store.finished_puts(wait=True))
 
-    def _put(self, block_hash: int) -> None:
-        """Put a block in host memory into the store, on the put worker (from a copy: the
-        host block may be reused before the put runs)."""
-        assert self.store is not None and self.put_worker is not None
-        host_block = self.host.get(block_hash)
-        if host_block is None:
-            return
-        start = host_block * self.block_size
-        data = self.host_tensor[:, :, start : start + self.block_size].clone()
-        self.puts.append((block_hash, self.put_worker.submit(self.store.put, block_hash, data)))
+    def _put(self, block_hash: int, host_block: int) -> None:
+        # From a copy: the host block may be reused before the put runs.
+        assert self.store is not None
+        self.store.put_async(block_hash, self.host.block(host_block).clone())
 
-    def _collect_puts(self) -> None:
-        pending = []
-        for block_hash, future in self.puts:
-            if not future.done():
-                pending.append((block_hash, future))
-            elif future.exception() is None and future.result():
-                self.stats[STORE].blocks_stored += 1
-                self.events.append(("stored", block_hash, STORE))
-        self.puts = pending
+    def _count_puts(self, hashes: list[int]) -> None:
+        self.stats[STORE].blocks_stored += len(hashes)
+        self.events += [("stored", h, STORE) for h in hashes]
 
     # -- loading back ---------------------------------------------------------------------
 
@@ -242,13 +215,13 @@ class KvTiers:
         reads = []  # (tier, hash, host block) for blocks from disk or store: into host first
         for block_hash, tier in zip(hashes, tiers, strict=True):
             if tier == HOST:
-                self.host.move_to_end(block_hash)
+                self.host.touch(block_hash)
                 continue
             host_block = self._host_block()
             assert host_block is not None, "host memory smaller than the device pool"
             self._host_insert(block_hash, host_block)
             if tier == DISK:
-                self.disk.move_to_end(block_hash)
+                self.disk.touch(block_hash)
             reads.append((tier, block_hash, host_block))
         pairs = [(self.host[h], b) for h, b in zip(hashes, block_ids, strict=True)]
         future = self.worker.submit(self._load, reads, pairs)
@@ -261,9 +234,8 @@ class KvTiers:
         if not self.loads:
             return []
         if wait:
-            wait_futures(
-                [p.future for p in self.loads], timeout=0.05, return_when="FIRST_COMPLETED"
-            )
+            futures = [p.future for p in self.loads]
+            wait_futures(futures, timeout=0.05, return_when="FIRST_COMPLETED")
         ready: list[Sequence] = []
         pending = []
         for load in self.loads:
@@ -279,8 +251,10 @@ class KvTiers:
                 self.bm.release_load(load.block_ids)
                 self.stats[_slowest(load.tiers)].failed_loads += 1
                 for block_hash, tier in zip(load.block_hashes, load.tiers, strict=True):
-                    if tier != HOST:  # its host copy may be garbage
+                    if tier != HOST:  # its host copy may be garbage, its file too
                         self._host_remove(block_hash)
+                    if tier == DISK:
+                        self._disk_remove(block_hash)
             else:
                 self.bm.finish_load(load.block_ids, load.block_hashes)
                 self._count(load, seconds)
@@ -313,7 +287,7 @@ class KvTiers:
             elif block_hash in self.host:
                 hashes.append(block_hash)
                 tiers.append(HOST)
-            elif block_hash in self.disk:
+            elif self.disk is not None and block_hash in self.disk:
                 hashes.append(block_hash)
                 tiers.append(DISK)
             else:
@@ -332,9 +306,9 @@ class KvTiers:
         """Eager put: a block goes to the store when the `store_min_reuse`-th request reuses
         it. (The counts are forgotten wholesale now and then: a bound, not an LRU.)"""
         self.reuse[block_hash] += 1
-        if self.reuse[block_hash] == self.store_min_reuse:
-            self._put(block_hash)
-        if len(self.reuse) > 8 * len(self.host_tensor[0, 0]) // self.block_size:
+        if self.reuse[block_hash] == self.store_min_reuse and block_hash in self.host:
+            self._put(block_hash, self.host[block_hash])
+        if len(self.reuse) > 8 * self.host.num_blocks:
             self.reuse.clear()
 
     def _load(self, reads: list[tuple[str, int, int]], pairs: list[tuple[int, int]]) -> float:
@@ -343,15 +317,13 @@ class KvTiers:
         started = time.perf_counter()
         for tier, block_hash, host_block in reads:
             if tier == DISK:
-                path = self._path(block_hash)
-                data = torch.from_file(path, size=self.bytes_per_block, dtype=torch.uint8)
+                assert self.disk is not None
+                data = self.disk.read(block_hash, self.bytes_per_block)
             else:
                 assert self.store is not None
                 data = self.store.get(block_hash, self.bytes_per_block)
-            block = data.view(self.host_tensor.dtype).view(self.block_shape)
-            start = host_block * self.block_size
-            self.host_tensor[:, :, start : start + self.block_size] = block
-        _copy(self.host_tensor, self.kv.tensor, pairs, self.block_size)
+            self.host.write(host_block, data)
+        copy_blocks(self.host.tensor, self.kv.tensor, pairs, self.block_size)
         return time.perf_counter() - started
 
     def _count(self, load: PendingLoad, seconds: float) -> None:
@@ -362,13 +334,13 @@ class KvTiers:
         self.stats[slowest].load_seconds += seconds
         self.stats[slowest].num_loads += 1
 
-    # -- host and disk bookkeeping --------------------------------------------------------
+    # -- host and disk: what to evict, what to report -------------------------------------
 
     def _host_block(self) -> int | None:
         """A free host block, spilling the least recently used block that is neither on the
         device nor pinned to disk if none is free; None if every block is."""
-        if self.free_host_blocks:
-            return self.free_host_blocks.pop()
+        if self.host.free:
+            return self.host.free.pop()
         for block_hash in self.host:
             if block_hash not in self.bm.cached_blocks and block_hash not in self.pinned:
                 break
@@ -380,41 +352,40 @@ class KvTiers:
         return host_block
 
     def _host_insert(self, block_hash: int, host_block: int) -> None:
-        self.host[block_hash] = host_block
+        self.host.insert(block_hash, host_block)
         self.stats[HOST].blocks_stored += 1
         self.events.append(("stored", block_hash, HOST))
 
     def _host_remove(self, block_hash: int, free: bool = True) -> None:
-        host_block = self.host.pop(block_hash)
-        if free:
-            self.free_host_blocks.append(host_block)
+        self.host.remove(block_hash, free)
         self.stats[HOST].blocks_evicted += 1
         self.events.append(("evicted", block_hash, HOST))
 
     def _spill(self, block_hash: int, host_block: int) -> None:
         """Write a block leaving host memory to disk (if there is a disk tier)."""
-        if not self.num_disk_blocks:
+        disk = self.disk
+        if disk is None:
             return
-        if block_hash in self.disk:
-            self.disk.move_to_end(block_hash)
+        if block_hash in disk:
+            disk.touch(block_hash)
             return
-        if len(self.disk) >= self.num_disk_blocks:
-            victim = next((h for h in self.disk if h not in self.pinned), None)
+        if len(disk) >= disk.num_blocks:
+            victim = next((h for h in disk if h not in self.pinned), None)
             if victim is None:
                 return
-            del self.disk[victim]
-            self.stats[DISK].blocks_evicted += 1
-            self.events.append(("evicted", victim, DISK))
-            self.worker.submit(os.remove, self._path(victim))
-        start = host_block * self.block_size
-        data = self.host_tensor[:, :, start : start + self.block_size].clone()
-        self.worker.submit(_write_file, self._path(block_hash), data)
-        self.disk[block_hash] = None
+            self._disk_remove(victim)
+        disk.add(block_hash, self.host.block(host_block).clone())
         self.stats[DISK].blocks_stored += 1
         self.events.append(("stored", block_hash, DISK))
 
-    def _path(self, block_hash: int) -> str:
-        return os.path.join(self.disk_dir, f"{block_hash:016x}.kv")
+    def _disk_remove(self, block_hash: int) -> None:
+        assert self.disk is not None
+        if block_hash in self.disk:
+            self.disk.remove(block_hash)
+            self.stats[DISK].blocks_evicted += 1
+            self.events.append(("evicted", block_hash, DISK))
+
+    # -- reporting --------------------------------------------------------------------------
 
     def tier_stats(self) -> KvTierStats:
         """A copy of the counters (the heartbeat reads it while steps go on)."""
@@ -425,18 +396,14 @@ class KvTiers:
         return events
 
     def held(self) -> list[tuple[int, str]]:
-        """(block hash, tier) of every block these tiers hold (a snapshot for the index)."""
-        return [(h, HOST) for h in self.host] + [(h, DISK) for h in self.disk]
+        """(block hash, tier) of every block the host and disk tiers hold (for a snapshot;
+        the store's blocks are not listed: others may have put them, it may evict them)."""
+        return [(h, HOST) for h in self.host] + [(h, DISK) for h in self.disk or ()]
 
     def check_integrity(self) -> None:
         """Assert the tier invariants of the module docstring (tests call this)."""
-        assert len(self.host) + len(self.free_host_blocks) == self.host_tensor.shape[2] // (
-            self.block_size
-        )
-        assert len(set(self.host.values()) | set(self.free_host_blocks)) == len(self.host) + len(
-            self.free_host_blocks
-        ), "a host block is used twice"
-        assert len(self.disk) <= self.num_disk_blocks
+        self.host.check()
+        assert self.disk is None or len(self.disk) <= self.disk.num_blocks
         loading = {h for load in self.loads for h in load.block_hashes}
         unwritten = {h for h, _ in self.bm.stored_log or ()}  # copied at the next step
         for block_hash in self.bm.cached_blocks:
@@ -447,25 +414,9 @@ class KvTiers:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
-        if self.put_worker is not None:
-            self.put_worker.shutdown(wait=True)
+        if self.store is not None:
+            self.store.close()
 
 
 def _slowest(tiers: list[str]) -> str:
     return next(t for t in SLOWEST_FIRST if t in tiers)
-
-
-def _copy(src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]], block_size: int):
-    """Copy whole blocks (every layer's K and V), `src` block -> `dst` block, in one go."""
-    src_slots = _slots([s for s, _ in pairs], block_size, src.device)
-    dst_slots = _slots([d for _, d in pairs], block_size, dst.device)
-    dst.index_copy_(2, dst_slots, src.index_select(2, src_slots).to(dst.device))
-
-
-def _slots(blocks: list[int], block_size: int, device: torch.device) -> torch.Tensor:
-    starts = torch.tensor(blocks, dtype=torch.long).unsqueeze(1) * block_size
-    return (starts + torch.arange(block_size)).flatten().to(device)
-
-
-def _write_file(path: str, data: torch.Tensor) -> None:
-    data.contiguous().view(torch.uint8).numpy().tofile(path)
