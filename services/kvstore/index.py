@@ -90,28 +90,38 @@ return redis.call("SREM", instances, ARGV[1])
 """
 
 # KEYS: [block prefix]; ARGV: hashes of the chain, block 0 first.
-# Returns a flat [instance, matched blocks, blocks whose fastest copy is on device, in host,
-# on disk, in the store, ...] for every instance holding block 0.
+# Returns a flat [leading blocks some instance put in the store, then per instance holding
+# block 0: instance, matched blocks, blocks whose fastest copy is on device, in host, on
+# disk, in the store, ...]. (The store run ends where its putters' runs do: a putter keeps
+# "store" among its tiers, so it stays alive in the walk while the run goes on.)
 _MATCH = """
 local FASTEST = {device = 1, host = 2, disk = 3, store = 4}
 local alive, matched, by_tier = {}, {}, {}
 local first = redis.call("HGETALL", KEYS[1] .. ARGV[1])
-if #first == 0 then return {} end
-local remaining = 0
+if #first == 0 then return {0} end
+local remaining, store_run = 0, 0
 local function count(iid, tiers)
   local t = FASTEST[string.match(tiers, "^[^,]+")] or 4
   by_tier[iid][t] = by_tier[iid][t] + 1
+end
+local function in_store(i, flat)
+  if store_run ~= i - 1 then return end
+  for j = 2, #flat, 2 do
+    if string.find(flat[j], "store", 1, true) then store_run = i; return end
+  end
 end
 for j = 1, #first, 2 do
   local iid = first[j]
   alive[iid] = true; matched[iid] = 1; by_tier[iid] = {0, 0, 0, 0}; remaining = remaining + 1
   count(iid, first[j + 1])
 end
+in_store(1, first)
 for i = 2, #ARGV do
   if remaining == 0 then break end
   local holders = {}
   local flat = redis.call("HGETALL", KEYS[1] .. ARGV[i])
   for j = 1, #flat, 2 do holders[flat[j]] = flat[j + 1] end
+  in_store(i, flat)
   for iid, _ in pairs(alive) do
     if holders[iid] then
       matched[iid] = i
@@ -122,7 +132,7 @@ for i = 2, #ARGV do
     end
   end
 end
-local out = {}
+local out = {store_run}
 for iid, n in pairs(matched) do
   table.insert(out, iid); table.insert(out, n)
   for t = 1, 4 do table.insert(out, by_tier[iid][t]) end
@@ -132,6 +142,16 @@ return out
 
 TIERS = ("device", "host", "disk", "store")
 """Fastest first; a block's tier in a match is the fastest one holding it."""
+
+
+class TierMatch(NamedTuple):
+    matched: dict[str, int]
+    """instance -> leading blocks of the chain it holds, in any tier."""
+    by_tier: dict[str, dict[str, int]]
+    """instance -> {tier: of those, the blocks whose fastest copy is there}."""
+    store_blocks: int
+    """Leading blocks of the chain some instance put in the store (any instance can fetch
+    them; the store may have evicted some since)."""
 
 
 class Applied(NamedTuple):
@@ -176,28 +196,27 @@ class KvIndex:
     ) -> dict[str, int]:
         """instance -> number of leading blocks of the chain it holds (those holding none are
         left out); only `instance_ids` if given."""
-        matched, _ = await self.match_tiers(block_hashes, instance_ids)
-        return matched
+        return (await self.match_tiers(block_hashes, instance_ids)).matched
 
     async def match_tiers(
         self, block_hashes: Sequence[int], instance_ids: Iterable[str] = ()
-    ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-        """`match`, and per instance how many of its matched blocks are fastest in each tier
-        (tiers holding none left out)."""
+    ) -> TierMatch:
+        """`match`, per instance how many of its matched blocks are fastest in each tier
+        (tiers holding none left out), and how many leading blocks the store holds."""
         if not block_hashes:
-            return {}, {}
+            return TierMatch({}, {}, 0)
         flat = await self._match(keys=[f"{self.prefix}block:"], args=list(block_hashes))
         wanted = set(instance_ids)
         matched: dict[str, int] = {}
         by_tier: dict[str, dict[str, int]] = {}
-        for i in range(0, len(flat), 6):
+        for i in range(1, len(flat), 6):
             instance_id = _text(flat[i])
             if wanted and instance_id not in wanted:
                 continue
             matched[instance_id] = int(flat[i + 1])
             counts = zip(TIERS, flat[i + 2 : i + 6], strict=True)
             by_tier[instance_id] = {tier: int(n) for tier, n in counts if int(n)}
-        return matched, by_tier
+        return TierMatch(matched, by_tier, int(flat[0]))
 
     async def tiers_of(self, block_hash: int) -> dict[str, set[str]]:
         """instance -> the tiers holding its copies of one block."""

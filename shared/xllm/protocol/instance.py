@@ -145,7 +145,7 @@ class SetRoleCmd:
 
 
 # v6: the stats nested in groups (`load`, `kv`, `steps`, ...: see stats.py); v5 is not read.
-# v7: `tiers`.
+# v7: `tiers`, `kv_block_bytes`.
 @message("heartbeat", version=7, oldest=6)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
@@ -166,6 +166,8 @@ class Heartbeat:
     """Context length: prompt plus output tokens must fit."""
     kv_block_size: int
     """Tokens per KV block; prefix block hashes are computed with this size."""
+    kv_block_bytes: int = 0
+    """Bytes of one KV block, every layer (what loading it from a slower tier moves; v7)."""
     kv_transfer_endpoint: str | None = None
     """Where peers reach this instance's KV transfer engine (host:port); None = no transfer."""
     sent_at: float

@@ -89,3 +89,5 @@ class KvMatchReply:
     matched_tiers: dict[str, dict[str, int]] = field(default_factory=dict)
     """instance_id -> {tier: how many of its `matched_blocks` have their fastest copy
     there}, tiers with none left out (v2; empty from a v1 kvstore)."""
+    store_blocks: int = 0
+    """Leading blocks of the chain in the cluster store, which any instance can fetch (v2)."""
