@@ -125,6 +125,11 @@ class EngineConfig:
         "Which blocks go to the store: 0 = every full prefix block cached; N = a block once "
         "N requests have reused it (eager put of hot prefixes).",
     )
+    kv_store_replicas: int = option(
+        1,
+        "Copies of each block the store keeps, in different instances' segments: with 2, "
+        "the KV of a request whose instance dies survives for the instance resuming it.",
+    )
     kv_store_gbps: float = option(
         1.0, "Store -> host bandwidth (GB/s) the load-or-recompute choice assumes."
     )
@@ -183,6 +188,7 @@ class EngineConfig:
                 "--kv-store-master needs --host-kv-gb (blocks from the store land there first)",
             ),
             (self.kv_store_put_min_reuse >= 0, "--kv-store-put-min-reuse cannot be negative"),
+            (self.kv_store_replicas >= 1, "--kv-store-replicas must be at least 1"),
             (
                 min(self.host_kv_gbps, self.disk_kv_gbps, self.kv_store_gbps) > 0,
                 "tier bandwidths must be positive",

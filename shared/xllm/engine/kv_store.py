@@ -43,12 +43,16 @@ def namespace(model_dir: str, dtype: torch.dtype, block_size: int) -> str:
 
 
 class KvStore:
-    def __init__(self, master: str, host: str, segment_bytes: int, namespace: str):
+    def __init__(
+        self, master: str, host: str, segment_bytes: int, namespace: str, replicas: int = 1
+    ):
         try:
-            from mooncake.store import MooncakeDistributedStore
+            from mooncake.store import MooncakeDistributedStore, ReplicateConfig
         except ImportError as e:  # pragma: no cover - shipped with mooncake-transfer-engine
             raise RuntimeError(f"--kv-store-master needs mooncake-transfer-engine: {e}") from e
         self.prefix = f"xllm:{namespace}:"
+        self.replicate = ReplicateConfig()
+        self.replicate.replica_num = replicas  # best effort: fewer when fewer segments
         host = host or socket.gethostbyname(socket.gethostname())
         self.client = MooncakeDistributedStore()
         rc = self.client.setup(
@@ -92,7 +96,7 @@ class KvStore:
 
     def put(self, block_hash: int, block: torch.Tensor) -> bool:
         data = block.contiguous().view(torch.uint8).numpy().tobytes()
-        return self.client.put(self.key(block_hash), data) == 0
+        return self.client.put(self.key(block_hash), data, self.replicate) == 0
 
     def get(self, block_hash: int, num_bytes: int) -> torch.Tensor:
         """The block's bytes (uint8); raises if it is gone or the store is unreachable."""

@@ -79,7 +79,9 @@ def make_tiers(config: EngineConfig, kv: KVCache, block_manager: BlockManager) -
 
         space = namespace(config.model, kv.tensor.dtype, kv.block_size)
         segment = int(config.kv_store_segment_gb * 2**30)
-        store = KvStore(config.kv_store_master, config.kv_store_host, segment, space)
+        store = KvStore(
+            config.kv_store_master, config.kv_store_host, segment, space, config.kv_store_replicas
+        )
     bandwidth = {HOST: config.host_kv_gbps, DISK: config.disk_kv_gbps, STORE: config.kv_store_gbps}
     return KvTiers(
         kv,
