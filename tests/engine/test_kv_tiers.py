@@ -4,6 +4,8 @@ output is token-for-token the output of the same requests on an engine without t
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from tests.engine.conftest import greedy, make_engine
@@ -107,3 +109,60 @@ def test_host_tier_smaller_than_the_pool_is_refused(model):
         make_engine(
             model, block_size=BLOCK, num_kv_blocks=DEVICE_BLOCKS, host_kv_gb=blocks_gb(plain, 6)
         )
+
+
+def test_random_workload_with_aborts_matches_plain_and_leaks_nothing(model, tmp_path):
+    """Requests from a few shared stems arrive while others run, some are aborted (also
+    while their prefix loads); every finished one equals the same prompt alone on an engine
+    without tiers, and at the end no device, host or disk block is left held."""
+    rng = random.Random(0)
+    stems = [PREFIX, PREFIX[:8] + [9] * 8] + [[40 * k + i for i in range(16)] for k in range(1, 5)]
+    plain = make_engine(model, block_size=BLOCK, num_kv_blocks=64)
+    engine = make_engine(
+        model,
+        block_size=BLOCK,
+        num_kv_blocks=DEVICE_BLOCKS,
+        max_num_seqs=3,
+        host_kv_gb=blocks_gb(plain, 16.5),
+        disk_kv_dir=str(tmp_path / "kv"),
+        disk_kv_gb=blocks_gb(plain, 8.5),
+    )
+    requests = {
+        f"r{i}": (
+            rng.choice(stems) + [rng.randrange(20, 400) for _ in range(rng.randint(1, 6))],
+            rng.randint(2, 5),
+        )
+        for i in range(24)
+    }
+    pending = list(requests)
+    outputs: dict[str, list[int]] = {}
+    aborted: set[str] = set()
+    while pending or engine.has_unfinished():
+        for _ in range(rng.randint(0, 2)):
+            if pending:
+                request_id = pending.pop(0)
+                prompt, max_tokens = requests[request_id]
+                engine.add_request(request_id, prompt, greedy(max_tokens))
+                outputs[request_id] = []
+        if rng.random() < 0.15 and engine.sequences:
+            victim = rng.choice(sorted(engine.sequences))
+            assert engine.abort_request(victim)
+            aborted.add(victim)
+        for delta in engine.step():
+            outputs[delta.request_id] += delta.token_ids
+        engine.tiers.check_integrity()
+    stats = engine.tiers.stats
+    assert stats["host"].hits > 0 and stats["disk"].hits > 0 and aborted
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+    assert not engine.tiers.loads and not engine.tiers.pinned
+    host = engine.tiers.host
+    assert len(host.index) + len(host.free) == host.num_blocks
+    for request_id, tokens in outputs.items():
+        if request_id not in aborted:
+            prompt, max_tokens = requests[request_id]
+            plain.add_request(request_id, prompt, greedy(max_tokens))
+            expected = []
+            while plain.has_unfinished():
+                for delta in plain.step():
+                    expected += delta.token_ids
+            assert tokens == expected, request_id
