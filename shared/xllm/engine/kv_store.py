@@ -62,24 +62,36 @@ class KvStore:
             raise RuntimeError(f"cannot join Mooncake Store at {master} (error {rc})")
 
         self.put_worker = ThreadPoolExecutor(1, thread_name_prefix="xllm-kv-put")
-        self.puts: list[tuple[int, Future]] = []
+        self.puts: list[Future] = []
 
-    def put_async(self, block_hash: int, block: torch.Tensor) -> None:
-        """Put `block` (a copy, owned by the put) on the put worker."""
-        self.puts.append((block_hash, self.put_worker.submit(self.put, block_hash, block)))
+    def put_async(self, block_hashes: list[int], blocks: list[torch.Tensor]) -> None:
+        """Put `blocks` (copies, owned by the put) on the put worker, in one batch: a step's
+        new blocks cost one round trip, so the puts keep up with a long prefill."""
+        if block_hashes:
+            self.puts.append(self.put_worker.submit(self.put_many, block_hashes, blocks))
 
     def finished_puts(self, wait: bool = False) -> list[int]:
         """The hashes whose put succeeded since the last call (all queued ones if `wait`)."""
         if wait:
             self.put_worker.submit(lambda: None).result()
-        done, pending = [], []
-        for block_hash, future in self.puts:
+        done: list[int] = []
+        pending = []
+        for future in self.puts:
             if not future.done():
-                pending.append((block_hash, future))
-            elif future.exception() is None and future.result():
-                done.append(block_hash)
+                pending.append(future)
+            elif future.exception() is None:
+                done += future.result()
         self.puts = pending
         return done
+
+    def put_many(self, block_hashes: list[int], blocks: list[torch.Tensor]) -> list[int]:
+        """Put worker: the batch; returns the hashes the store now holds."""
+        keys = [self.key(h) for h in block_hashes]
+        data = [b.contiguous().view(torch.uint8).numpy().tobytes() for b in blocks]
+        if self.client.put_batch(keys, data, self.replicate) == 0:
+            return list(block_hashes)
+        found = self.client.batch_is_exist(keys)  # some went in, or none (store gone)
+        return [h for h, f in zip(block_hashes, found, strict=False) if f == 1]
 
     def key(self, block_hash: int) -> str:
         return f"{self.prefix}{block_hash:016x}"
@@ -93,10 +105,6 @@ class KvStore:
         while n < len(found) and found[n] == 1:
             n += 1
         return n
-
-    def put(self, block_hash: int, block: torch.Tensor) -> bool:
-        data = block.contiguous().view(torch.uint8).numpy().tobytes()
-        return self.client.put(self.key(block_hash), data, self.replicate) == 0
 
     def get(self, block_hash: int, num_bytes: int) -> torch.Tensor:
         """The block's bytes (uint8); raises if it is gone or the store is unreachable."""

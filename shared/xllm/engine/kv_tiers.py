@@ -175,8 +175,8 @@ class KvTiers:
             copy_blocks(self.kv.tensor, self.host.tensor, pairs, self.block_size)
         if self.store is not None:
             if self.store_min_reuse == 0:
-                for block_id, host_block in pairs:
-                    self._put(self.bm.blocks[block_id].block_hash, host_block)
+                hashes = [self.bm.blocks[block_id].block_hash for block_id, _ in pairs]
+                self._put(hashes, [host_block for _, host_block in pairs])
             self._count_puts(self.store.finished_puts())
 
     def flush(self) -> None:
@@ -185,10 +185,10 @@ class KvTiers:
         if self.store is not None:
             self._count_puts(self.store.finished_puts(wait=True))
 
-    def _put(self, block_hash: int, host_block: int) -> None:
-        # From a copy: the host block may be reused before the put runs.
+    def _put(self, block_hashes: list[int], host_blocks: list[int]) -> None:
+        # From copies: the host blocks may be reused before the put runs.
         assert self.store is not None
-        self.store.put_async(block_hash, self.host.block(host_block).clone())
+        self.store.put_async(block_hashes, [self.host.block(b).clone() for b in host_blocks])
 
     def _count_puts(self, hashes: list[int]) -> None:
         self.stats[STORE].blocks_stored += len(hashes)
@@ -309,7 +309,7 @@ class KvTiers:
         it. (The counts are forgotten wholesale now and then: a bound, not an LRU.)"""
         self.reuse[block_hash] += 1
         if self.reuse[block_hash] == self.store_min_reuse and block_hash in self.host:
-            self._put(block_hash, self.host[block_hash])
+            self._put([block_hash], [self.host[block_hash]])
         if len(self.reuse) > 8 * self.host.num_blocks:
             self.reuse.clear()
 
