@@ -602,3 +602,27 @@ def test_up_restarts_a_dead_service_and_gives_up_on_a_crash_loop(tmp_path):
     crashed = [r for r in records.iterdir() if r.name.startswith("decode")]
     assert len(crashed) == 6  # each instance ran 3 times
     assert _pids_gone(records)
+
+
+def test_kv_store_cluster_starts_a_mooncake_master_every_child_can_reach(tmp_path):
+    reach = (
+        "import os, socket; host, port = os.environ['XLLM_KV_STORE_MASTER'].split(':'); "
+        "socket.create_connection((host, int(port)), timeout=2).close(); "
+        "print('reached', host, port, flush=True); import time; time.sleep(60)"
+    )
+    cluster = Cluster([_python("inst", reach)], log_dir=tmp_path, kv_store=True)
+    with cluster:
+        _wait_for_log(cluster, "inst", "reached")
+        names = [s.name for s in cluster.servers]
+        master = cluster.servers[-1]
+        assert names == ["nats-server", "valkey", "mooncake-master"]
+        assert cluster.kv_store_master == master.url
+    assert not master.is_running()
+
+
+def test_kv_store_needs_a_host_tier_for_the_instances(monkeypatch):
+    monkeypatch.delenv("XLLM_HOST_KV_GB", raising=False)
+    with pytest.raises(ValueError, match="host-kv-gb"):
+        serving_cluster(ClusterConfig(model="/m", kv_store=True))
+    cluster = serving_cluster(ClusterConfig(model="/m", kv_store=True), ["--host-kv-gb", "1"])
+    assert cluster.kv_store and cluster.kv_store_master is None  # embedded, at start

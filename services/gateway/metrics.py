@@ -104,6 +104,19 @@ INSTANCE_GAUGES = (
 )
 
 
+INSTANCE_GAUGES += tuple(
+    (f"xllm_instance_kv_{tier}_{name}", f"tiers.{tier}.{field}", f"{help} ({tier} KV tier).")
+    for tier in ("host", "disk", "store")
+    for name, field, help in (
+        ("hits", "hits", "KV blocks loaded back instead of recomputed, since the instance started"),
+        ("bytes_loaded", "bytes_loaded", "Bytes of those blocks"),
+        ("loads", "num_loads", "Loads (one per request that waited for its prefix)"),
+        ("load_seconds", "load_seconds", "Wall time of those loads (mean = this / loads)"),
+        ("failed_loads", "failed_loads", "Loads that failed and were recomputed"),
+    )
+)
+
+
 class GatewayMetrics:
     def __init__(self, slo: SloConfig | None = None) -> None:
         self.slo = slo or SloConfig()

@@ -2,7 +2,9 @@
 
 Layout (every key under `prefix`, default "xllm:kv:"):
 
-    block:<hash>        HASH  instance_id -> tier       who holds this block, and where
+    block:<hash>        HASH  instance_id -> tiers      who holds this block, and in which of
+                                                        its tiers ("device,host": fastest
+                                                        first, comma-separated)
     inst:<id>:blocks    SET   block hashes              what one instance holds (for its count,
                                                         a reset and dropping a dead instance)
     inst:<id>:seq       STRING                          the last `KvEvents.seq` applied
@@ -26,9 +28,27 @@ from redis.asyncio import Redis
 
 from xllm.protocol import KvEvent
 
+# The tiers of one instance's copies of a block, as the hash field's value: their names,
+# fastest first, comma-separated ("device,host").
+_TIER_SET = """
+local TIERS = {"device", "host", "disk", "store"}
+local function parse(text)
+  local set = {}
+  if text then for t in string.gmatch(text, "[^,]+") do set[t] = true end end
+  return set
+end
+local function join(set)
+  local out = {}
+  for _, t in ipairs(TIERS) do if set[t] then table.insert(out, t) end end
+  return table.concat(out, ",")
+end
+"""
+
 # KEYS: [block prefix, instance blocks set, instance seq key, instances set]
 # ARGV: [instance id, seq, reset (0/1), kind1, hash1, tier1, kind2, hash2, tier2, ...]
-_APPLY = """
+_APPLY = (
+    _TIER_SET
+    + """
 local block_prefix, inst_blocks, inst_seq, instances = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local iid = ARGV[1]
 local prev_seq = redis.call("GET", inst_seq) or "-1"
@@ -41,11 +61,14 @@ end
 for i = 4, #ARGV, 3 do
   local kind, h, tier = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local key = block_prefix .. h
-  if kind == "stored" then
-    redis.call("HSET", key, iid, tier)
+  local tiers = parse(redis.call("HGET", key, iid))
+  tiers[tier] = (kind == "stored") or nil
+  local value = join(tiers)
+  if value ~= "" then
+    redis.call("HSET", key, iid, value)
     redis.call("SADD", inst_blocks, h)
-  elseif redis.call("HGET", key, iid) == tier then
-    -- evicted from this tier; a copy that moved to another tier first stays
+  else
+    -- evicted from its last tier here
     redis.call("HDEL", key, iid)
     redis.call("SREM", inst_blocks, h)
   end
@@ -54,6 +77,7 @@ redis.call("SET", inst_seq, ARGV[2])
 redis.call("SADD", instances, iid)
 return {redis.call("SCARD", inst_blocks), tonumber(prev_seq)}
 """
+)
 
 # KEYS: [block prefix, instance blocks set, instance seq key, instances set]; ARGV: [instance id]
 _DROP = """
@@ -66,30 +90,68 @@ return redis.call("SREM", instances, ARGV[1])
 """
 
 # KEYS: [block prefix]; ARGV: hashes of the chain, block 0 first.
-# Returns a flat [instance, matched blocks, ...] for every instance holding block 0.
+# Returns a flat [leading blocks some instance put in the store, then per instance holding
+# block 0: instance, matched blocks, blocks whose fastest copy is on device, in host, on
+# disk, in the store, ...]. (The store run ends where its putters' runs do: a putter keeps
+# "store" among its tiers, so it stays alive in the walk while the run goes on.)
 _MATCH = """
-local alive, matched = {}, {}
-local first = redis.call("HKEYS", KEYS[1] .. ARGV[1])
-if #first == 0 then return {} end
-for _, iid in ipairs(first) do alive[iid] = true; matched[iid] = 1 end
-local remaining = #first
+local FASTEST = {device = 1, host = 2, disk = 3, store = 4}
+local alive, matched, by_tier = {}, {}, {}
+local first = redis.call("HGETALL", KEYS[1] .. ARGV[1])
+if #first == 0 then return {0} end
+local remaining, store_run = 0, 0
+local function count(iid, tiers)
+  local t = FASTEST[string.match(tiers, "^[^,]+")] or 4
+  by_tier[iid][t] = by_tier[iid][t] + 1
+end
+local function in_store(i, flat)
+  if store_run ~= i - 1 then return end
+  for j = 2, #flat, 2 do
+    if string.find(flat[j], "store", 1, true) then store_run = i; return end
+  end
+end
+for j = 1, #first, 2 do
+  local iid = first[j]
+  alive[iid] = true; matched[iid] = 1; by_tier[iid] = {0, 0, 0, 0}; remaining = remaining + 1
+  count(iid, first[j + 1])
+end
+in_store(1, first)
 for i = 2, #ARGV do
   if remaining == 0 then break end
   local holders = {}
-  for _, iid in ipairs(redis.call("HKEYS", KEYS[1] .. ARGV[i])) do holders[iid] = true end
+  local flat = redis.call("HGETALL", KEYS[1] .. ARGV[i])
+  for j = 1, #flat, 2 do holders[flat[j]] = flat[j + 1] end
+  in_store(i, flat)
   for iid, _ in pairs(alive) do
     if holders[iid] then
       matched[iid] = i
+      count(iid, holders[iid])
     else
       alive[iid] = nil
       remaining = remaining - 1
     end
   end
 end
-local out = {}
-for iid, n in pairs(matched) do table.insert(out, iid); table.insert(out, n) end
+local out = {store_run}
+for iid, n in pairs(matched) do
+  table.insert(out, iid); table.insert(out, n)
+  for t = 1, 4 do table.insert(out, by_tier[iid][t]) end
+end
 return out
 """
+
+TIERS = ("device", "host", "disk", "store")
+"""Fastest first; a block's tier in a match is the fastest one holding it."""
+
+
+class TierMatch(NamedTuple):
+    matched: dict[str, int]
+    """instance -> leading blocks of the chain it holds, in any tier."""
+    by_tier: dict[str, dict[str, int]]
+    """instance -> {tier: of those, the blocks whose fastest copy is there}."""
+    store_blocks: int
+    """Leading blocks of the chain some instance put in the store (any instance can fetch
+    them; the store may have evicted some since)."""
 
 
 class Applied(NamedTuple):
@@ -134,12 +196,32 @@ class KvIndex:
     ) -> dict[str, int]:
         """instance -> number of leading blocks of the chain it holds (those holding none are
         left out); only `instance_ids` if given."""
+        return (await self.match_tiers(block_hashes, instance_ids)).matched
+
+    async def match_tiers(
+        self, block_hashes: Sequence[int], instance_ids: Iterable[str] = ()
+    ) -> TierMatch:
+        """`match`, per instance how many of its matched blocks are fastest in each tier
+        (tiers holding none left out), and how many leading blocks the store holds."""
         if not block_hashes:
-            return {}
+            return TierMatch({}, {}, 0)
         flat = await self._match(keys=[f"{self.prefix}block:"], args=list(block_hashes))
-        matched = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
         wanted = set(instance_ids)
-        return {i: n for i, n in matched.items() if not wanted or i in wanted}
+        matched: dict[str, int] = {}
+        by_tier: dict[str, dict[str, int]] = {}
+        for i in range(1, len(flat), 6):
+            instance_id = _text(flat[i])
+            if wanted and instance_id not in wanted:
+                continue
+            matched[instance_id] = int(flat[i + 1])
+            counts = zip(TIERS, flat[i + 2 : i + 6], strict=True)
+            by_tier[instance_id] = {tier: int(n) for tier, n in counts if int(n)}
+        return TierMatch(matched, by_tier, int(flat[0]))
+
+    async def tiers_of(self, block_hash: int) -> dict[str, set[str]]:
+        """instance -> the tiers holding its copies of one block."""
+        held = await self.redis.hgetall(f"{self.prefix}block:{block_hash}")
+        return {_text(i): set(_text(t).split(",")) for i, t in held.items()}
 
     async def instances(self) -> set[str]:
         return {_text(i) for i in await self.redis.smembers(f"{self.prefix}instances")}

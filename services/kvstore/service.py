@@ -113,8 +113,12 @@ class KvStoreService:
             await self._request_snapshot(msg.instance_id)
 
     async def on_match(self, req: KvMatchRequest) -> KvMatchReply:
-        matched = await self.index.match(req.block_hashes, req.instance_ids)
-        return KvMatchReply(matched_blocks=matched)
+        match = await self.index.match_tiers(req.block_hashes, req.instance_ids)
+        return KvMatchReply(
+            matched_blocks=match.matched,
+            matched_tiers=match.by_tier,
+            store_blocks=match.store_blocks,
+        )
 
     async def on_heartbeat(self, hb: Heartbeat) -> None:
         self.last_seen[hb.instance_id] = time.monotonic()

@@ -78,6 +78,8 @@ def placement_request(
     sequence_number: int,
     prefix_hits: dict[str, int],
     targets: FlipConfig,
+    prefix_tiers: dict[str, dict[str, int]] | None = None,
+    store_blocks: int = 0,
 ) -> PlacementRequest:
     """What a policy sees of a request, with the SLO targets of `targets` (every policy gets
     them; slo-pd and SLO admission read them)."""
@@ -89,6 +91,8 @@ def placement_request(
         priority=priority,
         sequence_number=sequence_number,
         prefix_hits=prefix_hits,
+        prefix_tiers=prefix_tiers or {},
+        store_blocks=store_blocks,
         slo_ttft=targets.slo_ttft,
         slo_tpot=targets.slo_tpot,
         admission_margin=targets.admission_margin,

@@ -22,6 +22,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError, TimeoutError
@@ -71,6 +72,16 @@ class RecentPlacements:
             del self._entries[h]
 
 
+@dataclass
+class PrefixMatch:
+    hits: dict[str, int] = field(default_factory=dict)
+    """instance -> leading prompt tokens it holds (any tier)."""
+    tiers: dict[str, dict[str, int]] = field(default_factory=dict)
+    """instance -> {tier: hit blocks fastest there}; empty when the kvstore has no tiers."""
+    store_blocks: int = 0
+    """Leading prompt blocks in the cluster store (of the largest block size asked)."""
+
+
 class PrefixMatcher:
     def __init__(self, nc: NATS, timeout: float = 0.05, recent_ttl: float = 10.0):
         self.nc = nc
@@ -81,22 +92,35 @@ class PrefixMatcher:
 
     async def hit_tokens(self, prompt: Sequence[int], candidates: dict[str, int]) -> dict[str, int]:
         """instance -> prompt tokens it holds, for `candidates` (instance -> block size)."""
-        hits: dict[str, int] = {}
+        return (await self.match(prompt, candidates)).hits
+
+    async def match(self, prompt: Sequence[int], candidates: dict[str, int]) -> PrefixMatch:
+        """`hit_tokens`, with the kvstore's tiers of the hit blocks and the store's run."""
+        found = PrefixMatch()
         for block_size in set(candidates.values()):
             ids = [i for i, size in candidates.items() if size == block_size]
             chain = block_hashes(prompt, block_size)
             if not chain:
                 continue
             blocks = self.recent.match(chain, time.monotonic())
-            for instance_id, n in (await self._ask_kvstore(chain, ids)).items():
+            reply = await self._ask_kvstore(chain, ids)
+            for instance_id, n in reply.matched_blocks.items():
                 blocks[instance_id] = max(n, blocks.get(instance_id, 0))
-            hits.update({i: n * block_size for i, n in blocks.items() if i in ids})
-        return hits
+            found.hits.update({i: n * block_size for i, n in blocks.items() if i in ids})
+            if reply.matched_tiers or reply.store_blocks:
+                for i in ids:  # a recent placement not in the index yet: its device
+                    tiers = dict(reply.matched_tiers.get(i, {}))
+                    recent = blocks.get(i, 0) - sum(tiers.values())
+                    if recent > 0:
+                        tiers["device"] = tiers.get("device", 0) + recent
+                    found.tiers[i] = tiers
+                found.store_blocks = max(found.store_blocks, reply.store_blocks)
+        return found
 
     def placed(self, prompt: Sequence[int], instance_id: str, block_size: int) -> None:
         self.recent.add(block_hashes(prompt, block_size), instance_id, time.monotonic())
 
-    async def _ask_kvstore(self, chain: list[int], instance_ids: list[str]) -> dict[str, int]:
+    async def _ask_kvstore(self, chain: list[int], instance_ids: list[str]) -> KvMatchReply:
         request = KvMatchRequest(block_hashes=chain, instance_ids=instance_ids)
         try:
             msg = await self.nc.request(subjects.KV_MATCH, encode(request), timeout=self.timeout)
@@ -107,8 +131,8 @@ class PrefixMatcher:
                     "kvstore did not answer a prefix match (%s); using recent placements", e
                 )
             self.kvstore_answers = False
-            return {}
+            return KvMatchReply(matched_blocks={})
         if not self.kvstore_answers:
             log.info("kvstore answers prefix matches again")
         self.kvstore_answers = True
-        return reply.matched_blocks
+        return reply

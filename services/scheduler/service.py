@@ -35,7 +35,7 @@ from services.scheduler.policies import (
     PlacementRequest,
     get_policy,
 )
-from services.scheduler.prefix import PrefixMatcher
+from services.scheduler.prefix import PrefixMatch, PrefixMatcher
 from services.scheduler.rebalance import PLAN_INTERVAL, flip_config, rebalance
 from xllm.protocol import (
     ClusterState,
@@ -193,13 +193,13 @@ class SchedulerService:
     async def _placement_request(
         self, req: SubmitRequest, snapshot: ClusterSnapshot
     ) -> PlacementRequest:
-        hits: dict[str, int] = {}
+        match = PrefixMatch()
         if self.uses_prefix_hits:
             candidates = {
                 v.instance_id: v.heartbeat.kv_block_size
                 for v in snapshot.candidates(req.request.model, ALL_ROLES)
             }
-            hits = await self.prefix.hit_tokens(req.request.prompt_token_ids, candidates)
+            match = await self.prefix.match(req.request.prompt_token_ids, candidates)
         return placement_request(
             request_id=req.request_id,
             num_prompt_tokens=len(req.request.prompt_token_ids),
@@ -207,8 +207,10 @@ class SchedulerService:
             model=req.request.model,
             priority=req.request.priority,
             sequence_number=self.num_submitted,
-            prefix_hits=hits,
+            prefix_hits=match.hits,
             targets=self.flip_config,
+            prefix_tiers=match.tiers,
+            store_blocks=match.store_blocks,
         )
 
     async def on_cluster_state(self, _: ClusterStateRequest) -> ClusterState:

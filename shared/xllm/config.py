@@ -91,6 +91,48 @@ class EngineConfig:
         "Host memory for the KV of preempted offline requests, in GiB (committed only as "
         "it is used); 0 = preempted offline requests are recomputed.",
     )
+    host_kv_gb: float = option(
+        0.0,
+        "Host-memory KV tier, in GiB: every cached prefix block is also copied here, so one "
+        "evicted from the KV pool is loaded back instead of recomputed; at least the pool's "
+        "size; 0 = off (no tiers).",
+    )
+    disk_kv_dir: str = option(
+        "", "Folder of the disk KV tier (blocks evicted from host memory); '' = no disk tier."
+    )
+    disk_kv_gb: float = option(4.0, "Size of the disk KV tier, in GiB.")
+    host_kv_gbps: float = option(
+        10.0, "Host tier -> KV pool bandwidth (GB/s) the load-or-recompute choice assumes."
+    )
+    disk_kv_gbps: float = option(
+        1.0, "Disk tier -> host bandwidth (GB/s) the load-or-recompute choice assumes."
+    )
+    kv_store_master: str = option(
+        "",
+        "host:port of the Mooncake Store master: the cluster KV tier (full prefix blocks put "
+        "there are fetched by any instance); needs --host-kv-gb; '' = off.",
+    )
+    kv_store_host: str = option(
+        "127.0.0.1",
+        "This instance's address as other Mooncake Store clients reach it; '' = the address "
+        "its hostname resolves to (containers).",
+    )
+    kv_store_segment_gb: float = option(
+        1.0, "Memory this instance lends to Mooncake Store for its objects, in GiB."
+    )
+    kv_store_put_min_reuse: int = option(
+        0,
+        "Which blocks go to the store: 0 = every full prefix block cached; N = a block once "
+        "N requests have reused it (eager put of hot prefixes).",
+    )
+    kv_store_replicas: int = option(
+        1,
+        "Copies of each block the store keeps, in different instances' segments: with 2, "
+        "the KV of a request whose instance dies survives for the instance resuming it.",
+    )
+    kv_store_gbps: float = option(
+        1.0, "Store -> host bandwidth (GB/s) the load-or-recompute choice assumes."
+    )
     offline_step_share: float = option(
         0.2,
         "While online requests run, offline work may lengthen a step by at most this share "
@@ -152,6 +194,21 @@ class EngineConfig:
             (self.max_num_batched_tokens > 0, "--max-num-batched-tokens must be positive"),
             (self.swap_space_gb >= 0, "--swap-space-gb cannot be negative"),
             (self.offline_step_share >= 0, "--offline-step-share cannot be negative"),
+            (self.host_kv_gb >= 0 and self.disk_kv_gb >= 0, "KV tier sizes cannot be negative"),
+            (
+                not self.disk_kv_dir or self.host_kv_gb > 0,
+                "--disk-kv-dir needs --host-kv-gb (disk holds what host memory evicts)",
+            ),
+            (
+                not self.kv_store_master or self.host_kv_gb > 0,
+                "--kv-store-master needs --host-kv-gb (blocks from the store land there first)",
+            ),
+            (self.kv_store_put_min_reuse >= 0, "--kv-store-put-min-reuse cannot be negative"),
+            (self.kv_store_replicas >= 1, "--kv-store-replicas must be at least 1"),
+            (
+                min(self.host_kv_gbps, self.disk_kv_gbps, self.kv_store_gbps) > 0,
+                "tier bandwidths must be positive",
+            ),
             (
                 self.kv_cache_gb > 0 or self.num_kv_blocks > 0,
                 "give --kv-cache-gb or --num-kv-blocks",

@@ -22,6 +22,8 @@ from xllm.protocol import (
     ErrorInfo,
     Heartbeat,
     KvCacheStats,
+    KvTierCounters,
+    KvTierStats,
     LoadStats,
     Logprob,
     SpeculationStats,
@@ -140,6 +142,7 @@ class FakeCluster:
                 recent_acceptance_rate=0.625,
                 speculating=True,
             ),
+            tiers=KvTierStats(host=KvTierCounters(hits=3, num_loads=1, load_seconds=0.25)),
         )
 
     async def _stream(self, req: SubmitRequest, script: Script) -> None:

@@ -114,3 +114,37 @@ def test_first_message_has_no_previous_seq(run):
 
     first, last, unknown = run(scenario)
     assert first.prev_seq is None and last == 0 and unknown is None
+
+
+def test_every_tier_of_a_block_is_recorded(run):
+    async def scenario(index: KvIndex):
+        # write-through: on device and in host; then the device copy goes, then host's
+        # (spilled to disk first).
+        await index.apply("a", stored(1, 2) + stored(1, 2, tier="host"), seq=0)
+        both = await index.tiers_of(2), await index.match_tiers([1, 2])
+        await index.apply("a", evicted(2), seq=1)
+        host_only = await index.tiers_of(2), await index.match_tiers([1, 2])
+        await index.apply("a", stored(2, tier="disk") + evicted(2, tier="host"), seq=2)
+        disk_only = await index.tiers_of(2), await index.match_tiers([1, 2])
+        await index.apply("a", evicted(2, tier="disk"), seq=3)
+        return both, host_only, disk_only, await index.match([1, 2]), await index.blocks("a")
+
+    both, host_only, disk_only, gone, blocks = run(scenario)
+    assert both == ({"a": {"device", "host"}}, ({"a": 2}, {"a": {"device": 2}}, 0))
+    assert host_only == ({"a": {"host"}}, ({"a": 2}, {"a": {"device": 1, "host": 1}}, 0))
+    assert disk_only == ({"a": {"disk"}}, ({"a": 2}, {"a": {"device": 1, "disk": 1}}, 0))
+    assert gone == {"a": 1} and blocks == {1}
+
+
+def test_match_by_tier_counts_each_instance_on_its_own(run):
+    async def scenario(index: KvIndex):
+        await index.apply("a", stored(1, 2, 3, tier="host") + stored(1), seq=0)
+        await index.apply("b", stored(1, 2, tier="store") + stored(1, 2), seq=0)
+        await index.apply("c", stored(1, 2, 3, 4, tier="disk") + stored(4, tier="store"), seq=0)
+        return await index.match_tiers([1, 2, 3, 4]), await index.match_tiers([1], ["b"])
+
+    (matched, by_tier, store_blocks), only_b = run(scenario)
+    assert matched == {"a": 3, "b": 2, "c": 4}
+    assert by_tier == {"a": {"device": 1, "host": 2}, "b": {"device": 2}, "c": {"disk": 4}}
+    assert store_blocks == 2  # b put blocks 1 and 2; c's block 4 does not extend the run
+    assert only_b == ({"b": 1}, {"b": {"device": 1}}, 1)

@@ -19,10 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xllm.protocol import (
+    DecodeError,
     ErrorCode,
     ErrorInfo,
     KvEvent,
     KvEvents,
+    KvMatchReply,
     Logprob,
     RequestSpec,
     Role,
@@ -185,3 +187,17 @@ def test_value_types_are_nested_not_registered():
     """Nested dataclasses have no tag: they are versioned by the messages that carry them."""
     registered = {cls for cls, _ in registry().values()}
     assert SamplingParams not in registered and RequestSpec not in registered
+
+
+def test_kv_events_name_a_known_tier_and_old_match_replies_still_read():
+    events = KvEvents(instance_id="i0", events=[KvEvent("stored", 7, "store")], seq=0)
+    assert decode(encode(events)) == events
+    bad = msgpack.packb(
+        {"t": "kv_events", "v": 2, "d": {"instance_id": "i0", "events": [["stored", 7, "tape"]]}}
+    )
+    with pytest.raises(DecodeError):
+        decode(bad)
+    v1 = msgpack.packb({"t": "kv_match_reply", "v": 1, "d": {"matched_blocks": {"a": 2}}})
+    assert decode(v1) == KvMatchReply(matched_blocks={"a": 2}, matched_tiers={})
+    reply = KvMatchReply(matched_blocks={"a": 2}, matched_tiers={"a": {"device": 1, "disk": 1}})
+    assert decode(encode(reply)) == reply

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from services.scheduler.policies import PlacementRequest, get_policy
 from services.scheduler.policies.cache_aware import cache_aware
+from services.scheduler.policies.tier_cost import block_price, prefix_work
 from services.scheduler.prefix import RecentPlacements
+from tests.scheduler import beats
 from tests.scheduler.test_policies import heartbeat, snapshot
 
 
@@ -61,3 +63,42 @@ def test_recent_placements_forget_the_oldest_beyond_capacity():
     recent = RecentPlacements(ttl=100.0, capacity=2)
     recent.add([1, 2, 3], "a", now=0.0)
     assert recent.match([2], now=0.0) == {"a": 1} and recent.match([1], now=0.0) == {}
+
+
+def tiered(prompt: int, tiers: dict[str, dict[str, int]], store: int = 0) -> PlacementRequest:
+    hits = {i: 16 * sum(t.values()) for i, t in tiers.items()}
+    return PlacementRequest(
+        request_id="r",
+        num_prompt_tokens=prompt,
+        max_tokens=16,
+        prefix_hits=hits,
+        prefix_tiers=tiers,
+        store_blocks=store,
+    )
+
+
+def test_a_prefix_is_priced_by_the_tier_it_is_in():
+    # 640 prompt tokens = 40 blocks of 16; unmeasured instances: host 2%, disk and store 20%
+    # of a block's recompute.
+    assert prefix_work(640, 16, {"device": 39}, 0) == 16
+    assert prefix_work(640, 16, {"host": 39}, 0) == 16 + 39 * 16 * 0.02
+    assert prefix_work(640, 16, {"disk": 39}, 0) == 16 + 39 * 16 * 0.2
+    # Nothing local, 39 blocks in the store: fetched at the store's price.
+    assert prefix_work(640, 16, {}, 39) == prefix_work(640, 16, {"disk": 39}, 0)
+    assert prefix_work(640, 16, {}, 0) == 640
+    # Measured: a 64 KiB block over host memory (10 GB/s) vs 1 ms of prefill per token.
+    beat = beats.heartbeat("a", kv_block_bytes=65536, recent_prefill_seconds_per_token=1e-3)
+    assert abs(block_price("host", 16, beat) - 65536 / 10e9 / 1e-3) < 1e-12
+    slow = beats.heartbeat("a", kv_block_bytes=1 << 30, recent_prefill_seconds_per_token=1e-6)
+    assert block_price("disk", 16, slow) == 16  # never more than recomputing
+
+
+def test_cache_aware_prefers_the_faster_tier_then_the_store_over_nothing():
+    snap = snapshot(heartbeat("a"), heartbeat("b"), heartbeat("c"))
+    request = tiered(640, {"a": {"disk": 39}, "b": {"device": 30, "host": 9}})
+    assert cache_aware(request, snap) == "b"
+    # Only c is idle; a and b queue work. With the prefix in the store, c fetches it and
+    # wins; without, a's disk copy beats recomputing 640 tokens on c.
+    busy = snapshot(heartbeat("a", tokens=200), heartbeat("b", tokens=2000), heartbeat("c"))
+    assert cache_aware(tiered(640, {"a": {"disk": 39}}, store=39), busy) == "c"
+    assert cache_aware(tiered(640, {"a": {"disk": 39}}, store=0), busy) == "a"

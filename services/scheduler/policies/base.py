@@ -25,6 +25,11 @@ class PlacementRequest:
     prefix_hits: Mapping[str, int] = field(default_factory=dict)
     """instance -> leading prompt tokens it already holds in its KV cache (from the kvstore
     and the scheduler's recent placements); instances holding none are left out."""
+    prefix_tiers: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    """instance -> {tier: how many of its hit blocks are fastest in that tier} (device,
+    host, disk, store), as far as the kvstore knows; empty = no tier information."""
+    store_blocks: int = 0
+    """Leading prompt blocks in the cluster store, which any instance can fetch."""
     slo_ttft: float | None = None
     """Time-to-first-token target, seconds (None = none); the SLO-aware policy places the
     prefill half where it is predicted to be met. The scheduler fills it from its config."""

@@ -9,7 +9,10 @@ The report's three steps, over the snapshot:
    running (its load), both in tokens;
 3. best node — the smallest estimate (ties: fewer sequences, then id, so it is stable).
 
-Counting both in tokens makes the trade explicit: a hit of H tokens is worth H tokens of
+With the KV tiers, a hit is priced by where its blocks are (`tier_cost.prefix_work`): on
+the device free, in host memory, on disk or in the cluster store at its load time, in
+tokens of that instance's prefill; blocks any instance can fetch from the store count for
+every candidate. Counting both in tokens makes the trade explicit: a hit of H tokens is worth H tokens of
 someone else's queue. A long shared system prompt pulls requests together, but once the
 holder's queue is longer than the prompt it saves, the next request goes elsewhere (and
 warms that instance's cache too).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from services.scheduler.cluster import ClusterSnapshot, InstanceView
 from services.scheduler.policies.base import PlacementRequest
+from services.scheduler.policies.tier_cost import prefix_work
 
 
 def cache_aware(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | None:
@@ -28,6 +32,12 @@ def cache_aware(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | N
     return min(candidates, key=lambda v: _estimate(request, v)).instance_id
 
 
-def _estimate(request: PlacementRequest, view: InstanceView) -> tuple[int, int, str]:
-    work = request.uncached_tokens(view.instance_id) + view.load
-    return work, view.num_requests, view.instance_id
+def _estimate(request: PlacementRequest, view: InstanceView) -> tuple[float, int, str]:
+    if request.prefix_tiers or request.store_blocks:  # price each hit by where it is
+        tiers = request.prefix_tiers.get(view.instance_id, {})
+        block_size = view.heartbeat.kv_block_size
+        store = request.store_blocks
+        prefix = prefix_work(request.num_prompt_tokens, block_size, tiers, store, view.heartbeat)
+    else:
+        prefix = request.uncached_tokens(view.instance_id)
+    return prefix + view.load, view.num_requests, view.instance_id

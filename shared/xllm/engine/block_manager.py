@@ -56,6 +56,9 @@ class BlockManager:
         self.stats = PrefixCacheStats()
         self.events: list[tuple[str, int]] = []
         """("stored" | "evicted", block hash), drained by whoever publishes KV events."""
+        self.stored_log: list[tuple[int, int]] | None = None
+        """(block hash, block id) of each block cached, for the slower KV tiers to copy
+        (`kv_tiers.py`); None (no tiers) = not kept."""
 
     @property
     def num_blocks(self) -> int:
@@ -185,6 +188,8 @@ class BlockManager:
             block.block_hash = block_hash
             self.cached_blocks[block_hash] = block.block_id
             self.events.append(("stored", block_hash))
+            if self.stored_log is not None:
+                self.stored_log.append((block_hash, block.block_id))
         # Skip next time only what is published for good (a referenced block keeps its hash);
         # a duplicate stays in range, to be published if the first copy is evicted.
         i = seq.num_published_blocks
@@ -211,6 +216,46 @@ class BlockManager:
     def drain_events(self) -> list[tuple[str, int]]:
         events, self.events = self.events, []
         return events
+
+    # -- blocks loaded from a slower tier (kv_tiers.py) ------------------------------------
+
+    def reserve_for_load(self, num_blocks: int, keep: list[int]) -> list[int] | None:
+        """Take `num_blocks` free blocks for a load in flight (ref 1, in no block table, not
+        findable), evicting none of `keep` (the request's device-cached blocks); None if the
+        pool has not that many free blocks besides `keep`."""
+        revived = [b for b in keep if self.blocks[b].ref_count == 0]
+        if num_blocks > self.num_free_blocks - len(revived):
+            return None
+        for block_id in keep:
+            self._take(block_id)
+        taken = [self._pop_free() for _ in range(num_blocks)]
+        for block_id in reversed(keep):  # back as most recently used, head last
+            self._put_back(block_id)
+        return taken
+
+    def finish_load(self, block_ids: list[int], block_hashes: list[int]) -> None:
+        """The loaded blocks hold their prefixes now: make them findable (free, most recently
+        used, head block last), or drop a copy whose prefix got computed meanwhile."""
+        for block_id, block_hash in zip(reversed(block_ids), reversed(block_hashes), strict=True):
+            if block_hash not in self.cached_blocks:
+                self.blocks[block_id].block_hash = block_hash
+                self.cached_blocks[block_hash] = block_id
+                self.events.append(("stored", block_hash))
+            self._put_back(block_id)
+
+    def release_load(self, block_ids: list[int]) -> None:
+        """A load failed or was dropped: its blocks hold nothing."""
+        for block_id in block_ids:
+            self._put_back(block_id)
+
+    def _put_back(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} released twice"
+        if block.ref_count == 0:
+            self.free_blocks[block_id] = None
+            if block.block_hash is None:
+                self.free_blocks.move_to_end(block_id, last=False)
 
     # -- internals ------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from xllm.ops import use_native_kernels
 from xllm.platform import default_dtype, select_device
 from xllm.protocol.errors import ErrorCode, RequestRejected
 from xllm.protocol.stats import (
+    KvTierStats,
     LoadStats,
     PreemptionStats,
     SpeculationStats,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from xgrammar import GrammarMatcher
 
     from xllm.engine.grammar import GrammarCache
+    from xllm.engine.kv_tiers import KvTiers
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,11 @@ class Engine:
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, mc, self.dtype, self.device, num_blocks)
         self.swap_space = SwapSpace(self.runner.kv_cache, self._num_host_blocks())
+        self.tiers: KvTiers | None = None
+        if config.host_kv_gb > 0:
+            from xllm.engine.kv_tiers import make_tiers
+
+            self.tiers = make_tiers(config, self.runner.kv_cache, self.block_manager)
         self.sequences: dict[str, list[Sequence]] = {}
         self.num_draft_tokens = 0
         """Cumulative speculative drafts verified, and kept (over every sequence)."""
@@ -203,6 +210,10 @@ class Engine:
         )
         seq.grammar = self._grammar_matcher(prompt_token_ids, params)
         self.sequences[request_id] = [seq] if prefill_only else self._beams(seq)
+        if self.tiers is not None and self.config.enable_prefix_caching:
+            prefill_cost = self.step_stats.recent_prefill_seconds_per_token
+            if self.tiers.start_load(seq, prefill_cost):
+                return  # queued when its prefix is back on the device (`_step_tiers`)
         self.scheduler.add(seq)
 
     def validate(
@@ -277,7 +288,9 @@ class Engine:
         if seqs is None:
             return False
         for seq in seqs:
-            if not seq.is_finished:
+            if self.tiers is not None and self.tiers.forget(seq):
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
+            elif not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.ABORT)
         return True
 
@@ -351,12 +364,14 @@ class Engine:
         return seqs[0]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.tiers and self.tiers.num_loading)
 
     # -- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[SequenceOutput]:
         started = time.perf_counter()
+        if self.tiers is not None:
+            self._step_tiers()
         offline_budget = offline_token_budget(
             self.config.offline_step_share,
             self.decode_step_seconds,
@@ -409,6 +424,15 @@ class Engine:
         if copies:  # before the next forward pass writes the forks' next tokens
             self.runner.kv_cache.copy_blocks(copies)
         return outputs
+
+    def _step_tiers(self) -> None:
+        """Copy last step's new blocks to host memory (before this step's forward pass may
+        overwrite them) and queue the requests whose prefix finished loading (waiting a
+        little for one when nothing else can run)."""
+        assert self.tiers is not None
+        self.tiers.write_through()
+        for seq in self.tiers.poll(wait=not self.scheduler.has_unfinished()):
+            self.scheduler.add(seq)
 
     def _num_draft_tokens(self) -> int:
         """This step's k: drafts per decoding sequence (0 = a plain step)."""
@@ -478,6 +502,9 @@ class Engine:
             swap_in_blocks=swap.blocks_in,
             swap_seconds=swap.seconds,
         )
+
+    def tier_stats(self) -> KvTierStats:
+        return self.tiers.tier_stats() if self.tiers is not None else KvTierStats()
 
     def speculation_stats(self) -> SpeculationStats:
         spec = self.speculation

@@ -32,6 +32,7 @@ def build_heartbeat(
         model=model,
         max_model_len=engine.max_model_len,
         kv_block_size=engine.config.block_size,
+        kv_block_bytes=engine.runner.kv_cache.nbytes // engine.block_manager.num_blocks,
         kv_transfer_endpoint=transport.endpoint if transport else None,
         sent_at=time.time(),
         role_flips=role_flips,
@@ -41,4 +42,5 @@ def build_heartbeat(
         preemption=engine.preemption_stats(),
         speculation=engine.speculation_stats(),
         transfer=stats_snapshot(transport.stats) if transport else KvTransferStats(),
+        tiers=engine.tier_stats(),
     )

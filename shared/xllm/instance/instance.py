@@ -251,7 +251,8 @@ class Instance:
                 log.exception("engine step failed; failing the running requests")
                 await self._fail_all("the engine failed while running this request")
                 continue
-            self.kv_events.collect(self.engine.block_manager)  # between steps: safe to read
+            # between steps: safe to read
+            self.kv_events.collect(self.engine.block_manager, self.engine.tiers)
             for delta in deltas:
                 await self._send(to_wire(delta))
                 if self.prefill.owns(delta.request_id):
@@ -340,7 +341,7 @@ class Instance:
     async def _on_snapshot_request(self, req: KvSnapshotRequest) -> None:
         if req.instance_id not in (None, self.instance_id):
             return
-        num_blocks = await self.kv_events.snapshot(self.engine.block_manager)
+        num_blocks = await self.kv_events.snapshot(self.engine.block_manager, self.engine.tiers)
         log.info("instance %s: KV snapshot of %d blocks sent", self.instance_id, num_blocks)
 
     async def _fail_all(self, message: str) -> None:

@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from nats.aio.client import Client as NATS
 
 from xllm.engine.block_manager import BlockManager
 from xllm.protocol import KvEvent, KvEvents, encode, subjects
 
+if TYPE_CHECKING:
+    from xllm.engine.kv_tiers import KvTiers
+
 log = logging.getLogger(__name__)
 
 DEVICE_TIER = "device"
-"""The only tier the engine has today (host and disk tiers will add their own events)."""
+"""The block manager's tier; the slower ones (`KvTiers`) name their own."""
 
 MAX_EVENTS_PER_MESSAGE = 8192
 """~20 bytes per event on the wire: far below NATS's default 1 MiB payload limit."""
@@ -48,10 +52,13 @@ class KvEventPublisher:
         """The `seq` of the next message."""
         self.pending: list[KvEvent] = []
 
-    def collect(self, block_manager: BlockManager) -> None:
-        """Move the block manager's new events into the unsent batch."""
+    def collect(self, block_manager: BlockManager, tiers: KvTiers | None = None) -> None:
+        """Move the block manager's new events, and the slower tiers' if any, into the
+        unsent batch."""
         for kind, block_hash in block_manager.drain_events():
             self.pending.append(KvEvent(kind, block_hash, self.tier))  # type: ignore[arg-type]
+        if tiers is not None:
+            self.pending += [KvEvent(*e) for e in tiers.drain_events()]  # type: ignore[arg-type]
 
     async def reset(self) -> None:
         """Publish an empty reset: "I hold nothing". Sent when the instance starts (clearing
@@ -66,17 +73,20 @@ class KvEventPublisher:
         for start in range(0, len(events), step):
             await self._publish(events[start : start + step])
 
-    async def snapshot(self, block_manager: BlockManager) -> int:
-        """Publish every cached block (first message `reset=True`); returns their number."""
+    async def snapshot(self, block_manager: BlockManager, tiers: KvTiers | None = None) -> int:
+        """Publish every cached block, in every tier (first message `reset=True`); returns
+        the number of (block, tier) copies."""
         block_manager.drain_events()  # already reflected in cached_blocks
         self.pending = []
-        hashes = list(block_manager.cached_blocks)
-        events = [KvEvent("stored", h, self.tier) for h in hashes]
+        events = [KvEvent("stored", h, self.tier) for h in block_manager.cached_blocks]
+        if tiers is not None:
+            tiers.drain_events()  # likewise, in its indexes
+            events += [KvEvent("stored", h, t) for h, t in tiers.held()]  # type: ignore[arg-type]
         step = MAX_EVENTS_PER_MESSAGE
         chunks = [events[i : i + step] for i in range(0, len(events), step)] or [[]]
         for i, chunk in enumerate(chunks):
             await self._publish(chunk, reset=i == 0)
-        return len(hashes)
+        return len(events)
 
     async def _publish(self, events: Iterable[KvEvent], reset: bool = False) -> None:
         msg = KvEvents(instance_id=self.instance_id, events=list(events), seq=self.seq, reset=reset)

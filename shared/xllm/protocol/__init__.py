@@ -10,7 +10,7 @@
     stream.py     TokenDelta, FinishReason, DraftCounts
     kv_peer.py    KvPeer, KvLayout (a KV pool as a write target, inside PrefillCmd)
     stats.py      LoadStats, KvCacheStats, StepStats, PreemptionStats, SpeculationStats,
-                  KvTransferStats: the stats groups a Heartbeat carries
+                  KvTransferStats, KvTierStats: the stats groups a Heartbeat carries
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
 
@@ -48,6 +48,8 @@ from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, Kv
 from xllm.protocol.kv_peer import KvLayout, KvPeer
 from xllm.protocol.stats import (
     KvCacheStats,
+    KvTierCounters,
+    KvTierStats,
     KvTransferStats,
     LoadStats,
     PreemptionStats,
@@ -86,6 +88,8 @@ __all__ = [
     "KvPeer",
     "KvReady",
     "KvSnapshotRequest",
+    "KvTierCounters",
+    "KvTierStats",
     "KvTransferStats",
     "LoadStats",
     "Logprob",

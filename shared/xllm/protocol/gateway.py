@@ -64,8 +64,8 @@ class ClusterStateRequest:
     """gateway → scheduler (`CLUSTER_STATE`, request/reply): send me your view of the cluster."""
 
 
-# v4: its heartbeats nest their stats (Heartbeat v6); v3 is not read.
-@message("cluster_state", version=4, oldest=4)
+# v4: its heartbeats nest their stats (Heartbeat v6); v3 is not read. v5: Heartbeat v7.
+@message("cluster_state", version=5, oldest=4)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterState:
     """scheduler → gateway: every live instance's last heartbeat and the scheduler's counters."""

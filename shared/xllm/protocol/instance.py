@@ -26,6 +26,7 @@ from xllm.protocol.errors import ErrorInfo
 from xllm.protocol.kv_peer import KvPeer
 from xllm.protocol.stats import (
     KvCacheStats,
+    KvTierStats,
     KvTransferStats,
     LoadStats,
     PreemptionStats,
@@ -147,7 +148,8 @@ class SetRoleCmd:
 
 
 # v6: the stats nested in groups (`load`, `kv`, `steps`, ...: see stats.py); v5 is not read.
-@message("heartbeat", version=6, oldest=6)
+# v7: `tiers`, `kv_block_bytes`.
+@message("heartbeat", version=7, oldest=6)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """instance → scheduler, kvstore, gateway (`HEARTBEAT`): a load snapshot, published
@@ -167,6 +169,8 @@ class Heartbeat:
     """Context length: prompt plus output tokens must fit."""
     kv_block_size: int
     """Tokens per KV block; prefix block hashes are computed with this size."""
+    kv_block_bytes: int = 0
+    """Bytes of one KV block, every layer (what loading it from a slower tier moves; v7)."""
     kv_transfer_endpoint: str | None = None
     """Where peers reach this instance's KV transfer engine (host:port); None = no transfer."""
     sent_at: float
@@ -185,3 +189,5 @@ class Heartbeat:
     """Speculative decoding's drafts and switch."""
     transfer: KvTransferStats = field(default_factory=KvTransferStats)
     """KV moved to and from other instances."""
+    tiers: KvTierStats = field(default_factory=KvTierStats)
+    """The host, disk and store KV tiers (v7)."""

@@ -10,8 +10,11 @@ messages (`seq`, +1 per message); a kvstore that sees a gap, or that just starte
 a `KvSnapshotRequest` and the instance re-publishes every block it holds, the first message
 with `reset=True` (drop all you know about me, then apply these).
 
-A block moving between tiers (offload to host, reload to device) is two events: "stored"
-in the new tier and "evicted" from the old one.
+Each tier holding a copy of a block is reported on its own: an instance's tiers are
+inclusive (a block cached on the device is also in host memory), so one block is usually
+"stored" in several. A block moving between tiers (host -> disk) is two events: "stored" in
+the new tier and "evicted" from the old one, in either order. The index keeps, per instance
+and block, the set of tiers holding it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from xllm.protocol.codec import message
 KvEventKind = Literal["stored", "evicted"]
 """What happened to a block in a tier."""
 
+KvTier = Literal["device", "host", "disk", "store"]
+"""Where a copy of a block is, fastest first: accelerator memory, host memory, local disk,
+the cluster's shared store (Mooncake Store)."""
+
 
 class KvEvent(NamedTuple):
     """One block event; sent as a 3-element array (events are many and small)."""
@@ -32,11 +39,11 @@ class KvEvent(NamedTuple):
     """"stored": the block's KV is now present in `tier`; "evicted": it no longer is."""
     block_hash: int
     """The block's chained prefix hash."""
-    tier: str
-    """Where: "device" (accelerator memory), "host" (CPU memory) or "disk"."""
+    tier: KvTier
+    """Where the copy is."""
 
 
-@message("kv_events", version=1)
+@message("kv_events", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KvEvents:
     """instance → kvstore (`KV_EVENTS`): blocks stored and evicted since the last message."""
@@ -71,7 +78,7 @@ class KvMatchRequest:
     """Only answer for these instances (the placement candidates); empty = every instance."""
 
 
-@message("kv_match_reply", version=1)
+@message("kv_match_reply", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KvMatchReply:
     """kvstore → scheduler: the matched prefix length per instance."""
@@ -79,3 +86,8 @@ class KvMatchReply:
     matched_blocks: dict[str, int]
     """instance_id -> number of leading blocks of the chain held (in any tier); instances
     that hold none may be left out."""
+    matched_tiers: dict[str, dict[str, int]] = field(default_factory=dict)
+    """instance_id -> {tier: how many of its `matched_blocks` have their fastest copy
+    there}, tiers with none left out (v2; empty from a v1 kvstore)."""
+    store_blocks: int = 0
+    """Leading blocks of the chain in the cluster store, which any instance can fetch (v2)."""

@@ -6,6 +6,7 @@
     preemption   PreemptionStats   sequences pushed out for lack of blocks: recomputed or swapped
     speculation  SpeculationStats  speculative decoding's drafts and its adaptive switch
     transfer     KvTransferStats   KV blocks moved between instances (PD disaggregation)
+    tiers        KvTierStats       the KV tiers behind the pool: host memory, disk, the store
 
 The engine fills these types itself (they are its counters, not copies of them), so a field
 is defined and documented once, here. Gauges describe the instance now; counters
@@ -19,7 +20,7 @@ here is a version bump there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True, kw_only=True)
@@ -151,3 +152,32 @@ class KvTransferStats:
     `KvReady`s said (the receiver cannot observe one-sided writes)."""
     bytes_received: int = 0
     """Cumulative bytes of those blocks."""
+
+
+@dataclass(slots=True, kw_only=True)
+class KvTierCounters:
+    """One KV tier's counters (`xllm.engine.kv_tiers` counts them), cumulative."""
+
+    hits: int = 0
+    """Blocks loaded to the device from this tier instead of recomputed."""
+    bytes_loaded: int = 0
+    """Their bytes."""
+    num_loads: int = 0
+    """Loads whose slowest tier was this one (one per request that waited for a load)."""
+    load_seconds: float = 0.0
+    """Wall time of those loads (mean load latency = this / num_loads)."""
+    failed_loads: int = 0
+    """Loads that failed (the request recomputed instead), by their slowest tier."""
+    blocks_stored: int = 0
+    """Blocks written into this tier (store: puts that succeeded)."""
+    blocks_evicted: int = 0
+    """Blocks this tier dropped (host: spilled to disk or gone; store: not observable)."""
+
+
+@dataclass(slots=True, kw_only=True)
+class KvTierStats:
+    """The KV tiers behind the device pool; all zero when none is configured."""
+
+    host: KvTierCounters = field(default_factory=KvTierCounters)
+    disk: KvTierCounters = field(default_factory=KvTierCounters)
+    store: KvTierCounters = field(default_factory=KvTierCounters)

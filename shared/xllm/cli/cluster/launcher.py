@@ -61,6 +61,7 @@ from xllm.cli.cluster.embedded import (
     EmbeddedServerError,
     die_with_parent,
     log_tail,
+    start_mooncake_master,
     start_nats,
     start_valkey,
 )
@@ -153,6 +154,8 @@ class Cluster:
         instances: int = 0,
         nats_url: str | None = None,
         redis_url: str | None = None,
+        kv_store: bool = False,
+        kv_store_master: str | None = None,
         embedded_servers: bool = True,
         grace: float = 10.0,
         restart: RestartPolicy | None = None,
@@ -168,6 +171,10 @@ class Cluster:
         self.instances = instances
         self.nats_url = nats_url
         self.redis_url = redis_url
+        self.kv_store = kv_store
+        """Run the cluster KV tier: a Mooncake Store master (embedded unless
+        `kv_store_master` names one), its address in every child's XLLM_KV_STORE_MASTER."""
+        self.kv_store_master = kv_store_master
         self.embedded_servers = embedded_servers
         self.grace = grace
         self.restart = restart
@@ -242,6 +249,11 @@ class Cluster:
             server = start_valkey(log_file=self.log_path("valkey"), persist=persist)
             self._servers.append(server)
             self.redis_url = server.url
+        if self.kv_store and self.kv_store_master is None and self.embedded_servers:
+            # Restarted on its port, it comes back empty: instances recompute meanwhile.
+            server = start_mooncake_master(log_file=self.log_path("mooncake-master"))
+            self._servers.append(server)
+            self.kv_store_master = server.url
         self._server_restarts = {server.name: _Restarts() for server in self._servers}
 
     def _child_env(self) -> dict[str, str]:
@@ -251,6 +263,8 @@ class Cluster:
             env["XLLM_NATS_URL"] = self.nats_url
         if self.redis_url is not None:
             env["XLLM_REDIS_URL"] = self.redis_url
+        if self.kv_store and self.kv_store_master is not None:
+            env["XLLM_KV_STORE_MASTER"] = self.kv_store_master
         env["XLLM_SUPERVISOR_STATE"] = str(self.state_path)
         env.update(self.env)
         return env

@@ -16,7 +16,8 @@
   `XLLM_API_KEY`, so that it does not show in `ps`).
 
 The rest reaches every service through the environment: `XLLM_MODEL`, `XLLM_LOG_LEVEL`, and
-the `XLLM_NATS_URL` / `XLLM_REDIS_URL` that `Cluster` sets. `serving_cluster()` puts it
+the `XLLM_NATS_URL` / `XLLM_REDIS_URL` (and, with `--kv-store`, `XLLM_KV_STORE_MASTER`)
+that `Cluster` sets. `serving_cluster()` puts it
 together; with no model it uses the tiny demo model from `demo_model()`, made once and cached.
 """
 
@@ -59,6 +60,13 @@ class ClusterConfig(SloConfig):
     cost_model: str = option("", "Model config (e.g. qwen3-8b) for --cost-profile.")
     nats_url: str = option("", "NATS server URL; empty = start an embedded nats-server.")
     redis_url: str = option("", "Redis URL; empty = start an embedded Valkey.")
+    kv_store: bool = option(
+        False,
+        "Run the cluster KV tier (Mooncake Store): start its master (unless "
+        "--kv-store-master names one) and point every instance at it; give the instances "
+        "--host-kv-gb too.",
+    )
+    kv_store_master: str = option("", "host:port of a running Mooncake Store master.")
     api_key: str = option("", "Key clients must send as a Bearer token; empty = no auth.")
     log_dir: str = option("", "Folder for the processes' logs; empty = a new temporary one.")
     log_level: str = option("INFO", "Logging level of every service.")
@@ -189,6 +197,12 @@ def _flag_value(args: Sequence[str], flag: str) -> list[str]:
 def serving_cluster(config: ClusterConfig, engine_args: Sequence[str] = ()) -> Cluster:
     """A `Cluster` running every service for `config` (not started yet)."""
     config.validate()
+    if (
+        (config.kv_store or config.kv_store_master)
+        and "--host-kv-gb" not in engine_args
+        and not os.environ.get("XLLM_HOST_KV_GB")
+    ):
+        raise ValueError("--kv-store needs --host-kv-gb for the instances (blocks land there)")
     model = Path(config.model).resolve() if config.model else demo_model(config.cache_dir)
     return Cluster(
         service_specs(config, model, engine_args),
@@ -198,6 +212,8 @@ def serving_cluster(config: ClusterConfig, engine_args: Sequence[str] = ()) -> C
         instances=config.num_instances,
         nats_url=config.nats_url or None,
         redis_url=config.redis_url or None,
+        kv_store=config.kv_store or bool(config.kv_store_master),
+        kv_store_master=config.kv_store_master or None,
         grace=config.stop_grace,
         restart=config.restart_policy,
     )

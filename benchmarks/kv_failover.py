@@ -1,0 +1,141 @@
+"""Time to recover a killed instance's request: re-fetching its KV from the store vs
+recomputing it.
+
+Per setup, a fresh `xllm up` cluster of 2 PD-colocated instances of the tiny demo model:
+
+* `recompute`: no KV tiers; the survivor recomputes the prompt and the tokens generated so far;
+* `refetch`: `--kv-store` with `--host-kv-gb` and `--kv-store-replicas 2`; the survivor
+  fetches every full block (prompt and decode) from Mooncake Store and recomputes the rest.
+
+One streamed request with a `--prompt-tokens` random prompt and `--max-tokens` output; after
+`--kill-after` streamed chunks (time for the victim's puts to finish) the instance running
+it is SIGKILLed. Time to recover = the stream's longest stall from the kill on (the gateway
+notices the death, resubmits, the survivor prefills or loads). The demo model is bfloat16:
+recomputing the prompt and the generated tokens in one prefill may round differently from
+the original decode steps and change the greedy text; re-fetched KV is the original's. Also reported: the survivor's blocks fetched from the store, and whether
+the text equals the engine alone's (greedy, EOS ignored).
+
+    cd benchmarks && PYTHONPATH=../shared:.. ../.venv/bin/python kv_failover.py
+
+Prints one JSON line. Timing figures mean something only on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from statistics import mean
+
+import openai
+from common import emit
+from prefix_routing import cluster_state
+
+from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.cluster.topology import demo_model
+
+SETUPS = ("recompute", "refetch")
+
+
+def run_setup(setup: str, prompt: list[int], args: argparse.Namespace) -> dict:
+    config = ClusterConfig(
+        model=args.model,
+        host="127.0.0.1",
+        port=free_port(),
+        instances=2,
+        policy="round-robin",
+        kv_store=setup == "refetch",
+        log_dir=tempfile.mkdtemp(prefix=f"xllm-kv-failover-{setup}-"),
+        log_level="WARNING",
+        max_restarts=0,
+    )
+    engine_args = ["--num-kv-blocks", str(args.num_kv_blocks), "--num-threads", "1"]
+    if setup == "refetch":
+        engine_args += ["--host-kv-gb", str(args.host_kv_gb), "--kv-store-replicas", "2"]
+        engine_args += ["--kv-store-segment-gb", str(args.host_kv_gb)]
+    with serving_cluster(config, engine_args) as cluster:
+        cluster.wait_ready(600)
+        client = openai.OpenAI(base_url=config.base_url, api_key="unused", max_retries=0)
+        model = client.models.list().data[0].id
+        arrivals: list[float] = []
+        texts: list[str] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            chunks = client.completions.create(
+                model=model,
+                prompt=prompt,
+                max_tokens=args.max_tokens,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            for chunk in chunks:
+                arrivals.append(time.monotonic())
+                texts.append(chunk.choices[0].text)
+                if len(arrivals) >= args.kill_after:
+                    started.set()
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        if not started.wait(600):
+            raise RuntimeError(f"{setup}: the stream did not start")
+        running = [
+            i for i in cluster_state(config.base_url)["instances"] if i["load"]["num_running"]
+        ]
+        victim = running[0]["instance_id"]
+        killed_at = time.monotonic()
+        os.kill(cluster.processes[victim].pid, signal.SIGKILL)
+        thread.join(timeout=600)
+        time.sleep(1.0)  # a survivor heartbeat after the resume
+        survivor = next(iter(cluster_state(config.base_url)["instances"]))
+    # The stall the kill caused: the longest gap between tokens from the last one before it
+    # (chunks already on their way when it struck may still arrive just after it).
+    last_before = max(i for i, t in enumerate(arrivals) if t < killed_at)
+    stall = max(b - a for a, b in itertools.pairwise(arrivals[last_before:]))
+    steady = [b - a for a, b in itertools.pairwise(arrivals[1 : last_before + 1])]
+    return {
+        "time_to_recover_s": round(stall, 3),
+        "steady_inter_token_s": round(mean(steady), 4) if steady else None,
+        "chunks": len(arrivals),
+        "store_blocks_fetched": survivor["tiers"]["store"]["hits"],
+        "text": "".join(texts),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
+    parser.add_argument("--model", default="", help="model folder; default: the tiny demo")
+    parser.add_argument("--prompt-tokens", type=int, default=3000)
+    parser.add_argument("--max-tokens", type=int, default=300)
+    parser.add_argument("--kill-after", type=int, default=150, help="streamed chunks")
+    parser.add_argument("--num-kv-blocks", type=int, default=512)
+    parser.add_argument("--host-kv-gb", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    prompt = [rng.randrange(100, 3000) for _ in range(args.prompt_tokens)]
+    results = {setup: run_setup(setup, prompt, args) for setup in args.setups}
+
+    from xllm.llm import LLM
+    from xllm.protocol.types import SamplingParams
+
+    llm = LLM(args.model or str(demo_model()), num_kv_blocks=args.num_kv_blocks)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    expected = llm.tokenizer.decode(llm.generate([prompt], params)[0].outputs[0].token_ids)
+    for result in results.values():
+        result["text_equals_engine"] = result.pop("text") == expected
+    print(json.dumps(results), file=sys.stderr)
+    emit({"benchmark": "kv_failover", "prompt_tokens": len(prompt), "setups": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The KV tiers on the Mooncake trace: prefix hit rate by tier, and TTFT, for device-only vs
++host vs +host+store, in one run.
+
+The slice of the trace is `prefix_routing.py`'s (same flags, same defaults: a window of the
+Mooncake conversation trace, thinned to whole prefix groups, lengths x 1/32 so a trace block
+is one 16-token KV block), replayed on a fresh `xllm up` cluster per setup: `--instances`
+PD-colocated instances of the tiny demo model, cache-aware placement, and a device pool of
+only `--num-kv-blocks` blocks per instance (far below the slice's working set, so prefixes
+are evicted from the device and come back from the slower tiers, or are recomputed):
+
+* `device`: the pool alone (today's behaviour);
+* `host`:   + `--host-kv-gb` of host memory per instance (write-through, loaded back);
+* `store`:  + host + the cluster store (Mooncake Store, `--kv-store`): every block put
+            there, any instance fetches what another computed.
+
+Per setup: hit tokens by tier (device = hits minus what the tiers loaded; host / disk /
+store = blocks loaded from there x block size), over the instances' queried prompt tokens,
+as differences across the replay (the warm-up does not count); TTFT mean/p50/p99 and
+failures from the client.
+
+    PYTHONPATH=shared:. .venv/bin/python benchmarks/kv_tiers.py [--setups ...] [--progress]
+
+Prints one JSON line. Timing figures mean something only on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from fractions import Fraction
+
+from common import emit
+from prefix_routing import KV_BLOCK_SIZE, cluster_state, trace_slice, warmup_requests
+
+from xllm.cli.bench.client import ClientConfig
+from xllm.cli.bench.report import summarize
+from xllm.cli.bench.runner import LoadConfig, run_load
+from xllm.cli.bench.workloads import BenchRequest, PromptMaker, requests_from_trace
+from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.commands.bench import first_model
+
+SETUPS = ("device", "host", "store")
+TIERS = ("host", "disk", "store")
+
+
+def counters(base_url: str, settle: float) -> dict[str, int]:
+    """Cluster-wide prefix counters, in tokens, once the heartbeats have caught up."""
+    time.sleep(settle)
+    total = {"queried": 0, "hit": 0, **{t: 0 for t in TIERS}}
+    for hb in cluster_state(base_url)["instances"]:
+        total["queried"] += hb["kv"]["prefix_queried_tokens"]
+        total["hit"] += hb["kv"]["prefix_hit_tokens"]
+        for tier in TIERS:
+            total[tier] += hb["tiers"][tier]["hits"] * hb["kv_block_size"]
+    return total
+
+
+def run_setup(setup: str, requests: list[BenchRequest], args: argparse.Namespace) -> dict:
+    config = ClusterConfig(
+        model=args.model,
+        host="127.0.0.1",
+        port=free_port(),
+        instances=args.instances,
+        policy="cache-aware",
+        kv_store=setup == "store",
+        log_dir=tempfile.mkdtemp(prefix=f"xllm-kv-tiers-{setup}-"),
+        log_level="WARNING",
+    )
+    engine_args = [
+        "--max-model-len", str(args.max_model_len),
+        "--num-kv-blocks", str(args.num_kv_blocks),
+        "--num-threads", str(args.num_threads),
+    ]  # fmt: skip
+    if setup != "device":
+        engine_args += ["--host-kv-gb", str(args.host_kv_gb)]
+    if setup == "store":
+        engine_args += ["--kv-store-segment-gb", str(args.host_kv_gb)]
+    print(f"{setup}: starting the cluster (logs in {config.log_dir})", file=sys.stderr)
+    with serving_cluster(config, engine_args) as cluster:
+        cluster.wait_ready(600)
+        base_url = config.base_url
+        client = ClientConfig(base_url, first_model(base_url))
+        warm = run_load(
+            warmup_requests(2 * args.instances, args.seed), client, LoadConfig(warmup=0)
+        )
+        if not all(r.ok for r in warm.records):
+            raise RuntimeError(f"{setup}: warm-up failed: {warm.records}")
+        before = counters(base_url, args.settle)
+        load = LoadConfig(seed=args.seed, timeout=args.timeout, progress=args.progress, warmup=0)
+        bench = run_load(requests, client, load)
+        after = counters(base_url, args.settle)
+    delta = {k: after[k] - before[k] for k in after}
+    queried = delta["queried"] or 1
+    by_tier = {t: round(delta[t] / queried, 4) for t in TIERS}
+    by_tier["device"] = round((delta["hit"] - sum(delta[t] for t in TIERS)) / queried, 4)
+    summary = summarize(bench.records, bench.duration)
+    return {
+        "hit_rate": round(delta["hit"] / queried, 4),
+        "hit_rate_by_tier": by_tier,
+        "queried_tokens": delta["queried"],
+        "ttft_mean_ms": round(summary.ttft_ms.mean, 1),
+        "ttft_p50_ms": round(summary.ttft_ms.p50, 1),
+        "ttft_p99_ms": round(summary.ttft_ms.p99, 1),
+        "requests": summary.requests,
+        "failed": summary.failed,
+        "failures": summary.failures,
+        "duration_s": round(summary.duration_s, 2),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    scale = lambda text: float(Fraction(text))  # noqa: E731
+    parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
+    parser.add_argument("--trace-start", type=float, default=0.0)
+    parser.add_argument("--trace-duration", type=float, default=900.0)
+    parser.add_argument("--keep", type=float, default=0.06)
+    parser.add_argument("--length-scale", type=scale, default=1 / 32)
+    parser.add_argument("--time-scale", type=float, default=0.12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--model", default="", help="model folder; default: the tiny demo")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--num-kv-blocks", type=int, default=300, help="device pool/instance")
+    parser.add_argument("--host-kv-gb", type=float, default=0.25, help="host tier/instance")
+    parser.add_argument("--num-threads", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--settle", type=float, default=1.0)
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--dry-run", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows, too_long = trace_slice(args)
+    requests = requests_from_trace(
+        rows, PromptMaker(chat=False, seed=args.seed), args.length_scale, args.seed
+    )
+    workload = {
+        "trace": "mooncake",
+        "requests": len(requests),
+        "dropped_too_long": too_long,
+        "input_tokens": sum(r.input_len for r in requests),
+        "distinct_blocks": len({h for t in rows for h in t.hash_ids}),
+        "device_blocks_per_instance": args.num_kv_blocks,
+        "kv_block_size": KV_BLOCK_SIZE,
+    }
+    print(json.dumps(workload), file=sys.stderr)
+    if args.dry_run or not requests:
+        return
+    results = {setup: run_setup(setup, requests, args) for setup in args.setups}
+    emit({"benchmark": "kv_tiers", "workload": workload, "setups": results})
+
+
+if __name__ == "__main__":
+    main()
