@@ -172,6 +172,12 @@ class SloConfig:
     )
 
 
+FLIP_HYSTERESIS = 20.0
+"""slo-pd's default role-flip hysteresis in predicted service times (`--flip-hysteresis`, of
+the scheduler and `xllm up`): chosen by the sweep in benchmarks/README.md ("SLO-aware PD
+on every mix")."""
+
+
 @dataclass(frozen=True)
 class NatsConfig:
     nats_url: str = option("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated.")

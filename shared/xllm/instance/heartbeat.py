@@ -32,6 +32,8 @@ def build_heartbeat(
         model=model,
         max_model_len=engine.max_model_len,
         kv_block_size=engine.config.block_size,
+        max_num_batched_tokens=engine.config.max_num_batched_tokens,
+        max_num_seqs=engine.config.max_num_seqs,
         kv_transfer_endpoint=transport.endpoint if transport else None,
         sent_at=time.time(),
         role_flips=role_flips,

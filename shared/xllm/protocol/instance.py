@@ -164,6 +164,12 @@ class Heartbeat:
     """Context length: prompt plus output tokens must fit."""
     kv_block_size: int
     """Tokens per KV block; prefix block hashes are computed with this size."""
+    max_num_batched_tokens: int = 0
+    """Tokens one engine step computes at most (its prefill chunk budget): what slo-pd's
+    pre-analysis puts beside a decode on this instance; 0 = unknown."""
+    max_num_seqs: int = 0
+    """Sequences one engine step runs at most: the batch limit of that pre-analysis; 0 =
+    unknown (no limit assumed)."""
     kv_transfer_endpoint: str | None = None
     """Where peers reach this instance's KV transfer engine (host:port); None = no transfer."""
     sent_at: float
