@@ -338,10 +338,15 @@ def _plan_model(
         for v in away or prefill
         if cooled(v)
         and _idle(v, now, idle_for)
-        # The rest must meet the target without it: an instance that drained while
-        # another still has a queue stays (else it would flip back at once).
+        # The rest must stay clear of the risk line without it (the line that flips an
+        # instance to prefill): one that drained while another still has a queue stays,
+        # else it would flip back at once.
         and not ttft_at_risk(
-            [u for u in prefill if u is not v], predictor, typical, config.slo_ttft
+            [u for u in prefill if u is not v],
+            predictor,
+            typical,
+            config.slo_ttft,
+            FLIP_RISK_SHARE,
         )
     ]
     if not movable:
