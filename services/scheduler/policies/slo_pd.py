@@ -3,26 +3,24 @@
 Two pure functions over a `ClusterSnapshot`, so the live scheduler and the simulator run
 the same code:
 
-* `slo_pd(request, snapshot)`, the placement policy. Prefill half: the prefill instance
-  with the lowest predicted TTFT, if that meets the request's TTFT target; else the best
-  instance of the "D→P pool" (prefill by role but still finishing the decodes it had, or
-  ordered to flip and not confirmed yet) if that meets it; else the lowest prediction
-  overall. Decode half (`decode_instance`, with the cost model `placement.place` holds):
-  the prefill instance itself when its decode there stays within the pre-analysis limits
-  of `decode_limits` with a full prefill chunk in every step (the hybrid role: no KV
-  transfer, and a prefill instance's spare step budget decodes); else the decode instance
-  with the fewest running tokens within those limits; else the one with the fewest.
-  Colocated requests: least load.
+* `slo_pd(request, snapshot)`, the placement policy, and with the cost model `placement`
+  holds, `prefill_instance` and `decode_instance`. Prefill half: the prefill instance with
+  the lowest predicted TTFT, if that meets the target; else the best of the "D→P pool"
+  (decode instances lent to prefill and still finishing their decodes, or ordered to flip
+  and not confirmed yet) if that meets it; else the lowest prediction. Past the risk line
+  (`FLIP_RISK_SHARE`), a decode instance that can run the whole request in place within
+  the limits of `decode_limits` (a hybrid host) takes it if it predicts a lower TTFT.
+  Decode half: the decode instance with the fewest running tokens within the limits; else
+  the prefill instance itself if it stays within them beside a full prefill chunk (hybrid,
+  no KV transfer); else the decode instance with the fewest. Colocated: least load.
 * `plan_role_flips(snapshot, config, cost)`, the instance scheduler, driven by predicted
-  SLO misses both ways. Decode → prefill when even the best prefill instance would miss
-  the TTFT target for a typical prompt (and more than `min_decode_instances`, by default
-  the report's two, remain): the decode instance with the fewest tokens flips, those lent
-  from prefill first. Prefill → decode when the decode pool is predicted to miss the TPOT
-  target (no decode instance takes a typical request within its limits, or one measures
-  its TPOT over target), or a prefill instance has been idle for the hysteresis (and more
-  than `min_prefill_instances` remain): an instance with nothing queued flips, if the
-  prefill instances left meet the TTFT target without it; those that started as decode go
-  first (back to their pool).
+  misses both ways. Decode → prefill past the risk line for a typical prompt (while more
+  than `min_decode_instances`, by default the report's two, remain): the decode instance
+  with the fewest tokens, those lent from prefill first. Prefill → decode when the decode
+  pool is predicted to miss TPOT (`decode_at_risk`), or, without a cost model (so no
+  hybrid decodes), a prefill instance has been idle for the hysteresis: one with nothing
+  queued whose absence keeps the rest clear of the risk line; those that started as
+  decode first (back to their pool).
 
 The TTFT predictor is the report's: the queueing delay on the instance (the prefill tokens
 queued there) plus the prefill time of this prompt's uncached tokens, at a time per token
@@ -37,7 +35,7 @@ it scales with the model, the hardware and the prompts instead of fixed seconds:
 keeps a role for at least `hysteresis` service times after taking it (and `cooldown`
 seconds); "idle" means no prefill queued for as long in a row (and `idle_seconds`); at most
 one flip per model per plan; none back to decode while the TTFT target is at risk, nor when
-the prefill instances that would remain would put it at risk.
+the prefill instances that would remain would cross the risk line.
 """
 
 from __future__ import annotations
@@ -59,10 +57,9 @@ FLIP_RISK_SHARE = 0.5
 """Share of the queueing a TTFT target allows (the target less the prompt's own prefill)
 past which the prefill pool counts as at risk (a decode instance flips to prefill, or runs
 a request in place): half of it used means the queue has room for one more such wave, no
-more. SLO admission refuses what would wait past the
-target, so queues never predict much beyond it, and a flip ordered only then comes too
-late. Chosen by the sweep in benchmarks/README.md ("SLO-aware PD on every mix"): 0.5 and
-0.75 within 0.5% of each other in goodput on the Azure code trace at 16 A100s and BurstGPT
+more. SLO admission refuses what would wait past the target, so queues never predict much
+beyond it, and a flip ordered only then comes too late. Chosen by the sweep in
+benchmarks/README.md ("SLO-aware PD on every mix"): 0.5 and 0.75 within 0.5% of each other in goodput on the Azure code trace at 16 A100s and BurstGPT
 at 3, 1.0 1-3% lower (at 16 it flips once, and stays at 9P:7D)."""
 
 
