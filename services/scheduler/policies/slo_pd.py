@@ -59,8 +59,9 @@ past which the prefill pool counts as at risk (a decode instance flips to prefil
 a request in place): half of it used means the queue has room for one more such wave, no
 more. SLO admission refuses what would wait past the target, so queues never predict much
 beyond it, and a flip ordered only then comes too late. Chosen by the sweep in
-benchmarks/README.md ("SLO-aware PD on every mix"): 0.5 and 0.75 within 0.5% of each other in goodput on the Azure code trace at 16 A100s and BurstGPT
-at 3, 1.0 1-3% lower (at 16 it flips once, and stays at 9P:7D)."""
+benchmarks/README.md ("SLO-aware PD on every mix"): 0.5 and 0.75 within 0.5% of each
+other in goodput on the Azure code trace at 16 A100s and BurstGPT at 3, 1.0 1-3% lower (at
+16 it flips once, and stays at 9P:7D)."""
 
 
 @dataclass(frozen=True, slots=True)
