@@ -8,7 +8,14 @@ the same number of instances of the tiny demo model, one after another:
   * colocated:  `--instances N`, policy least-load;
   * static PD:  `--prefill P --decode D`, policy least-load;
   * slo-pd:     `--prefill P --decode D`, policy slo-pd with the same SLOs as the report
-    (it may flip instances between prefill and decode; `--min-decode-instances 1`).
+    (it may flip instances between prefill and decode; `--min-decode-instances 1`), SLO
+    admission at the target (`--slo-admission 1`, as `xllm sim sweep`'s slo-pd arm) and
+    the cost model for its pre-analysis (`--cost-profile cpu-local --cost-model <model>`).
+
+Beside each configuration's live figures, the simulator's prediction for the same setup
+(`xllm sim` on the same trace slice, the `--sim-profile` hardware profile, the demo model's
+config, the same engine options and scheduler options): `sim` in the JSON, and
+`sim_vs_live`, the ratio of the two SLO attainments (within 0.8-1.2 = within 20%).
 
     .venv/bin/python benchmarks/pd_serving.py [--prefill 1 --decode 2 --time-scale 8 \
         --slo-ttft 1000 --slo-tpot 100]
@@ -38,7 +45,7 @@ from xllm.cli.bench.client import ClientConfig
 from xllm.cli.bench.report import LatencyStats, Slo, format_table, summarize
 from xllm.cli.bench.runner import LoadConfig, run_load
 from xllm.cli.bench.workloads import PromptMaker, trace_workload
-from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.cli.cluster import ClusterConfig, demo_model, free_port, serving_cluster
 
 
 def cluster_state(config: ClusterConfig) -> dict:
@@ -137,6 +144,41 @@ def ratios(result: dict, base: dict) -> dict:
     return {k: round(result[k] / base[k], 3) if base[k] else None for k in RATIO_KEYS}
 
 
+def sim_prediction(args: argparse.Namespace, name: str, shape: dict, model: Path) -> dict:
+    """The simulator's figures for configuration `name`, run as `xllm sim` would."""
+    from services.scheduler.sim import run as sim_run
+    from services.scheduler.sim import tool
+
+    parser = argparse.ArgumentParser()
+    tool.add_parser(parser.add_subparsers())
+    pd = "" if "instances" in shape else f"{args.prefill}:{args.decode}"
+    sim_args = parser.parse_args(
+        [
+            "sim", "--trace", "azure-code", "--start", str(args.trace_start),
+            "--duration", str(args.trace_duration), "--time-scale", str(args.time_scale),
+            "--length-scale", str(args.length_scale), "--profile", args.sim_profile,
+            "--model-config", str(model), "--dtype", "bfloat16",
+            "--kv-cache-gb", str(args.kv_cache_gb), "--slo-ttft", str(args.slo_ttft / 1e3),
+            "--slo-tpot", str(args.slo_tpot / 1e3), "--pd", pd,
+            "--min-decode-instances", str(shape.get("min_decode_instances", 2)),
+            "--slo-admission", str(shape.get("slo_admission", 0.0)),
+        ]
+    )  # fmt: skip
+    setup = sim_run.setup_from_args(sim_args, args.prefill + args.decode)
+    report = sim_run.simulate(setup, shape["policy"])
+    return {
+        "ttft_p50_ms": round(1e3 * report.ttft_p50, 1),
+        "ttft_p99_ms": round(1e3 * report.ttft_p99, 1),
+        "tpot_p50_ms": round(1e3 * report.tpot_p50, 2),
+        "tpot_p99_ms": round(1e3 * report.tpot_p99, 2),
+        "slo_attainment": round(report.slo_attainment, 4),
+        "goodput_req_s": round(report.goodput_rps, 3),
+        "rejected": report.num_rejected,
+        "role_flips": report.role_flips,
+        "roles_at_end": report.final_roles,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prefill", type=int, default=1)
@@ -152,7 +194,14 @@ def main() -> None:
     parser.add_argument("--configs", default="colocated,static-pd,slo-pd")
     parser.add_argument("--log-dir", default="", help="default: a new temporary folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sim-profile", default="cpu-local", help="hardware profile of the sim's prediction"
+    )
+    parser.add_argument(
+        "--sim-only", action="store_true", help="print the sim's predictions, run no cluster"
+    )
     args = parser.parse_args()
+    model = demo_model()
 
     requests = trace_workload(
         "azure-code",
@@ -181,15 +230,25 @@ def main() -> None:
             "slo_ttft": args.slo_ttft / 1e3,
             "slo_tpot": args.slo_tpot / 1e3,
             "min_decode_instances": 1,
+            "slo_admission": 1.0,
+            "cost_profile": args.sim_profile,
+            "cost_model": str(model),
         },
     }
     slo = Slo(args.slo_ttft, args.slo_tpot)
-    results = {}
+    results, predicted = {}, {}
     for name in args.configs.split(","):
+        predicted[name] = sim_prediction(args, name, shapes[name], model)
+        print(f"== {name}: the sim predicts {predicted[name]}", file=sys.stderr)
+        if args.sim_only:
+            continue
         config = ClusterConfig(
             port=free_port(), log_dir=str(log_root / name), **common, **shapes[name]
         )
         results[name] = run_config(name, config, engine_args, requests, slo)
+        results[name]["sim"] = predicted[name]
+        live, sim = results[name]["slo_attainment"], predicted[name]["slo_attainment"]
+        results[name]["sim_vs_live"] = round(sim / live, 3) if live else None
     base = results.get("colocated")
     emit(
         {
@@ -207,6 +266,7 @@ def main() -> None:
             },
             "slo_ms": {"ttft": args.slo_ttft, "tpot": args.slo_tpot},
             "results": results,
+            "sim": predicted,
             "vs_colocated": {
                 k: ratios(v, base) for k, v in results.items() if base and k != "colocated"
             },

@@ -30,6 +30,8 @@ class InstanceView:
     see the same stale load and land on the same instance."""
     pending_offline_tokens: int = 0
     """Of `pending_tokens`, those of offline requests (online prompts go before them)."""
+    pending_output_tokens: int = 0
+    """Of `pending_tokens`, online outputs to decode here, not prompt tokens to prefill."""
     started_as: str = ""
     """The role of the instance's first heartbeat (its home pool); "" = unknown."""
     role_since: float = 0.0
@@ -131,13 +133,17 @@ class Registry:
         if view is not None and view.role != role:
             self._views[instance_id] = replace(view, pending_role=role, role_since=now)
 
-    def note_placement(self, instance_id: str, num_tokens: int, offline: bool = False) -> None:
+    def note_placement(
+        self, instance_id: str, num_tokens: int, offline: bool = False, num_outputs: int = 0
+    ) -> None:
+        """`num_tokens` of work placed on `instance_id`, `num_outputs` of them outputs."""
         view = self._views.get(instance_id)
         if view is not None:
             self._views[instance_id] = replace(
                 view,
                 pending_tokens=view.pending_tokens + num_tokens,
                 pending_offline_tokens=view.pending_offline_tokens + (num_tokens if offline else 0),
+                pending_output_tokens=view.pending_output_tokens + (0 if offline else num_outputs),
                 pending_requests=view.pending_requests + 1,
             )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xllm.config import SloConfig, option
+from xllm.config import FLIP_HYSTERESIS, SloConfig, option
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,19 @@ class SchedulerConfig(SloConfig):
         "all (1.5 is a safe margin over the predictor's error).",
     )
     min_decode_instances: int = option(
-        1, "slo-pd: decode instances never flipped to prefill (at least one)."
+        2, "slo-pd: decode instances never flipped to prefill (the report keeps two)."
     )
     flip_cooldown: float = option(
-        3.0, "slo-pd: seconds an instance keeps a role after a flip before it may flip again."
+        0.0, "slo-pd: seconds (at least) an instance keeps a role after a flip."
     )
     flip_idle: float = option(
-        30.0, "slo-pd: seconds with no queued prefill before a prefill instance counts as idle."
+        0.0, "slo-pd: seconds (at least) with no queued prefill before a prefill instance is idle."
+    )
+    flip_hysteresis: float = option(
+        FLIP_HYSTERESIS,
+        "slo-pd: the flip cooldown and idle time in predicted service times (a typical "
+        "prompt's prefill), so they scale with model and hardware; the larger of this and "
+        "--flip-cooldown / --flip-idle counts.",
     )
     cost_profile: str = option(
         "",
@@ -53,6 +59,7 @@ class SchedulerConfig(SloConfig):
             (self.min_decode_instances >= 1, "--min-decode-instances must be at least 1"),
             (self.flip_cooldown >= 0, "--flip-cooldown cannot be negative"),
             (self.flip_idle >= 0, "--flip-idle cannot be negative"),
+            (self.flip_hysteresis >= 0, "--flip-hysteresis cannot be negative"),
             (
                 bool(self.cost_profile) == bool(self.cost_model),
                 "--cost-profile and --cost-model go together",

@@ -28,6 +28,12 @@ from services.scheduler.hardware import load_profile
 from services.scheduler.policies import FlipConfig, PlacementRequest, Policy, colocation
 from services.scheduler.policies.admission import refusal
 from services.scheduler.policies.colocation import DecodeCost
+from services.scheduler.policies.slo_pd import (
+    decode_instance,
+    hybrid_hosts,
+    prefill_instance,
+    slo_pd,
+)
 from xllm.protocol import ErrorCode
 
 ALL_ROLES = ("both", "prefill", "decode")
@@ -61,6 +67,13 @@ class Note:
     prefill half first. Every one of them ends up holding the prompt's KV."""
     offline: bool = False
     """An offline request's work: online prompts do not wait behind it."""
+    output_tokens: int = 0
+    """Of the last entry's tokens (the decoding instance's), the outputs to generate: no
+    prompt waits behind those for its prefill."""
+
+    def outputs_on(self, instance_id: str) -> int:
+        """Output tokens of this note's entry for `instance_id` (0 but the decoding one)."""
+        return self.output_tokens if instance_id == self.pending_tokens[-1][0] else 0
 
     @property
     def holders(self) -> tuple[str, ...]:
@@ -134,7 +147,8 @@ def place(
     refused = check(request.model, request.num_prompt_tokens, snapshot)
     if refused is not None:
         return refused
-    overloaded = refusal(request, snapshot)
+    hosts = hybrid_hosts(request, snapshot, cost) if policy is slo_pd else ()
+    overloaded = refusal(request, snapshot, hosts)
     if overloaded is not None:
         return Refusal(ErrorCode.OVERLOADED, overloaded)
     colocated = bool(snapshot.candidates(request.model, ("both",)))
@@ -143,7 +157,7 @@ def place(
     elif colocated:
         placement = _colocated(request, snapshot, policy)
     else:
-        placement = _disaggregated(request, snapshot, policy)
+        placement = _disaggregated(request, snapshot, policy, cost)
     if placement is None:
         return Refusal(ErrorCode.NO_INSTANCE, "no instance can serve this request")
     return placement
@@ -157,14 +171,25 @@ def _colocated(
 
 
 def _disaggregated(
-    request: PlacementRequest, snapshot: ClusterSnapshot, policy: Policy
+    request: PlacementRequest, snapshot: ClusterSnapshot, policy: Policy, cost: DecodeCost | None
 ) -> Placement | None:
     """Prefill on one instance, decode on another: the policy picks each half among the
-    instances of that role."""
-    prefill_id = policy(replace(request, roles=("prefill",)), snapshot)
-    decode_id = policy(replace(request, roles=("decode",)), snapshot)
-    if prefill_id is None or decode_id is None:
+    instances of that role. slo-pd picks the decode half knowing the prefill instance and
+    with the cost model (`slo_pd.decode_instance`): it may keep the decode there (hybrid)."""
+    if policy is slo_pd:
+        prefill_id = prefill_instance(request, snapshot, cost)
+    else:
+        prefill_id = policy(replace(request, roles=("prefill",)), snapshot)
+    if prefill_id is None:
         return None
+    if policy is slo_pd:
+        decode_id = decode_instance(request, snapshot, prefill_id, cost)
+    else:
+        decode_id = policy(replace(request, roles=("decode",)), snapshot)
+    if decode_id is None:
+        return None
+    if decode_id == prefill_id:
+        return Placement(prefill_id)
     return Placement(decode_id, prefill_instance_id=prefill_id)
 
 
@@ -193,5 +218,6 @@ def note(request: PlacementRequest, placement: Placement) -> Note:
     decode = (decode_id, request.uncached_tokens(decode_id) + request.max_tokens)
     offline = request.priority > 0
     if prefill_id is None:
-        return Note((decode,), offline)
-    return Note(((prefill_id, request.uncached_tokens(prefill_id)), decode), offline)
+        return Note((decode,), offline, request.max_tokens)
+    prefill = (prefill_id, request.uncached_tokens(prefill_id))
+    return Note((prefill, decode), offline, request.max_tokens)

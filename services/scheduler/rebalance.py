@@ -13,6 +13,7 @@ from __future__ import annotations
 from services.scheduler.cluster import Registry
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.policies import FlipConfig, plan_role_flips
+from services.scheduler.policies.decode_limits import DecodeCost
 
 PLAN_INTERVAL = 0.25
 """Seconds between role-flip plans (about one instance heartbeat)."""
@@ -26,14 +27,18 @@ def flip_config(config: SchedulerConfig) -> FlipConfig:
         min_decode_instances=config.min_decode_instances,
         cooldown=config.flip_cooldown,
         idle_seconds=config.flip_idle,
+        hysteresis=config.flip_hysteresis,
         admission_margin=config.slo_admission or None,
     )
 
 
-def rebalance(registry: Registry, now: float, config: FlipConfig) -> list[tuple[str, str]]:
-    """One plan: the flips `plan_role_flips` orders on the registry's picture at `now`, each
-    already noted in the registry (placed by at once); the caller delivers them."""
-    flips = plan_role_flips(registry.snapshot(now), config)
+def rebalance(
+    registry: Registry, now: float, config: FlipConfig, cost: DecodeCost | None = None
+) -> list[tuple[str, str]]:
+    """One plan: the flips `plan_role_flips` orders on the registry's picture at `now` (`cost`
+    predicting the decode pool's TPOT), each already noted in the registry (placed by at
+    once); the caller delivers them."""
+    flips = plan_role_flips(registry.snapshot(now), config, cost)
     for instance_id, role in flips:
         registry.note_role(instance_id, role, now)
     return flips

@@ -128,7 +128,7 @@ class SchedulerService:
                 # Planned and noted in the registry (the simulator runs the same function);
                 # a lost SetRoleCmd is forgotten after PENDING_ROLE_TIMEOUT, then re-planned.
                 for instance_id, role in rebalance(
-                    self.registry, time.monotonic(), self.flip_config
+                    self.registry, time.monotonic(), self.flip_config, self.decode_cost
                 ):
                     log.info("flipping instance %s to %s", instance_id, role)
                     cmd = SetRoleCmd(role=role)  # type: ignore[arg-type]
@@ -183,7 +183,9 @@ class SchedulerService:
 
     def _record(self, req: SubmitRequest, noted: Note) -> None:
         for instance_id, num_tokens in noted.pending_tokens:
-            self.registry.note_placement(instance_id, num_tokens, noted.offline)
+            self.registry.note_placement(
+                instance_id, num_tokens, noted.offline, noted.outputs_on(instance_id)
+            )
         if self.uses_prefix_hits:
             views = self.registry.snapshot()
             for instance_id in noted.holders:

@@ -48,6 +48,7 @@ def cluster(tiny_model_dir, tmp_path_factory):
         min_decode_instances=1,
         flip_cooldown=2.0,
         flip_idle=1.0,
+        flip_hysteresis=0.0,  # the seconds above, whatever this machine's service time
         log_dir=str(tmp_path_factory.mktemp("logs")),
         ready_timeout=180,
         stop_grace=5,

@@ -58,7 +58,8 @@ def test_slo_admission_sheds_online_work_only():
 def test_the_note_counts_what_each_instance_computes():
     hits = {"p": 64, "d": 96}
     req = request(prompt=100, max_tokens=10, prefix_hits=hits)
-    assert note(req, Placement("a")) == Note((("a", 100 + 10),))
+    assert note(req, Placement("a")) == Note((("a", 100 + 10),), output_tokens=10)
     noted = note(req, Placement("d", prefill_instance_id="p"))
-    assert noted == Note((("p", 36), ("d", 4 + 10)))
+    assert noted == Note((("p", 36), ("d", 4 + 10)), output_tokens=10)
     assert noted.holders == ("p", "d")
+    assert (noted.outputs_on("p"), noted.outputs_on("d")) == (0, 10)

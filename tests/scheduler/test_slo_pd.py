@@ -92,12 +92,16 @@ def test_prefill_goes_to_the_lowest_predicted_ttft():
 
 def test_prefill_prefers_settled_instances_that_meet_the_slo_then_the_flipping_ones():
     # p0 meets 2.5 s (~2 s); d1 flipped but still decodes, and would be faster (~1 s).
-    c = Cluster(hb("p0", "prefill", backlog=1000), hb("d1", "prefill", num_decoding=3))
+    c = Cluster(hb("p0", "prefill", backlog=1000), hb("d1", "decode"))
+    c.beat(hb("d1", "prefill", num_decoding=3), after=1.0)
     assert slo_pd(half("prefill", slo_ttft=2.5), c.snapshot()) == "p0"
     # With 1.5 s, p0 misses: the D→P pool's d1 meets it.
     assert slo_pd(half("prefill", slo_ttft=1.5), c.snapshot()) == "d1"
     # Nobody meets 0.5 s: the lowest prediction anyway.
     assert slo_pd(half("prefill", slo_ttft=0.5), c.snapshot()) == "d1"
+    # A prefill instance decoding its own requests (hybrid) is no D→P instance.
+    c = Cluster(hb("p0", "prefill", backlog=1000), hb("p1", "prefill", num_decoding=3))
+    assert slo_pd(half("prefill", slo_ttft=2.5), c.snapshot()) == "p1"
 
 
 def test_decode_goes_to_the_least_loaded_decode_instance_within_tpot():
@@ -153,7 +157,10 @@ def test_min_decode_instances_are_kept():
 
 def test_no_flip_without_a_ttft_target_or_within_it():
     assert burst_cluster().plan(replace(CONFIG, slo_ttft=None)) == []
-    assert burst_cluster().plan(replace(CONFIG, slo_ttft=10.0)) == []
+    # 6 s predicted: within 10 s, but past half the 9 s of waiting it leaves (at risk) ...
+    assert burst_cluster().plan(replace(CONFIG, slo_ttft=10.0)) == [("d1", "prefill")]
+    # ... and within 20 s with room to spare.
+    assert burst_cluster().plan(replace(CONFIG, slo_ttft=20.0)) == []
 
 
 def test_a_flipped_instance_waits_out_the_cooldown_and_the_idle_time_before_going_home():

@@ -223,3 +223,33 @@ def test_xllm_sim_runs_every_policy_on_a_trace_file_and_prints_a_table(tmp_path,
     assert all(r["num_requests"] == 30 and r["slo_attainment"] == 1.0 for r in results)
     assert any(r["prefix_hit_rate"] > 0 for r in results)  # block 0 is shared by all
     assert out[1].startswith("| instances | policy |")
+
+
+def test_xllm_sim_sweep_writes_a_table_json_and_plot_per_load_count_and_arm(tmp_path, capsys):
+    import json
+
+    from xllm.cli import main
+
+    rows = [{"timestamp": 100 * i, "input_length": 700, "output_length": 4} for i in range(20)]
+    trace = tmp_path / "mini_trace.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "results" / "sweep"
+    argv = ["sim", "sweep", "--trace", str(trace), "--instances", "2,3", "--profile", "a100"]
+    argv += ["--slo-ttft", "1", "--slo-tpot", "0.1", "--time-scales", "1,0.0001"]
+    assert main([*argv, "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())["rows"]
+    arms = ("colocated", "disaggregated", "slo-pd")
+    assert [(r["time_scale"], r["num_instances"], r["arm"]) for r in data] == [
+        (s, n, a) for s in (1.0, 0.0001) for n in (2, 3) for a in arms
+    ]
+    roles = {(r["num_instances"], r["arm"]): r["final_roles"] for r in data if r["time_scale"] == 1}
+    assert roles[(2, "colocated")] == "2 both" and roles[(3, "disaggregated")] == "2P:1D"
+    light = {(r["num_instances"], r["arm"]): r for r in data if r["time_scale"] == 1.0}
+    assert all(r["slo_attainment"] == 1.0 for r in light.values())  # 100 s apart
+    for r in data[6:]:  # all 20 at once: they queue
+        assert r["ttft_p99"] > 2 * light[(r["num_instances"], r["arm"])]["ttft_p99"]
+        assert r["offered_rps"] > 1000 * light[(r["num_instances"], r["arm"])]["offered_rps"]
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    table = out.with_suffix(".md").read_text()
+    assert "| time scale | offered req/s | instances | arm |" in table
+    assert capsys.readouterr().out.count("| 0.0001 |") == 6

@@ -16,22 +16,28 @@ tests/sim/test_calibration.py). It is not tuned to a trace.
 
 from __future__ import annotations
 
-from services.scheduler.cluster import ClusterSnapshot
+from collections.abc import Sequence
+
+from services.scheduler.cluster import ClusterSnapshot, InstanceView
 from services.scheduler.policies.base import PlacementRequest
 from services.scheduler.policies.slo_pd import TtftPredictor
 
 PREFILLING_ROLES = ("prefill", "both")
 
 
-def refusal(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | None:
-    """Why `request` is refused (None: place it)."""
+def refusal(
+    request: PlacementRequest, snapshot: ClusterSnapshot, hosts: Sequence[InstanceView] = ()
+) -> str | None:
+    """Why `request` is refused (None: place it). `hosts`: instances of other roles the
+    policy may also prefill it on (slo-pd's decode instances running a request in place)."""
     margin = request.admission_margin
     if request.priority > 0 or request.slo_ttft is None or margin is None:
         return None
-    candidates = snapshot.candidates(request.model, PREFILLING_ROLES)
-    if not candidates:
+    prefilling = snapshot.candidates(request.model, PREFILLING_ROLES)
+    if not prefilling:
         return None  # nothing to predict with: placement says what is missing
-    predictor = TtftPredictor.fit(candidates)
+    predictor = TtftPredictor.fit(prefilling)
+    candidates = [*prefilling, *hosts]
     best = min(predictor.predict(v, request.uncached_tokens(v.instance_id)) for v in candidates)
     if best <= margin * request.slo_ttft:
         return None

@@ -13,9 +13,9 @@ In a PD-disaggregated cluster the instances form two pools:
   each sequence added makes every step longer. Offline decode goes to the least-loaded
   decode instance whose next decode step, with this sequence added, the roofline cost model
   predicts within the TPOT target, and whose KV pool stays at most half full
-  (`admits_offline_decode`); when none does (or there is no cost model to predict with), it
-  decodes where it was prefilled, colocated on the prefill instance, which runs it as
-  offline work between its prefills.
+  (`admits_offline_decode`, the pre-analysis of `decode_limits`); when none does (or there
+  is no cost model to predict with), it decodes where it was prefilled, colocated on the
+  prefill instance, which runs it as offline work between its prefills.
 
 In a colocated cluster offline work goes to the instance with the most headroom (the least
 load in tokens) and is never refused: the engine's priorities protect online work there.
@@ -24,14 +24,18 @@ load in tokens) and is never refused: the engine's priorities protect online wor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from services.scheduler.cluster import ClusterSnapshot, InstanceView
-from services.scheduler.cost_model import StepShape, step_time
-from services.scheduler.hardware import HardwareProfile
 from services.scheduler.policies.base import PlacementRequest
+from services.scheduler.policies.decode_limits import (
+    DecodeCost,
+    kv_fill_with,
+    predicted_decode_step,
+    within_limits,
+)
 from services.scheduler.policies.slo_pd import least_loaded
-from xllm.models.config import ModelConfig
+
+__all__ = ["DecodeCost", "kv_fill_with", "predicted_decode_step"]
 
 RELAXED_POOL = ("prefill",)
 """Roles of the latency-relaxed pool, where offline prefill runs."""
@@ -45,56 +49,16 @@ offline reservations can leave online decodes waiting for blocks. Half the pool 
 online work to grow into between heartbeats, not a tuned figure."""
 
 
-@dataclass(frozen=True, slots=True)
-class DecodeCost:
-    """The roofline cost model of the instances' model on their hardware."""
-
-    model: ModelConfig
-    hw: HardwareProfile
-
-    def decode_step(self, num_seqs: int, num_context_tokens: int) -> float:
-        """Seconds of a step decoding `num_seqs` sequences holding `num_context_tokens` in
-        all. The cost model is linear in each sequence's context, so how the tokens are
-        spread among the sequences does not change the time: an even spread is exact."""
-        share, rest = divmod(num_context_tokens, num_seqs)
-        contexts = (share + 1,) * rest + (share,) * (num_seqs - rest)
-        return step_time(self.model, StepShape(decode_context_lens=contexts), self.hw)
-
-
-def predicted_decode_step(view: InstanceView, request: PlacementRequest, cost: DecodeCost) -> float:
-    """Seconds of `view`'s decode step with `request` decoding there too: every sequence it
-    holds (running, queued, reserved for a prefill elsewhere, or placed since its
-    heartbeat) decodes, over all their tokens, and `request` at its mean context over its
-    output."""
-    load = view.heartbeat.load
-    num_seqs = load.num_running + load.num_waiting + load.num_reserved + view.pending_requests + 1
-    num_tokens = (
-        view.load + load.num_reserved_tokens + request.num_prompt_tokens + request.max_tokens // 2
-    )
-    return cost.decode_step(num_seqs, num_tokens)
-
-
-def kv_fill_with(view: InstanceView, request: PlacementRequest) -> float:
-    """The share of `view`'s KV pool in use with `request` there at its full length."""
-    kv, block_size = view.heartbeat.kv, view.heartbeat.kv_block_size
-    pool = (kv.blocks_used + kv.blocks_free) * block_size
-    used = kv.blocks_used * block_size + view.pending_tokens
-    return (used + request.num_prompt_tokens + request.max_tokens) / max(pool, 1)
-
-
 def admits_offline_decode(
     view: InstanceView, request: PlacementRequest, cost: DecodeCost | None
 ) -> bool:
     """May offline `request` decode on strict-pool instance `view`? Only while the KV pool
     stays under `STRICT_KV_SHARE` and the predicted step keeps the TPOT target (no target:
-    nothing to keep; no cost model: no prediction, so no)."""
-    if kv_fill_with(view, request) > STRICT_KV_SHARE:
+    nothing to keep; no cost model: no prediction, so no): `decode_limits.within_limits`
+    with the strict pool's memory share."""
+    if cost is None and request.slo_tpot is not None:
         return False
-    if request.slo_tpot is None:
-        return True
-    if cost is None:
-        return False
-    return predicted_decode_step(view, request, cost) <= request.slo_tpot
+    return within_limits(view, request, cost, kv_share=STRICT_KV_SHARE)
 
 
 def offline_prefill_instance(request: PlacementRequest, snapshot: ClusterSnapshot) -> str | None:

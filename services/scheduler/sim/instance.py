@@ -188,6 +188,8 @@ class SimInstance:
             model=self.model,
             max_model_len=self.spec.max_model_len,
             kv_block_size=self.spec.block_size,
+            max_num_batched_tokens=self.spec.max_num_batched_tokens,
+            max_num_seqs=self.spec.max_num_seqs,
             sent_at=sent_at,
             role_flips=self.role_flips,
             load=sched.load_stats(self._reserved.values()),

@@ -145,6 +145,8 @@ def setup_from_args(args: argparse.Namespace, instances: int) -> Setup:
         min_decode_instances=args.min_decode_instances,
         flip_cooldown=args.flip_cooldown,
         flip_idle=args.flip_idle,
+        flip_hysteresis=args.flip_hysteresis,
+        slo_admission=args.slo_admission,
     )
     scheduler.validate()
     slo = Slo(args.slo_ttft, args.slo_tpot)

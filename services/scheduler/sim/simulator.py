@@ -188,7 +188,7 @@ class Simulator:
     def _on_plan(self) -> None:
         """`SchedulerService._rebalance`, one round: plan, note, deliver the flips."""
         self._flush_all()
-        for instance_id, role in rebalance(self.registry, self.now, self.targets):
+        for instance_id, role in rebalance(self.registry, self.now, self.targets, self.decode_cost):
             self._by_id[instance_id].set_role(role)
             self.num_role_flips += 1
             self.flips.append((self.now, instance_id, role))
@@ -241,7 +241,9 @@ class Simulator:
     def _record(self, req: SimRequest, noted: Note) -> None:
         """`SchedulerService._record`: pending work, and recent prefix placements."""
         for instance_id, num_tokens in noted.pending_tokens:
-            self.registry.note_placement(instance_id, num_tokens, noted.offline)
+            self.registry.note_placement(
+                instance_id, num_tokens, noted.offline, noted.outputs_on(instance_id)
+            )
         if self.uses_prefix_hits:
             for instance_id in noted.holders:
                 self.recent.add(req.hash_ids, instance_id, self.now)

@@ -8,6 +8,8 @@ import json
 import sys
 import time
 
+from xllm.config import FLIP_HYSTERESIS
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -15,6 +17,49 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="simulate a cluster on a trace with the scheduler's own policies",
         description=__doc__,
     )
+    add_run_arguments(p)
+    p.set_defaults(func=run)
+    sub = p.add_subparsers(dest="sim_command")
+    c = sub.add_parser("calibrate", help="time our engine and fit a hardware profile")
+    c.add_argument("--model", required=True, help="Hugging Face model folder (or config)")
+    c.add_argument("--out", required=True, help="profile JSON to write")
+    c.add_argument(
+        "--refit",
+        action="store_true",
+        help="fit --out again from the measurements saved beside it (no measuring)",
+    )
+    c.add_argument("--dtype", default="bfloat16")
+    c.add_argument("--grid", choices=("small", "tiny"), default="small", help="shape grid")
+    c.add_argument("--rounds", type=int, default=3, help="visits of every shape, interleaved")
+    c.add_argument("--repeats", type=int, default=1, help="timed steps per visit")
+    c.add_argument("--warmup", type=int, default=0, help="untimed steps per visit")
+    c.add_argument("--name", default="cpu-local")
+    c.set_defaults(func=run_calibrate)
+    w = sub.add_parser(
+        "sweep",
+        help="load x instance count x arm: goodput and SLO attainment, table, JSON and plot",
+        description="Replay the trace at each time scale on each instance count under each "
+        "arm (colocated / disaggregated least-load, slo-pd; see services/scheduler/sim/sweep.py).",
+    )
+    add_run_arguments(w)
+    w.add_argument("--time-scales", required=True, help="comma-separated time scales, the loads")
+    w.add_argument(
+        "--arms",
+        default="colocated,disaggregated,slo-pd",
+        help="comma-separated, of: colocated, disaggregated, slo-pd, colocated+admission",
+    )
+    w.add_argument("--out", default="", help="path prefix for the .md, .json and .png written")
+    w.set_defaults(func=run_sweep)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from services.scheduler.sim import sweep
+
+    return sweep.run(args)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a run (`xllm sim`), shared by `xllm sim sweep`."""
     p.add_argument(
         "--trace", default="azure-code", help="trace name or file (xllm.cli.bench.traces)"
     )
@@ -54,13 +99,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     flips = "the scheduler's, for policies that flip roles (slo-pd)"
     p.add_argument(
-        "--min-decode-instances", type=int, default=1, help=f"{flips}: decode instances kept"
+        "--min-decode-instances", type=int, default=2, help=f"{flips}: decode instances kept"
     )
     p.add_argument(
-        "--flip-cooldown", type=float, default=3.0, help=f"{flips}: seconds a role is kept"
+        "--flip-cooldown",
+        type=float,
+        default=0.0,
+        help=f"{flips}: seconds a role is kept, at least",
     )
     p.add_argument(
-        "--flip-idle", type=float, default=2.0, help=f"{flips}: idle seconds before P -> D"
+        "--flip-idle",
+        type=float,
+        default=0.0,
+        help=f"{flips}: idle seconds before P -> D, at least",
+    )
+    p.add_argument(
+        "--flip-hysteresis",
+        type=float,
+        default=FLIP_HYSTERESIS,
+        help=f"{flips}: cooldown and idle time in predicted service times",
+    )
+    p.add_argument(
+        "--slo-admission",
+        type=float,
+        default=0.0,
+        help="the scheduler's: refuse requests predicted past this x --slo-ttft (0 = admit all)",
     )
     offline = "offline backlog (priority 1) beside the trace"
     p.add_argument("--offline-backlog", type=int, default=0, help=f"{offline}: requests (0 = none)")
@@ -76,23 +139,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=64,
         help=f"{offline}: requests in flight at once, as offline workers submit (0 = all)",
     )
-    p.set_defaults(func=run)
-    sub = p.add_subparsers(dest="sim_command")
-    c = sub.add_parser("calibrate", help="time our engine and fit a hardware profile")
-    c.add_argument("--model", required=True, help="Hugging Face model folder (or config)")
-    c.add_argument("--out", required=True, help="profile JSON to write")
-    c.add_argument(
-        "--refit",
-        action="store_true",
-        help="fit --out again from the measurements saved beside it (no measuring)",
-    )
-    c.add_argument("--dtype", default="bfloat16")
-    c.add_argument("--grid", choices=("small", "tiny"), default="small", help="shape grid")
-    c.add_argument("--rounds", type=int, default=3, help="visits of every shape, interleaved")
-    c.add_argument("--repeats", type=int, default=1, help="timed steps per visit")
-    c.add_argument("--warmup", type=int, default=0, help="untimed steps per visit")
-    c.add_argument("--name", default="cpu-local")
-    c.set_defaults(func=run_calibrate)
 
 
 def run(args: argparse.Namespace) -> int:

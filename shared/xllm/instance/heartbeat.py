@@ -33,6 +33,8 @@ def build_heartbeat(
         max_model_len=engine.max_model_len,
         kv_block_size=engine.config.block_size,
         kv_block_bytes=engine.runner.kv_cache.nbytes // engine.block_manager.num_blocks,
+        max_num_batched_tokens=engine.config.max_num_batched_tokens,
+        max_num_seqs=engine.config.max_num_seqs,
         kv_transfer_endpoint=transport.endpoint if transport else None,
         sent_at=time.time(),
         role_flips=role_flips,

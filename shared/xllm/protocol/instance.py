@@ -148,7 +148,7 @@ class SetRoleCmd:
 
 
 # v6: the stats nested in groups (`load`, `kv`, `steps`, ...: see stats.py); v5 is not read.
-# v7: `tiers`, `kv_block_bytes`.
+# v7: `tiers`, `kv_block_bytes`, `max_num_batched_tokens`, `max_num_seqs`.
 @message("heartbeat", version=7, oldest=6)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
@@ -171,6 +171,12 @@ class Heartbeat:
     """Tokens per KV block; prefix block hashes are computed with this size."""
     kv_block_bytes: int = 0
     """Bytes of one KV block, every layer (what loading it from a slower tier moves; v7)."""
+    max_num_batched_tokens: int = 0
+    """Tokens one engine step computes at most (its prefill chunk budget): what slo-pd's
+    pre-analysis puts beside a decode on this instance; 0 = unknown."""
+    max_num_seqs: int = 0
+    """Sequences one engine step runs at most: the batch limit of that pre-analysis; 0 =
+    unknown (no limit assumed)."""
     kv_transfer_endpoint: str | None = None
     """Where peers reach this instance's KV transfer engine (host:port); None = no transfer."""
     sent_at: float

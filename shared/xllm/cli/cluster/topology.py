@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xllm.cli.cluster.launcher import Cluster, ProcessSpec, RestartPolicy
-from xllm.config import SloConfig, option
+from xllm.config import FLIP_HYSTERESIS, SloConfig, option
 
 DEMO_ARCH, DEMO_SIZE, DEMO_DTYPE = "qwen3", "tiny", "bfloat16"
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -51,9 +51,12 @@ class ClusterConfig(SloConfig):
     slo_admission: float = option(
         0.0, "Refuse (429) online requests predicted past this × --slo-ttft; 0 = admit all."
     )
-    min_decode_instances: int = option(1, "slo-pd: decode instances never flipped to prefill.")
-    flip_cooldown: float = option(3.0, "slo-pd: seconds an instance keeps a role after a flip.")
-    flip_idle: float = option(30.0, "slo-pd: seconds without queued prefill that count as idle.")
+    min_decode_instances: int = option(2, "slo-pd: decode instances never flipped to prefill.")
+    flip_cooldown: float = option(0.0, "slo-pd: seconds (at least) a role is kept after a flip.")
+    flip_idle: float = option(0.0, "slo-pd: seconds (at least) without prefill that count as idle.")
+    flip_hysteresis: float = option(
+        FLIP_HYSTERESIS, "slo-pd: the cooldown and idle time in predicted service times."
+    )
     cost_profile: str = option(
         "", "Hardware profile (e.g. a100) for offline decode admission, with --cost-model."
     )
@@ -167,6 +170,7 @@ SCHEDULER_OPTIONS = (
     "min_decode_instances",
     "flip_cooldown",
     "flip_idle",
+    "flip_hysteresis",
     "cost_profile",
     "cost_model",
 )
