@@ -4,11 +4,11 @@ Per step: lay the scheduled tokens out flat (decodes first, see models/attention
 build the attention metadata once, run the forward pass, copy forked blocks, take the
 logits of the rows that sample and hand them to the Sampler.
 
-A sequence verifying speculative drafts is laid out like a prefill chunk with context: its
-last token and its d drafts are d + 1 query rows attending to its cached KV and causally to
-each other (the chunk-with-context path of models/attention.py), so every draft of every
-sequence is verified in the one forward pass of the step. All d + 1 rows' logits go to the
-RejectionSampler.
+A sequence verifying speculative drafts is laid out right after the decodes: its last
+token and its d drafts are d + 1 query rows attending to its paged KV and causally to each
+other (`VerifyBatch`: one multi-token decode attention call per layer for every verifying
+sequence, models/attention.py), so every draft of every sequence is verified in the one
+forward pass of the step. All d + 1 rows' logits go to the RejectionSampler.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from xllm.engine.rejection_sampler import RejectionSampler
 from xllm.engine.sampler import Sampler, SamplerOutput
 from xllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from xllm.engine.sequence import Sequence
-from xllm.models.attention import AttentionMetadata, PagedAttention, PrefillChunk
+from xllm.models.attention import AttentionMetadata, PagedAttention, PrefillChunk, VerifyBatch
 from xllm.models.config import ModelConfig
 from xllm.models.registry import load_model
 
@@ -61,7 +61,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput]:
         """Run one step; returns the sequences that sampled (forks included) and their tokens
         (those that verified drafts: in `SamplerOutput.verified` only)."""
-        items = order_decodes_first(out.scheduled)
+        items = order_for_attention(out.scheduled)
         input_ids, positions, meta = self._prepare(items)
         hidden = self.model(input_ids, positions, meta)  # [N, hidden]
         self.kv_cache.copy_blocks(out.block_copies)
@@ -84,6 +84,7 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         tokens: list[int] = []
         decodes: list[Sequence] = []
+        verifies: list[ScheduledSeq] = []
         prefills: list[PrefillChunk] = []
         position_runs: list[torch.Tensor] = []
         slot_runs: list[torch.Tensor] = []
@@ -94,6 +95,9 @@ class ModelRunner:
             tokens.extend(drafts)
             if is_decode(item):
                 decodes.append(seq)
+                continue
+            if is_verify(item):
+                verifies.append(item)
                 continue
             table = torch.tensor(seq.block_table, dtype=torch.long)
             chunk = PrefillChunk(start=len(tokens) - n, length=n, context_len=start)
@@ -107,8 +111,9 @@ class ModelRunner:
             prefills.append(chunk)
         meta = AttentionMetadata(torch.empty(0), self.block_size, prefills=prefills)
         decode_positions, decode_slots = self._prepare_decodes(decodes, meta)
-        positions = torch.cat([decode_positions, *position_runs])
-        meta.slot_mapping = torch.cat([decode_slots, *slot_runs]).to(self.device)
+        verify_positions, verify_slots = self._prepare_verifies(verifies, meta)
+        positions = torch.cat([decode_positions, verify_positions, *position_runs])
+        meta.slot_mapping = torch.cat([decode_slots, verify_slots, *slot_runs]).to(self.device)
         input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         return input_ids, positions.to(self.device), meta
 
@@ -131,13 +136,49 @@ class ModelRunner:
         new_slots = tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
         return positions, new_slots
 
+    def _prepare_verifies(
+        self, verifies: list[ScheduledSeq], meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fill `meta.verify`; returns the verifying rows' positions and new slots."""
+        if not verifies:
+            empty = torch.empty(0, dtype=torch.long)
+            return empty, empty
+        seqs = [item.seq for item in verifies]
+        max_blocks = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor(
+            [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
+        )
+        starts = torch.tensor([s.num_computed_tokens for s in seqs])
+        lengths = torch.tensor([item.num_new_tokens for item in verifies])
+        ends = starts + lengths
+        positions = torch.cat(
+            [torch.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+        )
+        owner = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
+        bs = self.block_size
+        slots = tables[owner, positions // bs] * bs + positions % bs
+        query_starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        meta.verify = VerifyBatch(
+            tables.to(self.device), ends.to(self.device), query_starts.to(self.device)
+        )
+        return positions, slots
+
 
 def is_decode(item: ScheduledSeq) -> bool:
     return item.num_new_tokens == 1 and item.seq.num_computed_tokens > 0
 
 
-def order_decodes_first(items: list[ScheduledSeq]) -> list[ScheduledSeq]:
-    return [i for i in items if is_decode(i)] + [i for i in items if not is_decode(i)]
+def is_verify(item: ScheduledSeq) -> bool:
+    """A decoding sequence with drafts (its last token and the drafts: rows of one query)."""
+    return bool(item.draft_token_ids) and item.seq.num_computed_tokens > 0
+
+
+def order_for_attention(items: list[ScheduledSeq]) -> list[ScheduledSeq]:
+    """Decodes, then verifications, then prefill chunks (the layout of models/attention.py)."""
+    decodes = [i for i in items if is_decode(i)]
+    verifies = [i for i in items if is_verify(i)]
+    rest = [i for i in items if not is_decode(i) and not is_verify(i)]
+    return decodes + verifies + rest
 
 
 def slots_of(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
