@@ -18,12 +18,13 @@ import logging
 import torch
 
 from xllm.config import EngineConfig
+from xllm.engine.batch_layout import CHUNK, DECODE, VERIFY, Run, lay_out
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.rejection_sampler import RejectionSampler
 from xllm.engine.sampler import Sampler, SamplerOutput
 from xllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from xllm.engine.sequence import Sequence
-from xllm.models.attention import AttentionMetadata, PagedAttention, PrefillChunk, VerifyBatch
+from xllm.models.attention import AttentionMetadata, PagedAttention
 from xllm.models.config import ModelConfig
 from xllm.models.registry import load_model
 
@@ -82,86 +83,16 @@ class ModelRunner:
     def _prepare(
         self, items: list[ScheduledSeq]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        tokens: list[int] = []
-        decodes: list[Sequence] = []
-        verifies: list[ScheduledSeq] = []
-        prefills: list[PrefillChunk] = []
-        position_runs: list[torch.Tensor] = []
-        slot_runs: list[torch.Tensor] = []
-        for item in items:
-            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            drafts = item.draft_token_ids
-            tokens.extend(seq.token_ids[start : start + n - len(drafts)])
-            tokens.extend(drafts)
-            if is_decode(item):
-                decodes.append(seq)
-                continue
-            if is_verify(item):
-                verifies.append(item)
-                continue
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            chunk = PrefillChunk(start=len(tokens) - n, length=n, context_len=start)
-            positions = torch.arange(start, start + n)
-            slot_runs.append(slots_of(table, positions, self.block_size))
-            position_runs.append(positions)
-            if start:
-                everything = torch.arange(start + n)
-                chunk.slots = slots_of(table, everything, self.block_size).to(self.device)
-                chunk.mask = (everything[None, :] <= positions[:, None]).to(self.device)
-            prefills.append(chunk)
-        meta = AttentionMetadata(torch.empty(0), self.block_size, prefills=prefills)
-        decode_positions, decode_slots = self._prepare_decodes(decodes, meta)
-        verify_positions, verify_slots = self._prepare_verifies(verifies, meta)
-        positions = torch.cat([decode_positions, verify_positions, *position_runs])
-        meta.slot_mapping = torch.cat([decode_slots, verify_slots, *slot_runs]).to(self.device)
-        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        return input_ids, positions.to(self.device), meta
+        return lay_out([run_of(item) for item in items], self.block_size, self.device)
 
-    def _prepare_decodes(
-        self, decodes: list[Sequence], meta: AttentionMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fill the decode part of `meta`; returns the decodes' positions and new slots."""
-        if not decodes:
-            empty = torch.empty(0, dtype=torch.long)
-            return empty, empty
-        bs = self.block_size
-        positions = torch.tensor([s.num_computed_tokens for s in decodes])  # [B]
-        max_blocks = max(len(s.block_table) for s in decodes)
-        tables = torch.tensor(
-            [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in decodes]
-        )
-        meta.num_decodes = len(decodes)
-        meta.decode_block_tables = tables.to(self.device)
-        meta.decode_context_lens = (positions + 1).to(self.device)
-        new_slots = tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
-        return positions, new_slots
 
-    def _prepare_verifies(
-        self, verifies: list[ScheduledSeq], meta: AttentionMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fill `meta.verify`; returns the verifying rows' positions and new slots."""
-        if not verifies:
-            empty = torch.empty(0, dtype=torch.long)
-            return empty, empty
-        seqs = [item.seq for item in verifies]
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor(
-            [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
-        )
-        starts = torch.tensor([s.num_computed_tokens for s in seqs])
-        lengths = torch.tensor([item.num_new_tokens for item in verifies])
-        ends = starts + lengths
-        positions = torch.cat(
-            [torch.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
-        )
-        owner = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
-        bs = self.block_size
-        slots = tables[owner, positions // bs] * bs + positions % bs
-        query_starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        meta.verify = VerifyBatch(
-            tables.to(self.device), ends.to(self.device), query_starts.to(self.device)
-        )
-        return positions, slots
+def run_of(item: ScheduledSeq) -> Run:
+    """What a scheduled sequence feeds the model: its uncomputed tokens, then its drafts."""
+    seq, start = item.seq, item.seq.num_computed_tokens
+    drafts = item.draft_token_ids
+    tokens = seq.token_ids[start : start + item.num_new_tokens - len(drafts)] + drafts
+    kind = DECODE if is_decode(item) else VERIFY if is_verify(item) else CHUNK
+    return Run(seq.block_table, start, tokens, kind)
 
 
 def is_decode(item: ScheduledSeq) -> bool:
@@ -179,10 +110,6 @@ def order_for_attention(items: list[ScheduledSeq]) -> list[ScheduledSeq]:
     verifies = [i for i in items if is_verify(i)]
     rest = [i for i in items if not is_decode(i) and not is_verify(i)]
     return decodes + verifies + rest
-
-
-def slots_of(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    return block_table[positions // block_size] * block_size + positions % block_size
 
 
 def sampling_rows(

@@ -39,4 +39,12 @@ def make_proposer(config: EngineConfig) -> Proposer | None:
         from xllm.engine.ngram_proposer import NgramProposer
 
         return NgramProposer(config.ngram_min, config.ngram_max)
+    if config.speculative == "suffix":
+        from xllm.engine.suffix_proposer import SuffixProposer
+
+        return SuffixProposer(
+            config.num_speculative_tokens,
+            max_match=config.suffix_max_match,
+            min_probability=config.suffix_min_probability,
+        )
     raise ValueError(f"unknown speculative method {config.speculative!r}")

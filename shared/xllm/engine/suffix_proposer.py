@@ -1,0 +1,124 @@
+"""SuffixProposer: drafts from a suffix trie of the sequence's own tokens, by frequency.
+
+Where the n-gram proposer copies what followed the latest match of the sequence's end, this
+one counts everything that followed every earlier match (SuffixDecoding, Oliaro et al.
+2024): a trie of all substrings of length <= `depth` of the tokens so far, each node
+counting how often its substring occurred with a next token. For the longest suffix of the
+sequence found in the trie (up to `max_match` tokens) with something after it, the draft
+walks down the likeliest child at every step,
+
+    p(child | node) = count(child) / sum of count(children of node)
+
+and stops when the product of those probabilities — the estimated chance that the whole
+draft is accepted — falls below `min_probability`, or at `max_tokens`. A sequence that
+keeps copying one passage gets long drafts; where earlier continuations disagree, the draft
+is short or empty, and the verification computes nothing that was unlikely to be kept.
+
+    tokens:  a b c x ... a b c x ... a b c y ... a b c
+    trie:    "a b c" -> x (2), y (1)       p(x) = 2/3: draft x, then x's likeliest child...
+
+Cost, per sequence (`SuffixTrie`): appending a token extends the `depth` deepest nodes of
+the sequence's suffixes by one child each — O(depth) per token, the prompt once, never a
+rebuild — and the trie holds at most `depth` nodes per token. A proposal is a walk of at
+most `max_match` + `max_tokens` nodes.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from xllm.engine.proposer import Proposer
+from xllm.engine.sequence import Sequence
+
+
+class Node:
+    __slots__ = ("children", "count", "total")
+
+    def __init__(self) -> None:
+        self.children: dict[int, Node] = {}
+        self.count = 0
+        """Occurrences of this node's substring (ending anywhere in the tokens so far)."""
+        self.total = 0
+        """Sum of the children's counts: the occurrences that have a next token."""
+
+
+class SuffixTrie:
+    """Every substring of length <= `depth` of one growing token list, with counts.
+
+    Invariant: after `extend(tokens)`, `suffixes[l - 1]` is the node of tokens[-l:] for l in
+    1 .. min(depth, len(tokens)), and each node's count is the number of its substring's
+    occurrences in tokens.
+    """
+
+    def __init__(self, depth: int):
+        assert depth >= 1
+        self.depth = depth
+        self.root = Node()
+        self.suffixes: list[Node] = []
+        self.num_indexed = 0
+
+    def extend(self, tokens: list[int]) -> None:
+        """Add the tokens past those already indexed (tokens only grow)."""
+        for token in tokens[self.num_indexed :]:
+            parents = [self.root, *self.suffixes[: self.depth - 1]]
+            suffixes = []
+            for parent in parents:
+                child = parent.children.get(token)
+                if child is None:
+                    child = parent.children[token] = Node()
+                child.count += 1
+                parent.total += 1
+                suffixes.append(child)
+            self.suffixes = suffixes
+        self.num_indexed = len(tokens)
+
+    def propose(
+        self, max_match: int, min_match: int, max_tokens: int, min_probability: float
+    ) -> list[int]:
+        """The likeliest continuation of the longest matched suffix that has one."""
+        for length in range(min(max_match, len(self.suffixes)), min_match - 1, -1):
+            node = self.suffixes[length - 1]
+            if node.total:
+                return likeliest_walk(node, max_tokens, min_probability)
+        return []
+
+
+def likeliest_walk(node: Node, max_tokens: int, min_probability: float) -> list[int]:
+    """Down the most frequent child while the product of p(child | node) stays at least
+    `min_probability` (ties: the continuation seen first)."""
+    draft: list[int] = []
+    probability = 1.0
+    while node.total and len(draft) < max_tokens:
+        token, child = max(node.children.items(), key=lambda item: item[1].count)
+        probability *= child.count / node.total
+        if probability < min_probability:
+            break
+        draft.append(token)
+        node = child
+    return draft
+
+
+class SuffixProposer(Proposer):
+    def __init__(
+        self,
+        max_tokens: int,
+        max_match: int = 8,
+        min_match: int = 1,
+        min_probability: float = 0.1,
+    ):
+        assert 1 <= min_match <= max_match
+        self.max_match = max_match
+        self.min_match = min_match
+        self.min_probability = min_probability
+        # Deep enough that a draft of max_tokens fits below the longest match.
+        self.depth = max_match + max_tokens
+        self._tries: weakref.WeakKeyDictionary[Sequence, SuffixTrie] = weakref.WeakKeyDictionary()
+
+    def propose(self, seq: Sequence, max_tokens: int) -> list[int]:
+        if max_tokens <= 0:
+            return []
+        trie = self._tries.get(seq)
+        if trie is None:
+            trie = self._tries[seq] = SuffixTrie(self.depth)
+        trie.extend(seq.token_ids)
+        return trie.propose(self.max_match, self.min_match, max_tokens, self.min_probability)
