@@ -145,6 +145,12 @@ class Engine:
             mc.head_dim,
             self.dtype,
         )
+        if self.config.draft_model:  # its mirror pool has a block for each of the target's
+            from xllm.engine.draft_model import DraftModel
+
+            per_block += DraftModel.bytes_per_block(
+                self.config.draft_model, self.config.block_size, self.dtype
+            )
         return max(1, int(self.config.kv_cache_gb * 2**30) // per_block)
 
     def _num_host_blocks(self) -> int:

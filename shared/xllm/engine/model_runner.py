@@ -14,6 +14,7 @@ forward pass of the step. All d + 1 rows' logits go to the RejectionSampler.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from xllm.engine.sequence import Sequence
 from xllm.models.attention import AttentionMetadata, PagedAttention
 from xllm.models.config import ModelConfig
 from xllm.models.registry import load_model
+
+if TYPE_CHECKING:
+    from xllm.engine.draft_model import DraftModel
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,13 @@ class ModelRunner:
         attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for index, attn in enumerate(attention_layers):
             attn.k_cache, attn.v_cache = self.kv_cache.layer(index)
+        self.draft: DraftModel | None = None
+        if config.speculative == "draft":
+            from xllm.engine.draft_model import DraftModel
+
+            self.draft = DraftModel(
+                config.draft_model, model_config, dtype, device, num_blocks, config.block_size
+            )
         self.sampler = Sampler(model_config.eos_token_ids)
         self.rejection_sampler = RejectionSampler()
 
@@ -63,6 +74,9 @@ class ModelRunner:
         """Run one step; returns the sequences that sampled (forks included) and their tokens
         (those that verified drafts: in `SamplerOutput.verified` only)."""
         items = order_for_attention(out.scheduled)
+        if self.draft is not None:  # before _prepare: the drafts are filled in here
+            self.draft.propose([i for i in items if i.draft_token_ids])
+            self.draft.mirror([i for i in items if run_kind(i) == CHUNK])
         input_ids, positions, meta = self._prepare(items)
         hidden = self.model(input_ids, positions, meta)  # [N, hidden]
         self.kv_cache.copy_blocks(out.block_copies)
@@ -91,8 +105,11 @@ def run_of(item: ScheduledSeq) -> Run:
     seq, start = item.seq, item.seq.num_computed_tokens
     drafts = item.draft_token_ids
     tokens = seq.token_ids[start : start + item.num_new_tokens - len(drafts)] + drafts
-    kind = DECODE if is_decode(item) else VERIFY if is_verify(item) else CHUNK
-    return Run(seq.block_table, start, tokens, kind)
+    return Run(seq.block_table, start, tokens, run_kind(item))
+
+
+def run_kind(item: ScheduledSeq) -> str:
+    return DECODE if is_decode(item) else VERIFY if is_verify(item) else CHUNK
 
 
 def is_decode(item: ScheduledSeq) -> bool:

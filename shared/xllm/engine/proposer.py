@@ -47,4 +47,8 @@ def make_proposer(config: EngineConfig) -> Proposer | None:
             max_match=config.suffix_max_match,
             min_probability=config.suffix_min_probability,
         )
+    if config.speculative == "draft":
+        from xllm.engine.draft_model import DraftProposer
+
+        return DraftProposer()  # the drafts themselves: ModelRunner's DraftModel
     raise ValueError(f"unknown speculative method {config.speculative!r}")
