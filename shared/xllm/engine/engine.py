@@ -415,6 +415,7 @@ class Engine:
             num_accepted_draft_tokens=self.num_accepted_draft_tokens,
             recent_acceptance_rate=spec.acceptance_rate if spec else 0.0,
             speculating=spec.speculating if spec else False,
+            method=self.config.speculative,
         )
 
 

@@ -11,8 +11,9 @@ Every layer writes the step's new K/V into the pool at `slot_mapping` (slot = bl
 block_size + offset), then attends. Decodes read their context straight from the pool
 through their block tables (native kernel, `xllm.ops`; a gather + SDPA fallback
 elsewhere), and so do verifications, all in one call per layer: each of a sequence's rows
-sees the context and, causally, the rows before it. A prefill chunk with no cached context attends to its own fresh K/V (causal);
-one that continues a cached prefix gathers its context once per layer.
+sees the context and, causally, the rows before it. A prefill chunk with no cached context
+attends to its own fresh K/V (causal); one that continues a cached prefix gathers its
+context once per layer.
 """
 
 from __future__ import annotations

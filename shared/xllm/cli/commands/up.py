@@ -13,8 +13,8 @@ SIGKILL; a second Ctrl-C skips the wait), NATS and Valkey last.
 
 Engine flags (`--dtype`, `--kv-cache-gb`, `--max-num-seqs`, `--max-model-len`,
 `--num-threads`, `--swap-space-gb`, `--speculative`, `--num-speculative-tokens`, `--ngram-max`,
-`--ngram-min`, `--suffix-max-match`, `--suffix-min-probability`, `--speculative-adaptive`) are
-forwarded to every instance when given.
+`--ngram-min`, `--suffix-max-match`, `--suffix-min-probability`, `--draft-model`,
+`--speculative-adaptive`) are forwarded to every instance when given.
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ ENGINE_FLAGS = (
     ("--max-model-len", int, "longest prompt + output"),
     ("--num-threads", int, "torch CPU threads per instance"),
     ("--swap-space-gb", float, "host memory per instance for preempted offline requests' KV"),
-    ("--speculative", str, "speculative decoding: ngram (prompt lookup), suffix, or '' for off"),
+    ("--speculative", str, "speculative decoding: ngram (prompt lookup), suffix, draft, or ''"),
     ("--num-speculative-tokens", int, "most draft tokens verified per sequence per step"),
     ("--ngram-max", int, "longest n-gram the ngram proposer matches"),
     ("--ngram-min", int, "shortest n-gram the ngram proposer matches"),
     ("--suffix-max-match", int, "longest suffix the suffix proposer matches"),
     ("--suffix-min-probability", float, "where the suffix proposer's draft stops"),
+    ("--draft-model", str, "draft model folder for --speculative draft (same vocabulary)"),
     ("--speculative-adaptive", str, "true: speculate only when it pays (default); false: always"),
 )
 
