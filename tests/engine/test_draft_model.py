@@ -104,3 +104,29 @@ def test_draft_flags_go_together():
         EngineConfig(model="m", speculative="draft").validate()
     with pytest.raises(ValueError, match="--draft-model"):
         EngineConfig(model="m", draft_model="d").validate()
+
+
+@pytest.mark.slow  # 400 sampled requests; the rejection sampler itself is tested fast elsewhere
+def test_sampled_outputs_with_draft_model_drafts_follow_the_target_law(tiny_model_dir, hf_model):
+    """The target drafting for itself proposes its greedy tokens (the likeliest, kept about
+    half the time at this temperature): the joint law of the first three sampled tokens must
+    still be the target's."""
+    from test_speculative_engine import (
+        SAMPLES,
+        chi_square,
+        chi_square_critical,
+        exact_law,
+        sampled_run,
+    )
+
+    from xllm.protocol import SamplingParams
+
+    model_dir = tiny_model_dir("qwen3")
+    engine = draft_engine(model_dir, model_dir, max_num_seqs=128, num_kv_blocks=512)
+    (prompt,) = random_prompts([10], engine.model_config.vocab_size, seed=9)
+    temperature = 1.5
+    law = exact_law(hf_model(str(model_dir)), prompt, SamplingParams(temperature=temperature))
+    outputs = sampled_run(engine, prompt, temperature)
+    assert engine.speculation_stats().num_accepted_draft_tokens > SAMPLES // 8
+    stat, df = chi_square(outputs, law)
+    assert stat < chi_square_critical(df), (stat, df)

@@ -32,7 +32,7 @@ from xllm.engine.sequence import Sequence
 
 
 class Node:
-    __slots__ = ("children", "count", "total")
+    __slots__ = ("best", "best_token", "children", "count", "total")
 
     def __init__(self) -> None:
         self.children: dict[int, Node] = {}
@@ -40,6 +40,10 @@ class Node:
         """Occurrences of this node's substring (ending anywhere in the tokens so far)."""
         self.total = 0
         """Sum of the children's counts: the occurrences that have a next token."""
+        self.best: Node | None = None
+        """The most frequent child (ties: the one seen last), kept as counts grow: a walk
+        never scans the children (a one-token suffix may have thousands)."""
+        self.best_token = -1
 
 
 class SuffixTrie:
@@ -68,6 +72,8 @@ class SuffixTrie:
                     child = parent.children[token] = Node()
                 child.count += 1
                 parent.total += 1
+                if parent.best is None or child.count >= parent.best.count:
+                    parent.best, parent.best_token = child, token
                 suffixes.append(child)
             self.suffixes = suffixes
         self.num_indexed = len(tokens)
@@ -85,11 +91,11 @@ class SuffixTrie:
 
 def likeliest_walk(node: Node, max_tokens: int, min_probability: float) -> list[int]:
     """Down the most frequent child while the product of p(child | node) stays at least
-    `min_probability` (ties: the continuation seen first)."""
+    `min_probability` (ties: the continuation seen last)."""
     draft: list[int] = []
     probability = 1.0
-    while node.total and len(draft) < max_tokens:
-        token, child = max(node.children.items(), key=lambda item: item[1].count)
+    while node.best is not None and len(draft) < max_tokens:
+        token, child = node.best_token, node.best
         probability *= child.count / node.total
         if probability < min_probability:
             break
