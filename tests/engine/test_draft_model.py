@@ -130,3 +130,17 @@ def test_sampled_outputs_with_draft_model_drafts_follow_the_target_law(tiny_mode
     assert engine.speculation_stats().num_accepted_draft_tokens > SAMPLES // 8
     stat, df = chi_square(outputs, law)
     assert stat < chi_square_critical(df), (stat, df)
+
+
+def test_preempted_sequences_recompute_their_draft_kv(tiny_model_dir):
+    """A pool too small for every request: sequences are preempted and recomputed, their
+    blocks (and so the draft's KV in them) handed to others; drafts must come from the
+    recomputed KV, not the stale one (the target drafting for itself keeps nearly all)."""
+    model_dir = tiny_model_dir("qwen2")
+    prompts = random_prompts([40, 36, 44], 4000, seed=12)
+    expected = run_engine(make_engine(model_dir), prompts, greedy(NEW_TOKENS))
+    engine = draft_engine(model_dir, model_dir, num_kv_blocks=11)  # 176 slots for ~210 tokens
+    assert run_engine(engine, prompts, greedy(NEW_TOKENS)) == expected
+    assert engine.scheduler.num_preemptions > 0
+    stats = engine.speculation_stats()
+    assert stats.num_accepted_draft_tokens > 0.9 * stats.num_draft_tokens > 0

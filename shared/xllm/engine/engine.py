@@ -97,6 +97,13 @@ class Engine:
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
+        if config.draft_model:  # the draft must reach every position the target does
+            draft_len = ModelConfig.from_dir(config.draft_model).max_position_embeddings
+            if draft_len < self.max_model_len:
+                self.max_model_len = draft_len
+                log.warning(
+                    "the draft model reaches %d positions: max_model_len lowered", draft_len
+                )
         if num_blocks * config.block_size < self.max_model_len:
             self.max_model_len = num_blocks * config.block_size
             log.warning(

@@ -12,6 +12,10 @@ mass (accept it with probability p(draft)). A proposer that samples its drafts (
 model at temperature > 0) must also return their probabilities, and the sampler must use
 them: a change to this interface, to be made when the first such proposer arrives.
 
+A proposer that needs the whole batch at once (the draft model, draft_model.py) returns
+placeholders here, only saying how many drafts it will give; the ModelRunner fills them in
+before the step's forward pass, once the scheduler has allocated their slots.
+
 Per-sequence state (an index of the tokens so far) may be kept by the proposer; it must be
 freed when the sequence is (a `weakref.WeakKeyDictionary` keyed by the sequence does that),
 and it must follow `token_ids` growing by any number of tokens between calls.
