@@ -21,7 +21,6 @@ import torch
 from xllm.models.attention import AttentionMetadata, PrefillChunk, VerifyBatch
 
 DECODE, VERIFY, CHUNK = "decode", "verify", "chunk"
-_RANK = {DECODE: 0, VERIFY: 1, CHUNK: 2}
 
 
 @dataclass
@@ -39,16 +38,17 @@ def lay_out(
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """input_ids [N], positions [N] and the metadata of `runs` (ordered decode, verify,
     chunk); run i's rows are consecutive, in order."""
-    ranks = [_RANK[r.kind] for r in runs]
-    assert ranks == sorted(ranks), "runs must come decodes, verifies, chunks"
     tokens = [t for run in runs for t in run.token_ids]
     decodes = [r for r in runs if r.kind == DECODE]
     verifies = [r for r in runs if r.kind == VERIFY]
     meta = AttentionMetadata(torch.empty(0), block_size)
     decode_positions, decode_slots = _decodes(decodes, meta, block_size, device)
-    verify_positions, verify_slots = _verifies(verifies, meta, block_size, device)
-    position_runs: list[torch.Tensor] = []
-    slot_runs: list[torch.Tensor] = []
+    position_runs: list[torch.Tensor] = [decode_positions]
+    slot_runs: list[torch.Tensor] = [decode_slots]
+    if verifies:  # (a plain step concatenates no more than it did before verify runs)
+        verify_positions, verify_slots = _verifies(verifies, meta, block_size, device)
+        position_runs.append(verify_positions)
+        slot_runs.append(verify_slots)
     row = len(decodes) + sum(len(r.token_ids) for r in verifies)
     for run in runs[len(decodes) + len(verifies) :]:
         start, n = run.start, len(run.token_ids)
@@ -63,8 +63,8 @@ def lay_out(
             chunk.mask = (everything[None, :] <= positions[:, None]).to(device)
         meta.prefills.append(chunk)
         row += n
-    positions = torch.cat([decode_positions, verify_positions, *position_runs])
-    meta.slot_mapping = torch.cat([decode_slots, verify_slots, *slot_runs]).to(device)
+    positions = torch.cat(position_runs)
+    meta.slot_mapping = torch.cat(slot_runs).to(device)
     input_ids = torch.tensor(tokens, dtype=torch.long, device=device)
     return input_ids, positions.to(device), meta
 
@@ -102,8 +102,6 @@ def _verifies(
     verifies: list[Run], meta: AttentionMetadata, block_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill `meta.verify`; returns the verifying rows' positions and new slots."""
-    if not verifies:
-        return _EMPTY, _EMPTY
     tables = padded_tables(verifies)
     starts = torch.tensor([r.start for r in verifies])
     lengths = torch.tensor([len(r.token_ids) for r in verifies])

@@ -105,7 +105,7 @@ def run_of(item: ScheduledSeq) -> Run:
     seq, start = item.seq, item.seq.num_computed_tokens
     drafts = item.draft_token_ids
     tokens = seq.token_ids[start : start + item.num_new_tokens - len(drafts)] + drafts
-    return Run(seq.block_table, start, tokens, run_kind(item))
+    return Run(seq.block_table, start, tokens, run_kind(item))  # (kind: see order_for_attention)
 
 
 def run_kind(item: ScheduledSeq) -> str:
@@ -123,9 +123,11 @@ def is_verify(item: ScheduledSeq) -> bool:
 
 def order_for_attention(items: list[ScheduledSeq]) -> list[ScheduledSeq]:
     """Decodes, then verifications, then prefill chunks (the layout of models/attention.py)."""
-    decodes = [i for i in items if is_decode(i)]
-    verifies = [i for i in items if is_verify(i)]
-    rest = [i for i in items if not is_decode(i) and not is_verify(i)]
+    decodes: list[ScheduledSeq] = []
+    verifies: list[ScheduledSeq] = []
+    rest: list[ScheduledSeq] = []
+    for item in items:
+        (decodes if is_decode(item) else verifies if is_verify(item) else rest).append(item)
     return decodes + verifies + rest
 
 
