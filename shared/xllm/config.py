@@ -137,6 +137,11 @@ class EngineConfig:
         "The suffix proposer's draft stops where its estimated chance of being accepted "
         "whole (product of the continuation frequencies) falls below this.",
     )
+    suffix_cache_nodes: int = option(
+        0,
+        "Size (trie nodes) of the suffix proposer's trie of recent outputs of every request, "
+        "asked where a request's own tokens have no continuation; 0 = none.",
+    )
     speculative_adaptive: bool = option(
         True,
         "Decide every step, from measured acceptance and step times, whether speculation "
@@ -165,6 +170,7 @@ class EngineConfig:
             ),
             (self.num_speculative_tokens > 0, "--num-speculative-tokens must be positive"),
             (self.suffix_max_match >= 1, "--suffix-max-match must be at least 1"),
+            (self.suffix_cache_nodes >= 0, "--suffix-cache-nodes cannot be negative"),
             (
                 0 <= self.suffix_min_probability <= 1,
                 "--suffix-min-probability must be in [0, 1]",

@@ -86,7 +86,9 @@ def test_greedy_with_proposer_drafts_equals_plain(loopy_model_dir, arch, method)
     repetitive = random_prompts([12], vocab, seed=7)[0] * 4
     prompts = [*random_prompts([20, 7, 50], vocab, seed=1), repetitive]
     expected = run_engine(plain, prompts, greedy(60))
-    engine = speculative_engine(model_dir, method=method, max_num_batched_tokens=32)
+    # The suffix proposer with its trie of every request's recent outputs too.
+    extra = {"suffix_cache_nodes": 100_000} if method == "suffix" else {}
+    engine = speculative_engine(model_dir, method=method, max_num_batched_tokens=32, **extra)
     assert run_engine(engine, prompts, greedy(60)) == expected
     assert engine.speculation_stats().num_accepted_draft_tokens > 10
 

@@ -102,3 +102,32 @@ def test_the_trie_is_dropped_with_its_sequence():
     del seq
     gc.collect()
     assert len(proposer._tries) == 0
+
+
+def output_seq(prompt: list[int], output: list[int]) -> Sequence:
+    seq = seq_of(prompt)
+    seq.token_ids.extend(output)
+    return seq
+
+
+def test_the_recent_outputs_trie_drafts_what_other_requests_generated():
+    proposer = SuffixProposer(max_tokens=3, cache_nodes=1000)
+    first = output_seq([1, 2, 3], [50, 51, 52, 53, 54])
+    assert proposer.propose(first, 3) == []  # nothing repeats within it
+    # Another request's output reaches 51: its own tokens never had it, the earlier did.
+    second = output_seq([9, 8, 7], [40, 51])
+    assert proposer.propose(second, 3) == [52, 53, 54]
+    # Its own continuation comes first when it has one.
+    third = output_seq([51, 60, 61, 51], [])
+    assert proposer.propose(third, 2) == [60, 61]
+    # Without the shared trie: nothing.
+    assert SuffixProposer(max_tokens=3).propose(output_seq([9, 8, 7], [40, 51]), 3) == []
+
+
+def test_the_recent_outputs_trie_is_replaced_when_full():
+    proposer = SuffixProposer(max_tokens=2, max_match=2, cache_nodes=30)
+    first = output_seq([1], list(range(100, 120)))  # ~4 nodes per token: fills it
+    proposer.propose(first, 2)
+    assert proposer.recent.num_nodes < 30
+    second = output_seq([2], [105])  # 105 -> 106 was in the dropped trie
+    assert proposer.propose(second, 2) == []

@@ -50,6 +50,7 @@ def make_proposer(config: EngineConfig) -> Proposer | None:
             config.num_speculative_tokens,
             max_match=config.suffix_max_match,
             min_probability=config.suffix_min_probability,
+            cache_nodes=config.suffix_cache_nodes,
         )
     if config.speculative == "draft":
         from xllm.engine.draft_model import DraftProposer

@@ -17,6 +17,11 @@ is short or empty, and the verification computes nothing that was unlikely to be
     tokens:  a b c x ... a b c x ... a b c y ... a b c
     trie:    "a b c" -> x (2), y (1)       p(x) = 2/3: draft x, then x's likeliest child...
 
+Where the sequence's own trie has no continuation, a trie of the recent outputs of every
+sequence (`RecentOutputs`, shared by the proposer: repeated requests, templated answers)
+is asked the same way. It grows with every output token and is dropped for a fresh one
+when it holds `cache_nodes` nodes (0: no shared trie).
+
 Cost, per sequence (`SuffixTrie`): appending a token extends the `depth` deepest nodes of
 the sequence's suffixes by one child each — O(depth) per token, the prompt once, never a
 rebuild — and the trie holds at most `depth` nodes per token. A proposal is a walk of at
@@ -54,12 +59,15 @@ class SuffixTrie:
     occurrences in tokens.
     """
 
-    def __init__(self, depth: int):
+    def __init__(self, depth: int, root: Node | None = None, num_indexed: int = 0):
         assert depth >= 1
         self.depth = depth
-        self.root = Node()
+        self.root = Node() if root is None else root
+        """Its own, or one shared by several token lists (`RecentOutputs`)."""
         self.suffixes: list[Node] = []
-        self.num_indexed = 0
+        self.num_indexed = num_indexed
+        """Tokens before this one are indexed (or, from the start, skipped)."""
+        self.num_new_nodes = 0
 
     def extend(self, tokens: list[int]) -> None:
         """Add the tokens past those already indexed (tokens only grow)."""
@@ -70,6 +78,7 @@ class SuffixTrie:
                 child = parent.children.get(token)
                 if child is None:
                     child = parent.children[token] = Node()
+                    self.num_new_nodes += 1
                 child.count += 1
                 parent.total += 1
                 if parent.best is None or child.count >= parent.best.count:
@@ -104,6 +113,31 @@ def likeliest_walk(node: Node, max_tokens: int, min_probability: float) -> list[
     return draft
 
 
+class RecentOutputs:
+    """One trie over the outputs of every sequence, each indexed through its own cursor (a
+    `SuffixTrie` on the shared root); replaced by an empty one at `max_nodes` nodes."""
+
+    def __init__(self, depth: int, max_nodes: int):
+        self.depth = depth
+        self.max_nodes = max_nodes
+        self.root = Node()
+        self.num_nodes = 0
+        self._cursors: weakref.WeakKeyDictionary[Sequence, SuffixTrie] = weakref.WeakKeyDictionary()
+
+    def extend(self, seq: Sequence) -> SuffixTrie:
+        """`seq`'s cursor, past its output tokens so far."""
+        cursor = self._cursors.get(seq)
+        if cursor is None or cursor.root is not self.root:  # new, or the trie was dropped
+            start = seq.num_prompt_tokens if cursor is None else cursor.num_indexed
+            cursor = self._cursors[seq] = SuffixTrie(self.depth, self.root, start)
+        cursor.num_new_nodes = 0
+        cursor.extend(seq.token_ids)
+        self.num_nodes += cursor.num_new_nodes
+        if self.num_nodes >= self.max_nodes:
+            self.root, self.num_nodes = Node(), 0  # cursors on the old one restart lazily
+        return cursor
+
+
 class SuffixProposer(Proposer):
     def __init__(
         self,
@@ -111,6 +145,7 @@ class SuffixProposer(Proposer):
         max_match: int = 8,
         min_match: int = 1,
         min_probability: float = 0.1,
+        cache_nodes: int = 0,
     ):
         assert 1 <= min_match <= max_match
         self.max_match = max_match
@@ -119,6 +154,7 @@ class SuffixProposer(Proposer):
         # Deep enough that a draft of max_tokens fits below the longest match.
         self.depth = max_match + max_tokens
         self._tries: weakref.WeakKeyDictionary[Sequence, SuffixTrie] = weakref.WeakKeyDictionary()
+        self.recent = RecentOutputs(self.depth, cache_nodes) if cache_nodes > 0 else None
 
     def propose(self, seq: Sequence, max_tokens: int) -> list[int]:
         if max_tokens <= 0:
@@ -127,4 +163,10 @@ class SuffixProposer(Proposer):
         if trie is None:
             trie = self._tries[seq] = SuffixTrie(self.depth)
         trie.extend(seq.token_ids)
-        return trie.propose(self.max_match, self.min_match, max_tokens, self.min_probability)
+        args = (self.max_match, self.min_match, max_tokens, self.min_probability)
+        draft = trie.propose(*args)
+        if self.recent is not None:
+            cursor = self.recent.extend(seq)  # (every step: the shared trie sees every token)
+            if not draft and cursor.root is self.recent.root:
+                draft = cursor.propose(*args)
+        return draft

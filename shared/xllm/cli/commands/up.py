@@ -13,8 +13,8 @@ SIGKILL; a second Ctrl-C skips the wait), NATS and Valkey last.
 
 Engine flags (`--dtype`, `--kv-cache-gb`, `--max-num-seqs`, `--max-model-len`,
 `--num-threads`, `--swap-space-gb`, `--speculative`, `--num-speculative-tokens`, `--ngram-max`,
-`--ngram-min`, `--suffix-max-match`, `--suffix-min-probability`, `--draft-model`,
-`--speculative-adaptive`) are forwarded to every instance when given.
+`--ngram-min`, `--suffix-max-match`, `--suffix-min-probability`, `--suffix-cache-nodes`,
+`--draft-model`, `--speculative-adaptive`) are forwarded to every instance when given.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ ENGINE_FLAGS = (
     ("--ngram-min", int, "shortest n-gram the ngram proposer matches"),
     ("--suffix-max-match", int, "longest suffix the suffix proposer matches"),
     ("--suffix-min-probability", float, "where the suffix proposer's draft stops"),
+    ("--suffix-cache-nodes", int, "size of the suffix proposer's trie of recent outputs"),
     ("--draft-model", str, "draft model folder for --speculative draft (same vocabulary)"),
     ("--speculative-adaptive", str, "true: speculate only when it pays (default); false: always"),
 )
