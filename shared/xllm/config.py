@@ -161,8 +161,7 @@ class EngineConfig:
             ),
             (
                 self.speculative in ("", "ngram", "suffix", "draft"),
-                f"--speculative must be '' (off), ngram, suffix or draft, "
-                f"got {self.speculative!r}",
+                f"--speculative must be '' (off), ngram, suffix or draft, got {self.speculative!r}",
             ),
             (
                 (self.speculative == "draft") == bool(self.draft_model),
