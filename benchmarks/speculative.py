@@ -1,30 +1,40 @@
-"""Speculative decoding (n-gram / prompt lookup): output tok/s with and without, one run.
+"""Speculative decoding (ngram, suffix, draft): output tok/s with and without, one run.
 
 Two workloads, each at every `--concurrency` (that many requests decoding together):
 
-  * repetitive: the loop-prone variant of the random-weight model (near-uniform attention,
-    QK gain 1: its greedy output falls into loops, as an edit that copies its input does)
-    on prompts that repeat a random segment — prompt lookup finds drafts that are kept;
+  * repetitive (code editing: the output largely copies its prompt): prompts built from the
+    ShareGPT sample (/work/shared/data), each a user passage followed by its copy in
+    progress, as an edit that rewrites a file; run on the loop-prone variant of the
+    random-weight model (near-uniform attention, QK gain 1), whose greedy output falls into
+    loops — random weights cannot copy a prompt the way a trained model does, so the loops
+    stand in for the copying, and drafts are found and kept;
   * random: the ordinary random-weight model on random prompts — drafts are rare and
     mostly rejected, so speculation has nothing to win and must not lose.
 
-Random weights do not copy a prompt the way a trained model does, hence the loop-prone
-model standing in for copying. Each cell runs the engine three ways on the same requests:
-speculation off, adaptive (`--speculative ngram`, the default switch) and forced on
-(`--speculative-adaptive false`, what the switch protects against).
+Each cell runs the engine with speculation off, then for each of `--methods`: adaptive (the
+default switch, what must never be slower than off) and forced on
+(`--speculative-adaptive false`, what the switch protects against), on the same requests.
+The draft model (`--methods draft`) is `--draft-model` if given (a smaller checkpoint of the
+target's vocabulary), else the target cut to its first `--draft-layers` layers (same
+embeddings and head: a layer-skip draft, written once beside the target).
 
-    .venv/bin/python benchmarks/speculative.py [--size tiny --concurrency 1,4 --output-len 384]
+    .venv/bin/python benchmarks/speculative.py                       # small, 1,4,16
+    .venv/bin/python benchmarks/speculative.py --size tiny --concurrency 1,4 --output-len 64
 
-Prints one JSON line: per workload and concurrency the three tok/s (each the best of
-`--repeats` timed runs after a warm-up), adaptive / off and forced / off, and the acceptance
-rate; `min_adaptive_ratio` over all cells.
+Prints one JSON line per cell and method (tok/s off, adaptive and forced, the ratios
+adaptive / off and forced / off, the acceptance rate when forced), then the summary line
+with `min_adaptive_ratio` over all cells.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from common import CACHE, demo_model, emit, random_prompts
 
@@ -32,54 +42,95 @@ from xllm.config import EngineConfig
 from xllm.engine.engine import Engine
 from xllm.models.config import ModelConfig
 from xllm.protocol import SamplingParams
+from xllm.tokenizer import Tokenizer
 
-MODES = {
-    "off": {},
-    "adaptive": {"speculative": "ngram"},
-    "forced": {"speculative": "ngram", "speculative_adaptive": False},
-}
+SHAREGPT = Path("/work/shared/data/ShareGPT_V3_filtered_1000.json.gz")
 
 
-def loopy_model(arch: str, size: str):
+def loopy_model(arch: str, size: str, dtype: str):
     import xllm.cli.commands.make_model as make_model
 
-    out = CACHE / f"{arch}-{size}-float32-loopy"
+    out = CACHE / f"{arch}-{size}-{dtype}-loopy"
     if not (out / "config.json").is_file():
         print(f"making {out} (once)...", file=sys.stderr)
         saved, make_model.QK_GAIN = make_model.QK_GAIN, 1.0
         try:
-            make_model.make_model(arch, size, out, dtype="float32")
+            make_model.make_model(arch, size, out, dtype=dtype)
         finally:
             make_model.QK_GAIN = saved
     return out
 
 
-def workload_prompts(kind: str, n: int, length: int, vocab: int) -> list[list[int]]:
+def truncated_model(model_dir: Path, num_layers: int) -> Path:
+    """`model_dir` with only its first `num_layers` decoder layers (a checkpoint of the same
+    vocabulary and a fraction of the cost: the draft for `--methods draft`)."""
+    from safetensors.torch import load_file, save_file
+
+    out = model_dir.with_name(f"{model_dir.name}-first{num_layers}")
+    if (out / "model.safetensors").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_hidden_layers"] = num_layers
+    config["max_window_layers"] = min(config.get("max_window_layers", num_layers), num_layers)
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, out / name)
+    tensors = load_file(model_dir / "model.safetensors")
+    kept = {
+        name: t
+        for name, t in tensors.items()
+        if not name.startswith("model.layers.") or int(name.split(".")[2]) < num_layers
+    }
+    save_file(kept, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def editing_prompts(model_dir, n: int, length: int) -> list[list[int]]:
+    """ShareGPT passages as files being edited: the passage, then its copy begun (the
+    output continues the copy)."""
+    tokenizer = Tokenizer(model_dir)
+    with gzip.open(SHAREGPT, "rt") as f:
+        rows = json.load(f)
+    passages = [row["conversations"][0]["value"] for row in rows if row["conversations"]]
+    prompts: list[list[int]] = []
+    for text in passages:
+        ids = tokenizer.encode(text, add_special_tokens=False)[: length // 2]
+        if len(ids) == length // 2:
+            prompts.append((ids + ids[: length - len(ids)])[:length])
+        if len(prompts) == n:
+            return prompts
+    raise ValueError(f"fewer than {n} ShareGPT passages of {length // 2} tokens")
+
+
+def workload_prompts(kind: str, model_dir, n: int, length: int) -> list[list[int]]:
     if kind == "random":
+        vocab = ModelConfig.from_dir(model_dir).vocab_size
         return random_prompts(n, length, vocab, seed=1)
-    segments = random_prompts(n, max(4, length // 4), vocab, seed=2)
-    return [(s * 4)[:length] for s in segments]
+    return editing_prompts(model_dir, n, length)
 
 
-def run(model_dir, prompts, output_len: int, options: dict, repeats: int) -> tuple[float, Engine]:
-    """Best output tok/s of `prompts` submitted together, after a warm-up on the same prompts
+def run(model_dir, prompts, output_len: int, options: dict, dtype: str) -> tuple[float, dict]:
+    """Output tok/s of `prompts` submitted together, after a warm-up on the same prompts
     (a few tokens each: every step shape, verifications included, is then no longer a
-    first, and the adaptive switch has measurements, as in a server that has been up)."""
+    first, and the adaptive switch has measurements, as in a server that has been up);
+    and the speculation counters."""
+    longest = max(len(p) for p in prompts) + output_len + 32  # (+ drafts' slots)
     config = EngineConfig(
         model=str(model_dir),
-        dtype="float32",
-        kv_cache_gb=0.5,
+        dtype=dtype,
+        num_kv_blocks=len(prompts) * (longest // 16 + 2),  # just enough: no preemption
+        max_model_len=longest,
         enable_prefix_caching=False,  # the warm-up must not shorten the timed prefills
         **options,
     )
     engine = Engine(config)
     generate(engine, prompts, 24, "warmup")
-    best = 0.0
-    for repeat in range(repeats):  # the best of a few: other processes share these cores
-        start = time.perf_counter()
-        generated = generate(engine, prompts, output_len, f"run{repeat}")
-        best = max(best, generated / (time.perf_counter() - start))
-    return best, engine
+    start = time.perf_counter()
+    generated = generate(engine, prompts, output_len, "run")
+    tok_s = generated / (time.perf_counter() - start)
+    stats = engine.speculation_stats()
+    return tok_s, {"drafts": stats.num_draft_tokens, "kept": stats.num_accepted_draft_tokens}
 
 
 def generate(engine: Engine, prompts, output_len: int, tag: str) -> int:
@@ -92,48 +143,79 @@ def generate(engine: Engine, prompts, output_len: int, tag: str) -> int:
     return generated
 
 
-def cell(model_dir, kind: str, concurrency: int, args) -> dict:
-    vocab = ModelConfig.from_dir(model_dir).vocab_size
-    prompts = workload_prompts(kind, concurrency, args.input_len, vocab)
-    result: dict = {"workload": kind, "concurrency": concurrency}
-    for mode, options in MODES.items():
-        tok_s, engine = run(model_dir, prompts, args.output_len, options, args.repeats)
-        result[f"{mode}_tok_s"] = round(tok_s, 1)
-        if mode == "forced":  # (counts include the warm-up's)
-            stats = engine.speculation_stats()
-            kept, drafts = stats.num_accepted_draft_tokens, stats.num_draft_tokens
-            result["acceptance_rate"] = round(kept / drafts, 3) if drafts else 0.0
-    result["adaptive_ratio"] = round(result["adaptive_tok_s"] / result["off_tok_s"], 3)
-    result["forced_ratio"] = round(result["forced_tok_s"] / result["off_tok_s"], 3)
-    print(result, file=sys.stderr, flush=True)
-    return result
+def method_options(method: str, model_dir: Path, args) -> dict:
+    options: dict = {"speculative": method}
+    if method == "draft":
+        options["draft_model"] = args.draft_model or str(
+            truncated_model(model_dir, args.draft_layers)
+        )
+    return options
+
+
+def cell(model_dir, kind: str, concurrency: int, args) -> list[dict]:
+    """One line per method: tok/s off (measured once for the cell), adaptive and forced."""
+    prompts = workload_prompts(kind, model_dir, concurrency, args.input_len)
+    off, _ = run(model_dir, prompts, args.output_len, {}, args.dtype)
+    lines = []
+    for method in args.methods.split(","):
+        options = method_options(method, model_dir, args)
+        adaptive, _ = run(model_dir, prompts, args.output_len, options, args.dtype)
+        forced_options = {**options, "speculative_adaptive": False}
+        forced, counts = run(model_dir, prompts, args.output_len, forced_options, args.dtype)
+        kept, drafts = counts["kept"], counts["drafts"]  # (the warm-up's included)
+        line = {
+            "benchmark": "speculative",
+            "workload": kind,
+            "concurrency": concurrency,
+            "method": method,
+            "off_tok_s": round(off, 1),
+            "adaptive_tok_s": round(adaptive, 1),
+            "forced_tok_s": round(forced, 1),
+            "adaptive_ratio": round(adaptive / off, 3),
+            "forced_ratio": round(forced / off, 3),
+            "acceptance_rate": round(kept / drafts, 3) if drafts else 0.0,
+        }
+        emit(line)
+        lines.append(line)
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="qwen3")
-    parser.add_argument("--size", default="tiny", choices=("tiny", "small"))
-    parser.add_argument("--concurrency", default="1,4", help="comma-separated")
-    parser.add_argument("--input-len", type=int, default=64)
-    parser.add_argument("--output-len", type=int, default=384)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (best)")
+    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated")
+    parser.add_argument("--methods", default="ngram,suffix,draft", help="comma-separated")
+    parser.add_argument("--draft-model", default="", help="checkpoint for --methods draft")
+    parser.add_argument(
+        "--draft-layers", type=int, default=4, help="else: the target's first layers as draft"
+    )
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=256)
     args = parser.parse_args()
     models = {
-        "repetitive": loopy_model(args.arch, args.size),
-        "random": demo_model(args.arch, args.size, dtype="float32"),
+        "repetitive": loopy_model(args.arch, args.size, args.dtype),
+        "random": demo_model(args.arch, args.size, dtype=args.dtype),
     }
     cells = [
-        cell(model_dir, kind, int(c), args)
+        line
         for kind, model_dir in models.items()
         for c in args.concurrency.split(",")
+        for line in cell(model_dir, kind, int(c), args)
     ]
     emit(
         {
             "benchmark": "speculative",
-            "model": f"{args.arch}-{args.size}-float32",
+            "summary": True,
+            "model": f"{args.arch}-{args.size}-{args.dtype}",
             "output_len": args.output_len,
-            "cells": cells,
+            "methods": args.methods,
             "min_adaptive_ratio": min(c["adaptive_ratio"] for c in cells),
+            "min_adaptive_ratio_by_method": {
+                m: min(c["adaptive_ratio"] for c in cells if c["method"] == m)
+                for m in args.methods.split(",")
+            },
         }
     )
 

@@ -155,8 +155,14 @@ class EngineConfig:
     )
     speculative: str = option(
         "",
-        "Speculative decoding: '' (off) or ngram (prompt lookup: drafts copied from the "
-        "sequence's own earlier tokens).",
+        "Speculative decoding: '' (off), ngram (prompt lookup: drafts copied from the "
+        "sequence's own earlier tokens), suffix (the likeliest continuation in a suffix "
+        "trie of the sequence's tokens) or draft (a smaller model, --draft-model).",
+    )
+    draft_model: str = option(
+        "",
+        "Checkpoint folder of the draft model for --speculative draft: any smaller model "
+        "with the target's vocabulary.",
     )
     num_speculative_tokens: int = option(4, "Most draft tokens verified per sequence per step.")
     ngram_max: int = option(
@@ -164,6 +170,19 @@ class EngineConfig:
     )
     ngram_min: int = option(
         2, "Shortest n-gram the ngram proposer matches (vLLM's prompt_lookup_min)."
+    )
+    suffix_max_match: int = option(
+        8, "Longest suffix of the sequence the suffix proposer matches in its trie."
+    )
+    suffix_min_probability: float = option(
+        0.1,
+        "The suffix proposer's draft stops where its estimated chance of being accepted "
+        "whole (product of the continuation frequencies) falls below this.",
+    )
+    suffix_cache_nodes: int = option(
+        0,
+        "Size (trie nodes) of the suffix proposer's trie of recent outputs of every request, "
+        "asked where a request's own tokens have no continuation; 0 = none.",
     )
     speculative_adaptive: bool = option(
         True,
@@ -214,10 +233,20 @@ class EngineConfig:
                 "give --kv-cache-gb or --num-kv-blocks",
             ),
             (
-                self.speculative in ("", "ngram"),
-                f"--speculative must be '' (off) or ngram, got {self.speculative!r}",
+                self.speculative in ("", "ngram", "suffix", "draft"),
+                f"--speculative must be '' (off), ngram, suffix or draft, got {self.speculative!r}",
+            ),
+            (
+                (self.speculative == "draft") == bool(self.draft_model),
+                "--speculative draft needs --draft-model, and --draft-model needs it",
             ),
             (self.num_speculative_tokens > 0, "--num-speculative-tokens must be positive"),
+            (self.suffix_max_match >= 1, "--suffix-max-match must be at least 1"),
+            (self.suffix_cache_nodes >= 0, "--suffix-cache-nodes cannot be negative"),
+            (
+                0 <= self.suffix_min_probability <= 1,
+                "--suffix-min-probability must be in [0, 1]",
+            ),
             (
                 1 <= self.ngram_min <= self.ngram_max,
                 "--ngram-min must be at least 1 and at most --ngram-max",

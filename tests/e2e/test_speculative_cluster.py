@@ -1,8 +1,9 @@
 """Speculative decoding through the whole cluster, colocated and PD-disaggregated.
 
-Instances run with `--speculative ngram` (always on, so the test is not at the mercy of the
-adaptive switch) on the loop-prone tiny model, where prompt lookup finds drafts the model
-keeps. Greedy outputs through the gateway equal the engine alone without speculation; the
+Instances run with `--speculative ngram`, `suffix` or `draft` (always on, so the test is not
+at the mercy of the adaptive switch) on the loop-prone tiny model, where prompt lookup and
+the suffix trie find drafts the model keeps (the draft model: the same checkpoint, whose KV
+the PD decode instance must catch up on, as it receives only the target's). Greedy outputs through the gateway equal the engine alone without speculation; the
 decode instance of a PD pair is the one that speculates; kept drafts show in the usage and
 in the heartbeat counters, and no KV block stays held afterwards.
 """
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 MAX_MODEL_LEN = 2048
 MAX_TOKENS = 48
-SPECULATIVE = ["--speculative", "ngram", "--speculative-adaptive", "false"]
+# Each method under PD; ngram colocated too.
+SETUPS = [("ngram", "colocated"), ("ngram", "1p1d"), ("suffix", "1p1d"), ("draft", "1p1d")]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,10 @@ def model_dir(loopy_model_dir):
     return loopy_model_dir("qwen3")
 
 
-@pytest.fixture(scope="module", params=["colocated", "1p1d"])
+@pytest.fixture(scope="module", params=SETUPS, ids=["-".join(s) for s in SETUPS])
 def cluster(request, model_dir, tmp_path_factory):
-    pd = request.param == "1p1d"
+    method, topology = request.param
+    pd = topology == "1p1d"
     config = ClusterConfig(
         model=str(model_dir),
         host="127.0.0.1",
@@ -46,10 +49,13 @@ def cluster(request, model_dir, tmp_path_factory):
         ready_timeout=240,
         stop_grace=5,
     )
-    engine_args = ["--num-kv-blocks", "512", "--max-model-len", str(MAX_MODEL_LEN), *SPECULATIVE]
+    speculative = ["--speculative", method, "--speculative-adaptive", "false"]
+    if method == "draft":
+        speculative += ["--draft-model", str(model_dir)]
+    engine_args = ["--num-kv-blocks", "512", "--max-model-len", str(MAX_MODEL_LEN), *speculative]
     with serving_cluster(config, engine_args) as c:
         c.wait_ready(config.ready_timeout)
-        yield config, pd
+        yield config, pd, method
 
 
 def instances(config) -> list[dict]:
@@ -67,7 +73,7 @@ def test_greedy_outputs_equal_the_engine_without_speculation(cluster, model_dir)
     from xllm.llm import LLM
     from xllm.protocol import SamplingParams
 
-    config, pd = cluster
+    config, pd, method = cluster
     batch = prompts(4)
     llm = LLM(str(model_dir), num_kv_blocks=512, max_model_len=MAX_MODEL_LEN)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
@@ -104,6 +110,7 @@ def test_greedy_outputs_equal_the_engine_without_speculation(cluster, model_dir)
     drafts = speculated["speculation"]
     assert drafts["num_accepted_draft_tokens"] > 0
     assert drafts["num_draft_tokens"] >= drafts["num_accepted_draft_tokens"]
+    assert drafts["method"] == method
     if pd:
         assert (
             seen["prefill"]["speculation"]["num_draft_tokens"] == 0

@@ -139,3 +139,101 @@ def test_prefill_attention_matches_causal_sdpa(length, context, heads, kv_heads,
         enable_gqa=True,
     ).transpose(0, 1)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def reference_verify_attention(q, k_cache, v_cache, tables, lens, starts, block_size):
+    """Per sequence: its rows attend to its context and causally to each other (SDPA, fp32)."""
+    outs = []
+    for b in range(len(lens)):
+        n, total = int(starts[b + 1] - starts[b]), int(lens[b])
+        slots = (tables[b][:, None] * block_size + torch.arange(block_size)).flatten()[:total]
+        allowed = torch.arange(total)[None, :] <= total - n + torch.arange(n)[:, None]
+        o = F.scaled_dot_product_attention(
+            q[starts[b] : starts[b + 1]].float().transpose(0, 1),  # [H, n, D]
+            k_cache[slots].float().transpose(0, 1),  # [Hkv, T, D]
+            v_cache[slots].float().transpose(0, 1),
+            attn_mask=allowed,
+            enable_gqa=True,
+        )
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def verify_case(dtype, heads, kv_heads, dim, rows_per_seq, seed):
+    """A random pool, block tables and, per sequence, `rows_per_seq[b]` rows ending its
+    context (context lengths from one row up to a few blocks, some across block edges)."""
+    g = torch.Generator().manual_seed(seed)
+    block, num_blocks, width = 16, 48, 6
+    k_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)
+    lengths = torch.tensor(rows_per_seq)
+    lens = lengths + torch.randint(
+        0, width * block - int(lengths.max()), (len(lengths),), generator=g
+    )
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    q = torch.randn(int(starts[-1]), heads, dim, generator=g).to(dtype)
+    tables = torch.randperm(num_blocks, generator=g)[: len(lengths) * width].view(-1, width)
+    return q, k_cache, v_cache, tables, lens, starts, block
+
+
+@needs_native
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows_per_seq", [[5], [1, 5, 3], [2, 1, 8, 4, 5, 1]])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (6, 2, 128), (4, 4, 48)])
+def test_paged_verify_attention_matches_causal_sdpa(dtype, tol, rows_per_seq, heads, kv_heads, dim):
+    q, k_cache, v_cache, tables, lens, starts, block = verify_case(
+        dtype, heads, kv_heads, dim, rows_per_seq, seed=len(rows_per_seq) + dim
+    )
+    out = torch.empty_like(q)
+    native.paged_verify_attention(out, q, k_cache, v_cache, tables, lens, starts, block, dim**-0.5)
+    expected = reference_verify_attention(q, k_cache, v_cache, tables, lens, starts, block)
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+@needs_native
+def test_paged_verify_attention_with_one_row_each_is_decode_attention():
+    q, k_cache, v_cache, tables, lens, starts, block = verify_case(
+        torch.bfloat16, 8, 2, 64, [1, 1, 1, 1], seed=3
+    )
+    verify, decode = torch.empty_like(q), torch.empty_like(q)
+    native.paged_verify_attention(verify, q, k_cache, v_cache, tables, lens, starts, block, 0.125)
+    native.paged_decode_attention(decode, q, k_cache, v_cache, tables, lens, block, 0.125)
+    assert torch.equal(verify, decode)
+
+
+@needs_native
+def test_paged_verify_attention_rejects_rows_that_do_not_span_q():
+    q, k_cache, v_cache, tables, lens, starts, block = verify_case(
+        torch.float32, 4, 4, 48, [3, 2], seed=4
+    )
+    with pytest.raises(RuntimeError, match="query_starts"):
+        native.paged_verify_attention(
+            torch.empty_like(q), q, k_cache, v_cache, tables, lens, starts[:-1], block, 0.1
+        )
+
+
+def test_verify_attention_fallback_matches_causal_sdpa(monkeypatch):
+    """The torch path PagedAttention takes where the native kernels are not built."""
+    q, k_cache, v_cache, tables, lens, starts, block = verify_case(
+        torch.float32, 8, 2, 64, [2, 1, 8, 4], seed=5
+    )
+    monkeypatch.setattr(attention, "kernels", lambda: None)
+    layer = attention.PagedAttention(8, 2, 64)
+    layer.k_cache, layer.v_cache = k_cache, v_cache
+    out = layer._verify(q, attention.VerifyBatch(tables, lens, starts), block)
+    expected = reference_verify_attention(q, k_cache, v_cache, tables, lens, starts, block)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+def test_speculative_engine_verifies_the_same_with_and_without_native_kernels(
+    loopy_model_dir, monkeypatch
+):
+    model_dir = loopy_model_dir("llama")
+    options = {"speculative": "ngram", "speculative_adaptive": False}
+    prompts = [random_prompts([12], 4000, seed=7)[0] * 3, *random_prompts([9, 30], 4000, seed=8)]
+    with_native = make_engine(model_dir, **options)
+    expected = run_engine(with_native, prompts, greedy(40))
+    assert with_native.speculation_stats().num_accepted_draft_tokens > 0
+    monkeypatch.setattr(attention, "kernels", lambda: None)
+    assert run_engine(make_engine(model_dir, **options), prompts, greedy(40)) == expected

@@ -45,8 +45,10 @@ class Oracle(Proposer):
         ]
 
 
-def speculative_engine(model_dir, proposer: Proposer | None = None, **options):
-    engine = make_engine(model_dir, speculative="ngram", speculative_adaptive=False, **options)
+def speculative_engine(
+    model_dir, proposer: Proposer | None = None, method: str = "ngram", **options
+):
+    engine = make_engine(model_dir, speculative=method, speculative_adaptive=False, **options)
     if proposer is not None:
         engine.scheduler.proposer = proposer
     return engine
@@ -76,14 +78,17 @@ def test_greedy_with_drafts_of_every_outcome_equals_plain_and_transformers(
         assert_greedy_matches(hf, prompts[i], expected[str(i)], NEW_TOKENS)
 
 
-def test_greedy_with_ngram_drafts_equals_plain(loopy_model_dir, arch):
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_greedy_with_proposer_drafts_equals_plain(loopy_model_dir, arch, method):
     model_dir = loopy_model_dir(arch)
     plain = make_engine(model_dir, max_num_batched_tokens=32)
     vocab = plain.model_config.vocab_size
     repetitive = random_prompts([12], vocab, seed=7)[0] * 4
     prompts = [*random_prompts([20, 7, 50], vocab, seed=1), repetitive]
     expected = run_engine(plain, prompts, greedy(60))
-    engine = speculative_engine(model_dir, max_num_batched_tokens=32)
+    # The suffix proposer with its trie of every request's recent outputs too.
+    extra = {"suffix_cache_nodes": 100_000} if method == "suffix" else {}
+    engine = speculative_engine(model_dir, method=method, max_num_batched_tokens=32, **extra)
     assert run_engine(engine, prompts, greedy(60)) == expected
     assert engine.speculation_stats().num_accepted_draft_tokens > 10
 

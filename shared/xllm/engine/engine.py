@@ -108,6 +108,13 @@ class Engine:
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
+        if config.draft_model:  # the draft must reach every position the target does
+            draft_len = ModelConfig.from_dir(config.draft_model).max_position_embeddings
+            if draft_len < self.max_model_len:
+                self.max_model_len = draft_len
+                log.warning(
+                    "the draft model reaches %d positions: max_model_len lowered", draft_len
+                )
         if num_blocks * config.block_size < self.max_model_len:
             self.max_model_len = num_blocks * config.block_size
             log.warning(
@@ -165,6 +172,12 @@ class Engine:
             mc.head_dim,
             self.dtype,
         )
+        if self.config.draft_model:  # its mirror pool has a block for each of the target's
+            from xllm.engine.draft_model import DraftModel
+
+            per_block += DraftModel.bytes_per_block(
+                self.config.draft_model, self.config.block_size, self.dtype
+            )
         return max(1, int(self.config.kv_cache_gb * 2**30) // per_block)
 
     def _num_host_blocks(self) -> int:
@@ -513,6 +526,7 @@ class Engine:
             num_accepted_draft_tokens=self.num_accepted_draft_tokens,
             recent_acceptance_rate=spec.acceptance_rate if spec else 0.0,
             speculating=spec.speculating if spec else False,
+            method=self.config.speculative,
         )
 
 

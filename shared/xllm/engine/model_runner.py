@@ -4,28 +4,33 @@ Per step: lay the scheduled tokens out flat (decodes first, see models/attention
 build the attention metadata once, run the forward pass, copy forked blocks, take the
 logits of the rows that sample and hand them to the Sampler.
 
-A sequence verifying speculative drafts is laid out like a prefill chunk with context: its
-last token and its d drafts are d + 1 query rows attending to its cached KV and causally to
-each other (the chunk-with-context path of models/attention.py), so every draft of every
-sequence is verified in the one forward pass of the step. All d + 1 rows' logits go to the
-RejectionSampler.
+A sequence verifying speculative drafts is laid out right after the decodes: its last
+token and its d drafts are d + 1 query rows attending to its paged KV and causally to each
+other (`VerifyBatch`: one multi-token decode attention call per layer for every verifying
+sequence, models/attention.py), so every draft of every sequence is verified in the one
+forward pass of the step. All d + 1 rows' logits go to the RejectionSampler.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from xllm.config import EngineConfig
+from xllm.engine.batch_layout import CHUNK, DECODE, VERIFY, Run, lay_out
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.rejection_sampler import RejectionSampler
 from xllm.engine.sampler import Sampler, SamplerOutput
 from xllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from xllm.engine.sequence import Sequence
-from xllm.models.attention import AttentionMetadata, PagedAttention, PrefillChunk
+from xllm.models.attention import AttentionMetadata, PagedAttention
 from xllm.models.config import ModelConfig
 from xllm.models.registry import load_model
+
+if TYPE_CHECKING:
+    from xllm.engine.draft_model import DraftModel
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,13 @@ class ModelRunner:
         attention_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for index, attn in enumerate(attention_layers):
             attn.k_cache, attn.v_cache = self.kv_cache.layer(index)
+        self.draft: DraftModel | None = None
+        if config.speculative == "draft":
+            from xllm.engine.draft_model import DraftModel
+
+            self.draft = DraftModel(
+                config.draft_model, model_config, dtype, device, num_blocks, config.block_size
+            )
         self.sampler = Sampler(model_config.eos_token_ids)
         self.rejection_sampler = RejectionSampler()
 
@@ -61,7 +73,10 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput]:
         """Run one step; returns the sequences that sampled (forks included) and their tokens
         (those that verified drafts: in `SamplerOutput.verified` only)."""
-        items = order_decodes_first(out.scheduled)
+        items = order_for_attention(out.scheduled)
+        if self.draft is not None:  # before _prepare: the drafts are filled in here
+            self.draft.propose([i for i in items if i.draft_token_ids])
+            self.draft.mirror([i for i in items if run_kind(i) == CHUNK])
         input_ids, positions, meta = self._prepare(items)
         hidden = self.model(input_ids, positions, meta)  # [N, hidden]
         self.kv_cache.copy_blocks(out.block_copies)
@@ -82,66 +97,38 @@ class ModelRunner:
     def _prepare(
         self, items: list[ScheduledSeq]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        tokens: list[int] = []
-        decodes: list[Sequence] = []
-        prefills: list[PrefillChunk] = []
-        position_runs: list[torch.Tensor] = []
-        slot_runs: list[torch.Tensor] = []
-        for item in items:
-            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            drafts = item.draft_token_ids
-            tokens.extend(seq.token_ids[start : start + n - len(drafts)])
-            tokens.extend(drafts)
-            if is_decode(item):
-                decodes.append(seq)
-                continue
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            chunk = PrefillChunk(start=len(tokens) - n, length=n, context_len=start)
-            positions = torch.arange(start, start + n)
-            slot_runs.append(slots_of(table, positions, self.block_size))
-            position_runs.append(positions)
-            if start:
-                everything = torch.arange(start + n)
-                chunk.slots = slots_of(table, everything, self.block_size).to(self.device)
-                chunk.mask = (everything[None, :] <= positions[:, None]).to(self.device)
-            prefills.append(chunk)
-        meta = AttentionMetadata(torch.empty(0), self.block_size, prefills=prefills)
-        decode_positions, decode_slots = self._prepare_decodes(decodes, meta)
-        positions = torch.cat([decode_positions, *position_runs])
-        meta.slot_mapping = torch.cat([decode_slots, *slot_runs]).to(self.device)
-        input_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        return input_ids, positions.to(self.device), meta
+        return lay_out([run_of(item) for item in items], self.block_size, self.device)
 
-    def _prepare_decodes(
-        self, decodes: list[Sequence], meta: AttentionMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fill the decode part of `meta`; returns the decodes' positions and new slots."""
-        if not decodes:
-            empty = torch.empty(0, dtype=torch.long)
-            return empty, empty
-        bs = self.block_size
-        positions = torch.tensor([s.num_computed_tokens for s in decodes])  # [B]
-        max_blocks = max(len(s.block_table) for s in decodes)
-        tables = torch.tensor(
-            [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in decodes]
-        )
-        meta.num_decodes = len(decodes)
-        meta.decode_block_tables = tables.to(self.device)
-        meta.decode_context_lens = (positions + 1).to(self.device)
-        new_slots = tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
-        return positions, new_slots
+
+def run_of(item: ScheduledSeq) -> Run:
+    """What a scheduled sequence feeds the model: its uncomputed tokens, then its drafts."""
+    seq, start = item.seq, item.seq.num_computed_tokens
+    drafts = item.draft_token_ids
+    tokens = seq.token_ids[start : start + item.num_new_tokens - len(drafts)] + drafts
+    return Run(seq.block_table, start, tokens, run_kind(item))  # (kind: see order_for_attention)
+
+
+def run_kind(item: ScheduledSeq) -> str:
+    return DECODE if is_decode(item) else VERIFY if is_verify(item) else CHUNK
 
 
 def is_decode(item: ScheduledSeq) -> bool:
     return item.num_new_tokens == 1 and item.seq.num_computed_tokens > 0
 
 
-def order_decodes_first(items: list[ScheduledSeq]) -> list[ScheduledSeq]:
-    return [i for i in items if is_decode(i)] + [i for i in items if not is_decode(i)]
+def is_verify(item: ScheduledSeq) -> bool:
+    """A decoding sequence with drafts (its last token and the drafts: rows of one query)."""
+    return bool(item.draft_token_ids) and item.seq.num_computed_tokens > 0
 
 
-def slots_of(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    return block_table[positions // block_size] * block_size + positions % block_size
+def order_for_attention(items: list[ScheduledSeq]) -> list[ScheduledSeq]:
+    """Decodes, then verifications, then prefill chunks (the layout of models/attention.py)."""
+    decodes: list[ScheduledSeq] = []
+    verifies: list[ScheduledSeq] = []
+    rest: list[ScheduledSeq] = []
+    for item in items:
+        (decodes if is_decode(item) else verifies if is_verify(item) else rest).append(item)
+    return decodes + verifies + rest
 
 
 def sampling_rows(

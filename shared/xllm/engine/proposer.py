@@ -12,6 +12,10 @@ mass (accept it with probability p(draft)). A proposer that samples its drafts (
 model at temperature > 0) must also return their probabilities, and the sampler must use
 them: a change to this interface, to be made when the first such proposer arrives.
 
+A proposer that needs the whole batch at once (the draft model, draft_model.py) returns
+placeholders here, only saying how many drafts it will give; the ModelRunner fills them in
+before the step's forward pass, once the scheduler has allocated their slots.
+
 Per-sequence state (an index of the tokens so far) may be kept by the proposer; it must be
 freed when the sequence is (a `weakref.WeakKeyDictionary` keyed by the sequence does that),
 and it must follow `token_ids` growing by any number of tokens between calls.
@@ -39,4 +43,17 @@ def make_proposer(config: EngineConfig) -> Proposer | None:
         from xllm.engine.ngram_proposer import NgramProposer
 
         return NgramProposer(config.ngram_min, config.ngram_max)
+    if config.speculative == "suffix":
+        from xllm.engine.suffix_proposer import SuffixProposer
+
+        return SuffixProposer(
+            config.num_speculative_tokens,
+            max_match=config.suffix_max_match,
+            min_probability=config.suffix_min_probability,
+            cache_nodes=config.suffix_cache_nodes,
+        )
+    if config.speculative == "draft":
+        from xllm.engine.draft_model import DraftProposer
+
+        return DraftProposer()  # the drafts themselves: ModelRunner's DraftModel
     raise ValueError(f"unknown speculative method {config.speculative!r}")

@@ -1,8 +1,8 @@
 """Speculation: which sequences may speculate, and whether speculating pays this step.
 
 A speculative step verifies each decoding sequence's drafts in the same forward pass as
-its last token: 1 + k rows instead of 1, through the chunk-with-context attention path
-instead of the batched decode one. It pays when the accepted drafts outweigh that extra
+its last token: 1 + k rows instead of 1, through the multi-token paged attention instead of
+the one-row decode one (and, with a draft model, the draft's passes). It pays when the accepted drafts outweigh that extra
 cost — at batch 1 on a memory-bound model, k + 1 rows cost about what 1 row does; at a
 large batch the step is compute-bound and the rejected rows are pure loss (llama.cpp's
 lookup decoding loses from 4 slots on). So the engine decides per step, from measurements:

@@ -3,13 +3,17 @@
 A step's tokens are laid out flat, decodes first:
 
     rows  [0, num_decodes)            one token per decoding sequence
-    rows  [num_decodes, N)            prefill chunks, one contiguous run per sequence
+    rows  [num_decodes, +verify rows) speculative verifications: per sequence its last token
+                                      and its drafts (`VerifyBatch`)
+    rows  [.., N)                     prefill chunks, one contiguous run per sequence
 
 Every layer writes the step's new K/V into the pool at `slot_mapping` (slot = block_id *
 block_size + offset), then attends. Decodes read their context straight from the pool
 through their block tables (native kernel, `xllm.ops`; a gather + SDPA fallback
-elsewhere). A prefill chunk with no cached context attends to its own fresh K/V (causal);
-one that continues a cached prefix gathers its context once per layer.
+elsewhere), and so do verifications, all in one call per layer: each of a sequence's rows
+sees the context and, causally, the rows before it. A prefill chunk with no cached context
+attends to its own fresh K/V (causal); one that continues a cached prefix gathers its
+context once per layer.
 """
 
 from __future__ import annotations
@@ -37,6 +41,19 @@ class PrefillChunk:
 
 
 @dataclass
+class VerifyBatch:
+    """The sequences verifying speculative drafts this step, laid out after the decodes."""
+
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    context_lens: torch.Tensor  # [B] int64, including the step's rows
+    query_starts: torch.Tensor  # [B + 1] int64: sequence b's rows are [starts[b], starts[b+1])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.query_starts[-1])
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [N] where each new token's K/V goes
     block_size: int = 16
@@ -44,6 +61,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64, padded with 0
     decode_context_lens: torch.Tensor | None = None  # [B] int64, including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
+    verify: VerifyBatch | None = None
     _gather: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def decode_gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +99,9 @@ class PagedAttention(nn.Module):
         nd = meta.num_decodes
         if nd:
             out[:nd] = self._decode(q[:nd], meta)
+        if meta.verify is not None:
+            rows = slice(nd, nd + meta.verify.num_rows)
+            out[rows] = self._verify(q[rows], meta.verify, meta.block_size)
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], chunk)
@@ -114,6 +135,44 @@ class PagedAttention(nn.Module):
             enable_gqa=True,
         )
         return o.squeeze(2)  # [B, H, D]
+
+    def _verify(self, q: torch.Tensor, batch: VerifyBatch, block_size: int) -> torch.Tensor:
+        """q [R, H, D], the rows of every verifying sequence -> [R, H, D]."""
+        native = kernels() if q.device.type == "cpu" else None
+        if native is not None:
+            out = torch.empty_like(q)
+            native.paged_verify_attention(
+                out,
+                q.contiguous(),
+                self.k_cache,
+                self.v_cache,
+                batch.block_tables,
+                batch.context_lens,
+                batch.query_starts,
+                block_size,
+                self.scale,
+            )
+            return out
+        # Fallback: each sequence's context gathered, its rows causal over it.
+        out = torch.empty_like(q)
+        starts = batch.query_starts.tolist()
+        offsets = torch.arange(block_size, device=q.device)
+        for b, context_len in enumerate(batch.context_lens.tolist()):
+            rows = slice(starts[b], starts[b + 1])
+            n = starts[b + 1] - starts[b]
+            slots = (batch.block_tables[b][:, None] * block_size + offsets).flatten()[:context_len]
+            positions = torch.arange(context_len - n, context_len, device=q.device)
+            mask = torch.arange(context_len, device=q.device)[None, :] <= positions[:, None]
+            o = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1),  # [H, n, D]
+                self.k_cache[slots].transpose(0, 1),  # [Hkv, T, D]
+                self.v_cache[slots].transpose(0, 1),
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=True,
+            )
+            out[rows] = o.transpose(0, 1)
+        return out
 
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk

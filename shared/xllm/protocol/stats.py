@@ -130,6 +130,8 @@ class SpeculationStats:
     decides from; 0 before any."""
     speculating: bool = False
     """Whether the instance's last step speculated (the adaptive switch's current choice)."""
+    method: str = ""
+    """Where the drafts come from (`--speculative`: ngram, suffix, draft); "" when off."""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -13,7 +13,8 @@ SIGKILL; a second Ctrl-C skips the wait), NATS and Valkey last.
 
 Engine flags (`--dtype`, `--kv-cache-gb`, `--max-num-seqs`, `--max-model-len`,
 `--num-threads`, `--swap-space-gb`, `--speculative`, `--num-speculative-tokens`, `--ngram-max`,
-`--ngram-min`, `--speculative-adaptive`) are forwarded to every instance when given.
+`--ngram-min`, `--suffix-max-match`, `--suffix-min-probability`, `--suffix-cache-nodes`,
+`--draft-model`, `--speculative-adaptive`) are forwarded to every instance when given.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ ENGINE_FLAGS = (
     ("--max-model-len", int, "longest prompt + output"),
     ("--num-threads", int, "torch CPU threads per instance"),
     ("--swap-space-gb", float, "host memory per instance for preempted offline requests' KV"),
-    ("--speculative", str, "speculative decoding: ngram (prompt lookup), or '' for off"),
+    ("--speculative", str, "speculative decoding: ngram (prompt lookup), suffix, draft, or ''"),
     ("--num-speculative-tokens", int, "most draft tokens verified per sequence per step"),
     ("--ngram-max", int, "longest n-gram the ngram proposer matches"),
     ("--ngram-min", int, "shortest n-gram the ngram proposer matches"),
+    ("--suffix-max-match", int, "longest suffix the suffix proposer matches"),
+    ("--suffix-min-probability", float, "where the suffix proposer's draft stops"),
+    ("--suffix-cache-nodes", int, "size of the suffix proposer's trie of recent outputs"),
+    ("--draft-model", str, "draft model folder for --speculative draft (same vocabulary)"),
     ("--speculative-adaptive", str, "true: speculate only when it pays (default); false: always"),
 )
 

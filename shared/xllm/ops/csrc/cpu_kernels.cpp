@@ -2,6 +2,8 @@
 //
 //  * paged_decode_attention: one query token per sequence attends to its context read
 //    straight from the paged KV pool through its block table: no gather, no copy.
+//    paged_verify_attention: the same for several query rows per sequence (a speculative
+//    step's last token and drafts), causal among themselves.
 //  * packed_bf16_linear / amx_linear: y = x W^T (+ b) for decode-sized batches over weights
 //    packed once into the VNNI layout, streaming each weight from memory once per step for
 //    all rows of x (AVX512-BF16 dot products, or AMX tiles where the CPU has them).
@@ -170,19 +172,26 @@ inline void softmax_inplace(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
-// out[b, h, :] = softmax(q[b, h] . K[ctx(b)] * scale) V[ctx(b)].
+// out[r, h, :] = softmax(q[r, h] . K[ctx(b, r)] * scale) V[ctx(b, r)] for the query rows r of
+// each sequence b.
+//
+// Decode (`starts` null): one row per sequence, ctx(b, r) = its T = context_lens[b] slots.
+// Verification (`starts` = query_starts, B + 1 row offsets): sequence b has the L rows
+// [starts[b], starts[b + 1]), its last token and its drafts, already written to the pool as
+// its last L slots; row r sees the first T - L + r + 1 slots (its context, then causally
+// the rows before it). Each key is read once per task for all L rows.
 //
 // A task is one sequence and a run of KV heads [h0, h1). It walks the context block by
 // block: a block's slots are contiguous in the pool ([block_size, Hkv, D] per block), so for
 // each slot it reads the task's heads as one contiguous run, and each block as one stream,
-// for all the query heads sharing those KV heads. Sequences are split into head runs only
-// when there are too few to keep every thread busy.
+// for all the query heads (of all its rows) sharing those KV heads. Sequences are split into
+// head runs only when there are too few to keep every thread busy.
 template <typename scalar_t>
-void paged_decode_attention_impl(
+void paged_attention_impl(
     at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t block_size,
-    double scale) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+    const at::Tensor& block_tables, const at::Tensor& context_lens, const int64_t* starts,
+    int64_t block_size, double scale) {
+  const int64_t B = context_lens.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(1);
   const int64_t G = H / Hkv;
   const int64_t max_blocks = block_tables.size(1);
@@ -210,18 +219,25 @@ void paged_decode_attention_impl(
   const int64_t run_bytes = heads_per_task * D * static_cast<int64_t>(sizeof(scalar_t));
 
   at::parallel_for(0, B * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), acc(H * D), scores;
-    std::vector<scalar_t> qb(H * D);
+    std::vector<float> qf, acc, scores;
+    std::vector<scalar_t> qb;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / splits;
       const int64_t h0 = (task % splits) * heads_per_task;
       const int64_t q0 = h0 * G, nq = heads_per_task * G;  // query heads of this task
+      const int64_t r0 = starts ? starts[b] : b, L = starts ? starts[b + 1] - r0 : 1;
       const int64_t T = lens[b], num_blocks = (T + block_size - 1) / block_size;
-      scores.resize(nq * T);
-      for (int64_t i = 0; i < nq * D; ++i) {
-        qf[i] = to_float(qp[(b * H + q0) * D + i]) * static_cast<float>(scale);
-        qb[i] = qp[(b * H + q0) * D + i];
-      }
+      const int64_t nj = L * nq;  // query vectors of the task: row-major over (row, head)
+      scores.resize(nj * T);
+      qf.resize(nj * D);
+      qb.resize(nj * D);
+      acc.assign(nj * D, 0.f);
+      for (int64_t r = 0; r < L; ++r)
+        for (int64_t i = 0; i < nq * D; ++i) {
+          const scalar_t v = qp[((r0 + r) * H + q0) * D + i];
+          qf[r * nq * D + i] = to_float(v) * static_cast<float>(scale);
+          qb[r * nq * D + i] = v;
+        }
       const int64_t* table = tables + b * max_blocks;
       // The task's first head in slot s of block i of this sequence, in `cache`.
       auto run_of = [&](const scalar_t* cache, int64_t i, int64_t s) -> const scalar_t* {
@@ -233,31 +249,35 @@ void paged_decode_attention_impl(
         for (int64_t s = 0; s < n; ++s) {
           prefetch_run(run_of(kp, i + 1, s), run_bytes);
           const scalar_t* k = run_of(kp, i, s);
-          for (int64_t j = 0; j < nq; ++j)
-            scores[j * T + t0 + s] = score(qb.data() + j * D, qf.data() + j * D, k + j / G * D);
+          for (int64_t j = 0; j < nj; ++j)
+            scores[j * T + t0 + s] = score(qb.data() + j * D, qf.data() + j * D, k + j % nq / G * D);
         }
       }
-      for (int64_t j = 0; j < nq; ++j) softmax_inplace(scores.data() + j * T, T);
-      std::fill(acc.begin(), acc.begin() + nq * D, 0.f);
+      for (int64_t j = 0; j < nj; ++j) {
+        const int64_t seen = T - L + j / nq + 1;  // the row's causal limit (T when L = 1)
+        softmax_inplace(scores.data() + j * T, seen);
+        std::fill(scores.begin() + j * T + seen, scores.begin() + (j + 1) * T, 0.f);
+      }
       for (int64_t i = 0; i < num_blocks; ++i) {
         const int64_t t0 = i * block_size, n = std::min(block_size, T - t0);
         for (int64_t s = 0; s < n; ++s) prefetch_run(run_of(vp, i + 1, s), run_bytes);
-        for (int64_t h = 0; h < heads_per_task; ++h)
-          weighted_block(scores.data() + h * G * T + t0, T, G, run_of(vp, i, 0) + h * D,
-                         slot_stride, n, D, acc.data() + h * G * D);
+        for (int64_t r = 0; r < L; ++r)
+          for (int64_t h = 0; h < heads_per_task; ++h)
+            weighted_block(scores.data() + (r * nq + h * G) * T + t0, T, G,
+                           run_of(vp, i, 0) + h * D, slot_stride, n, D,
+                           acc.data() + (r * nq + h * G) * D);
       }
-      for (int64_t i = 0; i < nq * D; ++i)
-        op[(b * H + q0) * D + i] = static_cast<scalar_t>(acc[i]);
+      for (int64_t r = 0; r < L; ++r)
+        for (int64_t i = 0; i < nq * D; ++i)
+          op[((r0 + r) * H + q0) * D + i] = static_cast<scalar_t>(acc[r * nq * D + i]);
     }
   });
 }
 
-}  // namespace
-
-void paged_decode_attention(
-    at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
-    at::Tensor context_lens, int64_t block_size, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be contiguous [B, H, D]");
+void check_paged_attention_args(const at::Tensor& out, const at::Tensor& q,
+                                const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_tables, const at::Tensor& context_lens) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be contiguous [N, H, D]");
   TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous(), "out must be like q");
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.stride(2) == 1 && k_cache.stride(1) == k_cache.size(2)
                   && k_cache.stride(0) == k_cache.size(1) * k_cache.size(2),
@@ -266,17 +286,53 @@ void paged_decode_attention(
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "heads must be a multiple of KV heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block_tables and context_lens must be int64");
+  TORCH_CHECK(block_tables.size(0) == context_lens.size(0), "one block table per sequence");
+}
+
+void run_paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& block_tables,
+                         const at::Tensor& context_lens, const int64_t* starts,
+                         int64_t block_size, double scale) {
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
-    paged_decode_attention_impl<scalar_t>(out, q, k_cache, v_cache, block_tables.contiguous(),
-                                          context_lens.contiguous(), block_size, scale);
+    paged_attention_impl<scalar_t>(out, q, k_cache, v_cache, block_tables.contiguous(),
+                                   context_lens.contiguous(), starts, block_size, scale);
   };
   switch (q.scalar_type()) {
     case at::kFloat: run(float{}); break;
     case at::kBFloat16: run(at::BFloat16{}); break;
     case at::kHalf: run(at::Half{}); break;
-    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
+    default: TORCH_CHECK(false, "paged attention: unsupported dtype ", q.scalar_type());
   }
+}
+
+}  // namespace
+
+void paged_decode_attention(
+    at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
+    at::Tensor context_lens, int64_t block_size, double scale) {
+  check_paged_attention_args(out, q, k_cache, v_cache, block_tables, context_lens);
+  TORCH_CHECK(q.size(0) == context_lens.size(0), "one query row per sequence");
+  run_paged_attention(out, q, k_cache, v_cache, block_tables, context_lens, nullptr, block_size,
+                      scale);
+}
+
+// Speculative verification: several query rows per sequence (see paged_attention_impl).
+void paged_verify_attention(
+    at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
+    at::Tensor context_lens, at::Tensor query_starts, int64_t block_size, double scale) {
+  check_paged_attention_args(out, q, k_cache, v_cache, block_tables, context_lens);
+  TORCH_CHECK(query_starts.scalar_type() == at::kLong && query_starts.dim() == 1
+                  && query_starts.size(0) == context_lens.size(0) + 1,
+              "query_starts must be int64 [B + 1]");
+  const auto starts = query_starts.contiguous();
+  const auto* sp = starts.data_ptr<int64_t>();
+  const auto* lp = context_lens.contiguous().data_ptr<int64_t>();
+  TORCH_CHECK(sp[0] == 0 && sp[context_lens.size(0)] == q.size(0), "query_starts must span q");
+  for (int64_t b = 0; b < context_lens.size(0); ++b)
+    TORCH_CHECK(sp[b + 1] > sp[b] && sp[b + 1] - sp[b] <= lp[b],
+                "each sequence needs 1 to context_len query rows");
+  run_paged_attention(out, q, k_cache, v_cache, block_tables, context_lens, sp, block_size, scale);
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w over the last dimension, in float32, rounded once.
@@ -613,6 +669,7 @@ bool has_amx() { return false; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
+  m.def("paged_verify_attention", &paged_verify_attention, "multi-token (speculative verification) attention over the paged KV pool");
   m.def("packed_bf16_linear", &packed_bf16_linear, "bfloat16 linear over packed weights (AVX512-BF16)");
   m.def("prefill_attention", &prefill_attention, "causal bfloat16 attention of a prefill chunk");
   m.def("amx_linear", &amx_linear, "bfloat16 linear over AMX-packed weights");
