@@ -19,6 +19,7 @@ import torch
 
 from xllm.config import EngineConfig
 from xllm.engine.kv_cache import KVCache
+from xllm.engine.multimodal import model_inputs
 from xllm.engine.rejection_sampler import RejectionSampler
 from xllm.engine.sampler import Sampler, SamplerOutput
 from xllm.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -42,6 +43,8 @@ class ModelRunner:
         self.device = device
         self.block_size = config.block_size
         self.model = load_model(config.model, model_config, dtype, device)
+        self.multimodal = hasattr(self.model, "encode_images")
+        """The model takes images (engine/multimodal.py); text-only steps never look."""
         self.kv_cache = KVCache(
             model_config.num_hidden_layers,
             num_blocks,
@@ -63,7 +66,11 @@ class ModelRunner:
         (those that verified drafts: in `SamplerOutput.verified` only)."""
         items = order_decodes_first(out.scheduled)
         input_ids, positions, meta = self._prepare(items)
-        hidden = self.model(input_ids, positions, meta)  # [N, hidden]
+        if self.multimodal and any(item.seq.mm is not None for item in items):
+            positions, image_embeds = model_inputs(self.model, items, positions)
+            hidden = self.model(input_ids, positions, meta, image_embeds)
+        else:
+            hidden = self.model(input_ids, positions, meta)  # [N, hidden]
         self.kv_cache.copy_blocks(out.block_copies)
         rows, seqs = sampling_rows(items, out.forks)
         verify_rows, verifying = verification_rows(items)

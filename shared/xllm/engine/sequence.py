@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import torch
     from xgrammar import GrammarMatcher
 
+    from xllm.engine.multimodal import MultimodalPrompt
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -84,6 +86,9 @@ class Sequence:
         self.grammar: GrammarMatcher | None = None
         """With `params.structured`: the grammar's matcher, past every output token (the
         engine sets it, engine/grammar.py). Terminated = the completion is over."""
+        self.mm: MultimodalPrompt | None = None
+        """A prompt with images: their spans, embeddings and M-RoPE positions
+        (engine/multimodal.py); None for text."""
 
     def __repr__(self) -> str:
         return (
@@ -126,7 +131,8 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def full_block_hashes(self, block_size: int) -> list[int]:
-        return extend_block_hashes(self.block_hashes, self.token_ids, block_size)
+        tokens = self.token_ids if self.mm is None else self.mm.hash_token_ids(self.token_ids)
+        return extend_block_hashes(self.block_hashes, tokens, block_size)
 
     def fork(self, index: int) -> Sequence:
         """A sibling with the same prompt and (shared) computed KV, before any output."""
@@ -136,6 +142,7 @@ class Sequence:
             priority=self.priority,
         )  # fmt: skip
         child.block_hashes = list(self.block_hashes)
+        child.mm = self.mm
         child.grammar = self.grammar.fork() if self.grammar is not None else None
         child.num_cached_tokens = self.num_cached_tokens
         child.status = SequenceStatus.RUNNING
