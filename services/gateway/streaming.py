@@ -48,6 +48,7 @@ from xllm.protocol import (
     DecodeError,
     ErrorCode,
     ErrorInfo,
+    ImageData,
     InstanceLost,
     Logprob,
     ProtocolError,
@@ -83,6 +84,8 @@ class GenerationRequest:
     skip_special_tokens: bool = True
     priority: int = 0
     """0 = online (HTTP); > 0 = offline jobs, which online work preempts."""
+    images: tuple[ImageData, ...] = ()
+    """The prompt's images (their placeholders already expanded in `prompt_token_ids`)."""
 
 
 @dataclass(slots=True)
@@ -350,6 +353,7 @@ class Generation:
             sampling=sampling,
             priority=self.req.priority,
             model=self.req.model,
+            images=list(self.req.images),
         )
         submit = SubmitRequest(
             request_id=self.attempt_id, request=request, arrival_time=time.time(), resumed=resumed

@@ -21,6 +21,7 @@ Text-only requests have `Sequence.mm = None` and never reach this module.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ from xllm.image_processor import (
     process_image,
 )
 from xllm.models.qwen2_vl import mrope_positions
+from xllm.protocol.types import ImageData
 
 if TYPE_CHECKING:
     from xllm.engine.scheduler import ScheduledSeq
@@ -88,6 +90,18 @@ class MultimodalPrompt:
         if past < start + n:
             parts.append(torch.arange(past, start + n).expand(3, -1) + self.delta)
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def decode_images(
+    images: Sequence[ImageData], config: ImageProcessorConfig | None
+) -> list[ImageInput] | None:
+    """A request's images as the engine takes them (None for none); ValueError if the model
+    takes no images or one is unreadable."""
+    if not images:
+        return None
+    if config is None:
+        raise ValueError("this model does not take images")
+    return [ImageInput.from_bytes(image.data, config) for image in images]
 
 
 def build_prompt(

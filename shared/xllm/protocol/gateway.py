@@ -18,9 +18,9 @@ from xllm.protocol.instance import Heartbeat
 from xllm.protocol.types import RequestSpec
 
 
-# v4: `request.sampling.structured` (a grammar). v3: prompt, sampling, priority and model
-# moved into `request` (v2 is not read).
-@message("submit", version=4, oldest=3)
+# v5: `request.images`. v4: `request.sampling.structured` (a grammar). v3: prompt, sampling,
+# priority and model moved into `request` (v2 is not read).
+@message("submit", version=5, oldest=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitRequest:
     """gateway → scheduler: place this request and start it."""
