@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import greedy, make_engine
+from conftest import greedy, handed_over, make_engine
 from test_qwen2_vl_vs_hf import chat_ids, noise_images
 
 from xllm.engine.multimodal import ImageInput, random_image_bytes
@@ -127,6 +127,18 @@ def test_prefix_cache_tells_images_apart(model_dir, hf):
     assert cached["b"] <= image_start
     assert tokens_b["b"] == hf_generate(hf, expanded(engine, prompt, other), other)
     assert tokens_b["b"] != tokens_a["a"]
+
+
+def test_pd_handoff_with_images_gives_the_same_tokens(model_dir):
+    """The prefill side encodes and prefills; the decode side decodes with the M-RoPE delta
+    of the same images (the decode instance gets the request too)."""
+    images = image_inputs(model_dir, IMAGE_SIZES["two"])
+    prompt = chat_ids(model_dir, 2)
+    colocated, _ = run(make_engine(model_dir), {"r": (prompt, images)})
+    _, tokens = handed_over(
+        make_engine(model_dir), make_engine(model_dir), prompt, greedy(NEW_TOKENS), images
+    )
+    assert tokens == colocated["r"]
 
 
 def test_bad_images_are_rejected_and_change_nothing(model_dir):
