@@ -78,8 +78,8 @@ def expanded(engine, request_id_prompt, images):
     return prompt
 
 
-@pytest.mark.parametrize("case", IMAGE_SIZES)
-@pytest.mark.parametrize("chunk", [None, 7])
+# A 7-token budget cuts the prompt into chunks that start and end inside images.
+@pytest.mark.parametrize(("case", "chunk"), [("one", None), ("two", None), ("two", 7)])
 def test_greedy_with_images_matches_transformers(model_dir, hf, case, chunk):
     options = {"max_num_batched_tokens": chunk} if chunk else {}
     engine = make_engine(model_dir, **options)
@@ -90,9 +90,14 @@ def test_greedy_with_images_matches_transformers(model_dir, hf, case, chunk):
         t * h * w // 4 - 1 for t, h, w in (i.grid_thw for i in images)
     )
     text_prompt = chat_ids(model_dir, 0)
-    tokens, _ = run(engine, {"image": (prompt, images), "text": (text_prompt, None)})
+    others = image_inputs(model_dir, IMAGE_SIZES[case][::-1], seed=1)  # encoded in the same step
+    tokens, _ = run(
+        engine,
+        {"image": (prompt, images), "text": (text_prompt, None), "other": (prompt, others)},
+    )
     assert tokens["image"] == hf_generate(hf, full_prompt, images)
     assert tokens["text"] == hf_generate(hf, text_prompt, [])
+    assert tokens["other"] == hf_generate(hf, expanded(engine, prompt, others), others)
     assert len(set(tokens["image"])) > 3, "degenerate model output makes this test meaningless"
 
 

@@ -65,7 +65,7 @@ class ImageInput:
         )
 
 
-@dataclass
+@dataclass(eq=False)  # identity: one per sequence (and its forks)
 class MultimodalPrompt:
     image_token_id: int
     images: list[ImageInput]
@@ -76,6 +76,9 @@ class MultimodalPrompt:
     """Tokens past the prompt are at position index + delta (on all three axes)."""
     hash_prompt: list[int] = field(repr=False, default_factory=list)
     """The prompt as the block hashes see it: placeholders replaced by -content hash."""
+    embeddings: list[torch.Tensor | None] = field(repr=False, default_factory=list)
+    """Per image: [tokens, hidden], given or encoded on first need; kept while the sequence
+    lives (a preempted sequence recomputes its prompt without encoding again)."""
 
     def hash_token_ids(self, token_ids: list[int]) -> list[int]:
         return self.hash_prompt + token_ids[len(self.hash_prompt) :]
@@ -136,7 +139,10 @@ def build_prompt(
         spans.append((start, count))
         hash_prompt[start : start + count] = [-image.content_hash - 1] * count
         i = start + count
-    return token_ids, MultimodalPrompt(image_token_id, images, spans, positions, delta, hash_prompt)
+    embeddings = [image.embeddings for image in images]
+    return token_ids, MultimodalPrompt(
+        image_token_id, images, spans, positions, delta, hash_prompt, embeddings
+    )
 
 
 def expand(prompt_token_ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:
@@ -167,11 +173,12 @@ def model_inputs(
         mm, start, n = item.seq.mm, item.seq.num_computed_tokens, item.num_new_tokens
         if mm is not None:
             rope[:, row : row + n] = mm.rope_positions(start, n).to(device)
-            for (span_start, count), image in zip(mm.spans, mm.images, strict=True):
+            for (span_start, count), embedding in zip(mm.spans, mm.embeddings, strict=True):
                 lo, hi = max(start, span_start), min(start + n, span_start + count)
                 if lo < hi:
+                    assert embedding is not None, "encoded by _encode_needed"
                     rows.append(torch.arange(lo - start + row, hi - start + row))
-                    embeds.append(image.embeddings[lo - span_start : hi - span_start])
+                    embeds.append(embedding[lo - span_start : hi - span_start])
         row += n
     if not rows:
         return rope, None
@@ -181,25 +188,25 @@ def model_inputs(
 def _encode_needed(model: torch.nn.Module, items: list[ScheduledSeq], device) -> None:
     """Run the vision tower, in one call, on every image this step's chunks reach that has
     no embeddings yet."""
-    needed: list[ImageInput] = []
+    needed: list[tuple[MultimodalPrompt, int]] = []  # (prompt, image index)
     for item in items:
         mm, start, n = item.seq.mm, item.seq.num_computed_tokens, item.num_new_tokens
         if mm is None:
             continue
-        for (span_start, count), image in zip(mm.spans, mm.images, strict=True):
+        for k, (span_start, count) in enumerate(mm.spans):
             overlaps = span_start < start + n and start < span_start + count
-            if overlaps and image.embeddings is None:
-                needed.append(image)
+            if overlaps and mm.embeddings[k] is None:
+                needed.append((mm, k))
     if not needed:
         return
-    dtype = model.visual.dtype
-    pixels = torch.cat([image.pixel_values for image in needed]).to(device, dtype)
-    grids = [image.grid_thw for image in needed]
+    images = [mm.images[k] for mm, k in needed]
+    pixels = torch.cat([image.pixel_values for image in images]).to(device, model.visual.dtype)
+    grids = [image.grid_thw for image in images]
     embeddings = model.encode_images(pixels, grids)  # [sum tokens, hidden]
     merge = model.vision_config.spatial_merge_size
     sizes = [num_image_tokens(grid, merge) for grid in grids]
-    for image, part in zip(needed, embeddings.split(sizes), strict=True):
-        image.embeddings = part
+    for (mm, k), part in zip(needed, embeddings.split(sizes), strict=True):
+        mm.embeddings[k] = part
 
 
 def random_image_bytes(height: int, width: int, seed: int = 0, fmt: str = "PNG") -> bytes:
