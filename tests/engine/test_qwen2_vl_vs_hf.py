@@ -117,3 +117,23 @@ def test_prompt_logits_match_transformers(model_dir, hf, hf_image_processor, cas
     with torch.no_grad():
         imageless = hf(input_ids=input_ids).logits[0]
     assert not torch.allclose(ours, imageless, atol=1e-2)
+
+
+def test_a_checkpoint_saved_by_transformers_5_loads_the_same(model_dir, hf, tmp_path):
+    """transformers 5 nests the language model's config (`text_config`, M-RoPE in its
+    `rope_parameters`) and names tensors `model.language_model.*`: the same model loads."""
+    import shutil
+
+    from xllm.models.config import ModelConfig
+    from xllm.models.registry import load_model
+
+    hf.save_pretrained(tmp_path)
+    assert "text_config" in (tmp_path / "config.json").read_text()
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(f"{model_dir}/{name}", tmp_path)
+    cpu = torch.device("cpu")
+    ours = load_model(model_dir, ModelConfig.from_dir(model_dir), torch.float32, cpu)
+    saved = load_model(tmp_path, ModelConfig.from_dir(tmp_path), torch.float32, cpu)
+    assert saved.model.mrope_section == ours.model.mrope_section == [4, 6, 6]
+    theirs = dict(saved.named_parameters())
+    assert all(torch.equal(p, theirs[name]) for name, p in ours.named_parameters())

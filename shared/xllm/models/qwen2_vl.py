@@ -32,7 +32,9 @@ DEFAULT_MROPE_SECTION = (16, 24, 24)
 class Qwen2VLTextModel(LlamaModel):
     def __init__(self, config: ModelConfig, dtype: torch.dtype):
         super().__init__(config, dtype, LlamaDecoderLayer)
-        scaling = config.rope_scaling or {}
+        # Hub checkpoints say `rope_scaling: {type: mrope, ...}`, transformers 5 writes the
+        # section into a `rope_parameters` of type default.
+        scaling = config.rope_scaling or config.raw.get("rope_parameters") or {}
         self.mrope_section = list(scaling.get("mrope_section", DEFAULT_MROPE_SECTION))
         if sum(self.mrope_section) * 2 != config.head_dim:
             raise ValueError(
