@@ -132,6 +132,10 @@ def test_prefix_cache_tells_images_apart(model_dir, hf):
     assert cached["b"] <= image_start
     assert tokens_b["b"] == hf_generate(hf, expanded(engine, prompt, other), other)
     assert tokens_b["b"] != tokens_a["a"]
+    # Images given without a content hash are told apart by their pixels.
+    unhashed = [ImageInput(i.grid_thw, i.pixel_values) for i in other]
+    tokens_c, cached = run(engine, {"c": (prompt, unhashed)})
+    assert cached["c"] <= image_start and tokens_c["c"] == tokens_b["b"]
 
 
 def test_pd_handoff_with_images_gives_the_same_tokens(model_dir):

@@ -30,6 +30,7 @@ import torch
 
 from xllm.image_processor import (
     ImageProcessorConfig,
+    image_hash,
     num_image_tokens,
     open_image,
     process_image,
@@ -137,12 +138,22 @@ def build_prompt(
     for image, count in zip(images, counts, strict=True):
         start = token_ids.index(image_token_id, i)
         spans.append((start, count))
-        hash_prompt[start : start + count] = [-image.content_hash - 1] * count
+        hash_prompt[start : start + count] = [-content_hash(image) - 1] * count
         i = start + count
     embeddings = [image.embeddings for image in images]
     return token_ids, MultimodalPrompt(
         image_token_id, images, spans, positions, delta, hash_prompt, embeddings
     )
+
+
+def content_hash(image: ImageInput) -> int:
+    """The image's given hash, else one of its pixels (or embeddings): never a shared
+    default, which would let two images share cached blocks."""
+    if image.content_hash:
+        return image.content_hash
+    tensor = image.pixel_values if image.pixel_values is not None else image.embeddings
+    assert tensor is not None
+    return image_hash(tensor.detach().float().cpu().numpy())
 
 
 def expand(prompt_token_ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:
