@@ -147,7 +147,9 @@ async def _fetch(url: str, param: str, config: GatewayConfig) -> bytes:
                 raise invalid(f"{param}: fetching the image gave HTTP {response.status}", param)
             data = await response.content.read(config.max_image_bytes + 1)
     except (aiohttp.ClientError, TimeoutError) as e:
-        raise invalid(f"{param}: cannot fetch the image: {str(e) or type(e).__name__}", param) from None
+        raise invalid(
+            f"{param}: cannot fetch the image: {str(e) or type(e).__name__}", param
+        ) from None
     if len(data) > config.max_image_bytes:
         raise _too_large(param, config)
     return data
