@@ -45,6 +45,24 @@ class GatewayConfig(SloConfig):
         1.0, "Seconds to wait for the scheduler's cluster view (/health, /cluster, /metrics)."
     )
 
+    max_images_per_request: int = option(4, "Most images in one chat request (400 beyond).")
+    max_image_bytes: int = option(512 * 1024, "Largest encoded image accepted (400 beyond).")
+    max_request_image_bytes: int = option(
+        768 * 1024,
+        "Most image bytes in one request (400 beyond): they travel inside its NATS messages, "
+        "which the server caps (1 MB by default).",
+    )
+    max_image_pixels: int = option(
+        4096 * 4096, "Largest image, in pixels, accepted (checked before it is decoded)."
+    )
+    image_local_dir: str = option(
+        "", "Folder whose files `file://` image URLs may name; empty = local files refused."
+    )
+    image_url_hosts: str = option(
+        "", "Comma-separated hosts whose http(s) image URLs are fetched; empty = none."
+    )
+    image_fetch_timeout: float = option(5.0, "Seconds an http(s) image may take to fetch.")
+
     def validate(self) -> None:
         checks = [
             (bool(self.model), "give the model folder with --model (or XLLM_MODEL)"),
@@ -57,6 +75,10 @@ class GatewayConfig(SloConfig):
             (self.placement_wait >= 0, "--placement-wait cannot be negative"),
             (self.offline_concurrency >= 0, "--offline-concurrency cannot be negative"),
             (self.cluster_timeout > 0, "--cluster-timeout must be positive"),
+            (self.max_images_per_request >= 0, "--max-images-per-request cannot be negative"),
+            (self.max_image_bytes > 0, "--max-image-bytes must be positive"),
+            (self.max_image_pixels > 0, "--max-image-pixels must be positive"),
+            (self.image_fetch_timeout > 0, "--image-fetch-timeout must be positive"),
         ]
         for ok, message in checks:
             if not ok:

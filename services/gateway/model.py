@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xllm.image_processor import ImageProcessorConfig
 from xllm.tokenizer import Tokenizer
 
 
@@ -25,6 +26,10 @@ class ModelInfo:
     """Context length: prompt plus output tokens."""
     vocab_size: int
     """The model's vocabulary (config.json's, which may be padded past the tokenizer's)."""
+    image_token_id: int | None = None
+    """The placeholder an image's tokens are made of (models that take images)."""
+    image_processor: ImageProcessorConfig | None = None
+    """How the instances size images, hence how many tokens each becomes; None = text only."""
     created: int = field(default_factory=lambda: int(time.time()))
     _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
 
@@ -36,8 +41,9 @@ class ModelInfo:
             raise FileNotFoundError(
                 f"{folder} has no config.json; give a model folder with --model"
             )
-        config = json.loads(config_file.read_text())
-        config = config.get("text_config", config)  # multimodal configs nest the LM's
+        raw = json.loads(config_file.read_text())
+        config = raw.get("text_config", raw)  # multimodal configs nest the LM's
+        image_token_id = raw.get("image_token_id")
         tokenizer = Tokenizer(folder)
         context = config.get("max_position_embeddings")
         if max_model_len <= 0 and not context:
@@ -48,6 +54,8 @@ class ModelInfo:
             tokenizer=tokenizer,
             max_model_len=max_model_len if max_model_len > 0 else int(context),
             vocab_size=max(int(config.get("vocab_size", 0)), tokenizer.vocab_size),
+            image_token_id=image_token_id,
+            image_processor=ImageProcessorConfig.from_dir(folder) if image_token_id else None,
         )
 
     def token_text(self, token_id: int) -> str:

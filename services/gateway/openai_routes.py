@@ -17,6 +17,7 @@ from dataclasses import replace
 from aiohttp import web
 
 from services.gateway.errors import classify, invalid
+from services.gateway.images import load_images
 from services.gateway.parsing import (
     ApiRequest,
     chat_prompt,
@@ -57,7 +58,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     body = await read_json(request)
-    api = parse_chat(body, gw.model) if chat else parse_completion(body, gw.model)
+    api = await parse_request(body, gw, chat=chat)
     with gw.admit():
         gen = gw.generation(api.gen)
         try:
@@ -73,7 +74,7 @@ async def generate_offline(gw: Gateway, body: dict, *, chat: bool, priority: int
     """The JSON response an HTTP client would get for `body`, for an offline job: the same
     parsing and rendering, never streamed, at `priority`, outside --max-inflight (offline
     work has its own concurrency). Raises what the HTTP route would turn into an error."""
-    api = parse_chat(body, gw.model) if chat else parse_completion(body, gw.model)
+    api = await parse_request(body, gw, chat=chat)
     api = replace(api, stream=False, gen=replace(api.gen, priority=priority))
     gen = gw.generation(api.gen)
     try:
@@ -81,6 +82,12 @@ async def generate_offline(gw: Gateway, body: dict, *, chat: bool, priority: int
             return await _collect(gw, api, gen)
     finally:
         gw.metrics.observe_generation(gen)
+
+
+async def parse_request(body: dict, gw: Gateway, *, chat: bool) -> ApiRequest:
+    if not chat:
+        return parse_completion(body, gw.model)
+    return parse_chat(body, gw.model, await load_images(body, gw.model, gw.config))
 
 
 async def _collect(gw: Gateway, api: ApiRequest, gen: Generation) -> dict:

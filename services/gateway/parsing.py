@@ -32,7 +32,7 @@ from services.gateway.model import ModelInfo
 from services.gateway.streaming import GenerationRequest
 from services.gateway.structured import structured_output
 from services.gateway.tools import ToolCalling, tool_calling
-from xllm.protocol import ErrorCode, SamplingParams, StructuredOutput
+from xllm.protocol import ErrorCode, ImageData, SamplingParams, StructuredOutput
 
 MAX_N = 128
 """Most completions per request: each costs the gateway a detokenizer and the engine a
@@ -98,7 +98,8 @@ def parse_completion(body: dict, model: ModelInfo) -> ApiRequest:
     return _api_request(body, model, prompt, max_tokens, logprobs, structured, chat=False)
 
 
-def parse_chat(body: dict, model: ModelInfo) -> ApiRequest:
+def parse_chat(body: dict, model: ModelInfo, images: list[ImageData] | None = None) -> ApiRequest:
+    """`images`: the image parts' images, read and checked (images.load_images)."""
     check_model(body, model)
     _unsupported(body, functions=[], logit_bias={})
     calling, structured, tools = tool_calling(body)
@@ -108,7 +109,7 @@ def parse_chat(body: dict, model: ModelInfo) -> ApiRequest:
                 "a forced tool call and an output constraint exclude each other", "tool_choice"
             )
         structured = also
-    prompt = chat_prompt(body, model, tools)
+    prompt = chat_prompt(body, model, tools, images)
     top = json_field(body, "top_logprobs", "an integer")
     if json_field(body, "logprobs", "a boolean", False):
         logprobs = 0 if top is None else top
@@ -120,7 +121,8 @@ def parse_chat(body: dict, model: ModelInfo) -> ApiRequest:
     if max_tokens is None:
         max_tokens = json_field(body, "max_tokens", "an integer")
     api = _api_request(body, model, prompt, max_tokens, logprobs, structured, chat=True)
-    return dataclasses.replace(api, tool_calling=calling)
+    gen = dataclasses.replace(api.gen, images=tuple(images or ()))
+    return dataclasses.replace(api, tool_calling=calling, gen=gen)
 
 
 def _api_request(
@@ -309,9 +311,11 @@ def _completion_prompt(body: dict, model: ModelInfo) -> list[int]:
     raise invalid("`prompt` must be a string or an array of token ids", "prompt")
 
 
-def chat_prompt(body: dict, model: ModelInfo, tools: list | None = None) -> list[int]:
+def chat_prompt(
+    body: dict, model: ModelInfo, tools: list | None = None, images: list[ImageData] | None = None
+) -> list[int]:
     """The chat template applied to `messages` (and `tools`, as HF templates take them),
-    tokenized."""
+    tokenized; with `images`, each image's placeholder repeated to its token count."""
     messages = json_field(body, "messages", "an array")
     if not messages:
         raise invalid("`messages` must be a non-empty array", "messages")
@@ -323,16 +327,33 @@ def chat_prompt(body: dict, model: ModelInfo, tools: list | None = None) -> list
     tokenizer = model.tokenizer
     try:
         text = tokenizer.apply_chat_template(
-            [_message(m, i) for i, m in enumerate(messages)],
+            [_message(m, i, bool(images)) for i, m in enumerate(messages)],
             add_generation_prompt=add_generation_prompt,
             **kwargs,
         )
     except (ValueError, TypeError, TemplateError) as e:
         raise invalid(f"cannot apply the chat template: {e}", "messages") from None
-    return tokenizer.encode(text, add_special_tokens=add_special)
+    prompt = tokenizer.encode(text, add_special_tokens=add_special)
+    return expand_image_placeholders(prompt, model, images) if images else prompt
 
 
-def _message(message: Any, i: int) -> dict:
+def expand_image_placeholders(
+    prompt: list[int], model: ModelInfo, images: list[ImageData]
+) -> list[int]:
+    """Each image's one placeholder (as the chat template renders it) -> `num_tokens` of
+    them, so the context check and the usage count image tokens."""
+    pad = model.image_token_id
+    if prompt.count(pad) != len(images):
+        raise invalid(
+            f"the chat template rendered {prompt.count(pad)} image placeholders for "
+            f"{len(images)} images",
+            "messages",
+        )
+    counts = iter(image.num_tokens for image in images)
+    return [t for token in prompt for t in ([token] * next(counts) if token == pad else [token])]
+
+
+def _message(message: Any, i: int, with_images: bool = False) -> dict:
     param = f"messages[{i}]"
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise invalid(f"{param} must be an object with a string `role`", param)
@@ -341,13 +362,21 @@ def _message(message: Any, i: int) -> dict:
         return message
     if not isinstance(content, list):
         raise invalid(f"{param}.content must be a string or an array of parts", param)
-    texts = []
+    texts, parts = [], []
     for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text":
-            raise invalid(f"{param}: only text content parts are supported", param)
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image_url" and with_images:  # read by images.load_images
+            parts.append({"type": "image_url"})  # the template renders its placeholder
+            continue
+        if kind != "text":
+            allowed = "text and image_url" if with_images else "text"
+            raise invalid(f"{param}: only {allowed} content parts are supported", param)
         if not isinstance(part.get("text"), str):
             raise invalid(f"{param}: a text part needs a string `text`", param)
         texts.append(part["text"])
+        parts.append({"type": "text", "text": part["text"]})
+    if len(parts) > len(texts):  # images: the template places them among the text
+        return message | {"content": parts}
     return message | {"content": "".join(texts)}
 
 

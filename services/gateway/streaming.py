@@ -49,6 +49,7 @@ from xllm.protocol import (
     DecodeError,
     ErrorCode,
     ErrorInfo,
+    ImageData,
     InstanceLost,
     Logprob,
     ProtocolError,
@@ -84,6 +85,8 @@ class GenerationRequest:
     skip_special_tokens: bool = True
     priority: int = 0
     """0 = online (HTTP); > 0 = offline jobs, which online work preempts."""
+    images: tuple[ImageData, ...] = ()
+    """The prompt's images (their placeholders already expanded in `prompt_token_ids`)."""
 
 
 @dataclass(slots=True)
@@ -357,6 +360,7 @@ class Generation:
             sampling=sampling,
             priority=self.req.priority,
             model=self.req.model,
+            images=list(self.req.images),
         )
         submit = SubmitRequest(
             request_id=self.attempt_id, request=request, arrival_time=time.time(), resumed=resumed

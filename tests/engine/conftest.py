@@ -99,16 +99,17 @@ def random_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def handed_over(
-    prefill: Engine, decode: Engine, prompt: list[int], params: SamplingParams
+    prefill: Engine, decode: Engine, prompt: list[int], params: SamplingParams, images=None
 ) -> tuple[object, list[int]]:
     """A PD handoff between two engines of one process: `prefill` computes the prompt and
     samples the first token, its KV is copied block by block into `decode`'s reservation
     (as Mooncake writes it between instances), and `decode` runs the rest. Returns what
     `commit_remote_prefill` said (the finish reason, if the first token ended it) and every
-    output token."""
-    prefill.add_request("r", prompt, params, prefill_only=True)
+    output token. `images`: the prompt's images (both sides get them, as both get the
+    request)."""
+    prefill.add_request("r", prompt, params, prefill_only=True, images=images)
     (first,) = prefill.step()
-    reservation = decode.reserve_remote_prefill("r", prompt, params)
+    reservation = decode.reserve_remote_prefill("r", prompt, params, images=images)
     bs = prefill.config.block_size
     source, target = prefill.runner.kv_cache.tensor, decode.runner.kv_cache.tensor
     for src, dst in zip(prefill.prefilled_block_ids("r"), reservation.fill_block_ids, strict=True):

@@ -56,6 +56,7 @@ def strategy_for(tp: typing.Any) -> st.SearchStrategy:
         int: INT64,
         float: st.floats(allow_nan=False),  # NaN != NaN would fail equality, not the codec
         str: st.text(max_size=12),
+        bytes: st.binary(max_size=12),
         bool: st.booleans(),
         type(None): st.none(),
     }

@@ -27,12 +27,14 @@ from xllm.engine.block_manager import BlockManager
 from xllm.engine.item_trie import ItemTrie
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.model_runner import ModelRunner, is_decode
+from xllm.engine.multimodal import ImageInput, MultimodalPrompt, build_prompt
 from xllm.engine.proposer import make_proposer
 from xllm.engine.scheduler import Scheduler, SchedulerOutput, offline_token_budget
 from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
 from xllm.engine.speculation import AdaptiveSpeculation, SpeculativeStep
 from xllm.engine.step_stats import record_first_token, record_step
 from xllm.engine.swap import SwapSpace
+from xllm.image_processor import ImageProcessorConfig
 from xllm.models.config import ModelConfig, parse_dtype
 from xllm.ops import use_native_kernels
 from xllm.platform import default_dtype, select_device
@@ -145,6 +147,10 @@ class Engine:
             from xllm.engine.kv_tiers import make_tiers
 
             self.tiers = make_tiers(config, self.runner.kv_cache, self.block_manager)
+        self.image_processor: ImageProcessorConfig | None = None
+        """How to turn an image into the vision tower's input (models that take images)."""
+        if self.runner.multimodal:
+            self.image_processor = ImageProcessorConfig.from_dir(config.model)
         self.sequences: dict[str, list[Sequence]] = {}
         self.num_draft_tokens = 0
         """Cumulative speculative drafts verified, and kept (over every sequence)."""
@@ -200,16 +206,19 @@ class Engine:
         params: SamplingParams,
         prefill_only: bool = False,
         priority: int = 0,
+        images: list[ImageInput] | None = None,
     ) -> None:
         """Queue a request; raises ValueError (and changes nothing) when it is invalid —
         `RequestRejected` with its code where the code is not plain INVALID_REQUEST.
 
         `prefill_only` (prefill role): stop after the first token, whose delta says
         `prefilled`, and hold the prompt's blocks until `release_prefilled`. `priority`:
-        0 = online, > 0 = offline (served after online work, preempted first).
+        0 = online, > 0 = offline (served after online work, preempted first). `images`:
+        the prompt's images in order, each placeholder expanded to its token count.
         """
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_token_ids, mm = self._multimodal_prompt(prompt_token_ids, images)
         self.validate(prompt_token_ids, params, disaggregated=prefill_only)
         if priority < 0:
             raise ValueError(f"priority must be 0 (online) or more (offline), got {priority}")
@@ -221,6 +230,7 @@ class Engine:
         seq = Sequence(
             request_id, prompt_token_ids, params, prefill_only=prefill_only, priority=priority
         )
+        seq.mm = mm
         seq.grammar = self._grammar_matcher(prompt_token_ids, params)
         self.sequences[request_id] = [seq] if prefill_only else self._beams(seq)
         if self.tiers is not None and self.config.enable_prefix_caching:
@@ -260,6 +270,17 @@ class Engine:
             )
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
+    def _multimodal_prompt(
+        self, prompt_token_ids: list[int], images: list[ImageInput] | None
+    ) -> tuple[list[int], MultimodalPrompt | None]:
+        if not images:
+            return prompt_token_ids, None
+        model = self.runner.model
+        if not self.runner.multimodal:
+            raise ValueError(f"the model {self.model_config.architecture} does not take images")
+        merge = model.vision_config.spatial_merge_size
+        return build_prompt(prompt_token_ids, images, model.image_token_id, merge)
 
     def _grammar_matcher(
         self, prompt_token_ids: list[int], params: SamplingParams
@@ -315,6 +336,7 @@ class Engine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        images: list[ImageInput] | None = None,
     ) -> Reservation | None:
         """Decode side: hold blocks for a prompt another instance prefills; None if the pool
         is short. Raises ValueError when the request is invalid.
@@ -324,8 +346,10 @@ class Engine:
         done or failed, or the late bytes land in another request's blocks."""
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_token_ids, mm = self._multimodal_prompt(prompt_token_ids, images)
         self.validate(prompt_token_ids, params, disaggregated=True)
         seq = Sequence(request_id, prompt_token_ids, params, priority=priority)
+        seq.mm = mm  # decoding needs its M-RoPE delta
         seq.grammar = self._grammar_matcher(prompt_token_ids, params)
         seqs = self._beams(seq)
         if not self.scheduler.reserve(seq):

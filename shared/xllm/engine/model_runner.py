@@ -21,6 +21,7 @@ import torch
 from xllm.config import EngineConfig
 from xllm.engine.batch_layout import CHUNK, DECODE, VERIFY, Run, lay_out
 from xllm.engine.kv_cache import KVCache
+from xllm.engine.multimodal import model_inputs
 from xllm.engine.rejection_sampler import RejectionSampler
 from xllm.engine.sampler import Sampler, SamplerOutput
 from xllm.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -47,6 +48,8 @@ class ModelRunner:
         self.device = device
         self.block_size = config.block_size
         self.model = load_model(config.model, model_config, dtype, device)
+        self.multimodal = hasattr(self.model, "encode_images")
+        """The model takes images (engine/multimodal.py); text-only steps never look."""
         self.kv_cache = KVCache(
             model_config.num_hidden_layers,
             num_blocks,
@@ -78,7 +81,11 @@ class ModelRunner:
             self.draft.propose([i for i in items if i.draft_token_ids])
             self.draft.mirror([i for i in items if run_kind(i) == CHUNK])
         input_ids, positions, meta = self._prepare(items)
-        hidden = self.model(input_ids, positions, meta)  # [N, hidden]
+        if self.multimodal and any(item.seq.mm is not None for item in items):
+            positions, image_embeds = model_inputs(self.model, items, positions)
+            hidden = self.model(input_ids, positions, meta, image_embeds)
+        else:
+            hidden = self.model(input_ids, positions, meta)  # [N, hidden]
         self.kv_cache.copy_blocks(out.block_copies)
         rows, seqs = sampling_rows(items, out.forks)
         verify_rows, verifying = verification_rows(items)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from xgrammar import GrammarMatcher
 
     from xllm.engine.beam_search import BeamGroup
+    from xllm.engine.multimodal import MultimodalPrompt
 
 
 class SequenceStatus(enum.Enum):
@@ -88,6 +89,9 @@ class Sequence:
         engine sets it, engine/grammar.py). Terminated = the completion is over."""
         self.beam: BeamGroup | None = None
         """A beam of a beam search: its group picks its tokens (engine/beam_search.py)."""
+        self.mm: MultimodalPrompt | None = None
+        """A prompt with images: their spans, embeddings and M-RoPE positions
+        (engine/multimodal.py); None for text."""
 
     def __repr__(self) -> str:
         return (
@@ -130,7 +134,8 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def full_block_hashes(self, block_size: int) -> list[int]:
-        return extend_block_hashes(self.block_hashes, self.token_ids, block_size)
+        tokens = self.token_ids if self.mm is None else self.mm.hash_token_ids(self.token_ids)
+        return extend_block_hashes(self.block_hashes, tokens, block_size)
 
     def fork(self, index: int) -> Sequence:
         """A sibling with the same prompt and (shared) computed KV, before any output."""
@@ -140,6 +145,7 @@ class Sequence:
             priority=self.priority,
         )  # fmt: skip
         child.block_hashes = list(self.block_hashes)
+        child.mm = self.mm
         child.grammar = self.grammar.fork() if self.grammar is not None else None
         child.num_cached_tokens = self.num_cached_tokens
         child.status = SequenceStatus.RUNNING

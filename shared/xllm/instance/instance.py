@@ -36,6 +36,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from xllm.engine.engine import Engine
+from xllm.engine.multimodal import decode_images
 from xllm.instance.config import InstanceConfig
 from xllm.instance.early_aborts import EarlyAborts
 from xllm.instance.heartbeat import build_heartbeat
@@ -302,6 +303,7 @@ class Instance:
                 list(request.prompt_token_ids),
                 request.sampling,
                 priority=request.priority,
+                images=decode_images(request.images, self.engine.image_processor),
             )
         except ValueError as e:
             await self._send(error_delta(cmd.request_id, rejection(e)))

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xllm.engine.engine import Engine
+from xllm.engine.multimodal import decode_images
 from xllm.instance.early_aborts import EarlyAborts
 from xllm.instance.lost_peers import LostPeers
 from xllm.instance.wire import (
@@ -207,6 +208,7 @@ class DecodeSide:
                 list(cmd.request.prompt_token_ids),
                 cmd.request.sampling,
                 priority=cmd.request.priority,
+                images=decode_images(cmd.request.images, self.engine.image_processor),
             )
         except ValueError as e:
             del self.requests[cmd.request_id]

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xllm.engine.engine import Engine, SequenceOutput
+from xllm.engine.multimodal import decode_images
 from xllm.instance.early_aborts import EarlyAborts
 from xllm.instance.lost_peers import LostPeers
 from xllm.instance.wire import ABORTED, SendCmd, rejection
@@ -114,6 +115,7 @@ class PrefillSide:
                 cmd.request.sampling,
                 prefill_only=True,
                 priority=cmd.request.priority,
+                images=decode_images(cmd.request.images, self.engine.image_processor),
             )
         except ValueError as e:
             await self._answer(cmd, error=rejection(e))

@@ -95,6 +95,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], eos_token_ids: tuple[int, ...] = ()) -> ModelConfig:
         architectures = raw.get("architectures") or []
+        # Multimodal configs saved by transformers 5 nest the language model's keys.
+        raw = {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
         if not architectures:
             raise ValueError("config.json names no `architectures`")
         heads = raw["num_attention_heads"]
@@ -117,8 +119,10 @@ class ModelConfig:
             rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             rope_scaling=rope_scaling,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            # Qwen2 always has q/k/v bias; Llama and Qwen3 say so with `attention_bias`.
-            attention_bias=raw.get("attention_bias", model_type == "qwen2"),
+            # Qwen2 (and Qwen2-VL) always has q/k/v bias; Llama and Qwen3 say so with `attention_bias`.
+            attention_bias=raw.get(
+                "attention_bias", model_type in ("qwen2", "qwen2_vl", "qwen2_vl_text")
+            ),
             dtype=dtype_name(str(raw.get("torch_dtype") or raw.get("dtype") or "float32")),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_token_ids or _as_tuple(raw.get("eos_token_id")),

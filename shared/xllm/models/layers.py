@@ -127,7 +127,7 @@ def scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any] | None) -> to
     if not scaling:
         return inv_freq
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind == "default":
+    if kind in ("default", "mrope"):  # M-RoPE moves positions, not frequencies (qwen2_vl.py)
         return inv_freq
     if kind == "linear":
         return inv_freq / scaling["factor"]

@@ -16,6 +16,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "xllm.models.llama",
     "Qwen2ForCausalLM": "xllm.models.qwen2",
     "Qwen3ForCausalLM": "xllm.models.qwen3",
+    "Qwen2VLForConditionalGeneration": "xllm.models.qwen2_vl",
 }
 
 

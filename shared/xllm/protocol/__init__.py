@@ -3,8 +3,8 @@
     subjects.py   every subject / queue group / stream name, with sender → receiver and kind
     codec.py      @message registry, encode / decode (msgpack envelope {t, v, d}), DecodeError
     errors.py     ErrorCode, ErrorInfo, ProtocolError, RequestRejected, http_status
-    types.py      SamplingParams, StructuredOutput, Logprob, Role, RequestSpec: the value
-                  types every layer shares
+    types.py      SamplingParams, StructuredOutput, Logprob, Role, ImageData, RequestSpec: the
+                  value types every layer shares
     gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
     instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
     stream.py     TokenDelta, FinishReason, DraftCounts
@@ -58,6 +58,7 @@ from xllm.protocol.stats import (
 )
 from xllm.protocol.stream import DraftCounts, FinishReason, TokenDelta
 from xllm.protocol.types import (
+    ImageData,
     Logprob,
     RequestSpec,
     Role,
@@ -78,6 +79,7 @@ __all__ = [
     "FinishReason",
     "GenerateCmd",
     "Heartbeat",
+    "ImageData",
     "InstanceLost",
     "KvCacheStats",
     "KvEvent",

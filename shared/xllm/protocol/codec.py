@@ -4,7 +4,7 @@ Wire format — a msgpack map, the envelope:
 
     {"t": <type tag, str>, "v": <schema version, int>, "d": {<field name>: <value>, ...}}
 
-Field values are msgpack natives: ints (up to 64 bits), floats, str, bool, nil, arrays
+Field values are msgpack natives: ints (up to 64 bits), floats, str, bytes (bin), bool, nil, arrays
 (lists, tuples and NamedTuples), maps (dicts, and nested dataclasses as maps of their fields).
 Enums travel as their value (use `StrEnum` / `IntEnum`).
 
@@ -239,13 +239,26 @@ def _bool(v: Any) -> bool:
     raise DecodeError(f"expected bool, got {_kind(v)}")
 
 
+def _bytes(v: Any) -> bytes:
+    if type(v) is bytes:
+        return v
+    raise DecodeError(f"expected bin, got {_kind(v)}")
+
+
 def _none(v: Any) -> None:
     if v is None:
         return None
     raise DecodeError(f"expected nil, got {_kind(v)}")
 
 
-_SCALARS: dict[Any, Conv] = {int: _int, float: _float, str: _str, bool: _bool, type(None): _none}
+_SCALARS: dict[Any, Conv] = {
+    int: _int,
+    float: _float,
+    str: _str,
+    bool: _bool,
+    bytes: _bytes,
+    type(None): _none,
+}
 
 
 def _converter(tp: Any) -> Conv:

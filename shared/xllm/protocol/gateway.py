@@ -18,10 +18,10 @@ from xllm.protocol.instance import Heartbeat
 from xllm.protocol.types import RequestSpec
 
 
-# v5: `request.sampling` beam search fields (use_beam_search, beam_width, ...).
+# v6: `request.images`. v5: `request.sampling` beam search fields (use_beam_search, ...).
 # v4: `request.sampling.structured` (a grammar). v3: prompt, sampling, priority and model
 # moved into `request` (v2 is not read).
-@message("submit", version=5, oldest=3)
+@message("submit", version=6, oldest=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitRequest:
     """gateway → scheduler: place this request and start it."""

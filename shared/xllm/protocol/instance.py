@@ -36,10 +36,10 @@ from xllm.protocol.stats import (
 from xllm.protocol.types import Logprob, RequestSpec, Role
 
 
-# v4: `request.sampling` beam search fields (use_beam_search, beam_width, ...).
+# v5: `request.images`. v4: `request.sampling` beam search fields (use_beam_search, ...).
 # v3: `request.sampling.structured` (a grammar). v2: prompt, sampling and priority moved
 # into `request` (v1 is not read).
-@message("generate", version=4, oldest=2)
+@message("generate", version=5, oldest=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerateCmd:
     """scheduler → instance: run a request from prompt to finish and stream its tokens on
@@ -51,10 +51,10 @@ class GenerateCmd:
     """The prompt and how to sample it; checked again by the instance against its model."""
 
 
-# v5: `request.sampling` beam search fields (use_beam_search, beam_width, ...).
+# v6: `request.images`. v5: `request.sampling` beam search fields (use_beam_search, ...).
 # v4: `request.sampling.structured` (a grammar). v3: prompt, sampling and priority moved
 # into `request` (v2 is not read).
-@message("decode", version=5, oldest=3)
+@message("decode", version=6, oldest=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DecodeCmd:
     """scheduler → decode instance: decode a request that `prefill_instance_id` prefills.
@@ -74,10 +74,10 @@ class DecodeCmd:
     run (`InstanceLost.started_at`)."""
 
 
-# v6: `request.sampling` beam search fields (use_beam_search, beam_width, ...).
+# v7: `request.images`. v6: `request.sampling` beam search fields (use_beam_search, ...).
 # v5: `request.sampling.structured` (a grammar). v4: the KV peer's layout nested (v3);
 # prompt, sampling and priority moved into `request`.
-@message("prefill", version=6, oldest=4)
+@message("prefill", version=7, oldest=4)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrefillCmd:
     """decode instance → prefill instance: prefill this prompt, stream the first token to the

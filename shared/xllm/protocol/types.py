@@ -4,6 +4,7 @@
     StructuredOutput a grammar the output must follow (JSON schema, regex, choice, EBNF)
     Logprob          one sampled token's logprob and its top alternatives
     Role             an instance's role: prefill, decode or both
+    ImageData        one image of a request, as the gateway checked it
     RequestSpec      what a client asked for, as the gateway validated it
 
 The gateway builds them from HTTP, the messages carry them as they are (nested dataclasses
@@ -281,6 +282,18 @@ class Role(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ImageData:
+    """One image of a request, as the gateway received and checked it (it decodes, and is
+    within the size limits). For now the encoded file travels in the request itself; an
+    encoder service will move embeddings out of band instead."""
+
+    data: bytes
+    """The encoded image file (PNG, JPEG, WebP, ...), as the client sent it."""
+    num_tokens: int
+    """Language-model tokens it becomes (its placeholders in `prompt_token_ids`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RequestSpec:
     """What a client asked for, as the gateway validated and tokenized it. The submit and
     every command that starts work on a request nest it unchanged, next to their own
@@ -297,3 +310,6 @@ class RequestSpec:
     model: str | None = None
     """The model the client asked for; only instances serving it are candidates. None =
     any."""
+    images: list[ImageData] = field(default_factory=list)
+    """The prompt's images, in the order of their placeholder runs in `prompt_token_ids`
+    (each run already `num_tokens` long); empty for text."""

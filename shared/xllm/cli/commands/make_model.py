@@ -9,7 +9,8 @@ dependency: weights are written by name, never by instantiating a model).
 Files written:
 
 * `config.json` - a real HF config for `LlamaForCausalLM`, `Qwen2ForCausalLM` or
-  `Qwen3ForCausalLM`. RoPE is written in BOTH spellings with identical values, so the folder
+  `Qwen3ForCausalLM` (or `Qwen2VLForConditionalGeneration`: what that adds, including the
+  image processor's `preprocessor_config.json`, is in make_vl_model.py). RoPE is written in BOTH spellings with identical values, so the folder
   round-trips in transformers 4.x (which reads `rope_theta` + `rope_scaling`) and 5.x (which
   reads `rope_parameters`, and prefers `rope_scaling` over it when both are present):
 
@@ -58,13 +59,19 @@ from pathlib import Path
 
 import torch
 
+from xllm.cli.commands import make_vl_model as vl
 from xllm.models.config import ModelConfig
 
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen2-vl")
 SIZES = ("tiny", "small")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_HF_CLASS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen2-vl": "Qwen2VLForConditionalGeneration",
+}
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 # --------------------------------------------------------------------------------------------
@@ -193,9 +200,15 @@ def _special_token_ids() -> dict[str, int]:
     return {token["content"]: token["id"] for token in added}
 
 
-def _write_tokenizer(out: Path, model_max_length: int) -> None:
-    (out / "tokenizer.json").write_text(_trained_tokenizer_json(), encoding="utf-8")
-    ids = _special_token_ids()
+def _write_tokenizer(out: Path, model_max_length: int, arch: str) -> None:
+    tokenizer_json = _trained_tokenizer_json()
+    special_tokens, chat_template = SPECIAL_TOKENS, CHAT_TEMPLATE
+    if arch == "qwen2-vl":
+        tokenizer_json = vl.add_vision_tokens(tokenizer_json)
+        special_tokens += vl.VISION_TOKENS
+        chat_template = vl.chat_template(CHAT_TEMPLATE)
+    (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    ids = _special_token_ids() | vl.vision_token_ids(tokenizer_json)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": False,
@@ -215,9 +228,9 @@ def _write_tokenizer(out: Path, model_max_length: int) -> None:
                 "single_word": False,
                 "special": True,
             }
-            for token in SPECIAL_TOKENS
+            for token in special_tokens
         },
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
         "errors": "replace",
         "model_max_length": model_max_length,
@@ -235,7 +248,10 @@ def model_config(arch: str, size: str, dtype: str = "bfloat16") -> ModelConfig:
     are written from it, and `ModelConfig.from_dir` reads the folder back as this value."""
     if arch not in ARCHS or size not in SIZES:
         raise ValueError(f"unknown model {arch!r}/{size!r}: arch in {ARCHS}, size in {SIZES}")
-    if size == "small":  # exactly Qwen3-0.6B
+    if arch == "qwen2-vl":
+        shape = vl.text_shape(size)
+        rope_original_max_positions = 0
+    elif size == "small":  # exactly Qwen3-0.6B
         shape = dict(
             hidden_size=1024,
             num_hidden_layers=28,
@@ -269,15 +285,17 @@ def model_config(arch: str, size: str, dtype: str = "bfloat16") -> ModelConfig:
         architecture=_HF_CLASS[arch],
         **shape,
         rms_norm_eps=1e-6,
-        rope_scaling=_rope_scaling(arch, rope_original_max_positions),
-        attention_bias=arch == "qwen2",  # implied by the architecture, as on the hub
+        rope_scaling=_rope_scaling(arch, rope_original_max_positions, shape["head_dim"]),
+        attention_bias=arch in ("qwen2", "qwen2-vl"),  # implied by the architecture, as on the hub
         dtype=dtype,
         bos_token_id=ids[ENDOFTEXT],
         eos_token_ids=(ids[IM_END], ids[ENDOFTEXT]),  # what generation stops on
     )
 
 
-def _rope_scaling(arch: str, original_max_positions: int) -> dict | None:
+def _rope_scaling(arch: str, original_max_positions: int, head_dim: int) -> dict | None:
+    if arch == "qwen2-vl":
+        return {"type": "mrope", "mrope_section": vl.mrope_section(head_dim)}
     if arch != "llama":
         return None
     return {
@@ -293,7 +311,7 @@ def build_config(arch: str, config: ModelConfig) -> dict:
     """`config.json` of `config`, with the keys transformers' class for `arch` expects."""
     config_json = {
         "architectures": [config.architecture],
-        "model_type": arch,
+        "model_type": arch.replace("-", "_"),
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -327,6 +345,9 @@ def build_config(arch: str, config: ModelConfig) -> dict:
         config_json |= {"max_window_layers": config.num_hidden_layers}
     if arch == "qwen3":
         config_json["attention_bias"] = False
+    if arch == "qwen2-vl":
+        vision_ids = vl.vision_token_ids(vl.add_vision_tokens(_trained_tokenizer_json()))
+        config_json |= vl.config_extras(size_of(config), config.hidden_size, vision_ids)
     return config_json
 
 
@@ -365,7 +386,7 @@ def tensor_specs(arch: str, config: ModelConfig) -> list[TensorSpec]:
             TensorSpec(p + "self_attn.k_proj.weight", (kv_dim, h), "qk"),
             TensorSpec(p + "self_attn.v_proj.weight", (kv_dim, h), "linear"),
         ]
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2-vl"):
             specs += [
                 TensorSpec(p + "self_attn.q_proj.bias", (q_dim,), "bias"),
                 TensorSpec(p + "self_attn.k_proj.bias", (kv_dim,), "bias"),
@@ -386,7 +407,16 @@ def tensor_specs(arch: str, config: ModelConfig) -> list[TensorSpec]:
     specs.append(TensorSpec("model.norm.weight", (h,), "norm"))
     if not config.tie_word_embeddings:
         specs.append(TensorSpec("lm_head.weight", (vocab, h), "embed"))
+    if arch == "qwen2-vl":
+        specs = [TensorSpec(vl.language_model_name(s.name), s.shape, s.kind) for s in specs]
+        vision = vl.vision_config(size_of(config), h)
+        specs += [TensorSpec(*spec) for spec in vl.vision_tensor_specs(vision)]
     return specs
+
+
+def size_of(config: ModelConfig) -> str:
+    """Which size a config was made as (a multimodal checkpoint's vision tower follows it)."""
+    return "small" if config.num_hidden_layers > 4 else "tiny"
 
 
 def init_tensor(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
@@ -398,7 +428,7 @@ def init_tensor(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
         return x.mul_(NORM_NOISE).add_(1.0).mul_(math.sqrt(QK_GAIN))
     if spec.kind == "bias":
         return x.mul_(BIAS_STD)
-    fan_in = spec.shape[-1]
+    fan_in = math.prod(spec.shape[1:])  # a conv kernel's too
     if spec.kind == "embed":
         x.mul_(LOGIT_STD / math.sqrt(fan_in))
         # Rows past the tokenizer's vocabulary are zero, like the never-trained padding rows
@@ -463,7 +493,9 @@ def make_model(
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", build_config(arch, config))
     _write_json(out / "generation_config.json", _generation_config(config))
-    _write_tokenizer(out, config.max_position_embeddings)
+    _write_tokenizer(out, config.max_position_embeddings, arch)
+    if arch == "qwen2-vl":
+        _write_json(out / "preprocessor_config.json", vl.preprocessor_config(size))
     specs = tensor_specs(arch, config)
     _write_safetensors(out / "model.safetensors", specs, seed, DTYPES[dtype])
     return out
