@@ -53,7 +53,7 @@ def pack(obj) -> bytes:
 
 def test_the_envelope_is_t_v_d():
     raw = msgpack.unpackb(encode(GOOD))
-    assert raw["t"] == "generate" and raw["v"] == 4
+    assert raw["t"] == "generate" and raw["v"] == 5
     assert raw["d"]["request_id"] == "r1" and raw["d"]["request"]["sampling"]["seed"] == 7
 
 
