@@ -75,6 +75,14 @@ class ModelConfig:
     """MoE: routed experts per layer (0 = dense MLP)."""
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    """MoE: renormalise the chosen experts' router probabilities to sum to 1 (Qwen3-MoE)."""
+    shared_expert_intermediate_size: int = 0
+    """MoE: width of the always-on shared expert (Qwen2-MoE; 0 = none)."""
+    decoder_sparse_step: int = 1
+    """MoE: every this many layers is sparse (layer i when (i + 1) % step == 0)..."""
+    mlp_only_layers: tuple[int, ...] = ()
+    """...except these, which keep the dense MLP."""
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -117,14 +125,21 @@ class ModelConfig:
             rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             rope_scaling=rope_scaling,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            # Qwen2 always has q/k/v bias; Llama and Qwen3 say so with `attention_bias`.
-            attention_bias=raw.get("attention_bias", model_type == "qwen2"),
+            # Qwen2 always has q/k/v bias, Qwen2-MoE by `qkv_bias` (default on); Llama and
+            # Qwen3 say so with `attention_bias`.
+            attention_bias=raw.get(
+                "attention_bias", raw.get("qkv_bias", model_type in ("qwen2", "qwen2_moe"))
+            ),
             dtype=dtype_name(str(raw.get("torch_dtype") or raw.get("dtype") or "float32")),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_token_ids or _as_tuple(raw.get("eos_token_id")),
             num_experts=raw.get("num_experts") or 0,
             num_experts_per_tok=raw.get("num_experts_per_tok") or 0,
             moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size") or 0,
+            decoder_sparse_step=raw.get("decoder_sparse_step") or 1,
+            mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
             raw=raw,
         )
 
@@ -140,6 +155,15 @@ class ModelConfig:
         q_out = self.num_attention_heads * self.head_dim
         kv_out = self.num_key_value_heads * self.head_dim
         return self.hidden_size * (q_out + 2 * kv_out) + q_out * self.hidden_size
+
+    def is_sparse_layer(self, index: int) -> bool:
+        """Whether decoder layer `index` has routed experts (else the dense MLP), as
+        transformers decides it."""
+        return (
+            self.num_experts > 0
+            and index not in self.mlp_only_layers
+            and (index + 1) % self.decoder_sparse_step == 0
+        )
 
     def mlp_weights(self, num_tokens: int) -> tuple[int, int]:
         """(weights each token multiplies, weights a step of `num_tokens` reads) of one

@@ -16,6 +16,8 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "xllm.models.llama",
     "Qwen2ForCausalLM": "xllm.models.qwen2",
     "Qwen3ForCausalLM": "xllm.models.qwen3",
+    "Qwen2MoeForCausalLM": "xllm.models.qwen2_moe",
+    "Qwen3MoeForCausalLM": "xllm.models.qwen3_moe",
 }
 
 

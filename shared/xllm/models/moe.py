@@ -1,0 +1,249 @@
+"""The sparse MoE block shared by Qwen3-MoE and Qwen2-MoE: router, fused experts, placement.
+
+A layer has E logical experts (the checkpoint's) held in P >= E physical slots: with expert
+load balancing (engine/expert_balancer.py) hot experts get redundant copies, and with expert
+parallelism the slots are split over ranks. `ExpertPlacement` says which expert each slot
+holds; the router's choice of logical expert is mapped to one of its copies, round-robin over
+the step's (token, choice) pairs, so a hot expert's tokens spread evenly over its copies.
+
+The expert path is fused: the step's (token, slot) pairs are sorted by slot once, so every
+slot's tokens are one contiguous slice; each active local slot then runs one gate|up GEMM and
+one down GEMM over its slice, and the weighted results are scattered back with one index_add.
+No Python loop over tokens; the loop is over the slots that got tokens this step.
+
+Weights load by name: the checkpoint's `mlp.experts.{j}.{gate,up,down}_proj.weight` are the
+shards of two flat parameters (`expert_weight_shard`), viewed as [E, 2I, H] and [E, H, I].
+Every forward pass adds its tokens per slot and per expert to two counter tensors, the load
+statistics the balancer and the heartbeat read (no host sync of their own).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xllm.models.config import ModelConfig
+from xllm.models.layers import GatedMLP, Linear
+
+_EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def expert_weight_shard(name: str) -> tuple[str, int] | None:
+    """Checkpoint name of one expert's projection -> (our flat parameter, its shard), or None.
+
+    Expert j's gate and up are shards 2j and 2j + 1 of `experts.gate_up_proj`, its down
+    shard j of `experts.down_proj`."""
+    match = _EXPERT_WEIGHT.search(name)
+    if match is None:
+        return None
+    j, proj = int(match.group(1)), match.group(2)
+    prefix = name[: match.start()]
+    if proj == "down_proj":
+        return f"{prefix}.experts.down_proj", j
+    return f"{prefix}.experts.gate_up_proj", 2 * j + (proj == "up_proj")
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Which logical expert each physical slot holds, and its inverse for routing."""
+
+    slot_experts: torch.Tensor
+    """[P] long: the expert in each slot (slots of rank r: r * P / R up to (r + 1) * P / R)."""
+    copies: torch.Tensor
+    """[E, C] long: each expert's slots, padded by repeating its first."""
+    num_copies: torch.Tensor
+    """[E] long: how many slots hold each expert (>= 1)."""
+
+    @classmethod
+    def of(cls, slot_experts: list[int], num_experts: int) -> ExpertPlacement:
+        slots_of: list[list[int]] = [[] for _ in range(num_experts)]
+        for slot, expert in enumerate(slot_experts):
+            slots_of[expert].append(slot)
+        if any(not slots for slots in slots_of):
+            missing = [e for e, slots in enumerate(slots_of) if not slots]
+            raise ValueError(f"placement holds no copy of experts {missing}")
+        width = max(len(slots) for slots in slots_of)
+        padded = [slots + slots[:1] * (width - len(slots)) for slots in slots_of]
+        return cls(
+            torch.tensor(slot_experts, dtype=torch.long),
+            torch.tensor(padded, dtype=torch.long),
+            torch.tensor([len(s) for s in slots_of], dtype=torch.long),
+        )
+
+    @classmethod
+    def identity(cls, num_experts: int) -> ExpertPlacement:
+        return cls.of(list(range(num_experts)), num_experts)
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_experts.numel()
+
+    @property
+    def is_identity(self) -> bool:
+        return self.copies.shape[1] == 1 and self.num_slots == self.copies.shape[0]
+
+    def route(self, experts: torch.Tensor) -> torch.Tensor:
+        """Chosen experts [N, k] -> the slots that compute them [N, k]: the i-th (token,
+        choice) pair of an expert with c copies goes to copy i mod c."""
+        if self.is_identity:
+            return experts  # slot e holds expert e
+        spread = torch.arange(experts.numel()).view_as(experts) % self.num_copies[experts]
+        return self.copies[experts, spread]
+
+
+class FusedExperts(nn.Module):
+    """E SwiGLU experts, computed in P physical slots (see the module doc)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype):
+        super().__init__()
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        # Flat so that the loader fills them shard by shard; `weights()` gives the 3-D views.
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts * 2 * intermediate, hidden, dtype=dtype), requires_grad=False
+        )
+        self.gate_up_proj.shard_sizes = [intermediate] * (2 * num_experts)  # type: ignore[attr-defined]
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts * hidden, intermediate, dtype=dtype), requires_grad=False
+        )
+        self.down_proj.shard_sizes = [hidden] * num_experts  # type: ignore[attr-defined]
+        self.rank, self.world_size, self.group = 0, 1, None
+        self.placement = ExpertPlacement.identity(num_experts)
+        self.slot_gate_up: torch.Tensor | None = None  # [P/R, 2I, H] local slots' weights
+        self.slot_down: torch.Tensor | None = None  # [P/R, H, I]
+        self.staged: tuple[ExpertPlacement, torch.Tensor, torch.Tensor] | None = None
+        self.slot_load = torch.zeros(num_experts, dtype=torch.long)
+        """Cumulative (token, choice) pairs computed per physical slot, all ranks' slots."""
+        self.expert_load = torch.zeros(num_experts, dtype=torch.long)
+        """Cumulative (token, choice) pairs routed to each logical expert."""
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logical experts' weights: gate|up [E, 2I, H] and down [E, H, I] (views)."""
+        e, h, i = self.num_experts, self.hidden, self.intermediate
+        return self.gate_up_proj.view(e, 2 * i, h), self.down_proj.view(e, h, i)
+
+    def shard(self, rank: int, world_size: int, group=None) -> None:
+        """Compute only rank `rank`'s share of the slots, summing over `group` (expert
+        parallelism over torch.distributed; every rank sees every token)."""
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.place(self.placement)
+
+    def local_slots(self, placement: ExpertPlacement) -> range:
+        per_rank, rem = divmod(placement.num_slots, self.world_size)
+        if rem:
+            raise ValueError(
+                f"{placement.num_slots} expert slots do not split over {self.world_size} ranks"
+            )
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def stage(self, placement: ExpertPlacement) -> None:
+        """Copy this rank's slots of `placement` into a second buffer; the running one keeps
+        serving until `commit()` switches (at a step boundary). Safe off the step thread."""
+        slots = self.local_slots(placement)
+        local = placement.slot_experts[slots.start : slots.stop]
+        gate_up, down = self.weights()
+        with torch.inference_mode():
+            staged = (placement, gate_up.index_select(0, local), down.index_select(0, local))
+        self.staged = staged
+
+    def commit(self) -> bool:
+        """Switch to the staged placement, if any; returns whether it switched."""
+        if self.staged is None:
+            return False
+        self.placement, self.slot_gate_up, self.slot_down = self.staged
+        self.staged = None
+        if self.slot_load.numel() != self.placement.num_slots:
+            self.slot_load = torch.zeros(self.placement.num_slots, dtype=torch.long)
+        return True
+
+    def place(self, placement: ExpertPlacement) -> None:
+        """Stage and switch at once (start-up)."""
+        if placement.is_identity and self.world_size == 1:
+            self.placement, self.slot_gate_up, self.slot_down = placement, None, None
+            return
+        self.stage(placement)
+        self.commit()
+
+    def forward(
+        self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """x [N, H], chosen experts [N, k] and their router weights [N, k] -> [N, H]."""
+        n, k = experts.shape
+        placement = self.placement
+        slots = placement.route(experts).flatten()  # [N*k]
+        counts = torch.bincount(slots, minlength=placement.num_slots)  # [P]
+        self.slot_load += counts
+        self.expert_load += torch.bincount(experts.flatten(), minlength=self.num_experts)
+        order = slots.argsort(stable=True)  # (token, choice) pairs grouped by slot
+        ends = counts.cumsum(0).tolist()
+        local = self.local_slots(placement)
+        begin = ends[local.start - 1] if local.start else 0
+        end = ends[local.stop - 1]
+        pairs = order[begin:end]
+        tokens = pairs // k  # [M] the token of each local pair
+        xs = x[tokens]  # [M, H]
+        ys = torch.empty_like(xs)
+        if self.slot_gate_up is None:
+            gate_up, down = self.weights()
+        else:
+            gate_up, down = self.slot_gate_up, self.slot_down
+        start = begin
+        for index, slot in enumerate(local):
+            stop = ends[slot]
+            if stop == start:
+                continue
+            a, b = start - begin, stop - begin
+            gate, up = F.linear(xs[a:b], gate_up[index]).chunk(2, dim=-1)  # [m, I] each
+            ys[a:b] = F.linear(F.silu(gate) * up, down[index])  # [m, H]
+            start = stop
+        ys *= weights.flatten()[pairs, None]
+        out = torch.zeros_like(x).index_add_(0, tokens, ys)  # [N, H]
+        if self.world_size > 1:
+            torch.distributed.all_reduce(out, group=self.group)
+        return out
+
+
+def sparse_or_dense_mlp(config: ModelConfig, dtype: torch.dtype, index: int) -> nn.Module:
+    """Layer `index`'s MLP: the MoE block where the config makes it sparse, else dense."""
+    if config.is_sparse_layer(index):
+        return SparseMoeBlock(config, dtype)
+    return GatedMLP(config.hidden_size, config.intermediate_size, dtype)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts (+ Qwen2-MoE's sigmoid-gated shared expert); checkpoint names
+    `mlp.gate`, `mlp.experts.*`, `mlp.shared_expert.*`, `mlp.shared_expert_gate`."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = Linear(config.hidden_size, config.num_experts, dtype=dtype)
+        self.experts = FusedExperts(
+            config.num_experts, config.hidden_size, config.moe_intermediate_size, dtype
+        )
+        self.shared_expert = self.shared_expert_gate = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(
+                config.hidden_size, config.shared_expert_intermediate_size, dtype
+            )
+            self.shared_expert_gate = Linear(config.hidden_size, 1, dtype=dtype)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> chosen experts [N, k] and their weights [N, k] (x's dtype), computed
+        in float32 as transformers does."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)  # [N, E]
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        return experts, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        experts, weights = self.route(x)
+        out = self.experts(x, experts, weights)  # [N, H]
+        if self.shared_expert is not None:
+            out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
