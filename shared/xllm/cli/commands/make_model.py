@@ -41,7 +41,7 @@ Files written:
 Sizes: `tiny` is ~1.5-2.5M parameters (CPU tests); `small` has exactly Qwen3-0.6B's shapes
 for every dense architecture (benchmarks), and its embedding, like real Qwen's, is much larger
 than the tokenizer. The MoE archs keep those attention shapes with the real models' expert
-counts (`_MOE_SHAPES`); their `small` has 12 layers, to stay about 1 GB in bfloat16.
+counts (`_MOE_SHAPES`); their `small` has 12 layers (~840M parameters, 1.7 GB in bfloat16).
 """
 
 from __future__ import annotations
