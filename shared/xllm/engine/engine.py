@@ -19,6 +19,7 @@ import torch
 
 from xllm.config import EngineConfig
 from xllm.engine.block_manager import BlockManager
+from xllm.engine.expert_balancer import ExpertBalancer
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.model_runner import ModelRunner, is_decode
 from xllm.engine.proposer import make_proposer
@@ -32,6 +33,7 @@ from xllm.ops import use_native_kernels
 from xllm.platform import default_dtype, select_device
 from xllm.protocol.errors import ErrorCode, RequestRejected
 from xllm.protocol.stats import (
+    ExpertStats,
     LoadStats,
     PreemptionStats,
     SpeculationStats,
@@ -122,6 +124,8 @@ class Engine:
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, mc, self.dtype, self.device, num_blocks)
         self.swap_space = SwapSpace(self.runner.kv_cache, self._num_host_blocks())
+        self.experts = ExpertBalancer.for_model(self.runner.model, config)
+        """MoE models' expert placement and load (None for dense models)."""
         self.sequences: dict[str, list[Sequence]] = {}
         self.num_draft_tokens = 0
         """Cumulative speculative drafts verified, and kept (over every sequence)."""
@@ -315,6 +319,8 @@ class Engine:
             return []
         shape = step_shape(out)  # before update()
         num_before = {i.seq.seq_id: i.seq.num_tokens for i in out.scheduled if i.draft_token_ids}
+        if self.experts is not None:
+            self.experts.before_step()  # a re-placement switches here, between forward passes
         seqs, sampled = self.runner.execute(out)
         for seq, logprob in zip(seqs, sampled.logprobs, strict=True):
             if logprob is not None:
@@ -410,6 +416,9 @@ class Engine:
             recent_acceptance_rate=spec.acceptance_rate if spec else 0.0,
             speculating=spec.speculating if spec else False,
         )
+
+    def expert_stats(self) -> ExpertStats:
+        return self.experts.expert_stats() if self.experts is not None else ExpertStats()
 
 
 def step_shape(out: SchedulerOutput) -> SpeculativeStep:

@@ -4,7 +4,7 @@ A layer has E logical experts (the checkpoint's) held in P >= E physical slots: 
 load balancing (engine/expert_balancer.py) hot experts get redundant copies, and with expert
 parallelism the slots are split over ranks. `ExpertPlacement` says which expert each slot
 holds; the router's choice of logical expert is mapped to one of its copies, round-robin over
-the step's (token, choice) pairs, so a hot expert's tokens spread evenly over its copies.
+the step's tokens, so a hot expert's tokens spread evenly over its copies.
 
 The expert path is fused: the step's (token, slot) pairs are sorted by slot once, so every
 slot's tokens are one contiguous slice; each active local slot then runs one gate|up GEMM and
@@ -87,11 +87,13 @@ class ExpertPlacement:
         return self.copies.shape[1] == 1 and self.num_slots == self.copies.shape[0]
 
     def route(self, experts: torch.Tensor) -> torch.Tensor:
-        """Chosen experts [N, k] -> the slots that compute them [N, k]: the i-th (token,
-        choice) pair of an expert with c copies goes to copy i mod c."""
+        """Chosen experts [N, k] -> the slots that compute them [N, k]: token t's choice of
+        an expert with c copies goes to copy t mod c (a token chooses an expert at most once,
+        so an expert's tokens spread evenly however they are spread over its choices)."""
         if self.is_identity:
             return experts  # slot e holds expert e
-        spread = torch.arange(experts.numel()).view_as(experts) % self.num_copies[experts]
+        tokens = torch.arange(experts.shape[0])[:, None]  # [N, 1]
+        spread = tokens % self.num_copies[experts]  # [N, k]
         return self.copies[experts, spread]
 
 
@@ -177,15 +179,19 @@ class FusedExperts(nn.Module):
         counts = torch.bincount(slots, minlength=placement.num_slots)  # [P]
         self.slot_load += counts
         self.expert_load += torch.bincount(experts.flatten(), minlength=self.num_experts)
-        order = slots.argsort(stable=True)  # (token, choice) pairs grouped by slot
-        ends = counts.cumsum(0).tolist()
+        order = slots.argsort(stable=True)  # sorted position -> (token, choice) pair
+        ends = counts.cumsum(0).tolist()  # where each slot's run of pairs ends
         local = self.local_slots(placement)
         begin = ends[local.start - 1] if local.start else 0
-        end = ends[local.stop - 1]
-        pairs = order[begin:end]
-        tokens = pairs // k  # [M] the token of each local pair
-        xs = x[tokens]  # [M, H]
-        ys = torch.empty_like(xs)
+        pairs = order[begin : ends[local.stop - 1]]  # this rank's pairs, grouped by slot
+        xs = x[pairs // k]  # [M, H] their tokens
+        # Results in sorted order; other ranks' runs stay zero (summed over ranks below).
+        ys = (
+            x.new_zeros(n * k, x.shape[1])
+            if self.world_size > 1
+            else x.new_empty(n * k, x.shape[1])
+        )
+        mine = ys[begin : begin + len(pairs)]  # [M, H]
         if self.slot_gate_up is None:
             gate_up, down = self.weights()
         else:
@@ -197,10 +203,12 @@ class FusedExperts(nn.Module):
                 continue
             a, b = start - begin, stop - begin
             gate, up = F.linear(xs[a:b], gate_up[index]).chunk(2, dim=-1)  # [m, I] each
-            ys[a:b] = F.linear(F.silu(gate) * up, down[index])  # [m, H]
+            mine[a:b] = F.linear(F.silu(gate) * up, down[index])  # [m, H]
             start = stop
-        ys *= weights.flatten()[pairs, None]
-        out = torch.zeros_like(x).index_add_(0, tokens, ys)  # [N, H]
+        mine *= weights.flatten()[pairs, None]
+        # Back to (token, choice) order by a gather, then sum each token's k results (a
+        # gather, not index_add_: the latter is pathologically slow for a few rows).
+        out = ys[order.argsort()].view(n, k, -1).sum(1)  # [N, H]
         if self.world_size > 1:
             torch.distributed.all_reduce(out, group=self.group)
         return out
