@@ -10,6 +10,9 @@ import torch
 from conftest import greedy, make_engine, run_engine
 
 from xllm.engine import eplb
+from xllm.instance.heartbeat import build_heartbeat
+from xllm.protocol.codec import decode, encode
+from xllm.protocol.types import Role
 
 NEW_TOKENS = 24
 
@@ -67,6 +70,13 @@ def test_skewed_load_triggers_a_replacement_with_unchanged_output(moe_dir):
     assert first == expected and second == expected  # copies hold the same weights
     assert balanced_imbalance < 0.85 * plain_imbalance
     assert balanced.expert_stats().imbalance < 0.85 * plain.expert_stats().imbalance
+
+    # The instance's heartbeat carries it to the scheduler and metrics.
+    beat = build_heartbeat(
+        instance_id="i", started_at=0.0, role=Role.DECODE, model="m", engine=balanced,
+        role_flips=0, transport=None,
+    )  # fmt: skip
+    assert decode(encode(beat)).experts == balanced.expert_stats()
 
 
 def test_dense_models_have_no_balancer(tiny_model_dir):

@@ -41,4 +41,5 @@ def build_heartbeat(
         preemption=engine.preemption_stats(),
         speculation=engine.speculation_stats(),
         transfer=stats_snapshot(transport.stats) if transport else KvTransferStats(),
+        experts=engine.expert_stats(),
     )

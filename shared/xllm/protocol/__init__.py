@@ -10,7 +10,7 @@
     stream.py     TokenDelta, FinishReason, DraftCounts
     kv_peer.py    KvPeer, KvLayout (a KV pool as a write target, inside PrefillCmd)
     stats.py      LoadStats, KvCacheStats, StepStats, PreemptionStats, SpeculationStats,
-                  KvTransferStats: the stats groups a Heartbeat carries
+                  KvTransferStats, ExpertStats: the stats groups a Heartbeat carries
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
 
@@ -47,6 +47,7 @@ from xllm.protocol.instance import (
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
 from xllm.protocol.kv_peer import KvLayout, KvPeer
 from xllm.protocol.stats import (
+    ExpertStats,
     KvCacheStats,
     KvTransferStats,
     LoadStats,
@@ -73,6 +74,7 @@ __all__ = [
     "DraftCounts",
     "ErrorCode",
     "ErrorInfo",
+    "ExpertStats",
     "FinishReason",
     "GenerateCmd",
     "Heartbeat",

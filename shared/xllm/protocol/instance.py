@@ -25,6 +25,7 @@ from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
 from xllm.protocol.kv_peer import KvPeer
 from xllm.protocol.stats import (
+    ExpertStats,
     KvCacheStats,
     KvTransferStats,
     LoadStats,
@@ -144,7 +145,7 @@ class SetRoleCmd:
 
 
 # v6: the stats nested in groups (`load`, `kv`, `steps`, ...: see stats.py); v5 is not read.
-@message("heartbeat", version=6, oldest=6)
+@message("heartbeat", version=7, oldest=6)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """instance → scheduler, kvstore, gateway (`HEARTBEAT`): a load snapshot, published
@@ -182,3 +183,5 @@ class Heartbeat:
     """Speculative decoding's drafts and switch."""
     transfer: KvTransferStats = field(default_factory=KvTransferStats)
     """KV moved to and from other instances."""
+    experts: ExpertStats = field(default_factory=ExpertStats)
+    """MoE models: tokens per expert copy and re-placements (added in version 7)."""
