@@ -389,6 +389,7 @@ async def test_health_metrics_cluster(env):
     assert 'xllm_instance_spec_accepted_tokens{instance="test-inst",role="both"} 25' in text
     assert 'xllm_instance_spec_acceptance_rate{instance="test-inst",role="both"} 0.625' in text
     assert 'xllm_instance_speculating{instance="test-inst",role="both"} 1' in text
+    assert 'xllm_instance_expert_rebalances{instance="test-inst",role="both"} 0' in text
     assert "xllm_gateway_requests_running 0" in text
 
 

@@ -172,8 +172,9 @@ class ModelConfig:
             dense = 3 * self.hidden_size * self.intermediate_size
             return dense, dense
         expert = 3 * self.hidden_size * self.moe_intermediate_size
+        shared = 3 * self.hidden_size * self.shared_expert_intermediate_size  # Qwen2-MoE's
         touched = min(self.num_experts, num_tokens * self.num_experts_per_tok)
-        return self.num_experts_per_tok * expert, touched * expert
+        return self.num_experts_per_tok * expert + shared, touched * expert + shared
 
     @property
     def kv_bytes_per_token(self) -> int:
