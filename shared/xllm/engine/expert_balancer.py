@@ -18,8 +18,9 @@ Owns every MoE layer's `FusedExperts` (models/moe.py) after loading:
   copy if it is not done). Copies of an expert hold identical weights, so outputs do not
   change, only which copy computes them.
 
-Every rank keeps all logical expert weights (the staging source); a real multi-node EP would
-fetch a moved expert from its owner instead.
+Memory: a rank holds its slots' weights (copies) and, as the staging source, every logical
+expert's (the checkpoint's); a real multi-node EP would fetch a moved expert from its owner
+instead. Without redundancy on one rank the slots are the logical weights themselves.
 """
 
 from __future__ import annotations
