@@ -55,3 +55,40 @@ def test_router_spreads_an_experts_tokens_over_its_copies():
     assert identity.is_identity and identity.route(experts) is experts
     with pytest.raises(ValueError, match="no copy of experts"):
         ExpertPlacement.of([0, 1, 1], num_experts=3)
+
+
+def test_a_staged_placement_serves_only_after_the_switch():
+    """Double buffering in FusedExperts: staging copies the new slots aside; the running
+    placement computes until commit(), and a token's result is the same either way."""
+    from xllm.models.moe import FusedExperts
+
+    g = torch.Generator().manual_seed(0)
+    experts = FusedExperts(num_experts=4, hidden=8, intermediate=16, dtype=torch.float32)
+    experts.gate_up_proj.data.copy_(torch.randn(4 * 32, 8, generator=g))
+    experts.down_proj.data.copy_(torch.randn(4 * 8, 16, generator=g))
+    x = torch.randn(6, 8, generator=g)
+    chosen = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 1], [2, 0], [3, 0]])
+    weights = torch.rand(6, 2, generator=g)
+
+    def reference() -> torch.Tensor:  # one expert at a time, as transformers does
+        gate_up, down = experts.weights()
+        out = torch.zeros_like(x)
+        for t in range(6):
+            for j in range(2):
+                gate, up = (gate_up[chosen[t, j]] @ x[t]).chunk(2)
+                out[t] += weights[t, j] * (
+                    down[chosen[t, j]] @ (torch.nn.functional.silu(gate) * up)
+                )
+        return out
+
+    with torch.inference_mode():
+        before = experts(x, chosen, weights)
+        torch.testing.assert_close(before, reference())
+        experts.stage(ExpertPlacement.of([0, 1, 2, 3, 0, 0], num_experts=4))
+        assert experts.placement.is_identity  # staged, not serving
+        torch.testing.assert_close(experts(x, chosen, weights), before)
+        assert experts.commit() and experts.placement.num_slots == 6 and not experts.commit()
+        after = experts(x, chosen, weights)
+    torch.testing.assert_close(after, before)
+    assert experts.slot_load.tolist() == [2, 2, 2, 2, 2, 2]  # expert 0's 6 tokens over 3 copies
+    assert experts.expert_load.tolist() == [18, 6, 6, 6]  # 3 forward passes
