@@ -59,18 +59,23 @@ def test_two_expert_parallel_ranks_equal_one_process(tiny_model_dir, tmp_path):
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(REPO / "shared"), str(REPO)]),
     }
+    logs = [open(tmp_path / f"{r}.log", "w") for r in range(2)]  # noqa: SIM115 (closed below)
     ranks = [
         subprocess.Popen(
             [sys.executable, __file__, str(r), str(port), model_dir, str(tmp_path / f"{r}.json")],
             env=env,
+            stdout=logs[r],
+            stderr=subprocess.STDOUT,
         )
         for r in range(2)
     ]
     try:
-        assert [p.wait(timeout=300) for p in ranks] == [0, 0]
+        codes = [p.wait(timeout=600) for p in ranks]
     finally:
-        for p in ranks:
+        for p, log in zip(ranks, logs, strict=True):
             p.kill()
+            log.close()
+    assert codes == [0, 0], "\n".join((tmp_path / f"{r}.log").read_text()[-3000:] for r in range(2))
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
 
     single = run_engine(make_engine(model_dir), prompts(), greedy(NEW_TOKENS))

@@ -28,6 +28,7 @@ from torch import nn
 
 from xllm.models.config import ModelConfig
 from xllm.models.layers import GatedMLP, Linear
+from xllm.ops import fast_linear, pack_weight
 
 _EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -97,6 +98,30 @@ class ExpertPlacement:
         return self.copies[experts, spread]
 
 
+@dataclass(frozen=True)
+class SlotWeights:
+    """One expert slot: its SwiGLU weights and their packed layouts (None: no native kernel)."""
+
+    gate_up: torch.Tensor  # [2I, H]
+    down: torch.Tensor  # [H, I]
+    packed_gate_up: torch.Tensor | None
+    packed_down: torch.Tensor | None
+
+    @classmethod
+    def of(cls, gate_up: torch.Tensor, down: torch.Tensor) -> SlotWeights:
+        return cls(gate_up, down, pack_weight(gate_up), pack_weight(down))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [m, H] -> down(silu(gate(x)) * up(x)) [m, H]."""
+        gate, up = _linear(x, self.gate_up, self.packed_gate_up).chunk(2, dim=-1)  # [m, I]
+        return _linear(F.silu(gate) * up, self.down, self.packed_down)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+    y = fast_linear(x, weight, None, packed)  # the native kernels for few rows (decode)
+    return F.linear(x, weight) if y is None else y
+
+
 class FusedExperts(nn.Module):
     """E SwiGLU experts, computed in P physical slots (see the module doc)."""
 
@@ -114,9 +139,9 @@ class FusedExperts(nn.Module):
         self.down_proj.shard_sizes = [hidden] * num_experts  # type: ignore[attr-defined]
         self.rank, self.world_size, self.group = 0, 1, None
         self.placement = ExpertPlacement.identity(num_experts)
-        self.slot_gate_up: torch.Tensor | None = None  # [P/R, 2I, H] local slots' weights
-        self.slot_down: torch.Tensor | None = None  # [P/R, H, I]
-        self.staged: tuple[ExpertPlacement, torch.Tensor, torch.Tensor] | None = None
+        self.slots: list[SlotWeights] | None = None
+        """This rank's slots' weights, in slot order (made by `place`, or the first forward)."""
+        self.staged: tuple[ExpertPlacement, list[SlotWeights]] | None = None
         self.slot_load = torch.zeros(num_experts, dtype=torch.long)
         """Cumulative (token, choice) pairs computed per physical slot, all ranks' slots."""
         self.expert_load = torch.zeros(num_experts, dtype=torch.long)
@@ -142,20 +167,26 @@ class FusedExperts(nn.Module):
         return range(self.rank * per_rank, (self.rank + 1) * per_rank)
 
     def stage(self, placement: ExpertPlacement) -> None:
-        """Copy this rank's slots of `placement` into a second buffer; the running one keeps
-        serving until `commit()` switches (at a step boundary). Safe off the step thread."""
+        """Build this rank's slots of `placement` aside; the running ones keep serving until
+        `commit()` switches (at a step boundary). Safe off the step thread.
+
+        A slot's plain weights are views of its expert's (every rank holds all experts, see
+        expert_balancer.py); its second buffer is the native kernels' packed layout (bf16
+        on CPU), a copy per slot."""
         slots = self.local_slots(placement)
-        local = placement.slot_experts[slots.start : slots.stop]
         gate_up, down = self.weights()
         with torch.inference_mode():
-            staged = (placement, gate_up.index_select(0, local), down.index_select(0, local))
-        self.staged = staged
+            staged = [
+                SlotWeights.of(gate_up[e], down[e])
+                for e in placement.slot_experts[slots.start : slots.stop].tolist()
+            ]
+        self.staged = (placement, staged)
 
     def commit(self) -> bool:
         """Switch to the staged placement, if any; returns whether it switched."""
         if self.staged is None:
             return False
-        self.placement, self.slot_gate_up, self.slot_down = self.staged
+        self.placement, self.slots = self.staged
         self.staged = None
         if self.slot_load.numel() != self.placement.num_slots:
             self.slot_load = torch.zeros(self.placement.num_slots, dtype=torch.long)
@@ -163,9 +194,6 @@ class FusedExperts(nn.Module):
 
     def place(self, placement: ExpertPlacement) -> None:
         """Stage and switch at once (start-up)."""
-        if placement.is_identity and self.world_size == 1:
-            self.placement, self.slot_gate_up, self.slot_down = placement, None, None
-            return
         self.stage(placement)
         self.commit()
 
@@ -192,18 +220,15 @@ class FusedExperts(nn.Module):
             else x.new_empty(n * k, x.shape[1])
         )
         mine = ys[begin : begin + len(pairs)]  # [M, H]
-        if self.slot_gate_up is None:
-            gate_up, down = self.weights()
-        else:
-            gate_up, down = self.slot_gate_up, self.slot_down
+        if self.slots is None:  # no balancer placed us: one slot per expert
+            self.place(placement)
         start = begin
-        for index, slot in enumerate(local):
+        for slot, weights_of in zip(local, self.slots, strict=True):
             stop = ends[slot]
             if stop == start:
                 continue
             a, b = start - begin, stop - begin
-            gate, up = F.linear(xs[a:b], gate_up[index]).chunk(2, dim=-1)  # [m, I] each
-            mine[a:b] = F.linear(F.silu(gate) * up, down[index])  # [m, H]
+            mine[a:b] = weights_of(xs[a:b])  # [m, H]
             start = stop
         mine *= weights.flatten()[pairs, None]
         # Back to (token, choice) order by a gather, then sum each token's k results (a
