@@ -20,9 +20,10 @@ Owns every MoE layer's `FusedExperts` (models/moe.py) after loading:
   copy if it is not done). Copies of an expert hold identical weights, so outputs do not
   change, only which copy computes them.
 
-Memory: a rank holds its slots' weights (copies) and, as the staging source, every logical
-expert's (the checkpoint's); a real multi-node EP would fetch a moved expert from its owner
-instead. Without redundancy on one rank the slots are the logical weights themselves.
+Memory: every rank holds every logical expert's weights (the checkpoint's, the staging
+source), and its slots' packed copies for the native kernels (bf16 on CPU; as a dense Linear
+keeps one); a slot's plain weights are views. A real multi-node EP would hold only its own
+experts and fetch a moved one from its owner.
 """
 
 from __future__ import annotations

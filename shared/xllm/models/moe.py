@@ -8,7 +8,8 @@ the step's tokens, so a hot expert's tokens spread evenly over its copies.
 
 The expert path is fused: the step's (token, slot) pairs are sorted by slot once, so every
 slot's tokens are one contiguous slice; each active local slot then runs one gate|up GEMM and
-one down GEMM over its slice, and the weighted results are scattered back with one index_add.
+one down GEMM over its slice (the native packed kernels for decode-sized slices in bf16), and
+the weighted results return to token order by one gather and a sum over each token's k.
 No Python loop over tokens; the loop is over the slots that got tokens this step.
 
 Weights load by name: the checkpoint's `mlp.experts.{j}.{gate,up,down}_proj.weight` are the
