@@ -101,6 +101,26 @@ INSTANCE_GAUGES = (
         "speculation.speculating",
         "1 while the instance's adaptive switch has speculation on, else 0.",
     ),
+    (
+        "xllm_instance_expert_tokens_routed",
+        "experts.tokens_routed",
+        "MoE: (token, expert) pairs computed since the instance started, over all MoE layers.",
+    ),
+    (
+        "xllm_instance_expert_imbalance",
+        "experts.imbalance",
+        "MoE: max / mean tokens per expert copy since the current placement (1 = even).",
+    ),
+    (
+        "xllm_instance_expert_recent_imbalance",
+        "experts.recent_imbalance",
+        "MoE: max / mean tokens per expert copy over the last balancing window.",
+    ),
+    (
+        "xllm_instance_expert_rebalances",
+        "experts.num_rebalances",
+        "MoE: expert re-placements (EPLB) switched in since the instance started.",
+    ),
 )
 
 

@@ -195,6 +195,21 @@ class EngineConfig:
         "sequences a request naming the trie (`item_trie`) may produce; PATH is a JSON array "
         "of token id arrays (.json) or one item a line, ids separated by spaces.",
     )
+    num_redundant_experts: int = option(
+        0,
+        "MoE models: extra physical expert slots per layer for copies of hot experts (EPLB); "
+        "0 = one slot per expert, placement fixed.",
+    )
+    eplb_interval: int = option(
+        64,
+        "MoE models: steps per expert-load window: each window's max/mean tokens per expert "
+        "copy is measured and, with redundant slots, may trigger a re-placement; 0 = never.",
+    )
+    expert_parallel_size: int = option(
+        1,
+        "MoE models: ranks the expert slots are split over (torch.distributed, one process "
+        "per rank, initialised by the launcher); 1 = all experts here.",
+    )
 
     def item_trie_paths(self) -> dict[str, str]:
         """--item-trie as name -> path; ValueError if malformed."""
@@ -209,6 +224,9 @@ class EngineConfig:
     def validate(self) -> None:
         checks = [
             (self.block_size > 0, "--block-size must be positive"),
+            (self.num_redundant_experts >= 0, "--num-redundant-experts must be >= 0"),
+            (self.eplb_interval >= 0, "--eplb-interval must be >= 0"),
+            (self.expert_parallel_size > 0, "--expert-parallel-size must be positive"),
             (self.max_num_seqs > 0, "--max-num-seqs must be positive"),
             (self.max_num_batched_tokens > 0, "--max-num-batched-tokens must be positive"),
             (self.swap_space_gb >= 0, "--swap-space-gb cannot be negative"),

@@ -10,6 +10,7 @@ from xllm.engine.engine import Engine
 from xllm.protocol.types import SamplingParams
 
 ARCHS = ("llama", "qwen2", "qwen3")
+MOE_ARCHS = ("qwen2-moe", "qwen3-moe")
 
 
 def make_engine(model_dir, **options) -> Engine:

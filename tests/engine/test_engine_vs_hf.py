@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, assert_greedy_matches, greedy, make_engine, random_prompts, run_engine
+from conftest import (
+    ARCHS,
+    MOE_ARCHS,
+    assert_greedy_matches,
+    greedy,
+    make_engine,
+    random_prompts,
+    run_engine,
+)
 
 from xllm.engine.scheduler import ScheduledSeq
 from xllm.engine.sequence import Sequence
@@ -19,7 +27,7 @@ from xllm.protocol.types import SamplingParams
 NEW_TOKENS = 40
 
 
-@pytest.fixture(params=ARCHS)
+@pytest.fixture(params=ARCHS + MOE_ARCHS)
 def arch(request):
     return request.param
 

@@ -391,6 +391,7 @@ async def test_health_metrics_cluster(env):
     assert 'xllm_instance_speculating{instance="test-inst",role="both"} 1' in text
     assert 'xllm_instance_kv_host_hits{instance="test-inst",role="both"} 3' in text
     assert 'xllm_instance_kv_host_load_seconds{instance="test-inst",role="both"} 0.25' in text
+    assert 'xllm_instance_expert_rebalances{instance="test-inst",role="both"} 0' in text
     assert "xllm_gateway_requests_running 0" in text
 
 

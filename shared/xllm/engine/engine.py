@@ -25,6 +25,7 @@ from xllm.config import EngineConfig
 from xllm.engine.beam_search import BeamCandidates, BeamGroup, BeamResult, ready_groups
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.item_trie import ItemTrie
+from xllm.engine.expert_balancer import ExpertBalancer
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.model_runner import ModelRunner, is_decode
 from xllm.engine.multimodal import ImageInput, MultimodalPrompt, build_prompt
@@ -41,6 +42,7 @@ from xllm.platform import default_dtype, select_device
 from xllm.protocol.errors import ErrorCode, RequestRejected
 from xllm.protocol.stats import (
     KvTierStats,
+    ExpertStats,
     LoadStats,
     PreemptionStats,
     SpeculationStats,
@@ -151,6 +153,8 @@ class Engine:
         """How to turn an image into the vision tower's input (models that take images)."""
         if self.runner.multimodal:
             self.image_processor = ImageProcessorConfig.from_dir(config.model)
+        self.experts = ExpertBalancer.for_model(self.runner.model, config)
+        """MoE models' expert placement and load (None for dense models)."""
         self.sequences: dict[str, list[Sequence]] = {}
         self.num_draft_tokens = 0
         """Cumulative speculative drafts verified, and kept (over every sequence)."""
@@ -423,6 +427,8 @@ class Engine:
             return []
         shape = step_shape(out)  # before update()
         num_before = {i.seq.seq_id: i.seq.num_tokens for i in out.scheduled if i.draft_token_ids}
+        if self.experts is not None:
+            self.experts.before_step()  # a re-placement switches here, between forward passes
         seqs, sampled = self.runner.execute(out)
         for seq, logprob in zip(seqs, sampled.logprobs, strict=True):
             if logprob is not None:
@@ -552,6 +558,9 @@ class Engine:
             speculating=spec.speculating if spec else False,
             method=self.config.speculative,
         )
+
+    def expert_stats(self) -> ExpertStats:
+        return self.experts.expert_stats() if self.experts is not None else ExpertStats()
 
 
 def beam_output(seq: Sequence, index: int, result: BeamResult | None) -> SequenceOutput:

@@ -45,4 +45,5 @@ def build_heartbeat(
         speculation=engine.speculation_stats(),
         transfer=stats_snapshot(transport.stats) if transport else KvTransferStats(),
         tiers=engine.tier_stats(),
+        experts=engine.expert_stats(),
     )

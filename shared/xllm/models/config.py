@@ -75,6 +75,14 @@ class ModelConfig:
     """MoE: routed experts per layer (0 = dense MLP)."""
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    """MoE: renormalise the chosen experts' router probabilities to sum to 1 (Qwen3-MoE)."""
+    shared_expert_intermediate_size: int = 0
+    """MoE: width of the always-on shared expert (Qwen2-MoE; 0 = none)."""
+    decoder_sparse_step: int = 1
+    """MoE: every this many layers is sparse (layer i when (i + 1) % step == 0)..."""
+    mlp_only_layers: tuple[int, ...] = ()
+    """...except these, which keep the dense MLP."""
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -119,9 +127,11 @@ class ModelConfig:
             rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             rope_scaling=rope_scaling,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            # Qwen2 (and Qwen2-VL) always has q/k/v bias; Llama and Qwen3 say so with `attention_bias`.
+            # Qwen2 and Qwen2-VL always have q/k/v bias, Qwen2-MoE by `qkv_bias` (default on);
+            # Llama and Qwen3 say so with `attention_bias`.
             attention_bias=raw.get(
-                "attention_bias", model_type in ("qwen2", "qwen2_vl", "qwen2_vl_text")
+                "attention_bias",
+                raw.get("qkv_bias", model_type in ("qwen2", "qwen2_moe", "qwen2_vl", "qwen2_vl_text")),
             ),
             dtype=dtype_name(str(raw.get("torch_dtype") or raw.get("dtype") or "float32")),
             bos_token_id=raw.get("bos_token_id"),
@@ -129,6 +139,10 @@ class ModelConfig:
             num_experts=raw.get("num_experts") or 0,
             num_experts_per_tok=raw.get("num_experts_per_tok") or 0,
             moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size") or 0,
+            decoder_sparse_step=raw.get("decoder_sparse_step") or 1,
+            mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
             raw=raw,
         )
 
@@ -145,6 +159,15 @@ class ModelConfig:
         kv_out = self.num_key_value_heads * self.head_dim
         return self.hidden_size * (q_out + 2 * kv_out) + q_out * self.hidden_size
 
+    def is_sparse_layer(self, index: int) -> bool:
+        """Whether decoder layer `index` has routed experts (else the dense MLP), as
+        transformers decides it."""
+        return (
+            self.num_experts > 0
+            and index not in self.mlp_only_layers
+            and (index + 1) % self.decoder_sparse_step == 0
+        )
+
     def mlp_weights(self, num_tokens: int) -> tuple[int, int]:
         """(weights each token multiplies, weights a step of `num_tokens` reads) of one
         layer's MLP: all of them when dense, the experts the tokens are routed to for MoE."""
@@ -152,8 +175,9 @@ class ModelConfig:
             dense = 3 * self.hidden_size * self.intermediate_size
             return dense, dense
         expert = 3 * self.hidden_size * self.moe_intermediate_size
+        shared = 3 * self.hidden_size * self.shared_expert_intermediate_size  # Qwen2-MoE's
         touched = min(self.num_experts, num_tokens * self.num_experts_per_tok)
-        return self.num_experts_per_tok * expert, touched * expert
+        return self.num_experts_per_tok * expert + shared, touched * expert + shared
 
     @property
     def kv_bytes_per_token(self) -> int:

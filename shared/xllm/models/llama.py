@@ -55,12 +55,16 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, index: int = 0):
         super().__init__()
         self.self_attn = self.attention_cls(config, dtype)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, dtype)
+        self.mlp = self.make_mlp(config, dtype, index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def make_mlp(self, config: ModelConfig, dtype: torch.dtype, index: int) -> nn.Module:
+        """Layer `index`'s MLP (MoE models override this)."""
+        return GatedMLP(config.hidden_size, config.intermediate_size, dtype)
 
     def forward(self, x, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
@@ -74,7 +78,7 @@ class LlamaModel(nn.Module):
             config.vocab_size, config.hidden_size, dtype=dtype, _freeze=True
         )
         self.layers = nn.ModuleList(
-            layer_cls(config, dtype) for _ in range(config.num_hidden_layers)
+            layer_cls(config, dtype, index) for index in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from xllm.models.layers import PACKED_MODULES
+from xllm.models.moe import expert_weight_shard
 
 # Checkpoint tensors that are buffers recomputed at init, not parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -71,6 +72,9 @@ def load_named_weights(
 
 
 def _resolve(name: str) -> tuple[str, int]:
+    expert = expert_weight_shard(name)  # MoE: expert j's projections are shards of one tensor
+    if expert is not None:
+        return expert
     for hf_name, (ours, shard) in PACKED_MODULES.items():
         if f".{hf_name}." in name:
             return name.replace(f".{hf_name}.", f".{ours}."), shard

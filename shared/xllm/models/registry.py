@@ -17,6 +17,8 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "xllm.models.qwen2",
     "Qwen3ForCausalLM": "xllm.models.qwen3",
     "Qwen2VLForConditionalGeneration": "xllm.models.qwen2_vl",
+    "Qwen2MoeForCausalLM": "xllm.models.qwen2_moe",
+    "Qwen3MoeForCausalLM": "xllm.models.qwen3_moe",
 }
 
 

@@ -10,7 +10,8 @@
     stream.py     TokenDelta, FinishReason, DraftCounts
     kv_peer.py    KvPeer, KvLayout (a KV pool as a write target, inside PrefillCmd)
     stats.py      LoadStats, KvCacheStats, StepStats, PreemptionStats, SpeculationStats,
-                  KvTransferStats, KvTierStats: the stats groups a Heartbeat carries
+                  KvTransferStats, KvTierStats, ExpertStats: the stats groups a
+                  Heartbeat carries
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
 
@@ -47,6 +48,7 @@ from xllm.protocol.instance import (
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
 from xllm.protocol.kv_peer import KvLayout, KvPeer
 from xllm.protocol.stats import (
+    ExpertStats,
     KvCacheStats,
     KvTierCounters,
     KvTierStats,
@@ -76,6 +78,7 @@ __all__ = [
     "DraftCounts",
     "ErrorCode",
     "ErrorInfo",
+    "ExpertStats",
     "FinishReason",
     "GenerateCmd",
     "Heartbeat",

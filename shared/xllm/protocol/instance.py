@@ -25,6 +25,7 @@ from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
 from xllm.protocol.kv_peer import KvPeer
 from xllm.protocol.stats import (
+    ExpertStats,
     KvCacheStats,
     KvTierStats,
     KvTransferStats,
@@ -148,7 +149,7 @@ class SetRoleCmd:
 
 
 # v6: the stats nested in groups (`load`, `kv`, `steps`, ...: see stats.py); v5 is not read.
-# v7: `tiers`, `kv_block_bytes`, `max_num_batched_tokens`, `max_num_seqs`.
+# v7: `tiers`, `kv_block_bytes`, `max_num_batched_tokens`, `max_num_seqs`, `experts`.
 @message("heartbeat", version=7, oldest=6)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
@@ -197,3 +198,5 @@ class Heartbeat:
     """KV moved to and from other instances."""
     tiers: KvTierStats = field(default_factory=KvTierStats)
     """The host, disk and store KV tiers (v7)."""
+    experts: ExpertStats = field(default_factory=ExpertStats)
+    """MoE models: tokens per expert copy and re-placements (added in version 7)."""

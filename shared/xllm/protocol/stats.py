@@ -7,6 +7,7 @@
     speculation  SpeculationStats  speculative decoding's drafts and its adaptive switch
     transfer     KvTransferStats   KV blocks moved between instances (PD disaggregation)
     tiers        KvTierStats       the KV tiers behind the pool: host memory, disk, the store
+    experts      ExpertStats       MoE models: tokens per expert copy, and re-placements (EPLB)
 
 The engine fills these types itself (they are its counters, not copies of them), so a field
 is defined and documented once, here. Gauges describe the instance now; counters
@@ -183,3 +184,33 @@ class KvTierStats:
     host: KvTierCounters = field(default_factory=KvTierCounters)
     disk: KvTierCounters = field(default_factory=KvTierCounters)
     store: KvTierCounters = field(default_factory=KvTierCounters)
+
+
+@dataclass(slots=True, kw_only=True)
+class ExpertStats:
+    """MoE models' expert load and its balancing (`xllm.engine.expert_balancer` counts it);
+    all zero for dense models. Imbalance is max / mean tokens per expert copy in a layer,
+    averaged over the MoE layers: 1.0 is perfectly even."""
+
+    num_moe_layers: int = 0
+    """Decoder layers with routed experts."""
+    num_experts: int = 0
+    """Logical (checkpoint) experts per MoE layer."""
+    num_slots: int = 0
+    """Physical expert copies per MoE layer (experts + redundant copies), over all ranks."""
+    tokens_routed: int = 0
+    """Cumulative (token, expert) pairs computed, summed over the MoE layers."""
+    imbalance: float = 0.0
+    """Imbalance of the tokens computed since the current placement went in (1.0 before
+    any)."""
+    recent_imbalance: float = 0.0
+    """Imbalance over the last completed balancing window (see `eplb_interval`); 0 before one."""
+    recent_rank_imbalance: float = 0.0
+    """The same over expert-parallel ranks (max / mean tokens per rank); 1.0 on one rank."""
+    num_rebalances: int = 0
+    """Cumulative re-placements switched in (new expert copies, double-buffered)."""
+    imbalance_before_rebalance: float = 0.0
+    """`imbalance` of the placement the last re-placement replaced, at the switch; 0 before
+    one."""
+    predicted_imbalance: float = 0.0
+    """What that re-placement expected the same load to give (the policy's estimate)."""

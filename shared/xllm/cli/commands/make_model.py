@@ -8,9 +8,11 @@ dependency: weights are written by name, never by instantiating a model).
 
 Files written:
 
-* `config.json` - a real HF config for `LlamaForCausalLM`, `Qwen2ForCausalLM` or
-  `Qwen3ForCausalLM` (or `Qwen2VLForConditionalGeneration`: what that adds, including the
-  image processor's `preprocessor_config.json`, is in make_vl_model.py). RoPE is written in BOTH spellings with identical values, so the folder
+* `config.json` - a real HF config for `LlamaForCausalLM`, `Qwen2ForCausalLM`,
+  `Qwen3ForCausalLM`, `Qwen2MoeForCausalLM` or `Qwen3MoeForCausalLM` (MoE experts written as
+  on the hub, one tensor per expert and projection), or `Qwen2VLForConditionalGeneration`
+  (what that adds, including the image processor's `preprocessor_config.json`, is in
+  make_vl_model.py). RoPE is written in BOTH spellings with identical values, so the folder
   round-trips in transformers 4.x (which reads `rope_theta` + `rope_scaling`) and 5.x (which
   reads `rope_parameters`, and prefers `rope_scaling` over it when both are present):
 
@@ -38,9 +40,10 @@ Files written:
   uses tokenizer.json verbatim (v5's `Qwen2Tokenizer` would rebuild the pipeline and add an
   NFC normalizer, and our tokenization must match transformers' exactly).
 
-Sizes: `tiny` is ~1.5-1.8M parameters (CPU tests); `small` has exactly Qwen3-0.6B's shapes
-for every architecture (benchmarks), and its embedding, like real Qwen's, is much larger than
-the tokenizer.
+Sizes: `tiny` is ~1.5-2.5M parameters (CPU tests); `small` has exactly Qwen3-0.6B's shapes
+for every dense architecture (benchmarks), and its embedding, like real Qwen's, is much larger
+than the tokenizer. The MoE archs keep those attention shapes with the real models' expert
+counts (`_MOE_SHAPES`); their `small` has 12 layers (~840M parameters, 1.7 GB in bfloat16).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ import torch
 from xllm.cli.commands import make_vl_model as vl
 from xllm.models.config import ModelConfig
 
-ARCHS = ("llama", "qwen2", "qwen3", "qwen2-vl")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen2-vl", "qwen2-moe", "qwen3-moe")
 SIZES = ("tiny", "small")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +74,8 @@ _HF_CLASS = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen2-vl": "Qwen2VLForConditionalGeneration",
+    "qwen2-moe": "Qwen2MoeForCausalLM",
+    "qwen3-moe": "Qwen3MoeForCausalLM",
 }
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -105,6 +110,29 @@ QK_GAIN = 3.0
 RESIDUAL_GAIN = 3.0
 NORM_NOISE = 0.1
 BIAS_STD = 0.2
+# * ROUTER_GAIN scales the MoE router: its logits are ~N(0, ROUTER_GAIN), so the top-k experts
+#   win by clear margins (a near-tie between the k-th and (k+1)-th expert would let float32
+#   noise pick a different expert than transformers does), yet every expert gets tokens.
+ROUTER_GAIN = 2.0
+
+# MoE shapes, from the real configs: Qwen3-30B-A3B routes each token to 8 of 128 experts and
+# renormalises their weights; Qwen1.5-MoE-A2.7B (Qwen2-MoE) to 4 of 60, unnormalised, plus a
+# shared expert 4x an expert's width, gated by a sigmoid. tiny keeps the ratios at CPU-test
+# size (16 experts); small keeps small's dense shapes with the real expert counts.
+_MOE_SHAPES = {
+    ("qwen3-moe", "tiny"): dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64),
+    ("qwen2-moe", "tiny"): dict(
+        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
+        shared_expert_intermediate_size=256,
+    ),
+    ("qwen3-moe", "small"): dict(
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=128, num_hidden_layers=12
+    ),
+    ("qwen2-moe", "small"): dict(
+        num_experts=60, num_experts_per_tok=4, moe_intermediate_size=256,
+        shared_expert_intermediate_size=1024, num_hidden_layers=12,
+    ),
+}  # fmt: skip
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
@@ -271,22 +299,27 @@ def model_config(arch: str, size: str, dtype: str = "bfloat16") -> ModelConfig:
             num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=2,  # GQA
-            head_dim=64 if arch == "qwen3" else 32,  # Qwen3: heads * head_dim != hidden
+            head_dim=64 if arch.startswith("qwen3") else 32,  # Qwen3: heads * head_dim != hidden
             intermediate_size=384,
             vocab_size=math.ceil(TOKENIZER_VOCAB / 64) * 64,
             max_position_embeddings=4096,
             rope_theta=10000.0,  # short tests see many distinct rotations
-            tie_word_embeddings=arch == "qwen3",  # untied llama/qwen2 exercise lm_head.weight
+            # untied llama/qwen2 exercise lm_head.weight
+            tie_word_embeddings=arch.startswith("qwen3"),
         )
         # llama3 RoPE scaling's pre-training context; below max_positions so that it matters.
         rope_original_max_positions = 256
+    shape |= _MOE_SHAPES.get((arch, size), {})
+    if arch == "qwen3-moe":
+        shape["norm_topk_prob"] = True
     ids = _special_token_ids()
     return ModelConfig(
         architecture=_HF_CLASS[arch],
         **shape,
         rms_norm_eps=1e-6,
         rope_scaling=_rope_scaling(arch, rope_original_max_positions, shape["head_dim"]),
-        attention_bias=arch in ("qwen2", "qwen2-vl"),  # implied by the architecture, as on the hub
+        # implied by the architecture, as on the hub
+        attention_bias=arch in ("qwen2", "qwen2-vl", "qwen2-moe"),
         dtype=dtype,
         bos_token_id=ids[ENDOFTEXT],
         eos_token_ids=(ids[IM_END], ids[ENDOFTEXT]),  # what generation stops on
@@ -343,11 +376,27 @@ def build_config(arch: str, config: ModelConfig) -> dict:
     else:
         config_json |= {"use_sliding_window": False, "sliding_window": None}
         config_json |= {"max_window_layers": config.num_hidden_layers}
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3-moe"):
         config_json["attention_bias"] = False
     if arch == "qwen2-vl":
         vision_ids = vl.vision_token_ids(vl.add_vision_tokens(_trained_tokenizer_json()))
         config_json |= vl.config_extras(size_of(config), config.hidden_size, vision_ids)
+    if config.num_experts:
+        config_json |= {
+            "num_experts": config.num_experts,
+            "num_experts_per_tok": config.num_experts_per_tok,
+            "moe_intermediate_size": config.moe_intermediate_size,
+            "norm_topk_prob": config.norm_topk_prob,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "output_router_logits": False,
+            "router_aux_loss_coef": 0.001,
+        }
+    if arch == "qwen2-moe":
+        config_json |= {
+            "shared_expert_intermediate_size": config.shared_expert_intermediate_size,
+            "qkv_bias": True,
+        }
     return config_json
 
 
@@ -368,7 +417,7 @@ def _generation_config(config: ModelConfig) -> dict:
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
-    kind: str  # "embed", "linear", "qk", "residual", "norm", "qk_norm" or "bias"
+    kind: str  # "embed", "linear", "qk", "residual", "norm", "qk_norm", "bias" or "router"
 
 
 def tensor_specs(arch: str, config: ModelConfig) -> list[TensorSpec]:
@@ -386,13 +435,13 @@ def tensor_specs(arch: str, config: ModelConfig) -> list[TensorSpec]:
             TensorSpec(p + "self_attn.k_proj.weight", (kv_dim, h), "qk"),
             TensorSpec(p + "self_attn.v_proj.weight", (kv_dim, h), "linear"),
         ]
-        if arch in ("qwen2", "qwen2-vl"):
+        if arch in ("qwen2", "qwen2-vl", "qwen2-moe"):
             specs += [
                 TensorSpec(p + "self_attn.q_proj.bias", (q_dim,), "bias"),
                 TensorSpec(p + "self_attn.k_proj.bias", (kv_dim,), "bias"),
                 TensorSpec(p + "self_attn.v_proj.bias", (kv_dim,), "bias"),
             ]
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3-moe"):
             specs += [
                 TensorSpec(p + "self_attn.q_norm.weight", (head_dim,), "qk_norm"),
                 TensorSpec(p + "self_attn.k_norm.weight", (head_dim,), "qk_norm"),
@@ -400,10 +449,11 @@ def tensor_specs(arch: str, config: ModelConfig) -> list[TensorSpec]:
         specs += [
             TensorSpec(p + "self_attn.o_proj.weight", (h, q_dim), "residual"),
             TensorSpec(p + "post_attention_layernorm.weight", (h,), "norm"),
-            TensorSpec(p + "mlp.gate_proj.weight", (mlp, h), "linear"),
-            TensorSpec(p + "mlp.up_proj.weight", (mlp, h), "linear"),
-            TensorSpec(p + "mlp.down_proj.weight", (h, mlp), "residual"),
         ]
+        if config.is_sparse_layer(i):
+            specs += _moe_specs(p + "mlp.", config)
+        else:
+            specs += _mlp_specs(p + "mlp.", h, mlp)
     specs.append(TensorSpec("model.norm.weight", (h,), "norm"))
     if not config.tie_word_embeddings:
         specs.append(TensorSpec("lm_head.weight", (vocab, h), "embed"))
@@ -417,6 +467,27 @@ def tensor_specs(arch: str, config: ModelConfig) -> list[TensorSpec]:
 def size_of(config: ModelConfig) -> str:
     """Which size a config was made as (a multimodal checkpoint's vision tower follows it)."""
     return "small" if config.num_hidden_layers > 4 else "tiny"
+
+
+def _mlp_specs(prefix: str, hidden: int, intermediate: int) -> list[TensorSpec]:
+    return [
+        TensorSpec(prefix + "gate_proj.weight", (intermediate, hidden), "linear"),
+        TensorSpec(prefix + "up_proj.weight", (intermediate, hidden), "linear"),
+        TensorSpec(prefix + "down_proj.weight", (hidden, intermediate), "residual"),
+    ]
+
+
+def _moe_specs(prefix: str, config: ModelConfig) -> list[TensorSpec]:
+    """A sparse layer's router, experts (as on the hub: one tensor per expert and projection)
+    and, for Qwen2-MoE, the shared expert and its gate."""
+    h = config.hidden_size
+    specs = [TensorSpec(prefix + "gate.weight", (config.num_experts, h), "router")]
+    for j in range(config.num_experts):
+        specs += _mlp_specs(f"{prefix}experts.{j}.", h, config.moe_intermediate_size)
+    if config.shared_expert_intermediate_size:
+        specs += _mlp_specs(prefix + "shared_expert.", h, config.shared_expert_intermediate_size)
+        specs.append(TensorSpec(prefix + "shared_expert_gate.weight", (1, h), "linear"))
+    return specs
 
 
 def init_tensor(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
@@ -436,7 +507,12 @@ def init_tensor(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
         # tokenizer cannot decode (small's 151,936 rows would otherwise win ~97% of the time).
         x[TOKENIZER_VOCAB:] = 0.0
         return x
-    gain = {"linear": 1.0, "qk": math.sqrt(QK_GAIN), "residual": RESIDUAL_GAIN}[spec.kind]
+    gain = {
+        "linear": 1.0,
+        "qk": math.sqrt(QK_GAIN),
+        "residual": RESIDUAL_GAIN,
+        "router": ROUTER_GAIN,
+    }[spec.kind]
     return x.mul_(gain / math.sqrt(fan_in))
 
 
