@@ -152,7 +152,10 @@ def test_random_workload_with_aborts_matches_plain_and_leaks_nothing(model, tmp_
             outputs[delta.request_id] += delta.token_ids
         engine.tiers.check_integrity()
     stats = engine.tiers.stats
-    assert stats["host"].hits > 0 and stats["disk"].hits > 0 and aborted
+    # Which tier a hit comes from depends on when the worker's loads finish (timing), so
+    # only "some prefix came back from a tier" is asserted here; host-then-disk hits are
+    # pinned down by the deterministic test above.
+    assert stats["host"].hits + stats["disk"].hits > 0 and aborted
     assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
     assert not engine.tiers.loads and not engine.tiers.pinned
     host = engine.tiers.host
