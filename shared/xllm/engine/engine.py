@@ -22,14 +22,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from xllm.config import EngineConfig
-from xllm.engine.beam_search import BeamCandidates, BeamGroup, BeamResult, ready_groups
+from xllm.engine.beam_search import BeamCandidates, BeamGroup, ready_groups
 from xllm.engine.block_manager import BlockManager
-from xllm.engine.item_trie import ItemTrie
 from xllm.engine.expert_balancer import ExpertBalancer
+from xllm.engine.item_trie import ItemTrie
 from xllm.engine.kv_cache import KVCache
-from xllm.engine.model_runner import ModelRunner, is_decode
+from xllm.engine.model_runner import ModelRunner
 from xllm.engine.multimodal import ImageInput, MultimodalPrompt, build_prompt
+from xllm.engine.outputs import SequenceOutput, beam_output, sequence_delta, step_shape
 from xllm.engine.proposer import make_proposer
+from xllm.engine.sampler import SamplerOutput
 from xllm.engine.scheduler import Scheduler, SchedulerOutput, offline_token_budget
 from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
 from xllm.engine.speculation import AdaptiveSpeculation, SpeculativeStep
@@ -41,8 +43,8 @@ from xllm.ops import use_native_kernels
 from xllm.platform import default_dtype, select_device
 from xllm.protocol.errors import ErrorCode, RequestRejected
 from xllm.protocol.stats import (
-    KvTierStats,
     ExpertStats,
+    KvTierStats,
     LoadStats,
     PreemptionStats,
     SpeculationStats,
@@ -57,29 +59,6 @@ if TYPE_CHECKING:
     from xllm.engine.kv_tiers import KvTiers
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SequenceOutput:
-    """What one step produced for one completion: the new tokens since the last delta."""
-
-    request_id: str
-    index: int
-    token_ids: list[int]
-    logprobs: list[Logprob] | None = None
-    finish_reason: FinishReason | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    num_output_tokens: int = 0
-    prefilled: bool = False
-    """A prefill-only request's first token: its prompt KV is held until `release_prefilled`."""
-    num_draft_tokens: int = 0
-    """Speculative drafts verified for this completion so far (cumulative)."""
-    num_accepted_draft_tokens: int = 0
-    """Of those, the ones kept (cumulative)."""
-    cumulative_logprob: float | None = None
-    """Beam search: this beam's summed logprob; `token_ids` is then the whole output and
-    `index` the beam's rank, best first."""
 
 
 @dataclass
@@ -413,6 +392,16 @@ class Engine:
         started = time.perf_counter()
         if self.tiers is not None:
             self._step_tiers()
+        out = self._schedule()
+        if out is None:
+            return []
+        if self.experts is not None:
+            self.experts.before_step()  # a re-placement switches here, between forward passes
+        seqs, sampled = self.runner.execute(out)
+        return self._finish_step(out, seqs, sampled, started)
+
+    def _schedule(self) -> SchedulerOutput | None:
+        """The next step, its swaps copied; None when it has nothing to run."""
         offline_budget = offline_token_budget(
             self.config.offline_step_share,
             self.decode_step_seconds,
@@ -423,13 +412,14 @@ class Engine:
             self.swap_space.copy_out(self.runner.kv_cache, out.swap_out)
         if out.swap_in:
             self.swap_space.copy_in(self.runner.kv_cache, out.swap_in)
-        if not out.scheduled:
-            return []
+        return out if out.scheduled else None
+
+    def _finish_step(
+        self, out: SchedulerOutput, seqs: list[Sequence], sampled: SamplerOutput, started: float
+    ) -> list[SequenceOutput]:
+        """Feed a forward pass's samples back (`seqs` sampled them): the deltas."""
         shape = step_shape(out)  # before update()
         num_before = {i.seq.seq_id: i.seq.num_tokens for i in out.scheduled if i.draft_token_ids}
-        if self.experts is not None:
-            self.experts.before_step()  # a re-placement switches here, between forward passes
-        seqs, sampled = self.runner.execute(out)
         for seq, logprob in zip(seqs, sampled.logprobs, strict=True):
             if logprob is not None:
                 seq.logprobs.append(logprob)
@@ -504,19 +494,7 @@ class Engine:
         """The last `num_new_tokens` tokens of `seq` (several after a verification)."""
         if seq.is_finished:
             self._forget_if_done(seq.request_id)
-        return SequenceOutput(
-            request_id=seq.request_id,
-            index=seq.index,
-            token_ids=seq.token_ids[-num_new_tokens:],
-            logprobs=[seq.logprobs[-1]] if seq.params.logprobs is not None else None,
-            finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            prefilled=seq.status is SequenceStatus.HELD,
-            num_draft_tokens=seq.num_draft_tokens,
-            num_accepted_draft_tokens=seq.num_accepted_draft_tokens,
-        )
+        return sequence_delta(seq, num_new_tokens)
 
     def _forget_if_done(self, request_id: str) -> None:
         seqs = self.sequences.get(request_id)
@@ -561,30 +539,3 @@ class Engine:
 
     def expert_stats(self) -> ExpertStats:
         return self.experts.expert_stats() if self.experts is not None else ExpertStats()
-
-
-def beam_output(seq: Sequence, index: int, result: BeamResult | None) -> SequenceOutput:
-    """The final output of a beam search's `index`-th best beam (empty when fewer beams
-    finished than asked for, e.g. an item trie with fewer items that fit)."""
-    return SequenceOutput(
-        request_id=seq.request_id,
-        index=index,
-        token_ids=result.token_ids if result else [],
-        finish_reason=result.finish_reason if result else FinishReason.LENGTH,
-        num_prompt_tokens=seq.num_prompt_tokens,
-        num_cached_tokens=seq.num_cached_tokens,
-        num_output_tokens=len(result.token_ids) if result else 0,
-        cumulative_logprob=result.cumulative_logprob if result else None,
-    )
-
-
-def step_shape(out: SchedulerOutput) -> SpeculativeStep:
-    """Measure a scheduled step (before `Scheduler.update` moves the counts on)."""
-    decoding = [i for i in out.scheduled if i.draft_token_ids or is_decode(i)]
-    num_decode_tokens = sum(i.num_new_tokens for i in decoding)
-    return SpeculativeStep(
-        num_decodes=len(decoding),
-        num_tokens=num_decode_tokens,
-        num_draft_tokens=num_decode_tokens - len(decoding),
-        num_prefill_tokens=out.num_tokens - num_decode_tokens,
-    )
