@@ -5,7 +5,7 @@ Every block the device's prefix cache stores is written through to host memory (
 oldest hash leaves when full) and, with a cluster store, to the store, which every instance
 shares and which keeps everything (Mooncake Store's capacity is not what we study). A
 request whose prompt misses the device past some blocks but hits host memory, then the
-store, waits while those blocks are copied in, when `kv_tiers.load_pays` says loading beats
+store, waits while those blocks are copied in, when `kv_tier_loads.load_pays` says loading beats
 recomputing; the copy lasts the blocks' bytes over the tier's bandwidth (the hardware
 profile's `tier_bandwidth`), after which the blocks are ordinary device cache hits. The
 scheduler sees the same tiers (`prefix_tiers`) and prices them with `tier_cost.prefix_work`.
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from xllm.engine.block_manager import BlockManager
-from xllm.engine.kv_tiers import load_pays
+from xllm.engine.kv_tier_loads import load_pays
 
 HOST, STORE = "host", "store"
 

@@ -32,14 +32,14 @@ import copy
 import logging
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xllm.config import EngineConfig
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.kv_cache import KVCache
+from xllm.engine.kv_tier_loads import DISK, HOST, STORE, PendingLoad, load_pays, slowest_tier
 from xllm.engine.kv_tier_pools import DiskTier, HostPool, copy_blocks
 from xllm.engine.sequence import Sequence
 from xllm.protocol.stats import KvTierCounters, KvTierStats
@@ -47,21 +47,7 @@ from xllm.protocol.stats import KvTierCounters, KvTierStats
 if TYPE_CHECKING:
     from xllm.engine.kv_store import KvStore
 
-HOST, DISK, STORE = "host", "disk", "store"
-SLOWEST_FIRST = (STORE, DISK, HOST)
-
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PendingLoad:
-    seq: Sequence | None
-    """The request waiting for the load; None once it was aborted."""
-    block_ids: list[int]
-    block_hashes: list[int]
-    future: Future
-    tiers: list[str] = field(default_factory=list)
-    """The tier each block comes from."""
 
 
 def make_tiers(config: EngineConfig, kv: KVCache, block_manager: BlockManager) -> KvTiers:
@@ -93,22 +79,6 @@ def make_tiers(config: EngineConfig, kv: KVCache, block_manager: BlockManager) -
         store,
         config.kv_store_put_min_reuse,
     )
-
-
-def load_pays(
-    blocks_by_tier: dict[str, int],
-    bytes_per_block: int,
-    block_size: int,
-    prefill_seconds_per_token: float,
-    bandwidth_gbps: dict[str, float],
-) -> bool:
-    """Is copying these blocks in cheaper than recomputing their tokens? Nothing measured
-    yet (0 s/token): yes — a memory or disk read beats a forward pass on what we run."""
-    if prefill_seconds_per_token <= 0:
-        return True
-    load = sum(n * bytes_per_block / (bandwidth_gbps[t] * 1e9) for t, n in blocks_by_tier.items())
-    recompute = sum(blocks_by_tier.values()) * block_size * prefill_seconds_per_token
-    return load < recompute
 
 
 class KvTiers:
@@ -251,7 +221,7 @@ class KvTiers:
             except Exception as e:
                 log.warning("loading %d KV blocks failed (%s); recomputing", len(load.tiers), e)
                 self.bm.release_load(load.block_ids)
-                self.stats[_slowest(load.tiers)].failed_loads += 1
+                self.stats[slowest_tier(load.tiers)].failed_loads += 1
                 for block_hash, tier in zip(load.block_hashes, load.tiers, strict=True):
                     if tier != HOST:  # its host copy may be garbage, its file too
                         self._host_remove(block_hash)
@@ -332,7 +302,7 @@ class KvTiers:
         for tier in load.tiers:
             self.stats[tier].hits += 1
             self.stats[tier].bytes_loaded += self.bytes_per_block
-        slowest = _slowest(load.tiers)
+        slowest = slowest_tier(load.tiers)
         self.stats[slowest].load_seconds += seconds
         self.stats[slowest].num_loads += 1
 
@@ -418,7 +388,3 @@ class KvTiers:
         self.worker.shutdown(wait=True)
         if self.store is not None:
             self.store.close()
-
-
-def _slowest(tiers: list[str]) -> str:
-    return next(t for t in SLOWEST_FIRST if t in tiers)
