@@ -235,6 +235,18 @@ class KvTiers:
         self.loads = pending
         return ready
 
+    def prefetch(self, seq: Sequence, prefill_seconds_per_token: float) -> bool:
+        """`start_load` for a reservation (PD decode side), with no request waiting on it.
+        True while a load of `seq`'s prefix is in flight: reserve once it has landed."""
+        if self.start_load(seq, prefill_seconds_per_token):
+            self.forget(seq)
+            return True
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        for block_hash in seq.full_block_hashes(self.block_size)[:max_blocks]:
+            if block_hash not in self.bm.cached_blocks:
+                return block_hash in self.pinned  # the first block missing is loading
+        return False
+
     def forget(self, seq: Sequence) -> bool:
         """`seq` was aborted: if it waits for a load, the load goes on without it (its blocks
         still land in the cache). True if it was waiting."""
