@@ -144,7 +144,7 @@ class Engine:
         self.swap_space = SwapSpace(self.runner.kv_cache, self._num_host_blocks())
         self.tiers: KvTiers | None = None
         if config.host_kv_gb > 0:
-            from xllm.engine.kv_tiers import make_tiers
+            from xllm.engine.kv_tier_setup import make_tiers
 
             self.tiers = make_tiers(config, self.runner.kv_cache, self.block_manager)
         self.image_processor: ImageProcessorConfig | None = None

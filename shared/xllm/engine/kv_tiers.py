@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import TYPE_CHECKING
 
-from xllm.config import EngineConfig
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.kv_tier_loads import DISK, HOST, STORE, PendingLoad, load_pays, slowest_tier
@@ -48,37 +47,6 @@ if TYPE_CHECKING:
     from xllm.engine.kv_store import KvStore
 
 log = logging.getLogger(__name__)
-
-
-def make_tiers(config: EngineConfig, kv: KVCache, block_manager: BlockManager) -> KvTiers:
-    """The tiers `config` asks for (`--host-kv-gb` > 0), behind the pool `kv`."""
-    per_block = kv.nbytes // kv.num_blocks
-    num_host = int(config.host_kv_gb * 2**30) // per_block
-    if num_host < kv.num_blocks:
-        raise ValueError(
-            f"--host-kv-gb holds {num_host} blocks, fewer than the KV pool's {kv.num_blocks}: "
-            "host memory must hold every block cached on the device"
-        )
-    store = None
-    if config.kv_store_master:
-        from xllm.engine.kv_store import KvStore, namespace
-
-        space = namespace(config.model, kv.tensor.dtype, kv.block_size)
-        segment = int(config.kv_store_segment_gb * 2**30)
-        store = KvStore(
-            config.kv_store_master, config.kv_store_host, segment, space, config.kv_store_replicas
-        )
-    bandwidth = {HOST: config.host_kv_gbps, DISK: config.disk_kv_gbps, STORE: config.kv_store_gbps}
-    return KvTiers(
-        kv,
-        block_manager,
-        num_host,
-        config.disk_kv_dir,
-        int(config.disk_kv_gb * 2**30) // per_block,
-        bandwidth,
-        store,
-        config.kv_store_put_min_reuse,
-    )
 
 
 class KvTiers:
@@ -113,6 +81,8 @@ class KvTiers:
         self.pinned: Counter[int] = Counter()
         """Hashes a load in flight reads or writes: not evicted from host or disk."""
         self.loads: list[PendingLoad] = []
+        self.prefetches: dict[str, PendingLoad] = {}
+        """Reservations' loads (`prefetch`), by request id, until the reservation is made."""
         self.events: list[tuple[str, int, str]] = []
         """("stored" | "evicted", block hash, tier) of the host, disk and store tiers."""
         self.stats = {HOST: KvTierCounters(), DISK: KvTierCounters(), STORE: KvTierCounters()}
@@ -237,15 +207,19 @@ class KvTiers:
 
     def prefetch(self, seq: Sequence, prefill_seconds_per_token: float) -> bool:
         """`start_load` for a reservation (PD decode side), with no request waiting on it.
-        True while a load of `seq`'s prefix is in flight: reserve once it has landed."""
-        if self.start_load(seq, prefill_seconds_per_token):
-            self.forget(seq)
-            return True
-        max_blocks = (seq.num_tokens - 1) // self.block_size
-        for block_hash in seq.full_block_hashes(self.block_size)[:max_blocks]:
-            if block_hash not in self.bm.cached_blocks:
-                return block_hash in self.pinned  # the first block missing is loading
-        return False
+        True while that load is in flight: reserve once it is done. Once per request: a
+        failed load is not tried again (the prefill side sends those blocks instead)."""
+        load = self.prefetches.get(seq.request_id)
+        if load is not None:
+            if load in self.loads:
+                return True
+            del self.prefetches[seq.request_id]
+            return False
+        if not self.start_load(seq, prefill_seconds_per_token):
+            return False
+        self.prefetches[seq.request_id] = self.loads[-1]
+        self.forget(seq)
+        return True
 
     def forget(self, seq: Sequence) -> bool:
         """`seq` was aborted: if it waits for a load, the load goes on without it (its blocks
