@@ -46,6 +46,11 @@ class HardwareProfile:
     """Memory for the KV pool; 0 = 90% of `memory_bytes` minus the weights."""
     transfer_latency: float = 50e-6
     """Fixed cost of one KV transfer (setup, notification), seconds."""
+    host_kv_bw: float = 10 * GB
+    """Bytes/s of a KV block copied from host memory into the device pool (PCIe, or a
+    memcpy where the device is the host)."""
+    disk_kv_bw: float = 1 * GB
+    """Bytes/s of a KV block read from the disk tier (a local NVMe)."""
     overhead: float = 0.0
     """Seconds every step pays (scheduling, launches, sampling)."""
     per_seq: float = 0.0
@@ -76,6 +81,16 @@ class HardwareProfile:
         ) / self.mem_bw
         roofline = max(compute, memory) + self.overlap * min(compute, memory)
         return self.overhead + self.per_seq * cost.num_seqs + roofline
+
+    def tier_bandwidth(self) -> dict[str, float]:
+        """Bytes/s into the device pool from each KV tier: the cluster store and a peer are
+        reached over the link between instances (`interconnect_bw`)."""
+        return {
+            "device": float("inf"),
+            "host": self.host_kv_bw,
+            "disk": self.disk_kv_bw,
+            "store": self.interconnect_bw,
+        }
 
     def with_factors(self, **factors: float) -> HardwareProfile:
         return replace(self, **factors)
@@ -112,6 +127,8 @@ SPEC_PROFILES = {
         mem_bw=2039 * GB,
         interconnect_bw=25 * GB,
         memory_bytes=80 * GB,
+        host_kv_bw=25 * GB,  # PCIe 4.0 x16: 32 GB/s raw, ~25 GB/s pinned copies
+        disk_kv_bw=6 * GB,  # one PCIe 4.0 NVMe, sequential read
         source="NVIDIA A100 80GB SXM datasheet; efficiencies assumed (see hardware.py)",
         **_GPU_FACTORS,
     ),
@@ -123,6 +140,8 @@ SPEC_PROFILES = {
         mem_bw=3350 * GB,
         interconnect_bw=50 * GB,
         memory_bytes=80 * GB,
+        host_kv_bw=50 * GB,  # PCIe 5.0 x16: 64 GB/s raw
+        disk_kv_bw=12 * GB,  # one PCIe 5.0 NVMe, sequential read
         source="NVIDIA H100 SXM datasheet; efficiencies assumed (see hardware.py)",
         **_GPU_FACTORS,
     ),
@@ -135,10 +154,26 @@ SPEC_PROFILES = {
         mem_bw=1600 * GB,
         interconnect_bw=25 * GB,
         memory_bytes=64 * GB,
+        host_kv_bw=25 * GB,  # PCIe 4.0 x16 host link (approximate, as the rest)
+        disk_kv_bw=6 * GB,
         source="Ascend 910B publicly reported figures (approximate); efficiencies assumed",
         **_GPU_FACTORS,
     ),
 }
+
+
+UNPROFILED_TIER_BANDWIDTH = {
+    "device": float("inf"),
+    "host": 10 * GB,
+    "disk": 1 * GB,
+    "store": 1.25 * GB,
+}
+"""What the scheduler prices tiers with when no `--cost-profile` says (host memory copy, a
+local NVMe read, a 10 GbE fetch from another machine's store segment)."""
+
+
+def tier_bandwidth(profile: HardwareProfile | None) -> dict[str, float]:
+    return profile.tier_bandwidth() if profile else dict(UNPROFILED_TIER_BANDWIDTH)
 
 
 def builtin_names() -> list[str]:

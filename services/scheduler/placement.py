@@ -25,6 +25,7 @@ from services.scheduler.cluster import ClusterSnapshot
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.cost_model import load_model_config
 from services.scheduler.hardware import load_profile
+from services.scheduler.hardware import tier_bandwidth as tier_bandwidth_of
 from services.scheduler.policies import FlipConfig, PlacementRequest, Policy, colocation
 from services.scheduler.policies.admission import refusal
 from services.scheduler.policies.colocation import DecodeCost
@@ -93,6 +94,7 @@ def placement_request(
     targets: FlipConfig,
     prefix_tiers: dict[str, dict[str, int]] | None = None,
     store_blocks: int = 0,
+    tier_bandwidth: dict[str, float] | None = None,
 ) -> PlacementRequest:
     """What a policy sees of a request, with the SLO targets of `targets` (every policy gets
     them; slo-pd and SLO admission read them)."""
@@ -106,6 +108,7 @@ def placement_request(
         prefix_hits=prefix_hits,
         prefix_tiers=prefix_tiers or {},
         store_blocks=store_blocks,
+        tier_bandwidth=tier_bandwidth or tier_bandwidth_of(None),
         slo_ttft=targets.slo_ttft,
         slo_tpot=targets.slo_tpot,
         admission_margin=targets.admission_margin,

@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 
 from services.scheduler.cluster import ClusterSnapshot, Registry
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.hardware import tier_bandwidth
 from services.scheduler.placement import (
     ALL_ROLES,
     Note,
@@ -74,6 +75,8 @@ class SchedulerService:
         self.flip_config = flip_config(config)
         self.decode_cost = decode_cost(config)
         """Predicts decode steps for offline decode admission (None: not configured)."""
+        self.tier_bandwidth = tier_bandwidth(self.decode_cost.hw if self.decode_cost else None)
+        """What cache-aware prices a prefix's loads with: `--cost-profile`'s bandwidths."""
 
     async def serve(self, stop: asyncio.Event) -> None:
         heartbeats = TypeDispatcher({Heartbeat: self.on_heartbeat}, name="scheduler heartbeats")
@@ -213,6 +216,7 @@ class SchedulerService:
             targets=self.flip_config,
             prefix_tiers=match.tiers,
             store_blocks=match.store_blocks,
+            tier_bandwidth=self.tier_bandwidth,
         )
 
     async def on_cluster_state(self, _: ClusterStateRequest) -> ClusterState:

@@ -169,3 +169,28 @@ def test_random_workload_with_aborts_matches_plain_and_leaks_nothing(model, tmp_
                 for delta in plain.step():
                     expected += delta.token_ids
             assert tokens == expected, request_id
+
+
+def test_a_reservation_loads_its_prefix_from_the_tiers_first(model):
+    # The decode side of PD: a prompt whose prefix fell out of the device pool into host
+    # memory is reserved once the prefix is loaded back, so the reservation holds it as
+    # cached and the prefill side would send only the rest.
+    plain = make_engine(model, block_size=BLOCK, num_kv_blocks=DEVICE_BLOCKS)
+    engine = make_engine(
+        model, block_size=BLOCK, num_kv_blocks=DEVICE_BLOCKS, host_kv_gb=blocks_gb(plain, 24.5)
+    )
+    for request_id, prompt in WORKLOAD[:6]:  # the prefix, then fillers evicting it
+        run_one(engine, request_id, prompt)
+        run_one(plain, request_id, prompt)
+    prompt = PREFIX + [9]
+    assert engine.reserve_remote_prefill("d", prompt, greedy(4)) is None  # loading
+    assert engine.has_unfinished()
+    while engine.has_unfinished():
+        engine.step()
+    reservation = engine.reserve_remote_prefill("d", prompt, greedy(4))
+    assert reservation is not None and reservation.num_cached_tokens == 4 * BLOCK
+    assert len(reservation.fill_block_ids) == 1  # only the last token's block to fill
+    assert engine.tiers.stats["host"].hits == 4
+    engine.tiers.check_integrity()
+    # Without tiers the reservation gets nothing cached: the whole prompt would be sent.
+    assert plain.reserve_remote_prefill("d", prompt, greedy(4)).num_cached_tokens == 0

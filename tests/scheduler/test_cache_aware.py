@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
+from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import PlacementRequest, get_policy
 from services.scheduler.policies.cache_aware import cache_aware
 from services.scheduler.policies.tier_cost import block_price, prefix_work
@@ -102,3 +107,43 @@ def test_cache_aware_prefers_the_faster_tier_then_the_store_over_nothing():
     busy = snapshot(heartbeat("a", tokens=200), heartbeat("b", tokens=2000), heartbeat("c"))
     assert cache_aware(tiered(640, {"a": {"disk": 39}}, store=39), busy) == "c"
     assert cache_aware(tiered(640, {"a": {"disk": 39}}, store=0), busy) == "a"
+
+
+def test_a_profile_prices_each_tier_by_its_bandwidth():
+    # a100: host over PCIe (25 GB/s), disk 6 GB/s, the store over the 25 GB/s link. 1 MiB
+    # blocks of 16 tokens, measured prefill 2 ms a token (32 ms a block).
+    bw = SPEC_PROFILES["a100"].tier_bandwidth()
+    beat = beats.heartbeat("a", kv_block_bytes=1 << 20, recent_prefill_seconds_per_token=2e-3)
+    host = (1 << 20) / 25e9 / 2e-3
+    disk = (1 << 20) / 6e9 / 2e-3
+    assert prefix_work(640, 16, {"device": 39}, 0, beat, bw) == 16  # device: free
+    assert prefix_work(640, 16, {"host": 39}, 0, beat, bw) == pytest.approx(16 + 39 * host)
+    assert prefix_work(640, 16, {"disk": 39}, 0, beat, bw) == pytest.approx(16 + 39 * disk)
+    # From the store at the link's cost: 9 blocks past the 30 the device holds.
+    store = prefix_work(640, 16, {"device": 30}, 39, beat, bw)
+    assert store == pytest.approx(16 + 9 * (1 << 20) / bw["store"] / 2e-3)
+    assert prefix_work(640, 16, {}, 0, beat, bw) == 640  # recompute: every token
+    # A slower link makes the store dearer, nothing else.
+    slow = dataclasses.replace(SPEC_PROFILES["a100"], interconnect_bw=1e9).tier_bandwidth()
+    assert prefix_work(640, 16, {"device": 30}, 39, beat, slow) > store
+    assert prefix_work(640, 16, {"host": 39}, 0, beat, slow) == pytest.approx(16 + 39 * host)
+
+
+def test_cache_aware_adds_the_queue_and_uses_the_requests_bandwidths():
+    # b holds the prefix on disk and queues 50 tokens more than c, which holds nothing.
+    # On a fast disk b wins; on a disk slower than recomputing, the load is priced as the
+    # recompute (never more), and c's shorter queue wins.
+    measured = dict(kv_block_bytes=1 << 20, recent_prefill_seconds_per_token=2e-3)
+    snap = snapshot(
+        beats.heartbeat("b", num_tokens_in_flight=150, **measured),
+        beats.heartbeat("c", num_tokens_in_flight=100, **measured),
+    )
+    fast = dataclasses.replace(tiered(640, {"b": {"disk": 39}}), tier_bandwidth={"disk": 6e9})
+    assert cache_aware(fast, snap) == "b"
+    slow = dataclasses.replace(fast, tier_bandwidth={"disk": 1e6})
+    assert cache_aware(slow, snap) == "c"
+    queued = snapshot(
+        beats.heartbeat("b", num_tokens_in_flight=800, **measured),
+        beats.heartbeat("c", num_tokens_in_flight=100, **measured),
+    )
+    assert cache_aware(fast, queued) == "c"  # 700 tokens more queue than b saves

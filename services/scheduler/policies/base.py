@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from services.scheduler.cluster import ClusterSnapshot
+from services.scheduler.hardware import UNPROFILED_TIER_BANDWIDTH
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,11 @@ class PlacementRequest:
     host, disk, store), as far as the kvstore knows; empty = no tier information."""
     store_blocks: int = 0
     """Leading prompt blocks in the cluster store, which any instance can fetch."""
+    tier_bandwidth: Mapping[str, float] = field(
+        default_factory=lambda: dict(UNPROFILED_TIER_BANDWIDTH)
+    )
+    """Bytes/s into an instance's device pool from each tier, from the hardware profile
+    (`--cost-profile`); what `tier_cost.prefix_work` prices loads with."""
     slo_ttft: float | None = None
     """Time-to-first-token target, seconds (None = none); the SLO-aware policy places the
     prefill half where it is predicted to be met. The scheduler fills it from its config."""

@@ -37,7 +37,10 @@ def _estimate(request: PlacementRequest, view: InstanceView) -> tuple[float, int
         tiers = request.prefix_tiers.get(view.instance_id, {})
         block_size = view.heartbeat.kv_block_size
         store = request.store_blocks
-        prefix = prefix_work(request.num_prompt_tokens, block_size, tiers, store, view.heartbeat)
+        prefix = prefix_work(
+            request.num_prompt_tokens, block_size, tiers, store, view.heartbeat,
+            request.tier_bandwidth,
+        )  # fmt: skip
     else:
         prefix = request.uncached_tokens(view.instance_id)
     return prefix + view.load, view.num_requests, view.instance_id

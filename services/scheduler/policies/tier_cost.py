@@ -9,6 +9,9 @@ an instance's queue):
   + blocks it would fetch from the cluster store × the fetch time
   + tokens it must recompute        × 1
 
+The bandwidths are the instances' hardware profile's (`HardwareProfile.tier_bandwidth`:
+host and disk reads, the link to the store or a peer), carried by the request
+(`PlacementRequest.tier_bandwidth`), so the live scheduler and `xllm sim` price alike.
 A load time is priced in tokens by the instance's own measured prefill speed: loading a
 block of `kv_block_bytes` at the tier's bandwidth takes as long as prefilling (load seconds
 / prefill seconds per token) tokens. Before an instance has measured its prefill speed,
@@ -19,11 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from services.scheduler.hardware import UNPROFILED_TIER_BANDWIDTH
 from xllm.protocol import Heartbeat
-
-TIER_BANDWIDTH = {"device": float("inf"), "host": 10e9, "disk": 1e9, "store": 1.25e9}
-"""Bytes/s into the device pool from each tier (host memory copy, a local NVMe read, a
-10 GbE fetch from another machine's store segment)."""
 
 UNMEASURED_SHARE = {"device": 0.0, "host": 0.02, "disk": 0.2, "store": 0.2}
 """A block's load as a share of its recompute, while an instance has no prefill measurement."""
@@ -35,7 +35,7 @@ def prefix_work(
     tiers: Mapping[str, int],
     store_blocks: int,
     heartbeat: Heartbeat | None = None,
-    bandwidth: Mapping[str, float] = TIER_BANDWIDTH,
+    bandwidth: Mapping[str, float] = UNPROFILED_TIER_BANDWIDTH,
 ) -> float:
     """Tokens of prefill work equivalent to getting this prompt's KV on one instance.
 
@@ -57,7 +57,7 @@ def block_price(
     tier: str,
     block_size: int,
     heartbeat: Heartbeat | None,
-    bandwidth: Mapping[str, float] = TIER_BANDWIDTH,
+    bandwidth: Mapping[str, float] = UNPROFILED_TIER_BANDWIDTH,
 ) -> float:
     """Loading one block from `tier`, in tokens of prefill work (never more than its
     recompute: the instance recomputes instead when loading costs more)."""

@@ -37,6 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.scheduler.cost_model import StepShape
+from services.scheduler.sim.tiers import SimTiers, TierSetup
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.prefix_hash import block_hashes
 from xllm.engine.scheduler import Scheduler, SchedulerOutput
@@ -103,6 +104,14 @@ class InstanceSpec:
     enable_prefix_caching: bool = True
     num_host_blocks: int = 0
     """Host swap space in blocks (`--swap-space-gb`): preempted offline work keeps its KV."""
+    num_host_kv_blocks: int = 0
+    """The host-memory KV tier in blocks (`--host-kv-gb`; sim/tiers.py); 0 = none."""
+    kv_store: bool = False
+    """Blocks also go to the cluster store (`--kv-store-master`), any instance loads them."""
+
+    @property
+    def has_tiers(self) -> bool:
+        return self.num_host_kv_blocks > 0 or self.kv_store
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +141,14 @@ def step_shape(out: SchedulerOutput) -> StepShape:
 
 
 class SimInstance:
-    def __init__(self, instance_id: str, spec: InstanceSpec, role: str = "both", model: str = "m"):
+    def __init__(
+        self,
+        instance_id: str,
+        spec: InstanceSpec,
+        role: str = "both",
+        model: str = "m",
+        tiers: TierSetup | None = None,
+    ):
         self.instance_id = instance_id
         self.spec = spec
         self.role = role
@@ -164,6 +180,19 @@ class SimInstance:
         self.busy_time = 0.0
         self.step_stats = StepStats()
         self.role_flips = 0
+        self.kv_block_bytes = tiers.block_bytes if tiers else 0
+        self.tiers: SimTiers | None = None
+        """Host memory and the cluster store behind the device pool (sim/tiers.py)."""
+        if tiers and spec.has_tiers and spec.enable_prefix_caching:
+            self.tiers = SimTiers(
+                self.block_manager,
+                spec.num_host_kv_blocks,
+                tiers.store,
+                tiers.block_bytes,
+                tiers.bandwidth,
+            )
+        self._loading: dict[str, tuple[Sequence, list[int], list[int]]] = {}
+        """Waiting for their prefix blocks to be copied in from a slower tier."""
 
     # -- what the scheduler sees ---------------------------------------------------------------
 
@@ -188,6 +217,7 @@ class SimInstance:
             model=self.model,
             max_model_len=self.spec.max_model_len,
             kv_block_size=self.spec.block_size,
+            kv_block_bytes=self.kv_block_bytes,
             max_num_batched_tokens=self.spec.max_num_batched_tokens,
             max_num_seqs=self.spec.max_num_seqs,
             sent_at=sent_at,
@@ -228,10 +258,38 @@ class SimInstance:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add(self, req: SimRequest, hand_over: bool = False, now: float = 0.0) -> None:
-        """`Engine.add_request`; `hand_over`: only its prefill runs here (`prefill_only`)."""
+    def prefix_tiers(self, req: SimRequest, num_device_tokens: int) -> dict[str, int]:
+        """The kvstore's tiers of this instance's hit, given its device hit in tokens."""
+        if self.tiers is None:
+            return (
+                {"device": num_device_tokens // self.spec.block_size} if num_device_tokens else {}
+            )
+        limit = (req.num_prompt_tokens - 1) // self.spec.block_size
+        hashes = req.block_hashes(self.spec.block_size)
+        return self.tiers.prefix_tiers(hashes, num_device_tokens // self.spec.block_size, limit)
+
+    def add(self, req: SimRequest, hand_over: bool = False, now: float = 0.0) -> float | None:
+        """`Engine.add_request`; `hand_over`: only its prefill runs here (`prefill_only`).
+        Returns the seconds it first waits for its prefix to load from a slower tier (then
+        `finish_load`), or None: queued now."""
         self.requests[req.request_id] = req
-        self.scheduler.add(self._sequence(req, now, prefill_only=hand_over))
+        seq = self._sequence(req, now, prefill_only=hand_over)
+        if self.tiers is not None:
+            limit = (req.num_prompt_tokens - 1) // self.spec.block_size
+            per_token = self.step_stats.recent_prefill_seconds_per_token
+            load = self.tiers.start_load(seq.block_hashes, limit, per_token)
+            if load is not None:
+                block_ids, hashes, seconds = load
+                self._loading[req.request_id] = (seq, block_ids, hashes)
+                return seconds
+        self.scheduler.add(seq)
+        return None
+
+    def finish_load(self, req: SimRequest) -> None:
+        """Its prefix blocks are in the device pool: queue it, to find them cached."""
+        seq, block_ids, hashes = self._loading.pop(req.request_id)
+        self.tiers.finish_load(block_ids, hashes)  # type: ignore[union-attr]
+        self.scheduler.add(seq)
 
     def reserve(self, req: SimRequest, now: float) -> None:
         """Placed here as a decode half (`DecodeCmd`): hold blocks for its prompt
@@ -312,6 +370,8 @@ class SimInstance:
                 self._finish(req, now)
                 done.append(req)
         self._reserve_waiting(now)  # the step may have freed blocks
+        if self.tiers is not None:
+            self.tiers.write_through()
         return done
 
     def is_prefilled(self, req: SimRequest) -> bool:

@@ -125,6 +125,9 @@ def setup_from_args(args: argparse.Namespace, instances: int) -> Setup:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=tokens // args.block_size * args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
+        num_host_kv_blocks=int(args.host_kv_gb * GiB)
+        // (model.kv_bytes_per_token * args.block_size),
+        kv_store=args.kv_store,
     )
     trace = load_trace(
         args.trace,

@@ -54,9 +54,10 @@ from services.scheduler.sim.instance import (
     SimInstance,
     SimRequest,
 )
+from services.scheduler.sim.tiers import TierSetup
 from xllm.models.config import ModelConfig
 
-ARRIVE, STEP_DONE, KV_LANDED, PLAN = 0, 1, 2, 3
+ARRIVE, STEP_DONE, KV_LANDED, PLAN, LOADED = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +106,14 @@ class Simulator:
         self.flips: list[tuple[float, str, str]] = []
         """Every flip ordered: (time, instance id, new role)."""
         self.recent = RecentPlacements()
+        spec = cluster.instance
+        self.store: set[int] | None = set() if spec.kv_store else None
+        """The cluster store's block hashes (sim/tiers.py), None without one."""
+        tiers = TierSetup(
+            self.store, model.kv_bytes_per_token * spec.block_size, hw.tier_bandwidth()
+        )
         self.instances = [
-            SimInstance(f"inst-{i:03d}", cluster.instance, role, cluster.model_name)
+            SimInstance(f"inst-{i:03d}", spec, role, cluster.model_name, tiers)
             for i, role in enumerate(cluster.roles)
         ]
         self._by_id = {inst.instance_id: inst for inst in self.instances}
@@ -155,6 +162,8 @@ class Simulator:
                 self._on_step_done(*payload)  # type: ignore[misc]
             elif kind == KV_LANDED:
                 self._on_kv_landed(*payload)  # type: ignore[misc]
+            elif kind == LOADED:
+                self._on_loaded(*payload)  # type: ignore[misc]
             else:
                 self._on_plan()
         return [*requests, *self.backlog.submitted]
@@ -217,13 +226,24 @@ class Simulator:
                 decision.instance_id,
             )
         if req.decode_instance_id is None:
-            inst = self._by_id[req.instance_id]
-            inst.add(req, now=self.now)
-            self._kick(inst)
+            self._add(self._by_id[req.instance_id], req)
         else:  # live: the DecodeCmd; the decode side asks for the prefill once reserved
             target = self._by_id[req.decode_instance_id]
             target.reserve(req, self.now)
             self._start_prefills(target)
+
+    def _add(self, inst: SimInstance, req: SimRequest, hand_over: bool = False) -> None:
+        """Queue `req` on `inst`, or first load its prefix from a slower tier."""
+        load_seconds = inst.add(req, hand_over=hand_over, now=self.now)
+        if load_seconds is None:
+            self._kick(inst)
+        else:
+            self._push(self.now + load_seconds, LOADED, (inst, req))
+
+    def _on_loaded(self, inst: SimInstance, req: SimRequest) -> None:
+        self._flush_heartbeat(self._index[inst.instance_id])
+        inst.finish_load(req)
+        self._kick(inst)
 
     def _reject(self, req: SimRequest) -> None:
         req.rejected = True
@@ -250,6 +270,10 @@ class Simulator:
 
     def _placement_request(self, req: SimRequest) -> PlacementRequest:
         """`SchedulerService._placement_request`."""
+        hits: dict[str, int] = {}
+        tiers: dict[str, dict[str, int]] = {}
+        if self.uses_prefix_hits:
+            hits, tiers = self._prefix_hits(req)
         return placement_request(
             request_id=req.request_id,
             num_prompt_tokens=req.num_prompt_tokens,
@@ -257,22 +281,40 @@ class Simulator:
             model=None,
             priority=req.priority,
             sequence_number=self.num_placed,
-            prefix_hits=self._prefix_hits(req) if self.uses_prefix_hits else {},
+            prefix_hits=hits,
             targets=self.targets,
+            prefix_tiers=tiers,
+            store_blocks=self._store_blocks(req) if self.uses_prefix_hits else 0,
+            tier_bandwidth=self.hw.tier_bandwidth(),
         )
 
-    def _prefix_hits(self, req: SimRequest) -> dict[str, int]:
-        """`PrefixMatcher.hit_tokens`: per instance, the larger of what its cache holds (the
+    def _prefix_hits(self, req: SimRequest) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """`PrefixMatcher.match`: per instance, the larger of what its cache holds (the
         kvstore's answer, here without its few hundred ms of lag) and what was recently
-        placed there; instances with no hit are left out."""
+        placed there; instances with no hit are left out. With KV tiers, also each hit's
+        blocks by tier (device, host), as the kvstore's index records them."""
         recent = self.recent.match(req.hash_ids, self.now)
-        hits = {}
+        hits, tiers = {}, {}
         for inst in self.instances:
             placed = recent.get(inst.instance_id, 0) * HASH_BLOCK_TOKENS
             tokens = max(inst.cached_prefix_tokens(req), inst.usable_hit(req, placed))
+            if inst.tiers is not None and (found := inst.prefix_tiers(req, tokens)):
+                tiers[inst.instance_id] = found
+                tokens = sum(found.values()) * inst.spec.block_size
             if tokens:
                 hits[inst.instance_id] = tokens
-        return hits
+        return hits, tiers
+
+    def _store_blocks(self, req: SimRequest) -> int:
+        """Leading prompt blocks in the cluster store (the kvstore's `store_blocks`)."""
+        if self.store is None:
+            return 0
+        hashes = req.block_hashes(self.cluster.instance.block_size)
+        limit = (req.num_prompt_tokens - 1) // self.cluster.instance.block_size
+        n = 0
+        while n < min(limit, len(hashes)) and hashes[n] in self.store:
+            n += 1
+        return n
 
     def _kick(self, inst: SimInstance) -> None:
         """Start `inst`'s next step now, if it is idle and has something it can run."""
@@ -305,8 +347,7 @@ class Simulator:
         for req in decode.take_reserved():
             inst = self._by_id[req.instance_id]  # type: ignore[index]
             self._flush_heartbeat(self._index[inst.instance_id])
-            inst.add(req, hand_over=True, now=self.now)
-            self._kick(inst)
+            self._add(inst, req, hand_over=True)
 
     def _hand_over(self, source: SimInstance, req: SimRequest) -> None:
         """Send a finished prefill's KV to the decode instance chosen at placement."""

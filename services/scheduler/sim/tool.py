@@ -95,6 +95,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument(
+        "--host-kv-gb", type=float, default=0.0, help=f"{engine} --host-kv-gb: host KV tier"
+    )
+    p.add_argument(
+        "--kv-store", action="store_true", help="instances share a cluster KV store (Mooncake)"
+    )
+    p.add_argument(
         "--heartbeat-interval", type=float, default=0.25, help="seconds between heartbeats"
     )
     flips = "the scheduler's, for policies that flip roles (slo-pd)"

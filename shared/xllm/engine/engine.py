@@ -125,7 +125,7 @@ class Engine:
         self.swap_space = SwapSpace(self.runner.kv_cache, self._num_host_blocks())
         self.tiers: KvTiers | None = None
         if config.host_kv_gb > 0:
-            from xllm.engine.kv_tiers import make_tiers
+            from xllm.engine.kv_tier_setup import make_tiers
 
             self.tiers = make_tiers(config, self.runner.kv_cache, self.block_manager)
         self.image_processor: ImageProcessorConfig | None = None
@@ -322,7 +322,10 @@ class Engine:
         images: list[ImageInput] | None = None,
     ) -> Reservation | None:
         """Decode side: hold blocks for a prompt another instance prefills; None if the pool
-        is short. Raises ValueError when the request is invalid.
+        is short, or while its prefix loads from the KV tiers (then the reservation finds
+        it cached, and the prefill side sends only the rest: after a failover, a request's
+        prompt KV comes from host, disk or the store, not over again from the prefill side).
+        Raises ValueError when the request is invalid.
 
         NOTE: `abort_request` frees the blocks at once. While the prefill side may still be
         writing into them, the caller must defer the abort until that write is reported
@@ -334,6 +337,10 @@ class Engine:
         seq = Sequence(request_id, prompt_token_ids, params, priority=priority)
         seq.mm = mm  # decoding needs its M-RoPE delta
         seq.grammar = self._grammar_matcher(prompt_token_ids, params)
+        if self.tiers is not None and self.config.enable_prefix_caching:
+            prefill_cost = self.step_stats.recent_prefill_seconds_per_token
+            if self.tiers.prefetch(seq, prefill_cost):
+                return None  # asked again after a step, once its prefix is on the device
         seqs = self._beams(seq)
         if not self.scheduler.reserve(seq):
             return None

@@ -32,14 +32,13 @@ import copy
 import logging
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from xllm.config import EngineConfig
 from xllm.engine.block_manager import BlockManager
 from xllm.engine.kv_cache import KVCache
+from xllm.engine.kv_tier_loads import DISK, HOST, STORE, PendingLoad, load_pays, slowest_tier
 from xllm.engine.kv_tier_pools import DiskTier, HostPool, copy_blocks
 from xllm.engine.sequence import Sequence
 from xllm.protocol.stats import KvTierCounters, KvTierStats
@@ -47,68 +46,7 @@ from xllm.protocol.stats import KvTierCounters, KvTierStats
 if TYPE_CHECKING:
     from xllm.engine.kv_store import KvStore
 
-HOST, DISK, STORE = "host", "disk", "store"
-SLOWEST_FIRST = (STORE, DISK, HOST)
-
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PendingLoad:
-    seq: Sequence | None
-    """The request waiting for the load; None once it was aborted."""
-    block_ids: list[int]
-    block_hashes: list[int]
-    future: Future
-    tiers: list[str] = field(default_factory=list)
-    """The tier each block comes from."""
-
-
-def make_tiers(config: EngineConfig, kv: KVCache, block_manager: BlockManager) -> KvTiers:
-    """The tiers `config` asks for (`--host-kv-gb` > 0), behind the pool `kv`."""
-    per_block = kv.nbytes // kv.num_blocks
-    num_host = int(config.host_kv_gb * 2**30) // per_block
-    if num_host < kv.num_blocks:
-        raise ValueError(
-            f"--host-kv-gb holds {num_host} blocks, fewer than the KV pool's {kv.num_blocks}: "
-            "host memory must hold every block cached on the device"
-        )
-    store = None
-    if config.kv_store_master:
-        from xllm.engine.kv_store import KvStore, namespace
-
-        space = namespace(config.model, kv.tensor.dtype, kv.block_size)
-        segment = int(config.kv_store_segment_gb * 2**30)
-        store = KvStore(
-            config.kv_store_master, config.kv_store_host, segment, space, config.kv_store_replicas
-        )
-    bandwidth = {HOST: config.host_kv_gbps, DISK: config.disk_kv_gbps, STORE: config.kv_store_gbps}
-    return KvTiers(
-        kv,
-        block_manager,
-        num_host,
-        config.disk_kv_dir,
-        int(config.disk_kv_gb * 2**30) // per_block,
-        bandwidth,
-        store,
-        config.kv_store_put_min_reuse,
-    )
-
-
-def load_pays(
-    blocks_by_tier: dict[str, int],
-    bytes_per_block: int,
-    block_size: int,
-    prefill_seconds_per_token: float,
-    bandwidth_gbps: dict[str, float],
-) -> bool:
-    """Is copying these blocks in cheaper than recomputing their tokens? Nothing measured
-    yet (0 s/token): yes — a memory or disk read beats a forward pass on what we run."""
-    if prefill_seconds_per_token <= 0:
-        return True
-    load = sum(n * bytes_per_block / (bandwidth_gbps[t] * 1e9) for t, n in blocks_by_tier.items())
-    recompute = sum(blocks_by_tier.values()) * block_size * prefill_seconds_per_token
-    return load < recompute
 
 
 class KvTiers:
@@ -143,6 +81,8 @@ class KvTiers:
         self.pinned: Counter[int] = Counter()
         """Hashes a load in flight reads or writes: not evicted from host or disk."""
         self.loads: list[PendingLoad] = []
+        self.prefetches: dict[str, PendingLoad] = {}
+        """Reservations' loads (`prefetch`), by request id, until the reservation is made."""
         self.events: list[tuple[str, int, str]] = []
         """("stored" | "evicted", block hash, tier) of the host, disk and store tiers."""
         self.stats = {HOST: KvTierCounters(), DISK: KvTierCounters(), STORE: KvTierCounters()}
@@ -251,7 +191,7 @@ class KvTiers:
             except Exception as e:
                 log.warning("loading %d KV blocks failed (%s); recomputing", len(load.tiers), e)
                 self.bm.release_load(load.block_ids)
-                self.stats[_slowest(load.tiers)].failed_loads += 1
+                self.stats[slowest_tier(load.tiers)].failed_loads += 1
                 for block_hash, tier in zip(load.block_hashes, load.tiers, strict=True):
                     if tier != HOST:  # its host copy may be garbage, its file too
                         self._host_remove(block_hash)
@@ -264,6 +204,22 @@ class KvTiers:
                 ready.append(load.seq)
         self.loads = pending
         return ready
+
+    def prefetch(self, seq: Sequence, prefill_seconds_per_token: float) -> bool:
+        """`start_load` for a reservation (PD decode side), with no request waiting on it.
+        True while that load is in flight: reserve once it is done. Once per request: a
+        failed load is not tried again (the prefill side sends those blocks instead)."""
+        load = self.prefetches.get(seq.request_id)
+        if load is not None:
+            if load in self.loads:
+                return True
+            del self.prefetches[seq.request_id]
+            return False
+        if not self.start_load(seq, prefill_seconds_per_token):
+            return False
+        self.prefetches[seq.request_id] = self.loads[-1]
+        self.forget(seq)
+        return True
 
     def forget(self, seq: Sequence) -> bool:
         """`seq` was aborted: if it waits for a load, the load goes on without it (its blocks
@@ -332,7 +288,7 @@ class KvTiers:
         for tier in load.tiers:
             self.stats[tier].hits += 1
             self.stats[tier].bytes_loaded += self.bytes_per_block
-        slowest = _slowest(load.tiers)
+        slowest = slowest_tier(load.tiers)
         self.stats[slowest].load_seconds += seconds
         self.stats[slowest].num_loads += 1
 
@@ -418,7 +374,3 @@ class KvTiers:
         self.worker.shutdown(wait=True)
         if self.store is not None:
             self.store.close()
-
-
-def _slowest(tiers: list[str]) -> str:
-    return next(t for t in SLOWEST_FIRST if t in tiers)
