@@ -186,15 +186,18 @@ class OfflineWorker:
             keepalive.cancel()
 
     async def _finish(self, msg, job_id: str, result: dict, outcome: str) -> None:
-        """Store the result, then ack: a crash between the two reruns nothing (it is found)."""
-        await self.js.publish(
+        """Store the result, then ack: a crash between the two reruns nothing (it is found).
+        A job delivered twice at once (its claim lost in a nats-server restart) finishes
+        twice, but the results stream keeps one result per job id: only that one counts."""
+        ack = await self.js.publish(
             subjects.offline_result(job_id),
             json.dumps(result, ensure_ascii=False).encode(),
             stream=subjects.OFFLINE_RESULTS_STREAM,
             headers={"Nats-Msg-Id": job_id},
         )
         await msg.ack()
-        self.gw.metrics.offline_jobs.labels(outcome=outcome).inc()
+        if not ack.duplicate:
+            self.gw.metrics.offline_jobs.labels(outcome=outcome).inc()
 
     async def _result_stored(self, job_id: str) -> bool:
         try:

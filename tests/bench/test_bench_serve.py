@@ -24,7 +24,9 @@ from xllm.cli.commands.bench import first_model
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-SLO_TTFT_MS, SLO_TPOT_MS = 400.0, 60.0
+# Loose enough that a loaded 2-core machine still meets it for some requests (the goodput
+# must be > 0 for the recomputation check to compare something).
+SLO_TTFT_MS, SLO_TPOT_MS = 3000.0, 300.0
 
 
 @pytest.fixture(scope="module")
