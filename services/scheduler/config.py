@@ -17,6 +17,9 @@ class SchedulerConfig(SloConfig):
     heartbeat_timeout: float = option(
         2.0, "Seconds without a heartbeat before an instance leaves the rotation."
     )
+    encode_timeout: float = option(
+        30.0, "Seconds to wait for an encoder instance before the prompt's instance encodes."
+    )
     kv_match_timeout: float = option(
         0.05, "Seconds to wait for the kvstore's prefix match before placing without it."
     )

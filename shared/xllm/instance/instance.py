@@ -36,10 +36,10 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from xllm.engine.engine import Engine
-from xllm.engine.multimodal import decode_images
 from xllm.instance.config import InstanceConfig
 from xllm.instance.early_aborts import EarlyAborts
 from xllm.instance.heartbeat import build_heartbeat
+from xllm.instance.images import ImageInputs
 from xllm.instance.kv_events import KvEventPublisher
 from xllm.instance.lost_peers import LostPeers
 from xllm.instance.pd_decode import DecodeSide
@@ -153,6 +153,8 @@ class Instance:
             self.early_aborts,
             config.kv_transfer_timeout,
         )
+        self.images = ImageInputs(config.kv_transfer_host)
+        """Decodes a request's images, or reads the embeddings an encoder made."""
         self.prefill = PrefillSide(
             engine,
             self.transport,
@@ -303,7 +305,7 @@ class Instance:
                 list(request.prompt_token_ids),
                 request.sampling,
                 priority=request.priority,
-                images=decode_images(request.images, self.engine.image_processor),
+                images=await self.images.inputs(request.images, self.engine.image_processor),
             )
         except ValueError as e:
             await self._send(error_delta(cmd.request_id, rejection(e)))
@@ -396,6 +398,7 @@ class Instance:
             engine=self.engine,
             role_flips=self.role_flips,
             transport=self._transport,
+            images=self.images,
         )
 
 

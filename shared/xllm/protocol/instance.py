@@ -25,6 +25,7 @@ from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
 from xllm.protocol.kv_peer import KvPeer
 from xllm.protocol.stats import (
+    EncoderStats,
     KvCacheStats,
     KvTierStats,
     KvTransferStats,
@@ -36,10 +37,10 @@ from xllm.protocol.stats import (
 from xllm.protocol.types import Logprob, RequestSpec, Role
 
 
-# v5: `request.images`. v4: `request.sampling` beam search fields (use_beam_search, ...).
+# v6: `request.images[].embedding`. v5: `request.images`. v4: `request.sampling` beam search fields (use_beam_search, ...).
 # v3: `request.sampling.structured` (a grammar). v2: prompt, sampling and priority moved
 # into `request` (v1 is not read).
-@message("generate", version=5, oldest=2)
+@message("generate", version=6, oldest=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerateCmd:
     """scheduler → instance: run a request from prompt to finish and stream its tokens on
@@ -51,10 +52,10 @@ class GenerateCmd:
     """The prompt and how to sample it; checked again by the instance against its model."""
 
 
-# v6: `request.images`. v5: `request.sampling` beam search fields (use_beam_search, ...).
+# v7: `request.images[].embedding`. v6: `request.images`. v5: `request.sampling` beam search fields (use_beam_search, ...).
 # v4: `request.sampling.structured` (a grammar). v3: prompt, sampling and priority moved
 # into `request` (v2 is not read).
-@message("decode", version=6, oldest=3)
+@message("decode", version=7, oldest=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DecodeCmd:
     """scheduler → decode instance: decode a request that `prefill_instance_id` prefills.
@@ -74,10 +75,10 @@ class DecodeCmd:
     run (`InstanceLost.started_at`)."""
 
 
-# v7: `request.images`. v6: `request.sampling` beam search fields (use_beam_search, ...).
+# v8: `request.images[].embedding`. v7: `request.images`. v6: `request.sampling` beam search fields (use_beam_search, ...).
 # v5: `request.sampling.structured` (a grammar). v4: the KV peer's layout nested (v3);
 # prompt, sampling and priority moved into `request`.
-@message("prefill", version=7, oldest=4)
+@message("prefill", version=8, oldest=4)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrefillCmd:
     """decode instance → prefill instance: prefill this prompt, stream the first token to the
@@ -148,8 +149,8 @@ class SetRoleCmd:
 
 
 # v6: the stats nested in groups (`load`, `kv`, `steps`, ...: see stats.py); v5 is not read.
-# v7: `tiers`, `kv_block_bytes`, `max_num_batched_tokens`, `max_num_seqs`.
-@message("heartbeat", version=7, oldest=6)
+# v7: `tiers`, `kv_block_bytes`, `max_num_batched_tokens`, `max_num_seqs`. v8: `encoder`.
+@message("heartbeat", version=8, oldest=6)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """instance → scheduler, kvstore, gateway (`HEARTBEAT`): a load snapshot, published
@@ -197,3 +198,5 @@ class Heartbeat:
     """KV moved to and from other instances."""
     tiers: KvTierStats = field(default_factory=KvTierStats)
     """The host, disk and store KV tiers (v7)."""
+    encoder: EncoderStats = field(default_factory=EncoderStats)
+    """An encoder instance's batches, cache and bytes handed out (v8; idle elsewhere)."""
