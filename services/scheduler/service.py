@@ -150,9 +150,7 @@ class SchedulerService:
         if isinstance(decision, Refusal):
             return self._refuse(req, decision)
         encoder_id = pick_encoder(req.request, snapshot)
-        if encoder_id is not None and decision.prefill_instance_id is None:
-            # E+PD: the encode step first (PD-disaggregated requests still encode on their
-            # prefill instance: the decode side's reservation needs the image grids too).
+        if encoder_id is not None:  # the encode step first: E+PD, E+P+D
             encoded = await encode_remotely(
                 self.nc, req.request_id, req.request, encoder_id, self.config.encode_timeout
             )

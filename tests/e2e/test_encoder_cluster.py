@@ -1,11 +1,12 @@
-"""Hybrid EPD on real processes: `xllm up --instances 1 --encode 1` (E+PD) with the tiny
-Qwen2-VL (float32), driven with the `openai` client.
+"""Hybrid EPD on real processes: `xllm up --instances 1 --encode 1` (E+PD) and `xllm up
+--prefill 1 --decode 1 --encode 1` (E+P+D) with the tiny Qwen2-VL (float32), driven with
+the `openai` client.
 
 The same image chat gives the engine's own greedy tokens (the colocated path: the engine
 alone runs its vision tower; `test_image_cluster` shows the colocated cluster equals it);
 the embeddings crossed Mooncake (bytes the encoder handed out == bytes the instance read ==
-the images' tokens x hidden x 4); a second request with the same images hits the encoder's
-cache and runs no tower batch; images the encoder cannot read get a 400.
+the images' tokens x hidden x 4, on every instance that read them); a second request with the same images hits the encoder's
+cache and runs no tower batch; text requests never reach the encoder.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ def model_dir(tiny_model_dir):
     return tiny_model_dir("qwen2-vl", "float32")
 
 
-@pytest.fixture(scope="module")
-def cluster(model_dir, tmp_path_factory):
+TOPOLOGIES = {"e_pd": {"instances": 1}, "e_p_d": {"prefill": 1, "decode": 1}}
+"""E+PD: one colocated instance; E+P+D: the prefill and the decode instance each read the
+embeddings (the decode side keeps them for a recompute)."""
+
+
+@pytest.fixture(scope="module", params=list(TOPOLOGIES))
+def cluster(request, model_dir, tmp_path_factory):
     config = ClusterConfig(
         model=str(model_dir),
         host="127.0.0.1",
         port=free_port(),
-        instances=1,
         encode=1,
+        **TOPOLOGIES[request.param],
         log_dir=str(tmp_path_factory.mktemp("logs")),
         ready_timeout=180,
         stop_grace=5,
@@ -100,18 +106,28 @@ def stats(config) -> dict[str, dict]:
 
 
 def settled(config, **want) -> dict[str, dict]:
-    """The stats once the heartbeats show `want` (role.field=value), or fail with them."""
+    """The stats once the heartbeats show `want` (role__field=value; role "prompt" = every
+    instance that runs prompts), or fail with them."""
     deadline = time.monotonic() + 10
     seen = stats(config)
     while time.monotonic() < deadline:
         seen = stats(config)
-        if all(seen[k.split("__")[0]][k.split("__")[1]] == v for k, v in want.items()):
+        if all(
+            all(s[field] == value for s in by_role(seen, role))
+            for role, field, value in ((*k.split("__"), v) for k, v in want.items())
+        ):
             return seen
         time.sleep(0.2)
     raise AssertionError(f"stats never reached {want}: {seen}")
 
 
-def test_e_pd_equals_colocated_and_reuses_cached_embeddings(cluster, client, model_dir):
+def by_role(seen: dict[str, dict], role: str) -> list[dict]:
+    return [s for r, s in seen.items() if r != "encode"] if role == "prompt" else [seen[role]]
+
+
+def test_encoded_elsewhere_equals_colocated_and_reuses_cached_embeddings(
+    cluster, client, model_dir
+):
     config = cluster[1]
     images = [random_image_bytes(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
     parts = [
@@ -129,18 +145,19 @@ def test_e_pd_equals_colocated_and_reuses_cached_embeddings(cluster, client, mod
 
     hidden = ModelConfig.from_dir(model_dir).hidden_size
     image_bytes = (6 + 8) * hidden * 4  # float32 rows of both images
-    seen = settled(config, encode__batches=1, both__bytes_fetched=image_bytes)
-    encoder, instance = seen["encode"], seen["both"]
+    seen = settled(config, encode__batches=1, prompt__bytes_fetched=image_bytes)
+    encoder = seen["encode"]
     assert encoder["images_encoded"] == 2 and encoder["cache_hits"] == 0
-    assert encoder["bytes_published"] == instance["bytes_fetched"] == image_bytes
-    assert instance["images_fetched"] == 2
+    assert encoder["bytes_published"] == image_bytes
+    for instance in by_role(seen, "prompt"):
+        assert instance["bytes_fetched"] == image_bytes and instance["images_fetched"] == 2
     assert encoder["encode_seconds"] > 0
 
     # The same images again: the encoder's cache answers, no tower batch runs, and the
     # instance reads the same bytes again (its output is the same).
     again = chat(client, parts)
     assert again.choices[0].message.content == expected
-    seen = settled(config, encode__cache_hits=2, both__bytes_fetched=2 * image_bytes)
+    seen = settled(config, encode__cache_hits=2, prompt__bytes_fetched=2 * image_bytes)
     assert seen["encode"]["batches"] == 1 and seen["encode"]["images_encoded"] == 2
     assert seen["encode"]["bytes_published"] == 2 * image_bytes
 

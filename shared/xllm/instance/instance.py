@@ -142,6 +142,8 @@ class Instance:
         """Which run of this instance id this is (`Heartbeat.started_at`)."""
         self.lost_peers = LostPeers()
         self.early_aborts = EarlyAborts()
+        self.images = ImageInputs(config.kv_transfer_host)
+        """Decodes a request's images, or reads the embeddings an encoder made."""
         self.decode = DecodeSide(
             self.instance_id,
             self.started_at,
@@ -152,9 +154,8 @@ class Instance:
             self.lost_peers,
             self.early_aborts,
             config.kv_transfer_timeout,
+            self.images,
         )
-        self.images = ImageInputs(config.kv_transfer_host)
-        """Decodes a request's images, or reads the embeddings an encoder made."""
         self.prefill = PrefillSide(
             engine,
             self.transport,
@@ -162,6 +163,7 @@ class Instance:
             self._write_ended,
             self.lost_peers,
             self.early_aborts,
+            self.images,
         )
         self.handlers = self._handler_table()
         """The one dispatch: every queued message is applied by the handler of its type."""
