@@ -166,6 +166,12 @@ def test_encoded_elsewhere_equals_colocated_and_reuses_cached_embeddings(
     assert chat(client, swapped).choices[0].message.content != expected
     settled(config, encode__cache_hits=4)  # both images cached by now
 
+    # The same counters on the gateway's /metrics, per instance.
+    with urllib.request.urlopen(config.base_url.removesuffix("/v1") + "/metrics") as r:
+        lines = r.read().decode().splitlines()
+    hits = [line for line in lines if line.startswith("xllm_encoder_cache_hits{")]
+    assert any('"encode-0"' in line and line.endswith(" 4") for line in hits), hits
+
 
 def test_text_requests_skip_the_encoder(cluster, client):
     before = stats(cluster[1])["encode"]["cache_queries"]
