@@ -2,8 +2,10 @@
 runs its prompt, an encoder instance (role `encode`) turns its images into embeddings.
 
 The scheduler asks one encoder (`EncodeRequest`, request/reply) and puts the refs it
-answers into the request's `ImageData.embedding`, dropping the file bytes: the instance
-then reads the embeddings through Mooncake and runs no vision tower. An image goes to the
+answers into the request's `ImageData.embedding`: the instance then reads the embeddings
+through Mooncake and runs no vision tower. The file bytes stay in the request (a file is
+small beside its embeddings): an instance that cannot read the embeddings, because the
+encoder died since, encodes the file itself and the request still completes. An image goes to the
 encoder its content picks (a stable hash), so a repeated image meets its cached embeddings.
 
 No encoder, or one that fails or times out: the request keeps its bytes and the instance
@@ -49,7 +51,7 @@ def pick_encoder(request: RequestSpec, snapshot: ClusterSnapshot) -> str | None:
 async def encode_remotely(
     nc: NATS, request_id: str, request: RequestSpec, encoder_id: str, timeout: float
 ) -> RequestSpec | ErrorInfo:
-    """`request` with its images' embeddings refs (bytes dropped); the request unchanged if
+    """`request` with its images' embeddings refs; the request unchanged if
     the encoder did not answer well; an ErrorInfo if it found the images unreadable."""
     ask = EncodeRequest(request_id=request_id, images=list(request.images))
     try:
@@ -68,7 +70,7 @@ async def encode_remotely(
                     len(reply.embeddings), len(request.images))  # fmt: skip
         return request
     images = [
-        dataclasses.replace(image, data=b"", embedding=ref)
+        dataclasses.replace(image, embedding=ref)
         for image, ref in zip(request.images, reply.embeddings, strict=True)
     ]
     return dataclasses.replace(request, images=images)

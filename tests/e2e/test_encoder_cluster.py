@@ -6,13 +6,18 @@ The same image chat gives the engine's own greedy tokens (the colocated path: th
 alone runs its vision tower; `test_image_cluster` shows the colocated cluster equals it);
 the embeddings crossed Mooncake (bytes the encoder handed out == bytes the instance read ==
 the images' tokens x hidden x 4, on every instance that read them); a second request with the same images hits the encoder's
-cache and runs no tower batch; text requests never reach the encoder.
+cache and runs no tower batch; text requests never reach the encoder; and with the encoder
+SIGKILLed mid-request the request completes all the same (the instance encodes the file
+itself), as do image requests after it left the cluster view.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
+import threading
 import time
 import urllib.request
 
@@ -179,3 +184,36 @@ def test_text_requests_skip_the_encoder(cluster, client):
     assert ok.usage.completion_tokens == MAX_TOKENS
     time.sleep(1.0)  # a few heartbeats: a query the encoder got would show by now
     assert stats(cluster[1])["encode"]["cache_queries"] == before
+
+
+def test_a_sigkilled_encoder_costs_no_request(cluster, client, model_dir):
+    c, config = cluster  # last in the module: it leaves the cluster without its encoder
+    images = [random_image_bytes(h, w, seed=10 + i) for i, (h, w) in enumerate(SIZES)]
+    parts = [
+        {"type": "text", "text": "Describe"},
+        {"type": "image_url", "image_url": {"url": data_url(images[0])}},
+        {"type": "image_url", "image_url": {"url": data_url(images[1])}},
+    ]
+    from xllm.tokenizer import Tokenizer
+
+    expected = Tokenizer(model_dir).decode(engine_alone(model_dir, parts, images))
+    encoder = c.processes["encode-0"]
+    results: list[str] = []
+    worker = threading.Thread(target=lambda: results.append(chat(client, parts).choices[0]
+                              .message.content))  # fmt: skip
+    worker.start()
+    os.kill(encoder.pid, signal.SIGKILL)  # while the request is encoded, read or prefilled
+    worker.join(timeout=120)
+    assert results == [expected]
+    assert chat(client, parts).choices[0].message.content == expected  # meanwhile, too
+
+    # Once its heartbeats stop, the scheduler sends image requests colocated.
+    deadline = time.monotonic() + 30
+    while "encode" in stats(config):
+        assert time.monotonic() < deadline, "the dead encoder stayed in the cluster view"
+        time.sleep(0.5)
+    fresh = [random_image_bytes(40, 40, seed=99)]
+    parts = [{"type": "text", "text": "And this?"},
+             {"type": "image_url", "image_url": {"url": data_url(fresh[0])}}]  # fmt: skip
+    expected = Tokenizer(model_dir).decode(engine_alone(model_dir, parts, fresh))
+    assert chat(client, parts).choices[0].message.content == expected

@@ -1,5 +1,7 @@
 """A request's images as the engine takes them: decoded here from the file bytes, or (when
-an encoder instance made them) embeddings read out of band through Mooncake.
+an encoder instance made them) embeddings read out of band through Mooncake. An image whose
+embeddings cannot be read (its encoder died, or evicted them long ago) is decoded from its
+file instead, which the request still carries: the engine then runs the tower itself.
 
 The Mooncake engine for embeddings opens on the first image that needs it, so an instance
 that never sees an encoder's ref pays nothing.
@@ -8,6 +10,7 @@ that never sees an encoder's ref pays nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Sequence
 
@@ -15,6 +18,8 @@ from xllm.engine.multimodal import ImageInput, decode_images
 from xllm.image_processor import ImageProcessorConfig
 from xllm.kv_transfer.base import KvTransferError
 from xllm.protocol import EncoderStats, ImageData
+
+log = logging.getLogger(__name__)
 
 
 class ImageInputs:
@@ -46,7 +51,10 @@ class ImageInputs:
             try:
                 embeddings = self._exchange_engine().fetch(ref, self.stats)
             except KvTransferError as exc:
-                raise ValueError(f"cannot fetch an image's embeddings: {exc}") from exc
+                log.warning("embeddings at %s unreadable (%s): encoding here", ref.endpoint, exc)
+                self.stats.fetch_failures += 1
+                out.extend(decode_images([image], config) or [])
+                continue
             grid = tuple(ref.grid_thw)
             out.append(ImageInput(grid, embeddings=embeddings, content_hash=ref.content_hash))  # type: ignore[arg-type]
         return out

@@ -209,3 +209,6 @@ class EncoderStats:
     """On an instance that runs prompts: bytes of embeddings it read from encoders."""
     images_fetched: int = 0
     """On an instance that runs prompts: images whose embeddings it read from encoders."""
+    fetch_failures: int = 0
+    """On an instance that runs prompts: images whose embeddings it could not read (the
+    encoder was gone), encoded here from the file instead."""

@@ -290,13 +290,14 @@ class ImageData:
     encoder service will move embeddings out of band instead."""
 
     data: bytes
-    """The encoded image file (PNG, JPEG, WebP, ...), as the client sent it; empty once an
-    encoder instance encoded it (`embedding` says where its embeddings wait)."""
+    """The encoded image file (PNG, JPEG, WebP, ...), as the client sent it. Kept when an
+    encoder made the embeddings: if they cannot be read (the encoder died), the instance
+    encodes the file itself."""
     num_tokens: int
     """Language-model tokens it becomes (its placeholders in `prompt_token_ids`)."""
     embedding: EmbeddingRef | None = None
     """Set by the scheduler when an encoder instance made the image's embeddings: the
-    instance reads them out of band (Mooncake) instead of decoding `data`."""
+    instance reads them out of band (Mooncake) instead of running the vision tower."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
