@@ -11,6 +11,8 @@
   disaggregated (`--prefill P --decode D`): P × `python -m services.prefill --instance-id
   prefill-<i>` and D × `python -m services.decode --instance-id decode-<i>`; extra engine
   flags (`engine_args`) go to every instance;
+* `--encode N` (hybrid EPD): N × `python -m services.encoder --instance-id encode-<i>`
+  (the vision tower in the instances' `--dtype`), beside either of the above;
 * `python -m services.gateway --model DIR --host H --port PORT [--max-model-len N]` (the
   context length when the instances were given one; the API key, if any, in
   `XLLM_API_KEY`, so that it does not show in `ps`).
