@@ -13,7 +13,9 @@ the refs goes over NATS. Heartbeats (role `encode`) carry `EncoderStats`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +60,7 @@ class EncoderService:
         self.config = config
         self.nc = nc
         self.tower = tower
-        self.instance_id = config.instance_id or f"{socket.gethostname()}-{id(self) % 10**6}"
+        self.instance_id = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.model_name = config.served_model_name or Path(config.model).resolve().name
         self.started_at = time.time()
         processor = ImageProcessorConfig.from_dir(config.model)
@@ -162,7 +164,7 @@ class EncoderService:
                 kv_block_size=0,
                 kv_transfer_endpoint=self.exchange.endpoint,
                 sent_at=time.time(),
-                encoder=EncoderStats(**{f: getattr(self.stats, f) for f in self.stats.__slots__}),
+                encoder=copy.copy(self.stats),
             )
             await self.nc.publish(subjects.HEARTBEAT, encode(hb))
             await asyncio.sleep(self.config.heartbeat_interval)
