@@ -393,6 +393,26 @@ def test_colocated_topology():
     assert config.health_url == "http://127.0.0.1:9000/health"
 
 
+def test_encoder_instances_join_either_topology():
+    config = ClusterConfig(prefill=1, decode=1, encode=2)
+    specs = {
+        s.name: s
+        for s in service_specs(config, "/m", ["--dtype", "float32", "--max-model-len", "64"])
+    }
+    assert specs["encode-1"].argv[1:] == [
+        "-m",
+        "services.encoder",
+        "--instance-id",
+        "encode-1",
+        "--dtype",
+        "float32",
+    ]
+    assert config.num_instances == 4  # /health waits for the encoders' heartbeats too
+    assert ClusterConfig(encode=1).num_instances == 2
+    with pytest.raises(ValueError, match="--encode"):
+        ClusterConfig(encode=-1).validate()  # fmt: skip
+
+
 def test_disaggregated_topology_and_api_key():
     config = ClusterConfig(model="/m", prefill=1, decode=2, api_key="secret")
     specs = {s.name: s for s in service_specs(config, "/m", ["--max-model-len", "512"])}

@@ -136,6 +136,20 @@ INSTANCE_GAUGES += tuple(
     )
 )
 
+INSTANCE_GAUGES += tuple(
+    (f"xllm_encoder_{name}", f"encoder.{name}", help)
+    for name, help in (
+        ("batches", "Vision-tower batches the encoder instance ran since it started."),
+        ("images_encoded", "Images the encoder instance ran the tower on (cache misses)."),
+        ("encode_seconds", "Tower time of those batches (latency = this / batches)."),
+        ("cache_queries", "Images asked of the encoder instance's embedding cache."),
+        ("cache_hits", "Of those, found cached (hit rate = this / cache_queries)."),
+        ("cache_bytes", "Bytes of embeddings the encoder instance's cache holds now."),
+        ("bytes_published", "Bytes of embeddings the encoder handed out for Mooncake reads."),
+        ("bytes_fetched", "Bytes of embeddings the instance read from encoders (Mooncake)."),
+    )
+)
+
 
 class GatewayMetrics:
     def __init__(self, slo: SloConfig | None = None) -> None:

@@ -17,6 +17,12 @@ class SchedulerConfig(SloConfig):
     heartbeat_timeout: float = option(
         2.0, "Seconds without a heartbeat before an instance leaves the rotation."
     )
+    encode_timeout: float = option(
+        2.0,
+        "Seconds to wait for an encoder instance's embeddings before the prompt's instance "
+        "encodes the images itself; keep it under the gateway's --submit-timeout (the "
+        "submit waits for the encode step).",
+    )
     kv_match_timeout: float = option(
         0.05, "Seconds to wait for the kvstore's prefix match before placing without it."
     )
@@ -60,6 +66,7 @@ class SchedulerConfig(SloConfig):
             (self.flip_cooldown >= 0, "--flip-cooldown cannot be negative"),
             (self.flip_idle >= 0, "--flip-idle cannot be negative"),
             (self.flip_hysteresis >= 0, "--flip-hysteresis cannot be negative"),
+            (self.encode_timeout > 0, "--encode-timeout must be positive"),
             (
                 bool(self.cost_profile) == bool(self.cost_model),
                 "--cost-profile and --cost-model go together",

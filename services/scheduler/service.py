@@ -11,6 +11,7 @@ sends the `SetRoleCmd`s it plans.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -18,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from services.scheduler.cluster import ClusterSnapshot, Registry
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.encode import encode_remotely, pick_encoder
 from services.scheduler.hardware import tier_bandwidth
 from services.scheduler.placement import (
     ALL_ROLES,
@@ -150,6 +152,15 @@ class SchedulerService:
         decision = place(request, snapshot, self.policy, self.decode_cost)
         if isinstance(decision, Refusal):
             return self._refuse(req, decision)
+        encoder_id = pick_encoder(req.request, snapshot)
+        if encoder_id is not None:  # the encode step first: E+PD, E+P+D
+            encoded = await encode_remotely(
+                self.nc, req.request_id, req.request, encoder_id, self.config.encode_timeout
+            )
+            if isinstance(encoded, ErrorInfo):
+                self.num_rejected += 1
+                return SubmitReply(request_id=req.request_id, error=encoded)
+            req = dataclasses.replace(req, request=encoded)
         await self._send(req, decision, snapshot)
         self._record(req, note(request, decision))
         self.num_submitted += 1

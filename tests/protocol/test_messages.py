@@ -34,6 +34,7 @@ from xllm.protocol import (
     TokenDelta,
     decode,
     encode,
+    encoder,
     gateway,
     instance,
     kv,
@@ -106,7 +107,7 @@ def test_every_message_round_trips(tag, entry, data):
 
 def test_every_protocol_module_is_covered():
     """Each message module registers at least one message, and all are in the registry."""
-    modules = {gateway, instance, kv, stream}
+    modules = {encoder, gateway, instance, kv, stream}
     registered = {cls.__module__ for cls, _ in registry().values()}
     assert registered == {m.__name__ for m in modules}
 
@@ -178,7 +179,7 @@ def _undocumented_fields(module: types.ModuleType) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "module", [gateway, instance, kv, kv_peer, stream, value_types, errors_module]
+    "module", [encoder, gateway, instance, kv, kv_peer, stream, value_types, errors_module]
 )
 def test_every_field_has_a_docstring(module):
     assert _undocumented_fields(module) == []

@@ -10,9 +10,10 @@ import copy
 import time
 
 from xllm.engine.engine import Engine
+from xllm.instance.images import ImageInputs
 from xllm.kv_transfer import KvTransport
 from xllm.kv_transfer.base import stats_snapshot
-from xllm.protocol import Heartbeat, KvTransferStats, Role
+from xllm.protocol import EncoderStats, Heartbeat, KvTransferStats, Role
 
 
 def build_heartbeat(
@@ -24,6 +25,7 @@ def build_heartbeat(
     engine: Engine,
     role_flips: int,
     transport: KvTransport | None,
+    images: ImageInputs | None = None,
 ) -> Heartbeat:
     return Heartbeat(
         instance_id=instance_id,
@@ -46,4 +48,5 @@ def build_heartbeat(
         transfer=stats_snapshot(transport.stats) if transport else KvTransferStats(),
         tiers=engine.tier_stats(),
         experts=engine.expert_stats(),
+        encoder=copy.copy(images.stats) if images else EncoderStats(),
     )

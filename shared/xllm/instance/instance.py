@@ -36,10 +36,10 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from xllm.engine.engine import Engine
-from xllm.engine.multimodal import decode_images
 from xllm.instance.config import InstanceConfig
 from xllm.instance.early_aborts import EarlyAborts
 from xllm.instance.heartbeat import build_heartbeat
+from xllm.instance.images import ImageInputs
 from xllm.instance.kv_events import KvEventPublisher
 from xllm.instance.lost_peers import LostPeers
 from xllm.instance.pd_decode import DecodeSide
@@ -142,6 +142,8 @@ class Instance:
         """Which run of this instance id this is (`Heartbeat.started_at`)."""
         self.lost_peers = LostPeers()
         self.early_aborts = EarlyAborts()
+        self.images = ImageInputs(config.kv_transfer_host)
+        """Decodes a request's images, or reads the embeddings an encoder made."""
         self.decode = DecodeSide(
             self.instance_id,
             self.started_at,
@@ -152,6 +154,7 @@ class Instance:
             self.lost_peers,
             self.early_aborts,
             config.kv_transfer_timeout,
+            self.images,
         )
         self.prefill = PrefillSide(
             engine,
@@ -160,6 +163,7 @@ class Instance:
             self._write_ended,
             self.lost_peers,
             self.early_aborts,
+            self.images,
         )
         self.handlers = self._handler_table()
         """The one dispatch: every queued message is applied by the handler of its type."""
@@ -303,7 +307,7 @@ class Instance:
                 list(request.prompt_token_ids),
                 request.sampling,
                 priority=request.priority,
-                images=decode_images(request.images, self.engine.image_processor),
+                images=await self.images.inputs(request.images, self.engine.image_processor),
             )
         except ValueError as e:
             await self._send(error_delta(cmd.request_id, rejection(e)))
@@ -396,6 +400,7 @@ class Instance:
             engine=self.engine,
             role_flips=self.role_flips,
             transport=self._transport,
+            images=self.images,
         )
 
 

@@ -46,8 +46,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xllm.engine.engine import Engine
-from xllm.engine.multimodal import decode_images
+from xllm.engine.multimodal import ImageInput
 from xllm.instance.early_aborts import EarlyAborts
+from xllm.instance.images import ImageInputs
 from xllm.instance.lost_peers import LostPeers
 from xllm.instance.wire import (
     SendCmd,
@@ -77,6 +78,9 @@ class DecodeRequest:
     state: DecodeState = DecodeState.AWAITING_ROOM
     reserved_at: float = 0.0
     """time.monotonic() when its blocks were reserved: the transfer timeout runs from here."""
+    images: list[ImageInput] | None = None
+    """Its images as the engine takes them, made once on arrival (decoded, or the
+    embeddings an encoder made, read through Mooncake: a recompute here needs them)."""
 
 
 class DecodeSide:
@@ -91,6 +95,7 @@ class DecodeSide:
         lost_peers: LostPeers,
         early_aborts: EarlyAborts,
         transfer_timeout: float,
+        images: ImageInputs | None = None,
     ):
         self.instance_id = instance_id
         self.started_at = started_at
@@ -103,6 +108,7 @@ class DecodeSide:
         self.lost_peers = lost_peers
         self.early_aborts = early_aborts
         self.transfer_timeout = transfer_timeout
+        self.images = images or ImageInputs()
         self.requests: dict[str, DecodeRequest] = {}
         """Every request of the decode side until the engine takes it over or it is freed;
         in arrival order, which is the order requests awaiting room get it."""
@@ -124,7 +130,12 @@ class DecodeSide:
             why = f"request id {cmd.request_id!r} is already in use"
             await self.send_delta(error_delta(cmd.request_id, invalid(why)))
             return
-        self.requests[cmd.request_id] = DecodeRequest(cmd)
+        try:
+            images = await self.images.inputs(cmd.request.images, self.engine.image_processor)
+        except ValueError as e:
+            await self.send_delta(error_delta(cmd.request_id, rejection(e)))
+            return
+        self.requests[cmd.request_id] = DecodeRequest(cmd, images=images)
         await self.reserve_waiting()
 
     async def reserve_waiting(self) -> None:
@@ -208,7 +219,7 @@ class DecodeSide:
                 list(cmd.request.prompt_token_ids),
                 cmd.request.sampling,
                 priority=cmd.request.priority,
-                images=decode_images(cmd.request.images, self.engine.image_processor),
+                images=request.images,
             )
         except ValueError as e:
             del self.requests[cmd.request_id]

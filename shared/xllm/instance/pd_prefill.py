@@ -39,8 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from xllm.engine.engine import Engine, SequenceOutput
-from xllm.engine.multimodal import decode_images
 from xllm.instance.early_aborts import EarlyAborts
+from xllm.instance.images import ImageInputs
 from xllm.instance.lost_peers import LostPeers
 from xllm.instance.wire import ABORTED, SendCmd, rejection
 from xllm.kv_transfer.base import KvSender, KvTransfer, TransferState
@@ -79,6 +79,7 @@ class PrefillSide:
         write_ended: Callable[[str], None],
         lost_peers: LostPeers,
         early_aborts: EarlyAborts,
+        images: ImageInputs | None = None,
     ):
         self.engine = engine
         self.transport = transport
@@ -88,6 +89,8 @@ class PrefillSide:
         """Thread-safe: tells the instance a request's write is over (request id)."""
         self.lost_peers = lost_peers
         self.early_aborts = early_aborts
+        self.images = images or ImageInputs()
+        """Decodes a request's images, or reads the embeddings an encoder made."""
         self.requests: dict[str, PrefillRequest] = {}
         """Every accepted PrefillCmd until its KV is freed here."""
 
@@ -115,7 +118,7 @@ class PrefillSide:
                 cmd.request.sampling,
                 prefill_only=True,
                 priority=cmd.request.priority,
-                images=decode_images(cmd.request.images, self.engine.image_processor),
+                images=await self.images.inputs(cmd.request.images, self.engine.image_processor),
             )
         except ValueError as e:
             await self._answer(cmd, error=rejection(e))

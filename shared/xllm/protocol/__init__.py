@@ -7,11 +7,12 @@
                   value types every layer shares
     gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
     instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
+    encoder.py    EncodeRequest, EncodeReply (descriptors of embeddings; bytes go by Mooncake)
     stream.py     TokenDelta, FinishReason, DraftCounts
     kv_peer.py    KvPeer, KvLayout (a KV pool as a write target, inside PrefillCmd)
     stats.py      LoadStats, KvCacheStats, StepStats, PreemptionStats, SpeculationStats,
-                  KvTransferStats, KvTierStats, ExpertStats: the stats groups a
-                  Heartbeat carries
+                  KvTransferStats, KvTierStats, ExpertStats, EncoderStats: the stats
+                  groups a Heartbeat carries
     kv.py         KvEvents, KvEvent, KvSnapshotRequest, KvMatchRequest, KvMatchReply
     dispatch.py   TypeDispatcher, make_callback
 
@@ -22,6 +23,7 @@ which submodule a service imported first.
 from xllm.protocol import subjects
 from xllm.protocol.codec import DecodeError, decode, decode_as, encode, message, registry
 from xllm.protocol.dispatch import TypeDispatcher, make_callback
+from xllm.protocol.encoder import EncodeReply, EncodeRequest
 from xllm.protocol.errors import (
     ErrorCode,
     ErrorInfo,
@@ -48,6 +50,7 @@ from xllm.protocol.instance import (
 from xllm.protocol.kv import KvEvent, KvEvents, KvMatchReply, KvMatchRequest, KvSnapshotRequest
 from xllm.protocol.kv_peer import KvLayout, KvPeer
 from xllm.protocol.stats import (
+    EncoderStats,
     ExpertStats,
     KvCacheStats,
     KvTierCounters,
@@ -60,6 +63,7 @@ from xllm.protocol.stats import (
 )
 from xllm.protocol.stream import DraftCounts, FinishReason, TokenDelta
 from xllm.protocol.types import (
+    EmbeddingRef,
     ImageData,
     Logprob,
     RequestSpec,
@@ -76,6 +80,10 @@ __all__ = [
     "DecodeCmd",
     "DecodeError",
     "DraftCounts",
+    "EmbeddingRef",
+    "EncodeReply",
+    "EncodeRequest",
+    "EncoderStats",
     "ErrorCode",
     "ErrorInfo",
     "ExpertStats",

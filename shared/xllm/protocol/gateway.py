@@ -18,10 +18,10 @@ from xllm.protocol.instance import Heartbeat
 from xllm.protocol.types import RequestSpec
 
 
-# v6: `request.images`. v5: `request.sampling` beam search fields (use_beam_search, ...).
+# v7: `request.images[].embedding` (an encoder made it). v6: `request.images`. v5: `request.sampling` beam search fields (use_beam_search, ...).
 # v4: `request.sampling.structured` (a grammar). v3: prompt, sampling, priority and model
 # moved into `request` (v2 is not read).
-@message("submit", version=6, oldest=3)
+@message("submit", version=7, oldest=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitRequest:
     """gateway → scheduler: place this request and start it."""
@@ -65,7 +65,8 @@ class ClusterStateRequest:
 
 
 # v4: its heartbeats nest their stats (Heartbeat v6); v3 is not read. v5: Heartbeat v7.
-@message("cluster_state", version=5, oldest=4)
+# v6: Heartbeat v8.
+@message("cluster_state", version=6, oldest=4)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterState:
     """scheduler → gateway: every live instance's last heartbeat and the scheduler's counters."""

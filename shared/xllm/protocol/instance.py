@@ -25,6 +25,7 @@ from xllm.protocol.codec import message
 from xllm.protocol.errors import ErrorInfo
 from xllm.protocol.kv_peer import KvPeer
 from xllm.protocol.stats import (
+    EncoderStats,
     ExpertStats,
     KvCacheStats,
     KvTierStats,
@@ -37,10 +38,10 @@ from xllm.protocol.stats import (
 from xllm.protocol.types import Logprob, RequestSpec, Role
 
 
-# v5: `request.images`. v4: `request.sampling` beam search fields (use_beam_search, ...).
+# v6: `request.images[].embedding`. v5: `request.images`. v4: `request.sampling` beam search fields (use_beam_search, ...).
 # v3: `request.sampling.structured` (a grammar). v2: prompt, sampling and priority moved
 # into `request` (v1 is not read).
-@message("generate", version=5, oldest=2)
+@message("generate", version=6, oldest=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerateCmd:
     """scheduler → instance: run a request from prompt to finish and stream its tokens on
@@ -52,10 +53,10 @@ class GenerateCmd:
     """The prompt and how to sample it; checked again by the instance against its model."""
 
 
-# v6: `request.images`. v5: `request.sampling` beam search fields (use_beam_search, ...).
+# v7: `request.images[].embedding`. v6: `request.images`. v5: `request.sampling` beam search fields (use_beam_search, ...).
 # v4: `request.sampling.structured` (a grammar). v3: prompt, sampling and priority moved
 # into `request` (v2 is not read).
-@message("decode", version=6, oldest=3)
+@message("decode", version=7, oldest=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DecodeCmd:
     """scheduler → decode instance: decode a request that `prefill_instance_id` prefills.
@@ -75,10 +76,10 @@ class DecodeCmd:
     run (`InstanceLost.started_at`)."""
 
 
-# v7: `request.images`. v6: `request.sampling` beam search fields (use_beam_search, ...).
+# v8: `request.images[].embedding`. v7: `request.images`. v6: `request.sampling` beam search fields (use_beam_search, ...).
 # v5: `request.sampling.structured` (a grammar). v4: the KV peer's layout nested (v3);
 # prompt, sampling and priority moved into `request`.
-@message("prefill", version=7, oldest=4)
+@message("prefill", version=8, oldest=4)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrefillCmd:
     """decode instance → prefill instance: prefill this prompt, stream the first token to the
@@ -150,7 +151,8 @@ class SetRoleCmd:
 
 # v6: the stats nested in groups (`load`, `kv`, `steps`, ...: see stats.py); v5 is not read.
 # v7: `tiers`, `kv_block_bytes`, `max_num_batched_tokens`, `max_num_seqs`, `experts`.
-@message("heartbeat", version=7, oldest=6)
+# v8: `encoder`.
+@message("heartbeat", version=8, oldest=6)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """instance → scheduler, kvstore, gateway (`HEARTBEAT`): a load snapshot, published
@@ -200,3 +202,5 @@ class Heartbeat:
     """The host, disk and store KV tiers (v7)."""
     experts: ExpertStats = field(default_factory=ExpertStats)
     """MoE models: tokens per expert copy and re-placements (added in version 7)."""
+    encoder: EncoderStats = field(default_factory=EncoderStats)
+    """An encoder instance's batches, cache and bytes handed out (v8; idle elsewhere)."""

@@ -8,6 +8,7 @@
     transfer     KvTransferStats   KV blocks moved between instances (PD disaggregation)
     tiers        KvTierStats       the KV tiers behind the pool: host memory, disk, the store
     experts      ExpertStats       MoE models: tokens per expert copy, and re-placements (EPLB)
+    encoder      EncoderStats      an encoder instance's batches, embedding cache, bytes
 
 The engine fills these types itself (they are its counters, not copies of them), so a field
 is defined and documented once, here. Gauges describe the instance now; counters
@@ -214,3 +215,31 @@ class ExpertStats:
     one."""
     predicted_imbalance: float = 0.0
     """What that re-placement expected the same load to give (the policy's estimate)."""
+
+
+@dataclass(slots=True, kw_only=True)
+class EncoderStats:
+    """An encoder instance (`services.encoder`): cumulative since it started."""
+
+    batches: int = 0
+    """Vision-tower calls (each encodes up to `--max-batch-images` images)."""
+    images_encoded: int = 0
+    """Images the tower ran on (cache misses)."""
+    encode_seconds: float = 0.0
+    """Time spent in the tower; `encode_seconds / batches` is the encode latency."""
+    cache_queries: int = 0
+    """Images asked for."""
+    cache_hits: int = 0
+    """Of those, found in the embedding cache (not encoded again)."""
+    cache_bytes: int = 0
+    """Gauge: bytes of embeddings the cache holds now."""
+    bytes_published: int = 0
+    """Bytes of embeddings handed out for readers to fetch through Mooncake (one image's
+    bytes per reply that names it); the readers count what they fetched."""
+    bytes_fetched: int = 0
+    """On an instance that runs prompts: bytes of embeddings it read from encoders."""
+    images_fetched: int = 0
+    """On an instance that runs prompts: images whose embeddings it read from encoders."""
+    fetch_failures: int = 0
+    """On an instance that runs prompts: images whose embeddings it could not read (the
+    encoder was gone), encoded here from the file instead."""

@@ -45,6 +45,12 @@ def instance_cmd(instance_id: str) -> str:
     return f"xllm.inst.{token(instance_id)}.cmd"
 
 
+def encoder_cmd(instance_id: str) -> str:
+    """`xllm.enc.<id>.encode` — scheduler → one encoder instance, request/reply:
+    `EncodeRequest` → `EncodeReply` (where each image's embeddings wait, for a Mooncake read)."""
+    return f"xllm.enc.{token(instance_id)}.encode"
+
+
 HEARTBEAT = "xllm.inst.heartbeat"
 """instance → scheduler, kvstore, gateway, publish (fan-out, no queue group): `Heartbeat`,
 every instance's load snapshot, sent periodically. A missing heartbeat is how the scheduler

@@ -279,6 +279,8 @@ class Role(enum.StrEnum):
     """Decode only: takes prefilled requests and generates their tokens."""
     BOTH = "both"
     """PD-colocated (the default): a request runs from prompt to finish here."""
+    ENCODE = "encode"
+    """Encoder only (`services.encoder`): runs the vision tower, never a request's tokens."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -288,9 +290,35 @@ class ImageData:
     encoder service will move embeddings out of band instead."""
 
     data: bytes
-    """The encoded image file (PNG, JPEG, WebP, ...), as the client sent it."""
+    """The encoded image file (PNG, JPEG, WebP, ...), as the client sent it. Kept when an
+    encoder made the embeddings: if they cannot be read (the encoder died), the instance
+    encodes the file itself."""
     num_tokens: int
     """Language-model tokens it becomes (its placeholders in `prompt_token_ids`)."""
+    embedding: EmbeddingRef | None = None
+    """Set by the scheduler when an encoder instance made the image's embeddings: the
+    instance reads them out of band (Mooncake) instead of running the vision tower."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmbeddingRef:
+    """Where one image's embeddings sit in an encoder instance's memory: the descriptor
+    that goes over NATS while the bytes move through the Mooncake Transfer Engine."""
+
+    endpoint: str
+    """The encoder's Mooncake endpoint (host:rpc_port)."""
+    addr: int
+    """Address of the embeddings in the encoder's registered memory."""
+    nbytes: int
+    """Bytes to read from `addr`."""
+    shape: list[int]
+    """[tokens, hidden] of the embeddings."""
+    dtype: str
+    """torch dtype name (e.g. "float32")."""
+    grid_thw: list[int]
+    """The image's patch grid (time, height, width), for M-RoPE positions."""
+    content_hash: int
+    """The image's content hash (the encoder's cache key; the prefix cache's identity)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

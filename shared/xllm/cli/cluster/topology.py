@@ -11,6 +11,8 @@
   disaggregated (`--prefill P --decode D`): P × `python -m services.prefill --instance-id
   prefill-<i>` and D × `python -m services.decode --instance-id decode-<i>`; extra engine
   flags (`engine_args`) go to every instance;
+* `--encode N` (hybrid EPD): N × `python -m services.encoder --instance-id encode-<i>`
+  (the vision tower in the instances' `--dtype`), beside either of the above;
 * `python -m services.gateway --model DIR --host H --port PORT [--max-model-len N]` (the
   context length when the instances were given one; the API key, if any, in
   `XLLM_API_KEY`, so that it does not show in `ps`).
@@ -47,6 +49,9 @@ class ClusterConfig(SloConfig):
     instances: int = option(1, "PD-colocated instances (role both), unless --prefill/--decode.")
     prefill: int = option(0, "Prefill instances (PD-disaggregated; give --decode too).")
     decode: int = option(0, "Decode instances (PD-disaggregated; give --prefill too).")
+    encode: int = option(
+        0, "Encoder instances (vision tower only, hybrid EPD): image requests encode there."
+    )
     policy: str = option("cache-aware", "The scheduler's placement policy.")
     slo_admission: float = option(
         0.0, "Refuse (429) online requests predicted past this × --slo-ttft; 0 = admit all."
@@ -90,6 +95,7 @@ class ClusterConfig(SloConfig):
                 "give both --prefill and --decode, or neither",
             ),
             (self.prefill >= 0 and self.decode >= 0, "--prefill/--decode cannot be negative"),
+            (self.encode >= 0, "--encode cannot be negative"),
             (self.instances > 0, "--instances must be positive"),
             (0 < self.port < 65536, "--port must be in 1..65535"),
             (self.ready_timeout > 0, "--ready-timeout must be positive"),
@@ -102,7 +108,8 @@ class ClusterConfig(SloConfig):
 
     @property
     def num_instances(self) -> int:
-        return self.prefill + self.decode if self.prefill or self.decode else self.instances
+        prompt_instances = self.prefill + self.decode if self.prefill or self.decode else None
+        return (prompt_instances or self.instances) + self.encode
 
     @property
     def client_host(self) -> str:
@@ -155,6 +162,11 @@ def service_specs(
     for service, instance_id, role_args in instances:
         argv = module(service, "--instance-id", instance_id, *role_args, *engine_args)
         specs.append(ProcessSpec(instance_id, argv))
+    for i in range(config.encode):  # the vision tower in the instances' dtype
+        argv = module(
+            "encoder", "--instance-id", f"encode-{i}", *_flag_value(engine_args, "--dtype")
+        )
+        specs.append(ProcessSpec(f"encode-{i}", argv))
     gateway_args = ["--model", str(model), "--host", config.host, "--port", str(config.port)]
     gateway_args += _flag_value(engine_args, "--max-model-len")  # it checks prompt lengths too
     gateway_args += _changed_flags(config, GATEWAY_OPTIONS)
