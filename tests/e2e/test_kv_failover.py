@@ -1,10 +1,16 @@
-"""PD failover that keeps the KV, as real processes: `xllm up --prefill 1 --decode 2
---kv-store`. Every instance puts the full blocks it computes or receives in the Mooncake
-Store, two copies each. SIGKILL the decode instance streaming a long-prompt request: the
-gateway resumes it (prompt + tokens streamed); the prefill instance serves that prompt from
-its own copy of the prompt's KV and the store's copies of the blocks decoded before the kill,
-recomputing only the rest; the other decode instance's reservation asks its tiers (the
-store) first, once, and takes the rest from the prefill side. The text is the engine's alone."""
+"""Failover that keeps the KV, as real processes, `xllm up --kv-store` (nats-server, Valkey,
+the Mooncake Store master, kvstore, scheduler, instances, gateway). Every instance puts the
+full blocks it computes or receives in the Mooncake Store, two copies each. SIGKILL the
+instance streaming a long-prompt request; the gateway resumes it (prompt + tokens streamed)
+and the text is the engine's alone.
+
+* Colocated (two instances): the survivor fetches the blocks from the store instead of
+  recomputing the prompt.
+* PD (`--prefill 1 --decode 2`), the decode instance killed: the prefill instance serves the
+  resumed prompt from its own copy of the prompt's KV (and the store's copies of the blocks
+  decoded before the kill), recomputing only the rest; the other decode instance's
+  reservation asks its tiers (the store) first, once, and takes the rest from the prefill
+  side."""
 
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 NUM_KV_BLOCKS = 512
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs into the woods. " * 12
+MAX_TOKENS = 300
 
 
 @pytest.fixture(scope="module")
@@ -39,25 +46,39 @@ def block_bytes(model_dir: Path, block_size: int = 16) -> int:
     return c["num_hidden_layers"] * 2 * block_size * c["num_key_value_heads"] * head_dim * 4
 
 
-@pytest.fixture(scope="module")
-def cluster(model_dir, tmp_path_factory):
+def start_cluster(model_dir: Path, log_dir: str, **topology):
     config = ClusterConfig(
         model=str(model_dir),
         host="127.0.0.1",
         port=free_port(),
-        prefill=1,
-        decode=2,
         policy="round-robin",
         kv_store=True,
-        log_dir=str(tmp_path_factory.mktemp("logs")),
+        log_dir=log_dir,
         ready_timeout=180,
         stop_grace=5,
+        **topology,
     )
     host_gb = 1.5 * NUM_KV_BLOCKS * block_bytes(model_dir) / 2**30
     engine_args = ["--num-kv-blocks", str(NUM_KV_BLOCKS), "--host-kv-gb", str(host_gb)]
     engine_args += ["--kv-store-replicas", "2", "--kv-store-segment-gb", "0.25"]
     c = serving_cluster(config, engine_args)
     c.start()
+    return c, config
+
+
+@pytest.fixture(scope="module")
+def colocated(model_dir, tmp_path_factory):
+    c, config = start_cluster(model_dir, str(tmp_path_factory.mktemp("logs")), instances=2)
+    try:
+        c.wait_ready(config.ready_timeout)
+        yield c, config
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def disaggregated(model_dir, tmp_path_factory):
+    c, config = start_cluster(model_dir, str(tmp_path_factory.mktemp("logs")), prefill=1, decode=2)
     try:
         c.wait_ready(config.ready_timeout)
         yield c, config
@@ -81,21 +102,23 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_a_killed_decode_instances_request_resumes_from_the_kv_kept_elsewhere(cluster, model_dir):
+def stream_through_a_kill(cluster, victim_role: str | None) -> tuple[str, list[int]]:
+    """Stream PROMPT, SIGKILL the instance (of `victim_role`, if given) running it once 40
+    chunks have arrived, and check the whole text equals the engine alone's; returns the
+    text and the prompt's token ids."""
     from xllm.llm import LLM
     from xllm.protocol.types import SamplingParams
 
     c, config = cluster
     client = openai.OpenAI(base_url=config.base_url, api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
-    max_tokens = 300
     streamed, started = [], threading.Event()
 
     def stream() -> None:
         chunks = client.completions.create(
             model=model,
             prompt=PROMPT,
-            max_tokens=max_tokens,
+            max_tokens=MAX_TOKENS,
             temperature=0,
             stream=True,
             extra_body={"ignore_eos": True},
@@ -105,29 +128,56 @@ def test_a_killed_decode_instances_request_resumes_from_the_kv_kept_elsewhere(cl
             if len(streamed) >= 40:
                 started.set()
 
+    def running_it() -> list[dict]:
+        return [
+            i
+            for i in instances(config)
+            if i["load"]["num_running"] and victim_role in (None, i["role"])
+        ]
+
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(stream)
         if not started.wait(180):
             future.result(timeout=1)
             raise AssertionError(f"the stream did not start: {streamed}")
-        running = wait_for(
-            lambda: [
-                i for i in instances(config) if i["role"] == "decode" and i["load"]["num_running"]
-            ],
-            10,
-            "a decode instance running it",
-        )
-        victim = running[0]["instance_id"]
+        before = len(instances(config))
+        victim = wait_for(running_it, 10, "an instance running it")[0]["instance_id"]
         os.kill(c.processes[victim].pid, signal.SIGKILL)
-        wait_for(lambda: len(instances(config)) == 2, 10, "the victim to leave")
+        wait_for(lambda: len(instances(config)) == before - 1, 10, "the victim to leave")
         future.result(timeout=300)
 
-    llm = LLM(str(model_dir), num_kv_blocks=NUM_KV_BLOCKS)
+    llm = LLM(config.model, num_kv_blocks=NUM_KV_BLOCKS)
     prompt_ids = llm.tokenizer.encode(PROMPT)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     expected = llm.generate([prompt_ids], params)[0].outputs[0].token_ids
-    assert "".join(streamed) == llm.tokenizer.decode(expected)
+    text = "".join(streamed)
+    assert text == llm.tokenizer.decode(expected)
+    return text, prompt_ids
 
+
+def test_a_killed_instances_request_resumes_with_its_kv_fetched_from_the_store(
+    colocated, model_dir
+):
+    _, config = colocated
+    _, prompt_ids = stream_through_a_kill(colocated, victim_role=None)
+    # The survivor fetched at least every prompt block (and the decode blocks filled before
+    # the kill) instead of recomputing them.
+    prompt_blocks = (len(prompt_ids) - 1) // 16
+    survivor = wait_for(
+        lambda: [i for i in instances(config) if i["tiers"]["store"]["hits"] >= prompt_blocks],
+        10,
+        "a heartbeat of the survivor counting the blocks it fetched",
+    )[0]
+    store = survivor["tiers"]["store"]
+    assert store["bytes_loaded"] == store["hits"] * block_bytes(model_dir)
+    assert store["failed_loads"] == 0
+
+
+def test_a_killed_decode_instances_request_resumes_from_the_kv_kept_elsewhere(
+    disaggregated, model_dir
+):
+    _, config = disaggregated
+    _, prompt_ids = stream_through_a_kill(disaggregated, victim_role="decode")
     # Nothing computed before the kill is computed again: the prefill instance serves the
     # resumed prompt (prompt + tokens streamed) from its copy of the prompt's KV (and the
     # store's copies of blocks the victim decoded), and sends it to the survivor.
