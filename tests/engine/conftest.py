@@ -39,6 +39,18 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
 
 
+def run_one(engine, request_id: str, prompt: list[int]) -> tuple[list[int], int]:
+    """One request alone to completion, greedy, 4 tokens: (its tokens, its prompt tokens
+    served from cache)."""
+    engine.add_request(request_id, prompt, greedy(4))
+    tokens, cached = [], 0
+    while engine.has_unfinished():
+        for delta in engine.step():
+            tokens += delta.token_ids
+            cached = delta.num_cached_tokens
+    return tokens, cached
+
+
 @pytest.fixture(scope="session")
 def hf_model():
     """hf_model(model_dir) -> the transformers model on the same weights (float32), cached."""

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.engine.conftest import greedy, make_engine
+from tests.engine.conftest import make_engine, run_one
 from xllm.cli.cluster.embedded import start_mooncake_master
 from xllm.config import EngineConfig
 from xllm.engine.engine import Engine
@@ -43,16 +43,6 @@ engine.tiers.flush()
 print(json.dumps(engine.tiers.stats["store"].blocks_stored), flush=True)
 sys.stdin.read()
 """
-
-
-def run_one(engine, request_id: str, prompt: list[int]) -> tuple[list[int], int]:
-    engine.add_request(request_id, prompt, greedy(4))
-    tokens, cached = [], 0
-    while engine.has_unfinished():
-        for delta in engine.step():
-            tokens += delta.token_ids
-            cached = delta.num_cached_tokens
-    return tokens, cached
 
 
 def test_an_instance_fetches_a_prefix_another_computed(tiny_model_dir):

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from tests.engine.conftest import greedy, make_engine
+from tests.engine.conftest import greedy, make_engine, run_one
 
 BLOCK = 4
 DEVICE_BLOCKS = 12
@@ -18,17 +18,6 @@ PREFIX = [(7 * i + 3) % 200 + 20 for i in range(4 * BLOCK)]  # four full blocks
 def filler(n: int) -> list[int]:
     """Prompts of three full blocks, none sharing a block with another or with PREFIX."""
     return [[300 + 13 * k + i for i in range(3 * BLOCK)] for k in range(n)]
-
-
-def run_one(engine, request_id: str, prompt: list[int]) -> tuple[list[int], int]:
-    """One request alone to completion: (its tokens, its prompt tokens served from cache)."""
-    engine.add_request(request_id, prompt, greedy(4))
-    tokens, cached = [], 0
-    while engine.has_unfinished():
-        for delta in engine.step():
-            tokens += delta.token_ids
-            cached = delta.num_cached_tokens
-    return tokens, cached
 
 
 # The workload: the prefix, fillers that push it out of the device pool (12 blocks), the
