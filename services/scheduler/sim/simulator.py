@@ -57,7 +57,7 @@ from services.scheduler.sim.instance import (
 from services.scheduler.sim.tiers import TierSetup
 from xllm.models.config import ModelConfig
 
-ARRIVE, STEP_DONE, KV_LANDED, PLAN, LOADED = 0, 1, 2, 3, 4
+ARRIVE, STEP_DONE, KV_LANDED, PLAN, LOADED, CALL = 0, 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +164,8 @@ class Simulator:
                 self._on_kv_landed(*payload)  # type: ignore[misc]
             elif kind == LOADED:
                 self._on_loaded(*payload)  # type: ignore[misc]
+            elif kind == CALL:  # a subclass's own event (epd_sim.py): (function, args)
+                payload[0](*payload[1])  # type: ignore[index]
             else:
                 self._on_plan()
         return [*requests, *self.backlog.submitted]
@@ -205,6 +207,9 @@ class Simulator:
             self._push(self.now + self.plan_interval, PLAN, None)
 
     def _on_arrival(self, req: SimRequest) -> None:
+        self._place(req)
+
+    def _place(self, req: SimRequest) -> None:
         """`SchedulerService.on_submit`: the same `check`, `place` and `note`."""
         self._flush_all()
         snapshot = self.registry.snapshot(self.now)
@@ -318,20 +323,34 @@ class Simulator:
 
     def _kick(self, inst: SimInstance) -> None:
         """Start `inst`'s next step now, if it is idle and has something it can run."""
-        if inst.busy or not inst.has_work:
+        if inst.busy:
             return
-        step = inst.schedule()
-        if step.is_empty:
-            return  # nothing fits (no KV room): wait for a step elsewhere to free some
-        seconds = step_time(self.model, step.shape, self.hw)
+        step = inst.schedule() if inst.has_work else None
+        if step is not None and step.is_empty:
+            step = None  # nothing fits (no KV room): wait for a step elsewhere to free some
+        side = self._side_seconds(inst, step)
+        if step is None and not side:
+            return
+        seconds = side + (step_time(self.model, step.shape, self.hw) if step else 0.0)
         inst.busy = True
         inst.busy_time += seconds
         self._push(self.now + seconds, STEP_DONE, (inst, step, seconds))
 
-    def _on_step_done(self, inst: SimInstance, step: ScheduledStep, seconds: float) -> None:
+    def _side_seconds(self, inst: SimInstance, step: ScheduledStep | None) -> float:
+        """Seconds of work beside the model's step that this step also does (none here;
+        epd_sim.py: encoding images); with no step, work that runs alone."""
+        return 0.0
+
+    def _side_done(self, inst: SimInstance) -> None:
+        """The step of `inst` that `_side_seconds` priced is over."""
+
+    def _on_step_done(
+        self, inst: SimInstance, step: ScheduledStep | None, seconds: float
+    ) -> None:
         self._flush_heartbeat(self._index[inst.instance_id])
         inst.busy = False
-        for req in inst.update(step, self.now, seconds):
+        self._side_done(inst)
+        for req in inst.update(step, self.now, seconds) if step is not None else ():
             if inst.is_prefilled(req):
                 self._hand_over(inst, req)
         self._take_finished(inst)

@@ -1,0 +1,204 @@
+"""Multimodal requests in the simulator: an encode cost per image, and where encoding runs.
+
+`ImageSimRequest` is a trace request with one image at the front of its prompt. Its prompt
+tokens stand for the image by its id (every token of the image is `-(IMAGE_TOKEN_BASE +
+image_id)`), so two requests with the same image share the image's KV blocks in the
+engine's prefix cache, as the live engine's block hashes see an image by its content hash.
+
+Where its image is encoded (the topologies of report §3.3):
+
+  * in the instance that prefills it (EPD colocated, EP+D): the step whose chunk first
+    reaches an image token also runs the tower on the image (`multimodal._encode_needed`),
+    unless a prefix hit covered it, adding `EncodeCost.batch_seconds` of that step's images;
+  * on an encoder (E+PD, E+P+D: `SimEncoder`, `services/encoder`): chosen by the image (as
+    `encode.pick_encoder` by content), images queue there and run in tower calls of up to
+    `max_batch` images; a cached image (by id) costs no tower time; the embeddings then take
+    `bytes / interconnect_bw` to reach the instance, and only then is the request placed;
+  * on a decode instance that also serves encodes (ED+P, `--encode-on decode`): the same
+    encoder queue, but its tower calls are part of that instance's steps, at most
+    `max_encode_batch` images (`max_encode_tokens` tokens) a step (the engine's encode
+    budget, the profiler's numbers), so they lengthen the decodes' steps as live.
+
+Times still come from the cost model for the model's steps, plus the encode cost here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from services.scheduler.sim.instance import ScheduledStep, SimInstance, SimRequest
+from services.scheduler.sim.epd_profile import EncodeCost
+from services.scheduler.sim.simulator import CALL, Simulator
+
+IMAGE_TOKEN_BASE = 1 << 40
+"""Image tokens are -(base + image id): never a trace block id (>= 0) or a request's own
+tokens (-serial)."""
+
+
+@dataclass
+class ImageSimRequest(SimRequest):
+    image_tokens: int = 0
+    """The image's tokens, the first of the prompt."""
+    image_id: int = 0
+    encoded: bool = False
+    """Its embeddings exist (an encoder made them, or the instance's step did)."""
+
+    def prompt_token_ids(self) -> list[int]:
+        image = [-(IMAGE_TOKEN_BASE + self.image_id)] * self.image_tokens
+        return image + [-self.serial] * (self.num_prompt_tokens - self.image_tokens)
+
+
+class SimEncoder:
+    """One encoder's queue, cache and counters; `host`: the instance whose steps run it."""
+
+    def __init__(self, encoder_id: str, max_batch: int, max_tokens: int = 0, host: str = ""):
+        self.encoder_id = encoder_id
+        self.max_batch = max(1, max_batch)
+        self.max_tokens = max_tokens
+        """Vision tokens per tower call, at least one image (0 = no limit)."""
+        self.host = host
+        self.queue: deque[ImageSimRequest] = deque()
+        self.running: list[ImageSimRequest] = []
+        self.cache: set[int] = set()
+        """Image ids encoded here (an LRU of embeddings large enough to keep them all)."""
+        self.busy = False
+        self.busy_time = 0.0
+        self.num_batches = 0
+        self.num_images = 0
+        self.num_queries = 0
+        self.num_hits = 0
+
+    def take_batch(self) -> list[ImageSimRequest]:
+        batch: list[ImageSimRequest] = []
+        tokens = 0
+        while self.queue and len(batch) < self.max_batch:
+            nxt = self.queue[0].image_tokens
+            if batch and self.max_tokens and tokens + nxt > self.max_tokens:
+                break
+            batch.append(self.queue.popleft())
+            tokens += nxt
+        if batch:
+            self.num_batches += 1
+        self.running = batch
+        return batch
+
+    def stats(self) -> dict:
+        return {
+            "batches": self.num_batches,
+            "images_encoded": self.num_images,
+            "cache_hit_rate": self.num_hits / self.num_queries if self.num_queries else 0.0,
+            "busy_s": self.busy_time,
+        }
+
+
+class EpdSimulator(Simulator):
+    """`Simulator` with image requests encoded where the topology says (module docstring)."""
+
+    def __init__(
+        self,
+        *args,
+        encode: EncodeCost,
+        num_encoders: int = 0,
+        encode_on: str = "",
+        encoder_max_batch: int = 16,
+        max_encode_batch: int = 0,
+        max_encode_tokens: int = 0,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.encode = encode
+        self.encoders = [
+            SimEncoder(f"encode-{i}", encoder_max_batch) for i in range(num_encoders)
+        ]
+        if encode_on:  # ED+P: the decode instances host the encoders
+            self.encoders += [
+                SimEncoder(f"{inst.instance_id}-enc", max_encode_batch or 1, max_encode_tokens,
+                           host=inst.instance_id)  # fmt: skip
+                for inst in self.instances
+                if inst.role == encode_on
+            ]
+        self._hosted = {e.host: e for e in self.encoders if e.host}
+
+    # -- encoders --------------------------------------------------------------------------
+
+    def _on_arrival(self, req: SimRequest) -> None:
+        if not isinstance(req, ImageSimRequest) or req.encoded or not self.encoders:
+            self._place(req)
+            return
+        encoder = self.encoders[req.image_id % len(self.encoders)]  # by content, as live
+        encoder.num_queries += 1
+        if req.image_id in encoder.cache:
+            encoder.num_hits += 1
+            self._embeddings_ready(req)
+            return
+        encoder.queue.append(req)
+        self._kick_encoder(encoder)
+
+    def _kick_encoder(self, encoder: SimEncoder) -> None:
+        if encoder.host:
+            self._kick(self._by_id[encoder.host])  # its next step takes the images
+            return
+        if encoder.busy or not encoder.queue:
+            return
+        batch = encoder.take_batch()
+        seconds = self.encode.batch_seconds([r.image_tokens for r in batch])
+        encoder.busy = True
+        encoder.busy_time += seconds
+        self._push(self.now + seconds, CALL, (self._encoder_done, (encoder,)))
+
+    def _encoder_done(self, encoder: SimEncoder) -> None:
+        encoder.busy = False
+        self._encoded(encoder)
+        self._kick_encoder(encoder)
+
+    def _encoded(self, encoder: SimEncoder) -> None:
+        for req in encoder.running:
+            encoder.cache.add(req.image_id)
+            encoder.num_images += 1
+            self._embeddings_ready(req)
+        encoder.running = []
+
+    def _embeddings_ready(self, req: ImageSimRequest) -> None:
+        """The instance reads the embeddings (Mooncake), then the request is placed."""
+        req.encoded = True
+        nbytes = self.encode.embedding_bytes(req.image_tokens)
+        delay = self.hw.transfer_latency + nbytes / self.hw.interconnect_bw
+        self._push(self.now + delay, CALL, (self._place, (req,)))
+
+    # -- encoding inside instances' steps ------------------------------------------------------
+
+    def _side_seconds(self, inst: SimInstance, step: ScheduledStep | None) -> float:
+        tokens = []
+        for item in step.output.scheduled if step is not None else ():
+            req = inst.requests.get(item.seq.request_id)
+            if (
+                isinstance(req, ImageSimRequest)
+                and not req.encoded
+                and item.seq.num_computed_tokens < req.image_tokens
+            ):
+                req.encoded = True  # the engine keeps the embeddings while the sequence lives
+                tokens.append(req.image_tokens)
+        hosted = self._hosted.get(inst.instance_id)
+        if hosted is not None and hosted.queue:
+            batch = hosted.take_batch()
+            tokens += [r.image_tokens for r in batch]
+        seconds = self.encode.batch_seconds(tokens)  # one tower call for the step's images
+        if hosted is not None and hosted.running:
+            hosted.busy_time += seconds
+        return seconds
+
+    def _side_done(self, inst: SimInstance) -> None:
+        hosted = self._hosted.get(inst.instance_id)
+        if hosted is not None and hosted.running:
+            self._encoded(hosted)
+
+    def encoder_stats(self) -> dict:
+        """Over every encoder: batches, images encoded, cache hit rate."""
+        queries = sum(e.num_queries for e in self.encoders)
+        return {
+            "encoders": len(self.encoders),
+            "batches": sum(e.num_batches for e in self.encoders),
+            "images_encoded": sum(e.num_images for e in self.encoders),
+            "cache_hit_rate": sum(e.num_hits for e in self.encoders) / queries if queries else 0.0,
+        }
