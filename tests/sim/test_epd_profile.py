@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from services.scheduler.sim.epd_choice import Topology, candidates, choose, pick_rate
+from services.scheduler.sim.epd_choice import Topology, candidates, choose
 from services.scheduler.sim.epd_profile import (
     EncodeCost,
     EpdProfile,
@@ -107,12 +107,3 @@ def test_choose_takes_the_highest_goodput_then_attainment_then_ttft_then_the_sim
     assert choose(tie, ["E+PD", "EP+D"])[0] == 1
     simpler = [report("E+PD", 3.0), report("EPD", 3.0)]
     assert choose(simpler, ["E+PD", "EPD"])[0] == 1
-
-
-def test_pick_rate_bisects_to_the_edge_of_the_slo():
-    def at(rate):  # meets the SLO up to 7 req/s
-        return report("x", rate, attainment=1.0 if rate <= 7.0 else 0.5)
-
-    assert pick_rate(at, 1.0, 64.0) == pytest.approx(7.0, rel=0.05)
-    assert pick_rate(at, 8.0, 64.0) == 8.0  # even the lowest misses: the lowest
-    assert pick_rate(at, 1.0, 5.0) == 5.0

@@ -128,3 +128,15 @@ def test_simulate_a_topology_from_a_profile():
         assert rep.num_requests == 20 and rep.num_rejected == 0 and rep.num_instances == 3
         assert rep.policy == top.label
         assert enc["encoders"] == top.encode + (2 if top.kind == "ED+P" else 0)
+
+
+def test_closed_loop_sends_each_request_when_one_in_flight_is_done():
+    reqs = [image_req(i, arrival=100.0 + i) for i in range(5)]  # arrivals ignored
+    sim = EpdSimulator(MODEL, HW, ClusterSpec(("both",), SPEC), get_policy("round-robin"),
+                       encode=ENCODE)  # fmt: skip
+    done = sim.run_closed(reqs, concurrency=2)
+    assert [r.arrival for r in done[:2]] == [0.0, 0.0]
+    finishes = sorted(r.finished_at for r in done[:2])
+    assert done[2].arrival == pytest.approx(finishes[0])  # the first one done frees a slot
+    assert all(r.finished_at is not None for r in done)
+    assert all(b.arrival >= a.arrival for a, b in zip(done, done[1:]))

@@ -28,7 +28,9 @@ from services.scheduler.sim.epd_sim import EpdSimulator, ImageSimRequest
 from services.scheduler.sim.epd_workload import ImageRequest
 from services.scheduler.sim.instance import InstanceSpec
 from services.scheduler.sim.report import SimReport, Slo, summarize
+from services.scheduler.sim.run import kv_tokens
 from services.scheduler.sim.simulator import ClusterSpec
+from xllm.models.config import ModelConfig
 
 KINDS = ("EPD", "E+PD", "EP+D", "ED+P", "E+P+D")
 
@@ -87,6 +89,20 @@ def candidates(n: int, kinds: tuple[str, ...] = KINDS) -> list[Topology]:
     return out
 
 
+def instance_spec(model: ModelConfig, hw: HardwareProfile) -> InstanceSpec:
+    """An instance as `xllm up` starts one: `EngineConfig`'s defaults, `hw`'s KV pool."""
+    from xllm.config import EngineConfig
+
+    engine = EngineConfig()
+    tokens = kv_tokens(model, hw)
+    return InstanceSpec(
+        num_kv_blocks=tokens // engine.block_size, block_size=engine.block_size,
+        max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
+        max_model_len=tokens // engine.block_size * engine.block_size,
+        enable_prefix_caching=engine.enable_prefix_caching,
+    )  # fmt: skip
+
+
 def sim_requests(workload: list[ImageRequest]) -> list[ImageSimRequest]:
     return [
         ImageSimRequest(f"r{i}", r.arrival, r.num_prompt_tokens, r.output_len,
@@ -105,8 +121,10 @@ def simulate(
     instance: InstanceSpec,
     policy: str = "cache-aware",
     encoder_max_batch: int = 16,
+    concurrency: int = 0,
 ) -> tuple[SimReport, dict]:
-    """One topology's run: its report (named by its label) and its encoders' counters."""
+    """One topology's run: its report (named by its label) and its encoders' counters.
+    `concurrency` > 0: closed loop, that many requests in flight (arrival times ignored)."""
     model = load_model_config(model_config)
     sim = EpdSimulator(
         model, hw, ClusterSpec(topology.roles, instance), get_policy(policy),
@@ -116,7 +134,8 @@ def simulate(
         encoder_max_batch=encoder_max_batch, max_encode_batch=profile.max_encode_batch,
         max_encode_tokens=profile.max_encode_tokens,
     )  # fmt: skip
-    requests = sim.run(sim_requests(workload))
+    requests = sim_requests(workload)
+    requests = sim.run_closed(requests, concurrency) if concurrency else sim.run(requests)
     report = summarize(topology.label, requests, sim.instances, slo)
     return replace(report, num_instances=len(topology.roles) + topology.encode), sim.encoder_stats()
 
@@ -147,16 +166,3 @@ def choose(reports: list[SimReport], kinds: list[str]) -> tuple[int, list[str]]:
     return best, lines
 
 
-def pick_rate(
-    simulate_at, lo: float, hi: float, target: float = 0.9, iters: int = 8
-) -> float:
-    """The highest arrival rate in [lo, hi] at which `simulate_at(rate)` (a SimReport)
-    still meets the SLO for `target` of requests: bisection on a log scale."""
-    if simulate_at(lo).slo_attainment < target:
-        return lo
-    if simulate_at(hi).slo_attainment >= target:
-        return hi
-    for _ in range(iters):
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if simulate_at(mid).slo_attainment >= target else (lo, mid)
-    return lo

@@ -124,7 +124,7 @@ def profile_epd(
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[EpdProfile, HardwareProfile]:
     """Measure `model_dir` for EPD: `sizes` are (height, width) of the workload's images,
-    the first the median one (the encode batch's)."""
+    the first the median one (the encode batch's); `tpot_slo` 0 = 4 x the decode step."""
     flops, bw = cal.measure_peaks(dtype)
     max_ctx = max(4 * decode_ctx + 64, max_prefill_tokens)
     bench = EpdBench(model_dir, dtype, decode_batch * 2 + max_images, max_ctx)
@@ -144,6 +144,9 @@ def profile_epd(
         return seconds
 
     decode_step = step(0, 0)
+    if tpot_slo <= 0:
+        tpot_slo = 4 * decode_step  # the default: room for a few times the decodes' work
+        log(f"TPOT SLO: {tpot_slo * 1e3:.1f} ms (4 x the decode step)")
     max_encode, max_prefill = search_budgets(step, tpot_slo, max_images, max_prefill_tokens)
     samples, per_token = [], 0
     for h, w in sizes:

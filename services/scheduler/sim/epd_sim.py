@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from services.scheduler.sim.instance import ScheduledStep, SimInstance, SimRequest
 from services.scheduler.sim.epd_profile import EncodeCost
-from services.scheduler.sim.simulator import CALL, Simulator
+from services.scheduler.sim.simulator import ARRIVE, CALL, Simulator
 
 IMAGE_TOKEN_BASE = 1 << 40
 """Image tokens are -(base + image id): never a trace block id (>= 0) or a request's own
@@ -83,14 +83,6 @@ class SimEncoder:
         self.running = batch
         return batch
 
-    def stats(self) -> dict:
-        return {
-            "batches": self.num_batches,
-            "images_encoded": self.num_images,
-            "cache_hit_rate": self.num_hits / self.num_queries if self.num_queries else 0.0,
-            "busy_s": self.busy_time,
-        }
-
 
 class EpdSimulator(Simulator):
     """`Simulator` with image requests encoded where the topology says (module docstring)."""
@@ -119,6 +111,25 @@ class EpdSimulator(Simulator):
                 if inst.role == encode_on
             ]
         self._hosted = {e.host: e for e in self.encoders if e.host}
+        self._closed: deque[SimRequest] = deque()
+        """Closed loop: requests not yet sent, each sent when one in flight is done."""
+
+    def run_closed(self, requests: list[SimRequest], concurrency: int) -> list[SimRequest]:
+        """Closed loop, as a benchmark client with `concurrency` threads: the first
+        `concurrency` requests at t = 0, each later one the moment an earlier one is done
+        (its `arrival` set then)."""
+        first, self._closed = requests[:concurrency], deque(requests[concurrency:])
+        for req in first:
+            req.arrival = 0.0
+        self.run(first)
+        return list(requests)
+
+    def _done(self, req: SimRequest) -> None:
+        super()._done(req)
+        if req.priority == 0 and self._closed:
+            following = self._closed.popleft()
+            following.arrival = self.now
+            self._push(self.now, ARRIVE, following)
 
     # -- encoders --------------------------------------------------------------------------
 

@@ -50,6 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     w.add_argument("--out", default="", help="path prefix for the .md, .json and .png written")
     w.set_defaults(func=run_sweep)
+    from services.scheduler.sim import epd_tool
+
+    epd_tool.add_parser(sub)
 
 
 def run_sweep(args: argparse.Namespace) -> int:

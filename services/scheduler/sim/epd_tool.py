@@ -1,0 +1,172 @@
+"""`xllm sim profile-epd`: measure a multimodal model for EPD, then pick the disaggregation
+strategy for a workload by simulating every topology of `--instances` with those costs.
+
+    xllm sim profile-epd --model DIR [--tpot-slo MS] [--ttft-slo MS] [--workload coco]
+                         [--instances 3] [--requests 64] [--concurrency 8] [--out PREFIX]
+
+1. Profile (epd_measure.py, the real engine in this process; or `--profile FILE` from an
+   earlier `--out`): the step of a `--decode-batch` decode batch, the largest encode batch
+   and prefill token budget that keep a step within the TPOT SLO, the tower's cost per image
+   size, the embedding bytes, and a fitted cost profile of the language model's steps.
+2. The workload: COCO val2017 image sizes x `--image-scale` (epd_workload.py), `--requests`
+   of them sent `--concurrency` at a time (closed loop, as benchmarks/epd_serving.py
+   sends them), or at `--rate` req/s (Poisson) when given.
+3. Every candidate (epd_choice.py) simulated on it; the best goodput chosen, with a table of
+   every candidate and one JSON line: the choice, its `xllm up` flags, its reasons, the
+   profile's budgets (`--max-encode-batch`, `--max-encode-tokens` for the engines).
+
+Defaults when not given: TPOT SLO = 4 x the decode batch's step alone, TTFT SLO = 10 x the
+TPOT SLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from services.scheduler.cost_model import load_model_config
+from services.scheduler.hardware import HardwareProfile
+from services.scheduler.sim.epd_choice import (
+    KINDS,
+    candidates,
+    choose,
+    instance_spec,
+    simulate,
+)
+from services.scheduler.sim.epd_profile import EpdProfile
+from services.scheduler.sim.epd_workload import coco_workload, median_image_tokens
+from services.scheduler.sim.report import Slo, markdown_table
+from xllm.image_processor import ImageProcessorConfig
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "profile-epd",
+        help="measure a multimodal model's encode/prefill/decode costs and pick the EPD topology",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("--model", required=True, help="a Qwen2-VL model folder")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--tpot-slo", type=float, default=0.0, help="ms; 0 = 4 x the decode step")
+    e.add_argument("--ttft-slo", type=float, default=0.0, help="ms; 0 = 10 x the TPOT SLO")
+    e.add_argument("--workload", choices=("coco",), default="coco")
+    e.add_argument("--instances", type=int, default=3, help="instances to split, encoders too")
+    e.add_argument("--kinds", default=",".join(KINDS), help="topologies to consider")
+    e.add_argument("--requests", type=int, default=64)
+    e.add_argument("--concurrency", type=int, default=8, help="requests in flight (closed loop)")
+    e.add_argument("--rate", type=float, default=0.0, help="req/s, open loop instead; 0 = closed")
+    e.add_argument("--image-scale", type=float, default=0.25, help="x COCO's image sizes")
+    e.add_argument("--repeat", type=float, default=0.25, help="share of repeated images")
+    e.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
+    e.add_argument("--decode-batch", type=int, default=8, help="decodes beside the encodes")
+    e.add_argument("--policy", default="cache-aware", help="the scheduler's placement policy")
+    e.add_argument("--profile", default="", help="an EPD profile JSON (from --out): no measuring")
+    e.add_argument("--out", default="", help="path prefix: PREFIX.epd.json, PREFIX.hw.json")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=run)
+
+
+def measure(args: argparse.Namespace, processor: ImageProcessorConfig, workload, log):
+    """The EPD profile and the language model's fitted cost profile, measured now."""
+    from services.scheduler.sim.epd_measure import profile_epd
+
+    median = median_image_tokens(workload)
+    by_tokens = sorted(workload, key=lambda r: r.image_tokens)
+    mid = next(r for r in by_tokens if r.image_tokens == median)
+    sizes = [(mid.height, mid.width)]
+    for q in (0.0, 0.99):  # the smallest and the p99 image sizes, for the cost's line
+        r = by_tokens[int(q * (len(by_tokens) - 1))]
+        if (r.height, r.width) not in sizes:
+            sizes.append((r.height, r.width))
+    return profile_epd(
+        args.model, sizes, args.tpot_slo / 1e3, decode_batch=args.decode_batch,
+        decode_ctx=max(64, mid.num_prompt_tokens + args.max_tokens), dtype=args.dtype, log=log,
+    )  # fmt: skip
+
+
+def choose_topology(
+    workload, model_dir: str, hw: HardwareProfile, profile: EpdProfile, slo: Slo,
+    instances: int, kinds: tuple[str, ...], policy: str = "cache-aware", concurrency: int = 0,
+) -> dict:  # fmt: skip
+    """Simulate every candidate on `workload` (closed loop with `concurrency` > 0); the
+    choice, the reports and the reasons."""
+    spec = instance_spec(load_model_config(model_dir), hw)
+    tops = candidates(instances, kinds)
+    runs = [
+        simulate(t, workload, model_dir, hw, profile, slo, spec, policy, concurrency=concurrency)
+        for t in tops
+    ]
+    reports = [r for r, _ in runs]
+    best, reasons = choose(reports, [t.kind for t in tops])
+    return {
+        "choice": tops[best].label,
+        "kind": tops[best].kind,
+        "cluster_options": tops[best].cluster_options(),
+        "reasons": reasons,
+        "table": markdown_table(reports),
+        "candidates": [
+            {"topology": t.label, "cluster_options": t.cluster_options(), "encoders": enc,
+             **{k: getattr(r, k) for k in ("goodput_rps", "slo_attainment", "throughput_rps",
+                "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "util_mean")}}
+            for t, (r, enc) in zip(tops, runs, strict=True)
+        ],  # fmt: skip
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    processor = ImageProcessorConfig.from_dir(args.model)
+    if processor is None:
+        print(f"error: {args.model} takes no images", file=sys.stderr)
+        return 2
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if unknown := set(kinds) - set(KINDS):
+        print(f"error: unknown --kinds {sorted(unknown)}; of {', '.join(KINDS)}", file=sys.stderr)
+        return 2
+
+    def workload_at(rate: float):
+        return coco_workload(args.requests, rate, processor, args.image_scale, args.repeat,
+                             args.max_tokens, args.seed)  # fmt: skip
+
+    if args.profile:
+        profile = EpdProfile.load(args.profile)
+        hw = HardwareProfile.from_json(profile.hardware_profile)
+    else:
+        profile, hw = measure(args, processor, workload_at(0.0), log)
+    if args.out:
+        hw_path = Path(f"{args.out}.hw.json")
+        hw.save(hw_path)
+        profile = replace(profile, hardware_profile=str(hw_path))
+        profile.save(f"{args.out}.epd.json")
+    tpot = profile.tpot_slo
+    slo = Slo(ttft=args.ttft_slo / 1e3 if args.ttft_slo else 10 * tpot, tpot=tpot)
+    how = f"at {args.rate} req/s" if args.rate else f"{args.concurrency} at a time"
+    log(f"workload: {args.requests} COCO image requests {how}; simulating")
+    concurrency = 0 if args.rate else args.concurrency
+    result = choose_topology(workload_at(args.rate), args.model, hw, profile, slo,
+                             args.instances, kinds, args.policy, concurrency)  # fmt: skip
+    print(f"EPD profile of {profile.model}: TPOT SLO {tpot * 1e3:.1f} ms; decode "
+          f"{profile.decode_batch} alone {profile.decode_step * 1e3:.1f} ms; max encode batch "
+          f"{profile.max_encode_batch} images of {profile.image_tokens} tokens; prefill budget "
+          f"{profile.max_prefill_tokens} tokens")  # fmt: skip
+    print(result.pop("table"))
+    print("\n".join(result["reasons"]))
+    print(json.dumps({
+        "choice": result["choice"], "kind": result["kind"],
+        "cluster_options": result["cluster_options"], "workload": how,
+        "slo": {"ttft": slo.ttft, "tpot": slo.tpot},
+        "engine_flags": {"max_encode_batch": profile.max_encode_batch,
+                         "max_encode_tokens": profile.max_encode_tokens,
+                         "max_prefill_tokens": profile.max_prefill_tokens},
+        "reasons": result["reasons"], "candidates": result["candidates"],
+    }))  # fmt: skip
+    return 0
