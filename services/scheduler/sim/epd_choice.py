@@ -90,11 +90,11 @@ def candidates(n: int, kinds: tuple[str, ...] = KINDS) -> list[Topology]:
 
 
 def instance_spec(model: ModelConfig, hw: HardwareProfile) -> InstanceSpec:
-    """An instance as `xllm up` starts one: `EngineConfig`'s defaults, `hw`'s KV pool."""
+    """An instance as `xllm up` starts one: `EngineConfig`'s defaults (its KV pool too)."""
     from xllm.config import EngineConfig
 
     engine = EngineConfig()
-    tokens = kv_tokens(model, hw)
+    tokens = kv_tokens(model, hw, engine.kv_cache_gb)
     return InstanceSpec(
         num_kv_blocks=tokens // engine.block_size, block_size=engine.block_size,
         max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
