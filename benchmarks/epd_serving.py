@@ -1,29 +1,39 @@
-"""Hybrid EPD, live: EPD colocated vs E+PD, the same image requests, one run.
+"""Hybrid EPD, live: EPD colocated vs the EPD profiler's choice vs one fixed alternative.
 
-Image chats shaped like COCO val2017 (`../shared/data/coco_captions_val2017.json.gz`: each
-request one synthetic noise image of a listed image's size x `--image-scale`, the caption
-prompt "Describe the image."), `--repeat` of them sharing an image with an earlier one
-(what the encoder's cache saves), sent `--concurrency` at a time (closed loop, streaming,
-exact output lengths) to two clusters of the Qwen2-VL checkpoint, one after the other:
+One run, three arms on the same image chats, the profiler first:
 
-  * colocated:  `--instances N` (each instance runs the vision tower in its steps);
-  * e+pd:       `--instances N --encode E` (the tower on the encoder; embeddings by Mooncake).
+  1. the EPD profiler in this process (`xllm sim profile-epd`'s code, or `--profile FILE`
+     from its `--out`): the decode step, the max encode batch and prefill budget under the
+     TPOT SLO, the tower's cost per image size; then the simulator picks the topology of
+     `--instances` processes (encoders count) for this workload among what `xllm up` can
+     deploy here (ED+P only where `--encode-on` exists), printing its predicted goodput,
+     TTFT and TPOT per candidate and its reasons;
+  2. three clusters of the Qwen2-VL checkpoint, one after the other: `colocated` (EPD,
+     `--instances N`), `chosen` (the profiler's; skipped when it is EPD itself) and `fixed`
+     (E+P+D 1E:1P:(N-2)D, or E+PD 1E:(N-1)PD when that is the choice or N < 3); the
+     engines get `--max-encode-batch/--max-encode-tokens` from the profile where those
+     flags exist.
+
+Requests: image chats shaped like COCO val2017 (`../shared/data/coco_captions_val2017.json.gz`,
+services/scheduler/sim/epd_workload.py: one synthetic noise image of a listed image's size x
+`--image-scale`, a `--repeat` share reusing an earlier image, "Describe the image.",
+`--max-tokens` exact output tokens), sent `--concurrency` at a time (closed loop, streamed),
+as the profiler simulated them.
 
     .venv/bin/python benchmarks/epd_serving.py [--model DIR] [--requests 64 --concurrency 8]
 
-Prints one JSON line: per configuration TTFT and TPOT p50/p99 (ms), throughput (req/s),
-failures, and (e+pd) the encoder's batches, mean batch latency, cache hit rate and the
-embedding bytes handed out / read. A table per configuration goes to stderr. Without
-`--model`, the tiny Qwen2-VL (float32) is made once under ~/.cache/xllm/models.
+Prints one JSON line: the profiler's choice, reasons and predictions, and per arm TTFT and
+TPOT p50/p99 (ms), throughput (req/s), failures, and (with encoders) the encoders' batches,
+mean batch latency, cache hit rate and the embedding bytes handed out / read. Tables go to
+stderr. Without `--model`, the tiny Qwen2-VL (float32) is made once under ~/.cache/xllm/models.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import gzip
+import dataclasses
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -35,25 +45,25 @@ from pathlib import Path
 import openai
 from common import demo_model, emit
 
+from services.scheduler.hardware import HardwareProfile
+from services.scheduler.sim.epd_choice import KINDS, Topology
+from services.scheduler.sim.epd_profile import EpdProfile
+from services.scheduler.sim.epd_tool import choose_topology, measure
+from services.scheduler.sim.epd_workload import ImageRequest, coco_workload
+from services.scheduler.sim.report import Slo
 from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
+from xllm.config import EngineConfig
 from xllm.engine.multimodal import random_image_bytes
+from xllm.image_processor import ImageProcessorConfig
 
-COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_captions_val2017.json.gz"
 
-
-def coco_images(n: int, repeat: float, scale: float, seed: int) -> list[bytes]:
-    """`n` PNGs in COCO's image sizes x `scale`; a `repeat` share reuse an earlier one."""
-    with gzip.open(COCO) as f:
-        sizes = [(i["height"], i["width"]) for i in json.load(f)["images"]]
-    rng = random.Random(seed)
-    images: list[bytes] = []
-    for k in range(n):
-        if images and rng.random() < repeat:
-            images.append(rng.choice(images))
-            continue
-        h, w = rng.choice(sizes)
-        images.append(random_image_bytes(max(28, int(h * scale)), max(28, int(w * scale)), k))
-    return images
+def images_of(workload: list[ImageRequest]) -> list[bytes]:
+    """Each request's PNG: noise of its size, the same bytes for the same image id."""
+    made: dict[int, bytes] = {}
+    for r in workload:
+        if r.image_id not in made:
+            made[r.image_id] = random_image_bytes(r.height, r.width, seed=r.image_id)
+    return [made[r.image_id] for r in workload]
 
 
 def one_request(client, model: str, image: bytes, max_tokens: int) -> tuple[float, float]:
@@ -74,7 +84,7 @@ def one_request(client, model: str, image: bytes, max_tokens: int) -> tuple[floa
     return ttft, (times[-1] - times[0]) / max(1, len(times) - 1)
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
 
@@ -84,7 +94,7 @@ def run_config(name: str, config: ClusterConfig, engine_args, images, args) -> d
         cluster.wait_ready(600)
         client = openai.OpenAI(base_url=config.base_url, api_key="unused", max_retries=0)
         model = client.models.list().data[0].id
-        one_request(client, model, random_image_bytes(56, 56, seed=-1 % 2**32), 2)  # warm-up
+        one_request(client, model, random_image_bytes(56, 56, seed=2**31), 2)  # warm-up
         failures = 0
         results = []
         start = time.perf_counter()
@@ -125,34 +135,99 @@ def run_config(name: str, config: ClusterConfig, engine_args, images, args) -> d
     return out
 
 
+def deployable_kinds() -> tuple[str, ...]:
+    """What `xllm up` on this checkout deploys: ED+P needs `--encode-on`."""
+    fields = {f.name for f in dataclasses.fields(ClusterConfig)}
+    return tuple(k for k in KINDS if k != "ED+P" or "encode_on" in fields)
+
+
+def encode_budget_args(profile: EpdProfile) -> list[str]:
+    """The profile's in-instance encode budget, as engine flags, where the engine has them."""
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    out = []
+    if "max_encode_batch" in fields and profile.max_encode_batch > 0:
+        out += ["--max-encode-batch", str(profile.max_encode_batch)]
+    if "max_encode_tokens" in fields and profile.max_encode_tokens > 0:
+        out += ["--max-encode-tokens", str(profile.max_encode_tokens)]
+    return out
+
+
+def fixed_alternative(n: int, chosen: dict) -> Topology:
+    full = Topology("E+P+D", encode=1, prefill=1, decode=n - 2)
+    if n >= 3 and full.cluster_options() != chosen:
+        return full
+    return Topology("E+PD", encode=1, both=n - 1)
+
+
+def profiler(args, model: Path, processor: ImageProcessorConfig, workload) -> tuple[dict, EpdProfile]:
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[profiler {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    if args.profile:
+        profile = EpdProfile.load(args.profile)
+        hw = HardwareProfile.from_json(profile.hardware_profile)
+    else:
+        margs = argparse.Namespace(model=str(model), tpot_slo=args.tpot_slo, dtype=args.dtype,
+                                   decode_batch=args.concurrency, max_tokens=args.max_tokens)  # fmt: skip
+        profile, hw = measure(margs, processor, workload, log)
+    tpot = profile.tpot_slo
+    slo = Slo(ttft=args.ttft_slo / 1e3 if args.ttft_slo else 10 * tpot, tpot=tpot)
+    result = choose_topology(workload, str(model), hw, profile, slo, args.instances,
+                             deployable_kinds(), concurrency=args.concurrency)  # fmt: skip
+    print(result.pop("table"), file=sys.stderr)
+    print("\n".join(result["reasons"]), file=sys.stderr)
+    result["slo_ms"] = {"ttft": round(slo.ttft * 1e3, 2), "tpot": round(tpot * 1e3, 2)}
+    result["profile"] = {k: getattr(profile, k) for k in (
+        "decode_batch", "decode_step", "image_tokens", "max_encode_batch", "max_encode_tokens",
+        "max_prefill_tokens")}  # fmt: skip
+    result["profile_seconds"] = round(time.perf_counter() - t0, 1)
+    return result, profile
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="a Qwen2-VL folder; default: tiny, made once")
-    parser.add_argument("--instances", type=int, default=1)
-    parser.add_argument("--encode", type=int, default=1)
+    parser.add_argument("--instances", type=int, default=3, help="processes per arm, encoders too")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--repeat", type=float, default=0.25, help="share of repeated images")
     parser.add_argument("--image-scale", type=float, default=0.25, help="x COCO's sizes")
+    parser.add_argument("--tpot-slo", type=float, default=0.0, help="ms; 0 = the profiler's")
+    parser.add_argument("--ttft-slo", type=float, default=0.0, help="ms; 0 = 10 x TPOT SLO")
+    parser.add_argument("--profile", default="", help="a saved EPD profile (profile-epd --out)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--log-dir", default="", help="default: a new temporary folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model = Path(args.model) if args.model else demo_model("qwen2-vl", "tiny", dtype="float32")
-    images = coco_images(args.requests, args.repeat, args.image_scale, args.seed)
+    processor = ImageProcessorConfig.from_dir(model)
+    workload = coco_workload(args.requests, 0.0, processor, args.image_scale, args.repeat,
+                             args.max_tokens, args.seed)  # fmt: skip
+    choice, profile = profiler(args, model, processor, workload)
+    images = images_of(workload)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="xllm-epd-"))
-    engine_args = ["--dtype", args.dtype]
-    shapes = {"colocated": {}, "e+pd": {"encode": args.encode}}
+    # One torch thread per instance: what the profile measured, and no oversubscription.
+    engine_args = ["--dtype", args.dtype, "--num-threads", "1", *encode_budget_args(profile)]
+    fixed = fixed_alternative(args.instances, choice["cluster_options"])
+    arms = {"colocated": {"instances": args.instances}}
+    if choice["kind"] != "EPD":
+        arms["chosen"] = choice["cluster_options"]
+    arms["fixed"] = fixed.cluster_options()
+    labels = {"colocated": f"EPD {args.instances}PD", "chosen": choice["choice"],
+              "fixed": fixed.label}  # fmt: skip
     results = {}
-    for name, shape in shapes.items():
+    for name, shape in arms.items():
         config = ClusterConfig(
-            model=str(model), host="127.0.0.1", port=free_port(), instances=args.instances,
-            log_dir=str(log_dir / name), stop_grace=5, **shape,
+            model=str(model), host="127.0.0.1", port=free_port(), log_dir=str(log_dir / name),
+            stop_grace=5, **shape,
         )  # fmt: skip
-        results[name] = run_config(name, config, engine_args, images, args)
+        results[name] = {"topology": labels[name], **run_config(name, config, engine_args, images, args)}
     emit({"benchmark": "epd_serving", "requests": args.requests, "concurrency": args.concurrency,
-          "image_scale": args.image_scale, "repeat": args.repeat, "results": results})  # fmt: skip
+          "instances": args.instances, "image_scale": args.image_scale, "repeat": args.repeat,
+          "profiler": choice, "results": results})  # fmt: skip
 
 
 if __name__ == "__main__":
