@@ -159,7 +159,9 @@ def fixed_alternative(n: int, chosen: dict) -> Topology:
     return Topology("E+PD", encode=1, both=n - 1)
 
 
-def profiler(args, model: Path, processor: ImageProcessorConfig, workload) -> tuple[dict, EpdProfile]:
+def profiler(
+    args, model: Path, processor: ImageProcessorConfig, workload
+) -> tuple[dict, EpdProfile]:
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -224,7 +226,10 @@ def main() -> None:
             model=str(model), host="127.0.0.1", port=free_port(), log_dir=str(log_dir / name),
             stop_grace=5, **shape,
         )  # fmt: skip
-        results[name] = {"topology": labels[name], **run_config(name, config, engine_args, images, args)}
+        results[name] = {
+            "topology": labels[name],
+            **run_config(name, config, engine_args, images, args),
+        }
     emit({"benchmark": "epd_serving", "requests": args.requests, "concurrency": args.concurrency,
           "instances": args.instances, "image_scale": args.image_scale, "repeat": args.repeat,
           "profiler": choice, "results": results})  # fmt: skip

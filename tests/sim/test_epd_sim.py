@@ -5,6 +5,8 @@ per-step encode budget."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from services.scheduler.cost_model import StepShape, load_model_config, step_time
@@ -139,4 +141,4 @@ def test_closed_loop_sends_each_request_when_one_in_flight_is_done():
     finishes = sorted(r.finished_at for r in done[:2])
     assert done[2].arrival == pytest.approx(finishes[0])  # the first one done frees a slot
     assert all(r.finished_at is not None for r in done)
-    assert all(b.arrival >= a.arrival for a, b in zip(done, done[1:]))
+    assert all(b.arrival >= a.arrival for a, b in itertools.pairwise(done))

@@ -105,8 +105,14 @@ def instance_spec(model: ModelConfig, hw: HardwareProfile) -> InstanceSpec:
 
 def sim_requests(workload: list[ImageRequest]) -> list[ImageSimRequest]:
     return [
-        ImageSimRequest(f"r{i}", r.arrival, r.num_prompt_tokens, r.output_len,
-                        image_tokens=r.image_tokens, image_id=r.image_id)  # fmt: skip
+        ImageSimRequest(
+            f"r{i}",
+            r.arrival,
+            r.num_prompt_tokens,
+            r.output_len,
+            image_tokens=r.image_tokens,
+            image_id=r.image_id,
+        )
         for i, r in enumerate(workload)
     ]
 
@@ -164,5 +170,3 @@ def choose(reports: list[SimReport], kinds: list[str]) -> tuple[int, list[str]]:
         else:
             lines.append(what + " (as much goodput; lost on SLO attainment or TTFT p99)")
     return best, lines
-
-

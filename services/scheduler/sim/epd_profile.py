@@ -77,9 +77,7 @@ class EncodeCost:
         return tokens * self.bytes_per_token
 
 
-def fit_encode_cost(
-    samples: Sequence[tuple[int, int, float]], bytes_per_token: int
-) -> EncodeCost:
+def fit_encode_cost(samples: Sequence[tuple[int, int, float]], bytes_per_token: int) -> EncodeCost:
     """From (images, tokens per image, seconds of the call) measurements: the call overhead
     is where the line through batch sizes of one image size meets zero images, the points
     are the per-image rest for each size."""

@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from services.scheduler.sim.instance import ScheduledStep, SimInstance, SimRequest
 from services.scheduler.sim.epd_profile import EncodeCost
+from services.scheduler.sim.instance import ScheduledStep, SimInstance, SimRequest
 from services.scheduler.sim.simulator import ARRIVE, CALL, Simulator
 
 IMAGE_TOKEN_BASE = 1 << 40
@@ -100,13 +100,15 @@ class EpdSimulator(Simulator):
     ):
         super().__init__(*args, **kwargs)
         self.encode = encode
-        self.encoders = [
-            SimEncoder(f"encode-{i}", encoder_max_batch) for i in range(num_encoders)
-        ]
+        self.encoders = [SimEncoder(f"encode-{i}", encoder_max_batch) for i in range(num_encoders)]
         if encode_on:  # ED+P: the decode instances host the encoders
             self.encoders += [
-                SimEncoder(f"{inst.instance_id}-enc", max_encode_batch or 1, max_encode_tokens,
-                           host=inst.instance_id)  # fmt: skip
+                SimEncoder(
+                    f"{inst.instance_id}-enc",
+                    max_encode_batch or 1,
+                    max_encode_tokens,
+                    host=inst.instance_id,
+                )
                 for inst in self.instances
                 if inst.role == encode_on
             ]

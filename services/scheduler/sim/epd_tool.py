@@ -42,6 +42,10 @@ from services.scheduler.sim.epd_workload import coco_workload, median_image_toke
 from services.scheduler.sim.report import Slo, markdown_table
 from xllm.image_processor import ImageProcessorConfig
 
+PREDICTED = ("goodput_rps", "slo_attainment", "throughput_rps", "ttft_p50", "ttft_p99",
+             "tpot_p50", "tpot_p99", "util_mean")  # fmt: skip
+"""The simulator's figures given for every candidate."""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
@@ -110,11 +114,10 @@ def choose_topology(
         "reasons": reasons,
         "table": markdown_table(reports),
         "candidates": [
-            {"topology": t.label, "cluster_options": t.cluster_options(), "encoders": enc,
-             **{k: getattr(r, k) for k in ("goodput_rps", "slo_attainment", "throughput_rps",
-                "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "util_mean")}}
+            {"topology": t.label, "cluster_options": t.cluster_options(), "encoders": enc}
+            | {k: getattr(r, k) for k in PREDICTED}
             for t, (r, enc) in zip(tops, runs, strict=True)
-        ],  # fmt: skip
+        ],
     }
 
 

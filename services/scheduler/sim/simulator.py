@@ -344,9 +344,7 @@ class Simulator:
     def _side_done(self, inst: SimInstance) -> None:
         """The step of `inst` that `_side_seconds` priced is over."""
 
-    def _on_step_done(
-        self, inst: SimInstance, step: ScheduledStep | None, seconds: float
-    ) -> None:
+    def _on_step_done(self, inst: SimInstance, step: ScheduledStep | None, seconds: float) -> None:
         self._flush_heartbeat(self._index[inst.instance_id])
         inst.busy = False
         self._side_done(inst)
