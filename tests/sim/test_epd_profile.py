@@ -107,3 +107,9 @@ def test_choose_takes_the_highest_goodput_then_attainment_then_ttft_then_the_sim
     assert choose(tie, ["E+PD", "EP+D"])[0] == 1
     simpler = [report("E+PD", 3.0), report("EPD", 3.0)]
     assert choose(simpler, ["E+PD", "EPD"])[0] == 1
+
+
+def test_the_cli_spells_out_every_kind():
+    from services.scheduler.sim import epd_choice, epd_tool
+
+    assert tuple(epd_tool.KINDS.split(",")) == epd_choice.KINDS

@@ -33,6 +33,7 @@ from services.scheduler.sim.simulator import ClusterSpec
 from xllm.models.config import ModelConfig
 
 KINDS = ("EPD", "E+PD", "EP+D", "ED+P", "E+P+D")
+"""Every kind, in the order candidates come (epd_tool.KINDS spells them out too)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,20 +27,18 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from services.scheduler.cost_model import load_model_config
-from services.scheduler.hardware import HardwareProfile
-from services.scheduler.sim.epd_choice import (
-    KINDS,
-    candidates,
-    choose,
-    instance_spec,
-    simulate,
-)
-from services.scheduler.sim.epd_profile import EpdProfile
-from services.scheduler.sim.epd_workload import coco_workload, median_image_tokens
-from services.scheduler.sim.report import Slo, markdown_table
-from xllm.image_processor import ImageProcessorConfig
+# The parser is built for every `xllm sim` (and `xllm --help`): the simulator, the engine
+# and torch are imported only by the functions that run.
+if TYPE_CHECKING:
+    from services.scheduler.hardware import HardwareProfile
+    from services.scheduler.sim.epd_profile import EpdProfile
+    from services.scheduler.sim.report import Slo
+    from xllm.image_processor import ImageProcessorConfig
+
+KINDS = "EPD,E+PD,EP+D,ED+P,E+P+D"
+"""`epd_choice.KINDS`, spelled out here so that building the parser imports nothing."""
 
 PREDICTED = ("goodput_rps", "slo_attainment", "throughput_rps", "ttft_p50", "ttft_p99",
              "tpot_p50", "tpot_p99", "util_mean")  # fmt: skip
@@ -60,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--ttft-slo", type=float, default=0.0, help="ms; 0 = 10 x the TPOT SLO")
     e.add_argument("--workload", choices=("coco",), default="coco")
     e.add_argument("--instances", type=int, default=3, help="instances to split, encoders too")
-    e.add_argument("--kinds", default=",".join(KINDS), help="topologies to consider")
+    e.add_argument("--kinds", default=KINDS, help="topologies to consider")
     e.add_argument("--requests", type=int, default=64)
     e.add_argument("--concurrency", type=int, default=8, help="requests in flight (closed loop)")
     e.add_argument("--rate", type=float, default=0.0, help="req/s, open loop instead; 0 = closed")
@@ -78,6 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def measure(args: argparse.Namespace, processor: ImageProcessorConfig, workload, log):
     """The EPD profile and the language model's fitted cost profile, measured now."""
     from services.scheduler.sim.epd_measure import profile_epd
+    from services.scheduler.sim.epd_workload import median_image_tokens
 
     median = median_image_tokens(workload)
     by_tokens = sorted(workload, key=lambda r: r.image_tokens)
@@ -99,6 +98,10 @@ def choose_topology(
 ) -> dict:  # fmt: skip
     """Simulate every candidate on `workload` (closed loop with `concurrency` > 0); the
     choice, the reports and the reasons."""
+    from services.scheduler.cost_model import load_model_config
+    from services.scheduler.sim.epd_choice import candidates, choose, instance_spec, simulate
+    from services.scheduler.sim.report import markdown_table
+
     spec = instance_spec(load_model_config(model_dir), hw)
     tops = candidates(instances, kinds)
     runs = [
@@ -122,6 +125,13 @@ def choose_topology(
 
 
 def run(args: argparse.Namespace) -> int:
+    from services.scheduler.hardware import HardwareProfile
+    from services.scheduler.sim.epd_choice import KINDS as ALL_KINDS
+    from services.scheduler.sim.epd_profile import EpdProfile
+    from services.scheduler.sim.epd_workload import coco_workload
+    from services.scheduler.sim.report import Slo
+    from xllm.image_processor import ImageProcessorConfig
+
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -132,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {args.model} takes no images", file=sys.stderr)
         return 2
     kinds = tuple(k for k in args.kinds.split(",") if k)
-    if unknown := set(kinds) - set(KINDS):
-        print(f"error: unknown --kinds {sorted(unknown)}; of {', '.join(KINDS)}", file=sys.stderr)
+    if unknown := set(kinds) - set(ALL_KINDS):
+        print(f"error: unknown --kinds {sorted(unknown)}; of {KINDS}", file=sys.stderr)
         return 2
 
     def workload_at(rate: float):
