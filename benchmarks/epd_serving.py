@@ -25,7 +25,8 @@ as the profiler simulated them.
 Prints one JSON line: the profiler's choice, reasons and predictions, and per arm TTFT and
 TPOT p50/p99 (ms), throughput (req/s), failures, and (with encoders) the encoders' batches,
 mean batch latency, cache hit rate and the embedding bytes handed out / read. Tables go to
-stderr. Without `--model`, the tiny Qwen2-VL (float32) is made once under ~/.cache/xllm/models.
+stderr. Without `--model`, the tiny Qwen2-VL (float32) with a wider vision tower (`--tower
+wide`, WIDE_TOWER) or its own (`--tower tiny`) is made once under ~/.cache/xllm/models.
 """
 
 from __future__ import annotations
@@ -55,6 +56,31 @@ from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
 from xllm.config import EngineConfig
 from xllm.engine.multimodal import random_image_bytes
 from xllm.image_processor import ImageProcessorConfig
+
+WIDE_TOWER = {"depth": 4, "embed_dim": 128, "num_heads": 4}
+"""`--tower wide`: the tiny model's tower made 4 blocks of width 128, so that a vision token
+(4 patches) costs the tower about 4x what it costs the tiny language model, near Qwen2-VL-2B's
+ratio (a 675M tower before a 1.5B model); the tiny tower (2 x 64) costs a tenth of it."""
+
+
+def vl_model(tower: str) -> Path:
+    """The tiny Qwen2-VL (float32), with its own tower or the wide one; made once."""
+    if tower == "tiny":
+        return demo_model("qwen2-vl", "tiny", dtype="float32")
+    from unittest import mock
+
+    from common import CACHE
+
+    from xllm.cli.commands import make_vl_model as vl
+    from xllm.cli.commands.make_model import make_model
+
+    out = CACHE / "qwen2-vl-tiny-widetower-float32-seed0"
+    if not (out / "config.json").is_file():
+        print(f"making {out} (once)...", file=sys.stderr)
+        tiny = vl.vision_config
+        with mock.patch.object(vl, "vision_config", lambda s, h: tiny(s, h) | WIDE_TOWER):
+            make_model("qwen2-vl", "tiny", out, dtype="float32")
+    return out
 
 
 def images_of(workload: list[ImageRequest]) -> list[bytes]:
@@ -94,7 +120,9 @@ def run_config(name: str, config: ClusterConfig, engine_args, images, args) -> d
         cluster.wait_ready(600)
         client = openai.OpenAI(base_url=config.base_url, api_key="unused", max_retries=0)
         model = client.models.list().data[0].id
-        one_request(client, model, random_image_bytes(56, 56, seed=2**31), 2)  # warm-up
+        warm = [random_image_bytes(56, 56, seed=2**31 + i) for i in range(config.num_instances)]
+        with ThreadPoolExecutor(len(warm)) as pool:  # every instance's first steps are slow
+            list(pool.map(lambda im: one_request(client, model, im, 2), warm))
         failures = 0
         results = []
         start = time.perf_counter()
@@ -190,7 +218,9 @@ def profiler(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="", help="a Qwen2-VL folder; default: tiny, made once")
+    parser.add_argument("--model", default="", help="a Qwen2-VL folder; default: --tower's")
+    parser.add_argument("--tower", choices=("wide", "tiny"), default="wide",
+                        help="without --model: the tiny Qwen2-VL with this vision tower")  # fmt: skip
     parser.add_argument("--instances", type=int, default=3, help="processes per arm, encoders too")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -204,7 +234,7 @@ def main() -> None:
     parser.add_argument("--log-dir", default="", help="default: a new temporary folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    model = Path(args.model) if args.model else demo_model("qwen2-vl", "tiny", dtype="float32")
+    model = Path(args.model) if args.model else vl_model(args.tower)
     processor = ImageProcessorConfig.from_dir(model)
     workload = coco_workload(args.requests, 0.0, processor, args.image_scale, args.repeat,
                              args.max_tokens, args.seed)  # fmt: skip

@@ -24,7 +24,7 @@ from services.scheduler.cost_model import load_model_config
 from services.scheduler.hardware import HardwareProfile
 from services.scheduler.policies import POLICIES_USING_PREFIX_HITS, FlipConfig, get_policy
 from services.scheduler.sim.epd_profile import EpdProfile
-from services.scheduler.sim.epd_sim import EpdSimulator, ImageSimRequest
+from services.scheduler.sim.epd_sim import ENCODER_MAX_BATCH, EpdSimulator, ImageSimRequest
 from services.scheduler.sim.epd_workload import ImageRequest
 from services.scheduler.sim.instance import InstanceSpec
 from services.scheduler.sim.report import SimReport, Slo, summarize
@@ -127,7 +127,7 @@ def simulate(
     slo: Slo,
     instance: InstanceSpec,
     policy: str = "cache-aware",
-    encoder_max_batch: int = 16,
+    encoder_max_batch: int = ENCODER_MAX_BATCH,
     concurrency: int = 0,
 ) -> tuple[SimReport, dict]:
     """One topology's run: its report (named by its label) and its encoders' counters.

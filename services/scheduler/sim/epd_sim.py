@@ -31,6 +31,8 @@ from services.scheduler.sim.epd_profile import EncodeCost
 from services.scheduler.sim.instance import ScheduledStep, SimInstance, SimRequest
 from services.scheduler.sim.simulator import ARRIVE, CALL, Simulator
 
+ENCODER_MAX_BATCH = 8
+"""The encoder service's `--max-batch-images` default (services/encoder/config.py)."""
 IMAGE_TOKEN_BASE = 1 << 40
 """Image tokens are -(base + image id): never a trace block id (>= 0) or a request's own
 tokens (-serial)."""
@@ -93,7 +95,7 @@ class EpdSimulator(Simulator):
         encode: EncodeCost,
         num_encoders: int = 0,
         encode_on: str = "",
-        encoder_max_batch: int = 16,
+        encoder_max_batch: int = ENCODER_MAX_BATCH,
         max_encode_batch: int = 0,
         max_encode_tokens: int = 0,
         **kwargs,
