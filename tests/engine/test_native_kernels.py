@@ -148,8 +148,7 @@ def test_bf16_engine_logits_with_native_kernels_are_as_close_to_fp32_as_torch_pa
     assert (with_native.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
 
 
-@needs_native
-@pytest.mark.skipif(native is not None and not native.has_bf16_linear(), reason="no AVX512-BF16")
+@needs_packed_linear  # prefill attention runs on the linear's micro-kernel
 @pytest.mark.parametrize("length, context", [(1, 0), (13, 0), (40, 0), (7, 33), (30, 50)])
 @pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (4, 4, 128)])
 def test_prefill_attention_matches_causal_sdpa(length, context, heads, kv_heads, dim):

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -297,6 +298,91 @@ inline at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed
   else if (M == 2) linear_impl<2, 4>(wp, Kp, Np, xf.data(), M, N, bp, yp);
   else linear_impl<6, 2>(wp, Kp, Np, xf.data(), M, N, bp, yp);
   return y;
+}
+
+// ---------------------------------------------------------------------------------------
+// Prefill attention (bf16): the L query rows of one chunk against its T keys (the T - L
+// cached before it, then its own), causal. As on AVX512-BF16 (cpu_kernels.cpp), per KV head
+// the keys are packed once into the linear's layout (16 keys per block) and the values
+// transposed into it, so q.K^T and P.V are both the linear's micro-kernel; here q and P stay
+// float (the micro-kernel multiplies float rows), so P is not rounded to bf16.
+// ---------------------------------------------------------------------------------------
+
+// Rows [T, D] of one head (rows `ld` apart) -> [Tp/16][D/2][16][2], zero past T.
+inline void pack_keys(const uint16_t* k, int64_t ld, int64_t T, int64_t Tp, int64_t D, uint16_t* dst) {
+  for (int64_t t = 0; t < Tp; ++t)
+    for (int64_t d = 0; d < D; ++d)
+      dst[((t / 16 * (D / 2) + d / 2) * 16 + t % 16) * 2 + d % 2] = t < T ? k[t * ld + d] : 0;
+}
+
+// Rows [T, D] of one head -> their transpose [D, T] packed: [D/16][Tp/2][16][2], zero past T.
+inline void pack_values_transposed(const uint16_t* v, int64_t ld, int64_t T, int64_t Tp, int64_t D,
+                                   uint16_t* dst) {
+  for (int64_t t = 0; t < Tp; ++t)
+    for (int64_t d = 0; d < D; ++d)
+      dst[((d / 16 * (Tp / 2) + t / 2) * 16 + d % 16) * 2 + t % 2] = t < T ? v[t * ld + d] : 0;
+}
+
+// y[i][b*16 ..] = x[i] . (packed block b) for `rows` rows of x and blocks [0, blocks).
+inline void micro_rows(const uint16_t* w, int64_t block, int64_t K, const float* x, int64_t ldx,
+                       int64_t rows, int64_t blocks, float* y, int64_t ldy) {
+  alignas(32) float out[6 * 16];
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t i0 = 0; i0 < rows; i0 += 6) {
+      const int64_t r = std::min<int64_t>(6, rows - i0);
+      const uint16_t* wb = w + b * block;
+      const float* xi = x + i0 * ldx;
+      switch (r) {
+        case 1: linear_micro<1, 2>(wb, block, K / 2, xi, ldx, out); break;
+        case 2: linear_micro<2, 2>(wb, block, K / 2, xi, ldx, out); break;
+        case 3: linear_micro<3, 2>(wb, block, K / 2, xi, ldx, out); break;
+        case 4: linear_micro<4, 2>(wb, block, K / 2, xi, ldx, out); break;
+        case 5: linear_micro<5, 2>(wb, block, K / 2, xi, ldx, out); break;
+        default: linear_micro<6, 2>(wb, block, K / 2, xi, ldx, out); break;
+      }
+      for (int64_t i = 0; i < r; ++i) std::copy(out + i * 16, out + i * 16 + 16, y + (i0 + i) * ldy + b * 16);
+    }
+}
+
+inline void prefill_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, int64_t context_len, double scale) {
+  constexpr int64_t kRows = 12;  // query rows per block: two 6-row micro-kernels
+  const int64_t L = q.size(0), H = q.size(1), D = q.size(2), T = k.size(0), Hkv = k.size(1);
+  const int64_t G = H / Hkv, Tp = (T + 31) / 32 * 32;
+  const auto* qp = q.data_ptr<at::BFloat16>();
+  const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  auto* op = out.data_ptr<at::BFloat16>();
+  const int64_t ldq = q.stride(0), ldo = out.stride(0);
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> keys(Tp * D), values(D * Tp);
+    std::vector<float> qf(kRows * D), scores(kRows * Tp), o(kRows * D);
+    for (int64_t h = begin; h < end; ++h) {
+      pack_keys(kp + h * D, k.stride(0), T, Tp, D, keys.data());
+      pack_values_transposed(vp + h * D, v.stride(0), T, Tp, D, values.data());
+      for (int64_t qh = h * G; qh < (h + 1) * G; ++qh)
+        for (int64_t i0 = 0; i0 < L; i0 += kRows) {
+          const int64_t rows = std::min(kRows, L - i0);
+          const int64_t seen = (context_len + i0 + rows + 31) / 32 * 32;  // keys, padded
+          for (int64_t i = 0; i < rows; ++i) to_floats(qf.data() + i * D, qp + (i0 + i) * ldq + qh * D, D);
+          micro_rows(keys.data(), D * 16, D, qf.data(), D, rows, seen / 16, scores.data(), Tp);
+          for (int64_t i = 0; i < rows; ++i) {
+            float* row = scores.data() + i * Tp;
+            const int64_t valid = context_len + i0 + i + 1;
+            float mx = -std::numeric_limits<float>::infinity();
+            for (int64_t t = 0; t < valid; ++t) mx = std::max(mx, row[t] *= fscale);
+            const float inv = 1.f / exp_sum(row, valid, mx);
+            for (int64_t t = 0; t < valid; ++t) row[t] *= inv;
+            std::fill(row + valid, row + seen, 0.f);
+          }
+          micro_rows(values.data(), Tp * 16, seen, scores.data(), Tp, rows, D / 16, o.data(), D);
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t d = 0; d < D; d += 8) store8(op + (i0 + i) * ldo + qh * D + d, _mm256_loadu_ps(o.data() + i * D + d));
+        }
+    }
+  });
 }
 
 }  // namespace avx2

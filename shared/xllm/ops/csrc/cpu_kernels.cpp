@@ -553,7 +553,7 @@ void micro_rows(const uint16_t* w, int64_t block, int64_t K, const uint16_t* x, 
 
 void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
                        int64_t context_len, double scale) {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(XLLM_AVX2)
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                   v.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
               "prefill_attention takes bfloat16 tensors");
@@ -563,6 +563,8 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
   const int64_t L = q.size(0), H = q.size(1), D = q.size(2), T = k.size(0), Hkv = k.size(1);
   TORCH_CHECK(T == context_len + L && v.size(0) == T && out.sizes() == q.sizes(), "shape mismatch");
   TORCH_CHECK(D % 32 == 0 && H % Hkv == 0, "head dim must be a multiple of 32");
+#endif
+#if defined(__AVX512BF16__)
   const int64_t G = H / Hkv, Tp = (T + 31) / 32 * 32;
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
@@ -599,8 +601,10 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
         }
     }
   });
+#elif defined(XLLM_AVX2)
+  avx2::prefill_attention(out, q, k, v, context_len, scale);
 #else
-  TORCH_CHECK(false, "prefill_attention needs a CPU with AVX512-BF16");
+  TORCH_CHECK(false, "prefill_attention needs a CPU with AVX512-BF16 or AVX2 + FMA");
 #endif
 }
 
