@@ -108,8 +108,9 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     if native is None:
         return None
     if native.has_avx2_linear():
-        weight = F.pad(weight, (0, -k % 2, 0, -n % 16))
-        n, k = weight.shape
+        if n % 16 or k % 2:
+            weight = F.pad(weight, (0, -k % 2, 0, -n % 16))
+            n, k = weight.shape
     elif n % 16 or k % 32 or not (native.has_amx() or native.has_bf16_linear()):
         return None
     return weight.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
