@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,20 +36,22 @@ from common import demo_model, emit, random_prompts
 SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)]
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()
+def best_of(calls: list, repeats: int) -> float:
+    """Seconds per call: the best of `repeats` rounds through all of `calls`, after one."""
     best = float("inf")
-    for _ in range(repeats):
+    for round_ in range(repeats + 1):
         start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        for call in calls:
+            call()
+        if round_:
+            best = min(best, time.perf_counter() - start)
+    return best / len(calls)
 
 
 def read_bandwidth() -> float:
     """GB/s of a float32 sum over 1 GiB: a STREAM-like read on all threads."""
     a = torch.ones(1 << 28, dtype=torch.float32)
-    return a.numel() * 4 / best_of(a.sum, 5) / 1e9
+    return a.numel() * 4 / best_of([a.sum], 5) / 1e9
 
 
 def bench_linear() -> list[dict]:
@@ -64,14 +67,16 @@ def bench_linear() -> list[dict]:
             return []  # no native linear on this machine
         row = {"shape": f"{n}x{k}"}
         x = torch.randn(1, k).bfloat16()
-        for name, fn in [("native", lambda i: fast_linear(x, weights[i], None, packed[i])),
-                         ("torch", lambda i: F.linear(x, weights[i]))]:
-            seconds = best_of(lambda: [fn(i) for i in range(copies)], 3) / copies
-            row[f"{name}_gbs_b1"] = round(n * k * 2 / seconds / 1e9, 1)
+        native = best_of(
+            [partial(fast_linear, x, w, None, p) for w, p in zip(weights, packed, strict=True)], 3
+        )
+        ref = best_of([partial(F.linear, x, w) for w in weights], 3)
+        row["native_gbs_b1"] = round(n * k * 2 / native / 1e9, 1)
+        row["torch_gbs_b1"] = round(n * k * 2 / ref / 1e9, 1)
         for rows in (16, 128):
             x = torch.randn(rows, k).bfloat16()
-            native = best_of(lambda: fast_linear(x, weights[0], None, packed[0]), 3)
-            ref = best_of(lambda: F.linear(x, weights[0]), 1)
+            native = best_of([partial(fast_linear, x, weights[0], None, packed[0])], 3)
+            ref = best_of([partial(F.linear, x, weights[0])], 1)
             row[f"ratio_b{rows}"] = round(ref / native, 2)
         rows_out.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -85,8 +90,15 @@ def engine_child(native: bool, args) -> dict:
     from xllm.protocol.types import SamplingParams
 
     model_dir = demo_model("qwen3", "small")
-    engine = Engine(EngineConfig(model=str(model_dir), dtype="bfloat16", native_kernels=native,
-                                 max_num_seqs=args.streams, kv_cache_gb=1.0))
+    engine = Engine(
+        EngineConfig(
+            model=str(model_dir),
+            dtype="bfloat16",
+            native_kernels=native,
+            max_num_seqs=args.streams,
+            kv_cache_gb=1.0,
+        )
+    )
     weight_bytes = sum(
         m.weight.numel() * m.weight.element_size()
         for m in engine.runner.model.modules()
@@ -114,7 +126,9 @@ def engine_child(native: bool, args) -> dict:
         "weight_bytes": weight_bytes,
         "b1_decode_ms": round(statistics.median(decode) * 1e3, 2),
         "streams_tok_s": round(generated / seconds, 1),
-        "streams_decode_ms": round(statistics.median(streams_steps[-args.output_len // 2 :]) * 1e3, 1),
+        "streams_decode_ms": round(
+            statistics.median(streams_steps[-args.output_len // 2 :]) * 1e3, 1
+        ),
     }
 
 
@@ -133,18 +147,35 @@ def main() -> None:
     from xllm.ops import kernels
 
     native = kernels()
-    path = "none" if native is None else (
-        "amx" if native.has_amx() else "avx512-bf16" if native.has_bf16_linear()
-        else "avx2" if native.has_avx2_linear() else "attention/norm only"
-    )
+    if native is None:
+        path = "none"
+    elif native.has_amx():
+        path = "amx"
+    elif native.has_bf16_linear():
+        path = "avx512-bf16"
+    else:
+        path = "avx2" if native.has_avx2_linear() else "attention and norm only"
     bandwidth = read_bandwidth()
-    result = {"kernels": path, "threads": torch.get_num_threads(),
-              "read_gbs": round(bandwidth, 1), "load_before": os.getloadavg()[0],
-              "linear": bench_linear()}
+    result = {
+        "kernels": path,
+        "threads": torch.get_num_threads(),
+        "read_gbs": round(bandwidth, 1),
+        "load_before": os.getloadavg()[0],
+        "linear": bench_linear(),
+    }
     if not args.linear_only:
         demo_model("qwen3", "small")  # made once, before the timed children
-        child = [sys.executable, __file__, "--streams", str(args.streams), "--prompt-len",
-                 str(args.prompt_len), "--output-len", str(args.output_len), "--child"]
+        child = [
+            sys.executable,
+            __file__,
+            "--streams",
+            str(args.streams),
+            "--prompt-len",
+            str(args.prompt_len),
+            "--output-len",
+            str(args.output_len),
+            "--child",
+        ]
         for variant in ("on", "off"):
             out = subprocess.run(child + [variant], check=True, capture_output=True, text=True)
             result[f"engine_{variant}"] = json.loads(out.stdout.strip().splitlines()[-1])

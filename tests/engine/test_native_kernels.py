@@ -16,7 +16,8 @@ needs_native = pytest.mark.skipif(native is None, reason="native kernels could n
 has_packed_linear = native is not None and (native.has_bf16_linear() or native.has_avx2_linear())
 needs_packed_linear = pytest.mark.skipif(not has_packed_linear, reason="no AVX512-BF16 or AVX2")
 needs_avx2_linear = pytest.mark.skipif(
-    native is None or not native.has_avx2_linear(), reason="packed_bf16_linear is not the AVX2 kernel"
+    native is None or not native.has_avx2_linear(),
+    reason="packed_bf16_linear is not the AVX2 kernel",
 )
 
 
@@ -77,7 +78,9 @@ def test_avx2_linear_takes_odd_shapes(rows, n, k):
     b = torch.randn(n, generator=g).bfloat16()
     got = fast_linear(x, w, b, pack_weight(w))
     assert got is not None and got.shape == (rows, n)
-    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), b.float()), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        got.float(), F.linear(x.float(), w.float(), b.float()), atol=2e-2, rtol=1e-2
+    )
 
 
 @needs_avx2_linear
