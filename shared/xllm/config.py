@@ -150,7 +150,8 @@ class EngineConfig:
     num_threads: int = option(0, "CPU threads for torch; 0 = torch's default (one per core).")
     native_kernels: bool = option(
         True,
-        "Use our native CPU kernels where the CPU has what they need (AVX512-BF16, AMX); "
+        "Use our native CPU kernels where the CPU has what they need (AMX, AVX512-BF16 or "
+        "AVX2 + FMA); "
         "off = torch's own ops only.",
     )
     speculative: str = option(

@@ -9,10 +9,16 @@ from conftest import greedy, make_engine, random_prompts, run_engine
 
 import xllm.models.attention as attention
 import xllm.models.layers as layers
-from xllm.ops import kernels, pack_weight
+from xllm.ops import fast_linear, kernels, pack_weight
 
 native = kernels()
 needs_native = pytest.mark.skipif(native is None, reason="native kernels could not be built here")
+has_packed_linear = native is not None and (native.has_bf16_linear() or native.has_avx2_linear())
+needs_packed_linear = pytest.mark.skipif(not has_packed_linear, reason="no AVX512-BF16 or AVX2")
+needs_avx2_linear = pytest.mark.skipif(
+    native is None or not native.has_avx2_linear(),
+    reason="packed_bf16_linear is not the AVX2 kernel",
+)
 
 
 def reference_attention(q, k_cache, v_cache, tables, lens, block_size):
@@ -46,8 +52,7 @@ def test_paged_decode_attention_matches_sdpa(dtype, tol, batch, heads, kv_heads,
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
 
 
-@needs_native
-@pytest.mark.skipif(native is not None and not native.has_bf16_linear(), reason="no AVX512-BF16")
+@needs_packed_linear
 @pytest.mark.parametrize("rows", [1, 2, 3, 12, 13, 40])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_packed_bf16_linear_matches_float_reference(rows, with_bias):
@@ -59,6 +64,34 @@ def test_packed_bf16_linear_matches_float_reference(rows, with_bias):
     expected = F.linear(x.float(), w.float(), None if b is None else b.float())
     got = native.packed_bf16_linear(x, pack_weight(w), 304, b).float()
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)
+
+
+@needs_avx2_linear
+# Rows: every micro-kernel (1, 2, 6 rows) and its tails; N: not a multiple of 16 (padded
+# block) nor of 64 (the batch-1 kernel's groups); K: odd (padded pair), or one feature.
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 13, 64, 129])
+@pytest.mark.parametrize("n, k", [(37, 33), (200, 1), (1040, 96)])
+def test_avx2_linear_takes_odd_shapes(rows, n, k):
+    g = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) / 8).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    got = fast_linear(x, w, b, pack_weight(w))
+    assert got is not None and got.shape == (rows, n)
+    torch.testing.assert_close(
+        got.float(), F.linear(x.float(), w.float(), b.float()), atol=2e-2, rtol=1e-2
+    )
+
+
+@needs_avx2_linear
+def test_avx2_linear_rounds_like_torch():
+    """Exact products (small integers) leave only the final bf16 rounding: it must be
+    round-to-nearest-even, bit for bit what torch does to the float result."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-8, 8, (7, 64), generator=g).bfloat16()
+    w = torch.randint(-8, 8, (48, 64), generator=g).bfloat16()
+    expected = F.linear(x.float(), w.float()).bfloat16()
+    assert torch.equal(native.packed_bf16_linear(x, pack_weight(w), 48, None), expected)
 
 
 @needs_native
@@ -75,11 +108,12 @@ def test_amx_linear_over_packed_weights_matches_float_reference(rows):
 
 @needs_native
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_rms_norm_matches_reference(dtype, tol):
+@pytest.mark.parametrize("dim", [64, 60])  # on the vector paths and not
+def test_rms_norm_matches_reference(dtype, tol, dim):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 3, 64, generator=g).to(dtype)
-    w = (1 + torch.randn(64, generator=g) / 10).to(dtype)
-    expected = F.rms_norm(x.float(), (64,), w.float(), 1e-6)
+    x = torch.randn(5, 3, dim, generator=g).to(dtype)
+    w = (1 + torch.randn(dim, generator=g) / 10).to(dtype)
+    expected = F.rms_norm(x.float(), (dim,), w.float(), 1e-6)
     torch.testing.assert_close(native.rms_norm(x, w, 1e-6).float(), expected, atol=tol, rtol=tol)
 
 
@@ -117,8 +151,7 @@ def test_bf16_engine_logits_with_native_kernels_are_as_close_to_fp32_as_torch_pa
     assert (with_native.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
 
 
-@needs_native
-@pytest.mark.skipif(native is not None and not native.has_bf16_linear(), reason="no AVX512-BF16")
+@needs_packed_linear  # prefill attention runs on the linear's micro-kernel
 @pytest.mark.parametrize("length, context", [(1, 0), (13, 0), (40, 0), (7, 33), (30, 50)])
 @pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (4, 4, 128)])
 def test_prefill_attention_matches_causal_sdpa(length, context, heads, kv_heads, dim):

@@ -201,8 +201,11 @@ class PagedAttention(nn.Module):
 
 def native_prefill_kernels(q: torch.Tensor):
     """The native kernels when they have a prefill attention for q (bf16 on a CPU with
-    AVX512-BF16, head dim a multiple of 32; ~4x torch's flash kernel there), else None."""
+    AVX512-BF16 or AVX2 + FMA, head dim a multiple of 32; ~4x torch's flash kernel on
+    AVX512-BF16), else None."""
     if q.dtype != torch.bfloat16 or q.device.type != "cpu" or q.shape[-1] % 32:
         return None
     native = kernels()
-    return native if native is not None and native.has_bf16_linear() else None
+    if native is None or not (native.has_bf16_linear() or native.has_avx2_linear()):
+        return None
+    return native

@@ -2,7 +2,8 @@
 
 `paged_decode_attention` reads each sequence's context straight from the paged KV pool
 (no gather); `fast_linear` streams weights once per step for decode-sized batches, over
-weights packed once at load (AMX tiles, or AVX512-BF16 dot products where there is no AMX);
+weights packed once at load (AMX tiles, AVX512-BF16 dot products where there is no AMX, or
+bf16 widened to fp32 FMAs on AVX2-only CPUs: csrc/avx2.h);
 `fast_rms_norm` is one pass instead of ATen's ten small ops.
 The extension is built once per machine by torch's cpp_extension (needs a C++ compiler
 and ninja) into torch's extension cache; where it cannot be built, or the device is not
@@ -18,20 +19,28 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCE = _CSRC / "cpu_kernels.cpp"
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
 _enabled = True
+_linear: tuple | None = None
 
 # Largest batches for which the native linears beat oneDNN on 2 cores (decode-sized
 # matmuls are memory bound, and oneDNN re-packs the weights every call): AMX measured on a
 # Sapphire Rapids, AVX512-BF16 on a Zen 4.
 AMX_LINEAR_MAX_ROWS = 128
 BF16_LINEAR_MAX_ROWS = 128
+# AVX2 + FMA (Zen 3): oneDNN has no bf16 units to use there and runs bf16 matmuls at
+# ~10 GFLOP/s a core, the native kernel at ~85 from 6 to 512 rows and at the memory
+# bandwidth for 1-2 (benchmarks/native_kernels.py), so it wins at every batch measured;
+# the limit only bounds the float copy of x it makes (rows x K x 4 bytes).
+AVX2_LINEAR_MAX_ROWS = 8192
 
 
 def use_native_kernels(enabled: bool) -> None:
@@ -62,7 +71,9 @@ def _build() -> ModuleType | None:
         # Named by the source's path and contents: torch rebuilds an extension whose
         # sources moved or changed, so one fixed name would make every checkout on a
         # machine rebuild it for the others (stalling their first step for a minute).
-        key = str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes()
+        key = str(_SOURCE.resolve()).encode()
+        for source in sorted(_CSRC.iterdir()):  # the .cpp and the headers it includes
+            key += source.name.encode() + source.read_bytes()
         digest = hashlib.sha256(key).hexdigest()[:12]
         return load(
             name=f"xllm_cpu_kernels_{digest}",
@@ -87,14 +98,37 @@ def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """W [N, K] in the VNNI layout the native linears multiply, [N/16, K/2, 16, 2] (for
     each pair of input features, 16 output columns' pairs side by side), or None when no
-    native linear applies (no AMX or AVX512-BF16, not bf16 on CPU, N % 16 or K % 32)."""
+    native linear applies (not bf16 on CPU; no AMX, AVX512-BF16 or AVX2; for AMX and
+    AVX512-BF16, N % 16 or K % 32). The AVX2 kernel takes any shape: W is zero-padded to
+    N % 16 == 0 and K % 2 == 0 here."""
     n, k = weight.shape
-    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or n % 16 or k % 32:
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
         return None
     native = kernels()
-    if native is None or not (native.has_amx() or native.has_bf16_linear()):
+    if native is None:
+        return None
+    if native.has_avx2_linear():
+        if n % 16 or k % 2:
+            weight = F.pad(weight, (0, -k % 2, 0, -n % 16))
+            n, k = weight.shape
+    elif n % 16 or k % 32 or not (native.has_amx() or native.has_bf16_linear()):
         return None
     return weight.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def _native_linear() -> tuple:
+    """(kernel, largest batch it beats oneDNN at) of this CPU's native linear, found once."""
+    global _linear
+    if _linear is None:
+        native = kernels()
+        assert native is not None  # a packed weight exists only where the kernels do
+        if native.has_amx():
+            _linear = (native.amx_linear, AMX_LINEAR_MAX_ROWS)
+        elif native.has_avx2_linear():
+            _linear = (native.packed_bf16_linear, AVX2_LINEAR_MAX_ROWS)
+        else:
+            _linear = (native.packed_bf16_linear, BF16_LINEAR_MAX_ROWS)
+    return _linear
 
 
 def fast_linear(
@@ -106,10 +140,5 @@ def fast_linear(
     """x @ W^T + b via a native kernel when one beats oneDNN for this shape, else None."""
     if packed is None or x.dim() != 2 or x.dtype != torch.bfloat16:
         return None
-    rows, native = x.shape[0], kernels()
-    if native.has_amx():  # type: ignore[union-attr]
-        if rows <= AMX_LINEAR_MAX_ROWS:
-            return native.amx_linear(x, packed, weight.shape[0], bias)  # type: ignore[union-attr]
-    elif rows <= BF16_LINEAR_MAX_ROWS:
-        return native.packed_bf16_linear(x, packed, weight.shape[0], bias)  # type: ignore[union-attr]
-    return None
+    kernel, max_rows = _native_linear()
+    return kernel(x, packed, weight.shape[0], bias) if x.shape[0] <= max_rows else None

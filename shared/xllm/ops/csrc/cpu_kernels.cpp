@@ -22,6 +22,7 @@
 #if defined(__AVX512F__) || defined(__AMX_TILE__)
 #include <immintrin.h>
 #endif
+#include "avx2.h"  // defines XLLM_AVX2 where the CPU has AVX2 and FMA
 
 namespace {
 
@@ -57,6 +58,10 @@ inline float dot(const float* a, const scalar_t* b, int64_t D) {
     for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), load16(b + d), acc);
     return _mm512_reduce_add_ps(acc);
   }
+#elif defined(XLLM_AVX2)
+  if constexpr (avx2::vectorised<scalar_t>()) {
+    if (D % 8 == 0) return avx2::dot(a, b, D);
+  }
 #endif
   float s = 0.f;
   for (int64_t d = 0; d < D; ++d) s += a[d] * to_float(b[d]);
@@ -79,6 +84,8 @@ inline void to_floats(float* dst, const scalar_t* src, int64_t D) {
     for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
     return;
   }
+#elif defined(XLLM_AVX2)
+  if constexpr (avx2::vectorised<scalar_t>()) return avx2::to_floats(dst, src, D);
 #endif
   for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]);
 }
@@ -135,6 +142,10 @@ void weighted_block(const float* p, int64_t T, int64_t G, const scalar_t* v, int
     }
     return;
   }
+#elif defined(XLLM_AVX2)
+  if constexpr (avx2::vectorised<scalar_t>()) {
+    if (D % 32 == 0) return avx2::weighted_block(p, T, G, v, stride, n, D, out);
+  }
 #endif
   for (int64_t s = 0; s < n; ++s, v += stride)
     for (int64_t g = 0; g < G; ++g)
@@ -166,6 +177,9 @@ inline void softmax_inplace(float* x, int64_t n) {
     vsum = _mm512_add_ps(vsum, e);
   }
   sum = _mm512_reduce_add_ps(vsum);
+#elif defined(XLLM_AVX2)
+  sum = avx2::exp_sum(x, n, mx);
+  t = n;
 #endif
   for (; t < n; ++t) { x[t] = std::exp(x[t] - mx); sum += x[t]; }
   const float inv = 1.f / sum;
@@ -353,6 +367,15 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
     at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / N), [&](int64_t begin, int64_t end) {
       std::vector<float> row(N), w(N);
       to_floats(w.data(), wp, N);
+#if defined(XLLM_AVX2) && !defined(__AVX512F__)
+      if constexpr (avx2::vectorised<scalar_t>()) {
+        if (N % 8 == 0) {
+          for (int64_t r = begin; r < end; ++r)
+            avx2::rms_norm_row(xp + r * N, w.data(), N, static_cast<float>(eps), yp + r * N);
+          return;
+        }
+      }
+#endif
       for (int64_t r = begin; r < end; ++r) {
         to_floats(row.data(), xp + r * N, N);
         float ss = 0.f;
@@ -373,6 +396,16 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
 
 bool has_bf16_linear() {
 #if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// packed_bf16_linear runs the AVX2 + FMA kernel (avx2.h): N padded to 16 and K to 2 in the
+// packed weight, any row count.
+bool has_avx2_linear() {
+#if !defined(__AVX512BF16__) && defined(XLLM_AVX2)
   return true;
 #else
   return false;
@@ -469,8 +502,10 @@ at::Tensor packed_bf16_linear(at::Tensor x, at::Tensor packed, int64_t N,
   if (M <= 2) packed_linear_impl<2, 8>(wp, xp, M, K, N, bp, yp);
   else packed_linear_impl<12, 2>(wp, xp, M, K, N, bp, yp);
   return y;
+#elif defined(XLLM_AVX2)
+  return avx2::packed_linear(x, packed, N, bias);
 #else
-  TORCH_CHECK(false, "packed_bf16_linear needs a CPU with AVX512-BF16");
+  TORCH_CHECK(false, "packed_bf16_linear needs a CPU with AVX512-BF16 or AVX2 + FMA");
 #endif
 }
 
@@ -518,7 +553,7 @@ void micro_rows(const uint16_t* w, int64_t block, int64_t K, const uint16_t* x, 
 
 void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
                        int64_t context_len, double scale) {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(XLLM_AVX2)
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                   v.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
               "prefill_attention takes bfloat16 tensors");
@@ -528,6 +563,8 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
   const int64_t L = q.size(0), H = q.size(1), D = q.size(2), T = k.size(0), Hkv = k.size(1);
   TORCH_CHECK(T == context_len + L && v.size(0) == T && out.sizes() == q.sizes(), "shape mismatch");
   TORCH_CHECK(D % 32 == 0 && H % Hkv == 0, "head dim must be a multiple of 32");
+#endif
+#if defined(__AVX512BF16__)
   const int64_t G = H / Hkv, Tp = (T + 31) / 32 * 32;
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
@@ -564,8 +601,10 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
         }
     }
   });
+#elif defined(XLLM_AVX2)
+  avx2::prefill_attention(out, q, k, v, context_len, scale);
 #else
-  TORCH_CHECK(false, "prefill_attention needs a CPU with AVX512-BF16");
+  TORCH_CHECK(false, "prefill_attention needs a CPU with AVX512-BF16 or AVX2 + FMA");
 #endif
 }
 
@@ -670,10 +709,11 @@ bool has_amx() { return false; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
   m.def("paged_verify_attention", &paged_verify_attention, "multi-token (speculative verification) attention over the paged KV pool");
-  m.def("packed_bf16_linear", &packed_bf16_linear, "bfloat16 linear over packed weights (AVX512-BF16)");
+  m.def("packed_bf16_linear", &packed_bf16_linear, "bfloat16 linear over packed weights (AVX512-BF16 or AVX2)");
   m.def("prefill_attention", &prefill_attention, "causal bfloat16 attention of a prefill chunk");
   m.def("amx_linear", &amx_linear, "bfloat16 linear over AMX-packed weights");
   m.def("has_amx", &has_amx, "AMX-BF16 compiled in and permitted");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
   m.def("has_bf16_linear", &has_bf16_linear, "was packed_bf16_linear compiled for this CPU");
+  m.def("has_avx2_linear", &has_avx2_linear, "packed_bf16_linear is the AVX2 + FMA kernel");
 }
