@@ -210,14 +210,19 @@ def _encode_needed(model: torch.nn.Module, items: list[ScheduledSeq], device) ->
                 needed.append((mm, k))
     if not needed:
         return
-    images = [mm.images[k] for mm, k in needed]
+    parts = encode_images(model, [mm.images[k] for mm, k in needed], device)
+    for (mm, k), part in zip(needed, parts, strict=True):
+        mm.embeddings[k] = part
+
+
+def encode_images(model: torch.nn.Module, images: list[ImageInput], device) -> list[torch.Tensor]:
+    """One vision-tower call on every image's pixels: each image's rows [tokens, hidden]
+    (views of one tensor)."""
     pixels = torch.cat([image.pixel_values for image in images]).to(device, model.visual.dtype)
     grids = [image.grid_thw for image in images]
     embeddings = model.encode_images(pixels, grids)  # [sum tokens, hidden]
     merge = model.vision_config.spatial_merge_size
-    sizes = [num_image_tokens(grid, merge) for grid in grids]
-    for (mm, k), part in zip(needed, embeddings.split(sizes), strict=True):
-        mm.embeddings[k] = part
+    return list(embeddings.split([num_image_tokens(grid, merge) for grid in grids]))
 
 
 def random_image_bytes(height: int, width: int, seed: int = 0, fmt: str = "PNG") -> bytes:
