@@ -81,8 +81,8 @@ class ModelRunner:
             self.draft.propose([i for i in items if i.draft_token_ids])
             self.draft.mirror([i for i in items if run_kind(i) == CHUNK])
         input_ids, positions, meta = self._prepare(items)
-        if self.multimodal and any(item.seq.mm is not None for item in items):
-            positions, image_embeds = model_inputs(self.model, items, positions)
+        if self.multimodal and (out.encodes or any(i.seq.mm is not None for i in items)):
+            positions, image_embeds = model_inputs(self.model, items, positions, out.encodes)
             hidden = self.model(input_ids, positions, meta, image_embeds)
         else:
             hidden = self.model(input_ids, positions, meta)  # [N, hidden]

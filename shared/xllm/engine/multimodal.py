@@ -168,15 +168,22 @@ def expand(prompt_token_ids: list[int], image_token_id: int, counts: list[int]) 
 
 
 def model_inputs(
-    model: torch.nn.Module, items: list[ScheduledSeq], positions: torch.Tensor
+    model: torch.nn.Module,
+    items: list[ScheduledSeq],
+    positions: torch.Tensor,
+    ahead: list[tuple[MultimodalPrompt, int]] = (),  # type: ignore[assignment]
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """The step's M-RoPE positions [3, N] (text rows: their 1-D `positions` on all three
-    axes) and the image rows with their embeddings, encoding the images first needed now.
+    axes) and the image rows with their embeddings, encoding the images first needed now
+    and the `ahead` ones (engine/encode_ahead.py) in the same tower call. A step with no
+    image prompt (only `ahead`) keeps its 1-D `positions` and no image rows.
 
     `items` in flat-batch order (decodes first, as the runner lays them out)."""
     device = positions.device
+    _encode_needed(model, items, device, ahead)
+    if not any(item.seq.mm is not None for item in items):
+        return positions, None
     rope = positions.expand(3, -1).clone()  # [3, N]
-    _encode_needed(model, items, device)
     rows: list[torch.Tensor] = []
     embeds: list[torch.Tensor] = []
     row = 0
@@ -196,9 +203,9 @@ def model_inputs(
     return rope, (torch.cat(rows).to(device), torch.cat(embeds))
 
 
-def _encode_needed(model: torch.nn.Module, items: list[ScheduledSeq], device) -> None:
+def _encode_needed(model: torch.nn.Module, items: list[ScheduledSeq], device, ahead=()) -> None:
     """Run the vision tower, in one call, on every image this step's chunks reach that has
-    no embeddings yet."""
+    no embeddings yet, and on the `ahead` ones."""
     needed: list[tuple[MultimodalPrompt, int]] = []  # (prompt, image index)
     for item in items:
         mm, start, n = item.seq.mm, item.seq.num_computed_tokens, item.num_new_tokens
@@ -208,6 +215,7 @@ def _encode_needed(model: torch.nn.Module, items: list[ScheduledSeq], device) ->
             overlaps = span_start < start + n and start < span_start + count
             if overlaps and mm.embeddings[k] is None:
                 needed.append((mm, k))
+    needed += [(mm, k) for mm, k in ahead if mm.embeddings[k] is None]
     if not needed:
         return
     parts = encode_images(model, [mm.images[k] for mm, k in needed], device)
