@@ -64,6 +64,9 @@ def test_waiting_images_are_encoded_ahead_within_the_budget_and_outputs_do_not_c
     alone, engine, steps, ready = run(model_dir, max_encode_batch=0)
     assert engine.scheduler.encode_ahead is None and not any(s[0] for s in steps)
     assert not ready  # each prompt's first chunk waited for its tower call
+    tower = engine.runner.tower_stats  # the heartbeat's encoder batches and latency
+    assert tower.images_encoded == 6 and tower.batches == sum(1 for s in steps if s[2])
+    assert tower.encode_seconds > 0
 
     for batch, tokens_budget in ((4, 0), (2, 0), (3, 10)):
         got, engine, steps, ready = run(
@@ -72,6 +75,7 @@ def test_waiting_images_are_encoded_ahead_within_the_budget_and_outputs_do_not_c
         assert got == alone  # embeddings are the same whenever they are computed
         assert engine.scheduler.encode_ahead.num_encoded_ahead > 0
         assert ready  # a waiting request's images were ready at its first chunk
+        assert engine.runner.tower_stats.images_encoded == 6  # each image once
         for ahead, ahead_tokens, reached, reached_tokens in steps:
             assert ahead == 0 or ahead + reached <= batch
             if tokens_budget and ahead:

@@ -21,6 +21,7 @@ Text-only requests have `Sequence.mm = None` and never reach this module.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ from xllm.image_processor import (
     process_image,
 )
 from xllm.models.qwen2_vl import mrope_positions
+from xllm.protocol.stats import EncoderStats
 from xllm.protocol.types import ImageData
 
 if TYPE_CHECKING:
@@ -172,15 +174,17 @@ def model_inputs(
     items: list[ScheduledSeq],
     positions: torch.Tensor,
     ahead: list[tuple[MultimodalPrompt, int]] = (),  # type: ignore[assignment]
+    stats: EncoderStats | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """The step's M-RoPE positions [3, N] (text rows: their 1-D `positions` on all three
     axes) and the image rows with their embeddings, encoding the images first needed now
     and the `ahead` ones (engine/encode_ahead.py) in the same tower call. A step with no
-    image prompt (only `ahead`) keeps its 1-D `positions` and no image rows.
+    image prompt (only `ahead`) keeps its 1-D `positions` and no image rows. Tower calls
+    are counted in `stats`.
 
     `items` in flat-batch order (decodes first, as the runner lays them out)."""
     device = positions.device
-    _encode_needed(model, items, device, ahead)
+    _encode_needed(model, items, device, ahead, stats)
     if not any(item.seq.mm is not None for item in items):
         return positions, None
     rope = positions.expand(3, -1).clone()  # [3, N]
@@ -203,7 +207,9 @@ def model_inputs(
     return rope, (torch.cat(rows).to(device), torch.cat(embeds))
 
 
-def _encode_needed(model: torch.nn.Module, items: list[ScheduledSeq], device, ahead=()) -> None:
+def _encode_needed(
+    model: torch.nn.Module, items: list[ScheduledSeq], device, ahead=(), stats=None
+) -> None:
     """Run the vision tower, in one call, on every image this step's chunks reach that has
     no embeddings yet, and on the `ahead` ones."""
     needed: list[tuple[MultimodalPrompt, int]] = []  # (prompt, image index)
@@ -218,7 +224,12 @@ def _encode_needed(model: torch.nn.Module, items: list[ScheduledSeq], device, ah
     needed += [(mm, k) for mm, k in ahead if mm.embeddings[k] is None]
     if not needed:
         return
+    started = time.perf_counter()
     parts = encode_images(model, [mm.images[k] for mm, k in needed], device)
+    if stats is not None:
+        stats.batches += 1
+        stats.images_encoded += len(needed)
+        stats.encode_seconds += time.perf_counter() - started
     for (mm, k), part in zip(needed, parts, strict=True):
         mm.embeddings[k] = part
 
