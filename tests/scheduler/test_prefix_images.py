@@ -64,3 +64,21 @@ def test_an_image_without_a_hash_ends_the_prefix_there():
     assert hash_prompt(dataclasses.replace(request, images=[unplaced])) == []
     text_only = RequestSpec(prompt_token_ids=TEXT, sampling=SamplingParams())
     assert hash_prompt(text_only) is text_only.prompt_token_ids  # no copy for text
+
+
+def test_an_image_goes_to_the_encoder_its_content_picks_whatever_its_file():
+    from services.scheduler.cluster import ClusterSnapshot, InstanceView
+    from services.scheduler.encode import pick_encoder
+    from tests.scheduler.beats import heartbeat
+
+    views = [InstanceView(heartbeat(f"e{i}", "encode"), 0.0) for i in range(4)]
+    snapshot = ClusterSnapshot(tuple(views))
+    picked = set()
+    for digest in range(1, 9):  # eight images: more than one encoder gets work
+        same = [ImageData(data=data, num_tokens=6, content_hash=digest) for data in (b"a", b"b")]
+        spec = [RequestSpec(prompt_token_ids=[1], sampling=SamplingParams(), images=[i],
+                            model="m") for i in same]  # fmt: skip
+        first, second = (pick_encoder(s, snapshot) for s in spec)
+        assert first == second  # two files of one image: one encoder, one cache entry
+        picked.add(first)
+    assert len(picked) > 1
