@@ -7,7 +7,7 @@ tokens, EOS ignored) go to one engine at once; `--max-num-seqs` of them run at a
 rest wait, and prompts are cut into `--chunk` token chunks. Greedy outputs must be identical
 across budgets (checked).
 
-    .venv/bin/python benchmarks/encode_ahead.py [--size small --budgets 0,4 --requests 12 --image-size 224]
+    .venv/bin/python benchmarks/encode_ahead.py [--size small --budgets 0,4 --requests 12]
 
 Prints one JSON line: per budget the wall time, TTFT and TPOT p50/p99 (ms), the images
 encoded ahead and the tower calls, and the TTFT/TPOT p50 ratios to budget 0.

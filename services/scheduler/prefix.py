@@ -13,8 +13,9 @@ Two sources, and the larger counts per instance:
 The hash chain is computed here, from the prompt tokens and the instances' block size
 (from their heartbeats), with the engine's own `block_hashes`, so a match means the engine
 will really hit. Images count by content, as in the engine (`hash_prompt`): two prompts
-with the same text around different images share no block from the first image on. The kvstore is an optimisation: if it does not answer within
-`timeout`, placement goes on with what `RecentPlacements` knows.
+with the same text around different images share no block from the first image on. The
+kvstore is an optimisation: if it does not answer within `timeout`, placement goes on with
+what `RecentPlacements` knows.
 """
 
 from __future__ import annotations

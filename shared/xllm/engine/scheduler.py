@@ -185,16 +185,17 @@ class Scheduler:
     def schedule(
         self, num_draft_tokens: int = 0, offline_budget: int | None = None
     ) -> SchedulerOutput:
+        """The next step: decodes, prefill chunks (`_schedule_step`), then pending encodes."""
         out = self._schedule_step(num_draft_tokens, offline_budget)
         if self.encode_ahead is not None and out.scheduled:  # the step's third part
             out.encodes = self.encode_ahead.plan(out)
         return out
 
     def _schedule_step(self, num_draft_tokens: int, offline_budget: int | None) -> SchedulerOutput:
-        """The next step's decodes and prefill chunks. `num_draft_tokens` > 0: decoding sequences may verify up to that
-        many drafts each (module doc). `offline_budget`: the most tokens offline work may
-        add to a step that also runs online sequences (`offline_token_budget`); None = what
-        the token budget leaves."""
+        """The step's decodes and prefill chunks. `num_draft_tokens` > 0: decoding sequences
+        may verify up to that many drafts each (module doc). `offline_budget`: the most
+        tokens offline work may add to a step that also runs online sequences
+        (`offline_token_budget`); None = what the token budget leaves."""
         self._max_drafts = num_draft_tokens if self.proposer is not None else 0
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
