@@ -413,6 +413,20 @@ def test_encoder_instances_join_either_topology():
         ClusterConfig(encode=-1).validate()  # fmt: skip
 
 
+def test_encode_on_decode_gives_the_decode_instances_an_encode_endpoint():
+    config = ClusterConfig(prefill=1, decode=2, encode_on="decode")
+    specs = {s.name: s for s in service_specs(config, "/m", ["--dtype", "float32"])}
+    for name in ("decode-0", "decode-1"):
+        assert "--serve-encode" in specs[name].argv
+    assert "--serve-encode" not in specs["prefill-0"].argv
+    assert not any(name.startswith("encode-") for name in specs)  # no encoder service
+    assert config.num_instances == 5  # /health waits for the two encode endpoints too
+    for bad in (ClusterConfig(encode_on="decode"), ClusterConfig(prefill=1, decode=1,
+                                                                encode_on="gateway")):  # fmt: skip
+        with pytest.raises(ValueError, match="--encode-on"):
+            bad.validate()
+
+
 def test_disaggregated_topology_and_api_key():
     config = ClusterConfig(model="/m", prefill=1, decode=2, api_key="secret")
     specs = {s.name: s for s in service_specs(config, "/m", ["--max-model-len", "512"])}

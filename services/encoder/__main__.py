@@ -8,17 +8,20 @@ import sys
 
 from services.encoder.config import EncoderConfig
 from xllm.config import LogConfig, NatsConfig, add_arguments, from_args
+from xllm.encoder.config import EncodeRoleConfig
 from xllm.service.runtime import run_service
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="xLLM encoder (vision tower)")
-    for cls in (EncoderConfig, NatsConfig, LogConfig):
+    for cls in (EncoderConfig, EncodeRoleConfig, NatsConfig, LogConfig):
         add_arguments(parser, cls)
     args = parser.parse_args(argv)
     config = from_args(EncoderConfig, args)
+    role_config = from_args(EncodeRoleConfig, args)
     try:
         config.validate()
+        role_config.validate()
     except ValueError as e:
         parser.error(str(e))
 
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         tower = await asyncio.get_running_loop().run_in_executor(
             None, VisionTower, config.model, config.dtype
         )
-        await EncoderService(config, nc, tower).serve(stop)
+        await EncoderService(config, role_config, nc, tower).serve(stop)
 
     name = f"encoder {config.instance_id}".strip()
     return run_service(name, serve, from_args(NatsConfig, args), from_args(LogConfig, args))

@@ -1,4 +1,5 @@
-"""EncoderConfig: the encoder service's options."""
+"""EncoderConfig: the encoder service's options (the encode role's own, shared with
+instances that encode too, are `xllm.encoder.config.EncodeRoleConfig`)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,6 @@ class EncoderConfig:
         "", "The model name clients use; empty = the model folder's name."
     )
     dtype: str = option("auto", "Tower dtype: auto (the checkpoint's), bfloat16, float32.")
-    max_batch_images: int = option(
-        8, "Images one vision-tower call encodes at most (requests waiting are batched)."
-    )
-    embedding_cache_mb: float = option(
-        256.0, "Megabytes of image embeddings kept (LRU, by content hash); 0 = no cache."
-    )
     transfer_host: str = option(
         "", "Address readers reach this encoder's Mooncake engine at; empty = this host's."
     )
@@ -29,9 +24,5 @@ class EncoderConfig:
     def validate(self) -> None:
         if not self.model:
             raise ValueError("--model (or XLLM_MODEL) is required")
-        if self.max_batch_images < 1:
-            raise ValueError("--max-batch-images must be at least 1")
-        if self.embedding_cache_mb < 0:
-            raise ValueError("--embedding-cache-mb cannot be negative")
         if self.heartbeat_interval <= 0:
             raise ValueError("--heartbeat-interval must be positive")

@@ -28,7 +28,13 @@ import aiohttp
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import ApiError, invalid
 from services.gateway.model import ModelInfo
-from xllm.image_processor import ImageError, grid_thw, num_image_tokens, open_image
+from xllm.image_processor import (
+    ImageError,
+    content_hash,
+    grid_thw,
+    num_image_tokens,
+    open_image,
+)
 from xllm.protocol import ImageData
 
 
@@ -71,20 +77,24 @@ async def load_images(body: dict, model: ModelInfo, config: GatewayConfig) -> li
                 "bytes (--max-request-image-bytes)",
                 param,
             )
-        num_tokens = await asyncio.to_thread(_num_tokens, data, model, config, param)
-        images.append(ImageData(data=data, num_tokens=num_tokens))
+        images.append(await asyncio.to_thread(_checked, data, model, config, param))
     return images
 
 
-def _num_tokens(data: bytes, model: ModelInfo, config: GatewayConfig, param: str) -> int:
-    """Decode (the image must be whole) and count its tokens."""
-    assert model.image_processor is not None
+def _checked(data: bytes, model: ModelInfo, config: GatewayConfig, param: str) -> ImageData:
+    """Decode (the image must be whole), count its tokens and hash its content (as the
+    engine will: the scheduler's prefix hashes then match the engine's block hashes)."""
+    processor = model.image_processor
+    assert processor is not None
     try:
         image = open_image(data, config.max_image_pixels)
-        grid = grid_thw(image.height, image.width, model.image_processor)
+        grid = grid_thw(image.height, image.width, processor)
+        digest = content_hash(image, processor)
     except ImageError as e:
         raise invalid(f"{param}: {e}", param) from None
-    return num_image_tokens(grid, model.image_processor.merge_size)
+    return ImageData(
+        data=data, num_tokens=num_image_tokens(grid, processor.merge_size), content_hash=digest
+    )
 
 
 async def _read(part: dict, param: str, config: GatewayConfig) -> bytes:

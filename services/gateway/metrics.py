@@ -139,8 +139,8 @@ INSTANCE_GAUGES += tuple(
 INSTANCE_GAUGES += tuple(
     (f"xllm_encoder_{name}", f"encoder.{name}", help)
     for name, help in (
-        ("batches", "Vision-tower batches the encoder instance ran since it started."),
-        ("images_encoded", "Images the encoder instance ran the tower on (cache misses)."),
+        ("batches", "Vision-tower calls since it started (an encoder's, or an engine's own)."),
+        ("images_encoded", "Images the tower ran on (an encoder's: its cache misses)."),
         ("encode_seconds", "Tower time of those batches (latency = this / batches)."),
         ("cache_queries", "Images asked of the encoder instance's embedding cache."),
         ("cache_hits", "Of those, found cached (hit rate = this / cache_queries)."),

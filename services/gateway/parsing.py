@@ -110,6 +110,8 @@ def parse_chat(body: dict, model: ModelInfo, images: list[ImageData] | None = No
             )
         structured = also
     prompt = chat_prompt(body, model, tools, images)
+    if images:
+        images = placed_images(prompt, model, images)
     top = json_field(body, "top_logprobs", "an integer")
     if json_field(body, "logprobs", "a boolean", False):
         logprobs = 0 if top is None else top
@@ -351,6 +353,17 @@ def expand_image_placeholders(
         )
     counts = iter(image.num_tokens for image in images)
     return [t for token in prompt for t in ([token] * next(counts) if token == pad else [token])]
+
+
+def placed_images(prompt: list[int], model: ModelInfo, images: list[ImageData]) -> list[ImageData]:
+    """`images` with the `offset` of each one's run of placeholders in the expanded `prompt`
+    (the runs are in the images' order, each `num_tokens` long)."""
+    placed, start = [], 0
+    for image in images:
+        start = prompt.index(model.image_token_id, start)
+        placed.append(dataclasses.replace(image, offset=start))
+        start += image.num_tokens
+    return placed
 
 
 def _message(message: Any, i: int, with_images: bool = False) -> dict:

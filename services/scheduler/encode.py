@@ -6,7 +6,8 @@ answers into the request's `ImageData.embedding`: the instance then reads the em
 through Mooncake and runs no vision tower. The file bytes stay in the request (a file is
 small beside its embeddings): an instance that cannot read the embeddings, because the
 encoder died since, encodes the file itself and the request still completes. An image goes to the
-encoder its content picks (a stable hash), so a repeated image meets its cached embeddings.
+encoder its content picks (the gateway's content hash, the encoder's cache key; else a hash
+of the file), so a repeated image meets its cached embeddings, whatever file it came in.
 
 No encoder, or one that fails or times out: the request keeps its bytes and the instance
 encodes them itself (EPD colocated), so the encoder only ever saves work. Images the
@@ -44,8 +45,11 @@ def pick_encoder(request: RequestSpec, snapshot: ClusterSnapshot) -> str | None:
     encoders = snapshot.candidates(request.model, ENCODE_ROLES)
     if not request.images or not encoders:
         return None
-    digest = hashlib.blake2b(request.images[0].data, digest_size=8).digest()
-    return encoders[int.from_bytes(digest, "little") % len(encoders)].instance_id
+    first = request.images[0]
+    key = first.content_hash or int.from_bytes(
+        hashlib.blake2b(first.data, digest_size=8).digest(), "little"
+    )
+    return encoders[key % len(encoders)].instance_id
 
 
 async def encode_remotely(

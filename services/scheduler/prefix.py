@@ -12,8 +12,10 @@ Two sources, and the larger counts per instance:
 
 The hash chain is computed here, from the prompt tokens and the instances' block size
 (from their heartbeats), with the engine's own `block_hashes`, so a match means the engine
-will really hit. The kvstore is an optimisation: if it does not answer within
-`timeout`, placement goes on with what `RecentPlacements` knows.
+will really hit. Images count by content, as in the engine (`hash_prompt`): two prompts
+with the same text around different images share no block from the first image on. The
+kvstore is an optimisation: if it does not answer within `timeout`, placement goes on with
+what `RecentPlacements` knows.
 """
 
 from __future__ import annotations
@@ -28,9 +30,35 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError, TimeoutError
 
 from xllm.engine.prefix_hash import block_hashes
-from xllm.protocol import DecodeError, KvMatchReply, KvMatchRequest, decode_as, encode, subjects
+from xllm.protocol import (
+    DecodeError,
+    KvMatchReply,
+    KvMatchRequest,
+    RequestSpec,
+    decode_as,
+    encode,
+    subjects,
+)
 
 log = logging.getLogger(__name__)
+
+
+def hash_prompt(request: RequestSpec) -> list[int]:
+    """The prompt as the engine's block hashes see it (`MultimodalPrompt.hash_prompt`):
+    each image's placeholders replaced by -(its content hash) - 1. An image whose hash or
+    place the gateway did not give ends the prompt there (nothing after it can match)."""
+    if not request.images:
+        return request.prompt_token_ids
+    tokens = list(request.prompt_token_ids)
+    for image in request.images:
+        if image.offset < 0:
+            return []  # where its placeholders are is unknown: none of the prompt is sure
+        if not image.content_hash:
+            return tokens[: image.offset]
+        tokens[image.offset : image.offset + image.num_tokens] = [
+            -image.content_hash - 1
+        ] * image.num_tokens
+    return tokens
 
 
 class RecentPlacements:

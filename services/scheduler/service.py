@@ -38,7 +38,7 @@ from services.scheduler.policies import (
     PlacementRequest,
     get_policy,
 )
-from services.scheduler.prefix import PrefixMatch, PrefixMatcher
+from services.scheduler.prefix import PrefixMatch, PrefixMatcher, hash_prompt
 from services.scheduler.rebalance import PLAN_INTERVAL, flip_config, rebalance
 from xllm.protocol import (
     ClusterState,
@@ -204,7 +204,7 @@ class SchedulerService:
             views = self.registry.snapshot()
             for instance_id in noted.holders:
                 block_size = views.view(instance_id).heartbeat.kv_block_size
-                self.prefix.placed(req.request.prompt_token_ids, instance_id, block_size)
+                self.prefix.placed(hash_prompt(req.request), instance_id, block_size)
 
     async def _placement_request(
         self, req: SubmitRequest, snapshot: ClusterSnapshot
@@ -215,7 +215,7 @@ class SchedulerService:
                 v.instance_id: v.heartbeat.kv_block_size
                 for v in snapshot.candidates(req.request.model, ALL_ROLES)
             }
-            match = await self.prefix.match(req.request.prompt_token_ids, candidates)
+            match = await self.prefix.match(hash_prompt(req.request), candidates)
         return placement_request(
             request_id=req.request_id,
             num_prompt_tokens=len(req.request.prompt_token_ids),

@@ -145,6 +145,15 @@ class EngineConfig:
     max_model_len: int = option(
         0, "Longest prompt + output; 0 = the model's max_position_embeddings."
     )
+    max_encode_batch: int = option(
+        4,
+        "Models that take images: images a step encodes at most, counting those its prefill "
+        "chunks reach; the room left encodes waiting requests' images ahead of their "
+        "prefill (engine/encode_ahead.py); 0 = only the images a chunk reaches.",
+    )
+    max_encode_tokens: int = option(
+        0, "Image tokens (embedding rows) one step's encodes make at most; 0 = no limit."
+    )
     enable_prefix_caching: bool = option(True, "Reuse the KV of cached prompt prefixes.")
     seed: int = option(0, "Seed of the sampler's global generator.")
     num_threads: int = option(0, "CPU threads for torch; 0 = torch's default (one per core).")
@@ -230,6 +239,8 @@ class EngineConfig:
             (self.expert_parallel_size > 0, "--expert-parallel-size must be positive"),
             (self.max_num_seqs > 0, "--max-num-seqs must be positive"),
             (self.max_num_batched_tokens > 0, "--max-num-batched-tokens must be positive"),
+            (self.max_encode_batch >= 0, "--max-encode-batch cannot be negative"),
+            (self.max_encode_tokens >= 0, "--max-encode-tokens cannot be negative"),
             (self.swap_space_gb >= 0, "--swap-space-gb cannot be negative"),
             (self.offline_step_share >= 0, "--offline-step-share cannot be negative"),
             (self.host_kv_gb >= 0 and self.disk_kv_gb >= 0, "KV tier sizes cannot be negative"),

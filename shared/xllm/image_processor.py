@@ -119,19 +119,30 @@ def open_image(data: bytes, max_pixels: int | None = None):
 
 def process_image(image, config: ImageProcessorConfig) -> ProcessedImage:
     """A Pillow image -> the vision tower's input."""
-    from PIL import Image
-
     image = image.convert("RGB")
-    h, w = smart_resize(image.height, image.width, config)
-    resized = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
-    content_hash = image_hash(resized)
+    resized = resized_pixels(image, config)
+    digest = image_hash(resized)
     pixels = resized / 255.0
     pixels = (pixels - np.asarray(config.image_mean, np.float32)) / np.asarray(
         config.image_std, np.float32
     )
     return ProcessedImage(patchify(pixels.transpose(2, 0, 1), config), grid_thw(
         image.height, image.width, config
-    ), content_hash)  # fmt: skip
+    ), digest)  # fmt: skip
+
+
+def resized_pixels(image, config: ImageProcessorConfig) -> np.ndarray:
+    """[H, W, 3] float32 RGB at the tower's size (what `image_hash` identifies an image by)."""
+    from PIL import Image
+
+    h, w = smart_resize(image.height, image.width, config)
+    rgb = image.convert("RGB")
+    return np.asarray(rgb.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+
+
+def content_hash(image, config: ImageProcessorConfig) -> int:
+    """The image's identity as the engine, the encoder and the prefix hashes see it."""
+    return image_hash(resized_pixels(image, config))
 
 
 def patchify(image: np.ndarray, config: ImageProcessorConfig) -> np.ndarray:

@@ -9,12 +9,13 @@ without the flag's folder) get a 400 with an OpenAI error body, and the cluster 
 
 from __future__ import annotations
 
-import base64
 import os
 
 import openai
 import pytest
 
+from tests.e2e import image_chat
+from tests.e2e.image_chat import data_url
 from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
 from xllm.engine.multimodal import random_image_bytes
 
@@ -26,8 +27,8 @@ SIZES = [(60, 90), (120, 50)]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir("qwen2-vl", "float32")
+def model_dir(vl_model_dir):
+    return vl_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -75,51 +76,11 @@ def client(cluster):
     return openai.OpenAI(base_url=cluster[1].base_url, api_key="unused", max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    from xllm.config import EngineConfig
-    from xllm.engine.engine import Engine
-
-    return Engine(EngineConfig(model=str(model_dir), dtype="float32", num_kv_blocks=256))
-
-
-def data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
 def chat(client, parts, **kw):
-    model = client.models.list().data[0].id
-    messages = [{"role": "user", "content": parts}]
-    return client.chat.completions.create(
-        model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
-        extra_body={"ignore_eos": True}, **kw,
-    )  # fmt: skip
+    return image_chat.chat(client, parts, MAX_TOKENS, **kw)
 
 
-def engine_alone(engine, model_dir, parts, images: list[bytes]) -> tuple[list[int], int]:
-    """(greedy tokens, prompt tokens) of our Engine in this process for the same chat."""
-    from xllm.engine.multimodal import ImageInput
-    from xllm.protocol.types import SamplingParams
-    from xllm.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer(model_dir)
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": parts}], add_generation_prompt=True
-    )
-    prompt = tokenizer.encode(text, add_special_tokens=False)
-    inputs = [ImageInput.from_bytes(data, engine.image_processor) for data in images]
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    request_id = f"alone-{len(engine.sequences)}-{id(parts)}"
-    engine.add_request(request_id, prompt, params, images=inputs)
-    num_prompt = engine.sequences[request_id][0].num_prompt_tokens
-    tokens: list[int] = []
-    while engine.has_unfinished():
-        for delta in engine.step():
-            tokens.extend(delta.token_ids)
-    return tokens, num_prompt
-
-
-def test_image_chat_equals_the_engine_alone(client, engine, model_dir, image_dir):
+def test_image_chat_equals_the_engine_alone(client, vl_engine, model_dir, image_dir):
     images = [(image_dir / f"{i}.png").read_bytes() for i in range(2)]
     parts = [
         {"type": "text", "text": "Compare"},
@@ -127,7 +88,7 @@ def test_image_chat_equals_the_engine_alone(client, engine, model_dir, image_dir
         {"type": "text", "text": "with"},
         {"type": "image_url", "image_url": {"url": (image_dir / "1.png").as_uri()}},
     ]
-    expected, num_prompt = engine_alone(engine, model_dir, parts, images)
+    expected, num_prompt = image_chat.engine_alone(vl_engine, model_dir, parts, images, MAX_TOKENS)
     response = chat(client, parts)
     from xllm.tokenizer import Tokenizer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from services.encoder.cache import EmbeddingCache
+from xllm.encoder.cache import EmbeddingCache
 
 
 def rows(n: int, value: float = 0.0) -> torch.Tensor:

@@ -18,7 +18,7 @@ from services.gateway.errors import ApiError
 from services.gateway.images import load_images
 from services.gateway.model import ModelInfo
 from services.gateway.parsing import parse_chat
-from xllm.engine.multimodal import random_image_bytes
+from xllm.engine.multimodal import ImageInput, random_image_bytes
 
 PNG = random_image_bytes(60, 90)  # 6 tokens with the tiny checkpoint's processor
 
@@ -60,6 +60,17 @@ async def test_data_and_file_urls_count_their_tokens_into_the_prompt(vl_model, c
     assert api.gen.prompt_token_ids.count(pad) == 12 and len(api.gen.images) == 2
     text_only = parse_chat(body(), vl_model)
     assert len(api.gen.prompt_token_ids) == len(text_only.gen.prompt_token_ids) + 2 * (2 + 6)
+    # Each image placed at its run and hashed as the engine hashes it (the scheduler's
+    # prefix hashes see it by content).
+    prompt = api.gen.prompt_token_ids
+    for image in api.gen.images:
+        assert (
+            prompt[image.offset - 1] != pad and prompt[image.offset : image.offset + 6] == [pad] * 6
+        )
+        assert (
+            image.content_hash == ImageInput.from_bytes(PNG, vl_model.image_processor).content_hash
+        )
+    assert api.gen.images[0].offset < api.gen.images[1].offset
 
 
 async def test_bad_images_are_refused(vl_model, config, tmp_path):

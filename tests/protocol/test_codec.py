@@ -53,7 +53,7 @@ def pack(obj) -> bytes:
 
 def test_the_envelope_is_t_v_d():
     raw = msgpack.unpackb(encode(GOOD))
-    assert raw["t"] == "generate" and raw["v"] == 6
+    assert raw["t"] == "generate" and raw["v"] == 7
     assert raw["d"]["request_id"] == "r1" and raw["d"]["request"]["sampling"]["seed"] == 7
 
 
@@ -102,8 +102,8 @@ def test_unknown_tag(tag):
 
 
 # 1: GenerateCmd v2 moved its fields into `request`, so it reads v2 and later (`oldest`);
-# 7: newer than this process knows.
-@pytest.mark.parametrize("version", [1, 7, 99, 0, -1, True, "2", 2.0, None])
+# 8: newer than this process knows.
+@pytest.mark.parametrize("version", [1, 8, 99, 0, -1, True, "2", 2.0, None])
 def test_unsupported_version(version):
     with pytest.raises(DecodeError, match="unsupported version"):
         decode(pack(envelope(v=version)))
@@ -262,5 +262,5 @@ def test_bad_version_numbers_are_refused():
 
 
 def test_versions_before_oldest_are_refused_by_name():
-    with pytest.raises(DecodeError, match=r"generate: unsupported version 1 \(known: 2\.\.6\)"):
+    with pytest.raises(DecodeError, match=r"generate: unsupported version 1 \(known: 2\.\.7\)"):
         decode(pack(envelope(v=1)))

@@ -24,6 +24,7 @@ import torch
 from xllm.config import EngineConfig
 from xllm.engine.beam_search import BeamCandidates, BeamGroup, ready_groups
 from xllm.engine.block_manager import BlockManager
+from xllm.engine.encode_ahead import EncodeAhead
 from xllm.engine.expert_balancer import ExpertBalancer
 from xllm.engine.item_trie import ItemTrie
 from xllm.engine.kv_cache import KVCache
@@ -132,6 +133,10 @@ class Engine:
         """How to turn an image into the vision tower's input (models that take images)."""
         if self.runner.multimodal:
             self.image_processor = ImageProcessorConfig.from_dir(config.model)
+            if config.max_encode_batch:
+                self.scheduler.encode_ahead = EncodeAhead(
+                    config.max_encode_batch, config.max_encode_tokens
+                )
         self.experts = ExpertBalancer.for_model(self.runner.model, config)
         """MoE models' expert placement and load (None for dense models)."""
         self.sequences: dict[str, list[Sequence]] = {}

@@ -29,6 +29,7 @@ from xllm.engine.sequence import Sequence
 from xllm.models.attention import AttentionMetadata, PagedAttention
 from xllm.models.config import ModelConfig
 from xllm.models.registry import load_model
+from xllm.protocol.stats import EncoderStats
 
 if TYPE_CHECKING:
     from xllm.engine.draft_model import DraftModel
@@ -50,6 +51,8 @@ class ModelRunner:
         self.model = load_model(config.model, model_config, dtype, device)
         self.multimodal = hasattr(self.model, "encode_images")
         """The model takes images (engine/multimodal.py); text-only steps never look."""
+        self.tower_stats = EncoderStats()
+        """The steps' vision-tower calls: `batches`, `images_encoded`, `encode_seconds`."""
         self.kv_cache = KVCache(
             model_config.num_hidden_layers,
             num_blocks,
@@ -81,8 +84,10 @@ class ModelRunner:
             self.draft.propose([i for i in items if i.draft_token_ids])
             self.draft.mirror([i for i in items if run_kind(i) == CHUNK])
         input_ids, positions, meta = self._prepare(items)
-        if self.multimodal and any(item.seq.mm is not None for item in items):
-            positions, image_embeds = model_inputs(self.model, items, positions)
+        if self.multimodal and (out.encodes or any(i.seq.mm is not None for i in items)):
+            positions, image_embeds = model_inputs(
+                self.model, items, positions, out.encodes, self.tower_stats
+            )
             hidden = self.model(input_ids, positions, meta, image_embeds)
         else:
             hidden = self.model(input_ids, positions, meta)  # [N, hidden]

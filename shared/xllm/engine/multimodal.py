@@ -21,6 +21,7 @@ Text-only requests have `Sequence.mm = None` and never reach this module.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ from xllm.image_processor import (
     process_image,
 )
 from xllm.models.qwen2_vl import mrope_positions
+from xllm.protocol.stats import EncoderStats
 from xllm.protocol.types import ImageData
 
 if TYPE_CHECKING:
@@ -168,15 +170,24 @@ def expand(prompt_token_ids: list[int], image_token_id: int, counts: list[int]) 
 
 
 def model_inputs(
-    model: torch.nn.Module, items: list[ScheduledSeq], positions: torch.Tensor
+    model: torch.nn.Module,
+    items: list[ScheduledSeq],
+    positions: torch.Tensor,
+    ahead: list[tuple[MultimodalPrompt, int]] = (),  # type: ignore[assignment]
+    stats: EncoderStats | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """The step's M-RoPE positions [3, N] (text rows: their 1-D `positions` on all three
-    axes) and the image rows with their embeddings, encoding the images first needed now.
+    axes) and the image rows with their embeddings, encoding the images first needed now
+    and the `ahead` ones (engine/encode_ahead.py) in the same tower call. A step with no
+    image prompt (only `ahead`) keeps its 1-D `positions` and no image rows. Tower calls
+    are counted in `stats`.
 
     `items` in flat-batch order (decodes first, as the runner lays them out)."""
     device = positions.device
+    _encode_needed(model, items, device, ahead, stats)
+    if not any(item.seq.mm is not None for item in items):
+        return positions, None
     rope = positions.expand(3, -1).clone()  # [3, N]
-    _encode_needed(model, items, device)
     rows: list[torch.Tensor] = []
     embeds: list[torch.Tensor] = []
     row = 0
@@ -196,9 +207,11 @@ def model_inputs(
     return rope, (torch.cat(rows).to(device), torch.cat(embeds))
 
 
-def _encode_needed(model: torch.nn.Module, items: list[ScheduledSeq], device) -> None:
+def _encode_needed(
+    model: torch.nn.Module, items: list[ScheduledSeq], device, ahead=(), stats=None
+) -> None:
     """Run the vision tower, in one call, on every image this step's chunks reach that has
-    no embeddings yet."""
+    no embeddings yet, and on the `ahead` ones."""
     needed: list[tuple[MultimodalPrompt, int]] = []  # (prompt, image index)
     for item in items:
         mm, start, n = item.seq.mm, item.seq.num_computed_tokens, item.num_new_tokens
@@ -208,16 +221,27 @@ def _encode_needed(model: torch.nn.Module, items: list[ScheduledSeq], device) ->
             overlaps = span_start < start + n and start < span_start + count
             if overlaps and mm.embeddings[k] is None:
                 needed.append((mm, k))
+    needed += [(mm, k) for mm, k in ahead if mm.embeddings[k] is None]
     if not needed:
         return
-    images = [mm.images[k] for mm, k in needed]
+    started = time.perf_counter()
+    parts = encode_images(model, [mm.images[k] for mm, k in needed], device)
+    if stats is not None:
+        stats.batches += 1
+        stats.images_encoded += len(needed)
+        stats.encode_seconds += time.perf_counter() - started
+    for (mm, k), part in zip(needed, parts, strict=True):
+        mm.embeddings[k] = part
+
+
+def encode_images(model: torch.nn.Module, images: list[ImageInput], device) -> list[torch.Tensor]:
+    """One vision-tower call on every image's pixels: each image's rows [tokens, hidden]
+    (views of one tensor)."""
     pixels = torch.cat([image.pixel_values for image in images]).to(device, model.visual.dtype)
     grids = [image.grid_thw for image in images]
     embeddings = model.encode_images(pixels, grids)  # [sum tokens, hidden]
     merge = model.vision_config.spatial_merge_size
-    sizes = [num_image_tokens(grid, merge) for grid in grids]
-    for (mm, k), part in zip(needed, embeddings.split(sizes), strict=True):
-        mm.embeddings[k] = part
+    return list(embeddings.split([num_image_tokens(grid, merge) for grid in grids]))
 
 
 def random_image_bytes(height: int, width: int, seed: int = 0, fmt: str = "PNG") -> bytes:

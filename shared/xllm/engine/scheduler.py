@@ -51,6 +51,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from xllm.engine.block_manager import BlockManager
+from xllm.engine.encode_ahead import Encode, EncodeAhead
 from xllm.engine.proposer import Proposer
 from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
 from xllm.engine.speculation import draft_room
@@ -79,6 +80,8 @@ class SchedulerOutput:
     """(device block, host block) copies to run before the forward pass."""
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     """(host block, device block) copies to run before the forward pass."""
+    encodes: list[Encode] = field(default_factory=list)
+    """Images of prompts this step does not reach yet, encoded ahead (encode_ahead.py)."""
 
     @property
     def num_tokens(self) -> int:
@@ -118,8 +121,12 @@ class Scheduler:
         self.num_swapped_out_blocks = 0
         self.num_swapped_in_blocks = 0
         self._max_drafts = 0  # this step's k (see schedule)
+        self.encode_ahead: EncodeAhead | None = None
+        """Set by the engine for models that take images (None: text, or no budget)."""
 
     def add(self, seq: Sequence) -> None:
+        if seq.mm is not None and self.encode_ahead is not None:
+            self.encode_ahead.add(seq)
         self._enqueue(seq)
 
     def has_unfinished(self) -> bool:
@@ -178,10 +185,17 @@ class Scheduler:
     def schedule(
         self, num_draft_tokens: int = 0, offline_budget: int | None = None
     ) -> SchedulerOutput:
-        """The next step. `num_draft_tokens` > 0: decoding sequences may verify up to that
-        many drafts each (module doc). `offline_budget`: the most tokens offline work may
-        add to a step that also runs online sequences (`offline_token_budget`); None = what
-        the token budget leaves."""
+        """The next step: decodes, prefill chunks (`_schedule_step`), then pending encodes."""
+        out = self._schedule_step(num_draft_tokens, offline_budget)
+        if self.encode_ahead is not None and out.scheduled:  # the step's third part
+            out.encodes = self.encode_ahead.plan(out)
+        return out
+
+    def _schedule_step(self, num_draft_tokens: int, offline_budget: int | None) -> SchedulerOutput:
+        """The step's decodes and prefill chunks. `num_draft_tokens` > 0: decoding sequences
+        may verify up to that many drafts each (module doc). `offline_budget`: the most
+        tokens offline work may add to a step that also runs online sequences
+        (`offline_token_budget`); None = what the token budget leaves."""
         self._max_drafts = num_draft_tokens if self.proposer is not None else 0
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens

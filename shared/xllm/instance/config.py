@@ -19,6 +19,11 @@ class InstanceConfig:
     served_model_name: str = option(
         "", "The model name clients use; empty = the model folder's name."
     )
+    serve_encode: bool = option(
+        False,
+        "Also serve the encode role (hybrid EPD's ED+P): EncodeRequests for endpoint "
+        "`<instance-id>-encode`, run on this instance's own vision tower and engine thread.",
+    )
     heartbeat_interval: float = option(0.25, "Seconds between load heartbeats.")
     kv_events_interval: float = option(
         0.2, "Seconds between batches of KV cache events sent to the kvstore."

@@ -48,5 +48,14 @@ def build_heartbeat(
         transfer=stats_snapshot(transport.stats) if transport else KvTransferStats(),
         tiers=engine.tier_stats(),
         experts=engine.expert_stats(),
-        encoder=copy.copy(images.stats) if images else EncoderStats(),
+        encoder=encoder_stats(engine, images),
     )
+
+
+def encoder_stats(engine: Engine, images: ImageInputs | None) -> EncoderStats:
+    """The embeddings this instance read (`images`) and its engine's own tower calls."""
+    stats = copy.copy(images.stats) if images else EncoderStats()
+    tower = engine.runner.tower_stats
+    stats.batches, stats.images_encoded = tower.batches, tower.images_encoded
+    stats.encode_seconds = tower.encode_seconds
+    return stats

@@ -49,7 +49,7 @@ class ImageInputs:
                 out.extend(decode_images([image], config) or [])
                 continue
             try:
-                embeddings = self._exchange_engine().fetch(ref, self.stats)
+                embeddings = self.exchange().fetch(ref, self.stats)
             except KvTransferError as exc:
                 log.warning("embeddings at %s unreadable (%s): encoding here", ref.endpoint, exc)
                 self.stats.fetch_failures += 1
@@ -59,7 +59,8 @@ class ImageInputs:
             out.append(ImageInput(grid, embeddings=embeddings, content_hash=ref.content_hash))  # type: ignore[arg-type]
         return out
 
-    def _exchange_engine(self):
+    def exchange(self):
+        """This process's Mooncake engine for embeddings (reads, and an encode role's refs)."""
         if self._exchange is None:
             from xllm.kv_transfer.embeddings import EmbeddingExchange
 

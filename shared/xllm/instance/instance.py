@@ -35,9 +35,11 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
+from xllm.encoder.config import EncodeRoleConfig
 from xllm.engine.engine import Engine
 from xllm.instance.config import InstanceConfig
 from xllm.instance.early_aborts import EarlyAborts
+from xllm.instance.encode_role import encode_role_tasks
 from xllm.instance.heartbeat import build_heartbeat
 from xllm.instance.images import ImageInputs
 from xllm.instance.kv_events import KvEventPublisher
@@ -116,9 +118,11 @@ class Instance:
         nc: NATS,
         executor: ThreadPoolExecutor | None = None,
         open_transport: OpenTransport | None = None,
+        encode_config: EncodeRoleConfig | None = None,
     ):
         """`open_transport` registers the engine's KV pool for PD transfers; None = the
-        backend `config.kv_transfer_backend` names."""
+        backend `config.kv_transfer_backend` names. `encode_config`: the encode role's
+        options, with `config.serve_encode`."""
         config.validate()
         self.config = config
         self.engine = engine
@@ -165,6 +169,7 @@ class Instance:
             self.early_aborts,
             self.images,
         )
+        self.encode_config = encode_config or EncodeRoleConfig()
         self.handlers = self._handler_table()
         """The one dispatch: every queued message is applied by the handler of its type."""
 
@@ -207,6 +212,7 @@ class Instance:
             asyncio.create_task(self._heartbeats(stop)),
             asyncio.create_task(self._loop(stop)),
             asyncio.create_task(self._kv_event_flusher(stop)),
+            *(encode_role_tasks(self, stop) if self.config.serve_encode else ()),
         ]
         log.info("instance %s (%s) serving %s", self.instance_id, self.role, self.model_name)
         await stop.wait()

@@ -7,19 +7,21 @@ import asyncio
 import dataclasses
 
 from xllm.config import EngineConfig, LogConfig, NatsConfig, add_arguments, from_args
+from xllm.encoder.config import EncodeRoleConfig
 from xllm.instance.config import InstanceConfig
 from xllm.service.runtime import run_service
 
 
 def main(default_role: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=f"xLLM instance (default role: {default_role})")
-    for cls in (InstanceConfig, EngineConfig, NatsConfig, LogConfig):
+    for cls in (InstanceConfig, EngineConfig, EncodeRoleConfig, NatsConfig, LogConfig):
         add_arguments(parser, cls)
     args = parser.parse_args(argv)
     instance_config = from_args(InstanceConfig, args)
     if not instance_config.role:
         instance_config = dataclasses.replace(instance_config, role=default_role)
     engine_config = from_args(EngineConfig, args)
+    encode_config = from_args(EncodeRoleConfig, args)
     if not engine_config.model:
         parser.error("--model (or XLLM_MODEL) is required")
 
@@ -33,7 +35,8 @@ def main(default_role: str, argv: list[str] | None = None) -> int:
         executor = engine_thread()
         engine = await loop.run_in_executor(executor, Engine, engine_config)
         transport = default_transport(instance_config)  # opened once a PD role needs it
-        await Instance(instance_config, engine, nc, executor, transport).serve(stop)
+        instance = Instance(instance_config, engine, nc, executor, transport, encode_config)
+        await instance.serve(stop)
 
     name = f"instance {instance_config.instance_id or ''}".strip()
     return run_service(name, serve, from_args(NatsConfig, args), from_args(LogConfig, args))

@@ -7,7 +7,7 @@ reads the bytes with a one-sided read into memory of its own. Reading (rather th
 encoder writing into a reservation, as KV blocks do) keeps the encode step to one round
 trip: the reader allocates when it knows the size, and the encoder runs no code per read.
 The encoder keeps an entry registered for a grace period after evicting it
-(`services.encoder.cache`), so a read of a ref just handed out never meets freed memory.
+(`xllm.encoder.cache`), so a read of a ref just handed out never meets freed memory.
 
 Counting: the encoder counts the bytes it handed out, the reader the bytes it read; tests
 compare the two. Same P2P handshake as `mooncake.py` (no metadata server).

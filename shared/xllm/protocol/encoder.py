@@ -16,7 +16,8 @@ from xllm.protocol.errors import ErrorInfo
 from xllm.protocol.types import EmbeddingRef, ImageData
 
 
-@message("encode", version=1)
+# v2: `images[].content_hash`, `.offset`.
+@message("encode", version=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EncodeRequest:
     """scheduler → encoder instance: encode these images (the ones of `request_id`)."""

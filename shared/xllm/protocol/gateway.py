@@ -18,10 +18,11 @@ from xllm.protocol.instance import Heartbeat
 from xllm.protocol.types import RequestSpec
 
 
+# v8: `request.images[].content_hash`, `.offset` (prefix hashes see images).
 # v7: `request.images[].embedding` (an encoder made it). v6: `request.images`. v5: `request.sampling` beam search fields (use_beam_search, ...).
 # v4: `request.sampling.structured` (a grammar). v3: prompt, sampling, priority and model
 # moved into `request` (v2 is not read).
-@message("submit", version=7, oldest=3)
+@message("submit", version=8, oldest=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitRequest:
     """gateway → scheduler: place this request and start it."""

@@ -38,10 +38,11 @@ from xllm.protocol.stats import (
 from xllm.protocol.types import Logprob, RequestSpec, Role
 
 
+# v7: `request.images[].content_hash`, `.offset`.
 # v6: `request.images[].embedding`. v5: `request.images`. v4: `request.sampling` beam search fields (use_beam_search, ...).
 # v3: `request.sampling.structured` (a grammar). v2: prompt, sampling and priority moved
 # into `request` (v1 is not read).
-@message("generate", version=6, oldest=2)
+@message("generate", version=7, oldest=2)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerateCmd:
     """scheduler → instance: run a request from prompt to finish and stream its tokens on
@@ -53,10 +54,11 @@ class GenerateCmd:
     """The prompt and how to sample it; checked again by the instance against its model."""
 
 
+# v8: `request.images[].content_hash`, `.offset`.
 # v7: `request.images[].embedding`. v6: `request.images`. v5: `request.sampling` beam search fields (use_beam_search, ...).
 # v4: `request.sampling.structured` (a grammar). v3: prompt, sampling and priority moved
 # into `request` (v2 is not read).
-@message("decode", version=7, oldest=3)
+@message("decode", version=8, oldest=3)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DecodeCmd:
     """scheduler → decode instance: decode a request that `prefill_instance_id` prefills.
@@ -76,10 +78,11 @@ class DecodeCmd:
     run (`InstanceLost.started_at`)."""
 
 
+# v9: `request.images[].content_hash`, `.offset`.
 # v8: `request.images[].embedding`. v7: `request.images`. v6: `request.sampling` beam search fields (use_beam_search, ...).
 # v5: `request.sampling.structured` (a grammar). v4: the KV peer's layout nested (v3);
 # prompt, sampling and priority moved into `request`.
-@message("prefill", version=8, oldest=4)
+@message("prefill", version=9, oldest=4)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrefillCmd:
     """decode instance → prefill instance: prefill this prompt, stream the first token to the

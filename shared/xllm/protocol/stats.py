@@ -219,7 +219,9 @@ class ExpertStats:
 
 @dataclass(slots=True, kw_only=True)
 class EncoderStats:
-    """An encoder instance (`services.encoder`): cumulative since it started."""
+    """An encoder instance (`services.encoder`, or an instance's encode endpoint): cumulative
+    since it started. On an instance that runs prompts: the embeddings it read, and its
+    engine's own tower calls in `batches`, `images_encoded` and `encode_seconds`."""
 
     batches: int = 0
     """Vision-tower calls (each encodes up to `--max-batch-images` images)."""

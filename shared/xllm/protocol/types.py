@@ -298,6 +298,12 @@ class ImageData:
     embedding: EmbeddingRef | None = None
     """Set by the scheduler when an encoder instance made the image's embeddings: the
     instance reads them out of band (Mooncake) instead of running the vision tower."""
+    content_hash: int = 0
+    """The image's content hash as the engine computes it (`image_processor.image_hash` of
+    the resized pixels), set by the gateway: the scheduler's prefix hashes see the image's
+    placeholders as the engine's block hashes do; 0 = unknown (they stop at the image)."""
+    offset: int = -1
+    """Index of the image's first placeholder in `prompt_token_ids`; -1 = unknown."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

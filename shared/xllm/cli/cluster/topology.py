@@ -13,6 +13,9 @@
   flags (`engine_args`) go to every instance;
 * `--encode N` (hybrid EPD): N × `python -m services.encoder --instance-id encode-<i>`
   (the vision tower in the instances' `--dtype`), beside either of the above;
+* `--encode-on decode` (ED+P; or `prefill`): those instances get `--serve-encode`, an
+  encode endpoint `<id>-encode` in their own process. Without encoders or `--encode-on`,
+  disaggregated prefill instances encode their own requests' images (EP+D);
 * `python -m services.gateway --model DIR --host H --port PORT [--max-model-len N]` (the
   context length when the instances were given one; the API key, if any, in
   `XLLM_API_KEY`, so that it does not show in `ps`).
@@ -51,6 +54,12 @@ class ClusterConfig(SloConfig):
     decode: int = option(0, "Decode instances (PD-disaggregated; give --prefill too).")
     encode: int = option(
         0, "Encoder instances (vision tower only, hybrid EPD): image requests encode there."
+    )
+    encode_on: str = option(
+        "",
+        "Instances that serve the encode role too (hybrid EPD without encoder services): "
+        "decode (ED+P) or prefill; empty = none (prefill instances encode their own "
+        "requests' images: EP+D).",
     )
     policy: str = option("cache-aware", "The scheduler's placement policy.")
     slo_admission: float = option(
@@ -96,6 +105,11 @@ class ClusterConfig(SloConfig):
             ),
             (self.prefill >= 0 and self.decode >= 0, "--prefill/--decode cannot be negative"),
             (self.encode >= 0, "--encode cannot be negative"),
+            (self.encode_on in ENCODE_ON, "--encode-on must be decode, prefill or empty"),
+            (
+                not self.encode_on or self.prefill > 0,
+                "--encode-on needs PD-disaggregated instances (--prefill P --decode D)",
+            ),
             (self.instances > 0, "--instances must be positive"),
             (0 < self.port < 65536, "--port must be in 1..65535"),
             (self.ready_timeout > 0, "--ready-timeout must be positive"),
@@ -109,7 +123,8 @@ class ClusterConfig(SloConfig):
     @property
     def num_instances(self) -> int:
         prompt_instances = self.prefill + self.decode if self.prefill or self.decode else None
-        return (prompt_instances or self.instances) + self.encode
+        encode_endpoints = {"decode": self.decode, "prefill": self.prefill}.get(self.encode_on, 0)
+        return (prompt_instances or self.instances) + self.encode + encode_endpoints
 
     @property
     def client_host(self) -> str:
@@ -160,6 +175,8 @@ def service_specs(
     else:
         instances = [("decode", f"inst-{i}", ("--role", "both")) for i in range(config.instances)]
     for service, instance_id, role_args in instances:
+        if service == config.encode_on:  # ED+P: its own tower also serves encodes
+            role_args = (*role_args, "--serve-encode")
         argv = module(service, "--instance-id", instance_id, *role_args, *engine_args)
         specs.append(ProcessSpec(instance_id, argv))
     for i in range(config.encode):  # the vision tower in the instances' dtype
@@ -174,6 +191,9 @@ def service_specs(
     specs.append(ProcessSpec("gateway", module("gateway", *gateway_args), gateway_env))
     return specs
 
+
+ENCODE_ON = ("", "decode", "prefill")
+"""`--encode-on` values: which PD role's instances serve the encode role too."""
 
 SCHEDULER_OPTIONS = (
     "slo_ttft",
