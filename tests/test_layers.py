@@ -26,7 +26,7 @@ LAYERS = [
     ("base", ("xllm.protocol", "xllm.config", "xllm.platform", "xllm")),
     ("model", ("xllm.models", "xllm.ops", "xllm.tokenizer")),
     ("engine", ("xllm.engine",)),
-    ("runtime", ("xllm.kv_transfer", "xllm.service")),
+    ("runtime", ("xllm.kv_transfer", "xllm.service", "xllm.encoder")),
     ("programs", ("xllm.instance", "xllm.llm")),
     ("services", ("services",)),
     ("tooling", ("xllm.cli", "services.scheduler.sim")),
