@@ -100,7 +100,6 @@ class EngineBench:
         """Queue a random prompt of `num_tokens`; its first `computed` tokens count as
         prefilled already. Their KV slots keep whatever the pool held: a step's time does not
         depend on the values, and skipping those prefills saves minutes per shape on a CPU."""
-        from xllm.engine.sequence import SequenceStatus
         from xllm.protocol.types import SamplingParams
 
         rid = f"cal-{next(self._ids)}"
@@ -108,15 +107,22 @@ class EngineBench:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         self.engine.add_request(rid, prompt, params)
         if computed:
-            scheduler = self.engine.scheduler
-            seq = self.engine.sequences[rid][0]
-            if not scheduler.block_manager.allocate(seq, computed):
-                raise RuntimeError("calibration KV pool too small for this shape")
-            scheduler.waiting.remove(seq)
-            seq.num_computed_tokens = computed
-            seq.status = SequenceStatus.RUNNING
-            scheduler.running.append(seq)
+            self._run_as_prefilled(rid, computed)
         return rid
+
+    def _run_as_prefilled(self, rid: str, computed: int) -> None:
+        """Move request `rid` from waiting to running with its first `computed` tokens
+        counted as prefilled (their KV slots allocated, not written)."""
+        from xllm.engine.sequence import SequenceStatus
+
+        scheduler = self.engine.scheduler
+        seq = self.engine.sequences[rid][0]
+        if not scheduler.block_manager.allocate(seq, computed):
+            raise RuntimeError("benchmark KV pool too small for this shape")
+        scheduler.waiting.remove(seq)
+        seq.num_computed_tokens = computed
+        seq.status = SequenceStatus.RUNNING
+        scheduler.running.append(seq)
 
     def _timed_step(self) -> tuple[StepShape, float]:
         scheduler = self.engine.scheduler

@@ -47,7 +47,6 @@ class EpdBench(cal.EngineBench):
         return self._images[key]
 
     def _add_image(self, image: ImageInput) -> str:
-        from xllm.engine.sequence import SequenceStatus
         from xllm.protocol.types import SamplingParams
 
         rid = f"epd-{next(self._ids)}"
@@ -55,14 +54,8 @@ class EpdBench(cal.EngineBench):
         fresh = replace(image, embeddings=None)  # the step must encode it
         self.engine.add_request(rid, [self.image_token_id, 11], params, images=[fresh])
         seq = self.engine.sequences[rid][0]
-        computed = seq.num_tokens - 2  # the chunk: the last image token and the text token
-        scheduler = self.engine.scheduler
-        if not scheduler.block_manager.allocate(seq, computed):
-            raise RuntimeError("profiler KV pool too small for this shape")
-        scheduler.waiting.remove(seq)
-        seq.num_computed_tokens = computed
-        seq.status = SequenceStatus.RUNNING
-        scheduler.running.append(seq)
+        # The chunk: the last image token and the text token.
+        self._run_as_prefilled(rid, seq.num_tokens - 2)
         return rid
 
     def step_seconds(
