@@ -102,6 +102,16 @@ def test_service_wiring(name):
     assert service["command"][:2] == ["python", "-m"]
 
 
+def test_decode_instances_take_the_expert_parallel_size():
+    """The knob is an engine option's variable, off (1) unless set (each decode container
+    is then one instance of that many rank processes)."""
+    from xllm.config import EngineConfig, env_name
+
+    assert "expert_parallel_size" in EngineConfig.__dataclass_fields__
+    env = _environment(_compose()["services"]["decode"])
+    assert env[env_name("expert_parallel_size")] == "${XLLM_EXPERT_PARALLEL_SIZE:-1}"
+
+
 def test_dockerfile_pins_the_makefiles_torch():
     dockerfile = (REPO / "Dockerfile").read_text()
     makefile = (REPO / "Makefile").read_text()

@@ -660,3 +660,15 @@ def test_kv_store_needs_a_host_tier_for_the_instances(monkeypatch):
         serving_cluster(ClusterConfig(model="/m", kv_store=True))
     cluster = serving_cluster(ClusterConfig(model="/m", kv_store=True), ["--host-kv-gb", "1"])
     assert cluster.kv_store and cluster.kv_store_master is None  # embedded, at start
+
+
+def test_expert_parallel_instances_are_colocated_and_one_process_each(capsys):
+    ep = ["--expert-parallel-size", "2"]
+    with pytest.raises(ValueError, match="PD-colocated"):
+        serving_cluster(ClusterConfig(model="/m", prefill=1, decode=1), ep)
+    assert cli_main(["up", "--model", "/m", "--prefill", "1", "--decode", "1", *ep]) == 2
+    assert "PD-colocated" in capsys.readouterr().err
+    cluster = serving_cluster(ClusterConfig(model="/m", instances=2), ep)
+    instances = [s for s in cluster.specs if s.name.startswith("inst-")]
+    assert len(instances) == 2  # rank 0 starts its follower: one process to supervise each
+    assert all(list(s.argv[-2:]) == ep for s in instances)

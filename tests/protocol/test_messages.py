@@ -35,6 +35,7 @@ from xllm.protocol import (
     decode,
     encode,
     encoder,
+    expert_group,
     gateway,
     instance,
     kv,
@@ -107,7 +108,7 @@ def test_every_message_round_trips(tag, entry, data):
 
 def test_every_protocol_module_is_covered():
     """Each message module registers at least one message, and all are in the registry."""
-    modules = {encoder, gateway, instance, kv, stream}
+    modules = {encoder, expert_group, gateway, instance, kv, stream}
     registered = {cls.__module__ for cls, _ in registry().values()}
     assert registered == {m.__name__ for m in modules}
 
@@ -179,7 +180,8 @@ def _undocumented_fields(module: types.ModuleType) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "module", [encoder, gateway, instance, kv, kv_peer, stream, value_types, errors_module]
+    "module",
+    [encoder, expert_group, gateway, instance, kv, kv_peer, stream, value_types, errors_module],
 )
 def test_every_field_has_a_docstring(module):
     assert _undocumented_fields(module) == []

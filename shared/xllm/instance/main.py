@@ -1,10 +1,16 @@
-"""The instance program: `python -m services.prefill` / `python -m services.decode` run this."""
+"""The instance program: `python -m services.prefill` / `python -m services.decode` run this.
+
+With `--expert-parallel-size N` > 1 this process is rank 0 of an instance made of N
+processes: it starts the other ranks itself (xllm.instance.expert_group) and serves them
+in lockstep; the instance fails (exit 1) when the group does.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import sys
 
 from xllm.config import EngineConfig, LogConfig, NatsConfig, add_arguments, from_args
 from xllm.encoder.config import EncodeRoleConfig
@@ -12,10 +18,17 @@ from xllm.instance.config import InstanceConfig
 from xllm.service.runtime import run_service
 
 
-def main(default_role: str, argv: list[str] | None = None) -> int:
+def instance_parser(default_role: str) -> argparse.ArgumentParser:
+    """The instance's command line (expert-parallel followers parse the same one)."""
     parser = argparse.ArgumentParser(description=f"xLLM instance (default role: {default_role})")
     for cls in (InstanceConfig, EngineConfig, EncodeRoleConfig, NatsConfig, LogConfig):
         add_arguments(parser, cls)
+    return parser
+
+
+def main(default_role: str, argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = instance_parser(default_role)
     args = parser.parse_args(argv)
     instance_config = from_args(InstanceConfig, args)
     if not instance_config.role:
@@ -24,6 +37,13 @@ def main(default_role: str, argv: list[str] | None = None) -> int:
     encode_config = from_args(EncodeRoleConfig, args)
     if not engine_config.model:
         parser.error("--model (or XLLM_MODEL) is required")
+    if engine_config.expert_parallel_size > 1:
+        from xllm.instance.expert_group import check_supported
+
+        try:
+            check_supported(instance_config.role, instance_config.serve_encode, engine_config)
+        except ValueError as e:
+            parser.error(str(e))
 
     async def serve(nc, stop: asyncio.Event) -> None:
         from xllm.engine.engine import Engine
@@ -33,6 +53,16 @@ def main(default_role: str, argv: list[str] | None = None) -> int:
         # Loading weights takes seconds: off the loop, so NATS keeps its connection alive,
         # and on the thread that will run the steps.
         executor = engine_thread()
+        if engine_config.expert_parallel_size > 1:
+            from xllm.instance.expert_group import serve_group
+
+            transport = default_transport(instance_config)
+
+            def instance_of(engine) -> Instance:
+                return Instance(instance_config, engine, nc, executor, transport, encode_config)
+
+            await serve_group(engine_config, argv, executor, stop, instance_of)
+            return
         engine = await loop.run_in_executor(executor, Engine, engine_config)
         transport = default_transport(instance_config)  # opened once a PD role needs it
         instance = Instance(instance_config, engine, nc, executor, transport, encode_config)

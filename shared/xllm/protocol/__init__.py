@@ -8,6 +8,8 @@
     gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
     instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
     encoder.py    EncodeRequest, EncodeReply (descriptors of embeddings; bytes go by Mooncake)
+    expert_group.py  ExpertGroupStep: an expert-parallel instance's rank 0 → its followers
+                  (over torch.distributed, not NATS)
     stream.py     TokenDelta, FinishReason, DraftCounts
     kv_peer.py    KvPeer, KvLayout (a KV pool as a write target, inside PrefillCmd)
     stats.py      LoadStats, KvCacheStats, StepStats, PreemptionStats, SpeculationStats,
@@ -31,6 +33,7 @@ from xllm.protocol.errors import (
     RequestRejected,
     http_status,
 )
+from xllm.protocol.expert_group import ExpertGroupStep, GroupRequest
 from xllm.protocol.gateway import (
     ClusterState,
     ClusterStateRequest,
@@ -86,9 +89,11 @@ __all__ = [
     "EncoderStats",
     "ErrorCode",
     "ErrorInfo",
+    "ExpertGroupStep",
     "ExpertStats",
     "FinishReason",
     "GenerateCmd",
+    "GroupRequest",
     "Heartbeat",
     "ImageData",
     "InstanceLost",

@@ -10,7 +10,8 @@
 * PD-colocated: `--instances N` × `python -m services.decode --instance-id inst-<i> --role both`;
   disaggregated (`--prefill P --decode D`): P × `python -m services.prefill --instance-id
   prefill-<i>` and D × `python -m services.decode --instance-id decode-<i>`; extra engine
-  flags (`engine_args`) go to every instance;
+  flags (`engine_args`) go to every instance (with `--expert-parallel-size N`, each
+  instance process starts its N-1 follower ranks itself: still one process to supervise);
 * `--encode N` (hybrid EPD): N × `python -m services.encoder --instance-id encode-<i>`
   (the vision tower in the instances' `--dtype`), beside either of the above;
 * `--encode-on decode` (ED+P; or `prefill`): those instances get `--serve-encode`, an
@@ -239,6 +240,9 @@ def serving_cluster(config: ClusterConfig, engine_args: Sequence[str] = ()) -> C
         and not os.environ.get("XLLM_HOST_KV_GB")
     ):
         raise ValueError("--kv-store needs --host-kv-gb for the instances (blocks land there)")
+    expert_parallel = _flag_value(engine_args, "--expert-parallel-size")
+    if expert_parallel and int(expert_parallel[1]) > 1 and (config.prefill or config.encode_on):
+        raise ValueError("--expert-parallel-size > 1 serves PD-colocated instances only")
     model = Path(config.model).resolve() if config.model else demo_model(config.cache_dir)
     return Cluster(
         service_specs(config, model, engine_args),

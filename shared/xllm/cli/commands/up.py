@@ -14,7 +14,10 @@ SIGKILL; a second Ctrl-C skips the wait), NATS and Valkey last.
 Engine flags (`--dtype`, `--kv-cache-gb`, `--max-num-seqs`, `--max-model-len`,
 `--num-threads`, `--swap-space-gb`, `--speculative`, `--num-speculative-tokens`, `--ngram-max`,
 `--ngram-min`, `--suffix-max-match`, `--suffix-min-probability`, `--suffix-cache-nodes`,
-`--draft-model`, `--speculative-adaptive`) are forwarded to every instance when given.
+`--draft-model`, `--speculative-adaptive`, `--expert-parallel-size`, `--num-redundant-experts`,
+`--eplb-interval`) are forwarded to every instance when given. With `--expert-parallel-size
+N` each instance is N processes (its rank 0 starts the others and is the one supervised:
+the group is restarted whole).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ ENGINE_FLAGS = (
     ("--suffix-cache-nodes", int, "size of the suffix proposer's trie of recent outputs"),
     ("--draft-model", str, "draft model folder for --speculative draft (same vocabulary)"),
     ("--speculative-adaptive", str, "true: speculate only when it pays (default); false: always"),
+    ("--expert-parallel-size", int, "MoE: rank processes per instance, the experts split over"),
+    ("--num-redundant-experts", int, "MoE: extra expert slots per layer for hot experts (EPLB)"),
+    ("--eplb-interval", int, "MoE: steps per expert-load window (EPLB re-placement)"),
 )
 
 
@@ -154,6 +160,9 @@ def _run(args: argparse.Namespace) -> int:
         cluster = serving_cluster(config, engine_args(args))
     except KeyboardInterrupt:  # while making the demo model: nothing runs yet
         return 130
+    except ValueError as e:  # options that do not go together (engine flags included)
+        print(f"xllm up: {e}", file=sys.stderr)
+        return 2
     _on_stop_signals(_stop_handler(cluster))
     try:
         return _serve(cluster, config)
