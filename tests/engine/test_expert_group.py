@@ -3,8 +3,9 @@
 Rank 0 (a subprocess running this module) starts its follower as an instance does
 (`spawn_followers`: the real follower program, parsing the instance's arguments) and drives
 its `GroupLeader` the way the instance loop does: requests arriving between steps, one
-prompt too long for the inline header (the spill path), an abort mid-decode, and an idle
-spell the keep-alives bridge. Its outputs equal one process running the same schedule; the
+offline prompt too long for the inline header (the spill path; its chunks are sized by
+rank 0's measured step times, which the followers must schedule by too), an abort
+mid-decode, and an idle spell the keep-alives bridge. Its outputs equal one process running the same schedule; the
 follower, which checks every step's output digest against rank 0's, exits 0 on the stop
 message. A follower killed while rank 0 idles makes the next step raise `GroupBroken`
 (and `failure()` name it) instead of hanging.
@@ -32,6 +33,8 @@ LONG_PROMPT = 1500  # tokens of 3 msgpack bytes each: over HEADER_BYTES
 def engine_args(model_dir: str, ep: bool) -> list[str]:
     args = ["--model", model_dir, "--dtype", "float32", "--num-kv-blocks", "256"]
     args += ["--num-threads", "1", "--max-model-len", "2048"]
+    # Offline chunks of tens of tokens (priced by each rank's clock, they would differ).
+    args += ["--offline-step-share", "5"]
     if ep:
         args += ["--expert-parallel-size", "2", "--num-redundant-experts", "4"]
         args += ["--eplb-interval", "6"]
@@ -46,8 +49,9 @@ def prompts() -> list[list[int]]:
 
 
 def drive(engine, idle: float = 0.0) -> dict[str, list[int]]:
-    """The schedule both sides run: "0" and "1" first, "2" (long) after 2 steps, "1"
-    aborted after 5, an idle spell once the rest finished, then "3" alone."""
+    """The schedule both sides run: "0", then "1", then "2" (long and offline: while "0"
+    and "1" decode, its prompt goes in chunks priced by measured step times), "1" aborted
+    after 7 steps, an idle spell once the rest finished, then "3" alone."""
     batch = prompts()
     outputs: dict[str, list[int]] = {}
 
@@ -56,10 +60,11 @@ def drive(engine, idle: float = 0.0) -> dict[str, list[int]]:
             outputs.setdefault(delta.request_id, []).extend(delta.token_ids)
 
     engine.add_request("0", batch[0], greedy(NEW_TOKENS))
-    engine.add_request("1", batch[1], greedy(NEW_TOKENS))
-    for i in range(5):
-        if i == 2:
-            engine.add_request("2", batch[2], greedy(NEW_TOKENS))
+    for i in range(7):
+        if i == 1:  # a prefill after the first step: its cost per token is measured
+            engine.add_request("1", batch[1], greedy(NEW_TOKENS))
+        if i == 4:  # after plain decode steps, measured too: the offline budget is set
+            engine.add_request("2", batch[2], greedy(NEW_TOKENS), priority=1)
         step()
     assert engine.abort_request("1")
     while engine.has_unfinished():

@@ -6,8 +6,9 @@ Owns every MoE layer's `FusedExperts` (models/moe.py) after loading:
   with R ranks): each rank computes its share of the slots and the layer output is summed
   over ranks; every rank runs the same steps on the same tokens (replicated attention), so
   they decide the same placements from the same counts. The ranks' engines must be fed the
-  same requests in the same order and schedule alike: schedules that depend on measured
-  time (the offline budget, adaptive speculation) are not broadcast from one rank yet;
+  same requests in the same order and schedule alike: a served expert-parallel instance
+  (xllm.instance.expert_group) sends its followers rank 0's commands and the step times
+  the offline budget is priced by; adaptive speculation is not served there;
 * load: the layers count (token, choice) pairs per expert and per slot in counter tensors
   every forward pass; this reads them once per balancing window, never per token;
 * EPLB (`--num-redundant-experts` > 0; `--eplb-interval` N > 0): every N steps the window's

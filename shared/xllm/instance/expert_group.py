@@ -21,9 +21,10 @@ with an error (exit code 1), and the supervisor (`xllm up`) restarts the instanc
 starts fresh followers. Followers die with rank 0 (PR_SET_PDEATHSIG on Linux, and a failed
 collective otherwise) and ignore SIGTERM/SIGINT: rank 0 tells them when to stop.
 
-Not served by an expert-parallel instance yet (rejected, or refused at start-up by
-`check_supported`): PD roles, images, offline requests (their step budget is timed, and
-times differ per rank), speculative decoding (adaptive) and KV tiers (loads finish in time).
+Offline requests are: their step budget is priced by measured step times, so each message
+carries rank 0's, which the followers schedule by. Not served by an expert-parallel
+instance yet (rejected, or refused at start-up by `check_supported`): PD roles, images,
+speculative decoding (its adaptive switch is timed too) and KV tiers (loads finish in time).
 """
 
 from __future__ import annotations
@@ -198,12 +199,13 @@ class GroupLeader:
         """`Engine.add_request`, recorded for the followers once the engine accepted it."""
         if prefill_only or images:
             raise ValueError("PD prefill and images are not served by an expert-parallel instance")
-        if priority:
-            raise ValueError("offline requests are not served by an expert-parallel instance yet")
         self._engine.add_request(request_id, prompt_token_ids, params, priority=priority)
         self._added.append(
             GroupRequest(
-                request_id=request_id, sampling=params, prompt_token_ids=list(prompt_token_ids)
+                request_id=request_id,
+                prompt_token_ids=list(prompt_token_ids),
+                sampling=params,
+                priority=priority,
             )
         )
 
@@ -217,8 +219,13 @@ class GroupLeader:
         with self._lock:
             if self.broken:
                 raise GroupBroken(self.broken)
+            engine = self._engine
             msg = ExpertGroupStep(
-                added=self._added, aborted=self._aborted, outputs_digest=self._digest
+                added=self._added,
+                aborted=self._aborted,
+                outputs_digest=self._digest,
+                decode_step_seconds=engine.decode_step_seconds,
+                prefill_seconds_per_token=engine.step_stats.recent_prefill_seconds_per_token,
             )
             self._added, self._aborted = [], []
             try:
@@ -338,6 +345,9 @@ def follow(engine) -> None:
         for request_id in msg.aborted:
             engine.abort_request(request_id)
         if msg.step:
+            # Schedule by rank 0's clock: the offline budget is priced by measured times.
+            engine.decode_step_seconds = msg.decode_step_seconds
+            engine.step_stats.recent_prefill_seconds_per_token = msg.prefill_seconds_per_token
             digest = outputs_digest(engine.step())
 
 

@@ -46,3 +46,8 @@ class ExpertGroupStep:
     outputs_digest: int = 0
     """CRC32 of rank 0's last step's outputs (request ids and tokens), which each follower
     compares with its own: ranks that diverged fail loudly instead of hanging."""
+    decode_step_seconds: float = 0.0
+    """Rank 0's measured plain decode step time, which its schedule prices offline work by:
+    a follower schedules by these, not by its own clock."""
+    prefill_seconds_per_token: float = 0.0
+    """Rank 0's measured recent prefill cost per token (the other half of that price)."""
