@@ -9,6 +9,10 @@
 
     .venv/bin/python benchmarks/serving_throughput.py [--streams 32 --input-len 256 --output-len 128]
 
+MoE expert parallelism served: `--arch qwen3-moe --expert-parallel-size 2 --instance-threads 1`
+(the instance is 2 rank processes of 1 torch thread each; the engine baseline stays one
+process with torch's default threads).
+
 Prints a JSON line: output tokens/s of both and the ratio service / engine.
 """
 
@@ -74,6 +78,10 @@ def run_service(model_dir, prompts, output_len: int, args) -> tuple[float, int]:
         "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         "--kv-cache-gb", str(args.kv_cache_gb),
     ]  # fmt: skip
+    if args.expert_parallel_size > 1:
+        engine_args += ["--expert-parallel-size", str(args.expert_parallel_size)]
+    if args.instance_threads:
+        engine_args += ["--num-threads", str(args.instance_threads)]
     with serving_cluster(config, engine_args) as cluster:
         cluster.wait_ready(600)
         return asyncio.run(drive(config.base_url, prompts, output_len))
@@ -88,9 +96,14 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--kv-cache-gb", type=float, default=4.0)
+    parser.add_argument("--size", default="small", help="tiny: a smoke run")
+    parser.add_argument(
+        "--expert-parallel-size", type=int, default=1, help="MoE: ranks per instance"
+    )
+    parser.add_argument("--instance-threads", type=int, default=0, help="torch threads per rank")
     args = parser.parse_args()
 
-    model_dir = demo_model(args.arch, "small")
+    model_dir = demo_model(args.arch, args.size)
     prompts = random_prompts(args.streams, args.input_len, 4000)
     engine_s, engine_tokens = run_ours(model_dir, prompts, args.output_len, args)
     service_s, service_tokens = run_service(model_dir, prompts, args.output_len, args)
@@ -99,7 +112,8 @@ def main() -> None:
     emit(
         {
             "benchmark": "serving_throughput",
-            "model": f"{args.arch}-small-bf16",
+            "model": f"{args.arch}-{args.size}-bf16",
+            "expert_parallel_size": args.expert_parallel_size,
             "streams": args.streams,
             "input_len": args.input_len,
             "output_len": args.output_len,
