@@ -5,7 +5,7 @@ computing half of the tiny Qwen3-MoE's expert slots, with EPLB re-placing copies
 Two concurrent chat completions get the greedy text of the engine alone in this process;
 the gateway's metrics show the instance's expert stats; no KV block stays held. When the
 follower rank dies, the instance fails loudly and the supervisor restarts the group, which
-serves again.
+serves again; stopping `xllm up` stops every rank.
 """
 
 from __future__ import annotations
@@ -121,3 +121,20 @@ def test_a_dead_follower_restarts_the_whole_instance(up, model_dir):
     assert len(follower_pids(up.processes()["inst-0"]["pid"])) == 1  # a fresh rank 1
     assert concurrent_chats(up) == [engine_alone(model_dir, q) for q in QUESTIONS]
     assert "expert-parallel rank 1 exited" in (up.log_dir / "inst-0.log").read_text()
+
+
+def test_stopping_xllm_up_stops_every_rank(up):
+    """Last: rank 0 tells its follower to stop (the follower ignores the SIGTERM its process
+    group gets) and reaps it; nothing is left running."""
+    (follower,) = follower_pids(up.processes()["inst-0"]["pid"])
+    up.stop()
+    assert up.process.returncode == 0
+    assert not alive(follower)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
