@@ -9,7 +9,8 @@ the same requests, in lockstep:
 * rank 0's engine is wrapped in a `GroupLeader`: the calls that change its requests
   (`add_request`, `abort_request`) go through to the engine and are recorded; `step()`
   first broadcasts what was recorded since the last step (one `ExpertGroupStep`, one
-  collective of `HEADER_BYTES`; a second one only for commands that do not fit), then steps;
+  collective of `group_wire.HEADER_BYTES`; a second one only for commands that do not
+  fit), then steps;
 * a follower (`follower_main`) loops: receive, apply the same commands in the same order,
   step. The engines, seeded alike and fed alike, schedule alike; each step's message also
   carries a digest of rank 0's previous outputs, so ranks that diverge fail loudly;
@@ -31,15 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import datetime
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,18 +49,16 @@ from typing import Any
 import torch
 
 from xllm.config import EngineConfig
-from xllm.protocol import ExpertGroupStep, GroupRequest, decode_as, encode
+from xllm.instance.group_wire import outputs_digest, receive, send
+from xllm.protocol import ExpertGroupStep, GroupRequest
 
 log = logging.getLogger(__name__)
 
-HEADER_BYTES = 4096
-"""Size of the one buffer broadcast per step: a step's commands up to this go inline."""
 KEEPALIVE_SECONDS = 5.0
 """Most seconds rank 0 leaves the followers without a message."""
 GROUP_TIMEOUT = datetime.timedelta(seconds=120)
 """gloo's timeout for the rendezvous and every collective: how long a wedged rank can
 stall the others before they fail."""
-_LENGTH = 8  # bytes of the header that give the payload's length
 NOT_IN_GROUPS = frozenset(("reserve_remote_prefill", "commit_remote_prefill", "release_prefilled"))
 """Engine calls (PD disaggregation) an expert-parallel instance does not serve."""
 
@@ -82,44 +82,14 @@ def check_supported(role: str, serve_encode: bool, config: EngineConfig) -> None
             raise ValueError(f"--expert-parallel-size > 1 needs {needs}")
 
 
-# -- the wire: one broadcast of a fixed buffer per message -------------------------------
-
-
-def send(msg: ExpertGroupStep) -> None:
-    """Rank 0: broadcast `msg` to the followers."""
-    payload = encode(msg)
-    header = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
-    header[:_LENGTH] = torch.frombuffer(
-        bytearray(len(payload).to_bytes(_LENGTH, "little")), dtype=torch.uint8
-    )
-    inline = len(payload) <= HEADER_BYTES - _LENGTH
-    if inline:
-        header[_LENGTH : _LENGTH + len(payload)] = torch.frombuffer(
-            bytearray(payload), dtype=torch.uint8
-        )
-    torch.distributed.broadcast(header, src=0)
-    if not inline:
-        torch.distributed.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0)
-
-
-def receive() -> ExpertGroupStep:
-    """A follower: the next message rank 0 broadcasts."""
-    header = torch.empty(HEADER_BYTES, dtype=torch.uint8)
-    torch.distributed.broadcast(header, src=0)
-    size = int.from_bytes(header[:_LENGTH].numpy().tobytes(), "little")
-    if size <= HEADER_BYTES - _LENGTH:
-        return decode_as(header[_LENGTH : _LENGTH + size].numpy().tobytes(), ExpertGroupStep)
-    payload = torch.empty(size, dtype=torch.uint8)
-    torch.distributed.broadcast(payload, src=0)
-    return decode_as(payload.numpy().tobytes(), ExpertGroupStep)
-
-
-def outputs_digest(outputs: Sequence[Any]) -> int:
-    """CRC32 of a step's outputs: which completions got which tokens."""
-    crc = 0
-    for out in outputs:
-        crc = zlib.crc32(f"{out.request_id}/{out.index}:{out.token_ids}".encode(), crc)
-    return crc
+def rank_config(config: EngineConfig) -> EngineConfig:
+    """The engine config every rank runs: without `--num-threads`, the cores shared out
+    (N ranks each taking them all would oversubscribe them; and the ranks must agree, as
+    the replicated attention must compute alike)."""
+    if config.num_threads:
+        return config
+    threads = max(1, (os.cpu_count() or 1) // config.expert_parallel_size)
+    return dataclasses.replace(config, num_threads=threads)
 
 
 # -- rank 0 ------------------------------------------------------------------------------
@@ -302,7 +272,7 @@ async def serve_group(
     port, followers = spawn_followers(world_size, instance_argv)
     try:
         await loop.run_in_executor(executor, init_group, 0, world_size, port)
-        engine = await loop.run_in_executor(executor, Engine, config)
+        engine = await loop.run_in_executor(executor, Engine, rank_config(config))
     except BaseException:
         for follower in followers:
             follower.kill()
@@ -364,7 +334,7 @@ def follower_main(argv: Sequence[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 says when (its group gets these)
         signal.signal(sig, signal.SIG_IGN)
     init_group(rank, world_size, port)
-    engine = Engine(from_args(EngineConfig, args))
+    engine = Engine(rank_config(from_args(EngineConfig, args)))
     log.info("expert-parallel rank %d of %d following rank 0", rank, world_size)
     try:
         follow(engine)
