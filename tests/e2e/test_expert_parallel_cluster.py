@@ -3,7 +3,8 @@
 The instance is two processes (rank 0 on NATS, rank 1 following it over gloo), each
 computing half of the tiny Qwen3-MoE's expert slots, with EPLB re-placing copies meanwhile.
 Two concurrent chat completions get the greedy text of the engine alone in this process;
-the gateway's metrics show the instance's expert stats; no KV block stays held. When the
+the gateway's metrics show the instance's expert stats; no KV block stays held, also after
+a client hangs up mid-stream (the abort reaches every rank). When the
 follower rank dies, the instance fails loudly and the supervisor restarts the group, which
 serves again; stopping `xllm up` stops every rank.
 """
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 24
 QUESTIONS = ["Say something about foxes.", "Count to ten, slowly."]
+LONG = 900  # tokens asked for by the stream the client leaves
+TOP_K = 4  # experts per token in the tiny Qwen3-MoE
 EP_ARGS = ["--expert-parallel-size", "2", "--num-redundant-experts", "4", "--eplb-interval", "6"]
 
 
@@ -98,18 +101,47 @@ def test_concurrent_chats_equal_the_engine_alone_and_show_expert_stats(up, model
     expected = [engine_alone(model_dir, q) for q in QUESTIONS]
     assert concurrent_chats(up) == expected
     assert concurrent_chats(up) == expected  # again, after EPLB had windows to re-place in
-    deadline = time.monotonic() + 15  # heartbeats are periodic: wait for a settled one
-    while True:
-        (inst,) = up.get("/cluster")["instances"]
-        if inst["kv"]["blocks_used"] == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+    inst = settled_instance(up)
     assert inst["kv"]["blocks_used"] == 0
     experts = inst["experts"]
     assert experts["num_slots"] == 20  # 16 experts + 4 copies, over both ranks
     assert experts["tokens_routed"] > 0
     assert experts["num_rebalances"] >= 1  # EPLB switched copies on both ranks at one step
     assert metric(up, "xllm_instance_expert_tokens_routed") > 0
+
+
+def settled_instance(up: XllmUp) -> dict:
+    """The instance's heartbeat once it holds no KV block (heartbeats are periodic)."""
+    deadline = time.monotonic() + 15
+    while True:
+        (inst,) = up.get("/cluster")["instances"]
+        if inst["kv"]["blocks_used"] == 0 or time.monotonic() > deadline:
+            return inst
+        time.sleep(0.3)
+
+
+def test_a_client_hanging_up_aborts_on_every_rank(up, model_dir):
+    """The abort reaches rank 1 too: no block stays held, and the ranks still agree."""
+    routed_before = settled_instance(up)["experts"]["tokens_routed"]
+    client = openai.OpenAI(base_url=up.base + "/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        max_tokens=LONG,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = [chunk for chunk, _ in zip(stream, range(4), strict=False)]
+    stream.close()
+    assert len(chunks) == 4
+    inst = settled_instance(up)
+    assert inst["kv"]["blocks_used"] == 0
+    experts = inst["experts"]
+    tokens = (experts["tokens_routed"] - routed_before) / (experts["num_moe_layers"] * TOP_K)
+    assert tokens < LONG / 2, "the request ran on instead of being aborted"
+    assert concurrent_chats(up) == [engine_alone(model_dir, q) for q in QUESTIONS]
 
 
 def test_a_dead_follower_restarts_the_whole_instance(up, model_dir):
