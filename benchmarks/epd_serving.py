@@ -200,18 +200,22 @@ def profiler(
         hw = HardwareProfile.from_json(profile.hardware_profile)
     else:
         margs = argparse.Namespace(model=str(model), tpot_slo=args.tpot_slo, dtype=args.dtype,
-                                   decode_batch=args.concurrency, max_tokens=args.max_tokens)  # fmt: skip
+                                   decode_batch=args.concurrency, max_tokens=args.max_tokens,
+                                   cores=args.cores)  # fmt: skip
         profile, hw = measure(margs, processor, workload, log)
     tpot = profile.tpot_slo
     slo = Slo(ttft=args.ttft_slo / 1e3 if args.ttft_slo else 10 * tpot, tpot=tpot)
     result = choose_topology(workload, str(model), hw, profile, slo, args.instances,
-                             deployable_kinds(), concurrency=args.concurrency)  # fmt: skip
+                             deployable_kinds(), concurrency=args.concurrency,
+                             cores=args.cores)  # fmt: skip
     print(result.pop("table"), file=sys.stderr)
     print("\n".join(result["reasons"]), file=sys.stderr)
     result["slo_ms"] = {"ttft": round(slo.ttft * 1e3, 2), "tpot": round(tpot * 1e3, 2)}
     result["profile"] = {k: getattr(profile, k) for k in (
         "decode_batch", "decode_step", "image_tokens", "max_encode_batch", "max_encode_tokens",
-        "max_prefill_tokens")}  # fmt: skip
+        "max_prefill_tokens", "cores")}  # fmt: skip
+    result["profile"]["hops"] = dataclasses.asdict(profile.hops)
+    result["profile"]["cores"] = args.cores or profile.cores
     result["profile_seconds"] = round(time.perf_counter() - t0, 1)
     return result, profile
 
@@ -231,6 +235,9 @@ def main() -> None:
     parser.add_argument("--ttft-slo", type=float, default=0.0, help="ms; 0 = 10 x TPOT SLO")
     parser.add_argument("--profile", default="", help="a saved EPD profile (profile-epd --out)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--cores", type=int, default=0,
+                        help="cores the arms' processes share, for the profiler's simulation; "
+                        "0 = what this process may use")  # fmt: skip
     parser.add_argument("--log-dir", default="", help="default: a new temporary folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -7,9 +7,11 @@ engine in `epd_measure.py`, a synthetic cost function in the tests),
   * the largest encode batch (images per step, beside a running decode batch), and
   * the largest prefill token budget (beside the same decode batch),
 
-whose step stays within the SLO, and records the vision tower's cost per image size and the
-bytes of an image's embeddings. Everything here is pure: the searches take the measuring as
-a function, `EncodeCost` is arithmetic on measured points, `EpdProfile` is plain data (JSON).
+whose step stays within the SLO, and records the vision tower's cost per image size, the
+bytes of an image's embeddings, what a request's trips between processes cost (`HopCost`:
+a NATS message, a Mooncake read) and the cores the processes share. Everything here is
+pure: the searches take the measuring as a function, `EncodeCost` and `HopCost` are
+arithmetic on measured points, `EpdProfile` is plain data (JSON).
 """
 
 from __future__ import annotations
@@ -98,6 +100,43 @@ def fit_encode_cost(samples: Sequence[tuple[int, int, float]], bytes_per_token: 
 
 
 @dataclass(frozen=True, slots=True)
+class HopCost:
+    """The fixed costs of a request's trips between processes, measured (`epd_hops.py`);
+    all 0 = not measured (free messages, transfers priced by the hardware profile)."""
+
+    nats_rtt: float = 0.0
+    """Seconds of a small NATS request/reply through the server (two messages)."""
+    transfer_latency: float = 0.0
+    """Seconds of a Mooncake read apart from its bytes (registering the buffer, the call)."""
+    transfer_bw: float = 0.0
+    """Bytes per second of a Mooncake read between two local transfer engines."""
+
+    @property
+    def message(self) -> float:
+        """One message's seconds, sender to receiver (half a round trip)."""
+        return self.nats_rtt / 2
+
+    def dispatch_messages(self, encoder: bool, disaggregated: bool) -> int:
+        """Messages on a request's path to its first token, apart from the transfers: the
+        gateway's submit to the scheduler, the scheduler's command to the instance and the
+        first token's way back to the gateway; plus the encoder's request and reply
+        (`services/scheduler/encode.py`) and the decode instance asking the prefill one."""
+        return 3 + 2 * encoder + disaggregated
+
+    def transfer_seconds(self, nbytes: int) -> float:
+        return self.transfer_latency + nbytes / self.transfer_bw if self.transfer_bw else 0.0
+
+
+def fit_transfer(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(latency seconds, bytes per second) of the line through (bytes, seconds) of the
+    smallest and the largest transfer measured."""
+    (b0, s0), (b1, s1) = min(samples), max(samples)
+    slope = (s1 - s0) / (b1 - b0) if b1 > b0 else s1 / max(1, b1)
+    slope = max(slope, 1e-15)  # a flat line: bandwidth beyond measuring
+    return max(0.0, s0 - slope * b0), 1.0 / slope
+
+
+@dataclass(frozen=True, slots=True)
 class EpdProfile:
     """The profiler's findings for one model on one machine, at one TPOT SLO."""
 
@@ -124,6 +163,11 @@ class EpdProfile:
     """Every step measured in the searches: {decodes, images, prefill_tokens, seconds}."""
     hardware_profile: str = ""
     """The fitted language-model cost profile (JSON) saved beside this one, if any."""
+    hops: HopCost = HopCost()
+    """What a request's trips between processes cost here (NATS messages, Mooncake reads)."""
+    cores: int = 0
+    """CPU cores the deployment's processes share (the profiler's machine; 0 = a core for
+    every process, no sharing)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,7 +180,8 @@ class EpdProfile:
             enc["call_overhead"],
             enc["bytes_per_token"],
         )
-        return cls(**{**d, "encode": encode})
+        hops = HopCost(**d.get("hops", {}))  # profiles saved before hops were measured: none
+        return cls(**{**d, "encode": encode, "hops": hops})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.as_dict(), indent=2) + "\n")
