@@ -213,7 +213,7 @@ def profiler(
     result["slo_ms"] = {"ttft": round(slo.ttft * 1e3, 2), "tpot": round(tpot * 1e3, 2)}
     result["profile"] = {k: getattr(profile, k) for k in (
         "decode_batch", "decode_step", "image_tokens", "max_encode_batch", "max_encode_tokens",
-        "max_prefill_tokens", "cores")}  # fmt: skip
+        "max_prefill_tokens")}  # fmt: skip
     result["profile"]["hops"] = dataclasses.asdict(profile.hops)
     result["profile"]["cores"] = args.cores or profile.cores
     result["profile_seconds"] = round(time.perf_counter() - t0, 1)

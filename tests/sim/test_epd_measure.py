@@ -46,6 +46,7 @@ def test_a_measured_step_encodes_every_image_beside_the_decodes_and_the_prefill(
     assert not bench.engine.sequences and not bench.engine.scheduler.has_unfinished()
     seconds, per_token = bench.tower_seconds([image, image], repeats=1)
     assert seconds > 0 and per_token == model.config.hidden_size * 4  # float32 rows
+    assert bench.decode_seconds(120, 160, repeats=1) > 0
 
 
 def test_profile_epd_cli_from_a_saved_profile(model_dir, tmp_path, capsys):

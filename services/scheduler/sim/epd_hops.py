@@ -90,10 +90,12 @@ def measure_hops(
     embedding_bytes: int, nats_url: str = "", log: Callable[[str], None] = lambda _: None
 ) -> HopCost:
     """The NATS message and the Mooncake read, for transfers around `embedding_bytes` (an
-    image's embeddings: reads of it and of 16 x it, well past the fixed cost)."""
+    image's embeddings, at least 64 KiB: reads of it and of 64 x it, a prompt's KV's size,
+    well past the fixed cost)."""
     rtt = nats_rtt(nats_url)
     log(f"NATS request/reply: {rtt * 1e3:.3f} ms")
-    reads = mooncake_reads([max(4096, embedding_bytes), 16 * max(4096, embedding_bytes)])
+    small = max(1 << 16, embedding_bytes)
+    reads = mooncake_reads([small, 64 * small], repeats=9)
     for nbytes, seconds in reads:
         log(f"Mooncake read of {nbytes} bytes: {seconds * 1e3:.3f} ms")
     latency, bandwidth = fit_transfer(reads)

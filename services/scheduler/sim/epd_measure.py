@@ -8,7 +8,8 @@ Three things, all timed on one `Engine` (calibrate.py's `EngineBench`, one threa
     vision tower on the whole image, as a prefill reaching an image does; the budgets are
     binary-searched on these (`epd_profile.search_budgets`);
   * the vision tower alone on images of the workload's sizes, batched 1 and 4 (the encode
-    cost per image size, `fit_encode_cost`) and the bytes of its embeddings;
+    cost per image size, `fit_encode_cost`) and the bytes of its embeddings, and decoding
+    such an image's file (as the process that encodes it does first);
   * a small grid of decode and prefill steps fitted into a `HardwareProfile` (calibrate.py's
     fit), for the simulator's language-model steps;
 
@@ -87,6 +88,17 @@ class EpdBench(cal.EngineBench):
 
         return measure
 
+    def decode_seconds(self, height: int, width: int, repeats: int = 3) -> float:
+        """Median seconds of decoding and preprocessing a noise PNG of this size (what the
+        instance or encoder that encodes an image does with its file first)."""
+        data = random_image_bytes(height, width, seed=height * 7919 + width)
+        times = []
+        for _ in range(repeats):
+            start = self.clock()
+            ImageInput.from_bytes(data, self.processor)
+            times.append(self.clock() - start)
+        return sorted(times)[len(times) // 2]
+
     @torch.inference_mode()
     def tower_seconds(self, images: list[ImageInput], repeats: int = 3) -> tuple[float, int]:
         """(median seconds of one tower call on `images`, embedding bytes per token)."""
@@ -158,15 +170,19 @@ def profile_epd(
         tpot_slo = 4 * decode_step  # the default: room for a few times the decodes' work
         log(f"TPOT SLO: {tpot_slo * 1e3:.1f} ms (4 x the decode step)")
     max_encode, max_prefill = search_budgets(step, tpot_slo, max_images, max_prefill_tokens)
-    samples, per_token = [], 0
+    samples, decodes, per_token = [], {}, 0
     for h, w in sizes:
         image = bench.image(h, w)
         n = image.grid_thw[1] * image.grid_thw[2] // merge**2
+        decodes[n] = bench.decode_seconds(h, w)
+        log(f"decoding a {h}x{w} PNG ({n} tokens): {decodes[n] * 1e3:.2f} ms")
         for batch in (1, 4):
             seconds, per_token = bench.tower_seconds([image] * batch)
             samples.append((batch, n, seconds))
             log(f"tower: {batch} x {h}x{w} ({n} tokens): {seconds * 1e3:.2f} ms")
-    encode = fit_encode_cost(samples, per_token)
+    encode = replace(
+        fit_encode_cost(samples, per_token), decode_points=tuple(sorted(decodes.items()))
+    )
     hops = measure_hops(encode.embedding_bytes(tokens), nats_url, log)
     train, held_out = lm_grid(decode_batch, decode_ctx)
     data = cal.measure_all(bench, [*train, *held_out], rounds=2, repeats=3, warmup=1, log=log)

@@ -48,26 +48,23 @@ def max_under(measure: Callable[[int], float], lo: int, hi: int, limit: float) -
 
 @dataclass(frozen=True, slots=True)
 class EncodeCost:
-    """The vision tower's seconds for an image, by the language-model tokens it becomes,
-    linear between measured sizes (and beyond the largest, on the last two's slope), plus a
-    fixed cost per tower call (one call encodes a whole batch)."""
+    """The seconds of encoding an image, by the language-model tokens it becomes, linear
+    between measured sizes (and beyond the largest, on the last two's slope): the vision
+    tower's, plus a fixed cost per tower call (one call encodes a whole batch), plus
+    decoding the image's file on the process that encodes it."""
 
     points: tuple[tuple[int, float], ...]
-    """(image tokens, seconds of that image alone, without `call_overhead`), by tokens."""
+    """(image tokens, tower seconds of that image alone, without `call_overhead`), by tokens."""
     call_overhead: float = 0.0
     bytes_per_token: int = 0
     """Embedding bytes per image token (hidden size x dtype bytes): what an encoder hands
     the instance that runs the prompt."""
+    decode_points: tuple[tuple[int, float], ...] = ()
+    """(image tokens, seconds to decode and preprocess such an image's file: PNG, resize,
+    patches; `ImageInput.from_bytes`), by tokens; () = not measured."""
 
     def image_seconds(self, tokens: int) -> float:
-        pts = self.points
-        if not pts:
-            return 0.0
-        if len(pts) == 1:
-            return pts[0][1] * tokens / max(1, pts[0][0])
-        i = min(max(bisect_left([t for t, _ in pts], tokens), 1), len(pts) - 1)
-        (t0, s0), (t1, s1) = pts[i - 1], pts[i]
-        return max(0.0, s0 + (s1 - s0) * (tokens - t0) / max(1, t1 - t0))
+        return _linear(self.points, tokens) + _linear(self.decode_points, tokens)
 
     def batch_seconds(self, tokens: Sequence[int]) -> float:
         """One tower call on images of these token counts (0 for none)."""
@@ -77,6 +74,17 @@ class EncodeCost:
 
     def embedding_bytes(self, tokens: int) -> int:
         return tokens * self.bytes_per_token
+
+
+def _linear(pts: tuple[tuple[int, float], ...], tokens: int) -> float:
+    """Seconds at `tokens` on the line through the measured (tokens, seconds) `pts`."""
+    if not pts:
+        return 0.0
+    if len(pts) == 1:
+        return pts[0][1] * tokens / max(1, pts[0][0])
+    i = min(max(bisect_left([t for t, _ in pts], tokens), 1), len(pts) - 1)
+    (t0, s0), (t1, s1) = pts[i - 1], pts[i]
+    return max(0.0, s0 + (s1 - s0) * (tokens - t0) / max(1, t1 - t0))
 
 
 def fit_encode_cost(samples: Sequence[tuple[int, int, float]], bytes_per_token: int) -> EncodeCost:
@@ -129,10 +137,12 @@ class HopCost:
 
 def fit_transfer(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
     """(latency seconds, bytes per second) of the line through (bytes, seconds) of the
-    smallest and the largest transfer measured."""
+    smallest and the largest transfer measured; when noise makes the larger no slower (a
+    loaded machine), the smallest's time as the latency and the largest's average rate."""
     (b0, s0), (b1, s1) = min(samples), max(samples)
-    slope = (s1 - s0) / (b1 - b0) if b1 > b0 else s1 / max(1, b1)
-    slope = max(slope, 1e-15)  # a flat line: bandwidth beyond measuring
+    if b1 <= b0 or s1 <= s0:
+        return s0 if b1 > b0 else 0.0, b1 / max(s1, 1e-12)
+    slope = (s1 - s0) / (b1 - b0)
     return max(0.0, s0 - slope * b0), 1.0 / slope
 
 
@@ -179,6 +189,7 @@ class EpdProfile:
             tuple((int(t), float(s)) for t, s in enc["points"]),
             enc["call_overhead"],
             enc["bytes_per_token"],
+            tuple((int(t), float(s)) for t, s in enc.get("decode_points", ())),
         )
         hops = HopCost(**d.get("hops", {}))  # profiles saved before hops were measured: none
         return cls(**{**d, "encode": encode, "hops": hops})
