@@ -9,7 +9,8 @@ engine in `epd_measure.py`, a synthetic cost function in the tests),
 
 whose step stays within the SLO, and records the vision tower's cost per image size, the
 bytes of an image's embeddings, what a request's trips between processes cost (`HopCost`:
-a NATS message, a Mooncake read) and the cores the processes share. Everything here is
+a NATS message, a Mooncake read), the cores the processes share and the serving path's
+CPU outside the steps (`ServingCpu`). Everything here is
 pure: the searches take the measuring as a function, `EncodeCost` and `HopCost` are
 arithmetic on measured points, `EpdProfile` is plain data (JSON).
 """
@@ -147,6 +148,43 @@ def fit_transfer(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
 
 
 @dataclass(frozen=True, slots=True)
+class ServingCpu:
+    """CPU seconds the serving path spends outside the engines' steps, per process kind,
+    measured on a live colocated cluster (`epd_serving_cpu.py`: /proc utime+stime of every
+    process around short bursts, minus the step and tower time the instances report); all
+    0 = not measured (the simulator then charges nothing). What a request costs where it
+    goes: the front (gateway, scheduler, the benchmark's client, the other servers) per
+    request and per streamed token, nats-server per message, each process it crosses
+    (instance or encoder loop: its command, msgpack, handoff bookkeeping) per request, and
+    the instance that decodes it per token (sampling out, streaming over NATS)."""
+
+    front_request: float = 0.0
+    """Gateway + scheduler + client + other servers, per request."""
+    front_token: float = 0.0
+    """The same, per output token (the gateway streams each one)."""
+    nats_message: float = 0.0
+    """nats-server per message on a request's way to its first token (a colocated request
+    sends `HopCost.dispatch_messages(False, False)` of them)."""
+    nats_token: float = 0.0
+    """nats-server per output token (one streamed message each)."""
+    instance_request: float = 0.0
+    """An instance's loop outside its steps, per request it takes (placed or handed over)."""
+    instance_token: float = 0.0
+    """An instance's loop outside its steps, per token it produces."""
+    encoder_request: float = 0.0
+    """An encoder's loop outside the tower, per image asked for (measured only on a
+    cluster with encoders; else `instance_request`)."""
+    idle: float = 0.0
+    """CPU seconds per second the whole idle cluster burns (heartbeats, polling): measured
+    and subtracted from the bursts, not charged."""
+
+    @property
+    def measured(self) -> bool:
+        return any((self.front_request, self.front_token, self.instance_request,
+                    self.instance_token, self.nats_message, self.nats_token))  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class EpdProfile:
     """The profiler's findings for one model on one machine, at one TPOT SLO."""
 
@@ -178,6 +216,9 @@ class EpdProfile:
     cores: int = 0
     """CPU cores the deployment's processes share (the profiler's machine; 0 = a core for
     every process, no sharing)."""
+    serving_cpu: ServingCpu = ServingCpu()
+    """The serving path's CPU outside the steps (measured on a live cluster; profiles saved
+    before it was measured load with none)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -192,7 +233,8 @@ class EpdProfile:
             tuple((int(t), float(s)) for t, s in enc.get("decode_points", ())),
         )
         hops = HopCost(**d.get("hops", {}))  # profiles saved before hops were measured: none
-        return cls(**{**d, "encode": encode, "hops": hops})
+        cpu = ServingCpu(**d.get("serving_cpu", {}))
+        return cls(**{**d, "encode": encode, "hops": hops, "serving_cpu": cpu})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.as_dict(), indent=2) + "\n")

@@ -30,6 +30,12 @@ two things of the machine the profiler measured (`EpdProfile.hops`, `.cores`):
     tower calls are jobs of a processor-sharing queue (`epd_cpu.CpuShare`): while b
     processes are busy, each runs at min(1, cores / b) of its measured speed, so its step
     stretches by b / cores when oversubscribed.
+  * the serving path's CPU outside the steps (`ServingCpu`, measured live): on arrival the
+    front's and nats-server's share of the request and the loop of the instance that takes
+    it, before it is sent on; at each step, the instance's loop for the tokens it streams
+    (lengthening the step) and the front's for passing them on (beside it); at a handoff
+    the decode instance's loop again, at an encoder its loop per image: so a request that
+    crosses more processes costs more CPU on the shared cores, as live.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from services.scheduler.sim.epd_cpu import CpuShare
-from services.scheduler.sim.epd_profile import EncodeCost, HopCost
+from services.scheduler.sim.epd_profile import EncodeCost, HopCost, ServingCpu
 from services.scheduler.sim.instance import ScheduledStep, SimInstance, SimRequest
 from services.scheduler.sim.simulator import ARRIVE, CALL, KV_LANDED, STEP_DONE, Simulator
 
@@ -111,6 +117,7 @@ class EpdSimulator(Simulator):
         max_encode_tokens: int = 0,
         hops: HopCost | None = None,
         cores: int = 0,
+        serving_cpu: ServingCpu | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -119,6 +126,8 @@ class EpdSimulator(Simulator):
         """What a request's trips between processes cost (default: nothing)."""
         self.cpu = CpuShare(cores) if cores > 0 else None
         """The cores the instances and encoders share (None: a core each)."""
+        self.serving = serving_cpu or ServingCpu()
+        """The serving path's CPU outside the steps (default: none)."""
         self.encoders = [SimEncoder(f"encode-{i}", encoder_max_batch) for i in range(num_encoders)]
         if encode_on:  # ED+P: the decode instances host the encoders
             self.encoders += [
@@ -132,9 +141,10 @@ class EpdSimulator(Simulator):
                 if inst.role == encode_on
             ]
         self._hosted = {e.host: e for e in self.encoders if e.host}
-        self._dispatch = hops.message * hops.dispatch_messages(
+        self._messages = hops.dispatch_messages(
             encoder=bool(self.encoders), disaggregated=any(r != "both" for r in self.cluster.roles)
         )
+        self._dispatch = hops.message * self._messages
         self._closed: deque[SimRequest] = deque()
         """Closed loop: requests not yet sent, each sent when one in flight is done."""
 
@@ -158,10 +168,21 @@ class EpdSimulator(Simulator):
     # -- the machine: shared cores, trips between processes --------------------------------
 
     def _push(self, at: float, kind: int, payload: object) -> None:
-        if kind == STEP_DONE and self.cpu is not None:  # a step: work on the shared cores
-            self._on_cpu(at - self.now, kind, payload)
-        else:
+        if kind != STEP_DONE:
             super()._push(at, kind, payload)
+            return
+        step = payload[1]  # type: ignore[index]
+        tokens = (
+            (len(step.shape.decode_context_lens) + step.shape.num_prefill_samples) if step else 0
+        )
+        loop = self.serving.instance_token * tokens  # the instance streams them out
+        if self.cpu is None:
+            super()._push(at + loop, kind, payload)
+            return
+        self._on_cpu(at - self.now + loop, kind, payload)  # a step: work on the shared cores
+        front = (self.serving.front_token + self.serving.nats_token) * tokens
+        if front:  # the gateway, nats-server, the client pass them on, beside the steps
+            self._on_cpu(front, CALL, (_nothing, ()))
 
     def _on_cpu(self, work: float, kind: int, payload: object) -> None:
         """Run `work` seconds on the shared cores; then the event (`kind`, `payload`)."""
@@ -190,12 +211,30 @@ class EpdSimulator(Simulator):
         return self.hw.transfer_latency + nbytes / self.hw.interconnect_bw
 
     def _on_arrival(self, req: SimRequest) -> None:
+        """The front takes the request in, its messages pass nats-server and the instance
+        that runs its prompt takes it (CPU, then the messages' latency)."""
+        cpu = self.serving
+        work = cpu.front_request + cpu.nats_message * self._messages + cpu.instance_request
+        if work:
+            self._on_cpu(work, CALL, (self._sent, (req,)))
+        else:
+            self._sent(req)
+
+    def _sent(self, req: SimRequest) -> None:
         if self._dispatch:  # the messages on its way to an instance (or encoder)
             self._push(self.now + self._dispatch, CALL, (self._dispatched, (req,)))
         else:
             self._dispatched(req)
 
     def _hand_over(self, source: SimInstance, req: SimRequest) -> None:
+        """One more process takes the request over: its loop's CPU, the notification's."""
+        work = self.serving.instance_request + self.serving.nats_message
+        if work:
+            self._on_cpu(work, CALL, (self._send_kv, (source, req)))
+        else:
+            self._send_kv(source, req)
+
+    def _send_kv(self, source: SimInstance, req: SimRequest) -> None:
         if not self.hops.transfer_bw:
             super()._hand_over(source, req)
             return
@@ -227,6 +266,7 @@ class EpdSimulator(Simulator):
             return
         batch = encoder.take_batch()
         seconds = self.encode.batch_seconds([r.image_tokens for r in batch])
+        seconds += self.serving.encoder_request * len(batch)  # its loop: each image's request
         encoder.busy = True
         encoder.busy_time += seconds
         self._on_cpu(seconds, CALL, (self._encoder_done, (encoder,)))
@@ -286,3 +326,7 @@ class EpdSimulator(Simulator):
             "images_encoded": sum(e.num_images for e in self.encoders),
             "cache_hit_rate": sum(e.num_hits for e in self.encoders) / queries if queries else 0.0,
         }
+
+
+def _nothing() -> None:
+    """What CPU charged beside the steps leads to: nothing but the cores it took."""

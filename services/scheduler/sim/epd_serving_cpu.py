@@ -1,0 +1,167 @@
+"""The serving path's CPU outside the engines' steps, measured on a live cluster.
+
+On a machine with fewer cores than processes, what decides a topology live is not only
+the steps: the gateway, the scheduler, nats-server and the client share the cores, and each
+instance or encoder spends Python CPU outside its steps (its commands, msgpack, the asyncio
+loop, streaming every token over NATS, handoff bookkeeping), more the more processes a
+request crosses. This measures it, for `ServingCpu`:
+
+  1. every cluster process's utime+stime (/proc/<pid>/stat, threads included) and the
+     instances' reported step time (`StepStats.busy_seconds`) and tower time
+     (`EncoderStats.encode_seconds`), sampled around an idle second (the idle rate) and
+     around two bursts of the same number of fresh requests, one with few output tokens
+     and one with more;
+  2. per process kind, its CPU in each burst less the idle rate's share and (instances,
+     encoders) less the steps' and tower's time: the line through the two bursts gives
+     the CPU per request and per output token.
+
+The step time the instances report is wall time; on an oversubscribed machine it exceeds
+the step's CPU, so the loop's share comes out low rather than high (clamped at 0): send
+the bursts one request at a time (`calibrate(..., concurrency=1)`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.scheduler.sim.epd_profile import HopCost, ServingCpu
+
+CLIENT = "client"
+"""The process sending the bursts (this one): on the same cores live, so counted."""
+
+
+def stat_cpu_seconds(stat: str, ticks: int) -> float:
+    """utime + stime, in seconds, of a /proc/<pid>/stat line (`ticks` clock ticks a second)."""
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / ticks
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        return stat_cpu_seconds(f.read(), os.sysconf("SC_CLK_TCK"))
+
+
+def process_kind(name: str) -> str:
+    """The `ServingCpu` group of a supervised process (`Cluster.process_states` names)."""
+    if name.startswith(("prefill-", "decode-", "inst-")):
+        return "instance"
+    if name.startswith("encode-"):
+        return "encoder"
+    if name.startswith("nats"):
+        return "nats"
+    return "front"  # gateway, scheduler, the client, redis, kvstore, mooncake master
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One moment's counters: CPU seconds by process kind, and the instances' step and
+    tower seconds (to subtract from the instance and encoder kinds)."""
+
+    at: float
+    cpu: dict[str, float]
+    steps: float
+    tower: float
+
+    def minus(self, before: Sample) -> dict[str, float]:
+        """CPU seconds by kind between `before` and this, less the idle-free step and
+        tower time of the instances and encoders."""
+        out = {k: v - before.cpu.get(k, 0.0) for k, v in self.cpu.items()}
+        if "instance" in out:
+            out["instance"] -= self.steps - before.steps
+        if "encoder" in out:
+            out["encoder"] -= self.tower - before.tower
+        return out
+
+
+def sample(processes: list[dict], cluster_url: str) -> Sample:
+    """`processes` as `Cluster.process_states()` gives them; `cluster_url` the gateway's
+    /cluster (step and tower counters)."""
+    cpu: dict[str, float] = {CLIENT: proc_cpu_seconds(os.getpid())}
+    for row in processes:
+        try:
+            seconds = proc_cpu_seconds(row["pid"])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        kind = process_kind(row["name"])
+        cpu[kind] = cpu.get(kind, 0.0) + seconds
+    instances = json.load(urllib.request.urlopen(cluster_url, timeout=10))["instances"]
+    steps = sum(i["steps"]["busy_seconds"] for i in instances if i["role"] != "encode")
+    tower = sum(i["encoder"]["encode_seconds"] for i in instances if i["role"] == "encode")
+    return Sample(time.perf_counter(), cpu, steps, tower)
+
+
+def fit_serving_cpu(
+    idle: tuple[Sample, Sample],
+    short: tuple[Sample, Sample],
+    long: tuple[Sample, Sample],
+    requests: int,
+    tokens: tuple[int, int],
+) -> ServingCpu:
+    """The line through the two bursts (`requests` each, `tokens` = (short's, long's)
+    output tokens a request), per kind, after the idle rate's share of each burst."""
+    rate = {k: v / max(1e-9, idle[1].at - idle[0].at) for k, v in idle[1].minus(idle[0]).items()}
+
+    def busy(burst: tuple[Sample, Sample]) -> dict[str, float]:
+        length = burst[1].at - burst[0].at
+        return {k: v - rate.get(k, 0.0) * length for k, v in burst[1].minus(burst[0]).items()}
+
+    a, b = busy(short), busy(long)
+    extra = requests * max(1, tokens[1] - tokens[0])
+
+    def per(kind: str) -> tuple[float, float]:
+        """(per request, per token) of `kind`, clamped at 0 (noise)."""
+        per_token = max(0.0, (b.get(kind, 0.0) - a.get(kind, 0.0)) / extra)
+        per_request = max(0.0, a.get(kind, 0.0) / requests - tokens[0] * per_token)
+        return per_request, per_token
+
+    front = [per(k) for k in ("front", CLIENT)]
+    nats_request, nats_token = per("nats")
+    instance = per("instance")
+    encoder = per("encoder")[0] if "encoder" in a else instance[0]
+    return ServingCpu(
+        front_request=sum(r for r, _ in front), front_token=sum(t for _, t in front),
+        nats_message=nats_request / HopCost().dispatch_messages(False, False),
+        nats_token=nats_token, instance_request=instance[0], instance_token=instance[1],
+        encoder_request=encoder, idle=sum(rate.values()),
+    )  # fmt: skip
+
+
+def calibrate(
+    processes: Callable[[], list[dict]],
+    cluster_url: str,
+    burst: Callable[[int, int, int], None],
+    requests: int = 8,
+    tokens: tuple[int, int] = (2, 16),
+    log: Callable[[str], None] = lambda _: None,
+) -> ServingCpu:
+    """Measure a live, warmed-up cluster: `processes()` its process rows, `burst(n, tokens,
+    seed)` sends n fresh image chats (no cache hits: new images each `seed`) of `tokens`
+    output tokens and returns when all are done."""
+
+    def around(work: Callable[[], None]) -> tuple[Sample, Sample]:
+        before = sample(processes(), cluster_url)
+        work()
+        time.sleep(1.0)  # a heartbeat or two: the step counters of the last requests
+        return before, sample(processes(), cluster_url)
+
+    idle = around(lambda: time.sleep(1.0))
+    short = around(lambda: burst(requests, tokens[0], 1))
+    long = around(lambda: burst(requests, tokens[1], 2))
+    cpu = fit_serving_cpu(idle, short, long, requests, tokens)
+    for name, (t0, t1) in (("idle", idle), ("short burst", short), ("long burst", long)):
+        raw = {k: round(v, 3) for k, v in t1.minus(t0).items()}
+        log(f"{name}: {t1.at - t0.at:.2f} s; CPU s by kind less steps {raw}; steps "
+            f"{t1.steps - t0.steps:.3f} s, tower {t1.tower - t0.tower:.3f} s")  # fmt: skip
+    log(f"serving CPU outside steps (ms): front {cpu.front_request * 1e3:.2f}/request + "
+        f"{cpu.front_token * 1e3:.3f}/token; nats {cpu.nats_message * 1e3:.3f}/message + "
+        f"{cpu.nats_token * 1e3:.3f}/token; instance loop {cpu.instance_request * 1e3:.2f}/"
+        f"request + {cpu.instance_token * 1e3:.3f}/token; encoder loop "
+        f"{cpu.encoder_request * 1e3:.2f}/image; idle {cpu.idle:.3f} cores")  # fmt: skip
+    return cpu
