@@ -5,6 +5,7 @@ processes costs more, and the topology chosen flips for that reason."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -16,6 +17,7 @@ from services.scheduler.sim.epd_choice import candidates, choose, simulate
 from services.scheduler.sim.epd_profile import EncodeCost, EpdProfile, HopCost, ServingCpu
 from services.scheduler.sim.epd_serving_cpu import (
     Sample,
+    cpu_and_loop_seconds,
     fit_serving_cpu,
     proc_cpu_seconds,
     process_kind,
@@ -60,6 +62,37 @@ def test_proc_cpu_of_this_process_is_what_the_kernel_says_it_burnt():
     burnt, grown = kernel() - before, proc_cpu_seconds(os.getpid()) - mine
     assert burnt >= 0.2
     assert grown == pytest.approx(burnt, abs=0.03)  # a few clock ticks
+
+
+def burn(seconds: float) -> None:
+    """Spin until this thread has run `seconds` on a CPU (longer on a loaded machine)."""
+    start, wall = time.thread_time(), time.perf_counter()
+    while time.thread_time() - start < seconds and time.perf_counter() - wall < 20:
+        pass
+
+
+def test_the_main_threads_cpu_is_told_apart_from_another_threads():
+    pid = os.getpid()
+    total0, main0 = cpu_and_loop_seconds(pid)
+    worker = threading.Thread(target=burn, args=(0.2,))
+    worker.start()
+    worker.join()  # a step on the engine's thread: all threads grow, not the main one
+    total1, main1 = cpu_and_loop_seconds(pid)
+    assert total1 - total0 >= 0.19 and main1 - main0 < 0.05
+    burn(0.2)  # the loop's own work
+    total2, main2 = cpu_and_loop_seconds(pid)
+    assert main2 - main1 == pytest.approx(0.2, abs=0.03)
+    assert total2 - total1 == pytest.approx(main2 - main1, abs=0.03)
+
+
+def test_outside_the_steps_is_the_larger_lower_bound():
+    before = Sample(0.0, {"instance": 1.0, "instance loop": 0.5, "front": 2.0}, 10.0, 0.0)
+    # busy machine: steps' wall (0.8 s) over their CPU; the main thread's 0.1 s is the bound
+    after = Sample(1.0, {"instance": 1.6, "instance loop": 0.6, "front": 2.3}, 10.8, 0.0)
+    assert after.minus(before) == pytest.approx({"instance": 0.1, "front": 0.3})
+    # quiet machine: the steps' wall is their CPU, the rest (0.3 s) beats the main thread's
+    quiet = Sample(1.0, {"instance": 2.0, "instance loop": 0.6, "front": 2.3}, 10.7, 0.0)
+    assert quiet.minus(before)["instance"] == pytest.approx(0.3)
 
 
 def test_process_kinds_of_a_cluster():

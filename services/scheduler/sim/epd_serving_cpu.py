@@ -6,18 +6,21 @@ instance or encoder spends Python CPU outside its steps (its commands, msgpack, 
 loop, streaming every token over NATS, handoff bookkeeping), more the more processes a
 request crosses. This measures it, for `ServingCpu`:
 
-  1. every cluster process's utime+stime (/proc/<pid>/stat, threads included) and the
-     instances' reported step time (`StepStats.busy_seconds`) and tower time
-     (`EncoderStats.encode_seconds`), sampled around an idle second (the idle rate) and
-     around two bursts of the same number of fresh requests, one with few output tokens
-     and one with more;
-  2. per process kind, its CPU in each burst less the idle rate's share and (instances,
-     encoders) less the steps' and tower's time: the line through the two bursts gives
-     the CPU per request and per output token.
+  1. every cluster process's CPU time (/proc/<pid>/stat's utime+stime, every thread's,
+     in clock ticks), its main thread's apart (/proc/<pid>/task/<pid>/schedstat, to the
+     nanosecond), and the instances' reported step time
+     (`StepStats.busy_seconds`) and tower time (`EncoderStats.encode_seconds`), sampled
+     around an idle second (the idle rate) and around two bursts of the same number of
+     fresh requests, one with few output tokens and one with more;
+  2. per process kind, its CPU in each burst less the idle rate's share, and for instances
+     and encoders only what is outside the steps: the larger of their main threads' CPU
+     (the asyncio loop; the steps and tower calls run on another thread) and all their
+     CPU less the step or tower time they report (wall time: on a loaded machine it
+     exceeds the steps' CPU, so this bound comes out low there); the line through the two
+     bursts gives the CPU per request and per output token.
 
-The step time the instances report is wall time; on an oversubscribed machine it exceeds
-the step's CPU, so the loop's share comes out low rather than high (clamped at 0): send
-the bursts one request at a time (`calibrate(..., concurrency=1)`).
+Both bounds are low rather than high: the Mooncake threads of an instance count only in the
+second. The bursts go one request at a time, so the steps wait for the cores the least.
 """
 
 from __future__ import annotations
@@ -43,9 +46,27 @@ def stat_cpu_seconds(stat: str, ticks: int) -> float:
 
 
 def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (all its threads), in seconds."""
+    """utime + stime of `pid` (all its threads), in seconds (clock ticks: 10 ms steps)."""
     with open(f"/proc/{pid}/stat") as f:
         return stat_cpu_seconds(f.read(), os.sysconf("SC_CLK_TCK"))
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """Seconds thread `tid` of `pid` has run on a CPU, to the nanosecond (schedstat)."""
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+def cpu_and_loop_seconds(pid: int) -> tuple[float, float]:
+    """(all of `pid`'s threads, exited ones too: /proc/<pid>/stat's ticks; its main thread:
+    schedstat's nanoseconds, 0 where the kernel keeps none), seconds on a CPU. An
+    instance's or encoder's main thread runs its asyncio loop; its steps and tower calls
+    run on another."""
+    total = proc_cpu_seconds(pid)
+    try:
+        return total, thread_cpu_seconds(pid, pid)
+    except (OSError, ValueError, IndexError):
+        return total, 0.0
 
 
 def process_kind(name: str) -> str:
@@ -66,31 +87,37 @@ class Sample:
 
     at: float
     cpu: dict[str, float]
+    """By kind; "instance" and "encoder" also as "instance loop", "encoder loop": their
+    main threads'."""
     steps: float
     tower: float
 
     def minus(self, before: Sample) -> dict[str, float]:
-        """CPU seconds by kind between `before` and this, less the idle-free step and
-        tower time of the instances and encoders."""
+        """CPU seconds by kind between `before` and this outside the steps: for instances
+        and encoders, the larger of two lower bounds, their main threads' (the asyncio loop)
+        and all their threads' less the step or tower time they report (wall time, which
+        exceeds the CPU on a loaded machine)."""
         out = {k: v - before.cpu.get(k, 0.0) for k, v in self.cpu.items()}
-        if "instance" in out:
-            out["instance"] -= self.steps - before.steps
-        if "encoder" in out:
-            out["encoder"] -= self.tower - before.tower
+        for kind, inside in (("instance", self.steps - before.steps),
+                             ("encoder", self.tower - before.tower)):  # fmt: skip
+            if kind in out:
+                out[kind] = max(out[kind] - inside, out.pop(f"{kind} loop", 0.0))
         return out
 
 
 def sample(processes: list[dict], cluster_url: str) -> Sample:
     """`processes` as `Cluster.process_states()` gives them; `cluster_url` the gateway's
     /cluster (step and tower counters)."""
-    cpu: dict[str, float] = {CLIENT: proc_cpu_seconds(os.getpid())}
+    cpu: dict[str, float] = {CLIENT: cpu_and_loop_seconds(os.getpid())[0]}
     for row in processes:
         try:
-            seconds = proc_cpu_seconds(row["pid"])
+            seconds, loop = cpu_and_loop_seconds(row["pid"])
         except (FileNotFoundError, ProcessLookupError):
             continue
         kind = process_kind(row["name"])
         cpu[kind] = cpu.get(kind, 0.0) + seconds
+        if kind in ("instance", "encoder"):
+            cpu[f"{kind} loop"] = cpu.get(f"{kind} loop", 0.0) + loop
     instances = json.load(urllib.request.urlopen(cluster_url, timeout=10))["instances"]
     steps = sum(i["steps"]["busy_seconds"] for i in instances if i["role"] != "encode")
     tower = sum(i["encoder"]["encode_seconds"] for i in instances if i["role"] == "encode")
@@ -106,7 +133,8 @@ def fit_serving_cpu(
 ) -> ServingCpu:
     """The line through the two bursts (`requests` each, `tokens` = (short's, long's)
     output tokens a request), per kind, after the idle rate's share of each burst."""
-    rate = {k: v / max(1e-9, idle[1].at - idle[0].at) for k, v in idle[1].minus(idle[0]).items()}
+    span = max(1e-9, idle[1].at - idle[0].at)
+    rate = {k: max(0.0, v) / span for k, v in idle[1].minus(idle[0]).items()}
 
     def busy(burst: tuple[Sample, Sample]) -> dict[str, float]:
         length = burst[1].at - burst[0].at
