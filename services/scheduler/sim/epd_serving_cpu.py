@@ -25,6 +25,7 @@ second. The bursts go one request at a time, so the steps wait for the cores the
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -193,3 +194,50 @@ def calibrate(
         f"request + {cpu.instance_token * 1e3:.3f}/token; encoder loop "
         f"{cpu.encoder_request * 1e3:.2f}/image; idle {cpu.idle:.3f} cores")  # fmt: skip
     return cpu
+
+
+def image_chat(base_url: str, model: str, png: bytes, max_tokens: int) -> None:
+    """One streamed image chat through the gateway at `base_url` (.../v1), read to its end
+    (as a client does: every token's chunk goes through the gateway)."""
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    body = {
+        "model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "Describe the image."}]}],
+    }  # fmt: skip
+    request = urllib.request.Request(
+        f"{base_url}/chat/completions", json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for _ in response:
+            pass
+
+
+def calibrate_gateway(
+    base_url: str, height: int, width: int, requests: int = 8,
+    log: Callable[[str], None] = lambda _: None,
+) -> ServingCpu:  # fmt: skip
+    """`calibrate` a running `xllm up` cluster on this machine through its gateway (.../v1):
+    its processes from /cluster (the supervisor's rows), image chats of `height` x `width`."""
+    from xllm.engine.multimodal import random_image_bytes
+
+    root = base_url.removesuffix("/v1")
+    models = json.load(urllib.request.urlopen(f"{base_url}/models", timeout=10))
+    model = models["data"][0]["id"]
+
+    def processes() -> list[dict]:
+        rows = json.load(urllib.request.urlopen(f"{root}/cluster", timeout=10))["processes"]
+        if not rows:
+            raise RuntimeError(f"{root}/cluster lists no processes: not started by `xllm up`?")
+        return rows
+
+    def burst(n: int, tokens: int, seed: int) -> None:
+        for i in range(n):
+            png = random_image_bytes(height, width, seed=2**30 + 1000 * seed + i)
+            image_chat(base_url, model, png, tokens)
+
+    burst(1, 2, 0)  # warm
+    return calibrate(processes, f"{root}/cluster", burst, requests, log=log)

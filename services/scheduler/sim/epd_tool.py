@@ -8,7 +8,9 @@ strategy for a workload by simulating every topology of `--instances` with those
    earlier `--out`): the step of a `--decode-batch` decode batch, the largest encode batch
    and prefill token budget that keep a step within the TPOT SLO, the tower's cost per image
    size, the embedding bytes, a fitted cost profile of the language model's steps, what
-   a NATS message and a Mooncake read cost here, and the cores the processes will share.
+   a NATS message and a Mooncake read cost here, and the cores the processes will share;
+   with `--calibrate URL` (a live `xllm up` cluster here), the serving path's CPU outside
+   the steps, measured on it (epd_serving_cpu.py).
 2. The workload: COCO val2017 image sizes x `--image-scale` (epd_workload.py), `--requests`
    of them sent `--concurrency` at a time (closed loop, as benchmarks/epd_serving.py
    sends them), or at `--rate` req/s (Poisson) when given.
@@ -72,6 +74,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--policy", default="cache-aware", help="the scheduler's placement policy")
     e.add_argument("--profile", default="", help="an EPD profile JSON (from --out): no measuring")
     e.add_argument("--out", default="", help="path prefix: PREFIX.epd.json, PREFIX.hw.json")
+    e.add_argument("--calibrate", default="",
+                   help="a running `xllm up` cluster's gateway (http://HOST:PORT/v1) on this "
+                   "machine: measure its serving CPU outside the steps (epd_serving_cpu.py) "
+                   "into the profile; '' = the profile's (none when measured here)")  # fmt: skip
     e.add_argument("--cores", type=int, default=0,
                    help="cores the deployment's processes share; 0 = the profile's (measured)")  # fmt: skip
     e.add_argument("--seed", type=int, default=0)
@@ -164,6 +170,12 @@ def run(args: argparse.Namespace) -> int:
         hw = HardwareProfile.from_json(profile.hardware_profile)
     else:
         profile, hw = measure(args, processor, workload_at(0.0), log)
+    if args.calibrate:
+        from services.scheduler.sim.epd_serving_cpu import calibrate_gateway
+
+        mid = sorted(workload_at(0.0), key=lambda r: r.height * r.width)[args.requests // 2]
+        cpu = calibrate_gateway(args.calibrate, mid.height, mid.width, log=log)
+        profile = replace(profile, serving_cpu=cpu)
     if args.out:
         hw_path = Path(f"{args.out}.hw.json")
         hw.save(hw_path)
@@ -193,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
                          "max_encode_tokens": profile.max_encode_tokens,
                          "max_prefill_tokens": profile.max_prefill_tokens},
         "hops": dataclasses.asdict(hops), "cores": args.cores or profile.cores,
+        "serving_cpu": dataclasses.asdict(profile.serving_cpu),
         "reasons": result["reasons"], "candidates": result["candidates"],
     }))  # fmt: skip
     return 0
