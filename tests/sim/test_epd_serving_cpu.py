@@ -214,6 +214,8 @@ def test_the_cpu_of_crossing_processes_makes_colocated_win_and_none_does_not():
         nats_token=0.0001,
         instance_token=0.001,
     )
+    # the front's and the per-token CPU alone, the same for every topology: not colocated
+    assert choice(ServingCpu(**front)) != "EPD"
     # dear per process crossed (vs a 30 ms tower): each extra hop costs more than it saves
     assert choice(ServingCpu(**front, instance_request=0.020, encoder_request=0.020)) == "EPD"
 
