@@ -9,7 +9,10 @@ One run, three arms on the same image chats, the profiler first:
      deploy here (ED+P only where `--encode-on` exists), printing its predicted goodput,
      TTFT and TPOT per candidate and its reasons;
   2. three clusters of the Qwen2-VL checkpoint, one after the other: `colocated` (EPD,
-     `--instances N`), `chosen` (the profiler's; skipped when it is EPD itself) and `fixed`
+     `--instances N`) first, which, once warm, is also where the serving path's CPU outside
+     the steps is measured (`epd_serving_cpu.py`: two bursts of `--calibrate-requests`
+     fresh requests, one at a time) before the simulator chooses (so the choice charges
+     it); then `chosen` (the profiler's; skipped when it is EPD itself) and `fixed`
      (E+P+D 1E:1P:(N-2)D, or E+PD 1E:(N-1)PD when that is the choice or N < 3); the
      engines get `--max-encode-batch/--max-encode-tokens` from the profile where those
      flags exist.
@@ -49,6 +52,7 @@ from common import demo_model, emit
 from services.scheduler.hardware import HardwareProfile
 from services.scheduler.sim.epd_choice import KINDS, Topology
 from services.scheduler.sim.epd_profile import EpdProfile
+from services.scheduler.sim.epd_serving_cpu import calibrate
 from services.scheduler.sim.epd_tool import choose_topology, measure
 from services.scheduler.sim.epd_workload import ImageRequest, coco_workload
 from services.scheduler.sim.report import Slo
@@ -114,7 +118,10 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
 
-def run_config(name: str, config: ClusterConfig, engine_args, images, args) -> dict:
+def run_config(
+    name: str, config: ClusterConfig, engine_args, images, args, on_ready=None
+) -> dict:  # fmt: skip
+    """One arm's figures; `on_ready(cluster, client, model)` first, once it is warm."""
     print(f"== {name}: logs in {config.log_dir}", file=sys.stderr)
     with serving_cluster(config, engine_args) as cluster:
         cluster.wait_ready(600)
@@ -123,6 +130,8 @@ def run_config(name: str, config: ClusterConfig, engine_args, images, args) -> d
         warm = [random_image_bytes(56, 56, seed=2**31 + i) for i in range(config.num_instances)]
         with ThreadPoolExecutor(len(warm)) as pool:  # every instance's first steps are slow
             list(pool.map(lambda im: one_request(client, model, im, 2), warm))
+        if on_ready is not None:
+            on_ready(cluster, client, model)
         failures = 0
         results = []
         start = time.perf_counter()
@@ -187,33 +196,58 @@ def fixed_alternative(n: int, chosen: dict) -> Topology:
     return Topology("E+PD", encode=1, both=n - 1)
 
 
-def profiler(
-    args, model: Path, processor: ImageProcessorConfig, workload
-) -> tuple[dict, EpdProfile]:
-    t0 = time.perf_counter()
+def log(msg: str) -> None:
+    print(f"[profiler {time.perf_counter() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    def log(msg: str) -> None:
-        print(f"[profiler {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+T0 = time.perf_counter()
+
+
+def profile_of(args, model: Path, processor: ImageProcessorConfig, workload):
+    """(EPD profile, hardware profile): measured here, or `--profile`'s."""
     if args.profile:
         profile = EpdProfile.load(args.profile)
         hw = HardwareProfile.from_json(profile.hardware_profile)
     else:
         margs = argparse.Namespace(model=str(model), tpot_slo=args.tpot_slo, dtype=args.dtype,
-                                   decode_batch=args.concurrency, max_tokens=args.max_tokens)  # fmt: skip
+                                   decode_batch=args.concurrency, max_tokens=args.max_tokens,
+                                   cores=args.cores)  # fmt: skip
         profile, hw = measure(margs, processor, workload, log)
+    return profile, hw
+
+
+def calibrate_on(cluster, client, model: str, config: ClusterConfig, workload, args):
+    """The serving path's CPU outside the steps, from bursts on this live cluster (one
+    request at a time, fresh images of the workload's median size)."""
+    mid = sorted(workload, key=lambda r: r.height * r.width)[len(workload) // 2]
+
+    def burst(n: int, tokens: int, seed: int) -> None:
+        for i in range(n):
+            image = random_image_bytes(mid.height, mid.width, seed=2**30 + 1000 * seed + i)
+            one_request(client, model, image, tokens)
+
+    url = config.base_url.removesuffix("/v1") + "/cluster"
+    return calibrate(cluster.process_states, url, burst, args.calibrate_requests, log=log)
+
+
+def profiler(args, model: str, profile: EpdProfile, hw, workload) -> dict:
+    """The simulator's choice of topology for `workload` on `profile`."""
     tpot = profile.tpot_slo
     slo = Slo(ttft=args.ttft_slo / 1e3 if args.ttft_slo else 10 * tpot, tpot=tpot)
-    result = choose_topology(workload, str(model), hw, profile, slo, args.instances,
-                             deployable_kinds(), concurrency=args.concurrency)  # fmt: skip
+    result = choose_topology(workload, model, hw, profile, slo, args.instances,
+                             deployable_kinds(), concurrency=args.concurrency,
+                             cores=args.cores)  # fmt: skip
     print(result.pop("table"), file=sys.stderr)
     print("\n".join(result["reasons"]), file=sys.stderr)
     result["slo_ms"] = {"ttft": round(slo.ttft * 1e3, 2), "tpot": round(tpot * 1e3, 2)}
     result["profile"] = {k: getattr(profile, k) for k in (
         "decode_batch", "decode_step", "image_tokens", "max_encode_batch", "max_encode_tokens",
         "max_prefill_tokens")}  # fmt: skip
-    result["profile_seconds"] = round(time.perf_counter() - t0, 1)
-    return result, profile
+    result["profile"]["hops"] = dataclasses.asdict(profile.hops)
+    result["profile"]["cores"] = args.cores or profile.cores
+    result["profile"]["serving_cpu"] = dataclasses.asdict(profile.serving_cpu)
+    result["profile_seconds"] = round(time.perf_counter() - T0, 1)
+    return result
 
 
 def main() -> None:
@@ -231,6 +265,12 @@ def main() -> None:
     parser.add_argument("--ttft-slo", type=float, default=0.0, help="ms; 0 = 10 x TPOT SLO")
     parser.add_argument("--profile", default="", help="a saved EPD profile (profile-epd --out)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--cores", type=int, default=0,
+                        help="cores the arms' processes share, for the profiler's simulation; "
+                        "0 = what this process may use")  # fmt: skip
+    parser.add_argument("--calibrate-requests", type=int, default=8,
+                        help="requests per burst measuring the serving path's CPU on the "
+                        "colocated arm before the choice; 0 = the profile's (or none)")  # fmt: skip
     parser.add_argument("--log-dir", default="", help="default: a new temporary folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -238,27 +278,39 @@ def main() -> None:
     processor = ImageProcessorConfig.from_dir(model)
     workload = coco_workload(args.requests, 0.0, processor, args.image_scale, args.repeat,
                              args.max_tokens, args.seed)  # fmt: skip
-    choice, profile = profiler(args, model, processor, workload)
+    profile, hw = profile_of(args, model, processor, workload)
     images = images_of(workload)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="xllm-epd-"))
     # One torch thread per instance: what the profile measured, and no oversubscription.
     engine_args = ["--dtype", args.dtype, "--num-threads", "1", *encode_budget_args(profile)]
+
+    def config_of(name: str, shape: dict) -> ClusterConfig:
+        return ClusterConfig(model=str(model), host="127.0.0.1", port=free_port(),
+                             log_dir=str(log_dir / name), stop_grace=5, **shape)  # fmt: skip
+
+    state: dict = {"profile": profile}
+    colocated = config_of("colocated", {"instances": args.instances})
+
+    def choose_here(cluster, client, served: str) -> None:
+        """On the warm colocated arm: measure its serving CPU, then choose."""
+        if args.calibrate_requests > 0:
+            cpu = calibrate_on(cluster, client, served, colocated, workload, args)
+            state["profile"] = dataclasses.replace(profile, serving_cpu=cpu)
+        state["choice"] = profiler(args, str(model), state["profile"], hw, workload)
+
+    results = {"colocated": run_config("colocated", colocated, engine_args, images, args,
+                                       on_ready=choose_here)}  # fmt: skip
+    choice = state["choice"]
     fixed = fixed_alternative(args.instances, choice["cluster_options"])
-    arms = {"colocated": {"instances": args.instances}}
-    if choice["kind"] != "EPD":
-        arms["chosen"] = choice["cluster_options"]
+    arms = {"chosen": choice["cluster_options"]} if choice["kind"] != "EPD" else {}
     arms["fixed"] = fixed.cluster_options()
     labels = {"colocated": f"EPD {args.instances}PD", "chosen": choice["choice"],
               "fixed": fixed.label}  # fmt: skip
-    results = {}
+    results["colocated"] = {"topology": labels["colocated"], **results["colocated"]}
     for name, shape in arms.items():
-        config = ClusterConfig(
-            model=str(model), host="127.0.0.1", port=free_port(), log_dir=str(log_dir / name),
-            stop_grace=5, **shape,
-        )  # fmt: skip
         results[name] = {
             "topology": labels[name],
-            **run_config(name, config, engine_args, images, args),
+            **run_config(name, config_of(name, shape), engine_args, images, args),
         }
     emit({"benchmark": "epd_serving", "requests": args.requests, "concurrency": args.concurrency,
           "instances": args.instances, "image_scale": args.image_scale, "repeat": args.repeat,

@@ -46,6 +46,7 @@ def test_a_measured_step_encodes_every_image_beside_the_decodes_and_the_prefill(
     assert not bench.engine.sequences and not bench.engine.scheduler.has_unfinished()
     seconds, per_token = bench.tower_seconds([image, image], repeats=1)
     assert seconds > 0 and per_token == model.config.hidden_size * 4  # float32 rows
+    assert bench.decode_seconds(120, 160, repeats=1) > 0
 
 
 def test_profile_epd_cli_from_a_saved_profile(model_dir, tmp_path, capsys):
@@ -74,3 +75,14 @@ def test_profile_epd_cli_from_a_saved_profile(model_dir, tmp_path, capsys):
     assert result["cluster_options"] == chosen["cluster_options"]
     assert result["engine_flags"]["max_encode_batch"] == 4
     assert any("chosen" in line for line in out)
+
+
+def test_measure_hops_times_a_nats_round_trip_and_mooncake_reads(nats_url):
+    from services.scheduler.sim.epd_hops import measure_hops, mooncake_reads
+
+    reads = mooncake_reads([1 << 16, 1 << 22], repeats=2)
+    assert [n for n, _ in reads] == [1 << 16, 1 << 22]
+    assert all(seconds > 0 for _, seconds in reads)
+    hops = measure_hops(1 << 16, nats_url)
+    assert 0 < hops.nats_rtt < 1.0  # a real round trip through the server
+    assert hops.transfer_bw > 0 and hops.transfer_latency >= 0

@@ -3,6 +3,7 @@ cost fitted from tower timings, the profile's JSON round trip, and the strategy 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,7 +12,9 @@ from services.scheduler.sim.epd_choice import Topology, candidates, choose
 from services.scheduler.sim.epd_profile import (
     EncodeCost,
     EpdProfile,
+    HopCost,
     fit_encode_cost,
+    fit_transfer,
     max_under,
     search_budgets,
 )
@@ -51,6 +54,9 @@ def test_encode_cost_is_linear_between_sizes_and_one_overhead_per_call():
     assert cost.batch_seconds([10, 50]) == pytest.approx(0.008)
     assert cost.batch_seconds([]) == 0.0
     assert cost.embedding_bytes(30) == 30 * 512
+    decoding = EncodeCost(cost.points, 0.002, 512, decode_points=((10, 0.0005), (50, 0.0025)))
+    assert decoding.image_seconds(30) == pytest.approx(0.003 + 0.0015)  # tower + its file
+    assert decoding.batch_seconds([10, 50]) == pytest.approx(0.008 + 0.003)
 
 
 def test_fit_encode_cost_separates_the_call_overhead_from_per_image_time():
@@ -66,10 +72,32 @@ def test_profile_json_round_trip(tmp_path):
     profile = EpdProfile(
         model="m", tpot_slo=0.05, decode_batch=8, decode_ctx=128, decode_step=0.01,
         image_tokens=24, max_encode_batch=5, max_encode_tokens=120, max_prefill_tokens=900,
-        encode=EncodeCost(((24, 0.001),), 0.0005, 512), step_points=[{"images": 1}],
+        encode=EncodeCost(((24, 0.001),), 0.0005, 512, ((24, 0.0004),)),
+        step_points=[{"images": 1}], hops=HopCost(nats_rtt=4e-4, transfer_latency=3e-4, transfer_bw=8e8), cores=2,
     )  # fmt: skip
     profile.save(tmp_path / "p.json")
     assert EpdProfile.load(tmp_path / "p.json") == profile
+    # a profile saved before the trips and cores were measured: none of either
+    old = json.loads((tmp_path / "p.json").read_text())
+    del old["hops"], old["cores"], old["encode"]["decode_points"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = EpdProfile.load(tmp_path / "old.json")
+    assert loaded.hops == HopCost() and loaded.cores == 0 and loaded.encode.decode_points == ()
+
+
+def test_fit_transfer_and_the_hop_costs():
+    latency, bw = fit_transfer(
+        [(1 << 20, 0.0003 + (1 << 20) / 2e9), (1 << 16, 0.0003 + 2**16 / 2e9)]
+    )
+    assert latency == pytest.approx(0.0003) and bw == pytest.approx(2e9)
+    # noise: the larger read measured no slower; its average rate, never an infinite one
+    assert fit_transfer([(1 << 16, 0.0004), (1 << 20, 0.0003)]) == (0.0004, (1 << 20) / 0.0003)
+    hops = HopCost(nats_rtt=0.002, transfer_latency=latency, transfer_bw=bw)
+    assert hops.message == pytest.approx(0.001)
+    assert hops.transfer_seconds(2_000_000) == pytest.approx(0.0003 + 0.001)
+    assert HopCost().transfer_seconds(2_000_000) == 0.0  # not measured
+    assert hops.dispatch_messages(encoder=False, disaggregated=False) == 3
+    assert hops.dispatch_messages(encoder=True, disaggregated=True) == 6
 
 
 def test_candidates_cover_every_kind_and_split():

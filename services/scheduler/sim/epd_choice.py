@@ -129,9 +129,13 @@ def simulate(
     policy: str = "cache-aware",
     encoder_max_batch: int = ENCODER_MAX_BATCH,
     concurrency: int = 0,
+    cores: int | None = None,
 ) -> tuple[SimReport, dict]:
     """One topology's run: its report (named by its label) and its encoders' counters.
-    `concurrency` > 0: closed loop, that many requests in flight (arrival times ignored)."""
+    `concurrency` > 0: closed loop, that many requests in flight (arrival times ignored).
+    The processes share `cores` (None: the profile's; 0: a core each), and a request's
+    trips between them cost the profile's measured `hops`, its serving path's CPU outside
+    the steps the profile's `serving_cpu`."""
     model = load_model_config(model_config)
     sim = EpdSimulator(
         model, hw, ClusterSpec(topology.roles, instance), get_policy(policy),
@@ -139,7 +143,9 @@ def simulate(
         targets=FlipConfig(slo_ttft=slo.ttft, slo_tpot=slo.tpot),
         encode=profile.encode, num_encoders=topology.encode, encode_on=topology.encode_on,
         encoder_max_batch=encoder_max_batch, max_encode_batch=profile.max_encode_batch,
-        max_encode_tokens=profile.max_encode_tokens,
+        max_encode_tokens=profile.max_encode_tokens, hops=profile.hops,
+        serving_cpu=profile.serving_cpu,
+        cores=profile.cores if cores is None else cores,
     )  # fmt: skip
     requests = sim_requests(workload)
     requests = sim.run_closed(requests, concurrency) if concurrency else sim.run(requests)

@@ -8,13 +8,19 @@ Three things, all timed on one `Engine` (calibrate.py's `EngineBench`, one threa
     vision tower on the whole image, as a prefill reaching an image does; the budgets are
     binary-searched on these (`epd_profile.search_budgets`);
   * the vision tower alone on images of the workload's sizes, batched 1 and 4 (the encode
-    cost per image size, `fit_encode_cost`) and the bytes of its embeddings;
+    cost per image size, `fit_encode_cost`) and the bytes of its embeddings, and decoding
+    such an image's file (as the process that encodes it does first);
   * a small grid of decode and prefill steps fitted into a `HardwareProfile` (calibrate.py's
-    fit), for the simulator's language-model steps.
+    fit), for the simulator's language-model steps;
+
+and, outside the engine (`epd_hops.py`), a NATS message's and a Mooncake read's cost (the
+hardware profile's link between instances is the measured Mooncake one), and the cores
+this process may run on (what the deployment's processes will share).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +29,7 @@ import torch
 
 from services.scheduler.hardware import HardwareProfile
 from services.scheduler.sim import calibrate as cal
+from services.scheduler.sim.epd_hops import measure_hops
 from services.scheduler.sim.epd_profile import EpdProfile, fit_encode_cost, search_budgets
 from xllm.engine.multimodal import ImageInput, random_image_bytes
 
@@ -81,6 +88,17 @@ class EpdBench(cal.EngineBench):
 
         return measure
 
+    def decode_seconds(self, height: int, width: int, repeats: int = 3) -> float:
+        """Median seconds of decoding and preprocessing a noise PNG of this size (what the
+        instance or encoder that encodes an image does with its file first)."""
+        data = random_image_bytes(height, width, seed=height * 7919 + width)
+        times = []
+        for _ in range(repeats):
+            start = self.clock()
+            ImageInput.from_bytes(data, self.processor)
+            times.append(self.clock() - start)
+        return sorted(times)[len(times) // 2]
+
     @torch.inference_mode()
     def tower_seconds(self, images: list[ImageInput], repeats: int = 3) -> tuple[float, int]:
         """(median seconds of one tower call on `images`, embedding bytes per token)."""
@@ -105,6 +123,13 @@ def lm_grid(decode_batch: int, ctx: int) -> tuple[list[cal.Shape], list[cal.Shap
     return train, held_out
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or taskset's limit)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def profile_epd(
     model_dir: str | Path,
     sizes: list[tuple[int, int]],
@@ -115,9 +140,13 @@ def profile_epd(
     max_images: int = 64,
     max_prefill_tokens: int = 2048,
     log: Callable[[str], None] = lambda _: None,
+    nats_url: str = "",
+    cores: int = 0,
 ) -> tuple[EpdProfile, HardwareProfile]:
     """Measure `model_dir` for EPD: `sizes` are (height, width) of the workload's images,
-    the first the median one (the encode batch's); `tpot_slo` 0 = 4 x the decode step."""
+    the first the median one (the encode batch's); `tpot_slo` 0 = 4 x the decode step;
+    `nats_url` the NATS server to time messages through ('' = one started for it);
+    `cores` 0 = `usable_cores()`."""
     flops, bw = cal.measure_peaks(dtype)
     max_ctx = max(4 * decode_ctx + 64, max_prefill_tokens)
     bench = EpdBench(model_dir, dtype, decode_batch * 2 + max_images, max_ctx)
@@ -141,21 +170,26 @@ def profile_epd(
         tpot_slo = 4 * decode_step  # the default: room for a few times the decodes' work
         log(f"TPOT SLO: {tpot_slo * 1e3:.1f} ms (4 x the decode step)")
     max_encode, max_prefill = search_budgets(step, tpot_slo, max_images, max_prefill_tokens)
-    samples, per_token = [], 0
+    samples, decodes, per_token = [], {}, 0
     for h, w in sizes:
         image = bench.image(h, w)
         n = image.grid_thw[1] * image.grid_thw[2] // merge**2
+        decodes[n] = bench.decode_seconds(h, w)
+        log(f"decoding a {h}x{w} PNG ({n} tokens): {decodes[n] * 1e3:.2f} ms")
         for batch in (1, 4):
             seconds, per_token = bench.tower_seconds([image] * batch)
             samples.append((batch, n, seconds))
             log(f"tower: {batch} x {h}x{w} ({n} tokens): {seconds * 1e3:.2f} ms")
-    encode = fit_encode_cost(samples, per_token)
+    encode = replace(
+        fit_encode_cost(samples, per_token), decode_points=tuple(sorted(decodes.items()))
+    )
+    hops = measure_hops(encode.embedding_bytes(tokens), nats_url, log)
     train, held_out = lm_grid(decode_batch, decode_ctx)
     data = cal.measure_all(bench, [*train, *held_out], rounds=2, repeats=3, warmup=1, log=log)
     base = HardwareProfile(
         name=f"epd-{Path(model_dir).name}", peak_flops={dtype: flops}, mem_bw=bw,
-        interconnect_bw=1.25e9, memory_bytes=cal._memory_bytes(), kv_cache_bytes=2 * 2**30,
-        transfer_latency=200e-6,
+        interconnect_bw=hops.transfer_bw, memory_bytes=cal._memory_bytes(),
+        kv_cache_bytes=2 * 2**30, transfer_latency=hops.transfer_latency,
         source=f"fitted by `xllm sim profile-epd`, model {Path(model_dir).name} ({dtype})",
     )  # fmt: skip
     hw = cal.fit_factors(bench.model, data[: len(train)], base)
@@ -164,6 +198,7 @@ def profile_epd(
         model=Path(model_dir).name, tpot_slo=tpot_slo, decode_batch=decode_batch,
         decode_ctx=decode_ctx, decode_step=decode_step, image_tokens=tokens,
         max_encode_batch=max_encode, max_encode_tokens=max_encode * tokens,
-        max_prefill_tokens=max_prefill, encode=encode, step_points=points,
+        max_prefill_tokens=max_prefill, encode=encode, step_points=points, hops=hops,
+        cores=cores or usable_cores(),
     )  # fmt: skip
     return profile, hw

@@ -7,9 +7,12 @@ engine in `epd_measure.py`, a synthetic cost function in the tests),
   * the largest encode batch (images per step, beside a running decode batch), and
   * the largest prefill token budget (beside the same decode batch),
 
-whose step stays within the SLO, and records the vision tower's cost per image size and the
-bytes of an image's embeddings. Everything here is pure: the searches take the measuring as
-a function, `EncodeCost` is arithmetic on measured points, `EpdProfile` is plain data (JSON).
+whose step stays within the SLO, and records the vision tower's cost per image size, the
+bytes of an image's embeddings, what a request's trips between processes cost (`HopCost`:
+a NATS message, a Mooncake read), the cores the processes share and the serving path's
+CPU outside the steps (`ServingCpu`). Everything here is
+pure: the searches take the measuring as a function, `EncodeCost` and `HopCost` are
+arithmetic on measured points, `EpdProfile` is plain data (JSON).
 """
 
 from __future__ import annotations
@@ -46,26 +49,23 @@ def max_under(measure: Callable[[int], float], lo: int, hi: int, limit: float) -
 
 @dataclass(frozen=True, slots=True)
 class EncodeCost:
-    """The vision tower's seconds for an image, by the language-model tokens it becomes,
-    linear between measured sizes (and beyond the largest, on the last two's slope), plus a
-    fixed cost per tower call (one call encodes a whole batch)."""
+    """The seconds of encoding an image, by the language-model tokens it becomes, linear
+    between measured sizes (and beyond the largest, on the last two's slope): the vision
+    tower's, plus a fixed cost per tower call (one call encodes a whole batch), plus
+    decoding the image's file on the process that encodes it."""
 
     points: tuple[tuple[int, float], ...]
-    """(image tokens, seconds of that image alone, without `call_overhead`), by tokens."""
+    """(image tokens, tower seconds of that image alone, without `call_overhead`), by tokens."""
     call_overhead: float = 0.0
     bytes_per_token: int = 0
     """Embedding bytes per image token (hidden size x dtype bytes): what an encoder hands
     the instance that runs the prompt."""
+    decode_points: tuple[tuple[int, float], ...] = ()
+    """(image tokens, seconds to decode and preprocess such an image's file: PNG, resize,
+    patches; `ImageInput.from_bytes`), by tokens; () = not measured."""
 
     def image_seconds(self, tokens: int) -> float:
-        pts = self.points
-        if not pts:
-            return 0.0
-        if len(pts) == 1:
-            return pts[0][1] * tokens / max(1, pts[0][0])
-        i = min(max(bisect_left([t for t, _ in pts], tokens), 1), len(pts) - 1)
-        (t0, s0), (t1, s1) = pts[i - 1], pts[i]
-        return max(0.0, s0 + (s1 - s0) * (tokens - t0) / max(1, t1 - t0))
+        return _linear(self.points, tokens) + _linear(self.decode_points, tokens)
 
     def batch_seconds(self, tokens: Sequence[int]) -> float:
         """One tower call on images of these token counts (0 for none)."""
@@ -75,6 +75,17 @@ class EncodeCost:
 
     def embedding_bytes(self, tokens: int) -> int:
         return tokens * self.bytes_per_token
+
+
+def _linear(pts: tuple[tuple[int, float], ...], tokens: int) -> float:
+    """Seconds at `tokens` on the line through the measured (tokens, seconds) `pts`."""
+    if not pts:
+        return 0.0
+    if len(pts) == 1:
+        return pts[0][1] * tokens / max(1, pts[0][0])
+    i = min(max(bisect_left([t for t, _ in pts], tokens), 1), len(pts) - 1)
+    (t0, s0), (t1, s1) = pts[i - 1], pts[i]
+    return max(0.0, s0 + (s1 - s0) * (tokens - t0) / max(1, t1 - t0))
 
 
 def fit_encode_cost(samples: Sequence[tuple[int, int, float]], bytes_per_token: int) -> EncodeCost:
@@ -95,6 +106,82 @@ def fit_encode_cost(samples: Sequence[tuple[int, int, float]], bytes_per_token: 
     overhead = sorted(overheads)[len(overheads) // 2] if overheads else 0.0
     points = tuple((t, s) for t, s in sorted(per_image.items()))
     return EncodeCost(points, overhead, bytes_per_token)
+
+
+@dataclass(frozen=True, slots=True)
+class HopCost:
+    """The fixed costs of a request's trips between processes, measured (`epd_hops.py`);
+    all 0 = not measured (free messages, transfers priced by the hardware profile)."""
+
+    nats_rtt: float = 0.0
+    """Seconds of a small NATS request/reply through the server (two messages)."""
+    transfer_latency: float = 0.0
+    """Seconds of a Mooncake read apart from its bytes (registering the buffer, the call)."""
+    transfer_bw: float = 0.0
+    """Bytes per second of a Mooncake read between two local transfer engines."""
+
+    @property
+    def message(self) -> float:
+        """One message's seconds, sender to receiver (half a round trip)."""
+        return self.nats_rtt / 2
+
+    def dispatch_messages(self, encoder: bool, disaggregated: bool) -> int:
+        """Messages on a request's path to its first token, apart from the transfers: the
+        gateway's submit to the scheduler, the scheduler's command to the instance and the
+        first token's way back to the gateway; plus the encoder's request and reply
+        (`services/scheduler/encode.py`) and the decode instance asking the prefill one."""
+        return 3 + 2 * encoder + disaggregated
+
+    def transfer_seconds(self, nbytes: int) -> float:
+        return self.transfer_latency + nbytes / self.transfer_bw if self.transfer_bw else 0.0
+
+
+def fit_transfer(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(latency seconds, bytes per second) of the line through (bytes, seconds) of the
+    smallest and the largest transfer measured; when noise makes the larger no slower (a
+    loaded machine), the smallest's time as the latency and the largest's average rate."""
+    (b0, s0), (b1, s1) = min(samples), max(samples)
+    if b1 <= b0 or s1 <= s0:
+        return s0 if b1 > b0 else 0.0, b1 / max(s1, 1e-12)
+    slope = (s1 - s0) / (b1 - b0)
+    return max(0.0, s0 - slope * b0), 1.0 / slope
+
+
+@dataclass(frozen=True, slots=True)
+class ServingCpu:
+    """CPU seconds the serving path spends outside the engines' steps, per process kind,
+    measured on a live colocated cluster (`epd_serving_cpu.py`: /proc utime+stime of every
+    process around short bursts, minus the step and tower time the instances report); all
+    0 = not measured (the simulator then charges nothing). What a request costs where it
+    goes: the front (gateway, scheduler, the benchmark's client, the other servers) per
+    request and per streamed token, nats-server per message, each process it crosses
+    (instance or encoder loop: its command, msgpack, handoff bookkeeping) per request, and
+    the instance that decodes it per token (sampling out, streaming over NATS)."""
+
+    front_request: float = 0.0
+    """Gateway + scheduler + client + other servers, per request."""
+    front_token: float = 0.0
+    """The same, per output token (the gateway streams each one)."""
+    nats_message: float = 0.0
+    """nats-server per message on a request's way to its first token (a colocated request
+    sends `HopCost.dispatch_messages(False, False)` of them)."""
+    nats_token: float = 0.0
+    """nats-server per output token (one streamed message each)."""
+    instance_request: float = 0.0
+    """An instance's loop outside its steps, per request it takes (placed or handed over)."""
+    instance_token: float = 0.0
+    """An instance's loop outside its steps, per token it produces."""
+    encoder_request: float = 0.0
+    """An encoder's loop outside the tower, per image asked for (measured only on a
+    cluster with encoders; else `instance_request`)."""
+    idle: float = 0.0
+    """CPU seconds per second the whole idle cluster burns (heartbeats, polling): measured
+    and subtracted from the bursts, not charged."""
+
+    @property
+    def measured(self) -> bool:
+        return any((self.front_request, self.front_token, self.instance_request,
+                    self.instance_token, self.nats_message, self.nats_token))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +211,14 @@ class EpdProfile:
     """Every step measured in the searches: {decodes, images, prefill_tokens, seconds}."""
     hardware_profile: str = ""
     """The fitted language-model cost profile (JSON) saved beside this one, if any."""
+    hops: HopCost = HopCost()
+    """What a request's trips between processes cost here (NATS messages, Mooncake reads)."""
+    cores: int = 0
+    """CPU cores the deployment's processes share (the profiler's machine; 0 = a core for
+    every process, no sharing)."""
+    serving_cpu: ServingCpu = ServingCpu()
+    """The serving path's CPU outside the steps (measured on a live cluster; profiles saved
+    before it was measured load with none)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -135,8 +230,11 @@ class EpdProfile:
             tuple((int(t), float(s)) for t, s in enc["points"]),
             enc["call_overhead"],
             enc["bytes_per_token"],
+            tuple((int(t), float(s)) for t, s in enc.get("decode_points", ())),
         )
-        return cls(**{**d, "encode": encode})
+        hops = HopCost(**d.get("hops", {}))  # profiles saved before hops were measured: none
+        cpu = ServingCpu(**d.get("serving_cpu", {}))
+        return cls(**{**d, "encode": encode, "hops": hops, "serving_cpu": cpu})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.as_dict(), indent=2) + "\n")

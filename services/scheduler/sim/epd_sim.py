@@ -19,7 +19,23 @@ Where its image is encoded (the topologies of report §3.3):
     `max_encode_batch` images (`max_encode_tokens` tokens) a step (the engine's encode
     budget, the profiler's numbers), so they lengthen the decodes' steps as live.
 
-Times still come from the cost model for the model's steps, plus the encode cost here.
+Times still come from the cost model for the model's steps, plus the encode cost here, and
+two things of the machine the profiler measured (`EpdProfile.hops`, `.cores`):
+
+  * the trips between processes (`HopCost`): a request reaches its instance (or encoder)
+    `dispatch_messages` NATS messages after it is sent (the first token's way back to the
+    gateway counted there too), embeddings and a prefill's KV move at the measured
+    Mooncake latency and bandwidth, the KV's arrival announced by one more message;
+  * the CPU the processes share: with `cores` > 0, the instances' steps and the encoders'
+    tower calls are jobs of a processor-sharing queue (`epd_cpu.CpuShare`): while b
+    processes are busy, each runs at min(1, cores / b) of its measured speed, so its step
+    stretches by b / cores when oversubscribed.
+  * the serving path's CPU outside the steps (`ServingCpu`, measured live): on arrival the
+    front's and nats-server's share of the request and the loop of the instance that takes
+    it, before it is sent on; at each step, the instance's loop for the tokens it streams
+    (lengthening the step) and the front's for passing them on (beside it); at a handoff
+    the decode instance's loop again, at an encoder its loop per image: so a request that
+    crosses more processes costs more CPU on the shared cores, as live.
 """
 
 from __future__ import annotations
@@ -27,9 +43,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from services.scheduler.sim.epd_profile import EncodeCost
+from services.scheduler.sim.epd_cpu import CpuShare
+from services.scheduler.sim.epd_profile import EncodeCost, HopCost, ServingCpu
 from services.scheduler.sim.instance import ScheduledStep, SimInstance, SimRequest
-from services.scheduler.sim.simulator import ARRIVE, CALL, Simulator
+from services.scheduler.sim.simulator import ARRIVE, CALL, KV_LANDED, STEP_DONE, Simulator
 
 ENCODER_MAX_BATCH = 8
 """The encoder service's `--max-batch-images` default (services/encoder/config.py)."""
@@ -98,10 +115,19 @@ class EpdSimulator(Simulator):
         encoder_max_batch: int = ENCODER_MAX_BATCH,
         max_encode_batch: int = 0,
         max_encode_tokens: int = 0,
+        hops: HopCost | None = None,
+        cores: int = 0,
+        serving_cpu: ServingCpu | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.encode = encode
+        self.hops = hops = hops or HopCost()
+        """What a request's trips between processes cost (default: nothing)."""
+        self.cpu = CpuShare(cores) if cores > 0 else None
+        """The cores the instances and encoders share (None: a core each)."""
+        self.serving = serving_cpu or ServingCpu()
+        """The serving path's CPU outside the steps (default: none)."""
         self.encoders = [SimEncoder(f"encode-{i}", encoder_max_batch) for i in range(num_encoders)]
         if encode_on:  # ED+P: the decode instances host the encoders
             self.encoders += [
@@ -115,6 +141,10 @@ class EpdSimulator(Simulator):
                 if inst.role == encode_on
             ]
         self._hosted = {e.host: e for e in self.encoders if e.host}
+        self._messages = hops.dispatch_messages(
+            encoder=bool(self.encoders), disaggregated=any(r != "both" for r in self.cluster.roles)
+        )
+        self._dispatch = hops.message * self._messages
         self._closed: deque[SimRequest] = deque()
         """Closed loop: requests not yet sent, each sent when one in flight is done."""
 
@@ -135,9 +165,87 @@ class EpdSimulator(Simulator):
             following.arrival = self.now
             self._push(self.now, ARRIVE, following)
 
-    # -- encoders --------------------------------------------------------------------------
+    # -- the machine: shared cores, trips between processes --------------------------------
+
+    def _push(self, at: float, kind: int, payload: object) -> None:
+        if kind != STEP_DONE:
+            super()._push(at, kind, payload)
+            return
+        step = payload[1]  # type: ignore[index]
+        tokens = (
+            (len(step.shape.decode_context_lens) + step.shape.num_prefill_samples) if step else 0
+        )
+        loop = self.serving.instance_token * tokens  # the instance streams them out
+        if self.cpu is None:
+            super()._push(at + loop, kind, payload)
+            return
+        self._on_cpu(at - self.now + loop, kind, payload)  # a step: work on the shared cores
+        front = (self.serving.front_token + self.serving.nats_token) * tokens
+        if front:  # the gateway, nats-server, the client pass them on, beside the steps
+            self._on_cpu(front, CALL, (_nothing, ()))
+
+    def _on_cpu(self, work: float, kind: int, payload: object) -> None:
+        """Run `work` seconds on the shared cores; then the event (`kind`, `payload`)."""
+        if self.cpu is None:
+            super()._push(self.now + work, kind, payload)
+            return
+        self.cpu.start(self.now, work, (kind, payload))
+        self._next_cpu_end()
+
+    def _next_cpu_end(self) -> None:
+        at = self.cpu.next_end()  # type: ignore[union-attr]
+        if at is not None:
+            super()._push(at, CALL, (self._cpu_end, (self.cpu.version,)))  # type: ignore[union-attr]
+
+    def _cpu_end(self, version: int) -> None:
+        if version != self.cpu.version:  # type: ignore[union-attr]
+            return  # the share changed since: a later end was announced
+        for kind, payload in self.cpu.take_done(self.now):  # type: ignore[union-attr]
+            super()._push(self.now, kind, payload)
+        self._next_cpu_end()
+
+    def _transfer_seconds(self, nbytes: int) -> float:
+        """A Mooncake transfer: measured, else the hardware profile's link."""
+        if self.hops.transfer_bw:
+            return self.hops.transfer_seconds(nbytes)
+        return self.hw.transfer_latency + nbytes / self.hw.interconnect_bw
 
     def _on_arrival(self, req: SimRequest) -> None:
+        """The front takes the request in, its messages pass nats-server and the instance
+        that runs its prompt takes it (CPU, then the messages' latency)."""
+        cpu = self.serving
+        work = cpu.front_request + cpu.nats_message * self._messages + cpu.instance_request
+        if work:
+            self._on_cpu(work, CALL, (self._sent, (req,)))
+        else:
+            self._sent(req)
+
+    def _sent(self, req: SimRequest) -> None:
+        if self._dispatch:  # the messages on its way to an instance (or encoder)
+            self._push(self.now + self._dispatch, CALL, (self._dispatched, (req,)))
+        else:
+            self._dispatched(req)
+
+    def _hand_over(self, source: SimInstance, req: SimRequest) -> None:
+        """One more process takes the request over: its loop's CPU, the notification's."""
+        work = self.serving.instance_request + self.serving.nats_message
+        if work:
+            self._on_cpu(work, CALL, (self._send_kv, (source, req)))
+        else:
+            self._send_kv(source, req)
+
+    def _send_kv(self, source: SimInstance, req: SimRequest) -> None:
+        if not self.hops.transfer_bw:
+            super()._hand_over(source, req)
+            return
+        nbytes = req.num_prompt_tokens * self.model.kv_bytes_per_token
+        delay = self._transfer_seconds(nbytes) + self.hops.message  # then the notification
+        target = self._by_id[req.decode_instance_id]  # type: ignore[index]
+        self._push(self.now + delay, KV_LANDED, (source, target, req))
+
+    # -- encoders --------------------------------------------------------------------------
+
+    def _dispatched(self, req: SimRequest) -> None:
         if not isinstance(req, ImageSimRequest) or req.encoded or not self.encoders:
             self._place(req)
             return
@@ -158,9 +266,10 @@ class EpdSimulator(Simulator):
             return
         batch = encoder.take_batch()
         seconds = self.encode.batch_seconds([r.image_tokens for r in batch])
+        seconds += self.serving.encoder_request * len(batch)  # its loop: each image's request
         encoder.busy = True
         encoder.busy_time += seconds
-        self._push(self.now + seconds, CALL, (self._encoder_done, (encoder,)))
+        self._on_cpu(seconds, CALL, (self._encoder_done, (encoder,)))
 
     def _encoder_done(self, encoder: SimEncoder) -> None:
         encoder.busy = False
@@ -178,7 +287,7 @@ class EpdSimulator(Simulator):
         """The instance reads the embeddings (Mooncake), then the request is placed."""
         req.encoded = True
         nbytes = self.encode.embedding_bytes(req.image_tokens)
-        delay = self.hw.transfer_latency + nbytes / self.hw.interconnect_bw
+        delay = self._transfer_seconds(nbytes)
         self._push(self.now + delay, CALL, (self._place, (req,)))
 
     # -- encoding inside instances' steps ------------------------------------------------------
@@ -217,3 +326,7 @@ class EpdSimulator(Simulator):
             "images_encoded": sum(e.num_images for e in self.encoders),
             "cache_hit_rate": sum(e.num_hits for e in self.encoders) / queries if queries else 0.0,
         }
+
+
+def _nothing() -> None:
+    """What CPU charged beside the steps leads to: nothing but the cores it took."""

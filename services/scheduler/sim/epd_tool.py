@@ -7,11 +7,15 @@ strategy for a workload by simulating every topology of `--instances` with those
 1. Profile (epd_measure.py, the real engine in this process; or `--profile FILE` from an
    earlier `--out`): the step of a `--decode-batch` decode batch, the largest encode batch
    and prefill token budget that keep a step within the TPOT SLO, the tower's cost per image
-   size, the embedding bytes, and a fitted cost profile of the language model's steps.
+   size, the embedding bytes, a fitted cost profile of the language model's steps, what
+   a NATS message and a Mooncake read cost here, and the cores the processes will share;
+   with `--calibrate URL` (a live `xllm up` cluster here), the serving path's CPU outside
+   the steps, measured on it (epd_serving_cpu.py).
 2. The workload: COCO val2017 image sizes x `--image-scale` (epd_workload.py), `--requests`
    of them sent `--concurrency` at a time (closed loop, as benchmarks/epd_serving.py
    sends them), or at `--rate` req/s (Poisson) when given.
-3. Every candidate (epd_choice.py) simulated on it; the best goodput chosen, with a table of
+3. Every candidate (epd_choice.py) simulated on it (its processes sharing `--cores`, its
+   requests' trips between them at the measured costs); the best goodput chosen, with a table of
    every candidate and one JSON line: the choice, its `xllm up` flags, its reasons, the
    profile's budgets (`--max-encode-batch`, `--max-encode-tokens` for the engines).
 
@@ -22,6 +26,7 @@ TPOT SLO.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -69,6 +74,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--policy", default="cache-aware", help="the scheduler's placement policy")
     e.add_argument("--profile", default="", help="an EPD profile JSON (from --out): no measuring")
     e.add_argument("--out", default="", help="path prefix: PREFIX.epd.json, PREFIX.hw.json")
+    e.add_argument("--calibrate", default="",
+                   help="a running `xllm up` cluster's gateway (http://HOST:PORT/v1) on this "
+                   "machine: measure its serving CPU outside the steps (epd_serving_cpu.py) "
+                   "into the profile; '' = the profile's (none when measured here)")  # fmt: skip
+    e.add_argument("--cores", type=int, default=0,
+                   help="cores the deployment's processes share; 0 = the profile's (measured)")  # fmt: skip
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=run)
 
@@ -89,25 +100,29 @@ def measure(args: argparse.Namespace, processor: ImageProcessorConfig, workload,
     return profile_epd(
         args.model, sizes, args.tpot_slo / 1e3, decode_batch=args.decode_batch,
         decode_ctx=max(64, mid.num_prompt_tokens + args.max_tokens), dtype=args.dtype, log=log,
+        cores=getattr(args, "cores", 0),
     )  # fmt: skip
 
 
 def choose_topology(
     workload, model_dir: str, hw: HardwareProfile, profile: EpdProfile, slo: Slo,
     instances: int, kinds: tuple[str, ...], policy: str = "cache-aware", concurrency: int = 0,
+    cores: int = 0,
 ) -> dict:  # fmt: skip
-    """Simulate every candidate on `workload` (closed loop with `concurrency` > 0); the
-    choice, the reports and the reasons."""
+    """Simulate every candidate on `workload` (closed loop with `concurrency` > 0), its
+    processes sharing `cores` (0: the profile's); the choice, the reports and the reasons."""
     from services.scheduler.cost_model import load_model_config
     from services.scheduler.sim.epd_choice import candidates, choose, instance_spec, simulate
     from services.scheduler.sim.report import markdown_table
 
     spec = instance_spec(load_model_config(model_dir), hw)
     tops = candidates(instances, kinds)
-    runs = [
-        simulate(t, workload, model_dir, hw, profile, slo, spec, policy, concurrency=concurrency)
-        for t in tops
-    ]
+
+    def run(t):
+        return simulate(t, workload, model_dir, hw, profile, slo, spec, policy,
+                        concurrency=concurrency, cores=cores or None)  # fmt: skip
+
+    runs = [run(t) for t in tops]
     reports = [r for r, _ in runs]
     best, reasons = choose(reports, [t.kind for t in tops])
     return {
@@ -155,22 +170,31 @@ def run(args: argparse.Namespace) -> int:
         hw = HardwareProfile.from_json(profile.hardware_profile)
     else:
         profile, hw = measure(args, processor, workload_at(0.0), log)
+    if args.calibrate:
+        from services.scheduler.sim.epd_serving_cpu import calibrate_gateway
+
+        mid = sorted(workload_at(0.0), key=lambda r: r.height * r.width)[args.requests // 2]
+        cpu = calibrate_gateway(args.calibrate, mid.height, mid.width, log=log)
+        profile = replace(profile, serving_cpu=cpu)
     if args.out:
         hw_path = Path(f"{args.out}.hw.json")
         hw.save(hw_path)
         profile = replace(profile, hardware_profile=str(hw_path))
         profile.save(f"{args.out}.epd.json")
-    tpot = profile.tpot_slo
+    tpot, hops = profile.tpot_slo, profile.hops
     slo = Slo(ttft=args.ttft_slo / 1e3 if args.ttft_slo else 10 * tpot, tpot=tpot)
     how = f"at {args.rate} req/s" if args.rate else f"{args.concurrency} at a time"
     log(f"workload: {args.requests} COCO image requests {how}; simulating")
     concurrency = 0 if args.rate else args.concurrency
     result = choose_topology(workload_at(args.rate), args.model, hw, profile, slo,
-                             args.instances, kinds, args.policy, concurrency)  # fmt: skip
+                             args.instances, kinds, args.policy, concurrency, args.cores)  # fmt: skip
     print(f"EPD profile of {profile.model}: TPOT SLO {tpot * 1e3:.1f} ms; decode "
           f"{profile.decode_batch} alone {profile.decode_step * 1e3:.1f} ms; max encode batch "
           f"{profile.max_encode_batch} images of {profile.image_tokens} tokens; prefill budget "
-          f"{profile.max_prefill_tokens} tokens")  # fmt: skip
+          f"{profile.max_prefill_tokens} tokens; NATS round trip {hops.nats_rtt * 1e3:.2f} ms; "
+          f"Mooncake read {hops.transfer_latency * 1e3:.2f} ms + "
+          f"{hops.transfer_bw / 1e9:.2f} GB/s; {args.cores or profile.cores or 'a core per process'}"
+          " cores shared")  # fmt: skip
     print(result.pop("table"))
     print("\n".join(result["reasons"]))
     print(json.dumps({
@@ -180,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
         "engine_flags": {"max_encode_batch": profile.max_encode_batch,
                          "max_encode_tokens": profile.max_encode_tokens,
                          "max_prefill_tokens": profile.max_prefill_tokens},
+        "hops": dataclasses.asdict(hops), "cores": args.cores or profile.cores,
+        "serving_cpu": dataclasses.asdict(profile.serving_cpu),
         "reasons": result["reasons"], "candidates": result["candidates"],
     }))  # fmt: skip
     return 0
