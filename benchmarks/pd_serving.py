@@ -15,7 +15,15 @@ the same number of instances of the tiny demo model, one after another:
 Beside each configuration's live figures, the simulator's prediction for the same setup
 (`xllm sim` on the same trace slice, the `--sim-profile` hardware profile, the demo model's
 config, the same engine options and scheduler options): `sim` in the JSON, and
-`sim_vs_live`, the ratio of the two SLO attainments (within 0.8-1.2 = within 20%).
+`sim_vs_live`, sim / live of the SLO attainment (within 0.8-1.2 = within 20%) and of the
+latency percentiles. The sim models what serving adds to the engine steps the profile
+times (`services/scheduler/sim/serving.py`), each measured here: before its load, each
+cluster gets `--probes` requests one at a time (the trace slice's median prompt, 16 output
+tokens), and `fit_overheads` reads the per-request hop, the per-step loop cost and (on
+static PD) the prefill hop and the handoff from their times against the cost model; the
+instances share the cores this process may run on (`overheads` in the JSON). slo-pd's
+probes run whole (under capacity it places as colocated does), so its prefill hop and
+handoff are static PD's when that configuration ran first.
 
     .venv/bin/python benchmarks/pd_serving.py [--prefill 1 --decode 2 --time-scale 8 \
         --slo-ttft 1000 --slo-tpot 100]
@@ -31,7 +39,10 @@ configuration's logs stay in `--log-dir/<name>/`; a table per configuration goes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import random
 import sys
 import tempfile
 import threading
@@ -44,7 +55,7 @@ from common import emit
 from xllm.cli.bench.client import ClientConfig
 from xllm.cli.bench.report import LatencyStats, Slo, format_table, summarize
 from xllm.cli.bench.runner import LoadConfig, run_load
-from xllm.cli.bench.workloads import PromptMaker, trace_workload
+from xllm.cli.bench.workloads import BenchRequest, PromptMaker, trace_workload
 from xllm.cli.cluster import ClusterConfig, demo_model, free_port, serving_cluster
 
 
@@ -85,12 +96,17 @@ def settled_state(config: ClusterConfig, timeout: float = 20.0) -> dict:
         time.sleep(1.0)
 
 
-def run_config(name: str, config: ClusterConfig, engine_args, requests, slo: Slo) -> dict:
+def run_config(
+    name: str, config: ClusterConfig, engine_args, requests, slo: Slo, probes=()
+) -> tuple[dict, list]:
+    """The configuration's figures, and the records of `probes` sent one at a time first."""
     print(f"== {name}: logs in {config.log_dir}", file=sys.stderr)
     with serving_cluster(config, engine_args) as cluster:
         cluster.wait_ready(600)
         model = json.load(urllib.request.urlopen(config.base_url + "/models"))["data"][0]["id"]
         client = ClientConfig(config.base_url, model)
+        probed = run_load(list(probes), client, LoadConfig(concurrency=1, progress=False))
+        probed = probed.records if probes else []
         poller = RolePoller(config)
         poller.start()
         bench = run_load(requests, client, LoadConfig(timeout=600.0, progress=False))
@@ -134,7 +150,7 @@ def run_config(name: str, config: ClusterConfig, engine_args, requests, slo: Slo
         "kv_blocks_held_after": sum(i["kv"]["blocks_used"] for i in instances),
         "tokens_in_flight_after": sum(i["load"]["num_tokens_in_flight"] for i in instances),
         "log_dir": config.log_dir,
-    }
+    }, probed
 
 
 RATIO_KEYS = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "slo_attainment")
@@ -144,8 +160,11 @@ def ratios(result: dict, base: dict) -> dict:
     return {k: round(result[k] / base[k], 3) if base[k] else None for k in RATIO_KEYS}
 
 
-def sim_prediction(args: argparse.Namespace, name: str, shape: dict, model: Path) -> dict:
-    """The simulator's figures for configuration `name`, run as `xllm sim` would."""
+def sim_prediction(
+    args: argparse.Namespace, name: str, shape: dict, model: Path, overheads=None
+) -> dict:
+    """The simulator's figures for configuration `name`, run as `xllm sim` would, with
+    the serving `overheads` measured live (None: none)."""
     from services.scheduler.sim import run as sim_run
     from services.scheduler.sim import tool
 
@@ -162,6 +181,7 @@ def sim_prediction(args: argparse.Namespace, name: str, shape: dict, model: Path
             "--slo-tpot", str(args.slo_tpot / 1e3), "--pd", pd,
             "--min-decode-instances", str(shape.get("min_decode_instances", 2)),
             "--slo-admission", str(shape.get("slo_admission", 0.0)),
+            *overhead_args(overheads),
         ]
     )  # fmt: skip
     setup = sim_run.setup_from_args(sim_args, args.prefill + args.decode)
@@ -177,6 +197,47 @@ def sim_prediction(args: argparse.Namespace, name: str, shape: dict, model: Path
         "role_flips": report.role_flips,
         "roles_at_end": report.final_roles,
     }
+
+
+def overhead_args(o) -> list[str]:
+    if o is None:
+        return []
+    return [
+        "--request-overhead", str(o.request), "--prefill-hop", str(o.prefill_hop),
+        "--handoff-overhead", str(o.handoff), "--step-overhead", str(o.step),
+        "--cores", str(o.cores),
+    ]  # fmt: skip
+
+
+def probe_requests(requests, args: argparse.Namespace) -> list[BenchRequest]:
+    """`--probes` requests of the slice's median prompt (within one step) and 16 outputs."""
+    if not requests:
+        raise SystemExit("the trace slice holds no requests")
+    n = min(sorted(r.input_len for r in requests)[len(requests) // 2], 2048)
+    maker, rng = PromptMaker(None, chat=False, seed=args.seed + 1), random.Random(args.seed + 1)
+    return [BenchRequest(maker.make(n, rng), n, 16) for _ in range(args.probes)]
+
+
+def measured_overheads(name: str, shape: dict, records, model: Path, args, measured: dict):
+    """The serving overheads configuration `name`'s probes show (sim/serving.py)."""
+    from services.scheduler.cost_model import load_model_config
+    from services.scheduler.hardware import load_profile
+    from services.scheduler.sim.serving import Probe, ServingOverheads, fit_overheads
+
+    ok = [r for r in records if r.ok and r.ttft is not None and len(r.itl) >= 2]
+    if not ok:
+        return None
+    split = shape["policy"] == "least-load" and "prefill" in shape
+    probes = [Probe(r.input_len, r.ttft, tuple(r.itl), split) for r in ok]
+    cores = len(os.sched_getaffinity(0))
+    config, hw = load_model_config(str(model), "bfloat16"), load_profile(args.sim_profile)
+    fitted = fit_overheads(probes, config, hw, 2048, cores, whole=measured.get("colocated"))
+    static = measured.get("static-pd")
+    if shape["policy"] == "slo-pd" and static is not None:  # its probes ran whole
+        fitted = ServingOverheads(
+            fitted.request, static.prefill_hop, static.handoff, fitted.step, cores
+        )
+    return fitted
 
 
 def main() -> None:
@@ -199,6 +260,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--sim-only", action="store_true", help="print the sim's predictions, run no cluster"
+    )
+    parser.add_argument(
+        "--probes", type=int, default=3, help="requests sent alone first, to measure overheads"
     )
     args = parser.parse_args()
     model = demo_model()
@@ -236,19 +300,28 @@ def main() -> None:
         },
     }
     slo = Slo(args.slo_ttft, args.slo_tpot)
-    results, predicted = {}, {}
+    results, predicted, measured = {}, {}, {}
+    probes = probe_requests(requests, args)
     for name in args.configs.split(","):
-        predicted[name] = sim_prediction(args, name, shapes[name], model)
-        print(f"== {name}: the sim predicts {predicted[name]}", file=sys.stderr)
         if args.sim_only:
+            predicted[name] = sim_prediction(args, name, shapes[name], model)
+            print(f"== {name}: the sim predicts {predicted[name]}", file=sys.stderr)
             continue
         config = ClusterConfig(
             port=free_port(), log_dir=str(log_root / name), **common, **shapes[name]
         )
-        results[name] = run_config(name, config, engine_args, requests, slo)
+        results[name], records = run_config(name, config, engine_args, requests, slo, probes)
+        overheads = measured_overheads(name, shapes[name], records, model, args, measured)
+        if overheads is not None:
+            measured[name] = overheads
+            results[name]["overheads"] = dataclasses.asdict(overheads)
+        predicted[name] = sim_prediction(args, name, shapes[name], model, overheads)
+        print(f"== {name}: the sim predicts {predicted[name]}", file=sys.stderr)
         results[name]["sim"] = predicted[name]
-        live, sim = results[name]["slo_attainment"], predicted[name]["slo_attainment"]
-        results[name]["sim_vs_live"] = round(sim / live, 3) if live else None
+        results[name]["sim_vs_live"] = {
+            k: round(predicted[name][k] / results[name][k], 3) if results[name][k] else None
+            for k in RATIO_KEYS
+        }
     base = results.get("colocated")
     emit(
         {

@@ -35,6 +35,7 @@ from services.scheduler.policies.slo_pd import (
     prefill_instance,
     slo_pd,
 )
+from services.scheduler.policies.spare_capacity import whole_request_instance
 from xllm.protocol import ErrorCode
 
 ALL_ROLES = ("both", "prefill", "decode")
@@ -177,9 +178,14 @@ def _disaggregated(
     request: PlacementRequest, snapshot: ClusterSnapshot, policy: Policy, cost: DecodeCost | None
 ) -> Placement | None:
     """Prefill on one instance, decode on another: the policy picks each half among the
-    instances of that role. slo-pd picks the decode half knowing the prefill instance and
-    with the cost model (`slo_pd.decode_instance`): it may keep the decode there (hybrid)."""
+    instances of that role. slo-pd first places the request whole where it fits within
+    both targets (`spare_capacity`), else picks the decode half knowing the prefill
+    instance and with the cost model (`slo_pd.decode_instance`): it may keep the decode
+    there (hybrid)."""
     if policy is slo_pd:
+        whole = whole_request_instance(request, snapshot, cost)  # under capacity
+        if whole is not None:
+            return Placement(whole)
         prefill_id = prefill_instance(request, snapshot, cost)
     else:
         prefill_id = policy(replace(request, roles=("prefill",)), snapshot)

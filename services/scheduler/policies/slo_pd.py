@@ -1,7 +1,7 @@
 """SLO-aware dynamic PD disaggregation (report §3.2): where each half goes, and role flips.
 
 Two pure functions over a `ClusterSnapshot`, so the live scheduler and the simulator run
-the same code:
+the same code (before them, `spare_capacity` runs a request whole where no miss is predicted):
 
 * `slo_pd(request, snapshot)`, the placement policy, and with the cost model `placement`
   holds, `prefill_instance` and `decode_instance`. Prefill half: the prefill instance with

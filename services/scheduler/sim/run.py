@@ -17,6 +17,7 @@ from services.scheduler.rebalance import flip_config
 from services.scheduler.sim.backlog import OfflineBacklog, sharegpt_backlog
 from services.scheduler.sim.instance import InstanceSpec, SimRequest
 from services.scheduler.sim.report import SimReport, Slo, summarize
+from services.scheduler.sim.serving import ServingOverheads
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
 from xllm.cli.bench.traces import TraceRequest, load_trace
 from xllm.models.config import ModelConfig
@@ -85,6 +86,7 @@ class Setup:
             "instances": len(self.cluster.roles),
             "roles": list(self.cluster.roles),
             "instance": asdict(self.cluster.instance),
+            "overheads": asdict(self.cluster.overheads),
             "slo": asdict(self.slo),
             "scheduler": asdict(self.scheduler),
             "offline": None if self.offline is None else asdict(self.offline),
@@ -139,8 +141,18 @@ def setup_from_args(args: argparse.Namespace, instances: int) -> Setup:
     )
     if not trace:
         raise ValueError("the trace window holds no requests")
+    overheads = ServingOverheads(
+        args.request_overhead,
+        args.prefill_hop,
+        args.handoff_overhead,
+        args.step_overhead,
+        args.cores,
+    )
     cluster = ClusterSpec(
-        roles_of(instances, args.pd), spec, heartbeat_interval=args.heartbeat_interval
+        roles_of(instances, args.pd),
+        spec,
+        heartbeat_interval=args.heartbeat_interval,
+        overheads=overheads,
     )
     scheduler = SchedulerConfig(
         slo_ttft=args.slo_ttft,

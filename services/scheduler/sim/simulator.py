@@ -36,7 +36,7 @@ import heapq
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.scheduler.cluster import Registry
 from services.scheduler.cost_model import kv_transfer_time, step_time
@@ -54,6 +54,7 @@ from services.scheduler.sim.instance import (
     SimInstance,
     SimRequest,
 )
+from services.scheduler.sim.serving import ServingOverheads
 from services.scheduler.sim.tiers import TierSetup
 from xllm.models.config import ModelConfig
 
@@ -68,6 +69,8 @@ class ClusterSpec:
     heartbeat_interval: float = 0.25
     """`InstanceConfig.heartbeat_interval`'s default."""
     model_name: str = "m"
+    overheads: ServingOverheads = field(default_factory=ServingOverheads)
+    """What serving adds to the engines' steps (serving.py; none by default)."""
 
     @classmethod
     def colocated(cls, num_instances: int, instance: InstanceSpec, **kw) -> ClusterSpec:
@@ -148,8 +151,8 @@ class Simulator:
         self._num_online_left = len(requests)
         for i in range(len(self.instances)):  # every instance has joined at t = 0
             self._deliver(i, 0.0)
-        for req in [*self.backlog.start(), *requests]:
-            self._push(req.arrival, ARRIVE, req)
+        for req in [*self.backlog.start(), *requests]:  # placed once through the hops
+            self._push(req.arrival + self.cluster.overheads.request, ARRIVE, req)
         if self.flip_roles:
             self._push(self.plan_interval, PLAN, None)
         while self._events:
@@ -331,7 +334,12 @@ class Simulator:
         side = self._side_seconds(inst, step)
         if step is None and not side:
             return
-        seconds = side + (step_time(self.model, step.shape, self.hw) if step else 0.0)
+        overheads = self.cluster.overheads
+        seconds = side + (
+            step_time(self.model, step.shape, self.hw) + overheads.step if step else 0
+        )
+        if overheads.cores:  # the instances share the CPU: count the busy ones
+            seconds *= overheads.stretch(1 + sum(i.busy for i in self.instances))
         inst.busy = True
         inst.busy_time += seconds
         self._push(self.now + seconds, STEP_DONE, (inst, step, seconds))
@@ -361,14 +369,22 @@ class Simulator:
 
     def _start_prefills(self, decode: SimInstance) -> None:
         """The prefill halves of the requests `decode` has just reserved blocks for."""
+        hop = self.cluster.overheads.prefill_hop
         for req in decode.take_reserved():
-            inst = self._by_id[req.instance_id]  # type: ignore[index]
-            self._flush_heartbeat(self._index[inst.instance_id])
-            self._add(inst, req, hand_over=True)
+            if hop:  # live: a PrefillCmd from the decode instance, a NATS hop away
+                self._push(self.now + hop, CALL, (self._start_prefill, (req,)))
+            else:
+                self._start_prefill(req)
+
+    def _start_prefill(self, req: SimRequest) -> None:
+        inst = self._by_id[req.instance_id]  # type: ignore[index]
+        self._flush_heartbeat(self._index[inst.instance_id])
+        self._add(inst, req, hand_over=True)
 
     def _hand_over(self, source: SimInstance, req: SimRequest) -> None:
         """Send a finished prefill's KV to the decode instance chosen at placement."""
         delay = kv_transfer_time(self.model, req.num_prompt_tokens, self.hw)
+        delay += self.cluster.overheads.handoff
         target = self._by_id[req.decode_instance_id]  # type: ignore[index]
         self._push(self.now + delay, KV_LANDED, (source, target, req))
 

@@ -106,6 +106,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--heartbeat-interval", type=float, default=0.25, help="seconds between heartbeats"
     )
+    live = "measured serving overhead (sim/serving.py; benchmarks/pd_serving.py measures it)"
+    p.add_argument(
+        "--request-overhead", type=float, default=0.0, help=f"{live}: seconds per request"
+    )
+    p.add_argument(
+        "--prefill-hop", type=float, default=0.0, help=f"{live}: seconds more per split request"
+    )
+    p.add_argument(
+        "--handoff-overhead", type=float, default=0.0, help=f"{live}: seconds per KV handoff"
+    )
+    p.add_argument("--step-overhead", type=float, default=0.0, help=f"{live}: seconds per step")
+    p.add_argument(
+        "--cores", type=int, default=0, help="CPU cores the instances share (0 = a device each)"
+    )
     flips = "the scheduler's, for policies that flip roles (slo-pd)"
     p.add_argument(
         "--min-decode-instances", type=int, default=2, help=f"{flips}: decode instances kept"
