@@ -131,7 +131,9 @@ class ModelConfig:
             # Llama and Qwen3 say so with `attention_bias`.
             attention_bias=raw.get(
                 "attention_bias",
-                raw.get("qkv_bias", model_type in ("qwen2", "qwen2_moe", "qwen2_vl", "qwen2_vl_text")),
+                raw.get(
+                    "qkv_bias", model_type in ("qwen2", "qwen2_moe", "qwen2_vl", "qwen2_vl_text")
+                ),
             ),
             dtype=dtype_name(str(raw.get("torch_dtype") or raw.get("dtype") or "float32")),
             bos_token_id=raw.get("bos_token_id"),
