@@ -109,3 +109,20 @@ def test_graph_mode_falls_back_to_eager(tiny_model_dir, caplog, monkeypatch, cau
     fell_back = run_engine(engine, prompts, greedy(NEW_TOKENS))
     eager = run_engine(make_engine(model_dir), prompts, greedy(NEW_TOKENS))
     assert fell_back == eager
+
+
+def test_graph_mode_with_speculation_equals_eager(loopy_model_dir):
+    # Steps verifying drafts run eager, the plain decode steps through the graph: greedy
+    # output is the same either way.
+    model_dir = loopy_model_dir("qwen3")
+    prompts = random_prompts([12, 25, 40], 1000, seed=13)
+    outputs = {}
+    for graph in (False, True):
+        engine = make_engine(
+            model_dir, speculative="ngram", speculative_adaptive=False, graph_mode=graph
+        )
+        outputs[graph] = run_engine(engine, prompts, greedy(24))
+        assert engine.block_manager.num_free_blocks == 256
+        if graph:  # both kinds of step happened
+            assert 0 < engine.runner.graph.steps < engine.step_stats.num_steps - 1
+    assert outputs[True] == outputs[False]
