@@ -83,18 +83,20 @@ def bench_linear() -> list[dict]:
     return rows_out
 
 
-def engine_child(native: bool, args) -> dict:
-    """One variant, in this process: batch-1 decode steps, then `streams` at once."""
+def engine_child(native: bool, args, graph_mode: bool = False) -> dict:
+    """One variant, in this process: batch-1 decode steps, then `streams` at once
+    (graph_mode.py runs it with --graph-mode off and on)."""
     from xllm.config import EngineConfig
     from xllm.engine.engine import Engine
     from xllm.protocol.types import SamplingParams
 
-    model_dir = demo_model("qwen3", "small")
+    model_dir = demo_model("qwen3", getattr(args, "size", "small"))  # (tiny: smoke runs)
     engine = Engine(
         EngineConfig(
             model=str(model_dir),
             dtype="bfloat16",
             native_kernels=native,
+            graph_mode=graph_mode,
             max_num_seqs=args.streams,
             kv_cache_gb=1.0,
         )
@@ -104,7 +106,9 @@ def engine_child(native: bool, args) -> dict:
         for m in engine.runner.model.modules()
         if type(m).__name__ == "Linear"
     )
-    prompts = random_prompts(args.streams + 1, args.prompt_len, 151936, seed=1)
+    prompts = random_prompts(
+        args.streams + 1, args.prompt_len, engine.model_config.vocab_size, seed=1
+    )
 
     def run(batch: list[list[int]], tag: str) -> tuple[list[float], float, int]:
         params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)

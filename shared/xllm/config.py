@@ -220,6 +220,12 @@ class EngineConfig:
         "MoE models: ranks the expert slots are split over (torch.distributed, one process "
         "per rank, initialised by the launcher); 1 = all experts here.",
     )
+    graph_mode: bool = option(
+        False,
+        "Decode-only steps without per-op Python and dispatch (engine/graph_runner.py): one "
+        "native call per step on CPU, a CUDA/NPU graph replayed per padded batch-size bucket "
+        "on accelerators; built at start-up, eager (logged) where it cannot be.",
+    )
 
     def item_trie_paths(self) -> dict[str, str]:
         """--item-trie as name -> path; ValueError if malformed."""

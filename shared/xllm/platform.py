@@ -54,3 +54,43 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "npu":
         torch.npu.synchronize(device)  # type: ignore[attr-defined]
+
+
+# Device graphs (graph mode on accelerators, engine/graph_runner.py): CUDA graphs, or
+# torch_npu's NPUGraph, which mirrors their API.
+def _graphs_module(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda
+    if device.type == "npu":
+        return torch.npu  # type: ignore[attr-defined]
+    raise RuntimeError(f"device graphs need cuda or npu, not {device.type}")
+
+
+def new_graph(device: torch.device):
+    """An empty capturable graph: torch.cuda.CUDAGraph or torch.npu.NPUGraph."""
+    module = _graphs_module(device)
+    return module.CUDAGraph() if device.type == "cuda" else module.NPUGraph()
+
+
+def capturing(graph, device: torch.device, pool=None):
+    """Context manager recording the device work issued inside it into `graph`; graphs
+    sharing `pool` share their memory (they never replay at the same time)."""
+    return _graphs_module(device).graph(graph, pool=pool)
+
+
+def graph_pool(graph):
+    """`graph`'s memory pool, for the next capture to share."""
+    return graph.pool()
+
+
+def warm_up(device: torch.device, step, times: int = 2) -> None:
+    """Run `step` on a side stream before capture (lazy inits, allocator warm-up), as
+    CUDA graph capture requires."""
+    module = _graphs_module(device)
+    stream = module.Stream()
+    stream.wait_stream(module.current_stream())
+    with module.stream(stream):
+        for _ in range(times):
+            step()
+    module.current_stream().wait_stream(stream)
+    synchronize(device)

@@ -37,6 +37,27 @@ def model_dir(tiny_model_dir, arch):
     return str(tiny_model_dir(arch))
 
 
+@pytest.fixture(params=["eager", "graph"])
+def engine_of(request, arch):
+    """make_engine, eager or with --graph-mode (decode-only steps through the graph:
+    engine/graph_runner.py); MoE models have no graph (they fall back to eager)."""
+    graph = request.param == "graph"
+    if graph and arch in MOE_ARCHS:
+        pytest.skip("MoE models run eager in graph mode (test_graph_mode.py: fallback)")
+
+    engines = []
+
+    def make(model_dir, **options):
+        engine = make_engine(model_dir, graph_mode=graph, **options)
+        assert (engine.runner.graph is not None) == graph
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:  # the graph did run the decode steps
+        assert not graph or engine.runner.graph.steps > 0
+
+
 def prompt_logits(engine, prompt: list[int]) -> torch.Tensor:
     """Our logits at every prompt position, via the runner's own input preparation."""
     seq = Sequence("probe", prompt, SamplingParams())
@@ -61,16 +82,16 @@ def test_prefill_logits_match_transformers(model_dir, hf_model):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_greedy_single_prompt_matches_transformers(model_dir, hf_model):
-    engine = make_engine(model_dir)
+def test_greedy_single_prompt_matches_transformers(model_dir, hf_model, engine_of):
+    engine = engine_of(model_dir)
     (prompt,) = random_prompts([23], engine.model_config.vocab_size, seed=1)
     out = run_engine(engine, [prompt], greedy(NEW_TOKENS))
     assert_greedy_matches(hf_model(model_dir), prompt, out["0"], NEW_TOKENS)
     assert len(set(out["0"])) > 5, "degenerate model output makes this test meaningless"
 
 
-def test_greedy_mixed_batch_matches_transformers(model_dir, hf_model):
-    engine = make_engine(model_dir)
+def test_greedy_mixed_batch_matches_transformers(model_dir, hf_model, engine_of):
+    engine = engine_of(model_dir)
     prompts = random_prompts([3, 17, 64, 31, 100], engine.model_config.vocab_size, seed=2)
     out = run_engine(engine, prompts, greedy(NEW_TOKENS))
     hf = hf_model(model_dir)
@@ -78,9 +99,9 @@ def test_greedy_mixed_batch_matches_transformers(model_dir, hf_model):
         assert_greedy_matches(hf, prompt, out[str(i)], NEW_TOKENS)
 
 
-def test_chunked_prefill_matches_transformers(model_dir, hf_model):
+def test_chunked_prefill_matches_transformers(model_dir, hf_model, engine_of):
     # A 16-token budget cuts the 90-token prompt into 6+ chunks, interleaved with decodes.
-    engine = make_engine(model_dir, max_num_batched_tokens=16)
+    engine = engine_of(model_dir, max_num_batched_tokens=16)
     prompts = random_prompts([90, 5, 40], engine.model_config.vocab_size, seed=3)
     out = run_engine(engine, prompts, greedy(NEW_TOKENS))
     hf = hf_model(model_dir)
@@ -89,8 +110,8 @@ def test_chunked_prefill_matches_transformers(model_dir, hf_model):
     assert engine.step_stats.num_steps > NEW_TOKENS + 5
 
 
-def test_prefix_cache_hit_matches_transformers(model_dir, hf_model):
-    engine = make_engine(model_dir)
+def test_prefix_cache_hit_matches_transformers(model_dir, hf_model, engine_of):
+    engine = engine_of(model_dir)
     vocab = engine.model_config.vocab_size
     system, tail_a, tail_b = random_prompts([70, 9, 13], vocab, seed=4)
     first = run_engine(engine, [system + tail_a], greedy(NEW_TOKENS))
@@ -103,9 +124,9 @@ def test_prefix_cache_hit_matches_transformers(model_dir, hf_model):
     assert_greedy_matches(hf, system + tail_b, second["0"], NEW_TOKENS)
 
 
-def test_preemption_and_recompute_match_transformers(model_dir, hf_model):
+def test_preemption_and_recompute_match_transformers(model_dir, hf_model, engine_of):
     # 10 blocks of 16 tokens cannot hold four 30 + 40 token sequences at once.
-    engine = make_engine(model_dir, num_kv_blocks=10, enable_prefix_caching=False)
+    engine = engine_of(model_dir, num_kv_blocks=10, enable_prefix_caching=False)
     prompts = random_prompts([30, 30, 30, 30], engine.model_config.vocab_size, seed=5)
     out = run_engine(engine, prompts, greedy(NEW_TOKENS))
     assert engine.scheduler.num_preemptions > 0

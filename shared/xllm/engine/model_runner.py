@@ -20,6 +20,7 @@ import torch
 
 from xllm.config import EngineConfig
 from xllm.engine.batch_layout import CHUNK, DECODE, VERIFY, Run, lay_out
+from xllm.engine.graph_runner import DecodeGraph, build_decode_graph, is_decode_only, padding_blocks
 from xllm.engine.kv_cache import KVCache
 from xllm.engine.multimodal import model_inputs
 from xllm.engine.rejection_sampler import RejectionSampler
@@ -55,7 +56,7 @@ class ModelRunner:
         """The steps' vision-tower calls: `batches`, `images_encoded`, `encode_seconds`."""
         self.kv_cache = KVCache(
             model_config.num_hidden_layers,
-            num_blocks,
+            num_blocks + padding_blocks(config.graph_mode, device),
             config.block_size,
             model_config.num_key_value_heads,
             model_config.head_dim,
@@ -72,6 +73,10 @@ class ModelRunner:
             self.draft = DraftModel(
                 config.draft_model, model_config, dtype, device, num_blocks, config.block_size
             )
+        self.graph: DecodeGraph | None = None
+        """Decode-only steps' fast path (--graph-mode), None = eager."""
+        if config.graph_mode:
+            self.graph = build_decode_graph(self.model, self.kv_cache, config.max_num_seqs, device)
         self.sampler = Sampler(model_config.eos_token_ids)
         self.rejection_sampler = RejectionSampler()
 
@@ -89,6 +94,8 @@ class ModelRunner:
                 self.model, items, positions, out.encodes, self.tower_stats
             )
             hidden = self.model(input_ids, positions, meta, image_embeds)
+        elif self.graph is not None and is_decode_only(meta, len(input_ids)):
+            hidden = self.graph.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, meta)  # [N, hidden]
         self.kv_cache.copy_blocks(out.block_copies)

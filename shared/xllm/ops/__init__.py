@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCE = _CSRC / "cpu_kernels.cpp"
+_SOURCES = [_SOURCE, _CSRC / "decode_stack.cpp"]  # (graph mode's one-call decode step)
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
@@ -77,7 +78,7 @@ def _build() -> ModuleType | None:
         digest = hashlib.sha256(key).hexdigest()[:12]
         return load(
             name=f"xllm_cpu_kernels_{digest}",
-            sources=[str(_SOURCE)],
+            sources=[str(s) for s in _SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -142,3 +143,13 @@ def fast_linear(
         return None
     kernel, max_rows = _native_linear()
     return kernel(x, packed, weight.shape[0], bias) if x.shape[0] <= max_rows else None
+
+
+def native_linear_choice() -> tuple[int, int]:
+    """(kernel, largest batch) of `fast_linear`'s choice, for native code that repeats it:
+    kernel 0 = none (F.linear), 1 = packed_bf16_linear, 2 = amx_linear."""
+    native = kernels()
+    if native is None:
+        return 0, 0
+    _, max_rows = _native_linear()
+    return (2 if native.has_amx() else 1), max_rows

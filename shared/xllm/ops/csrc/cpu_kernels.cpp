@@ -706,7 +706,10 @@ at::Tensor amx_linear(at::Tensor, at::Tensor, int64_t, c10::optional<at::Tensor>
 bool has_amx() { return false; }
 #endif
 
+void register_decode_stack(pybind11::module& m);  // decode_stack.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_decode_stack(m);
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
   m.def("paged_verify_attention", &paged_verify_attention, "multi-token (speculative verification) attention over the paged KV pool");
   m.def("packed_bf16_linear", &packed_bf16_linear, "bfloat16 linear over packed weights (AVX512-BF16 or AVX2)");
