@@ -46,7 +46,6 @@ from pathlib import Path
 import openai
 from common import demo_model, emit
 
-from services.scheduler.hardware import HardwareProfile
 from services.scheduler.sim.epd_choice import KINDS, Topology
 from services.scheduler.sim.epd_profile import EpdProfile
 from services.scheduler.sim.epd_tool import choose_topology, measure
@@ -55,6 +54,7 @@ from services.scheduler.sim.report import Slo
 from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
 from xllm.config import EngineConfig
 from xllm.engine.multimodal import random_image_bytes
+from xllm.hardware import HardwareProfile
 from xllm.image_processor import ImageProcessorConfig
 
 WIDE_TOWER = {"depth": 4, "embed_dim": 128, "num_heads": 4}
