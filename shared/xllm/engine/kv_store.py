@@ -136,19 +136,21 @@ class KvStore:
         key = self.key(block_hash)
         data = self.client.get(key)
         if len(data) != num_bytes and self.read_replica is not None:
+            log.info("store block %s: its first replica is unreadable; trying the others", key)
             data = self._read_other_replicas(key, num_bytes) or data
         if len(data) != num_bytes:
             raise KvStoreMiss(f"block {block_hash:016x}: {len(data)} bytes, not {num_bytes}")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def _read_other_replicas(self, key: str, num_bytes: int) -> bytes | None:
-        """The object from its second, third, ... memory replica: the first is the one
-        `get` failed on. (Asking for the descriptors takes a lease on the object, as `get`
-        does, so the master does not reuse its memory while we read.)"""
+        """The object from the first of its memory replicas that can be read. Every one is
+        tried: the list's order need not be the one `get` tried, and a dead client's refuses
+        the connection at once. (Asking for the descriptors takes a lease on the object, as
+        `get` does, so the master does not reuse its memory while we read.)"""
         from mooncake.store import ReplicaStatus
 
         assert self.read_replica is not None
-        for replica in self.client.get_replica_desc(key)[1:]:
+        for replica in self.client.get_replica_desc(key):
             if not replica.is_memory_replica() or replica.status != ReplicaStatus.COMPLETE:
                 continue
             where = replica.get_memory_descriptor().buffer_descriptor
@@ -157,6 +159,7 @@ class KvStore:
             data = self.read_replica(where.transport_endpoint, where.buffer_address, num_bytes)
             if data is not None and len(data) == num_bytes:
                 self.replica_reads += 1
+                log.info("store block %s read from %s", key, where.transport_endpoint)
                 return data
         return None
 

@@ -380,12 +380,8 @@ class KvTiers:
     def held(self) -> list[tuple[int, str]]:
         """(block hash, tier) of every block the host and disk tiers hold, and of those this
         instance put in the store and last found there (for a snapshot)."""
-        store = self.audit.held if self.audit is not None else ()
-        return (
-            [(h, HOST) for h in self.host]
-            + [(h, DISK) for h in self.disk or ()]
-            + [(h, STORE) for h in store]
-        )
+        store = [(h, STORE) for h in self.audit.held] if self.audit is not None else []
+        return [(h, HOST) for h in self.host] + [(h, DISK) for h in self.disk or ()] + store
 
     def check_integrity(self) -> None:
         """Assert the tier invariants of the module docstring (tests call this)."""
