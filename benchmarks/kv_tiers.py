@@ -15,9 +15,9 @@ are evicted from the device and come back from the slower tiers, or are recomput
 
 `--size small` runs the `small` demo model instead (Qwen3-0.6B's shapes, bf16), where a
 prefill costs what it does on a real model on this CPU (tens of ms a token), so a prefix hit
-from host memory or the store shows in TTFT; its defaults are a shorter, thinner slice and
-a device pool of 64 blocks (each ~1.8 MB), so one run of the three setups stays near 8
-minutes on 2 cores. `--size tiny` (the default) is the tiny demo model, where prefill is
+from host memory or the store shows in TTFT; its defaults are a thinner slice (33 requests)
+and a device pool of 96 blocks (each ~1.8 MB), meant to keep one run of the three setups
+near 8 minutes on 2 cores (an estimate, not measured yet). `--size tiny` (the default) is the tiny demo model, where prefill is
 nearly free and the TTFT differences are mostly queueing.
 
 Per setup: hit tokens by tier (device = hits minus what the tiers loaded; host / disk /
@@ -54,7 +54,7 @@ TIERS = ("host", "disk", "store")
 SIZE_DEFAULTS = {
     "tiny": {},
     "small": dict(
-        trace_duration=900.0, keep=0.01, max_model_len=2048, num_kv_blocks=64, host_kv_gb=0.5
+        trace_duration=900.0, keep=0.01, max_model_len=1024, num_kv_blocks=96, host_kv_gb=0.5
     ),
 }
 """`--size`: the defaults that differ from the tiny model's (an explicit flag still wins)."""

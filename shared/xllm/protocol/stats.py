@@ -178,8 +178,8 @@ class KvTierCounters:
     """Blocks this tier dropped (host: spilled to disk or gone; store: blocks this instance
     put that an audit found gone, evicted by the store or lost with its master)."""
     replica_reads: int = 0
-    """Store: blocks read from a replica other than the first, whose read failed (its
-    client's segment died with it)."""
+    """Store: blocks read replica by replica after Mooncake's `get` (its first replica)
+    failed, as when that replica's client died with its segment."""
 
 
 @dataclass(slots=True, kw_only=True)
