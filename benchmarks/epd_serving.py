@@ -49,7 +49,6 @@ from pathlib import Path
 import openai
 from common import demo_model, emit
 
-from services.scheduler.hardware import HardwareProfile
 from services.scheduler.sim.epd_choice import KINDS, Topology
 from services.scheduler.sim.epd_profile import EpdProfile
 from services.scheduler.sim.epd_serving_cpu import calibrate
@@ -59,6 +58,7 @@ from services.scheduler.sim.report import Slo
 from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
 from xllm.config import EngineConfig
 from xllm.engine.multimodal import random_image_bytes
+from xllm.hardware import HardwareProfile
 from xllm.image_processor import ImageProcessorConfig
 
 WIDE_TOWER = {"depth": 4, "embed_dim": 128, "num_heads": 4}

@@ -1,11 +1,19 @@
 """Time to recover a killed instance's request: re-fetching its KV from the store vs
 recomputing it.
 
-Per setup, a fresh `xllm up` cluster of 2 PD-colocated instances of the tiny demo model:
+Per setup, a fresh `xllm up` cluster of the tiny demo model, `--topology colocated` (2
+PD-colocated instances, one killed) or `pd` (1 prefill + 2 decode instances, the decode
+instance streaming the request killed):
 
-* `recompute`: no KV tiers; the survivor recomputes the prompt and the tokens generated so far;
+* `recompute`: no KV tiers; the survivor recomputes the prompt and the tokens generated so far
+  (in PD the prefill instance still holds the prompt in its device prefix cache, so only the
+  generated tokens are recomputed, then sent to the other decode instance);
 * `refetch`: `--kv-store` with `--host-kv-gb` and `--kv-store-replicas 2`; the survivor
-  fetches every full block (prompt and decode) from Mooncake Store and recomputes the rest.
+  fetches every full block (prompt and decode) from Mooncake Store and recomputes the rest
+  (in PD: the prefill instance fetches the dead instance's decoded blocks to serve the
+  resumed prompt, the other decode instance's reservation fetches what it can, and the
+  prefill side sends the rest; blocks whose first copy was in the dead instance's segment
+  are read from their other replica).
 
 One streamed request with a `--prompt-tokens` random prompt and `--max-tokens` output; after
 `--kill-after` streamed chunks (time for the victim's puts to finish) the instance running
@@ -13,9 +21,10 @@ it is SIGKILLed. Time to recover = the stream's longest stall from the kill on (
 notices the death, resubmits, the survivor prefills or loads). The demo model is bfloat16:
 recomputing the prompt and the generated tokens in one prefill may round differently from
 the original decode steps and change the greedy text; re-fetched KV is the original's. Also reported: the survivor's blocks fetched from the store, and whether
-the text equals the engine alone's (greedy, EOS ignored).
+the text equals the engine alone's (greedy, EOS ignored), and the surviving instances' store
+loads that failed and blocks read from a second replica.
 
-    cd benchmarks && PYTHONPATH=../shared:.. ../.venv/bin/python kv_failover.py
+    cd benchmarks && PYTHONPATH=../shared:.. ../.venv/bin/python kv_failover.py [--topology pd]
 
 Prints one JSON line. Timing figures mean something only on a quiet machine.
 """
@@ -42,6 +51,9 @@ from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
 from xllm.cli.cluster.topology import demo_model
 
 SETUPS = ("recompute", "refetch")
+TOPOLOGIES = {"colocated": dict(instances=2), "pd": dict(prefill=1, decode=2)}
+"""`--topology`: the cluster's instances; the victim and the survivor are of the role that
+streams (colocated: "both"; PD: "decode")."""
 
 
 def run_setup(setup: str, prompt: list[int], args: argparse.Namespace) -> dict:
@@ -49,12 +61,12 @@ def run_setup(setup: str, prompt: list[int], args: argparse.Namespace) -> dict:
         model=args.model,
         host="127.0.0.1",
         port=free_port(),
-        instances=2,
         policy="round-robin",
         kv_store=setup == "refetch",
         log_dir=tempfile.mkdtemp(prefix=f"xllm-kv-failover-{setup}-"),
         log_level="WARNING",
         max_restarts=0,
+        **TOPOLOGIES[args.topology],
     )
     engine_args = ["--num-kv-blocks", str(args.num_kv_blocks), "--num-threads", "1"]
     if setup == "refetch":
@@ -87,15 +99,19 @@ def run_setup(setup: str, prompt: list[int], args: argparse.Namespace) -> dict:
         thread.start()
         if not started.wait(600):
             raise RuntimeError(f"{setup}: the stream did not start")
+        streaming_role = "decode" if args.topology == "pd" else "both"
         running = [
-            i for i in cluster_state(config.base_url)["instances"] if i["load"]["num_running"]
+            i
+            for i in cluster_state(config.base_url)["instances"]
+            if i["load"]["num_running"] and i["role"] == streaming_role
         ]
         victim = running[0]["instance_id"]
         killed_at = time.monotonic()
         os.kill(cluster.processes[victim].pid, signal.SIGKILL)
         thread.join(timeout=600)
         time.sleep(1.0)  # a survivor heartbeat after the resume
-        survivor = next(iter(cluster_state(config.base_url)["instances"]))
+        survivors = cluster_state(config.base_url)["instances"]
+        survivor = next(i for i in survivors if i["role"] == streaming_role)
     # The stall the kill caused: the longest gap between tokens from the last one before it
     # (chunks already on their way when it struck may still arrive just after it).
     last_before = max(i for i, t in enumerate(arrivals) if t < killed_at)
@@ -106,6 +122,9 @@ def run_setup(setup: str, prompt: list[int], args: argparse.Namespace) -> dict:
         "steady_inter_token_s": round(mean(steady), 4) if steady else None,
         "chunks": len(arrivals),
         "store_blocks_fetched": survivor["tiers"]["store"]["hits"],
+        # Every surviving instance's (in PD the prefill instance fetches blocks too).
+        "store_failed_loads": sum(i["tiers"]["store"]["failed_loads"] for i in survivors),
+        "store_replica_reads": sum(i["tiers"]["store"]["replica_reads"] for i in survivors),
         "text": "".join(texts),
     }
 
@@ -113,6 +132,7 @@ def run_setup(setup: str, prompt: list[int], args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
+    parser.add_argument("--topology", choices=TOPOLOGIES, default="colocated")
     parser.add_argument("--model", default="", help="model folder; default: the tiny demo")
     parser.add_argument("--prompt-tokens", type=int, default=3000)
     parser.add_argument("--max-tokens", type=int, default=300)
@@ -134,7 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     for result in results.values():
         result["text_equals_engine"] = result.pop("text") == expected
     print(json.dumps(results), file=sys.stderr)
-    emit({"benchmark": "kv_failover", "prompt_tokens": len(prompt), "setups": results})
+    emit(
+        {
+            "benchmark": "kv_failover",
+            "topology": args.topology,
+            "prompt_tokens": len(prompt),
+            "setups": results,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -13,12 +13,19 @@ are evicted from the device and come back from the slower tiers, or are recomput
 * `store`:  + host + the cluster store (Mooncake Store, `--kv-store`): every block put
             there, any instance fetches what another computed.
 
+`--size small` runs the `small` demo model instead (Qwen3-0.6B's shapes, bf16), where a
+prefill costs what it does on a real model on this CPU (tens of ms a token), so a prefix hit
+from host memory or the store shows in TTFT; its defaults are a thinner slice (33 requests)
+and a device pool of 96 blocks (each ~1.8 MB), meant to keep one run of the three setups
+near 8 minutes on 2 cores (an estimate, not measured yet). `--size tiny` (the default) is the tiny demo model, where prefill is
+nearly free and the TTFT differences are mostly queueing.
+
 Per setup: hit tokens by tier (device = hits minus what the tiers loaded; host / disk /
 store = blocks loaded from there x block size), over the instances' queried prompt tokens,
 as differences across the replay (the warm-up does not count); TTFT mean/p50/p99 and
 failures from the client.
 
-    PYTHONPATH=shared:. .venv/bin/python benchmarks/kv_tiers.py [--setups ...] [--progress]
+    PYTHONPATH=shared:. .venv/bin/python benchmarks/kv_tiers.py [--size small] [--setups ...]
 
 Prints one JSON line. Timing figures mean something only on a quiet machine.
 """
@@ -32,7 +39,7 @@ import tempfile
 import time
 from fractions import Fraction
 
-from common import emit
+from common import demo_model, emit
 from prefix_routing import KV_BLOCK_SIZE, cluster_state, trace_slice, warmup_requests
 
 from xllm.cli.bench.client import ClientConfig
@@ -44,6 +51,13 @@ from xllm.cli.commands.bench import first_model
 
 SETUPS = ("device", "host", "store")
 TIERS = ("host", "disk", "store")
+SIZE_DEFAULTS = {
+    "tiny": {},
+    "small": dict(
+        trace_duration=900.0, keep=0.01, max_model_len=1024, num_kv_blocks=96, host_kv_gb=0.5
+    ),
+}
+"""`--size`: the defaults that differ from the tiny model's (an explicit flag still wins)."""
 
 
 def counters(base_url: str, settle: float) -> dict[str, int]:
@@ -115,6 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     scale = lambda text: float(Fraction(text))  # noqa: E731
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
+    parser.add_argument(
+        "--size", choices=SIZE_DEFAULTS, default="tiny", help="demo model (unless --model)"
+    )
     parser.add_argument("--trace-start", type=float, default=0.0)
     parser.add_argument("--trace-duration", type=float, default=900.0)
     parser.add_argument("--keep", type=float, default=0.06)
@@ -131,7 +148,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=1.0)
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
-    return parser.parse_args(argv)
+    size = parser.parse_known_args(argv)[0].size
+    parser.set_defaults(**SIZE_DEFAULTS[size])
+    args = parser.parse_args(argv)
+    if not args.model and args.size != "tiny":
+        args.model = str(demo_model("qwen3", args.size))
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from xllm.models.config import ModelConfig
 
 if TYPE_CHECKING:
-    from services.scheduler.hardware import HardwareProfile
+    from xllm.hardware import HardwareProfile
 
 BUILTIN_MODELS = Path(__file__).parent / "model_configs"
 

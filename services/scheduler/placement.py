@@ -24,8 +24,6 @@ from dataclasses import dataclass, replace
 from services.scheduler.cluster import ClusterSnapshot
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.cost_model import load_model_config
-from services.scheduler.hardware import load_profile
-from services.scheduler.hardware import tier_bandwidth as tier_bandwidth_of
 from services.scheduler.policies import FlipConfig, PlacementRequest, Policy, colocation
 from services.scheduler.policies.admission import refusal
 from services.scheduler.policies.colocation import DecodeCost
@@ -36,6 +34,8 @@ from services.scheduler.policies.slo_pd import (
     slo_pd,
 )
 from services.scheduler.policies.spare_capacity import whole_request_instance
+from xllm.hardware import load_profile
+from xllm.hardware import tier_bandwidth as tier_bandwidth_of
 from xllm.protocol import ErrorCode
 
 ALL_ROLES = ("both", "prefill", "decode")

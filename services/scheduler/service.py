@@ -20,7 +20,6 @@ from nats.aio.client import Client as NATS
 from services.scheduler.cluster import ClusterSnapshot, Registry
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.encode import encode_remotely, pick_encoder
-from services.scheduler.hardware import tier_bandwidth
 from services.scheduler.placement import (
     ALL_ROLES,
     Note,
@@ -40,6 +39,7 @@ from services.scheduler.policies import (
 )
 from services.scheduler.prefix import PrefixMatch, PrefixMatcher, hash_prompt
 from services.scheduler.rebalance import PLAN_INTERVAL, flip_config, rebalance
+from xllm.hardware import tier_bandwidth
 from xllm.protocol import (
     ClusterState,
     ClusterStateRequest,

@@ -102,10 +102,14 @@ class EngineConfig:
     )
     disk_kv_gb: float = option(4.0, "Size of the disk KV tier, in GiB.")
     host_kv_gbps: float = option(
-        10.0, "Host tier -> KV pool bandwidth (GB/s) the load-or-recompute choice assumes."
+        0.0,
+        "Host tier -> KV pool bandwidth (GB/s) the load-or-recompute choice assumes; 0 = "
+        "--cost-profile's.",
     )
     disk_kv_gbps: float = option(
-        1.0, "Disk tier -> host bandwidth (GB/s) the load-or-recompute choice assumes."
+        0.0,
+        "Disk tier -> host bandwidth (GB/s) the load-or-recompute choice assumes; 0 = "
+        "--cost-profile's.",
     )
     kv_store_master: str = option(
         "",
@@ -131,7 +135,9 @@ class EngineConfig:
         "the KV of a request whose instance dies survives for the instance resuming it.",
     )
     kv_store_gbps: float = option(
-        1.0, "Store -> host bandwidth (GB/s) the load-or-recompute choice assumes."
+        0.0,
+        "Store -> host bandwidth (GB/s) the load-or-recompute choice assumes; 0 = "
+        "--cost-profile's (its link between instances).",
     )
     offline_step_share: float = option(
         0.2,
@@ -226,6 +232,17 @@ class EngineConfig:
         "native call per step on CPU, a CUDA/NPU graph replayed per padded batch-size bucket "
         "on accelerators; built at start-up, eager (logged) where it cannot be.",
     )
+    cost_profile: str = option(
+        "",
+        "Hardware profile (built-in name or JSON, as the scheduler's) whose tier bandwidths "
+        "the load-or-recompute choice assumes where --host/disk-kv-gbps and --kv-store-gbps "
+        "are 0; '' = 10 GB/s host, 1 GB/s disk, 1.25 GB/s store.",
+    )
+    kv_store_audit_seconds: float = option(
+        10.0,
+        "Every this many seconds, ask the store which of the blocks this instance put there "
+        "it still holds, and report the others as evicted (KV events); 0 = never.",
+    )
 
     def item_trie_paths(self) -> dict[str, str]:
         """--item-trie as name -> path; ValueError if malformed."""
@@ -260,9 +277,10 @@ class EngineConfig:
             ),
             (self.kv_store_put_min_reuse >= 0, "--kv-store-put-min-reuse cannot be negative"),
             (self.kv_store_replicas >= 1, "--kv-store-replicas must be at least 1"),
+            (self.kv_store_audit_seconds >= 0, "--kv-store-audit-seconds cannot be negative"),
             (
-                min(self.host_kv_gbps, self.disk_kv_gbps, self.kv_store_gbps) > 0,
-                "tier bandwidths must be positive",
+                min(self.host_kv_gbps, self.disk_kv_gbps, self.kv_store_gbps) >= 0,
+                "tier bandwidths cannot be negative (0 = --cost-profile's)",
             ),
             (
                 self.kv_cache_gb > 0 or self.num_kv_blocks > 0,

@@ -9,8 +9,11 @@ and the text is the engine's alone.
 * PD (`--prefill 1 --decode 2`), the decode instance killed: the prefill instance serves the
   resumed prompt from its own copy of the prompt's KV (and the store's copies of the blocks
   decoded before the kill), recomputing only the rest; the other decode instance's
-  reservation asks its tiers (the store) first, once, and takes the rest from the prefill
-  side."""
+  reservation fetches the blocks from the store first and takes the rest from the prefill
+  side. The store still lists the dead instance's segment (its lease has not run out), so
+  the blocks whose first copy was there (the victim's decoded blocks, which the prefill
+  instance fetches to serve the resumed prompt) are read from their other copy
+  (`replica_reads`), and no store load fails."""
 
 from __future__ import annotations
 
@@ -102,10 +105,12 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def stream_through_a_kill(cluster, victim_role: str | None) -> tuple[str, list[int]]:
-    """Stream PROMPT, SIGKILL the instance (of `victim_role`, if given) running it once 40
-    chunks have arrived, and check the whole text equals the engine alone's; returns the
-    text and the prompt's token ids."""
+def stream_through_a_kill(
+    cluster, victim_role: str | None, kill_after: int = 40
+) -> tuple[str, list[int]]:
+    """Stream PROMPT, SIGKILL the instance (of `victim_role`, if given) running it once
+    `kill_after` chunks have arrived, and check the whole text equals the engine alone's;
+    returns the text and the prompt's token ids."""
     from xllm.llm import LLM
     from xllm.protocol.types import SamplingParams
 
@@ -125,7 +130,7 @@ def stream_through_a_kill(cluster, victim_role: str | None) -> tuple[str, list[i
         )
         for chunk in chunks:
             streamed.append(chunk.choices[0].text)
-            if len(streamed) >= 40:
+            if len(streamed) >= kill_after:
                 started.set()
 
     def running_it() -> list[dict]:
@@ -177,7 +182,9 @@ def test_a_killed_decode_instances_request_resumes_from_the_kv_kept_elsewhere(
     disaggregated, model_dir
 ):
     _, config = disaggregated
-    _, prompt_ids = stream_through_a_kill(disaggregated, victim_role="decode")
+    # Killed after ~10 blocks decoded, each put by the victim in its own segment and one
+    # other: the resumed prompt's blocks the prefill instance fetches from the store.
+    _, prompt_ids = stream_through_a_kill(disaggregated, victim_role="decode", kill_after=160)
     # Nothing computed before the kill is computed again: the prefill instance serves the
     # resumed prompt (prompt + tokens streamed) from its copy of the prompt's KV (and the
     # store's copies of blocks the victim decoded), and sends it to the survivor.
@@ -187,9 +194,12 @@ def test_a_killed_decode_instances_request_resumes_from_the_kv_kept_elsewhere(
         by_role.setdefault(i["role"], []).append(i)
     (prefill,), (survivor,) = by_role["prefill"], by_role["decode"]
     assert prefill["kv"]["prefix_hit_tokens"] >= prompt_blocks * 16
-    # The survivor's reservation tried the store first, once: a load that fails (here the
-    # copies it finds are on the killed instance's segment) falls back to the prefill
-    # side's transfer instead of being retried while the request waits.
+    # The survivor's reservation re-fetched the prompt's blocks from the store, once; the
+    # blocks whose first copy was in the dead instance's segment were read from their other
+    # replica: no store load failed anywhere, nothing was recomputed.
     store = survivor["tiers"]["store"]
-    assert store["num_loads"] + store["failed_loads"] <= 1
+    assert store["num_loads"] == 1 and store["hits"] >= prompt_blocks
     assert store["bytes_loaded"] == store["hits"] * block_bytes(model_dir)
+    stores = [i["tiers"]["store"] for i in (prefill, survivor)]
+    assert all(s["failed_loads"] == 0 for s in stores)
+    assert sum(s["replica_reads"] for s in stores) > 0

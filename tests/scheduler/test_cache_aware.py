@@ -6,13 +6,13 @@ import dataclasses
 
 import pytest
 
-from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import PlacementRequest, get_policy
 from services.scheduler.policies.cache_aware import cache_aware
 from services.scheduler.policies.tier_cost import block_price, prefix_work
 from services.scheduler.prefix import RecentPlacements
 from tests.scheduler import beats
 from tests.scheduler.test_policies import heartbeat, snapshot
+from xllm.hardware import SPEC_PROFILES
 
 
 def placement(prompt: int, hits: dict[str, int], model: str | None = None) -> PlacementRequest:

@@ -7,7 +7,6 @@ import pytest
 
 from services.scheduler.cluster import ClusterSnapshot, InstanceView
 from services.scheduler.cost_model import StepShape, load_model_config, step_time
-from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.placement import Placement, place
 from services.scheduler.policies import PlacementRequest, get_policy
 from services.scheduler.policies.colocation import (
@@ -16,6 +15,7 @@ from services.scheduler.policies.colocation import (
     predicted_decode_step,
 )
 from tests.scheduler.beats import heartbeat
+from xllm.hardware import SPEC_PROFILES
 
 COST = DecodeCost(load_model_config("qwen3-8b"), SPEC_PROFILES["a100"])
 IDLE_STEP = COST.decode_step(1, 1100)

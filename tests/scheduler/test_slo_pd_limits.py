@@ -12,12 +12,12 @@ import pytest
 
 from services.scheduler.cluster import ClusterSnapshot, InstanceView, Registry
 from services.scheduler.cost_model import load_model_config
-from services.scheduler.hardware import SPEC_PROFILES, load_profile
 from services.scheduler.placement import Placement, Refusal, place
 from services.scheduler.policies import FlipConfig, PlacementRequest, get_policy, plan_role_flips
 from services.scheduler.policies.decode_limits import DecodeCost, predicted_decode_step
 from services.scheduler.policies.slo_pd import TtftPredictor, service_time
 from tests.scheduler.beats import heartbeat
+from xllm.hardware import SPEC_PROFILES, load_profile
 from xllm.protocol import ErrorCode
 
 COST = DecodeCost(load_model_config("qwen3-8b"), SPEC_PROFILES["a100"])

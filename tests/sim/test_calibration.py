@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from services.scheduler.cost_model import load_model_config
-from services.scheduler.hardware import HardwareProfile
 from services.scheduler.sim import calibrate as cal
 from services.scheduler.sim import fit
+from xllm.hardware import HardwareProfile
 from xllm.models.config import ModelConfig
 
 

@@ -12,13 +12,13 @@ import pytest
 
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.cost_model import load_model_config
-from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import colocation, get_policy
 from services.scheduler.rebalance import flip_config
 from services.scheduler.sim.backlog import OfflineBacklog, sharegpt_backlog
 from services.scheduler.sim.instance import InstanceSpec, SimRequest
 from services.scheduler.sim.report import SimReport, Slo, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
+from xllm.hardware import SPEC_PROFILES
 
 MODEL = load_model_config("qwen3-8b")
 HW = SPEC_PROFILES["a100"]

@@ -11,7 +11,7 @@ from services.scheduler.cost_model import (
     step_cost,
     step_time,
 )
-from services.scheduler.hardware import SPEC_PROFILES, load_profile
+from xllm.hardware import SPEC_PROFILES, load_profile
 
 QWEN3_06B = load_model_config("qwen3-0.6b")
 A100 = SPEC_PROFILES["a100"]

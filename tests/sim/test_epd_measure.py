@@ -50,8 +50,8 @@ def test_a_measured_step_encodes_every_image_beside_the_decodes_and_the_prefill(
 
 
 def test_profile_epd_cli_from_a_saved_profile(model_dir, tmp_path, capsys):
-    from services.scheduler.hardware import SPEC_PROFILES
     from xllm.cli import main
+    from xllm.hardware import SPEC_PROFILES
 
     hw_path = tmp_path / "hw.json"
     SPEC_PROFILES["a100"].save(hw_path)

@@ -10,7 +10,6 @@ import itertools
 import pytest
 
 from services.scheduler.cost_model import StepShape, load_model_config, step_time
-from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import get_policy
 from services.scheduler.sim.epd_choice import Topology, simulate
 from services.scheduler.sim.epd_profile import EncodeCost, EpdProfile
@@ -19,6 +18,7 @@ from services.scheduler.sim.epd_workload import ImageRequest
 from services.scheduler.sim.instance import InstanceSpec
 from services.scheduler.sim.report import Slo
 from services.scheduler.sim.simulator import ClusterSpec
+from xllm.hardware import SPEC_PROFILES
 
 MODEL = load_model_config("qwen3-0.6b")
 HW = SPEC_PROFILES["a100"]

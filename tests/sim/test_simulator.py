@@ -15,7 +15,6 @@ from services.scheduler.cost_model import (
     load_model_config,
     step_time,
 )
-from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import (
     POLICIES,
     POLICIES_USING_PREFIX_HITS,
@@ -25,6 +24,7 @@ from services.scheduler.policies import (
 from services.scheduler.sim.instance import InstanceSpec, SimInstance, SimRequest
 from services.scheduler.sim.report import Slo, percentile, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
+from xllm.hardware import SPEC_PROFILES
 
 MODEL = load_model_config("qwen3-0.6b")
 HW = SPEC_PROFILES["a100"]

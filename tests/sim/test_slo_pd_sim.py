@@ -9,13 +9,13 @@ import pytest
 from services.scheduler import service
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.cost_model import StepShape, load_model_config, step_time
-from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import POLICIES_FLIPPING_ROLES, get_policy
 from services.scheduler.rebalance import PLAN_INTERVAL, flip_config
 from services.scheduler.sim import simulator
 from services.scheduler.sim.instance import InstanceSpec, SimInstance, SimRequest
 from services.scheduler.sim.report import Slo, summarize
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
+from xllm.hardware import SPEC_PROFILES
 
 MODEL = load_model_config("qwen3-8b")
 HW = SPEC_PROFILES["a100"]

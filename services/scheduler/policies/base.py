@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from services.scheduler.cluster import ClusterSnapshot
-from services.scheduler.hardware import UNPROFILED_TIER_BANDWIDTH
+from xllm.hardware import UNPROFILED_TIER_BANDWIDTH
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from services.scheduler.cluster import InstanceView
 from services.scheduler.cost_model import StepShape, step_time
-from services.scheduler.hardware import HardwareProfile
 from services.scheduler.policies.base import PlacementRequest
+from xllm.hardware import HardwareProfile
 from xllm.models.config import ModelConfig
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from services.scheduler.hardware import UNPROFILED_TIER_BANDWIDTH
+from xllm.hardware import UNPROFILED_TIER_BANDWIDTH
 from xllm.protocol import Heartbeat
 
 UNMEASURED_SHARE = {"device": 0.0, "host": 0.02, "disk": 0.2, "store": 0.2}

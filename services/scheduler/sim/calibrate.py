@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from services.scheduler.cost_model import StepShape, load_model_config
-from services.scheduler.hardware import GiB, HardwareProfile
 from services.scheduler.sim.fit import Measurement, fit_factors, fit_summary
+from xllm.hardware import GiB, HardwareProfile
 
 
 @dataclass(frozen=True, slots=True)

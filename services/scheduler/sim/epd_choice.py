@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass, replace
 
 from services.scheduler.cost_model import load_model_config
-from services.scheduler.hardware import HardwareProfile
 from services.scheduler.policies import POLICIES_USING_PREFIX_HITS, FlipConfig, get_policy
 from services.scheduler.sim.epd_profile import EpdProfile
 from services.scheduler.sim.epd_sim import ENCODER_MAX_BATCH, EpdSimulator, ImageSimRequest
@@ -30,6 +29,7 @@ from services.scheduler.sim.instance import InstanceSpec
 from services.scheduler.sim.report import SimReport, Slo, summarize
 from services.scheduler.sim.run import kv_tokens
 from services.scheduler.sim.simulator import ClusterSpec
+from xllm.hardware import HardwareProfile
 from xllm.models.config import ModelConfig
 
 KINDS = ("EPD", "E+PD", "EP+D", "ED+P", "E+P+D")

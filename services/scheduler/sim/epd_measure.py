@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from services.scheduler.hardware import HardwareProfile
 from services.scheduler.sim import calibrate as cal
 from services.scheduler.sim.epd_hops import measure_hops
 from services.scheduler.sim.epd_profile import EpdProfile, fit_encode_cost, search_budgets
 from xllm.engine.multimodal import ImageInput, random_image_bytes
+from xllm.hardware import HardwareProfile
 
 
 class EpdBench(cal.EngineBench):

@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING
 # The parser is built for every `xllm sim` (and `xllm --help`): the simulator, the engine
 # and torch are imported only by the functions that run.
 if TYPE_CHECKING:
-    from services.scheduler.hardware import HardwareProfile
     from services.scheduler.sim.epd_profile import EpdProfile
     from services.scheduler.sim.report import Slo
+    from xllm.hardware import HardwareProfile
     from xllm.image_processor import ImageProcessorConfig
 
 KINDS = "EPD,E+PD,EP+D,ED+P,E+P+D"
@@ -140,11 +140,11 @@ def choose_topology(
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.scheduler.hardware import HardwareProfile
     from services.scheduler.sim.epd_choice import KINDS as ALL_KINDS
     from services.scheduler.sim.epd_profile import EpdProfile
     from services.scheduler.sim.epd_workload import coco_workload
     from services.scheduler.sim.report import Slo
+    from xllm.hardware import HardwareProfile
     from xllm.image_processor import ImageProcessorConfig
 
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from services.scheduler.cost_model import StepCost, StepShape, step_cost
-from services.scheduler.hardware import HardwareProfile
+from xllm.hardware import HardwareProfile
 from xllm.models.config import ModelConfig
 
 

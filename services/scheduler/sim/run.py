@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.cost_model import load_model_config
-from services.scheduler.hardware import GiB, HardwareProfile, load_profile
 from services.scheduler.policies import (
     POLICIES_FLIPPING_ROLES,
     POLICIES_USING_PREFIX_HITS,
@@ -20,6 +19,7 @@ from services.scheduler.sim.report import SimReport, Slo, summarize
 from services.scheduler.sim.serving import ServingOverheads
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
 from xllm.cli.bench.traces import TraceRequest, load_trace
+from xllm.hardware import GiB, HardwareProfile, load_profile
 from xllm.models.config import ModelConfig
 
 

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 
 from services.scheduler.cluster import Registry
 from services.scheduler.cost_model import kv_transfer_time, step_time
-from services.scheduler.hardware import HardwareProfile
 from services.scheduler.placement import Note, Refusal, check, note, place, placement_request
 from services.scheduler.policies import FlipConfig, PlacementRequest, Policy
 from services.scheduler.policies.colocation import DecodeCost
@@ -56,6 +55,7 @@ from services.scheduler.sim.instance import (
 )
 from services.scheduler.sim.serving import ServingOverheads
 from services.scheduler.sim.tiers import TierSetup
+from xllm.hardware import HardwareProfile
 from xllm.models.config import ModelConfig
 
 ARRIVE, STEP_DONE, KV_LANDED, PLAN, LOADED, CALL = 0, 1, 2, 3, 4, 5

@@ -12,9 +12,22 @@ metadata server. Every call fails fast when the master is gone (an RPC error cod
 object, measured at well under a millisecond) and works again once it is back (the client
 reconnects and remounts its segment itself); the tiers then fall back to recomputing.
 
-Calls block: puts run on a put worker of their own, gets on the tiers' load worker; only the
-existence check of a prompt's missing blocks runs on the engine's thread, one RPC when a
-request arrives whose prefix the local tiers do not hold.
+Replicas (`--kv-store-replicas`): a put lands in that many clients' segments, but a `get`
+reads only the first replica, and the master lists a dead client's segment (and the replicas
+in it) until that client's lease runs out (~10 s). So when a `get` fails, `get` asks the
+master for the object's replica descriptors and reads the others itself, through
+`read_replica`: a one-sided read of (endpoint, address, size) that the instance injects (a
+Mooncake Transfer Engine of its own, `xllm.kv_transfer.replica_reader`; the engine layer
+cannot build one). Without it a failed first replica is a miss, as before.
+
+Audit: the store evicts objects when its segments fill, and forgets them all when the master
+restarts, without telling anyone. `missing` asks which of the blocks this instance put are
+gone, so the tiers can report them evicted (KV events) and the kvstore index stops sending
+requests here for them.
+
+Calls block: puts and audits run on a put worker of their own, gets on the tiers' load
+worker; only the existence check of a prompt's missing blocks runs on the engine's thread,
+one RPC when a request arrives whose prefix the local tiers do not hold.
 """
 
 from __future__ import annotations
@@ -23,7 +36,10 @@ import hashlib
 import json
 import logging
 import socket
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
 import torch
@@ -32,6 +48,10 @@ log = logging.getLogger(__name__)
 
 LOCAL_BUFFER_BYTES = 16 << 20
 """The client's registered staging buffer for gets and puts (blocks are far smaller)."""
+
+ReadReplica = Callable[[str, int, int], "bytes | None"]
+"""(transport endpoint, address, size) -> the bytes at that address of that Mooncake
+client's segment; None when the read failed (its client is gone)."""
 
 
 def namespace(model_dir: str, dtype: torch.dtype, block_size: int) -> str:
@@ -63,6 +83,10 @@ class KvStore:
 
         self.put_worker = ThreadPoolExecutor(1, thread_name_prefix="xllm-kv-put")
         self.puts: list[Future] = []
+        self.read_replica: ReadReplica | None = None
+        """Reads a block's other replicas when its first fails; injected by the instance."""
+        self.replica_reads = 0
+        """Blocks read from a replica other than the first (the load worker counts)."""
 
     def put_async(self, block_hashes: list[int], blocks: list[torch.Tensor]) -> None:
         """Put `blocks` (copies, owned by the put) on the put worker, in one batch: a step's
@@ -107,11 +131,47 @@ class KvStore:
         return n
 
     def get(self, block_hash: int, num_bytes: int) -> torch.Tensor:
-        """The block's bytes (uint8); raises if it is gone or the store is unreachable."""
-        data = self.client.get(self.key(block_hash))
+        """The block's bytes (uint8), from its first replica or, if that read fails, from
+        another; raises if it is gone, no replica can be read, or the store is unreachable."""
+        key = self.key(block_hash)
+        data = self.client.get(key)
+        if len(data) != num_bytes and self.read_replica is not None:
+            log.info("store block %s: its first replica is unreadable; trying the others", key)
+            data = self._read_other_replicas(key, num_bytes) or data
         if len(data) != num_bytes:
             raise KvStoreMiss(f"block {block_hash:016x}: {len(data)} bytes, not {num_bytes}")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def _read_other_replicas(self, key: str, num_bytes: int) -> bytes | None:
+        """The object from the first of its memory replicas that can be read. Every one is
+        tried: the list's order need not be the one `get` tried, and a dead client's refuses
+        the connection at once. (Asking for the descriptors takes a lease on the object, as
+        `get` does, so the master does not reuse its memory while we read.)"""
+        from mooncake.store import ReplicaStatus
+
+        assert self.read_replica is not None
+        for replica in self.client.get_replica_desc(key):
+            if not replica.is_memory_replica() or replica.status != ReplicaStatus.COMPLETE:
+                continue
+            where = replica.get_memory_descriptor().buffer_descriptor
+            if where.size != num_bytes:
+                continue
+            data = self.read_replica(where.transport_endpoint, where.buffer_address, num_bytes)
+            if data is not None and len(data) == num_bytes:
+                self.replica_reads += 1
+                log.info("store block %s read from %s", key, where.transport_endpoint)
+                return data
+        return None
+
+    def audit_async(self, block_hashes: list[int]) -> Future:
+        """`missing(block_hashes)` on the put worker (after the puts queued before it)."""
+        return self.put_worker.submit(self.missing, block_hashes)
+
+    def missing(self, block_hashes: list[int]) -> list[int]:
+        """Those of `block_hashes` the store says it no longer holds. An unreachable store
+        answers with error codes, not "no": nothing is reported missing then."""
+        found = self.client.batch_is_exist([self.key(h) for h in block_hashes])
+        return [h for h, f in zip(block_hashes, found, strict=False) if f == 0]
 
     def close(self) -> None:
         self.put_worker.shutdown(wait=True)
@@ -120,3 +180,45 @@ class KvStore:
 
 class KvStoreMiss(RuntimeError):
     """A block the store listed could not be read (evicted since, or the master is down)."""
+
+
+class StoreAudit:
+    """Which of the blocks this instance put in the store (`held`) are still there: every
+    `interval` seconds one `missing` call on the put worker, its answer collected by the
+    next `poll` (the engine's thread: no step waits for the RPC)."""
+
+    def __init__(self, store: KvStore, interval: float):
+        self.store = store
+        self.interval = interval
+        """Seconds between audits; 0 = never."""
+        self.held: set[int] = set()
+        self.running: Future | None = None
+        self.next_at = time.monotonic() + interval
+
+    def stored(self, block_hashes: list[int]) -> None:
+        self.held.update(block_hashes)
+
+    def poll(self, start: bool = True) -> list[int]:
+        """The hashes a finished audit found gone (dropped from `held`), and the next audit
+        started if it is due (and `start`). Collect before counting newer puts: a put queued
+        after an audit finishes after it, so a block put again after it was found gone is
+        counted held again."""
+        gone: list[int] = []
+        if self.running is not None and self.running.done():
+            future, self.running = self.running, None
+            if future.exception() is None:
+                gone = [h for h in future.result() if h in self.held]
+                self.held.difference_update(gone)
+        now = time.monotonic()
+        if start and self.interval and self.running is None and self.held and now >= self.next_at:
+            self.running = self.store.audit_async(list(self.held))
+            self.next_at = now + self.interval
+        return gone
+
+    def run_now(self) -> list[int]:
+        """Audit now and wait for the answer (tests, and `KvTiers.audit_store`)."""
+        if self.running is None and self.held:
+            self.running = self.store.audit_async(list(self.held))
+        if self.running is not None:
+            wait_futures([self.running])
+        return self.poll(start=False)

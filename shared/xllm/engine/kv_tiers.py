@@ -10,7 +10,8 @@ which is what lets host eviction always find a block that is not on the device.
 
 The cluster store (`kv_store.py`, Mooncake Store), when configured, gets a copy of every
 block written through to host memory (or, with `store_min_reuse` N, of a block once N
-requests reused it), and serves the blocks no local tier holds.
+requests reused it), and serves the blocks no local tier holds. What it evicts is found by
+an audit every `store_audit_seconds` (`StoreAudit`) and reported as evicted.
 
 Loading back: a request whose prompt misses the device cache but hits these tiers is held
 out of the scheduler while its blocks are copied in (disk/store -> host -> device) on a worker
@@ -44,7 +45,7 @@ from xllm.engine.sequence import Sequence
 from xllm.protocol.stats import KvTierCounters, KvTierStats
 
 if TYPE_CHECKING:
-    from xllm.engine.kv_store import KvStore
+    from xllm.engine.kv_store import KvStore, StoreAudit
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class KvTiers:
         bandwidth_gbps: dict[str, float] | None = None,
         store: KvStore | None = None,
         store_min_reuse: int = 0,
+        store_audit_seconds: float = 0.0,
     ):
         self.kv = kv
         self.bm = block_manager
@@ -73,6 +75,11 @@ class KvTiers:
             else None
         )
         self.store = store
+        self.audit: StoreAudit | None = None
+        if store is not None:
+            from xllm.engine.kv_store import StoreAudit
+
+            self.audit = StoreAudit(store, store_audit_seconds)
         self.store_min_reuse = store_min_reuse
         """0: put every block written through into the store; N: a block once N requests
         reused it."""
@@ -117,6 +124,8 @@ class KvTiers:
             if self.store_min_reuse == 0:
                 hashes = [self.bm.blocks[block_id].block_hash for block_id, _ in pairs]
                 self._put(hashes, [host_block for _, host_block in pairs])
+            assert self.audit is not None
+            self._count_gone(self.audit.poll())  # before newer puts (StoreAudit.poll)
             self._count_puts(self.store.finished_puts())
 
     def flush(self) -> None:
@@ -125,14 +134,27 @@ class KvTiers:
         if self.store is not None:
             self._count_puts(self.store.finished_puts(wait=True))
 
+    def audit_store(self) -> None:
+        """Audit the store now, waiting for its answer (tests; the steps audit on a timer)."""
+        if self.audit is not None:
+            self.flush()
+            self._count_gone(self.audit.run_now())
+
     def _put(self, block_hashes: list[int], host_blocks: list[int]) -> None:
         # From copies: the host blocks may be reused before the put runs.
         assert self.store is not None
         self.store.put_async(block_hashes, [self.host.block(b).clone() for b in host_blocks])
 
     def _count_puts(self, hashes: list[int]) -> None:
+        assert self.audit is not None
+        self.audit.stored(hashes)
         self.stats[STORE].blocks_stored += len(hashes)
         self.events += [("stored", h, STORE) for h in hashes]
+
+    def _count_gone(self, hashes: list[int]) -> None:
+        """Blocks this instance put that the store no longer holds."""
+        self.stats[STORE].blocks_evicted += len(hashes)
+        self.events += [("evicted", h, STORE) for h in hashes]
 
     # -- loading back ---------------------------------------------------------------------
 
@@ -347,6 +369,8 @@ class KvTiers:
 
     def tier_stats(self) -> KvTierStats:
         """A copy of the counters (the heartbeat reads it while steps go on)."""
+        if self.store is not None:
+            self.stats[STORE].replica_reads = self.store.replica_reads
         return KvTierStats(**{t: copy.copy(c) for t, c in self.stats.items()})
 
     def drain_events(self) -> list[tuple[str, int, str]]:
@@ -354,9 +378,10 @@ class KvTiers:
         return events
 
     def held(self) -> list[tuple[int, str]]:
-        """(block hash, tier) of every block the host and disk tiers hold (for a snapshot;
-        the store's blocks are not listed: others may have put them, it may evict them)."""
-        return [(h, HOST) for h in self.host] + [(h, DISK) for h in self.disk or ()]
+        """(block hash, tier) of every block the host and disk tiers hold, and of those this
+        instance put in the store and last found there (for a snapshot)."""
+        store = [(h, STORE) for h in self.audit.held] if self.audit is not None else []
+        return [(h, HOST) for h in self.host] + [(h, DISK) for h in self.disk or ()] + store
 
     def check_integrity(self) -> None:
         """Assert the tier invariants of the module docstring (tests call this)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import socket
 import sys
 
 from xllm.config import EngineConfig, LogConfig, NatsConfig, add_arguments, from_args
@@ -64,9 +65,23 @@ def main(default_role: str, argv: list[str] | None = None) -> int:
             await serve_group(engine_config, argv, executor, stop, instance_of)
             return
         engine = await loop.run_in_executor(executor, Engine, engine_config)
+        read_store_replicas(engine)
         transport = default_transport(instance_config)  # opened once a PD role needs it
         instance = Instance(instance_config, engine, nc, executor, transport, encode_config)
         await instance.serve(stop)
 
     name = f"instance {instance_config.instance_id or ''}".strip()
     return run_service(name, serve, from_args(NatsConfig, args), from_args(LogConfig, args))
+
+
+def read_store_replicas(engine) -> None:
+    """Give the engine's store tier, if any, a reader of a block's other replicas for when
+    the first one's segment is gone (`xllm.engine.kv_store`): a Mooncake Transfer Engine,
+    which only this layer may build."""
+    store = engine.tiers.store if engine.tiers is not None else None
+    if store is None:
+        return
+    from xllm.kv_transfer.replica_reader import MooncakeReplicaReader
+
+    host = engine.config.kv_store_host or socket.gethostbyname(socket.gethostname())
+    store.read_replica = MooncakeReplicaReader(host)

@@ -66,8 +66,8 @@ class ClusterStateRequest:
 
 
 # v4: its heartbeats nest their stats (Heartbeat v6); v3 is not read. v5: Heartbeat v7.
-# v6: Heartbeat v8.
-@message("cluster_state", version=6, oldest=4)
+# v6: Heartbeat v8. v7: Heartbeat v9.
+@message("cluster_state", version=7, oldest=4)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterState:
     """scheduler → gateway: every live instance's last heartbeat and the scheduler's counters."""

@@ -175,7 +175,11 @@ class KvTierCounters:
     blocks_stored: int = 0
     """Blocks written into this tier (store: puts that succeeded)."""
     blocks_evicted: int = 0
-    """Blocks this tier dropped (host: spilled to disk or gone; store: not observable)."""
+    """Blocks this tier dropped (host: spilled to disk or gone; store: blocks this instance
+    put that an audit found gone, evicted by the store or lost with its master)."""
+    replica_reads: int = 0
+    """Store: blocks read replica by replica after Mooncake's `get` (its first replica)
+    failed, as when that replica's client died with its segment."""
 
 
 @dataclass(slots=True, kw_only=True)

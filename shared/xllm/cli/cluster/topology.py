@@ -73,7 +73,9 @@ class ClusterConfig(SloConfig):
         FLIP_HYSTERESIS, "slo-pd: the cooldown and idle time in predicted service times."
     )
     cost_profile: str = option(
-        "", "Hardware profile (e.g. a100) for offline decode admission, with --cost-model."
+        "",
+        "Hardware profile (e.g. a100) for offline decode admission, with --cost-model; the "
+        "instances' load-or-recompute choice takes its tier bandwidths.",
     )
     cost_model: str = option("", "Model config (e.g. qwen3-8b) for --cost-profile.")
     nats_url: str = option("", "NATS server URL; empty = start an embedded nats-server.")
@@ -175,10 +177,14 @@ def service_specs(
         instances += [("decode", f"decode-{i}", ()) for i in range(config.decode)]
     else:
         instances = [("decode", f"inst-{i}", ("--role", "both")) for i in range(config.instances)]
+    # The instances price tier loads with the scheduler's hardware profile too.
+    profile_args = ("--cost-profile", config.cost_profile) if config.cost_profile else ()
     for service, instance_id, role_args in instances:
         if service == config.encode_on:  # ED+P: its own tower also serves encodes
             role_args = (*role_args, "--serve-encode")
-        argv = module(service, "--instance-id", instance_id, *role_args, *engine_args)
+        argv = module(
+            service, "--instance-id", instance_id, *role_args, *profile_args, *engine_args
+        )
         specs.append(ProcessSpec(instance_id, argv))
     for i in range(config.encode):  # the vision tower in the instances' dtype
         argv = module(

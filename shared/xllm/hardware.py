@@ -21,14 +21,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from services.scheduler.cost_model import StepCost
-
-PROFILES_DIR = Path(__file__).parent / "profiles"
+PROFILES_DIR = Path(__file__).parent / "hardware_profiles"
+"""The built-in profiles fitted here (`xllm sim calibrate --out`), one JSON file each."""
 GB = 1e9
 GiB = 2**30
+
+
+class StepCost(Protocol):
+    """What `time_of` prices: one step's work (`services.scheduler.cost_model.StepCost`)."""
+
+    linear_flops: float
+    prefill_attn_flops: float
+    decode_attn_flops: float
+    weight_bytes: float
+    kv_bytes: float
+    num_seqs: int
 
 
 @dataclass(frozen=True, slots=True)
