@@ -221,8 +221,8 @@ def probe_requests(requests, args: argparse.Namespace) -> list[BenchRequest]:
 def measured_overheads(name: str, shape: dict, records, model: Path, args, measured: dict):
     """The serving overheads configuration `name`'s probes show (sim/serving.py)."""
     from services.scheduler.cost_model import load_model_config
-    from services.scheduler.hardware import load_profile
     from services.scheduler.sim.serving import Probe, ServingOverheads, fit_overheads
+    from xllm.hardware import load_profile
 
     ok = [r for r in records if r.ok and r.ttft is not None and len(r.itl) >= 2]
     if not ok:

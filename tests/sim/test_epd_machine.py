@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 
 from services.scheduler.cost_model import StepShape, load_model_config, step_time
-from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import get_policy
 from services.scheduler.sim.epd_choice import candidates, choose, simulate
 from services.scheduler.sim.epd_cpu import CpuShare
@@ -18,6 +17,7 @@ from services.scheduler.sim.epd_workload import ImageRequest
 from services.scheduler.sim.instance import InstanceSpec
 from services.scheduler.sim.report import Slo
 from services.scheduler.sim.simulator import ClusterSpec
+from xllm.hardware import SPEC_PROFILES
 
 MODEL = load_model_config("qwen3-0.6b")
 HW = SPEC_PROFILES["a100"]

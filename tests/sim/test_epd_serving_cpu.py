@@ -11,7 +11,6 @@ import time
 import pytest
 
 from services.scheduler.cost_model import load_model_config
-from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import get_policy
 from services.scheduler.sim.epd_choice import candidates, choose, simulate
 from services.scheduler.sim.epd_profile import EncodeCost, EpdProfile, HopCost, ServingCpu
@@ -28,6 +27,7 @@ from services.scheduler.sim.epd_workload import ImageRequest
 from services.scheduler.sim.instance import InstanceSpec
 from services.scheduler.sim.report import Slo
 from services.scheduler.sim.simulator import ClusterSpec
+from xllm.hardware import SPEC_PROFILES
 
 # the machine and request of test_epd_machine.py
 MODEL = load_model_config("qwen3-0.6b")

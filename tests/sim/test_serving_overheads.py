@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from services.scheduler.cost_model import load_model_config
-from services.scheduler.hardware import SPEC_PROFILES
 from services.scheduler.policies import get_policy
 from services.scheduler.sim.instance import InstanceSpec, SimRequest
 from services.scheduler.sim.serving import Probe, ServingOverheads, fit_overheads
 from services.scheduler.sim.simulator import ClusterSpec, Simulator
+from xllm.hardware import SPEC_PROFILES
 
 MODEL = load_model_config("qwen3-8b")
 HW = SPEC_PROFILES["a100"]

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.scheduler.cost_model import StepShape, kv_transfer_time, step_time
-from services.scheduler.hardware import HardwareProfile
+from xllm.hardware import HardwareProfile
 from xllm.models.config import ModelConfig
 
 
