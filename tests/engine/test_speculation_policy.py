@@ -15,6 +15,7 @@ from xllm.engine.speculation import (
     LineFit,
     SpeculativeStep,
     exploration_interval,
+    priced_interval,
     speculation_pays,
 )
 
@@ -105,6 +106,7 @@ def test_exploring_is_priced_by_what_the_worse_mode_loses():
     # Nearly a tie: exploring costs little, the interval only doubles.
     assert exploration_interval(EXPLORE_EVERY, 1.01) == 2 * EXPLORE_EVERY
     assert exploration_interval(MAX_EXPLORE_EVERY, 0.0) == MAX_EXPLORE_EVERY
+    assert priced_interval(0.2) == pytest.approx(4 / EXPLORE_BUDGET)  # (the first one too)
 
 
 def test_it_turns_on_at_batch_one_when_most_drafts_are_kept():
@@ -133,9 +135,10 @@ def test_a_changed_batch_flips_the_pick_and_restarts_the_intervals():
     policy = AdaptiveSpeculation(4)
     simulate(policy, batch=1, steps=200)
     simulate(policy, batch=64, steps=2000)
-    assert policy.explore_interval > 4 * EXPLORE_EVERY and not policy.speculating
+    grown = policy.explore_interval
+    assert grown > 4 * EXPLORE_EVERY and not policy.speculating
     assert all(simulate(policy, batch=1, steps=10))  # (the lines predict batch 1 too)
-    assert policy.explore_interval == EXPLORE_EVERY
+    assert policy.explore_interval < grown
 
 
 def test_an_exploration_on_a_step_that_prefilled_runs_again_on_the_next():

@@ -24,10 +24,10 @@ the mode the rule did not pick runs now and then (an exploration step), so both 
 the acceptance rate stay current as the batch and the requests change. Exploring is priced:
 the worse mode's step loses `loss = max(r, 1/r) - 1` of a step (r = on / off, predicted), so
 the next exploration comes at least `loss / EXPLORE_BUDGET` steps later (its expected cost
-stays under EXPLORE_BUDGET of the time), and each exploration that leaves the rule's pick
-unchanged doubles the interval (EXPLORE_EVERY, 2x, 4x, ... up to MAX_EXPLORE_EVERY): with
+stays under EXPLORE_BUDGET of the time; at least EXPLORE_EVERY), and each exploration that
+leaves the rule's pick unchanged doubles the interval (up to MAX_EXPLORE_EVERY): with
 acceptance near 0, speculation is tried ever more rarely. When the pick flips (the batch
-or the yield changed), the interval starts again from EXPLORE_EVERY. An exploration whose
+or the yield changed), the intervals start over from the least. An exploration whose
 step could not be measured (it prefilled, see below) runs again on the next step, a few
 times at most.
 
@@ -154,13 +154,17 @@ def speculation_pays(
     return ratio > 1.0 + margin
 
 
+def priced_interval(ratio: float) -> int:
+    """The fewest steps between explorations for the worse mode's step (`ratio` = on / off
+    speed) to be expected to lose no more than EXPLORE_BUDGET of the time."""
+    loss = max(ratio, 1.0 / ratio) - 1.0 if ratio > 0.0 else float("inf")
+    return int(min(MAX_EXPLORE_EVERY, loss / EXPLORE_BUDGET))
+
+
 def exploration_interval(interval: int, ratio: float) -> int:
     """Steps to the next exploration after one that changed nothing: double `interval`, and
-    at least enough that the worse mode's step (`ratio` = on / off speed) is expected to lose
-    no more than EXPLORE_BUDGET of the time."""
-    loss = max(ratio, 1.0 / ratio) - 1.0 if ratio > 0.0 else float("inf")
-    priced = loss / EXPLORE_BUDGET if loss < MAX_EXPLORE_EVERY else MAX_EXPLORE_EVERY
-    return int(min(MAX_EXPLORE_EVERY, max(2 * interval, priced)))
+    at least `priced_interval(ratio)`."""
+    return min(MAX_EXPLORE_EVERY, max(2 * interval, priced_interval(ratio)))
 
 
 @dataclass
@@ -239,8 +243,8 @@ class AdaptiveSpeculation:
         pays = ratio > 1.0 + MARGIN
         if pays != self._pick:  # first pick, or the batch or the yield changed it
             self._pick = pays
-            self.explore_interval = EXPLORE_EVERY
-            self._next_explore = self.num_decisions + EXPLORE_EVERY
+            self.explore_interval = max(EXPLORE_EVERY, priced_interval(ratio))
+            self._next_explore = self.num_decisions + self.explore_interval
         elif self.num_decisions >= self._next_explore:
             self.exploring = True
             self._ratio = ratio
