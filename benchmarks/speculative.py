@@ -14,16 +14,21 @@ Two workloads, each at every `--concurrency` (that many requests decoding togeth
 Each cell runs the engine with speculation off, then for each of `--methods`: adaptive (the
 default switch, what must never be slower than off) and forced on
 (`--speculative-adaptive false`, what the switch protects against), on the same requests.
-The draft model (`--methods draft`) is `--draft-model` if given (a smaller checkpoint of the
-target's vocabulary), else the target cut to its first `--draft-layers` layers (same
-embeddings and head: a layer-skip draft, written once beside the target).
+`--modes` picks which of off, adaptive and forced run (off is the baseline of the ratios:
+without it a line has tok/s only), `--workloads` which workloads: a run can be cut down to
+the cells in question (the full one takes ~20 min on the quiet machine). The draft model
+(`--methods draft`) is `--draft-model` if given (a smaller checkpoint of the target's
+vocabulary), else the target cut to its first `--draft-layers` layers (same embeddings and
+head: a layer-skip draft, written once beside the target).
 
     .venv/bin/python benchmarks/speculative.py                       # small, 1,4,16
+    .venv/bin/python benchmarks/speculative.py --modes off,adaptive --workloads random
     .venv/bin/python benchmarks/speculative.py --size tiny --concurrency 1,4 --output-len 64
 
-Prints one JSON line per cell and method (tok/s off, adaptive and forced, the ratios
-adaptive / off and forced / off, the acceptance rate when forced), then the summary line
-with `min_adaptive_ratio` over all cells.
+Prints one JSON line per cell and method (tok/s of each mode run, the ratios adaptive / off
+and forced / off, the acceptance rate when forced, the adaptive run's speculating and
+exploration steps), then the summary line with `min_adaptive_ratio` over all cells and by
+method, and `adaptive_ratios` (every cell's, keyed workload/concurrency/method).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from xllm.protocol import SamplingParams
 from xllm.tokenizer import Tokenizer
 
 SHAREGPT = Path("/work/shared/data/ShareGPT_V3_filtered_1000.json.gz")
+MODES = ("off", "adaptive", "forced")
+WORKLOADS = ("repetitive", "random")
 
 
 def loopy_model(arch: str, size: str, dtype: str):
@@ -114,7 +121,7 @@ def run(model_dir, prompts, output_len: int, options: dict, dtype: str) -> tuple
     """Output tok/s of `prompts` submitted together, after a warm-up on the same prompts
     (a few tokens each: every step shape, verifications included, is then no longer a
     first, and the adaptive switch has measurements, as in a server that has been up);
-    and the speculation counters."""
+    and the speculation counters (the warm-up's included) and the timed run's steps."""
     longest = max(len(p) for p in prompts) + output_len + 32  # (+ drafts' slots)
     config = EngineConfig(
         model=str(model_dir),
@@ -126,20 +133,32 @@ def run(model_dir, prompts, output_len: int, options: dict, dtype: str) -> tuple
     )
     engine = Engine(config)
     generate(engine, prompts, 24, "warmup")
+    policy = engine.speculation
+    explored = policy.num_explorations if policy else 0
+    steps = engine.step_stats.num_steps
     start = time.perf_counter()
-    generated = generate(engine, prompts, output_len, "run")
+    generated = generate(engine, prompts, output_len, "run", counts := {"on": 0})
     tok_s = generated / (time.perf_counter() - start)
     stats = engine.speculation_stats()
-    return tok_s, {"drafts": stats.num_draft_tokens, "kept": stats.num_accepted_draft_tokens}
+    return tok_s, {
+        "drafts": stats.num_draft_tokens,
+        "kept": stats.num_accepted_draft_tokens,
+        "steps": engine.step_stats.num_steps - steps,
+        "speculating_steps": counts["on"],
+        "explorations": (policy.num_explorations - explored) if policy else 0,
+    }
 
 
-def generate(engine: Engine, prompts, output_len: int, tag: str) -> int:
+def generate(engine: Engine, prompts, output_len: int, tag: str, counts=None) -> int:
+    """Tokens generated; `counts["on"]`: the steps the adaptive switch let speculate."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", prompt, params)
     generated = 0
     while engine.has_unfinished():
         generated += sum(len(d.token_ids) for d in engine.step())
+        if counts is not None and engine.speculation and engine.speculation.speculating:
+            counts["on"] += 1
     return generated
 
 
@@ -153,31 +172,64 @@ def method_options(method: str, model_dir: Path, args) -> dict:
 
 
 def cell(model_dir, kind: str, concurrency: int, args) -> list[dict]:
-    """One line per method: tok/s off (measured once for the cell), adaptive and forced."""
+    """One line per method: tok/s of each of `--modes` (off measured once for the cell)."""
     prompts = workload_prompts(kind, model_dir, concurrency, args.input_len)
-    off, _ = run(model_dir, prompts, args.output_len, {}, args.dtype)
+    modes = args.modes.split(",")
+    off = run(model_dir, prompts, args.output_len, {}, args.dtype)[0] if "off" in modes else 0.0
     lines = []
     for method in args.methods.split(","):
         options = method_options(method, model_dir, args)
-        adaptive, _ = run(model_dir, prompts, args.output_len, options, args.dtype)
-        forced_options = {**options, "speculative_adaptive": False}
-        forced, counts = run(model_dir, prompts, args.output_len, forced_options, args.dtype)
-        kept, drafts = counts["kept"], counts["drafts"]  # (the warm-up's included)
-        line = {
+        line: dict = {
             "benchmark": "speculative",
             "workload": kind,
             "concurrency": concurrency,
             "method": method,
-            "off_tok_s": round(off, 1),
-            "adaptive_tok_s": round(adaptive, 1),
-            "forced_tok_s": round(forced, 1),
-            "adaptive_ratio": round(adaptive / off, 3),
-            "forced_ratio": round(forced / off, 3),
-            "acceptance_rate": round(kept / drafts, 3) if drafts else 0.0,
         }
+        if off:
+            line["off_tok_s"] = round(off, 1)
+        if "adaptive" in modes:
+            adaptive, counts = run(model_dir, prompts, args.output_len, options, args.dtype)
+            line["adaptive_tok_s"] = round(adaptive, 1)
+            if off:
+                line["adaptive_ratio"] = round(adaptive / off, 3)
+            line["adaptive_steps"] = counts["steps"]
+            line["adaptive_speculating_steps"] = counts["speculating_steps"]
+            line["adaptive_explorations"] = counts["explorations"]
+        if "forced" in modes:
+            forced_options = {**options, "speculative_adaptive": False}
+            forced, counts = run(model_dir, prompts, args.output_len, forced_options, args.dtype)
+            kept, drafts = counts["kept"], counts["drafts"]  # (the warm-up's included)
+            line["forced_tok_s"] = round(forced, 1)
+            if off:
+                line["forced_ratio"] = round(forced / off, 3)
+            line["acceptance_rate"] = round(kept / drafts, 3) if drafts else 0.0
         emit(line)
         lines.append(line)
     return lines
+
+
+def summary(cells: list[dict], args) -> dict:
+    """The run's summary line: every cell's adaptive / off ratio, and their minimum."""
+    rated = [c for c in cells if "adaptive_ratio" in c]
+    methods = args.methods.split(",")
+    line: dict = {
+        "benchmark": "speculative",
+        "summary": True,
+        "model": f"{args.arch}-{args.size}-{args.dtype}",
+        "output_len": args.output_len,
+        "methods": args.methods,
+        "modes": args.modes,
+        "workloads": args.workloads,
+        "adaptive_ratios": {
+            f"{c['workload']}/{c['concurrency']}/{c['method']}": c["adaptive_ratio"] for c in rated
+        },
+    }
+    if rated:
+        line["min_adaptive_ratio"] = min(c["adaptive_ratio"] for c in rated)
+        line["min_adaptive_ratio_by_method"] = {
+            m: min(c["adaptive_ratio"] for c in rated if c["method"] == m) for m in methods
+        }
+    return line
 
 
 def main() -> None:
@@ -193,31 +245,29 @@ def main() -> None:
     )
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=256)
-    args = parser.parse_args()
-    models = {
-        "repetitive": loopy_model(args.arch, args.size, args.dtype),
-        "random": demo_model(args.arch, args.size, dtype=args.dtype),
-    }
-    cells = [
-        line
-        for kind, model_dir in models.items()
-        for c in args.concurrency.split(",")
-        for line in cell(model_dir, kind, int(c), args)
-    ]
-    emit(
-        {
-            "benchmark": "speculative",
-            "summary": True,
-            "model": f"{args.arch}-{args.size}-{args.dtype}",
-            "output_len": args.output_len,
-            "methods": args.methods,
-            "min_adaptive_ratio": min(c["adaptive_ratio"] for c in cells),
-            "min_adaptive_ratio_by_method": {
-                m: min(c["adaptive_ratio"] for c in cells if c["method"] == m)
-                for m in args.methods.split(",")
-            },
-        }
+    parser.add_argument(
+        "--modes", default="off,adaptive,forced", help="comma-separated: off,adaptive,forced"
     )
+    parser.add_argument(
+        "--workloads", default="repetitive,random", help="comma-separated: repetitive,random"
+    )
+    args = parser.parse_args()
+    for name, value, known in (
+        ("--modes", args.modes, MODES),
+        ("--workloads", args.workloads, WORKLOADS),
+    ):
+        if not value or set(value.split(",")) - set(known):
+            parser.error(f"{name} takes a comma-separated subset of {','.join(known)}")
+    make = {
+        "repetitive": lambda: loopy_model(args.arch, args.size, args.dtype),
+        "random": lambda: demo_model(args.arch, args.size, dtype=args.dtype),
+    }
+    cells = []
+    for kind in args.workloads.split(","):
+        model_dir = make[kind]()
+        for c in args.concurrency.split(","):
+            cells += cell(model_dir, kind, int(c), args)
+    emit(summary(cells, args))
 
 
 if __name__ == "__main__":

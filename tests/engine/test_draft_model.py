@@ -144,3 +144,35 @@ def test_preempted_sequences_recompute_their_draft_kv(tiny_model_dir):
     assert engine.scheduler.num_preemptions > 0
     stats = engine.speculation_stats()
     assert stats.num_accepted_draft_tokens > 0.9 * stats.num_draft_tokens > 0
+
+
+def test_steps_with_speculation_off_run_no_draft_and_it_catches_up_when_on(tiny_model_dir):
+    """The adaptive switch off (scripted here: steps 4-25 plain) costs the draft nothing —
+    not even the KV of the prompt chunks prefilled meanwhile; switched back on, the draft
+    catches up on everything it skipped in one timed forward and drafts from a correct KV
+    (drafting for itself: nearly every draft kept), and the output equals plain decoding."""
+    model_dir = tiny_model_dir("qwen3")
+    options = {"max_num_batched_tokens": 24}
+    prompts = random_prompts([5, 40, 17], 4000, seed=4)
+    expected = run_engine(make_engine(model_dir, **options), prompts, greedy(40))
+    engine = draft_engine(model_dir, model_dir, **options)
+    calls: list[int] = []
+    engine.runner.draft.model.register_forward_hook(lambda *_: calls.append(step))
+    catch_ups: list[float] = []
+    catch_up = engine.runner.draft.catch_up
+    engine.runner.draft.catch_up = lambda seqs: catch_ups.append(catch_up(seqs)) or catch_ups[-1]
+    k = engine.config.num_speculative_tokens
+    engine.speculation.num_draft_tokens = lambda batch: 0 if 4 <= step <= 25 else k
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, greedy(40))
+    outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    step = 0
+    while engine.has_unfinished():
+        step += 1
+        for delta in engine.step():
+            outputs[delta.request_id] += delta.token_ids
+    assert outputs == expected
+    assert calls and not [s for s in calls if 4 <= s <= 25]
+    assert sum(1 for seconds in catch_ups if seconds > 0) == 1  # at step 26, once
+    stats = engine.speculation_stats()
+    assert stats.num_accepted_draft_tokens > 0.9 * stats.num_draft_tokens > 0

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from xllm.engine.speculation import (
+    EXPLORE_BUDGET,
     EXPLORE_EVERY,
+    MAX_EXPLORE_EVERY,
+    MIN_POINTS,
     AdaptiveSpeculation,
     LineFit,
     SpeculativeStep,
+    exploration_interval,
+    priced_interval,
     speculation_pays,
 )
 
@@ -77,3 +84,71 @@ def test_not_adaptive_always_speculates_and_prefill_steps_are_not_measured():
     assert all(policy.num_draft_tokens(128) == 3 for _ in range(10))
     policy.record(SpeculativeStep(4, 16, 12, num_prefill_tokens=500, seconds=1.0))
     assert policy.speculative.count == policy.plain.count == 0
+
+
+def test_it_stays_off_when_drafts_are_rejected_and_explores_ever_more_rarely():
+    policy = AdaptiveSpeculation(4)
+    decisions = simulate(policy, batch=1, steps=6000, acceptance=0.0)
+    on = [i for i, d in enumerate(decisions) if d]
+    assert on[:MIN_POINTS] == list(range(MIN_POINTS))  # measured first, then off
+    explorations = on[MIN_POINTS:]
+    gaps = [b - a for a, b in itertools.pairwise(explorations)]
+    assert len(gaps) >= 4
+    # Each failed exploration doubles the wait (up to the cap): 7 of 6,000 steps at most.
+    assert all(b == min(2 * a, MAX_EXPLORE_EVERY) for a, b in itertools.pairwise(gaps))
+    assert len(explorations) <= 8 and policy.num_explorations == len(explorations)
+
+
+def test_exploring_is_priced_by_what_the_worse_mode_loses():
+    # The worse mode 5x slower: a step of it loses 4 steps, so at most one in 4 / budget.
+    assert exploration_interval(EXPLORE_EVERY, 0.2) == pytest.approx(4 / EXPLORE_BUDGET)
+    assert exploration_interval(EXPLORE_EVERY, 5.0) == pytest.approx(4 / EXPLORE_BUDGET)
+    # Nearly a tie: exploring costs little, the interval only doubles.
+    assert exploration_interval(EXPLORE_EVERY, 1.01) == 2 * EXPLORE_EVERY
+    assert exploration_interval(MAX_EXPLORE_EVERY, 0.0) == MAX_EXPLORE_EVERY
+    assert priced_interval(0.2) == pytest.approx(4 / EXPLORE_BUDGET)  # (the first one too)
+
+
+def test_it_turns_on_at_batch_one_when_most_drafts_are_kept():
+    policy = AdaptiveSpeculation(4)
+    decisions = simulate(policy, batch=1, steps=300, acceptance=0.8)
+    assert sum(decisions[MIN_POINTS * 2 :]) >= len(decisions) - MIN_POINTS * 2 - 3
+    assert policy.speculating
+
+
+def test_it_is_off_at_a_large_batch_where_verify_rows_cost_more_than_they_save():
+    # 80% kept, yet at 64 sequences the 256 verify rows cost 5x a plain step: off from the
+    # moment both modes are measured, save the (rare) explorations.
+    policy = AdaptiveSpeculation(4)
+    decisions = simulate(policy, batch=64, steps=1000, acceptance=0.8)
+    assert sum(decisions) <= MIN_POINTS + 4
+    assert not policy.speculating
+
+
+def test_the_same_costs_decide_by_the_measured_acceptance():
+    kept = simulate(AdaptiveSpeculation(4), batch=2, steps=200, acceptance=0.8)
+    rejected = simulate(AdaptiveSpeculation(4), batch=2, steps=200, acceptance=0.1)
+    assert sum(kept[-100:]) >= 98 and sum(rejected[-100:]) <= 2
+
+
+def test_a_changed_batch_flips_the_pick_and_restarts_the_intervals():
+    policy = AdaptiveSpeculation(4)
+    simulate(policy, batch=1, steps=200)
+    simulate(policy, batch=64, steps=2000)
+    grown = policy.explore_interval
+    assert grown > 4 * EXPLORE_EVERY and not policy.speculating
+    assert all(simulate(policy, batch=1, steps=10))  # (the lines predict batch 1 too)
+    assert policy.explore_interval < grown
+
+
+def test_an_exploration_on_a_step_that_prefilled_runs_again_on_the_next():
+    policy = AdaptiveSpeculation(4)
+    simulate(policy, batch=1, steps=200, acceptance=0.0)  # off; explorations spaced out
+    explored = policy.num_explorations
+    while not policy.num_draft_tokens(1):  # plain steps until the next exploration
+        policy.record(SpeculativeStep(1, 1, 0, 0, 0, plain_seconds(1)))
+    policy.record(SpeculativeStep(1, 5, 4, num_prefill_tokens=100, seconds=1.0))
+    assert policy.num_draft_tokens(1) and policy.exploring  # tried again: it was not measured
+    policy.record(SpeculativeStep(1, 5, 4, 0, 0, speculative_seconds(5)))
+    assert policy.num_explorations == explored + 1
+    assert not policy.num_draft_tokens(1)

@@ -7,7 +7,8 @@ cache and slot allocation serve both and there is no second block manager. Slots
 scheduler gives a sequence for its last token and its drafts hold the draft's KV of the
 same tokens.
 
-Per step, inside the target's `ModelRunner.execute`:
+Per step that speculates (the adaptive switch on: speculation.py), inside the target's
+`ModelRunner.execute`:
 
   * `mirror`: the draft computes its KV for the step's prefill chunks (the same chunks the
     target prefills, and any positions the draft missed before them);
@@ -15,6 +16,11 @@ Per step, inside the target's `ModelRunner.execute`:
     (`DraftProposer`, which only says how many), the draft catches up on the tokens it has
     not seen (usually just the last one), then decodes d tokens greedily, batched across
     those sequences: one forward for the first drafts, then one per further draft.
+
+A step with speculation off runs no draft at all: the chunks it prefills and the tokens it
+decodes are caught up on lazily, when speculation turns back on — in a forward of their
+own before the first drafts (`catch_up`), whose time `propose` returns, so that the
+adaptive switch can tell this one-off cost of switching from the cost of speculating.
 
 Which positions of a sequence hold valid draft KV is tracked per sequence (`DraftState`):
 the tokens it fed, checked against `token_ids` when next needed (a rejected draft's KV is
@@ -27,6 +33,7 @@ the rejection sampler assumes (proposer.py); their quality only changes how many
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,22 +145,20 @@ class DraftModel:
             input_ids, positions, meta = lay_out(runs, self.block_size, self.device)
             self.model(input_ids, positions, meta)
 
-    def propose(self, items: list[ScheduledSeq]) -> None:
-        """Fill in the drafts of `items` (each holds d placeholders): d greedy tokens each."""
+    def propose(self, items: list[ScheduledSeq]) -> float:
+        """Fill in the drafts of `items` (each holds d placeholders): d greedy tokens each.
+        Returns the seconds spent catching up (`catch_up`)."""
         if not items:
-            return
-        # First pass: every token the draft has not seen, up to the last one.
+            return 0.0
+        catch_up_seconds = self.catch_up([item.seq for item in items])
+        # First pass: the tokens the draft has not seen, up to the last one (after a catch-up,
+        # the last one; else the target's token, after any drafts it kept).
         firsts = []
         for item in items:
             seq = item.seq
             start = min(self.num_valid(seq), seq.num_tokens - 1)
             tokens = seq.token_ids[start:]
-            if len(tokens) == 1 and start > 0:
-                kind = DECODE
-            elif len(tokens) <= MAX_VERIFY_CATCH_UP and start > 0:
-                kind = VERIFY
-            else:
-                kind = CHUNK
+            kind = DECODE if len(tokens) == 1 and start > 0 else VERIFY if start > 0 else CHUNK
             firsts.append(Run(seq.block_table, start, tokens, kind))
         order = sorted(
             range(len(items)), key=lambda i: (firsts[i].kind != DECODE, firsts[i].kind == CHUNK)
@@ -181,6 +186,24 @@ class DraftModel:
             seq = item.seq
             # Fed: the tokens up to the last one, then every draft but the last.
             self._states[seq] = DraftState(seq.block_table, seq.num_tokens, draft[:-1])
+        return catch_up_seconds
+
+    def catch_up(self, seqs: list[Sequence]) -> float:
+        """The draft's KV of the tokens before the last of each of `seqs` that lags by more
+        than MAX_VERIFY_CATCH_UP tokens (after steps without speculation, or a PD decode
+        instance's prompt), in one prefill forward; its seconds (0 if none lags)."""
+        started = time.perf_counter()
+        runs: list[Run] = []
+        for seq in seqs:
+            start, end = self.num_valid(seq), seq.num_tokens - 1
+            if start == 0 or end - start > MAX_VERIFY_CATCH_UP:
+                runs.append(Run(seq.block_table, start, seq.token_ids[start:end], CHUNK))
+                self._states[seq] = DraftState(seq.block_table, end)
+        if not runs:
+            return 0.0
+        input_ids, positions, meta = lay_out(runs, self.block_size, self.device)
+        self.model(input_ids, positions, meta)
+        return time.perf_counter() - started
 
     def _next_tokens(self, runs: list[Run]) -> list[int]:
         """The draft's greedy token after each run (runs ordered as `lay_out` wants)."""

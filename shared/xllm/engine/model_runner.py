@@ -85,8 +85,9 @@ class ModelRunner:
         """Run one step; returns the sequences that sampled (forks included) and their tokens
         (those that verified drafts: in `SamplerOutput.verified` only)."""
         items = order_for_attention(out.scheduled)
-        if self.draft is not None:  # before _prepare: the drafts are filled in here
-            self.draft.propose([i for i in items if i.draft_token_ids])
+        if self.draft is not None and out.max_drafts:  # (off: the draft computes nothing)
+            # Before _prepare: the drafts are filled in here.
+            out.draft_catch_up_seconds = self.draft.propose([i for i in items if i.draft_token_ids])
             self.draft.mirror([i for i in items if run_kind(i) == CHUNK])
         input_ids, positions, meta = self._prepare(items)
         if self.multimodal and (out.encodes or any(i.seq.mm is not None for i in items)):

@@ -77,4 +77,5 @@ def step_shape(out: SchedulerOutput) -> SpeculativeStep:
         num_tokens=num_decode_tokens,
         num_draft_tokens=num_decode_tokens - len(decoding),
         num_prefill_tokens=out.num_tokens - num_decode_tokens,
+        catch_up_seconds=out.draft_catch_up_seconds,
     )

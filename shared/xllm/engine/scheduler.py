@@ -82,6 +82,10 @@ class SchedulerOutput:
     """(host block, device block) copies to run before the forward pass."""
     encodes: list[Encode] = field(default_factory=list)
     """Images of prompts this step does not reach yet, encoded ahead (encode_ahead.py)."""
+    max_drafts: int = 0
+    """Drafts a decoding sequence could verify this step (0: speculation is off for it)."""
+    draft_catch_up_seconds: float = 0.0
+    """Filled in by the ModelRunner: time its draft model spent catching up (draft_model.py)."""
 
     @property
     def num_tokens(self) -> int:
@@ -197,7 +201,7 @@ class Scheduler:
         tokens offline work may add to a step that also runs online sequences
         (`offline_token_budget`); None = what the token budget leaves."""
         self._max_drafts = num_draft_tokens if self.proposer is not None else 0
-        out = SchedulerOutput()
+        out = SchedulerOutput(max_drafts=self._max_drafts)
         budget = self.max_num_batched_tokens
         # Online first: running, then waiting; offline after: running, swapped, waiting.
         budget, i = self._continue(out, budget, 0, online_only=True)

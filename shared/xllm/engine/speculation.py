@@ -20,11 +20,23 @@ The rule (`speculation_pays`), at batch size B:
     speculate iff on > (1 + MARGIN) x off
 
 Until both lines have MIN_POINTS steps, the missing mode is run (speculative first); then
-every EXPLORE_EVERY-th step runs the mode the rule did not pick, so both lines and the
-acceptance rate stay current as the batch and the requests change (at most 1/EXPLORE_EVERY
-of the steps run the worse mode). Only steps that decode and prefill nothing are measured:
-a prefill chunk's cost says nothing about decoding. When the rule says no, the step is the
-plain path unchanged; the proposer is not even called.
+the mode the rule did not pick runs now and then (an exploration step), so both lines and
+the acceptance rate stay current as the batch and the requests change. Exploring is priced:
+the worse mode's step loses `loss = max(r, 1/r) - 1` of a step (r = on / off, predicted), so
+the next exploration comes at least `loss / EXPLORE_BUDGET` steps later (its expected cost
+stays under EXPLORE_BUDGET of the time; at least EXPLORE_EVERY), and each exploration that
+leaves the rule's pick unchanged doubles the interval (up to MAX_EXPLORE_EVERY): with
+acceptance near 0, speculation is tried ever more rarely. When the pick flips (the batch
+or the yield changed), the intervals start over from the least. An exploration whose
+step could not be measured (it prefilled, see below) runs again on the next step, a few
+times at most.
+
+Only steps that decode and prefill nothing are measured: a prefill chunk's cost says nothing
+about decoding. A draft model's catch-up (its KV of the tokens decoded while speculation
+was off, recomputed on the step speculation turns back on: draft_model.py) is a one-off
+cost of switching, not of speculating: it is left out of that step's time. When
+the rule says no, the step is the plain path unchanged: the proposer is not called, and
+the draft model computes nothing (not even the KV of new prompt chunks).
 
 Eligibility (`can_speculate`): requests with penalties, pending min_tokens, logprobs,
 n > 1 or a grammar (`SamplingParams.allows_speculation`) never speculate (see
@@ -41,8 +53,14 @@ MARGIN = 0.05
 """Speculation must be expected this much faster to run: near a tie, the plain path."""
 MIN_POINTS = 3
 """Steps each mode is measured on before the rule decides."""
-EXPLORE_EVERY = 50
-"""Every this many steps, the mode the rule did not pick runs once (fresh measurements)."""
+EXPLORE_EVERY = 32
+"""Steps until the first exploration of the mode the rule did not pick (module doc)."""
+MAX_EXPLORE_EVERY = 4096
+"""The longest interval between explorations, however often they fail."""
+EXPLORE_BUDGET = 0.01
+"""The share of the time exploration may be expected to lose (sets its least interval)."""
+EXPLORE_RETRIES = 3
+"""Steps an exploration is tried again on when its step prefilled (was not measured)."""
 DECAY = 0.98
 """Weight left to the older measurements per new one (~50 steps matter)."""
 
@@ -108,6 +126,21 @@ class LineFit:
         return my + slope * (x - mx)
 
 
+def speedup(
+    batch_size: int,
+    acceptance_rate: float,
+    drafts_per_seq: float,
+    plain: LineFit,
+    speculative: LineFit,
+) -> float:
+    """Expected tokens per second with drafts over without (the module doc's on / off)."""
+    time_off = plain.predict(batch_size)
+    time_on = speculative.predict(batch_size * (1.0 + drafts_per_seq))
+    if time_on <= 0.0 or time_off <= 0.0:
+        return 1.0
+    return (1.0 + acceptance_rate * drafts_per_seq) * time_off / time_on
+
+
 def speculation_pays(
     batch_size: int,
     acceptance_rate: float,
@@ -117,10 +150,21 @@ def speculation_pays(
     margin: float = MARGIN,
 ) -> bool:
     """The rule of the module doc: expected tokens per second with and without drafts."""
-    time_off = plain.predict(batch_size)
-    time_on = speculative.predict(batch_size * (1.0 + drafts_per_seq))
-    tokens_on = batch_size * (1.0 + acceptance_rate * drafts_per_seq)
-    return tokens_on * time_off > (1.0 + margin) * batch_size * time_on
+    ratio = speedup(batch_size, acceptance_rate, drafts_per_seq, plain, speculative)
+    return ratio > 1.0 + margin
+
+
+def priced_interval(ratio: float) -> int:
+    """The fewest steps between explorations for the worse mode's step (`ratio` = on / off
+    speed) to be expected to lose no more than EXPLORE_BUDGET of the time."""
+    loss = max(ratio, 1.0 / ratio) - 1.0 if ratio > 0.0 else float("inf")
+    return int(min(MAX_EXPLORE_EVERY, loss / EXPLORE_BUDGET))
+
+
+def exploration_interval(interval: int, ratio: float) -> int:
+    """Steps to the next exploration after one that changed nothing: double `interval`, and
+    at least `priced_interval(ratio)`."""
+    return min(MAX_EXPLORE_EVERY, max(2 * interval, priced_interval(ratio)))
 
 
 @dataclass
@@ -138,6 +182,9 @@ class SpeculativeStep:
     """Drafts the verification kept (known after the step)."""
     seconds: float = 0.0
     """The step's wall time (known after the step)."""
+    catch_up_seconds: float = 0.0
+    """Of `seconds`, the draft model's catch-up on tokens it skipped while speculation was
+    off (known after the step; see draft_model.py)."""
 
 
 class AdaptiveSpeculation:
@@ -154,6 +201,15 @@ class AdaptiveSpeculation:
         self.num_decisions = 0
         self.speculating = True
         """The last decision."""
+        self.exploring = False
+        """The last decision ran the mode the rule did not pick."""
+        self.num_explorations = 0
+        self.explore_interval = EXPLORE_EVERY
+        """Steps between the latest exploration and the next (module doc)."""
+        self._next_explore = EXPLORE_EVERY
+        self._pick: bool | None = None  # the rule's latest pick
+        self._ratio = 1.0  # its predicted speedup, when exploring
+        self._retries = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -169,6 +225,7 @@ class AdaptiveSpeculation:
         return self.num_speculative_tokens if self.speculating else 0
 
     def _decide(self, batch_size: int) -> bool:
+        self.exploring = False
         if not self.adaptive:
             return True
         self.num_decisions += 1
@@ -176,26 +233,50 @@ class AdaptiveSpeculation:
             return True
         if self.plain.count < MIN_POINTS:
             return False
-        pays = speculation_pays(
+        ratio = speedup(
             max(1, batch_size),
             self.acceptance_rate,
             self.drafts_per_seq,
             self.plain,
             self.speculative,
         )
-        explore = self.num_decisions % EXPLORE_EVERY == 0
-        return pays != explore
+        pays = ratio > 1.0 + MARGIN
+        if pays != self._pick:  # first pick, or the batch or the yield changed it
+            self._pick = pays
+            self.explore_interval = max(EXPLORE_EVERY, priced_interval(ratio))
+            self._next_explore = self.num_decisions + self.explore_interval
+        elif self.num_decisions >= self._next_explore:
+            self.exploring = True
+            self._ratio = ratio
+            return not pays
+        return pays
+
+    def _explored(self, measured: bool) -> None:
+        """Schedule the next exploration after this one: if it changes nothing, after a
+        longer interval (if the pick flips, `_decide` starts the intervals over); one whose
+        step was not measured (it prefilled) is tried again next step, EXPLORE_RETRIES times."""
+        if not measured and self._retries < EXPLORE_RETRIES:
+            self._retries += 1
+            return
+        self._retries = 0
+        self.num_explorations += 1
+        self.explore_interval = exploration_interval(self.explore_interval, self._ratio)
+        self._next_explore = self.num_decisions + self.explore_interval
 
     def record(self, step: SpeculativeStep) -> None:
         """Feed a step that decoded and prefilled nothing (others are ignored) to the line
         of its mode (a step whose sequences had no drafts ran the plain path), and its
-        yield to the acceptance estimates."""
-        if step.num_decodes == 0 or step.num_prefill_tokens:
+        yield to the acceptance estimates; a draft model's catch-up is left out of its time
+        (module doc)."""
+        measured = step.num_decodes > 0 and not step.num_prefill_tokens
+        if self.exploring:
+            self._explored(measured)
+        if not measured:
             return
         if step.num_draft_tokens == 0:
             self.plain.add(step.num_tokens, step.seconds)
         else:
-            self.speculative.add(step.num_tokens, step.seconds)
+            self.speculative.add(step.num_tokens, step.seconds - step.catch_up_seconds)
         if self.speculating:  # drafts were asked for: how many came, how many held
             self._proposed = self._proposed * DECAY + step.num_draft_tokens
             self._accepted = self._accepted * DECAY + step.num_accepted_tokens
