@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #endif
 #include "avx2.h"  // defines XLLM_AVX2 where the CPU has AVX2 and FMA
+#include "elementwise.h"  // fused bf16 SiLU-mul, RMSNorm + RoPE (AVX-512F)
 
 namespace {
 
@@ -367,6 +368,17 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
     at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / N), [&](int64_t begin, int64_t end) {
       std::vector<float> row(N), w(N);
       to_floats(w.data(), wp, N);
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        if (N % 16 == 0) {
+          const auto* x16 = reinterpret_cast<const uint16_t*>(xp);
+          auto* y16 = reinterpret_cast<uint16_t*>(yp);
+          for (int64_t r = begin; r < end; ++r)
+            elementwise::rms_norm_row(x16 + r * N, w.data(), N, static_cast<float>(eps), y16 + r * N);
+          return;
+        }
+      }
+#endif
 #if defined(XLLM_AVX2) && !defined(__AVX512F__)
       if constexpr (avx2::vectorised<scalar_t>()) {
         if (N % 8 == 0) {
@@ -392,6 +404,80 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
     default: TORCH_CHECK(false, "rms_norm: unsupported dtype ", x.scalar_type());
   }
   return y;
+}
+
+#if defined(__AVX512F__)
+// Rows at least ~64K elements a chunk: smaller parallel regions cost more than they save.
+static int64_t rows_grain(int64_t row_elems) { return std::max<int64_t>(1, 65536 / row_elems); }
+#endif
+
+// x [N, 2I] (gate | up, rows may be strided) -> F.silu(gate) * up [N, I], bf16.
+at::Tensor silu_mul(at::Tensor x) {
+#if defined(__AVX512F__)
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
+              "silu_mul takes bf16 [N, 2I] with contiguous rows");
+  const int64_t N = x.size(0), I = x.size(1) / 2;
+  TORCH_CHECK(x.size(1) == 2 * I && I % 16 == 0, "silu_mul needs I % 16 == 0");
+  auto y = at::empty({N, I}, x.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, N, rows_grain(I), [&](int64_t begin, int64_t end) {
+    elementwise::silu_mul_rows(xp, ldx, yp, I, begin, end);
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "silu_mul needs AVX-512F");
+#endif
+}
+
+// x [N, H, D] (heads contiguous, rows may be strided) -> rope(rms_norm(x) * weight) per head,
+// contiguous [N, H, D], bf16; no norm when weight is absent. cos/sin [N, 1, D] or [N, D].
+at::Tensor norm_rope(at::Tensor x, c10::optional<at::Tensor> weight, double eps, at::Tensor cos,
+                     at::Tensor sin) {
+#if defined(__AVX512F__)
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
+                  sin.scalar_type() == at::kBFloat16, "norm_rope takes bf16 tensors");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
+              "norm_rope takes [N, H, D] with contiguous heads");
+  const int64_t N = x.size(0), H = x.size(1), D = x.size(2);
+  TORCH_CHECK(D % 32 == 0, "norm_rope needs D % 32 == 0");
+  cos = cos.reshape({N, D}).contiguous();
+  sin = sin.reshape({N, D}).contiguous();
+  std::vector<float> w;
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->numel() == D && weight->scalar_type() == at::kBFloat16, "weight must be bf16 [D]");
+    const auto wc = weight->contiguous();
+    w.resize(D);
+    to_floats(w.data(), wc.data_ptr<at::BFloat16>(), D);
+  }
+  auto out = at::empty({N, H, D}, x.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* cp = reinterpret_cast<const uint16_t*>(cos.data_ptr<at::BFloat16>());
+  const auto* sp = reinterpret_cast<const uint16_t*>(sin.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t ldx = x.stride(0);
+  const float* wp = w.empty() ? nullptr : w.data();
+  at::parallel_for(0, N, rows_grain(H * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> xn(D);
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t h = 0; h < H; ++h)
+        elementwise::norm_rope_head(xp + r * ldx + h * D, wp, static_cast<float>(eps), cp + r * D,
+                                    sp + r * D, D, xn.data(), op + (r * H + h) * D);
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "norm_rope needs AVX-512F");
+#endif
+}
+
+// silu_mul and norm_rope are compiled for this CPU.
+bool has_fused_elementwise() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
 }
 
 bool has_bf16_linear() {
@@ -715,5 +801,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_amx", &has_amx, "AMX-BF16 compiled in and permitted");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
   m.def("has_bf16_linear", &has_bf16_linear, "was packed_bf16_linear compiled for this CPU");
+  m.def("silu_mul", &silu_mul, "F.silu(gate) * up over x = gate | up, bfloat16, one pass");
+  m.def("norm_rope", &norm_rope, "per-head RMSNorm (optional) then RoPE, bfloat16, one pass");
+  m.def("has_fused_elementwise", &has_fused_elementwise, "silu_mul and norm_rope compiled in");
   m.def("has_avx2_linear", &has_avx2_linear, "packed_bf16_linear is the AVX2 + FMA kernel");
 }
