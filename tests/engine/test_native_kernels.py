@@ -36,15 +36,20 @@ def reference_attention(q, k_cache, v_cache, tables, lens, block_size):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("batch", [1, 5])
 # Query heads per KV head even and odd; head dims on the vector paths (64, 128) and not (48).
-@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (6, 2, 128), (4, 4, 48)])
-def test_paged_decode_attention_matches_sdpa(dtype, tol, batch, heads, kv_heads, dim):
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim", [(8, 2, 64), (6, 2, 128), (4, 4, 48), (16, 8, 128), (6, 1, 64)]
+)
+# 16 and 32: whole groups of 16 keys (the bf16 path's batched scores); 8: not.
+@pytest.mark.parametrize("block", [16, 32, 8])
+def test_paged_decode_attention_matches_sdpa(dtype, tol, batch, heads, kv_heads, dim, block):
     g = torch.Generator().manual_seed(batch)
-    block = 16
     num_blocks = 40
     k_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)
     q = torch.randn(batch, heads, dim, generator=g).to(dtype)
     lens = torch.randint(1, 7 * block, (batch,), generator=g)
+    if batch > 1:  # contexts ending at, just past and just before a block's end
+        lens[:4] = torch.tensor([block, 2 * block + 1, 3 * block - 1, 7 * block])
     tables = torch.randperm(num_blocks, generator=g)[: batch * 7].view(batch, 7)
     out = torch.empty_like(q)
     native.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, block, dim**-0.5)

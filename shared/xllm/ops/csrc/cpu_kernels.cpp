@@ -77,6 +77,41 @@ inline float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t D) {
     acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
   return _mm512_reduce_add_ps(acc);
 }
+
+// r[i] = the sum of v[i]'s 16 lanes, for 16 vectors at once: a transposing tree of shuffles
+// and adds (45 instructions where 16 horizontal sums take ~130, each a serial chain).
+inline __m512 sum16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)  // lanes: [a0+a2, b0+b2, a1+a3, b1+b3] per 128 bits
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // [v4i, v4i+1, v4i+2, v4i+3] partial sums per 128 bits
+    const __m512d c = _mm512_castps_pd(t[2 * i]), d = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+  }
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
+                                  _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88),
+                                  _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+// out[s] = scale * q . k_s for the n <= 16 keys of one head starting at `k` (`stride` apart),
+// all 16 dot products' sums reduced together. Keys past n are read (they lie in the same
+// block) but their scores not stored.
+inline void scores16_bf16(const at::BFloat16* q, const at::BFloat16* k, int64_t stride,
+                          int64_t D, int64_t n, float scale, float* out) {
+  __m512 acc[16];
+  for (int s = 0; s < 16; ++s) acc[s] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + d);
+    for (int s = 0; s < 16; ++s)
+      acc[s] = _mm512_dpbf16_ps(acc[s], qv, (__m512bh)_mm512_loadu_si512(k + s * stride + d));
+  }
+  const __mmask16 keep = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  _mm512_mask_storeu_ps(out, keep, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+}
 #endif
 template <typename scalar_t>
 inline void to_floats(float* dst, const scalar_t* src, int64_t D) {
@@ -259,6 +294,26 @@ void paged_attention_impl(
         if (i >= num_blocks) return nullptr;
         return cache + (table[i] * block_size + s) * slot_stride + h0 * D;
       };
+#if defined(__AVX512BF16__)
+      // bf16: 16 keys of a head at a time, their sums reduced together (blocks of whole
+      // groups of 16 slots, so a group never leaves its block).
+      constexpr bool bf16 = std::is_same_v<scalar_t, at::BFloat16>;
+      if (bf16 && D % 32 == 0 && block_size % 16 == 0) {
+        for (int64_t i = 0; i < num_blocks; ++i) {
+          const int64_t t0 = i * block_size, n = std::min(block_size, T - t0);
+          for (int64_t s = 0; s < n; s += 16) {
+            for (int64_t s2 = s; s2 < std::min(s + 16, n); ++s2)
+              prefetch_run(run_of(kp, i + 1, s2), run_bytes);
+            const scalar_t* k = run_of(kp, i, s);
+            for (int64_t j = 0; j < nj; ++j)
+              scores16_bf16(reinterpret_cast<const at::BFloat16*>(qb.data() + j * D),
+                            reinterpret_cast<const at::BFloat16*>(k + j % nq / G * D),
+                            slot_stride, D, n - s, static_cast<float>(scale),
+                            scores.data() + j * T + t0 + s);
+          }
+        }
+      } else
+#endif
       for (int64_t i = 0; i < num_blocks; ++i) {
         const int64_t t0 = i * block_size, n = std::min(block_size, T - t0);
         for (int64_t s = 0; s < n; ++s) {
@@ -608,19 +663,31 @@ namespace {
 
 constexpr int64_t kQueryRows = 12;
 
-// Rows [T, D] of one head (rows `ld` apart) -> [Tp/16][D/2][16][2], zero past T.
+// Rows [T, D] of one head (rows `ld` apart) -> [Tp/16][D/2][16][2], zero past T: pairs of
+// features moved as one 32-bit word.
 void pack_keys(const uint16_t* k, int64_t ld, int64_t T, int64_t Tp, int64_t D, uint16_t* dst) {
-  for (int64_t t = 0; t < Tp; ++t)
-    for (int64_t d = 0; d < D; ++d)
-      dst[((t / 16 * (D / 2) + d / 2) * 16 + t % 16) * 2 + d % 2] = t < T ? k[t * ld + d] : 0;
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  const int64_t pairs = D / 2;
+  for (int64_t t = 0; t < Tp; ++t) {
+    uint32_t* col = out + t / 16 * pairs * 16 + t % 16;
+    if (t >= T) {
+      for (int64_t d2 = 0; d2 < pairs; ++d2) col[d2 * 16] = 0;
+      continue;
+    }
+    const auto* row = reinterpret_cast<const uint32_t*>(k + t * ld);
+    for (int64_t d2 = 0; d2 < pairs; ++d2) col[d2 * 16] = row[d2];
+  }
 }
 
 // Rows [T, D] of one head -> their transpose [D, T] packed: [D/16][Tp/2][16][2], zero past T.
 void pack_values_transposed(const uint16_t* v, int64_t ld, int64_t T, int64_t Tp, int64_t D,
                             uint16_t* dst) {
-  for (int64_t t = 0; t < Tp; ++t)
-    for (int64_t d = 0; d < D; ++d)
-      dst[((d / 16 * (Tp / 2) + t / 2) * 16 + d % 16) * 2 + t % 2] = t < T ? v[t * ld + d] : 0;
+  std::vector<uint16_t> zeros(D, 0);
+  for (int64_t t = 0; t < Tp; t += 2) {
+    const uint16_t* v0 = t < T ? v + t * ld : zeros.data();
+    const uint16_t* v1 = t + 1 < T ? v + (t + 1) * ld : zeros.data();
+    elementwise::pack_value_pair(v0, v1, D / 16, Tp * 16, dst + t * 16);
+  }
 }
 
 // y[i][cols] for `rows` rows of x over packed blocks [0, blocks) (blocks even), in float.
@@ -671,19 +738,14 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
           const int64_t seen = (context_len + i0 + rows + 31) / 32 * 32;  // keys, padded
           const uint16_t* qrows = qp + i0 * ldq + qh * D;
           micro_rows(keys.data(), D * 16, D, qrows, ldq, rows, seen / 16, scores.data(), Tp);
-          for (int64_t i = 0; i < rows; ++i) {
-            float* row = scores.data() + i * Tp;
-            const int64_t valid = context_len + i0 + i + 1;
-            for (int64_t t = 0; t < valid; ++t) row[t] *= fscale;
-            softmax_inplace(row, valid);
-            uint16_t* p = probs.data() + i * Tp;
-            for (int64_t t = 0; t < seen; ++t)
-              p[t] = t < valid ? at::BFloat16(row[t]).x : 0;
-          }
-          micro_rows(values.data(), Tp * 16, seen, probs.data(), Tp, rows, D / 16, o.data(), D);
           for (int64_t i = 0; i < rows; ++i)
-            for (int64_t d = 0; d < D; ++d)
-              op[(i0 + i) * ldo + qh * D + d] = at::BFloat16(o[i * D + d]);
+            elementwise::softmax_to_bf16(scores.data() + i * Tp, context_len + i0 + i + 1, seen,
+                                         fscale, probs.data() + i * Tp);
+          micro_rows(values.data(), Tp * 16, seen, probs.data(), Tp, rows, D / 16, o.data(), D);
+          auto* o16 = reinterpret_cast<uint16_t*>(op);
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t d = 0; d < D; d += 16)
+              elementwise::narrow(o16 + (i0 + i) * ldo + qh * D + d, _mm512_loadu_ps(o.data() + i * D + d));
         }
     }
   });

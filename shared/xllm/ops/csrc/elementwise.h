@@ -10,6 +10,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+#include <cmath>
+#include <limits>
+
 namespace elementwise {
 
 // 16 bf16 -> 16 floats, and back with round-to-nearest-even (at::BFloat16's rounding; NaN
@@ -105,6 +108,43 @@ inline void rms_norm_row(const uint16_t* x, const float* w, int64_t N, float eps
   const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(ss / static_cast<float>(N) + eps));
   for (i = 0; i < N; i += 16)
     narrow(y + i, _mm512_mul_ps(_mm512_mul_ps(widen(x + i), inv), _mm512_loadu_ps(w + i)));
+}
+
+// p[t] = bf16(softmax(x * scale)[t]) for t < valid, 0 for valid <= t < padded (a multiple
+// of 16); x is overwritten with the exponentials.
+inline void softmax_to_bf16(float* x, int64_t valid, int64_t padded, float scale, uint16_t* p) {
+  auto mask = [&](int64_t t) -> __mmask16 {
+    return valid - t >= 16 ? 0xFFFF : t >= valid ? 0 : static_cast<__mmask16>((1u << (valid - t)) - 1);
+  };
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 vmax = ninf;
+  for (int64_t t = 0; t < valid; t += 16)
+    vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, mask(t), x + t));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax)), vscale = _mm512_set1_ps(scale);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < valid; t += 16) {
+    const __mmask16 m = mask(t);
+    const __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + t), mx), vscale));
+    const __m512 em = _mm512_maskz_mov_ps(m, e);
+    _mm512_storeu_ps(x + t, em);
+    vsum = _mm512_add_ps(vsum, em);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
+  for (int64_t t = 0; t < padded; t += 16) {
+    const __m512 e = t < valid ? _mm512_loadu_ps(x + t) : _mm512_setzero_ps();  // 0 past valid
+    narrow(p + t, _mm512_mul_ps(e, inv));
+  }
+}
+
+// Rows t and t + 1 of one head (16 * nd wide, rows `ld` apart) -> their 16 x 2 VNNI pairs in
+// each of nd column blocks (`block` elements apart): the transposed value layout.
+inline void pack_value_pair(const uint16_t* v0, const uint16_t* v1, int64_t nd, int64_t block,
+                            uint16_t* dst) {
+  for (int64_t b = 0; b < nd; ++b) {
+    const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + 16 * b)));
+    const __m512i c = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + 16 * b)));
+    _mm512_storeu_si512(dst + b * block, _mm512_or_si512(a, _mm512_slli_epi32(c, 16)));
+  }
 }
 
 }  // namespace elementwise
