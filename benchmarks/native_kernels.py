@@ -8,6 +8,9 @@ In one run, on whatever kernels this CPU gets (AMX, AVX512-BF16 or AVX2 + FMA):
   * linear: batch-1 GB/s of the native linear and of torch's F.linear on the `small` model's
     weight shapes (enough copies of each weight to stream from memory, not cache), and the
     native / torch speed ratio at 16 and 128 rows;
+  * prefill: a 2048-row step's gate|up linear GFLOP/s (native and oneDNN), the causal
+    attention of one 512-token sequence (16 q / 8 kv heads; GFLOP/s of the causal half),
+    and the fused SiLU*up and RMSNorm+RoPE passes' speed over the torch ops they replace;
   * engine: the `small` demo model (Qwen3-0.6B's shapes, bf16) with `native_kernels` on and
     off, each in its own process (the switch holds for a process's life), alternated:
     batch-1 decode ms/step (median) and its share of the roofline (bytes of weights a step
@@ -81,6 +84,56 @@ def bench_linear() -> list[dict]:
         rows_out.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return rows_out
+
+
+def bench_prefill(rows: int = 2048, seq_len: int = 512) -> dict:
+    """A 2048-row prefill step's kernels (the small model's shapes): the gate|up linear's
+    GFLOP/s (native and oneDNN), the causal attention of its 512-token sequences (GFLOP/s
+    of the causal half), and the fused elementwise passes against the torch ops they replace
+    (speed ratio)."""
+    from xllm.models.layers import RMSNorm
+    from xllm.ops import fast_norm_rotary, fast_silu_mul, kernels, pack_weight
+
+    native = kernels()
+    out: dict = {}
+    w = (torch.randn(6144, 1024) / 32).bfloat16()
+    x = torch.randn(rows, 1024).bfloat16()
+    packed = pack_weight(w)
+    flops = 2 * rows * 6144 * 1024
+    out["linear_torch_gflops"] = round(flops / best_of([partial(F.linear, x, w)], 3) / 1e9, 1)
+    if packed is not None:
+        linear = partial(native.packed_bf16_linear, x, packed, 6144, None)
+        out["linear_native_gflops"] = round(flops / best_of([linear], 3) / 1e9, 1)
+    heads, kv_heads, dim = 16, 8, 128
+    q = torch.randn(seq_len, heads, dim).bfloat16()
+    k, v = torch.randn(2, seq_len, kv_heads, dim).bfloat16()
+    if native is not None and (native.has_bf16_linear() or native.has_avx2_linear()):
+        o = torch.empty_like(q)
+        attn = partial(native.prefill_attention, o, q, k, v, 0, dim**-0.5)
+        causal_flops = 4 * heads * dim * seq_len * seq_len / 2
+        out["attention_gflops"] = round(causal_flops / best_of([attn], 5) / 1e9, 1)
+    gate_up = torch.randn(rows, 6144).bfloat16()
+    if fast_silu_mul(gate_up) is not None:
+        gate, up = gate_up.chunk(2, dim=-1)
+        ref = best_of([lambda: F.silu(gate) * up], 3)
+        out["silu_mul_speedup"] = round(ref / best_of([partial(fast_silu_mul, gate_up)], 3), 2)
+    qkv = torch.randn(rows, heads + 2 * kv_heads, dim).bfloat16()
+    angles = torch.randn(rows, 1, dim)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    norm_w = torch.ones(dim).bfloat16()
+    if fast_norm_rotary(qkv[:, :heads], cos, sin, norm_w, 1e-6) is not None:
+        norm = RMSNorm(dim, 1e-6, torch.bfloat16)
+        norm.weight.data = norm_w
+        fused = partial(fast_norm_rotary, qkv[:, :heads], cos, sin, norm_w, 1e-6)
+
+        def unfused():  # Qwen3's q_norm then apply_rotary, as torch ops
+            y = norm(qkv[:, :heads])
+            y1, y2 = y.chunk(2, dim=-1)
+            return y * cos + torch.cat((-y2, y1), dim=-1) * sin
+
+        out["norm_rope_speedup"] = round(best_of([unfused], 3) / best_of([fused], 3), 2)
+    print(json.dumps({"prefill": out}), file=sys.stderr, flush=True)
+    return out
 
 
 def engine_child(native: bool, args, graph_mode: bool = False) -> dict:
@@ -166,6 +219,7 @@ def main() -> None:
         "read_gbs": round(bandwidth, 1),
         "load_before": os.getloadavg()[0],
         "linear": bench_linear(),
+        "prefill": bench_prefill(),
     }
     if not args.linear_only:
         demo_model("qwen3", "small")  # made once, before the timed children

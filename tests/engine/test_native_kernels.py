@@ -36,15 +36,20 @@ def reference_attention(q, k_cache, v_cache, tables, lens, block_size):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("batch", [1, 5])
 # Query heads per KV head even and odd; head dims on the vector paths (64, 128) and not (48).
-@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (6, 2, 128), (4, 4, 48)])
-def test_paged_decode_attention_matches_sdpa(dtype, tol, batch, heads, kv_heads, dim):
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim", [(8, 2, 64), (6, 2, 128), (4, 4, 48), (16, 8, 128), (6, 1, 64)]
+)
+# 16 and 32: whole groups of 16 keys (the bf16 path's batched scores); 8: not.
+@pytest.mark.parametrize("block", [16, 32, 8])
+def test_paged_decode_attention_matches_sdpa(dtype, tol, batch, heads, kv_heads, dim, block):
     g = torch.Generator().manual_seed(batch)
-    block = 16
     num_blocks = 40
     k_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)
     q = torch.randn(batch, heads, dim, generator=g).to(dtype)
     lens = torch.randint(1, 7 * block, (batch,), generator=g)
+    if batch > 1:  # contexts ending at, just past and just before a block's end
+        lens[:4] = torch.tensor([block, 2 * block + 1, 3 * block - 1, 7 * block])
     tables = torch.randperm(num_blocks, generator=g)[: batch * 7].view(batch, 7)
     out = torch.empty_like(q)
     native.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, block, dim**-0.5)
@@ -108,13 +113,77 @@ def test_amx_linear_over_packed_weights_matches_float_reference(rows):
 
 @needs_native
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("dim", [64, 60])  # on the vector paths and not
+@pytest.mark.parametrize("dim", [64, 60, 48, 1024])  # on the vector paths (and tails) and not
 def test_rms_norm_matches_reference(dtype, tol, dim):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, dim, generator=g).to(dtype)
     w = (1 + torch.randn(dim, generator=g) / 10).to(dtype)
     expected = F.rms_norm(x.float(), (dim,), w.float(), 1e-6)
     torch.testing.assert_close(native.rms_norm(x, w, 1e-6).float(), expected, atol=tol, rtol=tol)
+
+
+needs_fused = pytest.mark.skipif(
+    native is None or not native.has_fused_elementwise(), reason="no AVX-512F elementwise kernels"
+)
+
+
+def assert_rounds_like(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """bf16 results equal to the bit but for rare values one ulp apart (an exp or a sum of
+    squares a float ulp off, next to a rounding tie)."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    differ = got != expected
+    assert differ.float().mean() < 1e-3, differ.float().mean()
+    torch.testing.assert_close(got.float(), expected.float(), atol=0, rtol=2**-7)
+
+
+@needs_fused
+@pytest.mark.parametrize("rows, inter", [(1, 3072), (17, 48), (300, 1024)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_silu_mul_rounds_like_torch(rows, inter, strided):
+    g = torch.Generator().manual_seed(rows)
+    wide = (torch.randn(rows, 2 * inter + 32, generator=g) * 4).bfloat16()
+    x = wide[:, 16 : 16 + 2 * inter] if strided else wide[:, : 2 * inter].contiguous()
+    gate, up = x.chunk(2, dim=-1)
+    assert_rounds_like(layers.fast_silu_mul(x), F.silu(gate) * up)
+
+
+def torch_norm_rotary(x, cos, sin, weight, eps):
+    if weight is not None:
+        x = native.rms_norm(x, weight, eps)  # the unfused path's norm (no fused kernel)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@needs_fused
+@pytest.mark.parametrize("rows, heads, dim", [(1, 16, 128), (33, 8, 64), (300, 3, 128)])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_norm_rotary_rounds_like_torch(rows, heads, dim, with_norm):
+    g = torch.Generator().manual_seed(rows + dim)
+    qkv = (torch.randn(rows, heads + 5, dim, generator=g) * 3).bfloat16()
+    x = qkv[:, 2 : 2 + heads]  # a head slice of the fused projection: rows strided
+    angles = torch.randn(rows, 1, dim // 2, generator=g).repeat(1, 1, 2) * 10
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    weight = (torch.rand(dim, generator=g) + 0.5).bfloat16() if with_norm else None
+    got = layers.fast_norm_rotary(x, cos, sin, weight, 1e-6)
+    assert got.is_contiguous()
+    expected = torch_norm_rotary(x, cos, sin, weight, 1e-6)
+    if with_norm:
+        assert_rounds_like(got, expected)
+    else:
+        assert torch.equal(got, expected)  # no exp, no sum: exact
+
+
+@needs_fused
+def test_bf16_qwen3_engine_gives_the_same_tokens_with_and_without_fused_elementwise(
+    tiny_model_dir, monkeypatch
+):
+    model_dir = tiny_model_dir("qwen3", "bfloat16")
+    prompts = random_prompts([7, 40, 19], 4000, seed=13)
+    fused = run_engine(make_engine(model_dir, dtype="bfloat16"), prompts, greedy(24))
+    monkeypatch.setattr(layers, "fast_silu_mul", lambda *args: None)
+    monkeypatch.setattr(layers, "fast_norm_rotary", lambda *args: None)
+    unfused = run_engine(make_engine(model_dir, dtype="bfloat16"), prompts, greedy(24))
+    assert fused == unfused
 
 
 @needs_native
@@ -125,6 +194,8 @@ def test_engine_gives_the_same_tokens_with_and_without_native_kernels(tiny_model
     monkeypatch.setattr(attention, "kernels", lambda: None)
     monkeypatch.setattr(layers, "fast_linear", lambda *args: None)
     monkeypatch.setattr(layers, "fast_rms_norm", lambda *args: None)
+    monkeypatch.setattr(layers, "fast_silu_mul", lambda *args: None)
+    monkeypatch.setattr(layers, "fast_norm_rotary", lambda *args: None)
     without = run_engine(make_engine(model_dir), prompts, greedy(24))
     assert with_native == without
 
@@ -144,6 +215,8 @@ def test_bf16_engine_logits_with_native_kernels_are_as_close_to_fp32_as_torch_pa
     monkeypatch.setattr(attention, "kernels", lambda: None)
     monkeypatch.setattr(layers, "fast_linear", lambda *args: None)
     monkeypatch.setattr(layers, "fast_rms_norm", lambda *args: None)
+    monkeypatch.setattr(layers, "fast_silu_mul", lambda *args: None)
+    monkeypatch.setattr(layers, "fast_norm_rotary", lambda *args: None)
     without = prompt_logits(make_engine(model_dir, dtype="bfloat16"), prompt).float()
     native_error = (with_native - exact).abs().mean()
     torch_error = (without - exact).abs().mean()

@@ -95,22 +95,22 @@ class PagedAttention(nn.Module):
         """q [N, H, D], k/v [N, Hkv, D] -> [N, H * D]."""
         self.k_cache.index_copy_(0, meta.slot_mapping, k)
         self.v_cache.index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous rows
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], meta)
+            self._decode(q[:nd], meta, out[:nd])
         if meta.verify is not None:
             rows = slice(nd, nd + meta.verify.num_rows)
             out[rows] = self._verify(q[rows], meta.verify, meta.block_size)
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
-            out[rows] = self._prefill(q[rows], k[rows], v[rows], chunk)
+            self._prefill(q[rows], k[rows], v[rows], chunk, out[rows])
         return out.view(q.shape[0], -1)
 
-    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor) -> None:
+        """Fills out [B, H, D] (a contiguous row slice: the kernels write it in place)."""
         native = kernels() if q.device.type == "cpu" else None
         if native is not None:
-            out = torch.empty_like(q)
             native.paged_decode_attention(
                 out,
                 q.contiguous(),
@@ -121,7 +121,7 @@ class PagedAttention(nn.Module):
                 meta.block_size,
                 self.scale,
             )
-            return out
+            return
         # Fallback: gather each context into a padded batch (copies it once per layer).
         slots, mask = meta.decode_gather_index()
         k = self.k_cache[slots].transpose(1, 2)  # [B, Hkv, T, D]
@@ -134,7 +134,7 @@ class PagedAttention(nn.Module):
             scale=self.scale,
             enable_gqa=True,
         )
-        return o.squeeze(2)  # [B, H, D]
+        out.copy_(o.squeeze(2))  # [B, H, D]
 
     def _verify(self, q: torch.Tensor, batch: VerifyBatch, block_size: int) -> torch.Tensor:
         """q [R, H, D], the rows of every verifying sequence -> [R, H, D]."""
@@ -175,16 +175,21 @@ class PagedAttention(nn.Module):
         return out
 
     def _prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk
-    ) -> torch.Tensor:
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        chunk: PrefillChunk,
+        out: torch.Tensor,
+    ) -> None:
+        """Fills out [L, H, D] (a contiguous row slice: the native kernel writes it in place)."""
         if chunk.context_len:
             assert chunk.slots is not None
             k, v = self.k_cache[chunk.slots], self.v_cache[chunk.slots]  # [T, Hkv, D]
         native = native_prefill_kernels(q)
         if native is not None:
-            out = torch.empty_like(q)
             native.prefill_attention(out, q, k, v, chunk.context_len, self.scale)
-            return out
+            return
         group = self.num_heads // self.num_kv_heads
         # 4-D inputs and K/V expanded to every head: the CPU flash kernel's fast path
         # (3-D or enable_gqa inputs fall back to a much slower one).
@@ -196,7 +201,7 @@ class PagedAttention(nn.Module):
             is_causal=chunk.mask is None,
             scale=self.scale,
         )
-        return o[0].transpose(0, 1)  # [L, H, D]
+        out.copy_(o[0].transpose(0, 1))  # [L, H, D]
 
 
 def native_prefill_kernels(q: torch.Tensor):

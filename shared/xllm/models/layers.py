@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xllm.ops import fast_linear, fast_rms_norm, pack_weight
+from xllm.ops import fast_linear, fast_norm_rotary, fast_rms_norm, fast_silu_mul, pack_weight
 
 
 class Linear(nn.Module):
@@ -73,8 +73,12 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [N, I] each
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        h = fast_silu_mul(gate_up)  # one pass on CPU
+        if h is None:
+            gate, up = gate_up.chunk(2, dim=-1)  # [N, I] each
+            h = F.silu(gate) * up
+        return self.down_proj(h)
 
 
 # Checkpoint names of the shards of each fused projection: HF name -> (our name, shard).
@@ -117,8 +121,17 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [N, 1, D]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, H, D] rotated by its positions' cos/sin [N, 1, D]."""
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm: RMSNorm | None = None
+) -> torch.Tensor:
+    """x [N, H, D] (each head RMS-normalised by `norm` first, if given) rotated by its
+    positions' cos/sin [N, 1, D]."""
+    weight, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+    y = fast_norm_rotary(x, cos, sin, weight, eps)  # one pass on CPU
+    if y is not None:
+        return y
+    if norm is not None:
+        x = norm(x)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 

@@ -18,8 +18,7 @@ class Qwen3Attention(LlamaAttention):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.project_qkv(x)  # [N, H|Hkv, D]
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, self.q_norm), apply_rotary(k, cos, sin, self.k_norm)
         return self.o_proj(self.attn(q, k, v, meta))
 
 

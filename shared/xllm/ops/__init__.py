@@ -4,7 +4,9 @@
 (no gather); `fast_linear` streams weights once per step for decode-sized batches, over
 weights packed once at load (AMX tiles, AVX512-BF16 dot products where there is no AMX, or
 bf16 widened to fp32 FMAs on AVX2-only CPUs: csrc/avx2.h);
-`fast_rms_norm` is one pass instead of ATen's ten small ops.
+`fast_rms_norm` is one pass instead of ATen's ten small ops; `fast_silu_mul` and
+`fast_norm_rotary` fuse SwiGLU's and (Qwen3's per-head norm +) RoPE's elementwise ops into
+one pass each (csrc/elementwise.h, AVX-512F).
 The extension is built once per machine by torch's cpp_extension (needs a C++ compiler
 and ninja) into torch's extension cache; where it cannot be built, or the device is not
 a CPU, callers get `None` from `kernels()` and use plain torch ops instead.
@@ -94,6 +96,41 @@ def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
         return None
     k = kernels()
     return None if k is None else k.rms_norm(x, weight, eps)
+
+
+def _fused_elementwise(x: torch.Tensor) -> ModuleType | None:
+    """The kernels when they have the fused bf16 elementwise passes for x, else None."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return None
+    native = kernels()
+    return native if native is not None and native.has_fused_elementwise() else None
+
+
+def fast_silu_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """F.silu(gate) * up for x = gate | up [N, 2I] in one pass on CPU (bf16), else None."""
+    native = _fused_elementwise(x)
+    if native is None or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] % 32:
+        return None
+    return native.silu_mul(x)
+
+
+def fast_norm_rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor | None:
+    """RoPE of x [N, H, D] (after a per-head RMSNorm by `weight`, if given) in one pass on
+    CPU (bf16, D % 32 == 0), contiguous, else None."""
+    native = _fused_elementwise(x)
+    if native is None or x.dim() != 3 or x.shape[-1] % 32 or x.stride(2) != 1:
+        return None
+    if x.stride(1) != x.shape[2] or cos.dtype != x.dtype or sin.dtype != x.dtype:
+        return None
+    if weight is not None and weight.dtype != x.dtype:
+        return None
+    return native.norm_rope(x, weight, eps, cos, sin)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:

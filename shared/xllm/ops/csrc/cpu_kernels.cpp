@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #endif
 #include "avx2.h"  // defines XLLM_AVX2 where the CPU has AVX2 and FMA
+#include "elementwise.h"  // fused bf16 SiLU-mul, RMSNorm + RoPE (AVX-512F)
 
 namespace {
 
@@ -75,6 +76,41 @@ inline float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t D) {
   for (int64_t d = 0; d < D; d += 32)
     acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
   return _mm512_reduce_add_ps(acc);
+}
+
+// r[i] = the sum of v[i]'s 16 lanes, for 16 vectors at once: a transposing tree of shuffles
+// and adds (45 instructions where 16 horizontal sums take ~130, each a serial chain).
+inline __m512 sum16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)  // lanes: [a0+a2, b0+b2, a1+a3, b1+b3] per 128 bits
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // [v4i, v4i+1, v4i+2, v4i+3] partial sums per 128 bits
+    const __m512d c = _mm512_castps_pd(t[2 * i]), d = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+  }
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
+                                  _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88),
+                                  _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+// out[s] = scale * q . k_s for the n <= 16 keys of one head starting at `k` (`stride` apart),
+// all 16 dot products' sums reduced together. Keys past n are read (they lie in the same
+// block) but their scores not stored.
+inline void scores16_bf16(const at::BFloat16* q, const at::BFloat16* k, int64_t stride,
+                          int64_t D, int64_t n, float scale, float* out) {
+  __m512 acc[16];
+  for (int s = 0; s < 16; ++s) acc[s] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + d);
+    for (int s = 0; s < 16; ++s)
+      acc[s] = _mm512_dpbf16_ps(acc[s], qv, (__m512bh)_mm512_loadu_si512(k + s * stride + d));
+  }
+  const __mmask16 keep = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  _mm512_mask_storeu_ps(out, keep, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
 }
 #endif
 template <typename scalar_t>
@@ -258,6 +294,26 @@ void paged_attention_impl(
         if (i >= num_blocks) return nullptr;
         return cache + (table[i] * block_size + s) * slot_stride + h0 * D;
       };
+#if defined(__AVX512BF16__)
+      // bf16: 16 keys of a head at a time, their sums reduced together (blocks of whole
+      // groups of 16 slots, so a group never leaves its block).
+      constexpr bool bf16 = std::is_same_v<scalar_t, at::BFloat16>;
+      if (bf16 && D % 32 == 0 && block_size % 16 == 0) {
+        for (int64_t i = 0; i < num_blocks; ++i) {
+          const int64_t t0 = i * block_size, n = std::min(block_size, T - t0);
+          for (int64_t s = 0; s < n; s += 16) {
+            for (int64_t s2 = s; s2 < std::min(s + 16, n); ++s2)
+              prefetch_run(run_of(kp, i + 1, s2), run_bytes);
+            const scalar_t* k = run_of(kp, i, s);
+            for (int64_t j = 0; j < nj; ++j)
+              scores16_bf16(reinterpret_cast<const at::BFloat16*>(qb.data() + j * D),
+                            reinterpret_cast<const at::BFloat16*>(k + j % nq / G * D),
+                            slot_stride, D, n - s, static_cast<float>(scale),
+                            scores.data() + j * T + t0 + s);
+          }
+        }
+      } else
+#endif
       for (int64_t i = 0; i < num_blocks; ++i) {
         const int64_t t0 = i * block_size, n = std::min(block_size, T - t0);
         for (int64_t s = 0; s < n; ++s) {
@@ -367,6 +423,17 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
     at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / N), [&](int64_t begin, int64_t end) {
       std::vector<float> row(N), w(N);
       to_floats(w.data(), wp, N);
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        if (N % 16 == 0) {
+          const auto* x16 = reinterpret_cast<const uint16_t*>(xp);
+          auto* y16 = reinterpret_cast<uint16_t*>(yp);
+          for (int64_t r = begin; r < end; ++r)
+            elementwise::rms_norm_row(x16 + r * N, w.data(), N, static_cast<float>(eps), y16 + r * N);
+          return;
+        }
+      }
+#endif
 #if defined(XLLM_AVX2) && !defined(__AVX512F__)
       if constexpr (avx2::vectorised<scalar_t>()) {
         if (N % 8 == 0) {
@@ -392,6 +459,80 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps) {
     default: TORCH_CHECK(false, "rms_norm: unsupported dtype ", x.scalar_type());
   }
   return y;
+}
+
+#if defined(__AVX512F__)
+// Rows at least ~64K elements a chunk: smaller parallel regions cost more than they save.
+static int64_t rows_grain(int64_t row_elems) { return std::max<int64_t>(1, 65536 / row_elems); }
+#endif
+
+// x [N, 2I] (gate | up, rows may be strided) -> F.silu(gate) * up [N, I], bf16.
+at::Tensor silu_mul(at::Tensor x) {
+#if defined(__AVX512F__)
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
+              "silu_mul takes bf16 [N, 2I] with contiguous rows");
+  const int64_t N = x.size(0), I = x.size(1) / 2;
+  TORCH_CHECK(x.size(1) == 2 * I && I % 16 == 0, "silu_mul needs I % 16 == 0");
+  auto y = at::empty({N, I}, x.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, N, rows_grain(I), [&](int64_t begin, int64_t end) {
+    elementwise::silu_mul_rows(xp, ldx, yp, I, begin, end);
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "silu_mul needs AVX-512F");
+#endif
+}
+
+// x [N, H, D] (heads contiguous, rows may be strided) -> rope(rms_norm(x) * weight) per head,
+// contiguous [N, H, D], bf16; no norm when weight is absent. cos/sin [N, 1, D] or [N, D].
+at::Tensor norm_rope(at::Tensor x, c10::optional<at::Tensor> weight, double eps, at::Tensor cos,
+                     at::Tensor sin) {
+#if defined(__AVX512F__)
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
+                  sin.scalar_type() == at::kBFloat16, "norm_rope takes bf16 tensors");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
+              "norm_rope takes [N, H, D] with contiguous heads");
+  const int64_t N = x.size(0), H = x.size(1), D = x.size(2);
+  TORCH_CHECK(D % 32 == 0, "norm_rope needs D % 32 == 0");
+  cos = cos.reshape({N, D}).contiguous();
+  sin = sin.reshape({N, D}).contiguous();
+  std::vector<float> w;
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->numel() == D && weight->scalar_type() == at::kBFloat16, "weight must be bf16 [D]");
+    const auto wc = weight->contiguous();
+    w.resize(D);
+    to_floats(w.data(), wc.data_ptr<at::BFloat16>(), D);
+  }
+  auto out = at::empty({N, H, D}, x.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* cp = reinterpret_cast<const uint16_t*>(cos.data_ptr<at::BFloat16>());
+  const auto* sp = reinterpret_cast<const uint16_t*>(sin.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t ldx = x.stride(0);
+  const float* wp = w.empty() ? nullptr : w.data();
+  at::parallel_for(0, N, rows_grain(H * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> xn(D);
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t h = 0; h < H; ++h)
+        elementwise::norm_rope_head(xp + r * ldx + h * D, wp, static_cast<float>(eps), cp + r * D,
+                                    sp + r * D, D, xn.data(), op + (r * H + h) * D);
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "norm_rope needs AVX-512F");
+#endif
+}
+
+// silu_mul and norm_rope are compiled for this CPU.
+bool has_fused_elementwise() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
 }
 
 bool has_bf16_linear() {
@@ -522,19 +663,31 @@ namespace {
 
 constexpr int64_t kQueryRows = 12;
 
-// Rows [T, D] of one head (rows `ld` apart) -> [Tp/16][D/2][16][2], zero past T.
+// Rows [T, D] of one head (rows `ld` apart) -> [Tp/16][D/2][16][2], zero past T: pairs of
+// features moved as one 32-bit word.
 void pack_keys(const uint16_t* k, int64_t ld, int64_t T, int64_t Tp, int64_t D, uint16_t* dst) {
-  for (int64_t t = 0; t < Tp; ++t)
-    for (int64_t d = 0; d < D; ++d)
-      dst[((t / 16 * (D / 2) + d / 2) * 16 + t % 16) * 2 + d % 2] = t < T ? k[t * ld + d] : 0;
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  const int64_t pairs = D / 2;
+  for (int64_t t = 0; t < Tp; ++t) {
+    uint32_t* col = out + t / 16 * pairs * 16 + t % 16;
+    if (t >= T) {
+      for (int64_t d2 = 0; d2 < pairs; ++d2) col[d2 * 16] = 0;
+      continue;
+    }
+    const auto* row = reinterpret_cast<const uint32_t*>(k + t * ld);
+    for (int64_t d2 = 0; d2 < pairs; ++d2) col[d2 * 16] = row[d2];
+  }
 }
 
 // Rows [T, D] of one head -> their transpose [D, T] packed: [D/16][Tp/2][16][2], zero past T.
 void pack_values_transposed(const uint16_t* v, int64_t ld, int64_t T, int64_t Tp, int64_t D,
                             uint16_t* dst) {
-  for (int64_t t = 0; t < Tp; ++t)
-    for (int64_t d = 0; d < D; ++d)
-      dst[((d / 16 * (Tp / 2) + t / 2) * 16 + d % 16) * 2 + t % 2] = t < T ? v[t * ld + d] : 0;
+  std::vector<uint16_t> zeros(D, 0);
+  for (int64_t t = 0; t < Tp; t += 2) {
+    const uint16_t* v0 = t < T ? v + t * ld : zeros.data();
+    const uint16_t* v1 = t + 1 < T ? v + (t + 1) * ld : zeros.data();
+    elementwise::pack_value_pair(v0, v1, D / 16, Tp * 16, dst + t * 16);
+  }
 }
 
 // y[i][cols] for `rows` rows of x over packed blocks [0, blocks) (blocks even), in float.
@@ -585,19 +738,14 @@ void prefill_attention(at::Tensor out, at::Tensor q, at::Tensor k, at::Tensor v,
           const int64_t seen = (context_len + i0 + rows + 31) / 32 * 32;  // keys, padded
           const uint16_t* qrows = qp + i0 * ldq + qh * D;
           micro_rows(keys.data(), D * 16, D, qrows, ldq, rows, seen / 16, scores.data(), Tp);
-          for (int64_t i = 0; i < rows; ++i) {
-            float* row = scores.data() + i * Tp;
-            const int64_t valid = context_len + i0 + i + 1;
-            for (int64_t t = 0; t < valid; ++t) row[t] *= fscale;
-            softmax_inplace(row, valid);
-            uint16_t* p = probs.data() + i * Tp;
-            for (int64_t t = 0; t < seen; ++t)
-              p[t] = t < valid ? at::BFloat16(row[t]).x : 0;
-          }
-          micro_rows(values.data(), Tp * 16, seen, probs.data(), Tp, rows, D / 16, o.data(), D);
           for (int64_t i = 0; i < rows; ++i)
-            for (int64_t d = 0; d < D; ++d)
-              op[(i0 + i) * ldo + qh * D + d] = at::BFloat16(o[i * D + d]);
+            elementwise::softmax_to_bf16(scores.data() + i * Tp, context_len + i0 + i + 1, seen,
+                                         fscale, probs.data() + i * Tp);
+          micro_rows(values.data(), Tp * 16, seen, probs.data(), Tp, rows, D / 16, o.data(), D);
+          auto* o16 = reinterpret_cast<uint16_t*>(op);
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t d = 0; d < D; d += 16)
+              elementwise::narrow(o16 + (i0 + i) * ldo + qh * D + d, _mm512_loadu_ps(o.data() + i * D + d));
         }
     }
   });
@@ -718,5 +866,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_amx", &has_amx, "AMX-BF16 compiled in and permitted");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
   m.def("has_bf16_linear", &has_bf16_linear, "was packed_bf16_linear compiled for this CPU");
+  m.def("silu_mul", &silu_mul, "F.silu(gate) * up over x = gate | up, bfloat16, one pass");
+  m.def("norm_rope", &norm_rope, "per-head RMSNorm (optional) then RoPE, bfloat16, one pass");
+  m.def("has_fused_elementwise", &has_fused_elementwise, "silu_mul and norm_rope compiled in");
   m.def("has_avx2_linear", &has_avx2_linear, "packed_bf16_linear is the AVX2 + FMA kernel");
 }
