@@ -220,6 +220,13 @@ class EngineConfig:
         "MoE models: ranks the expert slots are split over (torch.distributed, one process "
         "per rank, initialised by the launcher); 1 = all experts here.",
     )
+    async_scheduling: bool = option(
+        False,
+        "Schedule step N+1 (blocks, batch, input tensors) while step N's forward pass runs "
+        "on a second thread, its sampled tokens filled in when it ends (report §4.1; vLLM's "
+        "flag). Steps with speculation, beams, grammars, forks or images, and every step with "
+        "--speculative or KV tiers, run synchronously.",
+    )
 
     def item_trie_paths(self) -> dict[str, str]:
         """--item-trie as name -> path; ValueError if malformed."""
