@@ -28,7 +28,7 @@ from xllm.engine.block_manager import BlockManager
 from xllm.engine.encode_ahead import EncodeAhead
 from xllm.engine.expert_balancer import ExpertBalancer
 from xllm.engine.item_trie import ItemTrie
-from xllm.engine.kv_cache import KVCache
+from xllm.engine.kv_cache import pool_sizes
 from xllm.engine.model_runner import ModelRunner
 from xllm.engine.multimodal import ImageInput, MultimodalPrompt, build_prompt
 from xllm.engine.outputs import SequenceOutput, beam_output, sequence_delta, step_shape
@@ -90,7 +90,7 @@ class Engine:
             if config.dtype == "auto"
             else parse_dtype(config.dtype)
         )
-        num_blocks = self._num_blocks()
+        num_blocks, num_host_blocks = pool_sizes(config, mc, self.dtype)
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
@@ -115,7 +115,7 @@ class Engine:
             config.max_num_batched_tokens,
             self.max_model_len,
             mc.eos_token_ids,
-            num_host_blocks=self._num_host_blocks(),
+            num_host_blocks=num_host_blocks,
             proposer=make_proposer(config),
         )
         self.speculation: AdaptiveSpeculation | None = None
@@ -134,7 +134,7 @@ class Engine:
             self.overlap = AsyncSteps(overlaps=not config.speculative and not config.host_kv_gb)
         load = partial(ModelRunner, config, mc, self.dtype, self.device, num_blocks)
         self.runner = self.overlap.on_forward_thread(load) if self.overlap else load()
-        self.swap_space = SwapSpace(self.runner.kv_cache, self._num_host_blocks())
+        self.swap_space = SwapSpace(self.runner.kv_cache, num_host_blocks)
         self.tiers: KvTiers | None = None
         if config.host_kv_gb > 0:
             from xllm.engine.kv_tier_setup import make_tiers
@@ -165,36 +165,6 @@ class Engine:
             name: ItemTrie.from_file(path) for name, path in config.item_trie_paths().items()
         }
         """Beam search's item tries registered by name (--item-trie)."""
-
-    def _num_blocks(self) -> int:
-        if self.config.num_kv_blocks > 0:
-            return self.config.num_kv_blocks
-        mc = self.model_config
-        per_block = KVCache.bytes_per_block(
-            mc.num_hidden_layers,
-            self.config.block_size,
-            mc.num_key_value_heads,
-            mc.head_dim,
-            self.dtype,
-        )
-        if self.config.draft_model:  # its mirror pool has a block for each of the target's
-            from xllm.engine.draft_model import DraftModel
-
-            per_block += DraftModel.bytes_per_block(
-                self.config.draft_model, self.config.block_size, self.dtype
-            )
-        return max(1, int(self.config.kv_cache_gb * 2**30) // per_block)
-
-    def _num_host_blocks(self) -> int:
-        mc = self.model_config
-        per_block = KVCache.bytes_per_block(
-            mc.num_hidden_layers,
-            self.config.block_size,
-            mc.num_key_value_heads,
-            mc.head_dim,
-            self.dtype,
-        )
-        return int(self.config.swap_space_gb * 2**30) // per_block
 
     # -- requests -------------------------------------------------------------------------
 
