@@ -224,7 +224,7 @@ class EngineConfig:
         False,
         "Schedule step N+1 (blocks, batch, input tensors) while step N's forward pass runs "
         "on a second thread, its sampled tokens filled in when it ends (report §4.1; vLLM's "
-        "flag). Steps with speculation, beams, grammars, forks or images, and every step with "
+        "flag). Steps with speculation, beams, grammars or forks, and every step with "
         "--speculative or KV tiers, run synchronously.",
     )
 

@@ -28,8 +28,8 @@ The forward thread reads no `Sequence`: a step is built on the engine thread int
 `SamplingView`s (what the Sampler reads of a sequence, as it will be when the step samples).
 Swaps, MoE re-placements and block copies run on the forward thread, in step order.
 
-Synchronous fallback, the simplest correct choice: a step with beams, grammars, images or
-forks runs once the step before it is done (`Engine.run_step`, on the forward thread too:
+Synchronous fallback, the simplest correct choice: a step with beams, grammars or forks
+runs once the step before it is done (`Engine.run_step`, on the forward thread too:
 the model loads there, so its OpenMP team is the only one).
 """
 
@@ -47,7 +47,7 @@ from xllm.engine.batch_layout import lay_out
 from xllm.engine.model_runner import order_for_attention, run_of, sampling_rows
 from xllm.engine.outputs import SequenceOutput, step_shape
 from xllm.engine.sampler import SamplerOutput
-from xllm.engine.scheduler import SchedulerOutput
+from xllm.engine.scheduler import ScheduledSeq, SchedulerOutput
 from xllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from xllm.engine.speculation import SpeculativeStep
 from xllm.engine.step_stats import record_scheduler
@@ -56,6 +56,7 @@ from xllm.protocol.types import SamplingParams
 
 if TYPE_CHECKING:
     from xllm.engine.engine import Engine
+    from xllm.engine.multimodal import MultimodalPrompt
 
 T = TypeVar("T")
 
@@ -111,6 +112,8 @@ class Step:
     index of its token in that step's samples."""
     fill_from: torch.Tensor | None = None
     fill_views: list[tuple[SamplingView, int]] = field(default_factory=list)
+    images: list[ScheduledSeq] = field(default_factory=list)
+    """A model that takes images: the items in row order, over `ImageView`s (else empty)."""
     placeholders: set[Sequence] = field(default_factory=set)
     """The sequences given a placeholder for this step's token (`_advance`)."""
     result: Future[SamplerOutput] | None = None
@@ -121,12 +124,20 @@ class Step:
     """The step before's output processing, which ran while this step ran."""
 
 
+@dataclass(frozen=True)
+class ImageView:
+    """What the vision inputs (multimodal.model_inputs) read of a sequence, at build time."""
+
+    mm: MultimodalPrompt | None
+    num_computed_tokens: int
+
+
 def overlappable(out: SchedulerOutput) -> bool:
     """Whether `out` can run ahead of the step before's tokens (module doc: fallback)."""
-    if out.forks or out.encodes:
+    if out.forks:
         return False
     return all(
-        seq.beam is None and seq.grammar is None and seq.mm is None and not item.draft_token_ids
+        seq.beam is None and seq.grammar is None and not item.draft_token_ids
         for item in out.scheduled
         for seq in (item.seq,)
     )
@@ -197,6 +208,8 @@ class AsyncSteps:
         views = [SamplingView.of(seq, penalised) for seq in seqs]
         step = Step(out, step_shape(out), input_ids, positions, meta,
                     torch.tensor(rows, device=runner.device), seqs, views)  # fmt: skip
+        if runner.multimodal:
+            step.images = [_image_item(item) for item in items]
         if before is not None and before.placeholders:
             index = {seq: k for k, seq in enumerate(before.seqs) if seq in before.placeholders}
             sampling = zip(rows, seqs, views, strict=True)
@@ -276,6 +289,11 @@ def _ends_with_next_token(seq: Sequence, max_model_len: int) -> bool:
     return seq.num_output_tokens + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= max_model_len
 
 
+def _image_item(item: ScheduledSeq) -> ScheduledSeq:
+    view = ImageView(item.seq.mm, item.seq.num_computed_tokens)
+    return ScheduledSeq(view, item.num_new_tokens, item.samples)  # type: ignore[arg-type]
+
+
 def _fill(step: Step, before: SamplerOutput) -> None:
     """Put the tokens the step before sampled in place of its placeholders."""
     if step.fill_rows is None:
@@ -295,7 +313,9 @@ def _forward(engine: Engine, step: Step) -> SamplerOutput:
     if engine.experts is not None:
         engine.experts.before_step()  # a re-placement switches here, between forward passes
     runner = engine.runner
-    hidden = runner.forward(step.input_ids, step.positions, step.meta)
+    hidden = runner.forward(
+        step.input_ids, step.positions, step.meta, step.images, step.out.encodes
+    )
     runner.kv_cache.copy_blocks(step.out.block_copies)
     if step.views:
         logits = runner.model.compute_logits(hidden[step.rows]).cpu()  # [R, V]
