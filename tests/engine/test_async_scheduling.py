@@ -142,3 +142,37 @@ def test_step_stats_count_the_hidden_scheduler_time(model_dir):
     sync_stats, stats = sync_engine.step_stats, engine.step_stats
     assert sync_stats.scheduler_seconds > 0 and sync_stats.hidden_scheduler_seconds == 0
     assert 0 < stats.hidden_scheduler_seconds <= stats.scheduler_seconds
+
+
+def test_a_stop_mid_overlap_before_a_synchronous_step(model_dir):
+    """A sequence stops in the running step while the step scheduled after it must run
+    synchronously (a request of n = 2 arrives: its prompt's step forks): that step runs
+    without the stopped sequence."""
+    prompt, other = random_prompts([18, 25], 1000, seed=8)
+    plain = both(model_dir, {"a": (prompt, greedy(20))})[0][1]["a"]
+    first = plain.index(plain[6])
+    stop = SamplingParams(
+        max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=[plain[6]]
+    )
+    forks = SamplingParams(n=2, max_tokens=5, temperature=0.0, ignore_eos=True)
+    results = []
+    for async_scheduling in (False, True):
+        engine = make_engine(model_dir, async_scheduling=async_scheduling)
+        engine.add_request("a", prompt, stop)
+        tokens: dict[tuple[str, int], list[int]] = {}
+        ended: set[tuple[str, int]] = set()
+        while engine.has_unfinished():
+            for delta in engine.step():
+                key = (delta.request_id, delta.index)
+                assert key not in ended, "a token after the end"
+                tokens.setdefault(key, []).extend(delta.token_ids)
+                if delta.finish_reason is not None:
+                    ended.add(key)
+            # The step running now samples the stop token: n2 joins the step after it.
+            if len(tokens.get(("a", 0), [])) == first and "n2" not in engine.sequences:
+                engine.add_request("n2", other, forks)
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        results.append(tokens)
+    assert results[1] == results[0]
+    assert results[1][("a", 0)] == plain[: first + 1]
+    assert len(results[1][("n2", 1)]) == 5

@@ -190,11 +190,19 @@ class AsyncSteps:
         self._count(engine, current, scheduling, built, filling, finishing, finished)
         if following is not None:
             following.outputs_cpu = (finishing, finished)
-        elif ahead.scheduled:  # it needs the tokens of `current`: run it now
-            deltas += engine.run_step(ahead, time.perf_counter())
-        elif ahead.swap_out:
-            self.on_forward_thread(lambda: engine.copy_swaps(ahead))
+        else:
+            deltas += self._run_after(engine, ahead)
         return deltas
+
+    def _run_after(self, engine: Engine, out: SchedulerOutput) -> list[SequenceOutput]:
+        """Run `out`, scheduled before the outputs of the step before it, synchronously now
+        that they are in: without the sequences they ended (their blocks are free)."""
+        out.scheduled = [item for item in out.scheduled if not item.seq.is_finished]
+        if out.scheduled:
+            return engine.run_step(out, time.perf_counter())
+        if out.swap_out:
+            self.on_forward_thread(lambda: engine.copy_swaps(out))
+        return []
 
     def _build(self, engine: Engine, out: SchedulerOutput, before: Step | None) -> Step:
         """`out`'s inputs and sampling views; with `before` (still running), where its

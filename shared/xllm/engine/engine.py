@@ -1,7 +1,8 @@
 """Engine: requests in, token deltas out; `step()` is schedule -> run -> update.
 
-The engine is synchronous and single-threaded on purpose: the instance program drives
-`step()` from its own thread and feeds requests and aborts in between steps.
+The instance program drives `step()` from its own thread and feeds requests and aborts in
+between steps. With --async-scheduling the next step is scheduled while the forward pass
+runs on a thread of its own (async_step.py); otherwise a step is synchronous.
 
 Beam search requests run as groups of live sequences in the same batch (beam_search.py):
 the sampler takes their candidates, and after `Scheduler.update` each group whose beams
