@@ -243,6 +243,13 @@ class EngineConfig:
         "Every this many seconds, ask the store which of the blocks this instance put there "
         "it still holds, and report the others as evicted (KV events); 0 = never.",
     )
+    async_scheduling: bool = option(
+        False,
+        "Schedule step N+1 (blocks, batch, input tensors) while step N's forward pass runs "
+        "on a second thread, its sampled tokens filled in when it ends (report §4.1; vLLM's "
+        "flag). Steps with speculation, beams, grammars or forks, and every step with "
+        "--speculative or KV tiers, run synchronously.",
+    )
 
     def item_trie_paths(self) -> dict[str, str]:
         """--item-trie as name -> path; ValueError if malformed."""

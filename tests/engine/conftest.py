@@ -13,7 +13,22 @@ ARCHS = ("llama", "qwen2", "qwen3")
 MOE_ARCHS = ("qwen2-moe", "qwen3-moe")
 
 
+ENGINE_OPTIONS: dict[str, object] = {}
+"""Options every `make_engine` of the running test gets, unless it passes its own (set by
+the `overlap` fixture)."""
+
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def overlap(request):
+    """Run the test twice: with synchronous steps and with --async-scheduling (a module
+    takes it for all its tests with `pytestmark = pytest.mark.usefixtures("overlap")`)."""
+    ENGINE_OPTIONS["async_scheduling"] = request.param
+    yield request.param
+    del ENGINE_OPTIONS["async_scheduling"]
+
+
 def make_engine(model_dir, **options) -> Engine:
+    options = {**ENGINE_OPTIONS, **options}
     options.setdefault("dtype", "float32")
     options.setdefault("num_kv_blocks", 256)
     return Engine(EngineConfig(model=str(model_dir), **options))

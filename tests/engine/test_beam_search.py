@@ -18,6 +18,8 @@ from conftest import greedy, make_engine, random_prompts
 
 from xllm.protocol.types import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("overlap")  # every test: sync and async steps
+
 PROMPT_LEN = 11  # not a multiple of the block size: the first forks copy a partial block
 MAX_TOKENS = 12  # 11 + 12 crosses a block boundary: later forks share only full blocks
 

@@ -24,6 +24,8 @@ from xllm.engine.scheduler import ScheduledSeq
 from xllm.engine.sequence import Sequence
 from xllm.protocol.types import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("overlap")  # every test: sync and async steps
+
 NEW_TOKENS = 40
 
 

@@ -13,6 +13,8 @@ from test_qwen2_vl_vs_hf import chat_ids, noise_images
 from xllm.engine.multimodal import ImageInput, random_image_bytes
 from xllm.image_processor import ImageError, ImageProcessorConfig, process_image
 
+pytestmark = pytest.mark.usefixtures("overlap")  # every test: sync and async steps
+
 NEW_TOKENS = 12
 IMAGE_SIZES = {"one": [(60, 90)], "two": [(60, 90), (120, 50)]}
 

@@ -10,6 +10,7 @@ model then shows greedy offline outputs unchanged by an online burst that swaps 
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -167,7 +168,10 @@ def test_random_interleavings_leak_nothing_and_swap_back_the_right_kv(
         assert q.is_finished and q.num_output_tokens == q.params.max_tokens
 
 
-def test_offline_greedy_output_is_unchanged_by_an_online_burst_that_swaps_it(tiny_model_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_offline_greedy_output_is_unchanged_by_an_online_burst_that_swaps_it(
+    tiny_model_dir, async_scheduling
+):
     model_dir = tiny_model_dir("qwen3")
     vocab = 1000
     offline_prompts = [[(7 * i + j) % vocab + 3 for j in range(40)] for i in range(3)]
@@ -175,7 +179,12 @@ def test_offline_greedy_output_is_unchanged_by_an_online_burst_that_swaps_it(tin
 
     def run(with_burst: bool, swap_space_gb: float = 0.01):
         # 16 blocks of 16 tokens: three 40 + 30 token offline requests fill most of it.
-        engine = make_engine(model_dir, num_kv_blocks=16, swap_space_gb=swap_space_gb)
+        engine = make_engine(
+            model_dir,
+            num_kv_blocks=16,
+            swap_space_gb=swap_space_gb,
+            async_scheduling=async_scheduling,
+        )
         for i, prompt in enumerate(offline_prompts):
             engine.add_request(f"off{i}", prompt, greedy(30), priority=1)
         outputs: dict[str, list[int]] = {}

@@ -8,6 +8,8 @@ from conftest import greedy, handed_over, hf_greedy, make_engine, random_prompts
 
 from xllm.protocol.types import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("overlap")  # every test: sync and async steps
+
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir):

@@ -26,6 +26,8 @@ from xllm.engine.proposer import Proposer
 from xllm.engine.sequence import Sequence
 from xllm.protocol import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("overlap")  # every test: sync and async steps
+
 NEW_TOKENS = 40
 SPOIL_EVERY = 7
 

@@ -16,6 +16,8 @@ from xllm.engine.grammar import GrammarCache, grammar_of
 from xllm.protocol.types import SamplingParams, StructuredKind, StructuredOutput
 from xllm.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("overlap")  # every test: sync and async steps
+
 SCHEMA = {
     "type": "object",
     "properties": {

@@ -1,7 +1,8 @@
 """Engine: requests in, token deltas out; `step()` is schedule -> run -> update.
 
-The engine is synchronous and single-threaded on purpose: the instance program drives
-`step()` from its own thread and feeds requests and aborts in between steps.
+The instance program drives `step()` from its own thread and feeds requests and aborts in
+between steps. With --async-scheduling the next step is scheduled while the forward pass
+runs on a thread of its own (async_step.py); otherwise a step is synchronous.
 
 Beam search requests run as groups of live sequences in the same batch (beam_search.py):
 the sampler takes their candidates, and after `Scheduler.update` each group whose beams
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,7 +29,7 @@ from xllm.engine.block_manager import BlockManager
 from xllm.engine.encode_ahead import EncodeAhead
 from xllm.engine.expert_balancer import ExpertBalancer
 from xllm.engine.item_trie import ItemTrie
-from xllm.engine.kv_cache import KVCache
+from xllm.engine.kv_cache import pool_sizes
 from xllm.engine.model_runner import ModelRunner
 from xllm.engine.multimodal import ImageInput, MultimodalPrompt, build_prompt
 from xllm.engine.outputs import SequenceOutput, beam_output, sequence_delta, step_shape
@@ -36,7 +38,7 @@ from xllm.engine.sampler import SamplerOutput
 from xllm.engine.scheduler import Scheduler, SchedulerOutput, offline_token_budget
 from xllm.engine.sequence import FinishReason, Sequence, SequenceStatus
 from xllm.engine.speculation import AdaptiveSpeculation, SpeculativeStep
-from xllm.engine.step_stats import record_first_token, record_step
+from xllm.engine.step_stats import record_first_token, record_scheduler, record_step
 from xllm.engine.swap import SwapSpace
 from xllm.image_processor import ImageProcessorConfig
 from xllm.models.config import ModelConfig, parse_dtype
@@ -56,6 +58,7 @@ from xllm.protocol.types import Logprob, SamplingParams
 if TYPE_CHECKING:
     from xgrammar import GrammarMatcher
 
+    from xllm.engine.async_step import AsyncSteps
     from xllm.engine.grammar import GrammarCache
     from xllm.engine.kv_tiers import KvTiers
 
@@ -88,7 +91,7 @@ class Engine:
             if config.dtype == "auto"
             else parse_dtype(config.dtype)
         )
-        num_blocks = self._num_blocks()
+        num_blocks, num_host_blocks = pool_sizes(config, mc, self.dtype)
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
@@ -113,7 +116,7 @@ class Engine:
             config.max_num_batched_tokens,
             self.max_model_len,
             mc.eos_token_ids,
-            num_host_blocks=self._num_host_blocks(),
+            num_host_blocks=num_host_blocks,
             proposer=make_proposer(config),
         )
         self.speculation: AdaptiveSpeculation | None = None
@@ -122,8 +125,17 @@ class Engine:
                 config.num_speculative_tokens, config.speculative_adaptive
             )
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, mc, self.dtype, self.device, num_blocks)
-        self.swap_space = SwapSpace(self.runner.kv_cache, self._num_host_blocks())
+        self.overlap: AsyncSteps | None = None
+        """--async-scheduling's stepper (async_step.py); None: every step synchronous."""
+        if config.async_scheduling:
+            from xllm.engine.async_step import AsyncSteps
+
+            # Not with drafts (they read the tokens ahead) or tiers (they copy blocks
+            # between steps): then every step is synchronous, on the forward thread.
+            self.overlap = AsyncSteps(overlaps=not config.speculative and not config.host_kv_gb)
+        load = partial(ModelRunner, config, mc, self.dtype, self.device, num_blocks)
+        self.runner = self.overlap.on_forward_thread(load) if self.overlap else load()
+        self.swap_space = SwapSpace(self.runner.kv_cache, num_host_blocks)
         self.tiers: KvTiers | None = None
         if config.host_kv_gb > 0:
             from xllm.engine.kv_tier_setup import make_tiers
@@ -154,36 +166,6 @@ class Engine:
             name: ItemTrie.from_file(path) for name, path in config.item_trie_paths().items()
         }
         """Beam search's item tries registered by name (--item-trie)."""
-
-    def _num_blocks(self) -> int:
-        if self.config.num_kv_blocks > 0:
-            return self.config.num_kv_blocks
-        mc = self.model_config
-        per_block = KVCache.bytes_per_block(
-            mc.num_hidden_layers,
-            self.config.block_size,
-            mc.num_key_value_heads,
-            mc.head_dim,
-            self.dtype,
-        )
-        if self.config.draft_model:  # its mirror pool has a block for each of the target's
-            from xllm.engine.draft_model import DraftModel
-
-            per_block += DraftModel.bytes_per_block(
-                self.config.draft_model, self.config.block_size, self.dtype
-            )
-        return max(1, int(self.config.kv_cache_gb * 2**30) // per_block)
-
-    def _num_host_blocks(self) -> int:
-        mc = self.model_config
-        per_block = KVCache.bytes_per_block(
-            mc.num_hidden_layers,
-            self.config.block_size,
-            mc.num_key_value_heads,
-            mc.head_dim,
-            self.dtype,
-        )
-        return int(self.config.swap_space_gb * 2**30) // per_block
 
     # -- requests -------------------------------------------------------------------------
 
@@ -401,30 +383,48 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[SequenceOutput]:
+        if self.overlap is not None and self.overlap.overlaps:
+            return self.overlap.step(self)
         started = time.perf_counter()
         if self.tiers is not None:
             self._step_tiers()
-        out = self._schedule()
-        if out is None:
+        out = self.schedule()
+        if not out.scheduled:
+            self.copy_swaps(out)  # a sequence may have swapped itself out
             return []
+        return self.run_step(out, started)
+
+    def run_step(self, out: SchedulerOutput, started: float) -> list[SequenceOutput]:
+        """Run a scheduled step synchronously: copies, forward pass, outputs."""
+        scheduled = time.perf_counter()
+        execute = partial(self._execute, out)
+        seqs, sampled = self.overlap.on_forward_thread(execute) if self.overlap else execute()
+        executed = time.perf_counter()
+        deltas = self._finish_step(out, seqs, sampled, started)
+        record_scheduler(self.step_stats, scheduled - started + time.perf_counter() - executed)
+        return deltas
+
+    def _execute(self, out: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput]:
+        self.copy_swaps(out)
         if self.experts is not None:
             self.experts.before_step()  # a re-placement switches here, between forward passes
-        seqs, sampled = self.runner.execute(out)
-        return self._finish_step(out, seqs, sampled, started)
+        return self.runner.execute(out)
 
-    def _schedule(self) -> SchedulerOutput | None:
-        """The next step, its swaps copied; None when it has nothing to run."""
+    def schedule(self) -> SchedulerOutput:
+        """The next step; its swaps are not copied yet (`copy_swaps`)."""
         offline_budget = offline_token_budget(
             self.config.offline_step_share,
             self.decode_step_seconds,
             self.step_stats.recent_prefill_seconds_per_token,
         )
-        out = self.scheduler.schedule(self._num_draft_tokens(), offline_budget)
-        if out.swap_out:  # before the forward pass, which may reuse the freed blocks
+        return self.scheduler.schedule(self._num_draft_tokens(), offline_budget)
+
+    def copy_swaps(self, out: SchedulerOutput) -> None:
+        """A step's swaps, before its forward pass (which may reuse the freed blocks)."""
+        if out.swap_out:
             self.swap_space.copy_out(self.runner.kv_cache, out.swap_out)
         if out.swap_in:
             self.swap_space.copy_in(self.runner.kv_cache, out.swap_in)
-        return out if out.scheduled else None
 
     def _finish_step(
         self, out: SchedulerOutput, seqs: list[Sequence], sampled: SamplerOutput, started: float

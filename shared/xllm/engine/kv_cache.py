@@ -7,7 +7,13 @@ registers once; a block of one layer is a contiguous [block_size, Hkv, D] run wi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from xllm.config import EngineConfig
+    from xllm.models.config import ModelConfig
 
 
 class KVCache:
@@ -53,3 +59,21 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
+
+
+def pool_sizes(config: EngineConfig, mc: ModelConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """(device blocks, host swap blocks) the configuration gives the model's KV pool: the
+    device pool from --num-kv-blocks or --kv-cache-gb (shared with a draft model's mirror
+    pool, which has a block for each of the target's), the host one from --swap-space-gb."""
+    per_block = KVCache.bytes_per_block(
+        mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, dtype
+    )
+    num_host_blocks = int(config.swap_space_gb * 2**30) // per_block
+    if config.num_kv_blocks > 0:
+        return config.num_kv_blocks, num_host_blocks
+    device_per_block = per_block
+    if config.draft_model:
+        from xllm.engine.draft_model import DraftModel
+
+        device_per_block += DraftModel.bytes_per_block(config.draft_model, config.block_size, dtype)
+    return max(1, int(config.kv_cache_gb * 2**30) // device_per_block), num_host_blocks

@@ -90,15 +90,7 @@ class ModelRunner:
             out.draft_catch_up_seconds = self.draft.propose([i for i in items if i.draft_token_ids])
             self.draft.mirror([i for i in items if run_kind(i) == CHUNK])
         input_ids, positions, meta = self._prepare(items)
-        if self.multimodal and (out.encodes or any(i.seq.mm is not None for i in items)):
-            positions, image_embeds = model_inputs(
-                self.model, items, positions, out.encodes, self.tower_stats
-            )
-            hidden = self.model(input_ids, positions, meta, image_embeds)
-        elif self.graph is not None and is_decode_only(meta, len(input_ids)):
-            hidden = self.graph.run(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, meta)  # [N, hidden]
+        hidden = self.forward(input_ids, positions, meta, items, out.encodes)  # [N, hidden]
         self.kv_cache.copy_blocks(out.block_copies)
         rows, seqs = sampling_rows(items, out.forks)
         verify_rows, verifying = verification_rows(items)
@@ -113,6 +105,25 @@ class ModelRunner:
             kept = self.rejection_sampler(logits[len(rows) :], verify_seqs, drafts)
             sampled.verified = {s.seq_id: t for s, t in zip(verify_seqs, kept, strict=True)}
         return seqs, sampled
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        items: list[ScheduledSeq] = (),  # type: ignore[assignment]
+        encodes: list = (),  # type: ignore[assignment]
+    ) -> torch.Tensor:
+        """The model's hidden states [N, hidden] for laid-out inputs; `items` (in row order)
+        and `encodes` matter only to a model that takes images."""
+        if self.multimodal and (encodes or any(i.seq.mm is not None for i in items)):
+            positions, image_embeds = model_inputs(
+                self.model, items, positions, encodes, self.tower_stats
+            )
+            return self.model(input_ids, positions, meta, image_embeds)
+        if self.graph is not None and is_decode_only(meta, len(input_ids)):
+            return self.graph.run(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta)
 
     def _prepare(
         self, items: list[ScheduledSeq]

@@ -413,7 +413,7 @@ class Scheduler:
                 reason = self._append_verified(seq, verified[seq.seq_id])
             else:
                 seq.token_ids.append(sampled[seq.seq_id])
-                reason = self._finish_reason(seq)
+                reason = self.finish_reason(seq)
             if reason is not None:
                 self.finish(seq, reason)
             elif seq.prefill_only:
@@ -426,7 +426,7 @@ class Scheduler:
         then the kept drafts count as computed and the blocks past the tokens are freed."""
         for token in tokens:
             seq.token_ids.append(token)
-            reason = self._finish_reason(seq)
+            reason = self.finish_reason(seq)
             if reason is not None:
                 return reason  # the rest is dropped; finish() frees every block
         seq.num_computed_tokens = seq.num_tokens - 1
@@ -434,7 +434,7 @@ class Scheduler:
         self.block_manager.free_tail(seq, seq.num_tokens)
         return None
 
-    def _finish_reason(self, seq: Sequence) -> FinishReason | None:
+    def finish_reason(self, seq: Sequence) -> FinishReason | None:
         params = seq.params
         token = seq.token_ids[-1]
         if seq.grammar is not None and seq.grammar.is_terminated():
@@ -500,7 +500,7 @@ class Scheduler:
             self._enqueue(seq, front=True)
             return None
         seq.token_ids.append(first_token_id)
-        reason = self._finish_reason(seq)
+        reason = self.finish_reason(seq)
         if reason is not None:
             self.finish(seq, reason)
             return reason

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from xllm.engine.multimodal import MultimodalPrompt
 
 
+PLACEHOLDER = -1
+"""A token not sampled yet: async scheduling (async_step.py) appends one for the token a
+running step samples, so the next step can be scheduled before it ends."""
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -134,7 +139,10 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def full_block_hashes(self, block_size: int) -> list[int]:
-        tokens = self.token_ids if self.mm is None else self.mm.hash_token_ids(self.token_ids)
+        tokens = self.token_ids
+        if tokens and tokens[-1] == PLACEHOLDER:  # no hash may cover a token not known yet
+            tokens = tokens[:-1]
+        tokens = tokens if self.mm is None else self.mm.hash_token_ids(tokens)
         return extend_block_hashes(self.block_hashes, tokens, block_size)
 
     def fork(self, index: int) -> Sequence:

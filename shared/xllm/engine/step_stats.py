@@ -57,3 +57,10 @@ def record_first_token(stats: StepStats, seconds: float) -> None:
     """Count a prompt's first token, `seconds` after its request arrived."""
     stats.ttft_count += 1
     stats.ttft_seconds += seconds
+
+
+def record_scheduler(stats: StepStats, seconds: float, hidden_seconds: float = 0.0) -> None:
+    """Count `seconds` of a step's CPU-side work (scheduling, inputs, outputs), of which
+    `hidden_seconds` ran while a forward pass was running (async scheduling)."""
+    stats.scheduler_seconds += seconds
+    stats.hidden_scheduler_seconds += hidden_seconds

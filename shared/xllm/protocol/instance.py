@@ -155,7 +155,8 @@ class SetRoleCmd:
 # v6: the stats nested in groups (`load`, `kv`, `steps`, ...: see stats.py); v5 is not read.
 # v7: `tiers`, `kv_block_bytes`, `max_num_batched_tokens`, `max_num_seqs`, `experts`.
 # v8: `encoder`. v9: `tiers.*.replica_reads`.
-@message("heartbeat", version=9, oldest=6)
+# v10: `steps.scheduler_seconds`, `steps.hidden_scheduler_seconds`.
+@message("heartbeat", version=10, oldest=6)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """instance → scheduler, kvstore, gateway (`HEARTBEAT`): a load snapshot, published

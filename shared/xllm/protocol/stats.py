@@ -98,6 +98,12 @@ class StepStats:
     ttft_seconds: float = 0.0
     """Cumulative seconds from a request's arrival at this instance to its first token
     (queueing + prefill)."""
+    scheduler_seconds: float = 0.0
+    """Cumulative CPU-side step work outside the forward pass: scheduling, building the
+    input tensors (with --async-scheduling) and turning samples into outputs."""
+    hidden_scheduler_seconds: float = 0.0
+    """Of `scheduler_seconds`, the part that ran while a forward pass was running (hidden
+    behind it by --async-scheduling; 0 without it)."""
 
 
 @dataclass(slots=True, kw_only=True)
