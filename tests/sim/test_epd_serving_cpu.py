@@ -78,7 +78,7 @@ def test_the_main_threads_cpu_is_told_apart_from_another_threads():
     worker.start()
     worker.join()  # a step on the engine's thread: all threads grow, not the main one
     total1, main1 = cpu_and_loop_seconds(pid)
-    assert total1 - total0 >= 0.19 and main1 - main0 < 0.05
+    assert total1 - total0 >= 0.15 and main1 - main0 < 0.05  # /proc/<pid>/stat counts 10 ms ticks
     burn(0.2)  # the loop's own work
     total2, main2 = cpu_and_loop_seconds(pid)
     assert main2 - main1 == pytest.approx(0.2, abs=0.03)
