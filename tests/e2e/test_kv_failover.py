@@ -106,11 +106,12 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def stream_through_a_kill(
-    cluster, victim_role: str | None, kill_after: int = 40
+    cluster, victim_role: str | None, kill_after: int = 40, seed: int | None = None
 ) -> tuple[str, list[int]]:
-    """Stream PROMPT, SIGKILL the instance (of `victim_role`, if given) running it once
-    `kill_after` chunks have arrived, and check the whole text equals the engine alone's;
-    returns the text and the prompt's token ids."""
+    """Stream PROMPT (greedy, or sampled at temperature 1 with `seed`), SIGKILL the instance
+    (of `victim_role`, if given) running it once `kill_after` chunks have arrived, and check
+    the whole text equals the engine alone's; returns the text and the prompt's token ids."""
+    temperature = 0.0 if seed is None else 1.0
     from xllm.llm import LLM
     from xllm.protocol.types import SamplingParams
 
@@ -124,7 +125,8 @@ def stream_through_a_kill(
             model=model,
             prompt=PROMPT,
             max_tokens=MAX_TOKENS,
-            temperature=0,
+            temperature=temperature,
+            seed=seed,
             stream=True,
             extra_body={"ignore_eos": True},
         )
@@ -153,18 +155,23 @@ def stream_through_a_kill(
 
     llm = LLM(config.model, num_kv_blocks=NUM_KV_BLOCKS)
     prompt_ids = llm.tokenizer.encode(PROMPT)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=temperature, seed=seed, ignore_eos=True
+    )
     expected = llm.generate([prompt_ids], params)[0].outputs[0].token_ids
     text = "".join(streamed)
     assert text == llm.tokenizer.decode(expected)
     return text, prompt_ids
 
 
+@pytest.mark.parametrize("seed", [None, 7], ids=["greedy", "seeded"])
 def test_a_killed_instances_request_resumes_with_its_kv_fetched_from_the_store(
-    colocated, model_dir
+    colocated, model_dir, seed
 ):
     _, config = colocated
-    _, prompt_ids = stream_through_a_kill(colocated, victim_role=None)
+    # The case before this one killed an instance: its restart must be serving again.
+    wait_for(lambda: len(instances(config)) == 2, 120, "both instances serving")
+    _, prompt_ids = stream_through_a_kill(colocated, victim_role=None, seed=seed)
     # The survivor fetched at least every prompt block (and the decode blocks filled before
     # the kill) instead of recomputing them.
     prompt_blocks = (len(prompt_ids) - 1) // 16
