@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from xllm.hardware import StepCost
 from xllm.models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -61,19 +62,6 @@ class StepShape:
     @property
     def num_tokens(self) -> int:
         return len(self.decode_context_lens) + sum(n for n, _ in self.prefill_chunks)
-
-
-@dataclass(frozen=True, slots=True)
-class StepCost:
-    """A step's work, split by the kernel that does it (so each part gets its own factor):
-    GEMMs, prefill attention (SDPA over a chunk), decode attention (the paged kernel)."""
-
-    linear_flops: float
-    prefill_attn_flops: float
-    decode_attn_flops: float
-    weight_bytes: float
-    kv_bytes: float
-    num_seqs: int
 
 
 def step_cost(model: ModelConfig, step: StepShape) -> StepCost:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 
 PROFILES_DIR = Path(__file__).parent / "hardware_profiles"
 """The built-in profiles fitted here (`xllm sim calibrate --out`), one JSON file each."""
@@ -29,8 +28,11 @@ GB = 1e9
 GiB = 2**30
 
 
-class StepCost(Protocol):
-    """What `time_of` prices: one step's work (`services.scheduler.cost_model.StepCost`)."""
+@dataclass(frozen=True, slots=True)
+class StepCost:
+    """A step's work, split by the kernel that does it (so each part gets its own factor):
+    GEMMs, prefill attention (SDPA over a chunk), decode attention (the paged kernel).
+    What `time_of` prices; `services.scheduler.cost_model.step_cost` computes it."""
 
     linear_flops: float
     prefill_attn_flops: float
