@@ -23,11 +23,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-from common import demo_model, emit, random_prompts
+from common import demo_model, emit, random_prompts, run_variants
 
 
 def engine_child(overlap: bool, args) -> dict:
@@ -115,12 +114,7 @@ def main() -> None:
     for flag in ("size", "dtype", "streams", "prompt_len", "output_len", "num_threads"):
         child[2:2] = [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     result: dict = {"num_threads": args.num_threads, "load_before": os.getloadavg()[0]}
-    runs: dict[str, list[dict]] = {"off": [], "on": []}
-    for _ in range(args.rounds):
-        for variant in ("off", "on"):
-            out = subprocess.run([*child, variant], check=True, capture_output=True, text=True)
-            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(json.dumps({variant: runs[variant][-1]}), file=sys.stderr, flush=True)
+    runs = run_variants(child, rounds=args.rounds)
     off, on = best(runs["off"]), best(runs["on"])
     result.update(off=off, on=on)
     result["b1_speedup"] = round(off["b1_decode_ms"] / on["b1_decode_ms"], 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,3 +34,18 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
 def emit(result: dict) -> None:
     """The one machine-readable line every benchmark prints last."""
     print(json.dumps(result), flush=True)
+
+
+def run_variants(
+    command: list[str], variants: tuple[str, ...] = ("off", "on"), rounds: int = 1
+) -> dict[str, list[dict]]:
+    """Each variant in a process of its own (`command + [variant]`, which prints its result as
+    its last stdout line), the variants alternated `rounds` times so that a machine's drift
+    hits all of them alike; every result is echoed to stderr as it comes."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for variant in variants:
+            out = subprocess.run([*command, variant], check=True, capture_output=True, text=True)
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps({variant: runs[variant][-1]}), file=sys.stderr, flush=True)
+    return runs

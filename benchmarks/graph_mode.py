@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
-from common import demo_model, emit
+from common import demo_model, emit, run_variants
 from native_kernels import engine_child, read_bandwidth
 
 
@@ -38,12 +37,7 @@ def main() -> None:
     bandwidth = read_bandwidth()
     result: dict = {"read_gbs": round(bandwidth, 1), "load_before": os.getloadavg()[0]}
     command = [sys.executable, __file__, *sys.argv[1:], "--child"]
-    runs: dict[str, list[dict]] = {"off": [], "on": []}
-    for _ in range(args.rounds):
-        for variant in ("off", "on"):
-            out = subprocess.run(command + [variant], check=True, capture_output=True, text=True)
-            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(json.dumps({variant: runs[variant][-1]}), file=sys.stderr, flush=True)
+    runs = run_variants(command, rounds=args.rounds)
     for variant, rounds in runs.items():
         result[f"graph_{variant}"] = {
             "b1_decode_ms": min(r["b1_decode_ms"] for r in rounds),

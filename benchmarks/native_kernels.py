@@ -26,14 +26,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from common import demo_model, emit, random_prompts
+from common import demo_model, emit, random_prompts, run_variants
 
 # The small model's linears (N x K): q|k|v, o, gate|up, down, lm_head (tied embeddings).
 SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)]
@@ -234,10 +233,8 @@ def main() -> None:
             str(args.output_len),
             "--child",
         ]
-        for variant in ("on", "off"):
-            out = subprocess.run(child + [variant], check=True, capture_output=True, text=True)
-            result[f"engine_{variant}"] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(json.dumps({variant: result[f"engine_{variant}"]}), file=sys.stderr, flush=True)
+        for variant, (run,) in run_variants(child, ("on", "off")).items():
+            result[f"engine_{variant}"] = run
         on, off = result["engine_on"], result["engine_off"]
         roofline_ms = on["weight_bytes"] / (bandwidth * 1e9) * 1e3
         result["b1_roofline_ms"] = round(roofline_ms, 2)
