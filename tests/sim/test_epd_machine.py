@@ -9,20 +9,13 @@ import pytest
 
 from services.scheduler.cost_model import StepShape, load_model_config, step_time
 from services.scheduler.policies import get_policy
-from services.scheduler.sim.epd_choice import candidates, choose, simulate
 from services.scheduler.sim.epd_cpu import CpuShare
-from services.scheduler.sim.epd_profile import EncodeCost, EpdProfile, HopCost
+from services.scheduler.sim.epd_profile import EncodeCost, HopCost
 from services.scheduler.sim.epd_sim import EpdSimulator, ImageSimRequest
-from services.scheduler.sim.epd_workload import ImageRequest
-from services.scheduler.sim.instance import InstanceSpec
-from services.scheduler.sim.report import Slo
 from services.scheduler.sim.simulator import ClusterSpec
-from xllm.hardware import SPEC_PROFILES
+from tests.sim.epd_choices import HW, IMAGE, SPEC, chosen_kind
 
 MODEL = load_model_config("qwen3-0.6b")
-HW = SPEC_PROFILES["a100"]
-SPEC = InstanceSpec(num_kv_blocks=4096, block_size=16, max_num_batched_tokens=2048)
-IMAGE = 256
 PROMPT = IMAGE + 12
 ENCODE = EncodeCost(((IMAGE, 0.020),), call_overhead=0.001, bytes_per_token=4096)
 HOPS = HopCost(nats_rtt=0.010, transfer_latency=0.002, transfer_bw=1e9)
@@ -104,32 +97,15 @@ def test_a_request_pays_its_messages_and_its_transfers_at_the_measured_costs():
     assert gap == pytest.approx(kv - plain_kv)
 
 
-def choice(per_image: float, hops: HopCost, cores: int) -> str:
-    """The topology of 3 processes chosen for 48 image chats, 8 at a time."""
-    profile = EpdProfile(
-        model="m", tpot_slo=0.05, decode_batch=8, decode_ctx=128, decode_step=0.01,
-        image_tokens=IMAGE, max_encode_batch=2, max_encode_tokens=2 * IMAGE,
-        max_prefill_tokens=900, encode=EncodeCost(((IMAGE, per_image),), 0.001, 4096),
-        hops=hops, cores=cores,
-    )  # fmt: skip
-    workload = [ImageRequest(0.0, 480, 640, i, IMAGE, 16) for i in range(48)]
-    tops = candidates(3)
-    reports = [
-        simulate(t, workload, "qwen3-0.6b", HW, profile, Slo(0.5, 0.05), SPEC, concurrency=8)[0]
-        for t in tops
-    ]
-    return tops[choose(reports, [t.kind for t in tops])[0]].kind
-
-
 def test_dear_trips_and_a_cheap_tower_make_colocated_win():
     cheap = 0.005  # s per image
-    assert choice(cheap, HopCost(), cores=0) != "EPD"  # free trips: an encoder pays off
+    assert chosen_kind(cheap, HopCost(), cores=0) != "EPD"  # free trips: an encoder pays off
     dear = HopCost(nats_rtt=0.020, transfer_latency=0.0004, transfer_bw=0.8e9)
-    assert choice(cheap, dear, cores=2) == "EPD"  # each extra message costs more than it saves
-    assert choice(cheap, dear, cores=0) == "EPD"  # the trips alone do it
+    assert chosen_kind(cheap, dear, cores=2) == "EPD"  # each extra message costs more than it saves
+    assert chosen_kind(cheap, dear, cores=0) == "EPD"  # the trips alone do it
 
 
 def test_a_dear_tower_and_many_cores_make_a_disaggregated_topology_win():
     measured = HopCost(nats_rtt=0.0005, transfer_latency=0.0004, transfer_bw=0.8e9)
-    assert choice(0.030, measured, cores=8) in ("E+PD", "E+P+D", "EP+D", "ED+P")
-    assert choice(0.005, HopCost(nats_rtt=0.020), cores=8) == "EPD"  # not with a cheap tower
+    assert chosen_kind(0.030, measured, cores=8) in ("E+PD", "E+P+D", "EP+D", "ED+P")
+    assert chosen_kind(0.005, HopCost(nats_rtt=0.020), cores=8) == "EPD"  # not with a cheap tower

@@ -12,7 +12,6 @@ import pytest
 
 from services.scheduler.cost_model import load_model_config
 from services.scheduler.policies import get_policy
-from services.scheduler.sim.epd_choice import candidates, choose, simulate
 from services.scheduler.sim.epd_profile import EncodeCost, EpdProfile, HopCost, ServingCpu
 from services.scheduler.sim.epd_serving_cpu import (
     Sample,
@@ -23,17 +22,11 @@ from services.scheduler.sim.epd_serving_cpu import (
     stat_cpu_seconds,
 )
 from services.scheduler.sim.epd_sim import EpdSimulator, ImageSimRequest
-from services.scheduler.sim.epd_workload import ImageRequest
-from services.scheduler.sim.instance import InstanceSpec
-from services.scheduler.sim.report import Slo
 from services.scheduler.sim.simulator import ClusterSpec
-from xllm.hardware import SPEC_PROFILES
+from tests.sim.epd_choices import HW, IMAGE, SPEC, chosen_kind, profile_of
 
 # the machine and request of test_epd_machine.py
 MODEL = load_model_config("qwen3-0.6b")
-HW = SPEC_PROFILES["a100"]
-SPEC = InstanceSpec(num_kv_blocks=4096, block_size=16, max_num_batched_tokens=2048)
-IMAGE = 256
 ENCODE = EncodeCost(((IMAGE, 0.020),), call_overhead=0.001, bytes_per_token=4096)
 HOPS = HopCost(nats_rtt=0.010, transfer_latency=0.002, transfer_bw=1e9)
 
@@ -186,23 +179,10 @@ def test_cpu_per_token_lengthens_the_decode_steps_on_the_shared_cores():
 
 
 def choice(serving: ServingCpu) -> str:
-    """The topology of 3 processes on 2 cores chosen for 48 image chats, 8 at a time, the
-    tower dear enough that an encoder pays off on its own and the trips sub-millisecond
-    (what the profiler measured on the 2-core machine)."""
-    profile = EpdProfile(
-        model="m", tpot_slo=0.05, decode_batch=8, decode_ctx=128, decode_step=0.01,
-        image_tokens=IMAGE, max_encode_batch=2, max_encode_tokens=2 * IMAGE,
-        max_prefill_tokens=900, encode=EncodeCost(((IMAGE, 0.030),), 0.001, 4096),
-        hops=HopCost(nats_rtt=0.0005, transfer_latency=0.0004, transfer_bw=0.8e9), cores=2,
-        serving_cpu=serving,
-    )  # fmt: skip
-    workload = [ImageRequest(0.0, 480, 640, i, IMAGE, 16) for i in range(48)]
-    tops = candidates(3)
-    reports = [
-        simulate(t, workload, "qwen3-0.6b", HW, profile, Slo(0.5, 0.05), SPEC, concurrency=8)[0]
-        for t in tops
-    ]
-    return tops[choose(reports, [t.kind for t in tops])[0]].kind
+    """On 2 cores, the tower dear enough that an encoder pays off on its own and the trips
+    sub-millisecond (what the profiler measured on the 2-core machine)."""
+    hops = HopCost(nats_rtt=0.0005, transfer_latency=0.0004, transfer_bw=0.8e9)
+    return chosen_kind(0.030, hops, cores=2, serving_cpu=serving)
 
 
 def test_the_cpu_of_crossing_processes_makes_colocated_win_and_none_does_not():
@@ -221,12 +201,7 @@ def test_the_cpu_of_crossing_processes_makes_colocated_win_and_none_does_not():
 
 
 def test_old_profiles_load_without_serving_cpu_and_new_ones_keep_it(tmp_path):
-    profile = EpdProfile(
-        model="m", tpot_slo=0.05, decode_batch=8, decode_ctx=128, decode_step=0.01,
-        image_tokens=IMAGE, max_encode_batch=2, max_encode_tokens=2 * IMAGE,
-        max_prefill_tokens=900, encode=EncodeCost(((IMAGE, 0.030),), 0.001, 4096),
-        serving_cpu=SERVING,
-    )  # fmt: skip
+    profile = profile_of(0.030, serving_cpu=SERVING)
     profile.save(tmp_path / "p.epd.json")
     assert EpdProfile.load(tmp_path / "p.epd.json") == profile
     old = profile.as_dict()
