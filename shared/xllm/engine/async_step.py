@@ -317,9 +317,7 @@ def _fill(step: Step, before: SamplerOutput) -> None:
 @torch.inference_mode()
 def _forward(engine: Engine, step: Step) -> SamplerOutput:
     """On the forward thread: copies, forward pass, sampling."""
-    engine.copy_swaps(step.out)
-    if engine.experts is not None:
-        engine.experts.before_step()  # a re-placement switches here, between forward passes
+    engine.before_forward(step.out)
     runner = engine.runner
     hidden = runner.forward(
         step.input_ids, step.positions, step.meta, step.images, step.out.encodes

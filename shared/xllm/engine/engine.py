@@ -405,10 +405,14 @@ class Engine:
         return deltas
 
     def _execute(self, out: SchedulerOutput) -> tuple[list[Sequence], SamplerOutput]:
+        self.before_forward(out)
+        return self.runner.execute(out)
+
+    def before_forward(self, out: SchedulerOutput) -> None:
+        """What must happen on the forward thread right before a step's forward pass."""
         self.copy_swaps(out)
         if self.experts is not None:
             self.experts.before_step()  # a re-placement switches here, between forward passes
-        return self.runner.execute(out)
 
     def schedule(self) -> SchedulerOutput:
         """The next step; its swaps are not copied yet (`copy_swaps`)."""
