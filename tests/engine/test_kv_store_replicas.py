@@ -44,12 +44,15 @@ def test_a_dead_holders_blocks_are_read_from_their_other_replica(tiny_model_dir)
             TIERS, model=model, dtype="float32", host_kv_gb=host_gb(plain),
             kv_store_master=master.url, kv_store_replicas=2,
         )  # fmt: skip
-        h = instance(options, [])  # its segment exists before A puts: two segments
-        a = instance(options, [LONG + [1]])
+        # H's segment must be mounted before A puts (a put places as many replicas as
+        # there are segments then): A starts only once H has said it is up.
+        h = instance(options, [])
+        a = None
         b = Engine(EngineConfig(**{**options, "kv_store_segment_gb": 0.0}))
         read_store_replicas(b)
         try:
             assert json.loads(h.stdout.readline()) == 0
+            a = instance(options, [LONG + [1]])
             assert json.loads(a.stdout.readline()) >= 16
             a.kill()  # its segment dies with it; the master lists it until its lease ends
             a.wait()
@@ -64,6 +67,8 @@ def test_a_dead_holders_blocks_are_read_from_their_other_replica(tiny_model_dir)
             assert 0 < stats.replica_reads <= 16
         finally:
             for p in (a, h):
+                if p is None:
+                    continue
                 p.kill()
                 p.wait()
             b.tiers.close()
