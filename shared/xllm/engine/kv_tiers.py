@@ -173,16 +173,17 @@ class KvTiers:
         """If `seq`'s prompt prefix is in these tiers past what the device holds, and loading
         it pays, start loading it and return True: the caller queues `seq` when `poll`
         hands it back. False: nothing to load, or no room for it now: queue it now."""
-        return self._try_load(seq, prefill_seconds_per_token) == STARTED
+        return self._try_load(seq, prefill_seconds_per_token)[0] == STARTED
 
     def admit(self, seq: Sequence, prefill_seconds_per_token: float) -> bool:
         """`start_load` for a new request, which waits for room in the pool rather than
         recompute a prefix these tiers hold: True while the tiers hold it (loading, or
         waiting: tried again by `retry_waiting`); the caller queues it when `poll` or
         `retry_waiting` hands it back. False: queue it now."""
-        outcome = self._try_load(seq, prefill_seconds_per_token)
+        outcome, num_blocks = self._try_load(seq, prefill_seconds_per_token)
         if outcome == NO_ROOM:
-            saved = self._saved_seconds(seq, prefill_seconds_per_token)
+            # Waiting longer than recomputing the blocks would take cannot pay.
+            saved = num_blocks * self.block_size * prefill_seconds_per_token
             self.waiting.append((seq, time.monotonic() + saved))
         return outcome != NOT_WORTH
 
@@ -191,7 +192,7 @@ class KvTiers:
         waited longer than their load would save, to be queued and recomputed."""
         now, give_up, still = time.monotonic(), [], []
         for seq, deadline in self.waiting:
-            outcome = self._try_load(seq, prefill_seconds_per_token)
+            outcome, _ = self._try_load(seq, prefill_seconds_per_token)
             if outcome == NO_ROOM and now < deadline:
                 still.append((seq, deadline))
             elif outcome != STARTED:
@@ -199,30 +200,23 @@ class KvTiers:
         self.waiting = still
         return give_up
 
-    def _saved_seconds(self, seq: Sequence, prefill_seconds_per_token: float) -> float:
-        """What recomputing `seq`'s tier-held blocks would take: the longest worth waiting
-        for room to load them instead (a request whose blocks the pool will not have soon
-        is better off computing as soon as the scheduler can fit it)."""
-        _, hashes, _ = self._plan(seq)
-        return len(hashes) * self.block_size * prefill_seconds_per_token
-
-    def _try_load(self, seq: Sequence, prefill_seconds_per_token: float) -> str:
-        """`start_load`: STARTED, NO_ROOM (the pool has too few free blocks for the load
-        now) or NOT_WORTH (nothing to load, or recomputing is cheaper)."""
+    def _try_load(self, seq: Sequence, prefill_seconds_per_token: float) -> tuple[str, int]:
+        """`start_load`: (STARTED, NO_ROOM (the pool has too few free blocks for the load
+        now) or NOT_WORTH (nothing to load, or recomputing is cheaper), blocks to load)."""
         self.write_through()  # before a reservation can evict a block not yet copied
         device_hits, hashes, tiers = self._plan(seq)
         if not hashes:
-            return NOT_WORTH
+            return NOT_WORTH, 0
         counts = Counter(tiers)
         if not load_pays(
             counts, self.bytes_per_block, self.block_size, prefill_seconds_per_token,
             self.bandwidth_gbps,
         ):  # fmt: skip
-            return NOT_WORTH
+            return NOT_WORTH, len(hashes)
         block_ids = self.bm.reserve_for_load(len(hashes), device_hits)
         if block_ids is None:
             fits = len(hashes) + len(device_hits) < self.bm.num_blocks
-            return NO_ROOM if fits else NOT_WORTH
+            return (NO_ROOM if fits else NOT_WORTH), len(hashes)
         self.pinned.update(hashes)
         reads = []  # (tier, hash, host block) for blocks from disk or store: into host first
         for block_hash, tier in zip(hashes, tiers, strict=True):
@@ -238,7 +232,7 @@ class KvTiers:
         pairs = [(self.host[h], b) for h, b in zip(hashes, block_ids, strict=True)]
         future = self.worker.submit(self._load, reads, pairs)
         self.loads.append(PendingLoad(seq, block_ids, hashes, future, tiers))
-        return STARTED
+        return STARTED, len(hashes)
 
     def poll(self, wait: bool = False) -> list[Sequence]:
         """Finish the loads that are done (waiting up to 50 ms for one if `wait`); returns
