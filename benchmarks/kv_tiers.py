@@ -20,12 +20,25 @@ and a device pool of 96 blocks (each ~1.8 MB), meant to keep one run of the thre
 near 8 minutes on 2 cores (an estimate, not measured yet). `--size tiny` (the default) is the tiny demo model, where prefill is
 nearly free and the TTFT differences are mostly queueing.
 
+`--workload multiturn` (with `--size small`: the command that shows the tiers' TTFT gain)
+replaces the trace with conversations in rounds (`multiturn_workload`: `--sessions` 8 of
+`--turns` 4, each turn's prompt the session's `--context-len` 256-token context and history
+plus a `--user-len` 32-token message, `--reply-len` 16 tokens out), `--concurrency` 2 at a
+time, on 48-block device pools: a round's prompts (216 blocks) are far more than the two
+pools hold, so every session's prefix has left the device by its next turn, while 0.5 GiB of
+host memory (~290 small-model blocks per instance) still holds it. Why the trace slice does
+not show this: its reuse is almost all recent (within the device pool), the few prefixes
+reused at a distance come with prompts longer than a 32-block pool, and a load that found
+the pool busy was recomputed instead (fixed: the request now waits for room).
+
 Per setup: hit tokens by tier (device = hits minus what the tiers loaded; host / disk /
 store = blocks loaded from there x block size), over the instances' queried prompt tokens,
 as differences across the replay (the warm-up does not count); TTFT mean/p50/p99 and
-failures from the client.
+failures from the client; `vs_device`: device-only's TTFT mean/p50/p99 over each other
+setup's (> 1: faster than device-only).
 
     PYTHONPATH=shared:. .venv/bin/python benchmarks/kv_tiers.py [--size small] [--setups ...]
+    PYTHONPATH=shared:. .venv/bin/python benchmarks/kv_tiers.py --size small --workload multiturn
 
 Prints one JSON line. Timing figures mean something only on a quiet machine.
 """
@@ -45,7 +58,12 @@ from prefix_routing import KV_BLOCK_SIZE, cluster_state, trace_slice, warmup_req
 from xllm.cli.bench.client import ClientConfig
 from xllm.cli.bench.report import summarize
 from xllm.cli.bench.runner import LoadConfig, run_load
-from xllm.cli.bench.workloads import BenchRequest, PromptMaker, requests_from_trace
+from xllm.cli.bench.workloads import (
+    BenchRequest,
+    PromptMaker,
+    multiturn_workload,
+    requests_from_trace,
+)
 from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
 from xllm.cli.commands.bench import first_model
 
@@ -58,6 +76,11 @@ SIZE_DEFAULTS = {
     ),
 }
 """`--size`: the defaults that differ from the tiny model's (an explicit flag still wins)."""
+WORKLOAD_DEFAULTS = {
+    "trace": {},
+    "multiturn": dict(num_kv_blocks=48, max_model_len=1024, host_kv_gb=0.5, concurrency=2),
+}
+"""`--workload`: the defaults that differ from the trace's (over `--size`'s)."""
 
 
 def counters(base_url: str, settle: float) -> dict[str, int]:
@@ -103,7 +126,13 @@ def run_setup(setup: str, requests: list[BenchRequest], args: argparse.Namespace
         if not all(r.ok for r in warm.records):
             raise RuntimeError(f"{setup}: warm-up failed: {warm.records}")
         before = counters(base_url, args.settle)
-        load = LoadConfig(seed=args.seed, timeout=args.timeout, progress=args.progress, warmup=0)
+        load = LoadConfig(
+            concurrency=args.concurrency or None,
+            seed=args.seed,
+            timeout=args.timeout,
+            progress=args.progress,
+            warmup=0,
+        )
         bench = run_load(requests, client, load)
         after = counters(base_url, args.settle)
     delta = {k: after[k] - before[k] for k in after}
@@ -132,11 +161,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--size", choices=SIZE_DEFAULTS, default="tiny", help="demo model (unless --model)"
     )
+    parser.add_argument("--workload", choices=WORKLOAD_DEFAULTS, default="trace")
     parser.add_argument("--trace-start", type=float, default=0.0)
     parser.add_argument("--trace-duration", type=float, default=900.0)
     parser.add_argument("--keep", type=float, default=0.06)
     parser.add_argument("--length-scale", type=scale, default=1 / 32)
     parser.add_argument("--time-scale", type=float, default=0.12)
+    parser.add_argument("--sessions", type=int, default=8, help="multiturn: conversations")
+    parser.add_argument("--turns", type=int, default=4, help="multiturn: turns a session")
+    parser.add_argument("--context-len", type=int, default=256, help="multiturn: tokens")
+    parser.add_argument("--user-len", type=int, default=32, help="multiturn: tokens a message")
+    parser.add_argument("--reply-len", type=int, default=16, help="multiturn: tokens a reply")
+    parser.add_argument(
+        "--concurrency", type=int, default=0, help="requests in flight (0: the trace's times)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--instances", type=int, default=2)
     parser.add_argument("--model", default="", help="model folder; default: the tiny demo")
@@ -148,34 +186,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=1.0)
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
-    size = parser.parse_known_args(argv)[0].size
-    parser.set_defaults(**SIZE_DEFAULTS[size])
+    known = parser.parse_known_args(argv)[0]
+    parser.set_defaults(**{**SIZE_DEFAULTS[known.size], **WORKLOAD_DEFAULTS[known.workload]})
     args = parser.parse_args(argv)
     if not args.model and args.size != "tiny":
         args.model = str(demo_model("qwen3", args.size))
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def trace_requests(args: argparse.Namespace) -> tuple[list[BenchRequest], dict]:
     rows, too_long = trace_slice(args)
     requests = requests_from_trace(
         rows, PromptMaker(chat=False, seed=args.seed), args.length_scale, args.seed
     )
-    workload = {
+    return requests, {
         "trace": "mooncake",
-        "requests": len(requests),
         "dropped_too_long": too_long,
-        "input_tokens": sum(r.input_len for r in requests),
         "distinct_blocks": len({h for t in rows for h in t.hash_ids}),
-        "device_blocks_per_instance": args.num_kv_blocks,
-        "kv_block_size": KV_BLOCK_SIZE,
     }
+
+
+def multiturn_requests(args: argparse.Namespace) -> tuple[list[BenchRequest], dict]:
+    maker = PromptMaker(chat=False, seed=args.seed)
+    requests = multiturn_workload(
+        args.sessions, args.turns, args.context_len, args.user_len, args.reply_len, maker
+    )
+    return requests, {
+        "multiturn": {
+            k: getattr(args, k)
+            for k in ("sessions", "turns", "context_len", "user_len", "reply_len", "concurrency")
+        },
+        "round_blocks": sum(r.input_len for r in requests[-args.sessions :]) // KV_BLOCK_SIZE,
+    }
+
+
+def versus_device(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Device-only's TTFT over each other setup's (> 1: that setup is faster)."""
+    base = results.get("device")
+    if base is None:
+        return {}
+    keys = ("ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms")
+    return {
+        setup: {
+            k.replace("_ms", "_speedup"): round(base[k] / r[k], 3) if r[k] else 0.0 for k in keys
+        }
+        for setup, r in results.items()
+        if setup != "device"
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    make = multiturn_requests if args.workload == "multiturn" else trace_requests
+    requests, workload = make(args)
+    workload.update(
+        requests=len(requests),
+        input_tokens=sum(r.input_len for r in requests),
+        device_blocks_per_instance=args.num_kv_blocks,
+        kv_block_size=KV_BLOCK_SIZE,
+    )
     print(json.dumps(workload), file=sys.stderr)
     if args.dry_run or not requests:
         return
     results = {setup: run_setup(setup, requests, args) for setup in args.setups}
-    emit({"benchmark": "kv_tiers", "workload": workload, "setups": results})
+    emit(
+        {
+            "benchmark": "kv_tiers",
+            "workload": workload,
+            "setups": results,
+            "vs_device": versus_device(results),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from xllm.cli.bench.workloads import (
     SAFE_TOKEN_IDS,
     LengthRange,
     PromptMaker,
+    multiturn_workload,
     random_workload,
     sharegpt_workload,
     trace_workload,
@@ -62,3 +63,19 @@ def test_sharegpt_prompts_are_real_text(tokenizer_dir):
     requests = sharegpt_workload(5, LengthRange(16, 16), PromptMaker(tokenizer_dir, chat=False))
     assert len({r.prompt for r in requests}) == 5
     assert all(isinstance(r.prompt, str) and r.input_len > 0 for r in requests)
+
+
+def test_multiturn_turns_extend_their_session_a_round_apart():
+    maker = PromptMaker(None, chat=False, seed=3)
+    requests = multiturn_workload(3, 4, 64, 16, 8, maker)
+    assert len(requests) == 12
+    assert [r.input_len for r in requests[:3]] == [80] * 3  # context + first message
+    assert [len(r.prompt) for r in requests] == [r.input_len for r in requests]
+    assert all(r.output_len == 8 and r.arrival is None for r in requests)
+    for i, r in enumerate(requests[3:], start=3):
+        previous = requests[i - 3]  # the same session, one round before
+        assert r.prompt[: previous.input_len] == previous.prompt
+        assert r.input_len == previous.input_len + 8 + 16  # the reply stand-in, a message
+    contexts = [tuple(r.prompt[:64]) for r in requests[:3]]
+    assert len(set(contexts)) == 3  # sessions share nothing
+    assert multiturn_workload(3, 4, 64, 16, 8, PromptMaker(None, chat=False, seed=3)) == requests

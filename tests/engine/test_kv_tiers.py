@@ -183,3 +183,53 @@ def test_a_reservation_loads_its_prefix_from_the_tiers_first(model):
     engine.tiers.check_integrity()
     # Without tiers the reservation gets nothing cached: the whole prompt would be sent.
     assert plain.reserve_remote_prefill("d", prompt, greedy(4)).num_cached_tokens == 0
+
+
+def test_a_request_waits_for_room_to_load_rather_than_recompute(model):
+    """A prefix in host memory, coming back while another request holds most of the pool:
+    loaded once the pool has room, not recomputed (nor ever mixed up with the other's KV)."""
+    plain = make_engine(model, block_size=BLOCK, num_kv_blocks=DEVICE_BLOCKS)
+    engine = make_engine(
+        model, block_size=BLOCK, num_kv_blocks=DEVICE_BLOCKS, host_kv_gb=blocks_gb(plain, 64.5)
+    )
+    run_one(engine, "p0", PREFIX + [5])
+    for k, prompt in enumerate(filler(5)):
+        run_one(engine, f"a{k}", prompt)
+    hog = [900 + i for i in range(9 * BLOCK)]  # 9 of the 12 blocks, 10 once it decodes
+    expected_hog, _ = run_one(plain, "hog", hog)
+    expected_p1, _ = run_one(plain, "p1", PREFIX + [6])
+    engine.add_request("hog", hog, greedy(4))
+    outputs: dict[str, list[int]] = {"hog": engine.step()[0].token_ids, "p1": []}
+    assert engine.block_manager.num_free_blocks < 4  # too few for the prefix's 4
+    # As slow a prefill as the small model's under load: the load saves seconds, so the
+    # request waits that long for room (a tiny model's saving would be gone in ms).
+    engine.step_stats.recent_prefill_seconds_per_token = 0.5
+    engine.add_request("p1", PREFIX + [6], greedy(4))
+    assert engine.tiers.num_loading == 1 and engine.tiers.waiting
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id] += out.token_ids
+        engine.tiers.check_integrity()
+    assert outputs == {"hog": expected_hog, "p1": expected_p1}
+    assert engine.tiers.stats["host"].hits == 4  # loaded, not recomputed
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+
+
+def test_an_aborted_request_stops_waiting_for_room(model):
+    plain = make_engine(model, block_size=BLOCK, num_kv_blocks=DEVICE_BLOCKS)
+    engine = make_engine(
+        model, block_size=BLOCK, num_kv_blocks=DEVICE_BLOCKS, host_kv_gb=blocks_gb(plain, 64.5)
+    )
+    run_one(engine, "p0", PREFIX + [5])
+    for k, prompt in enumerate(filler(5)):
+        run_one(engine, f"a{k}", prompt)
+    engine.add_request("hog", [900 + i for i in range(9 * BLOCK)], greedy(4))
+    engine.step()
+    engine.add_request("p1", PREFIX + [6], greedy(4))
+    assert engine.tiers.waiting
+    assert engine.abort_request("p1")
+    assert not engine.tiers.waiting
+    while engine.has_unfinished():
+        assert all(out.request_id == "hog" for out in engine.step())
+    assert engine.tiers.stats["host"].hits == 0
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)

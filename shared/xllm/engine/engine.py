@@ -205,7 +205,7 @@ class Engine:
         self.sequences[request_id] = [seq] if prefill_only else self._beams(seq)
         if self.tiers is not None and self.config.enable_prefix_caching:
             prefill_cost = self.step_stats.recent_prefill_seconds_per_token
-            if self.tiers.start_load(seq, prefill_cost):
+            if self.tiers.admit(seq, prefill_cost):
                 return  # queued when its prefix is back on the device (`_step_tiers`)
         self.scheduler.add(seq)
 
@@ -480,6 +480,9 @@ class Engine:
         little for one when nothing else can run)."""
         assert self.tiers is not None
         self.tiers.write_through()
+        prefill_cost = self.step_stats.recent_prefill_seconds_per_token
+        for seq in self.tiers.retry_waiting(prefill_cost):
+            self.scheduler.add(seq)
         for seq in self.tiers.poll(wait=not self.scheduler.has_unfinished()):
             self.scheduler.add(seq)
 

@@ -20,6 +20,10 @@ stepping the other requests meanwhile. The blocks being written are taken from t
 pool for the load (`BlockManager.reserve_for_load`: referenced, in no block table, so no
 forward pass touches them); when the copy is done they become ordinary cached free blocks
 (`finish_load`) and the request is queued, to find them in the prefix cache like any hit.
+When the pool has too few free blocks for the load (other requests hold them), a new request
+waits for room, tried again every step, for at most what the load would save; recomputing
+needs those blocks too, so queueing it at once would only trade the load for a recompute
+(under load, a busy pool made every return to the tiers a recompute).
 
 Threads: all bookkeeping runs on the engine's thread. The single worker thread only moves
 bytes, in submission order: into device blocks held for a load, into host blocks of hashes
@@ -48,6 +52,9 @@ if TYPE_CHECKING:
     from xllm.engine.kv_store import KvStore, StoreAudit
 
 log = logging.getLogger(__name__)
+
+STARTED, NO_ROOM, NOT_WORTH = "started", "no room", "not worth it"
+"""What trying to load a request's prefix came to (`KvTiers._try_load`)."""
 
 
 class KvTiers:
@@ -88,6 +95,9 @@ class KvTiers:
         self.pinned: Counter[int] = Counter()
         """Hashes a load in flight reads or writes: not evicted from host or disk."""
         self.loads: list[PendingLoad] = []
+        self.waiting: list[tuple[Sequence, float]] = []
+        """(request, monotonic deadline): new requests whose load found too few free blocks
+        in the pool; tried again every step until the deadline (`admit`)."""
         self.prefetches: dict[str, PendingLoad] = {}
         """Reservations' loads (`prefetch`), by request id, until the reservation is made."""
         self.events: list[tuple[str, int, str]] = []
@@ -97,7 +107,8 @@ class KvTiers:
 
     @property
     def num_loading(self) -> int:
-        return len(self.loads)
+        """Requests held out of the scheduler: loading, or waiting for room to load."""
+        return len(self.loads) + len(self.waiting)
 
     # -- write-through (start of every step) ----------------------------------------------
 
@@ -161,20 +172,51 @@ class KvTiers:
     def start_load(self, seq: Sequence, prefill_seconds_per_token: float) -> bool:
         """If `seq`'s prompt prefix is in these tiers past what the device holds, and loading
         it pays, start loading it and return True: the caller queues `seq` when `poll`
-        hands it back. False: nothing to load, queue it now."""
+        hands it back. False: nothing to load, or no room for it now: queue it now."""
+        return self._try_load(seq, prefill_seconds_per_token)[0] == STARTED
+
+    def admit(self, seq: Sequence, prefill_seconds_per_token: float) -> bool:
+        """`start_load` for a new request, which waits for room in the pool rather than
+        recompute a prefix these tiers hold: True while the tiers hold it (loading, or
+        waiting: tried again by `retry_waiting`); the caller queues it when `poll` or
+        `retry_waiting` hands it back. False: queue it now."""
+        outcome, num_blocks = self._try_load(seq, prefill_seconds_per_token)
+        if outcome == NO_ROOM:
+            # Waiting longer than recomputing the blocks would take cannot pay.
+            saved = num_blocks * self.block_size * prefill_seconds_per_token
+            self.waiting.append((seq, time.monotonic() + saved))
+        return outcome != NOT_WORTH
+
+    def retry_waiting(self, prefill_seconds_per_token: float) -> list[Sequence]:
+        """Start the waiting requests' loads that fit now (oldest first); returns those that
+        waited longer than their load would save, to be queued and recomputed."""
+        now, give_up, still = time.monotonic(), [], []
+        for seq, deadline in self.waiting:
+            outcome, _ = self._try_load(seq, prefill_seconds_per_token)
+            if outcome == NO_ROOM and now < deadline:
+                still.append((seq, deadline))
+            elif outcome != STARTED:
+                give_up.append(seq)
+        self.waiting = still
+        return give_up
+
+    def _try_load(self, seq: Sequence, prefill_seconds_per_token: float) -> tuple[str, int]:
+        """`start_load`: (STARTED, NO_ROOM (the pool has too few free blocks for the load
+        now) or NOT_WORTH (nothing to load, or recomputing is cheaper), blocks to load)."""
         self.write_through()  # before a reservation can evict a block not yet copied
         device_hits, hashes, tiers = self._plan(seq)
         if not hashes:
-            return False
+            return NOT_WORTH, 0
         counts = Counter(tiers)
         if not load_pays(
             counts, self.bytes_per_block, self.block_size, prefill_seconds_per_token,
             self.bandwidth_gbps,
         ):  # fmt: skip
-            return False
+            return NOT_WORTH, len(hashes)
         block_ids = self.bm.reserve_for_load(len(hashes), device_hits)
         if block_ids is None:
-            return False
+            fits = len(hashes) + len(device_hits) < self.bm.num_blocks
+            return (NO_ROOM if fits else NOT_WORTH), len(hashes)
         self.pinned.update(hashes)
         reads = []  # (tier, hash, host block) for blocks from disk or store: into host first
         for block_hash, tier in zip(hashes, tiers, strict=True):
@@ -190,7 +232,7 @@ class KvTiers:
         pairs = [(self.host[h], b) for h, b in zip(hashes, block_ids, strict=True)]
         future = self.worker.submit(self._load, reads, pairs)
         self.loads.append(PendingLoad(seq, block_ids, hashes, future, tiers))
-        return True
+        return STARTED, len(hashes)
 
     def poll(self, wait: bool = False) -> list[Sequence]:
         """Finish the loads that are done (waiting up to 50 ms for one if `wait`); returns
@@ -245,7 +287,11 @@ class KvTiers:
 
     def forget(self, seq: Sequence) -> bool:
         """`seq` was aborted: if it waits for a load, the load goes on without it (its blocks
-        still land in the cache). True if it was waiting."""
+        still land in the cache). True if it was waiting (for a load, or for room for one)."""
+        for i, (waiting, _) in enumerate(self.waiting):
+            if waiting is seq:
+                del self.waiting[i]
+                return True
         for load in self.loads:
             if load.seq is seq:
                 load.seq = None

@@ -3,7 +3,9 @@
 * `random`: synthetic prompts of `input_len` tokens (fixed, or uniform in `LO:HI`);
 * `sharegpt`: real first-turn prompts from the ShareGPT sample in `data_dir()`;
 * a trace (`azure-code`, `mooncake`, `burstgpt`, `burstgpt-3` or a file): lengths and arrival
-  times from `load_trace`, synthetic prompts of exactly the traced input length.
+  times from `load_trace`, synthetic prompts of exactly the traced input length;
+* `multiturn_workload`: synthetic conversations in rounds, each turn's prompt extending the
+  session's previous one, with the other sessions' turns in between (reuse at a distance).
 
 How a synthetic prompt of N tokens is made (`PromptMaker`):
 
@@ -148,6 +150,41 @@ def sharegpt_workload(
         length = _count_tokens(text, maker)
         requests.append(BenchRequest(text, length, output_len.sample(rng)))
     return requests
+
+
+def multiturn_workload(
+    sessions: int,
+    turns: int,
+    context_len: int,
+    user_len: int,
+    reply_len: int,
+    maker: PromptMaker,
+) -> list[BenchRequest]:
+    """`sessions` conversations of `turns` turns, sent in rounds: turn 1 of every session,
+    then turn 2 of every session, and so on.
+
+    Turn k's prompt is the session's own context (`context_len` tokens: a document, a long
+    system prompt), then turns 1..k-1 (each a `user_len`-token message and a `reply_len`-token
+    stand-in for the reply: the real reply is not fed back, so its tokens are fixed ids, as a
+    client resending the history would send the same text), then the k-th message. So turn k
+    extends turn k-1's prompt, and the other sessions' turns come between the two: a prefix
+    cache smaller than a round's prompts has evicted it by then, a larger tier has not.
+    Each turn asks for `reply_len` tokens. Deterministic in `maker.seed`.
+    """
+    histories = [maker.block(_session_chunk(s, 0), context_len) for s in range(sessions)]
+    requests = []
+    for turn in range(1, turns + 1):
+        for s, history in enumerate(histories):
+            history += maker.block(_session_chunk(s, 2 * turn - 1), user_len)
+            requests.append(BenchRequest(maker.render(list(history)), len(history), reply_len))
+            history += maker.block(_session_chunk(s, 2 * turn), reply_len)
+    return requests
+
+
+def _session_chunk(session: int, index: int) -> int:
+    """A `PromptMaker.block` id of its own for each chunk of each session (negative: apart
+    from the trace's hash ids)."""
+    return -(1 + session * 1_000 + index)
 
 
 def _count_tokens(text: str, maker: PromptMaker) -> int:
