@@ -65,14 +65,27 @@ TOPOLOGIES = {"colocated": dict(instances=2), "pd": dict(prefill=1, decode=2)}
 streams (colocated: "both"; PD: "decode")."""
 SIZE_DEFAULTS = {
     "tiny": dict(
-        prompt_tokens=3000, max_tokens=300, kill_after=150, num_kv_blocks=512, host_kv_gb=0.25
+        prompt_tokens=3000,
+        max_tokens=300,
+        kill_after=150,
+        num_kv_blocks=512,
+        host_kv_gb=0.25,
+        max_num_batched_tokens=2048,
     ),
     "small": dict(
-        prompt_tokens=1024, max_tokens=160, kill_after=128, num_kv_blocks=128, host_kv_gb=0.5
+        prompt_tokens=1024,
+        max_tokens=160,
+        kill_after=128,
+        num_kv_blocks=128,
+        host_kv_gb=0.5,
+        max_num_batched_tokens=128,
     ),
 }
-"""`--size`: the defaults of the flags below (an explicit flag still wins); the small model's
-blocks are ~1.8 MB each, so its pool holds just the request (82 blocks) with room."""
+"""`--size`: the defaults of the flags below (an explicit flag still wins). The small model's
+blocks are ~1.8 MB each: its pool holds the request (82 blocks) with room, and a prefill
+chunk of 128 tokens puts 8 blocks (14 MB) in one batch, which fits the Mooncake client's
+16 MiB staging buffer (a whole 1024-token prompt's 112 MB batch does not: that put fails,
+and the prompt never reaches the store)."""
 
 
 def run_setup(setup: str, prompt: list[int], args: argparse.Namespace) -> dict:
@@ -88,6 +101,7 @@ def run_setup(setup: str, prompt: list[int], args: argparse.Namespace) -> dict:
         **TOPOLOGIES[args.topology],
     )
     engine_args = ["--num-kv-blocks", str(args.num_kv_blocks), "--num-threads", "1"]
+    engine_args += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if setup == "refetch":
         engine_args += ["--host-kv-gb", str(args.host_kv_gb), "--kv-store-replicas", "2"]
         engine_args += ["--kv-store-segment-gb", str(args.host_kv_gb)]
@@ -159,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kill-after", type=int, help="streamed chunks")
     parser.add_argument("--num-kv-blocks", type=int)
     parser.add_argument("--host-kv-gb", type=float)
+    parser.add_argument("--max-num-batched-tokens", type=int, help="prefill chunk")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name, value in SIZE_DEFAULTS[args.size].items():
@@ -174,7 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     from xllm.llm import LLM
     from xllm.protocol.types import SamplingParams
 
-    llm = LLM(args.model, num_kv_blocks=args.num_kv_blocks)
+    # As the instances run it (one thread: more only spin against each other under load).
+    llm = LLM(
+        args.model,
+        num_kv_blocks=args.num_kv_blocks,
+        num_threads=1,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     expected = llm.tokenizer.decode(llm.generate([prompt], params)[0].outputs[0].token_ids)
     for result in results.values():
