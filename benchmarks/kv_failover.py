@@ -15,16 +15,25 @@ instance streaming the request killed):
   prefill side sends the rest; blocks whose first copy was in the dead instance's segment
   are read from their other replica).
 
+`--size small` runs the `small` demo model instead (Qwen3-0.6B's shapes, bf16, made by
+`common.demo_model`), where a prefill costs tens of ms a token on this CPU: its defaults (a
+1024-token prompt, killed after 128 of 160 output tokens) make recomputing cost seconds, in
+PD too, where the survivor's prefill instance recomputes only the 128 decoded tokens (the
+prompt is still in its device prefix cache). `--size tiny` (the default) is the tiny demo
+model, where recomputing 3000 tokens takes a fraction of a second.
+
 One streamed request with a `--prompt-tokens` random prompt and `--max-tokens` output; after
 `--kill-after` streamed chunks (time for the victim's puts to finish) the instance running
 it is SIGKILLed. Time to recover = the stream's longest stall from the kill on (the gateway
-notices the death, resubmits, the survivor prefills or loads). The demo model is bfloat16:
+notices the death (its supervisor, `xllm up`'s, reports the exit within 50 ms), resubmits,
+the survivor prefills or loads); `recompute_over_refetch` is the ratio of the two setups'. The demo model is bfloat16:
 recomputing the prompt and the generated tokens in one prefill may round differently from
 the original decode steps and change the greedy text; re-fetched KV is the original's. Also reported: the survivor's blocks fetched from the store, and whether
 the text equals the engine alone's (greedy, EOS ignored), and the surviving instances' store
 loads that failed and blocks read from a second replica.
 
-    cd benchmarks && PYTHONPATH=../shared:.. ../.venv/bin/python kv_failover.py [--topology pd]
+    cd benchmarks && PYTHONPATH=../shared:.. ../.venv/bin/python kv_failover.py \
+        [--topology pd] [--size small]
 
 Prints one JSON line. Timing figures mean something only on a quiet machine.
 """
@@ -44,16 +53,39 @@ import time
 from statistics import mean
 
 import openai
-from common import emit
+from common import demo_model, emit
 from prefix_routing import cluster_state
 
 from xllm.cli.cluster import ClusterConfig, free_port, serving_cluster
-from xllm.cli.cluster.topology import demo_model
+from xllm.cli.cluster.topology import demo_model as tiny_demo_model
 
 SETUPS = ("recompute", "refetch")
 TOPOLOGIES = {"colocated": dict(instances=2), "pd": dict(prefill=1, decode=2)}
 """`--topology`: the cluster's instances; the victim and the survivor are of the role that
 streams (colocated: "both"; PD: "decode")."""
+SIZE_DEFAULTS = {
+    "tiny": dict(
+        prompt_tokens=3000,
+        max_tokens=300,
+        kill_after=150,
+        num_kv_blocks=512,
+        host_kv_gb=0.25,
+        max_num_batched_tokens=2048,
+    ),
+    "small": dict(
+        prompt_tokens=1024,
+        max_tokens=160,
+        kill_after=128,
+        num_kv_blocks=128,
+        host_kv_gb=0.5,
+        max_num_batched_tokens=128,
+    ),
+}
+"""`--size`: the defaults of the flags below (an explicit flag still wins). The small model's
+blocks are ~1.8 MB each: its pool holds the request (82 blocks) with room, and a prefill
+chunk of 128 tokens puts 8 blocks (14 MB) in one batch, which fits the Mooncake client's
+16 MiB staging buffer (a whole 1024-token prompt's 112 MB batch does not: that put fails,
+and the prompt never reaches the store)."""
 
 
 def run_setup(setup: str, prompt: list[int], args: argparse.Namespace) -> dict:
@@ -69,6 +101,7 @@ def run_setup(setup: str, prompt: list[int], args: argparse.Namespace) -> dict:
         **TOPOLOGIES[args.topology],
     )
     engine_args = ["--num-kv-blocks", str(args.num_kv_blocks), "--num-threads", "1"]
+    engine_args += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if setup == "refetch":
         engine_args += ["--host-kv-gb", str(args.host_kv_gb), "--kv-store-replicas", "2"]
         engine_args += ["--kv-store-segment-gb", str(args.host_kv_gb)]
@@ -133,14 +166,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
     parser.add_argument("--topology", choices=TOPOLOGIES, default="colocated")
-    parser.add_argument("--model", default="", help="model folder; default: the tiny demo")
-    parser.add_argument("--prompt-tokens", type=int, default=3000)
-    parser.add_argument("--max-tokens", type=int, default=300)
-    parser.add_argument("--kill-after", type=int, default=150, help="streamed chunks")
-    parser.add_argument("--num-kv-blocks", type=int, default=512)
-    parser.add_argument("--host-kv-gb", type=float, default=0.25)
+    parser.add_argument("--size", choices=SIZE_DEFAULTS, default="tiny", help="demo model")
+    parser.add_argument("--model", default="", help="model folder; default: the --size demo")
+    parser.add_argument("--prompt-tokens", type=int)
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--kill-after", type=int, help="streamed chunks")
+    parser.add_argument("--num-kv-blocks", type=int)
+    parser.add_argument("--host-kv-gb", type=float)
+    parser.add_argument("--max-num-batched-tokens", type=int, help="prefill chunk")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name, value in SIZE_DEFAULTS[args.size].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not args.model:
+        small = args.size == "small"
+        args.model = str(demo_model("qwen3", "small") if small else tiny_demo_model())
     rng = random.Random(args.seed)
     prompt = [rng.randrange(100, 3000) for _ in range(args.prompt_tokens)]
     results = {setup: run_setup(setup, prompt, args) for setup in args.setups}
@@ -148,20 +189,29 @@ def main(argv: list[str] | None = None) -> None:
     from xllm.llm import LLM
     from xllm.protocol.types import SamplingParams
 
-    llm = LLM(args.model or str(demo_model()), num_kv_blocks=args.num_kv_blocks)
+    # As the instances run it (one thread: more only spin against each other under load).
+    llm = LLM(
+        args.model,
+        num_kv_blocks=args.num_kv_blocks,
+        num_threads=1,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     expected = llm.tokenizer.decode(llm.generate([prompt], params)[0].outputs[0].token_ids)
     for result in results.values():
         result["text_equals_engine"] = result.pop("text") == expected
     print(json.dumps(results), file=sys.stderr)
-    emit(
-        {
-            "benchmark": "kv_failover",
-            "topology": args.topology,
-            "prompt_tokens": len(prompt),
-            "setups": results,
-        }
-    )
+    figures = {
+        "benchmark": "kv_failover",
+        "topology": args.topology,
+        "size": args.size,
+        "prompt_tokens": len(prompt),
+        "setups": results,
+    }
+    if set(SETUPS) <= results.keys():  # the same-run baseline: recompute over re-fetch
+        recovered = {setup: results[setup]["time_to_recover_s"] for setup in SETUPS}
+        figures["recompute_over_refetch"] = round(recovered["recompute"] / recovered["refetch"], 2)
+    emit(figures)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ class Registry:
         self.timeout = timeout
         self._views: dict[str, InstanceView] = {}
         self._now = 0.0
+        self._dead_runs: dict[str, float] = {}
+        """instance id -> `started_at` of its last run reported exited (one per id: a later
+        run replaces it, so this stays as small as the set of ids)."""
 
     def update(self, heartbeat: Heartbeat, now: float) -> bool:
         """Record a heartbeat; True if the instance is new to the registry."""
@@ -167,6 +170,22 @@ class Registry:
 
     def forget(self, instance_id: str) -> None:
         self._views.pop(instance_id, None)
+
+    def drop_exited(self, instance_id: str, exited_at: float) -> InstanceView | None:
+        """Drop the run of `instance_id` whose process a supervisor saw exit at `exited_at`
+        (Unix time) and return its last view; None if no such run is registered (unknown,
+        already dropped, or the registered run started after the exit: a restart). Its
+        heartbeats still on their way are ignored from now on (`is_dead_run`)."""
+        view = self._views.get(instance_id)
+        if view is None or view.heartbeat.started_at > exited_at:
+            return None
+        del self._views[instance_id]
+        self._dead_runs[instance_id] = view.heartbeat.started_at
+        return view
+
+    def is_dead_run(self, heartbeat: Heartbeat) -> bool:
+        """`heartbeat` comes from a run reported exited: sent before its process died."""
+        return self._dead_runs.get(heartbeat.instance_id) == heartbeat.started_at
 
     def snapshot(self, now: float | None = None) -> ClusterSnapshot:
         """The registry's current picture; `now` defaults to the latest update's time."""

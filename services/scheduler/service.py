@@ -3,7 +3,9 @@
 Handlers run on the event loop and share state without locks (asyncio, one thread).
 Submit: the decision is `placement.place`'s (shared with the simulator); this file only
 sends the command it says and replies with where the request went. Heartbeats keep the registry; a sweeper drops instances
-that fell silent, so new requests go elsewhere within `heartbeat_timeout`. With a policy
+that fell silent, so new requests go elsewhere within `heartbeat_timeout`. Faster, where a
+supervisor watches the processes (`xllm up`): its `InstanceExited` drops the instance the
+moment its process exits, and the heartbeats its run sent before dying are ignored. With a policy
 that flips roles (slo-pd), a rebalancer asks `plan_role_flips` every `PLAN_INTERVAL` and
 sends the `SetRoleCmd`s it plans.
 """
@@ -47,6 +49,7 @@ from xllm.protocol import (
     ErrorInfo,
     GenerateCmd,
     Heartbeat,
+    InstanceExited,
     InstanceLost,
     SetRoleCmd,
     SubmitReply,
@@ -86,8 +89,10 @@ class SchedulerService:
             {SubmitRequest: self.on_submit, ClusterStateRequest: self.on_cluster_state},
             name="scheduler requests",
         )
+        exits = TypeDispatcher({InstanceExited: self.on_instance_exited}, name="scheduler exits")
         subs = [
             await self.nc.subscribe(subjects.HEARTBEAT, cb=make_callback(heartbeats)),
+            await self.nc.subscribe(subjects.INSTANCE_EXITED, cb=make_callback(exits)),
             await self.nc.subscribe(
                 subjects.SCHED_SUBMIT, queue=subjects.SCHEDULER_QUEUE, cb=make_callback(requests)
             ),
@@ -104,6 +109,8 @@ class SchedulerService:
             await sub.unsubscribe()
 
     async def on_heartbeat(self, hb: Heartbeat) -> None:
+        if self.registry.is_dead_run(hb):
+            return  # sent before its process died, arrived after the supervisor said so
         lost_run = self.registry.restarted(hb)
         if lost_run is not None:
             # Whatever the old run held is gone: gateways resume its requests and peers free
@@ -114,6 +121,17 @@ class SchedulerService:
             await self.nc.publish(subjects.INSTANCE_LOST, encode(lost))
         if self.registry.update(hb, time.monotonic()):
             log.info("instance %s joined (%s, %s)", hb.instance_id, hb.role, hb.model)
+
+    async def on_instance_exited(self, exited: InstanceExited) -> None:
+        view = self.registry.drop_exited(exited.instance_id, exited.exited_at)
+        if view is None:  # unknown here, already dropped, or a later run already serves
+            return
+        reason = f"process exited ({exited.returncode})"
+        log.warning("instance %s: %s, out of rotation", exited.instance_id, reason)
+        lost = InstanceLost(
+            instance_id=exited.instance_id, reason=reason, started_at=view.heartbeat.started_at
+        )
+        await self.nc.publish(subjects.INSTANCE_LOST, encode(lost))
 
     async def _sweep(self, stop: asyncio.Event) -> None:
         interval = self.config.heartbeat_timeout / 4

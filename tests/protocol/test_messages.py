@@ -42,6 +42,7 @@ from xllm.protocol import (
     kv_peer,
     registry,
     stream,
+    supervisor,
 )
 from xllm.protocol import errors as errors_module
 from xllm.protocol import types as value_types
@@ -108,7 +109,7 @@ def test_every_message_round_trips(tag, entry, data):
 
 def test_every_protocol_module_is_covered():
     """Each message module registers at least one message, and all are in the registry."""
-    modules = {encoder, expert_group, gateway, instance, kv, stream}
+    modules = {encoder, expert_group, gateway, instance, kv, stream, supervisor}
     registered = {cls.__module__ for cls, _ in registry().values()}
     assert registered == {m.__name__ for m in modules}
 

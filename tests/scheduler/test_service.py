@@ -17,6 +17,7 @@ from xllm.protocol import (
     DecodeCmd,
     ErrorCode,
     GenerateCmd,
+    InstanceExited,
     InstanceLost,
     RequestSpec,
     SamplingParams,
@@ -140,3 +141,50 @@ async def test_a_restarted_instance_is_announced_lost_at_once(nats_url):
         await close()
     notices = [decode_as(m.data, InstanceLost) for m in lost]
     assert [(n.instance_id, n.started_at, n.reason) for n in notices] == [("i0", 1.0, "restarted")]
+
+
+async def test_an_instance_whose_process_exited_is_announced_lost_at_once(nats_url):
+    # A heartbeat timeout far beyond the test: only the supervisor's report can drop it.
+    config = SchedulerConfig(policy="least-load", heartbeat_timeout=60.0)
+    nc, close = await run_scheduler(nats_url, config)
+    try:
+        lost = []
+
+        async def on_lost(msg):
+            lost.append(decode_as(msg.data, InstanceLost))
+
+        sub = await nc.subscribe(subjects.INSTANCE_LOST, cb=on_lost)
+        for iid in ("i0", "i1"):
+            await nc.publish(subjects.HEARTBEAT, encode(heartbeat(iid, started_at=100.0)))
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        # A report about a run older than the one serving (it restarted since) changes
+        # nothing, nor does a malformed message; i0's report drops it.
+        await nc.publish(subjects.INSTANCE_EXITED, b"not msgpack")
+        stale = InstanceExited(instance_id="i1", returncode=-9, exited_at=50.0)
+        await nc.publish(subjects.INSTANCE_EXITED, encode(stale))
+        killed = InstanceExited(instance_id="i0", returncode=-9, exited_at=200.0)
+        await nc.publish(subjects.INSTANCE_EXITED, encode(killed))
+        # A heartbeat i0 sent before it died, arriving after the report: not a comeback.
+        await nc.publish(subjects.HEARTBEAT, encode(heartbeat("i0", started_at=100.0)))
+        await nc.flush()
+        await asyncio.sleep(0.2)
+        reply = await nc.request(subjects.CLUSTER_STATE, encode(ClusterStateRequest()), timeout=5)
+        live = [hb.instance_id for hb in decode_as(reply.data, ClusterState).instances]
+        placed = await submit(nc, "after-the-exit")
+        # Its restart (a new run under the same id) serves again.
+        await nc.publish(subjects.HEARTBEAT, encode(heartbeat("i0", started_at=300.0)))
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        reply = await nc.request(subjects.CLUSTER_STATE, encode(ClusterStateRequest()), timeout=5)
+        live_after_restart = [
+            hb.instance_id for hb in decode_as(reply.data, ClusterState).instances
+        ]
+        await sub.unsubscribe()
+    finally:
+        await close()
+    assert [(n.instance_id, n.started_at, n.reason) for n in lost] == [
+        ("i0", 100.0, "process exited (-9)")
+    ]
+    assert live == ["i1"] and placed.instance_id == "i1"
+    assert sorted(live_after_restart) == ["i0", "i1"]

@@ -7,6 +7,7 @@
                   value types every layer shares
     gateway.py    SubmitRequest, SubmitReply, ClusterStateRequest, ClusterState, InstanceLost
     instance.py   GenerateCmd, DecodeCmd, PrefillCmd, KvReady, AbortCmd, SetRoleCmd, Heartbeat
+    supervisor.py InstanceExited: a supervisor saw an instance's process exit
     encoder.py    EncodeRequest, EncodeReply (descriptors of embeddings; bytes go by Mooncake)
     expert_group.py  ExpertGroupStep: an expert-parallel instance's rank 0 → its followers
                   (over torch.distributed, not NATS)
@@ -65,6 +66,7 @@ from xllm.protocol.stats import (
     StepStats,
 )
 from xllm.protocol.stream import DraftCounts, FinishReason, TokenDelta
+from xllm.protocol.supervisor import InstanceExited
 from xllm.protocol.types import (
     EmbeddingRef,
     ImageData,
@@ -96,6 +98,7 @@ __all__ = [
     "GroupRequest",
     "Heartbeat",
     "ImageData",
+    "InstanceExited",
     "InstanceLost",
     "KvCacheStats",
     "KvEvent",

@@ -28,8 +28,15 @@ scheduler's view of every instance (serves the gateway's /cluster). Queue group
 
 INSTANCE_LOST = "xllm.sched.instance_lost"
 """scheduler → gateways and instances, publish (fan-out): `InstanceLost`, sent when an
-instance misses its heartbeats. Each gateway resumes the requests it had running there on
+instance misses its heartbeats, restarts, or its supervisor reports its process exited. Each gateway resumes the requests it had running there on
 another instance; each instance frees blocks it held for a transfer with the lost one."""
+
+INSTANCE_EXITED = "xllm.sched.instance_exited"
+"""supervisor (`xllm up`) → scheduler, publish: `InstanceExited`, sent the moment a
+supervised instance process exits (SIGKILL included). The scheduler drops the instance and
+publishes `INSTANCE_LOST` at once, instead of after `heartbeat_timeout` of silence, which
+stays the fallback where no supervisor watches (compose, other hosts). Malformed messages
+are logged and dropped."""
 
 SCHEDULER_QUEUE = "scheduler"
 """Queue group of the scheduler's subscriptions: with a standby scheduler subscribed,

@@ -31,6 +31,10 @@ The contract:
   raises `ChildExited` only for a process given up on. Each process's state and restart
   count are written to `<log_dir>/processes.json` (path in every child's
   `XLLM_SUPERVISOR_STATE`), which the gateway shows in `/cluster` and `/metrics`.
+* A child whose spec names `instance_ids` has its exit, whatever the policy, published to
+  the scheduler within `EXIT_POLL` seconds (`ExitReporter`, a thread with its own NATS
+  connection), so the cluster routes around a dead instance long before its heartbeats
+  time out.
 * `stop()` stops the children in reverse start order (SIGTERM to the child's process group;
   each may take until one shared deadline, `grace` seconds away, after which the rest are
   SIGKILLed), then Valkey and NATS last. Idempotent. `hurry()`, safe to call from a signal
@@ -65,6 +69,7 @@ from xllm.cli.cluster.embedded import (
     start_nats,
     start_valkey,
 )
+from xllm.cli.cluster.exit_reports import ExitReporter
 
 POLL_INTERVAL = 0.1  # seconds between liveness checks
 STATE_FILE = "processes.json"  # in log_dir: what the supervisor knows of each process
@@ -79,6 +84,10 @@ class ProcessSpec:
     name: str
     argv: Sequence[str]
     env: Mapping[str, str] = field(default_factory=dict)
+    instance_ids: tuple[str, ...] = ()
+    """The instances this process serves (an instance, plus its encode endpoint if it has
+    one): its exits are reported to the scheduler at once (`ExitReporter`), not left to the
+    heartbeat timeout."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,7 @@ class Cluster:
         self._children: list[_Child] = []
         self._hurry = False
         self._env: dict[str, str] = {}
+        self._exit_reporter: ExitReporter | None = None
 
     # ---------------------------------------------------------------------------------------
     # Inspection
@@ -234,6 +244,7 @@ class Cluster:
             for spec in self.specs:
                 self._children.append(self._spawn(spec, self._env))
             self._write_state()
+            self._start_exit_reporter()
         except BaseException:  # also Ctrl-C halfway through: leave nothing behind
             self.stop()
             raise
@@ -255,6 +266,15 @@ class Cluster:
             self._servers.append(server)
             self.kv_store_master = server.url
         self._server_restarts = {server.name: _Restarts() for server in self._servers}
+
+    def _start_exit_reporter(self) -> None:
+        if self.nats_url is None or not any(spec.instance_ids for spec in self.specs):
+            return
+        self._exit_reporter = ExitReporter(self.nats_url, self._instance_processes)
+        self._exit_reporter.start()
+
+    def _instance_processes(self) -> list[tuple[str, subprocess.Popen]]:
+        return [(iid, c.process) for c in self._children for iid in c.spec.instance_ids]
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -415,6 +435,9 @@ class Cluster:
     def stop(self, grace: float | None = None) -> None:
         """Stop the children (newest first), then the embedded servers; idempotent."""
         deadline = time.monotonic() + (self.grace if grace is None else grace)
+        if self._exit_reporter is not None:  # stopping on purpose is no death to report
+            self._exit_reporter.stop()
+            self._exit_reporter = None
         for child in reversed(self._children):
             _signal_group(child.process, signal.SIGTERM)
             self._wait_exit(child.process, deadline)

@@ -180,17 +180,19 @@ def service_specs(
     # The instances price tier loads with the scheduler's hardware profile too.
     profile_args = ("--cost-profile", config.cost_profile) if config.cost_profile else ()
     for service, instance_id, role_args in instances:
+        served = (instance_id,)
         if service == config.encode_on:  # ED+P: its own tower also serves encodes
             role_args = (*role_args, "--serve-encode")
+            served = (instance_id, f"{instance_id}-encode")
         argv = module(
             service, "--instance-id", instance_id, *role_args, *profile_args, *engine_args
         )
-        specs.append(ProcessSpec(instance_id, argv))
+        specs.append(ProcessSpec(instance_id, argv, instance_ids=served))
     for i in range(config.encode):  # the vision tower in the instances' dtype
         argv = module(
             "encoder", "--instance-id", f"encode-{i}", *_flag_value(engine_args, "--dtype")
         )
-        specs.append(ProcessSpec(f"encode-{i}", argv))
+        specs.append(ProcessSpec(f"encode-{i}", argv, instance_ids=(f"encode-{i}",)))
     gateway_args = ["--model", str(model), "--host", config.host, "--port", str(config.port)]
     gateway_args += _flag_value(engine_args, "--max-model-len")  # it checks prompt lengths too
     gateway_args += _changed_flags(config, GATEWAY_OPTIONS)
