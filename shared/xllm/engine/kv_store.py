@@ -46,8 +46,21 @@ import torch
 
 log = logging.getLogger(__name__)
 
-LOCAL_BUFFER_BYTES = 16 << 20
-"""The client's registered staging buffer for gets and puts (blocks are far smaller)."""
+LOCAL_BUFFER_BYTES = 64 << 20
+"""The client's registered staging buffer for gets and puts. A batch that does not fit in it
+fails whole, so puts and gets go in batches of at most `BATCH_BYTES`."""
+
+BATCH_BYTES = LOCAL_BUFFER_BYTES // 4
+"""Bytes of blocks in one put or get batch (a small model's long prefill step writes
+100+ MB; a quarter of the buffer leaves room for a put and a get at once)."""
+
+
+def batches(num_items: int, item_bytes: int) -> list[range]:
+    """Index ranges covering `num_items` items of `item_bytes` each, `BATCH_BYTES` a batch
+    (at least one item per batch)."""
+    per_batch = max(1, BATCH_BYTES // max(1, item_bytes))
+    return [range(i, min(i + per_batch, num_items)) for i in range(0, num_items, per_batch)]
+
 
 ReadReplica = Callable[[str, int, int], "bytes | None"]
 """(transport endpoint, address, size) -> the bytes at that address of that Mooncake
@@ -109,13 +122,20 @@ class KvStore:
         return done
 
     def put_many(self, block_hashes: list[int], blocks: list[torch.Tensor]) -> list[int]:
-        """Put worker: the batch; returns the hashes the store now holds."""
-        keys = [self.key(h) for h in block_hashes]
-        data = [b.contiguous().view(torch.uint8).numpy().tobytes() for b in blocks]
-        if self.client.put_batch(keys, data, self.replicate) == 0:
-            return list(block_hashes)
-        found = self.client.batch_is_exist(keys)  # some went in, or none (store gone)
-        return [h for h, f in zip(block_hashes, found, strict=False) if f == 1]
+        """Put worker: the blocks, in batches that fit the staging buffer; returns the
+        hashes the store now holds."""
+        if not blocks:
+            return []
+        stored: list[int] = []
+        for part in batches(len(blocks), blocks[0].numel() * blocks[0].element_size()):
+            keys = [self.key(block_hashes[i]) for i in part]
+            data = [blocks[i].contiguous().view(torch.uint8).numpy().tobytes() for i in part]
+            if self.client.put_batch(keys, data, self.replicate) == 0:
+                stored += [block_hashes[i] for i in part]
+                continue
+            found = self.client.batch_is_exist(keys)  # some went in, or none (store gone)
+            stored += [block_hashes[i] for i, f in zip(part, found, strict=False) if f == 1]
+        return stored
 
     def key(self, block_hash: int) -> str:
         return f"{self.prefix}{block_hash:016x}"
@@ -129,6 +149,19 @@ class KvStore:
         while n < len(found) and found[n] == 1:
             n += 1
         return n
+
+    def get_many(self, block_hashes: list[int], num_bytes: int) -> list[torch.Tensor]:
+        """`get` of every block, a batch per round trip: a block the batch did not bring
+        (its first replica unreadable, say) is read alone, which tries the others."""
+        out: list[torch.Tensor] = []
+        for part in batches(len(block_hashes), num_bytes):
+            got = self.client.get_batch([self.key(block_hashes[i]) for i in part])
+            for i, data in zip(part, got, strict=True):
+                if len(data) == num_bytes:
+                    out.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                else:
+                    out.append(self.get(block_hashes[i], num_bytes))
+        return out
 
     def get(self, block_hash: int, num_bytes: int) -> torch.Tensor:
         """The block's bytes (uint8), from its first replica or, if that read fails, from

@@ -341,14 +341,16 @@ class KvTiers:
         """Worker thread: disk files and store objects -> host blocks, then host blocks ->
         device blocks."""
         started = time.perf_counter()
+        from_store = [(h, b) for tier, h, b in reads if tier == STORE]
+        if from_store:
+            assert self.store is not None
+            blocks = self.store.get_many([h for h, _ in from_store], self.bytes_per_block)
+            for (_, host_block), data in zip(from_store, blocks, strict=True):
+                self.host.write(host_block, data)
         for tier, block_hash, host_block in reads:
             if tier == DISK:
                 assert self.disk is not None
-                data = self.disk.read(block_hash, self.bytes_per_block)
-            else:
-                assert self.store is not None
-                data = self.store.get(block_hash, self.bytes_per_block)
-            self.host.write(host_block, data)
+                self.host.write(host_block, self.disk.read(block_hash, self.bytes_per_block))
         copy_blocks(self.host.tensor, self.kv.tensor, pairs, self.block_size)
         return time.perf_counter() - started
 
