@@ -1,5 +1,6 @@
 // Fused bf16 elementwise passes (AVX-512F), each one read and one write of its tensors where
-// ATen makes several: SiLU(gate) * up, and Qwen3's per-head RMSNorm followed by RoPE.
+// ATen makes several: SiLU(gate) * up, Qwen3's per-head RMSNorm followed by RoPE, and
+// RMSNorm (after the residual add, for graph mode's decode_stack.cpp).
 //
 // Each kernel rounds to bf16 where the torch ops it replaces round (after silu, after each
 // product of RoPE, ...), so its result equals theirs to the bit, but for the few values
@@ -108,6 +109,14 @@ inline void rms_norm_row(const uint16_t* x, const float* w, int64_t N, float eps
   const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(ss / static_cast<float>(N) + eps));
   for (i = 0; i < N; i += 16)
     narrow(y + i, _mm512_mul_ps(_mm512_mul_ps(widen(x + i), inv), _mm512_loadu_ps(w + i)));
+}
+
+// x <- bf16(x + y), then y_norm = rms_norm_row(x): a decoder layer's residual add and the
+// next norm in one pass over the row (eager: `x = x + y`, then the norm reads x again).
+inline void add_rms_norm_row(uint16_t* x, const uint16_t* y, const float* w, int64_t N, float eps,
+                             uint16_t* y_norm) {
+  for (int64_t i = 0; i < N; i += 16) narrow(x + i, _mm512_add_ps(widen(x + i), widen(y + i)));
+  rms_norm_row(x, w, N, eps, y_norm);
 }
 
 // p[t] = bf16(softmax(x * scale)[t]) for t < valid, 0 for valid <= t < padded (a multiple
