@@ -58,6 +58,11 @@ struct Layer {
 // regions cost more than they save).
 int64_t rows_grain(int64_t row_elems) { return std::max<int64_t>(1, 65536 / row_elems); }
 
+// Elementwise passes split finer than eager's rows (16 rows of SiLU x up are one 49K-element
+// chunk there, so one thread): units of `unit_elems` elements, >= 16K of them a chunk.
+constexpr int64_t kUnitElems = 256;
+int64_t units_grain(int64_t unit_elems) { return std::max<int64_t>(1, 16384 / unit_elems); }
+
 // The fused bf16 passes xllm.ops applies in eager mode, by its rules (fast_rms_norm's
 // vector row, fast_norm_rotary, fast_silu_mul): the stack must run exactly eager's kernels.
 bool fused_passes_compiled() {
@@ -240,8 +245,13 @@ class DecodeStack {
       auto y = at::empty({n, I}, gate_up.options());
       const auto* xp = reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>());
       auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-      at::parallel_for(0, n, rows_grain(I), [&](int64_t begin, int64_t end) {
-        elementwise::silu_mul_rows(xp, 2 * I, yp, I, begin, end);
+      const int64_t spans = (I + kUnitElems - 1) / kUnitElems;  // per row
+      at::parallel_for(0, n * spans, units_grain(kUnitElems), [&](int64_t begin, int64_t end) {
+        for (int64_t u = begin; u < end; ++u) {
+          const int64_t r = u / spans, i = u % spans * kUnitElems;
+          const uint16_t* g = xp + r * 2 * I + i;
+          elementwise::silu_mul_span(g, g + I, std::min(kUnitElems, I - i), yp + r * I + i);
+        }
       });
       return y;
     }
@@ -270,19 +280,24 @@ class DecodeStack {
       const auto* slots = slot_mapping.data_ptr<int64_t>();
       const int64_t ld = qkv.stride(0);
       const float eps = static_cast<float>(eps_);
-      at::parallel_for(0, n, rows_grain(q_size + kv_size), [&](int64_t begin, int64_t end) {
+      const int64_t heads = num_heads_ + num_kv_heads_;  // per row, q's then k's
+      at::parallel_for(0, n * heads, units_grain(d), [&](int64_t begin, int64_t end) {
         std::vector<float> xn(d);
-        for (int64_t r = begin; r < end; ++r) {
-          const uint16_t* row = base + r * ld;
+        for (int64_t u = begin; u < end; ++u) {
+          const int64_t r = u / heads, h = u % heads;
+          const uint16_t* head = base + r * ld + h * d;  // k's heads follow q's in the row
           const uint16_t *c = cos + pos[r] * d, *s = sin + pos[r] * d;
-          for (int64_t h = 0; h < num_heads_; ++h)
-            elementwise::norm_rope_head(row + h * d, qw, eps, c, s, d, xn.data(),
+          if (h < num_heads_) {
+            elementwise::norm_rope_head(head, qw, eps, c, s, d, xn.data(),
                                         qo + (r * num_heads_ + h) * d);
+            continue;
+          }
           uint16_t* k_slot = kc + slots[r] * kv_size;
-          for (int64_t h = 0; h < num_kv_heads_; ++h)
-            elementwise::norm_rope_head(row + q_size + h * d, kw, eps, c, s, d, xn.data(),
-                                        k_slot + h * d);
-          std::memcpy(vc + slots[r] * kv_size, row + q_size + kv_size, kv_size * sizeof(uint16_t));
+          elementwise::norm_rope_head(head, kw, eps, c, s, d, xn.data(),
+                                      k_slot + (h - num_heads_) * d);
+          if (h == num_heads_)  // the row's v, once
+            std::memcpy(vc + slots[r] * kv_size, base + r * ld + q_size + kv_size,
+                        kv_size * sizeof(uint16_t));
         }
       });
       return;

@@ -47,19 +47,21 @@ inline __m512 exp16(__m512 y) {
   return _mm512_scalef_ps(p, k);  // overflows to +inf past exp(88.7), as expf does
 }
 
-// y[r, i] = bf16(bf16(silu(g)) * u) for g = x[r, i], u = x[r, I + i]: F.silu(gate) * up.
+// y[i] = bf16(bf16(silu(g[i])) * u[i]) for i < len (len % 16 == 0): F.silu(gate) * up.
+inline void silu_mul_span(const uint16_t* g, const uint16_t* u, int64_t len, uint16_t* y) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < len; i += 16) {
+    const __m512 gv = widen(g + i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    const __m512 s = round_bf16(_mm512_div_ps(gv, _mm512_add_ps(one, e)));
+    narrow(y + i, _mm512_mul_ps(s, widen(u + i)));
+  }
+}
+
+// Rows [r0, r1) of y [N, I] = F.silu(gate) * up for x = gate | up (rows ldx apart).
 inline void silu_mul_rows(const uint16_t* x, int64_t ldx, uint16_t* y, int64_t I, int64_t r0,
                           int64_t r1) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* g = x + r * ldx;
-    for (int64_t i = 0; i < I; i += 16) {
-      const __m512 gv = widen(g + i);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-      const __m512 s = round_bf16(_mm512_div_ps(gv, _mm512_add_ps(one, e)));
-      narrow(y + r * I + i, _mm512_mul_ps(s, widen(g + I + i)));
-    }
-  }
+  for (int64_t r = r0; r < r1; ++r) silu_mul_span(x + r * ldx, x + r * ldx + I, I, y + r * I);
 }
 
 // One head of D (D % 32 == 0): out = rope(rms_norm(x) * w) with the rounding of
