@@ -4,7 +4,8 @@ call (CPU) or a captured device graph per padded batch-size bucket (CUDA/NPU).
 Greedy outputs with graph mode are the eager ones token for token, at batch sizes on both
 sides of bucket boundaries and in bfloat16 (the native linears) as in float32; pad rows of
 a padded bucket change no real row's output and write only the spare slot; models graph
-mode does not cover, or a CPU without the native kernels, fall back to eager.
+mode does not cover, or a CPU without the native kernels, fall back to eager. On CPU one
+native step is the eager step to the bit (hidden states and KV pool), fused passes and all.
 (test_engine_vs_hf.py runs every equality test against transformers with graph mode on.)
 """
 
@@ -93,6 +94,30 @@ def test_graph_mode_greedy_equals_eager(tiny_model_dir, dtype, batch):
             assert engine.runner.graph.steps >= NEW_TOKENS - 1  # every decode step
         assert engine.block_manager.num_free_blocks == 256
     assert outputs[True] == outputs[False]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_graph_step_is_the_eager_step_to_the_bit(tiny_model_dir, arch, dtype):
+    # The native step fuses what eager cannot across its modules (in bf16: q/k norm + RoPE
+    # written straight into the pool, each residual add with the norm after it) and must
+    # still round where eager rounds: the same hidden states and the same pool, over
+    # contexts of random K/V spanning several blocks.
+    engine = make_engine(tiny_model_dir(arch, dtype), dtype=dtype, graph_mode=True)
+    graph, model, kv = engine.runner.graph, engine.runner.model, engine.runner.kv_cache
+    assert graph is not None
+    ids, positions, meta = decode_batch(engine, [2, 15, 16, 17, 40, 75])
+    assert is_decode_only(meta, len(ids))
+    with torch.inference_mode():
+        kv.tensor.copy_(torch.randn(kv.tensor.shape, generator=torch.Generator().manual_seed(3)))
+        before = kv.tensor.clone()
+        eager = model(ids, positions, meta)
+        eager_pool = kv.tensor.clone()
+        kv.tensor.copy_(before)
+        native = graph.run(ids, positions, meta)
+    assert torch.equal(native, eager)
+    assert torch.equal(kv.tensor, eager_pool)
+    assert not torch.equal(eager_pool, before)  # (the step did write the pool)
 
 
 @pytest.mark.parametrize("cause", ["moe-not-covered", "build-fails"])

@@ -1,5 +1,6 @@
 // Fused bf16 elementwise passes (AVX-512F), each one read and one write of its tensors where
-// ATen makes several: SiLU(gate) * up, and Qwen3's per-head RMSNorm followed by RoPE.
+// ATen makes several: SiLU(gate) * up, Qwen3's per-head RMSNorm followed by RoPE, and
+// RMSNorm (after the residual add, for graph mode's decode_stack.cpp).
 //
 // Each kernel rounds to bf16 where the torch ops it replaces round (after silu, after each
 // product of RoPE, ...), so its result equals theirs to the bit, but for the few values
@@ -46,19 +47,21 @@ inline __m512 exp16(__m512 y) {
   return _mm512_scalef_ps(p, k);  // overflows to +inf past exp(88.7), as expf does
 }
 
-// y[r, i] = bf16(bf16(silu(g)) * u) for g = x[r, i], u = x[r, I + i]: F.silu(gate) * up.
+// y[i] = bf16(bf16(silu(g[i])) * u[i]) for i < len (len % 16 == 0): F.silu(gate) * up.
+inline void silu_mul_span(const uint16_t* g, const uint16_t* u, int64_t len, uint16_t* y) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < len; i += 16) {
+    const __m512 gv = widen(g + i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    const __m512 s = round_bf16(_mm512_div_ps(gv, _mm512_add_ps(one, e)));
+    narrow(y + i, _mm512_mul_ps(s, widen(u + i)));
+  }
+}
+
+// Rows [r0, r1) of y [N, I] = F.silu(gate) * up for x = gate | up (rows ldx apart).
 inline void silu_mul_rows(const uint16_t* x, int64_t ldx, uint16_t* y, int64_t I, int64_t r0,
                           int64_t r1) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* g = x + r * ldx;
-    for (int64_t i = 0; i < I; i += 16) {
-      const __m512 gv = widen(g + i);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-      const __m512 s = round_bf16(_mm512_div_ps(gv, _mm512_add_ps(one, e)));
-      narrow(y + r * I + i, _mm512_mul_ps(s, widen(g + I + i)));
-    }
-  }
+  for (int64_t r = r0; r < r1; ++r) silu_mul_span(x + r * ldx, x + r * ldx + I, I, y + r * I);
 }
 
 // One head of D (D % 32 == 0): out = rope(rms_norm(x) * w) with the rounding of
@@ -108,6 +111,14 @@ inline void rms_norm_row(const uint16_t* x, const float* w, int64_t N, float eps
   const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(ss / static_cast<float>(N) + eps));
   for (i = 0; i < N; i += 16)
     narrow(y + i, _mm512_mul_ps(_mm512_mul_ps(widen(x + i), inv), _mm512_loadu_ps(w + i)));
+}
+
+// x <- bf16(x + y), then y_norm = rms_norm_row(x): a decoder layer's residual add and the
+// next norm in one pass over the row (eager: `x = x + y`, then the norm reads x again).
+inline void add_rms_norm_row(uint16_t* x, const uint16_t* y, const float* w, int64_t N, float eps,
+                             uint16_t* y_norm) {
+  for (int64_t i = 0; i < N; i += 16) narrow(x + i, _mm512_add_ps(widen(x + i), widen(y + i)));
+  rms_norm_row(x, w, N, eps, y_norm);
 }
 
 // p[t] = bf16(softmax(x * scale)[t]) for t < valid, 0 for valid <= t < padded (a multiple
