@@ -1,12 +1,16 @@
 """Async scheduling (`--async-scheduling`) off vs on: batch-1 decode and 16 streams, one run.
 
-    PYTHONPATH=shared:. .venv/bin/python benchmarks/async_scheduling.py [--num-threads 1]
+    PYTHONPATH=shared:. .venv/bin/python benchmarks/async_scheduling.py [--num-threads 1] \
+        [--graph-mode]
 
 The `small` demo model (Qwen3-0.6B's shapes, bf16) in our Engine, each variant in its own
 process (which thread loads the model differs), alternated `--rounds` times: off, on, off, ...
 Per variant (best round): batch-1 decode ms/step (median interval between steps' outputs),
 16 streams' output tok/s and decode ms/step, and from `StepStats` the CPU-side scheduler
-time per step and the part of it hidden behind the forward pass.
+time per step (the engine thread's CPU time, with async) and the part of it hidden behind
+the forward pass, and the process's CPU time per step (`*_cpu_ms`, all threads: what the
+overlap costs in contention shows there even on a loaded machine). `--graph-mode`: both
+variants' decode steps as one native call each.
 
 Thread count: `--num-threads` torch (OpenMP) threads run the forward pass in both variants;
 with async scheduling the engine thread schedules beside them (a second Python thread that
@@ -44,6 +48,7 @@ def engine_child(overlap: bool, args) -> dict:
             kv_cache_gb=1.0,
             num_threads=args.num_threads,
             async_scheduling=overlap,
+            graph_mode=args.graph_mode,
         )
     )
     vocab = engine.model_config.vocab_size
@@ -60,6 +65,7 @@ def engine_child(overlap: bool, args) -> dict:
             stats.hidden_scheduler_seconds,
         )
         intervals, generated, start = [], 0, time.perf_counter()
+        cpu = time.process_time()
         last = start
         while engine.has_unfinished():
             outputs = engine.step()
@@ -74,6 +80,7 @@ def engine_child(overlap: bool, args) -> dict:
             "decode_ms": statistics.median(intervals[1:] or intervals) * 1e3,  # not the prefill
             "scheduler_ms": (stats.scheduler_seconds - sched0) / num_steps * 1e3,
             "hidden_ms": (stats.hidden_scheduler_seconds - hidden0) / num_steps * 1e3,
+            "cpu_ms": (time.process_time() - cpu) / num_steps * 1e3,
         }
 
     run([prompts[-1][: max(1, args.prompt_len // 2)]], "warmup")
@@ -83,10 +90,12 @@ def engine_child(overlap: bool, args) -> dict:
         "b1_decode_ms": round(b1["decode_ms"], 2),
         "b1_scheduler_ms": round(b1["scheduler_ms"], 3),
         "b1_hidden_ms": round(b1["hidden_ms"], 3),
+        "b1_cpu_ms": round(b1["cpu_ms"], 2),
         "streams_tok_s": round(streams["generated"] / streams["seconds"], 1),
         "streams_decode_ms": round(streams["decode_ms"], 1),
         "streams_scheduler_ms": round(streams["scheduler_ms"], 3),
         "streams_hidden_ms": round(streams["hidden_ms"], 3),
+        "streams_cpu_ms": round(streams["cpu_ms"], 2),
     }
 
 
@@ -104,6 +113,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--graph-mode", action="store_true", help="graph mode in both variants")
     parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -113,7 +123,10 @@ def main() -> None:
     child = [sys.executable, __file__, "--child"]
     for flag in ("size", "dtype", "streams", "prompt_len", "output_len", "num_threads"):
         child[2:2] = [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    result: dict = {"num_threads": args.num_threads, "load_before": os.getloadavg()[0]}
+    if args.graph_mode:
+        child.insert(2, "--graph-mode")
+    result: dict = {"num_threads": args.num_threads, "graph_mode": args.graph_mode}
+    result["load_before"] = os.getloadavg()[0]
     runs = run_variants(child, rounds=args.rounds)
     off, on = best(runs["off"]), best(runs["on"])
     result.update(off=off, on=on)

@@ -3,8 +3,8 @@ forward pass runs on a second thread, so the step's CPU-side work leaves the cri
 
 One `step()` call, while step N runs on the forward thread:
 
-    engine   advance N > schedule N+1 > build N+1 > wait N > fill > launch N+1 > N's outputs
-    forward  ... forward + sample N ..............+              + forward + sample N+1 ...
+    engine   advance N > schedule N+1 > build N+1 > queue N+1 > wait N > N's outputs
+    forward  ... forward + sample N .....................+ fill N+1 > forward + sample N+1 ...
 
 * advance N (`_advance`): act as if N had run, as vLLM v1's async scheduler does (each
   running decode makes one token): every scheduled sequence's `num_computed_tokens` moves on
@@ -12,9 +12,10 @@ One `step()` call, while step N runs on the forward thread:
   schedules N+1 unchanged; a decode's input there is that placeholder. A sequence certain to
   end with N's token (max_tokens, context length) gets none: with nothing left to compute it
   is not scheduled; a prefill-only one is held at once, as `Scheduler.update` holds it.
-* fill: when N ends, its tokens replace the placeholders in N+1's input tensor: the only work
-  between the two forward passes. The sequences' own placeholders are replaced with N's
-  outputs, after N+1 is launched.
+* fill: N+1 is queued on the forward thread before N ends, and that thread, done with N,
+  puts N's tokens in place of the placeholders in N+1's input tensor and runs N+1 at once:
+  the only work between the two forward passes, with no thread to wake between them. The
+  sequences' own placeholders are replaced with N's outputs, on the engine thread.
 * N's outputs: the stop checks of `Scheduler.update`. A sequence that ended in N (EOS, a stop
   token) was scheduled in N+1 anyway: it is finished and its blocks freed now, and N+1's token
   for it is dropped (finished sequences are skipped; an abort between steps is the same).
@@ -27,6 +28,11 @@ writes them.
 The forward thread reads no `Sequence`: a step is built on the engine thread into tensors and
 `SamplingView`s (what the Sampler reads of a sequence, as it will be when the step samples).
 Swaps, MoE re-placements and block copies run on the forward thread, in step order.
+
+Contention: the two threads share the GIL, so the engine thread's Python runs beside the
+forward pass only while that is in native code without the GIL (torch's ops, and the native
+kernels: ops/csrc/cpu_kernels.cpp releases it). Scheduler time is counted as the engine
+thread's CPU time (`time.thread_time`): time it waited for the GIL is not work it hid.
 
 Synchronous fallback, the simplest correct choice: a step with beams, grammars or forks
 runs once the step before it is done (`Engine.run_step`, on the forward thread too:
@@ -116,12 +122,33 @@ class Step:
     """A model that takes images: the items in row order, over `ImageView`s (else empty)."""
     placeholders: set[Sequence] = field(default_factory=set)
     """The sequences given a placeholder for this step's token (`_advance`)."""
+    before: Step | None = None
+    """The step queued before this one, whose samples fill this one's placeholders."""
     result: Future[SamplerOutput] | None = None
-    launched_at: float = 0.0
+    sampled: SamplerOutput | None = None
+    """This step's samples, set on the forward thread when it ends (`result`'s value)."""
+    started_at: float = 0.0
     ended_at: float = 0.0
-    """When the forward thread finished the step (perf_counter)."""
-    outputs_cpu: tuple[float, float] = (0.0, 0.0)
+    """When the forward thread started and finished the step (perf_counter)."""
+    outputs_work: Work | None = None
     """The step before's output processing, which ran while this step ran."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """A stretch of the engine thread's work: when (perf_counter) and its CPU seconds."""
+
+    start: float
+    end: float
+    cpu: float
+
+    def hidden_by(self, ended: float) -> float:
+        """The CPU seconds of this work done before `ended` (pro rata within the stretch)."""
+        if self.end <= ended:
+            return self.cpu
+        if self.start >= ended:
+            return 0.0
+        return self.cpu * (ended - self.start) / (self.end - self.start)
 
 
 @dataclass(frozen=True)
@@ -169,27 +196,23 @@ class AsyncSteps:
             self._launch(engine, self.running)
             record_scheduler(engine.step_stats, time.perf_counter() - started)
         current = self.running
-        scheduling = time.perf_counter()
+        scheduling = _begin()
         self._advance(engine, current)
         ahead = engine.schedule()
         following = None
         if ahead.scheduled and overlappable(ahead):
             following = self._build(engine, ahead, current)
-        built = time.perf_counter()
-        self.running = None
+            self._launch(engine, following)  # runs right after `current`, on its thread
+        ahead_work = _end(scheduling)
+        self.running = following
         assert current.result is not None
         sampled = current.result.result()
-        filling = time.perf_counter()
-        if following is not None:
-            _fill(following, sampled)
-            self._launch(engine, following)
-            self.running = following
-        finishing = time.perf_counter()
+        outputs = _begin()
         deltas = self._outputs(engine, current, sampled)
-        finished = time.perf_counter()
-        self._count(engine, current, scheduling, built, filling, finishing, finished)
+        outputs_work = _end(outputs)
+        self._count(engine, current, ahead_work, outputs_work)
         if following is not None:
-            following.outputs_cpu = (finishing, finished)
+            following.outputs_work = outputs_work
         else:
             deltas += self._run_after(engine, ahead)
         return deltas
@@ -215,7 +238,7 @@ class AsyncSteps:
         penalised = any(seq.params.has_penalties for seq in seqs)  # (penalties read every row)
         views = [SamplingView.of(seq, penalised) for seq in seqs]
         step = Step(out, step_shape(out), input_ids, positions, meta,
-                    torch.tensor(rows, device=runner.device), seqs, views)  # fmt: skip
+                    torch.tensor(rows, device=runner.device), seqs, views, before=before)  # fmt: skip
         if runner.multimodal:
             step.images = [_image_item(item) for item in items]
         if before is not None and before.placeholders:
@@ -229,7 +252,6 @@ class AsyncSteps:
         return step
 
     def _launch(self, engine: Engine, step: Step) -> None:
-        step.launched_at = time.perf_counter()
         step.result = self._thread.submit(_forward, engine, step)
 
     def _advance(self, engine: Engine, step: Step) -> None:
@@ -273,23 +295,29 @@ class AsyncSteps:
             if not item.seq.is_finished:
                 scheduler.block_manager.cache_full_blocks(item.seq)
         engine.step_stats.num_steps += 1
-        step.shape.seconds = time.perf_counter() - step.launched_at
+        step.shape.seconds = time.perf_counter() - step.started_at
         engine._measure(step.shape, got)
         return deltas
 
     @staticmethod
-    def _count(engine: Engine, step: Step, *times: float) -> None:
-        """Scheduler time of this call: scheduling and building while `step` ran (hidden as
-        far as it ended before the forward pass), the fill (exposed), the outputs of the step
-        before `step` (hidden behind `step`) and `step`'s outputs (counted when the step
-        after ends, or now as exposed)."""
-        scheduling, built, filling, finishing, finished = times
+    def _count(engine: Engine, step: Step, ahead: Work, outputs: Work) -> None:
+        """Scheduler time of this call, as engine-thread CPU time: scheduling and building
+        the step after `step` (hidden as far as done before `step` ended) and `step`'s outputs
+        (counted exposed now; their hidden part, behind the step after, with that step)."""
         ended = step.ended_at
-        hidden = max(0.0, min(built, ended) - scheduling)
-        before_start, before_end = step.outputs_cpu
-        hidden += max(0.0, min(before_end, ended) - before_start)
-        seconds = built - scheduling + finishing - filling + finished - finishing
-        record_scheduler(engine.step_stats, seconds, hidden)
+        hidden = ahead.hidden_by(ended)
+        if step.outputs_work is not None:  # the step before's outputs, made while `step` ran
+            hidden += step.outputs_work.hidden_by(ended)
+        record_scheduler(engine.step_stats, ahead.cpu + outputs.cpu, hidden)
+
+
+def _begin() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
+def _end(begun: tuple[float, float]) -> Work:
+    start, cpu = begun
+    return Work(start, time.perf_counter(), time.thread_time() - cpu)
 
 
 def _ends_with_next_token(seq: Sequence, max_model_len: int) -> bool:
@@ -302,10 +330,13 @@ def _image_item(item: ScheduledSeq) -> ScheduledSeq:
     return ScheduledSeq(view, item.num_new_tokens, item.samples)  # type: ignore[arg-type]
 
 
-def _fill(step: Step, before: SamplerOutput) -> None:
+def _fill(step: Step) -> None:
     """Put the tokens the step before sampled in place of its placeholders."""
     if step.fill_rows is None:
         return
+    assert step.before is not None
+    before = step.before.sampled
+    assert before is not None, "the step before failed"
     tokens = torch.tensor(before.token_ids)
     assert step.fill_from is not None
     step.input_ids[step.fill_rows] = tokens[step.fill_from].to(step.input_ids.device)
@@ -316,7 +347,10 @@ def _fill(step: Step, before: SamplerOutput) -> None:
 
 @torch.inference_mode()
 def _forward(engine: Engine, step: Step) -> SamplerOutput:
-    """On the forward thread: copies, forward pass, sampling."""
+    """On the forward thread: the step before's tokens, copies, forward pass, sampling."""
+    step.started_at = time.perf_counter()
+    _fill(step)
+    step.before = None  # (its samples are in: the steps need not chain in memory)
     engine.before_forward(step.out)
     runner = engine.runner
     hidden = runner.forward(
@@ -329,4 +363,5 @@ def _forward(engine: Engine, step: Step) -> SamplerOutput:
     else:
         sampled = SamplerOutput([], [])
     step.ended_at = time.perf_counter()
+    step.sampled = sampled
     return sampled

@@ -63,8 +63,8 @@ def lay_out(
             chunk.mask = (everything[None, :] <= positions[:, None]).to(device)
         meta.prefills.append(chunk)
         row += n
-    positions = torch.cat(position_runs)
-    meta.slot_mapping = torch.cat(slot_runs).to(device)
+    positions = torch.cat(position_runs) if len(position_runs) > 1 else position_runs[0]
+    meta.slot_mapping = (torch.cat(slot_runs) if len(slot_runs) > 1 else slot_runs[0]).to(device)
     input_ids = torch.tensor(tokens, dtype=torch.long, device=device)
     return input_ids, positions.to(device), meta
 
@@ -85,17 +85,21 @@ _EMPTY = torch.empty(0, dtype=torch.long)
 def _decodes(
     decodes: list[Run], meta: AttentionMetadata, block_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill the decode part of `meta`; returns the decodes' positions and new slots."""
+    """Fill the decode part of `meta`; returns the decodes' positions and new slots.
+
+    In plain Python, then one tensor each: a handful of torch calls a step instead of a dozen
+    small ops (with --async-scheduling each is a GIL hand-off with the running forward)."""
     if not decodes:
         return _EMPTY, _EMPTY
     bs = block_size
-    positions = torch.tensor([r.start for r in decodes])  # [B]
-    tables = padded_tables(decodes)
+    positions = [r.start for r in decodes]
+    width = max(len(r.block_table) for r in decodes)
+    tables = [r.block_table + [0] * (width - len(r.block_table)) for r in decodes]
+    new_slots = [r.block_table[r.start // bs] * bs + r.start % bs for r in decodes]
     meta.num_decodes = len(decodes)
-    meta.decode_block_tables = tables.to(device)
-    meta.decode_context_lens = (positions + 1).to(device)
-    new_slots = tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
-    return positions, new_slots
+    meta.decode_block_tables = torch.tensor(tables, device=device)
+    meta.decode_context_lens = torch.tensor([p + 1 for p in positions], device=device)
+    return torch.tensor(positions), torch.tensor(new_slots)
 
 
 def _verifies(

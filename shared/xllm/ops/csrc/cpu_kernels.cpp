@@ -857,17 +857,28 @@ bool has_amx() { return false; }
 void register_decode_stack(pybind11::module& m);  // decode_stack.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The kernels run without the GIL: with --async-scheduling the engine thread builds the
+  // next step while they run (held, it waited for each call to return).
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
   register_decode_stack(m);
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool");
-  m.def("paged_verify_attention", &paged_verify_attention, "multi-token (speculative verification) attention over the paged KV pool");
-  m.def("packed_bf16_linear", &packed_bf16_linear, "bfloat16 linear over packed weights (AVX512-BF16 or AVX2)");
-  m.def("prefill_attention", &prefill_attention, "causal bfloat16 attention of a prefill chunk");
-  m.def("amx_linear", &amx_linear, "bfloat16 linear over AMX-packed weights");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV pool",
+        nogil);
+  m.def("paged_verify_attention", &paged_verify_attention, "multi-token (speculative verification) attention over the paged KV pool",
+        nogil);
+  m.def("packed_bf16_linear", &packed_bf16_linear, "bfloat16 linear over packed weights (AVX512-BF16 or AVX2)",
+        nogil);
+  m.def("prefill_attention", &prefill_attention, "causal bfloat16 attention of a prefill chunk",
+        nogil);
+  m.def("amx_linear", &amx_linear, "bfloat16 linear over AMX-packed weights",
+        nogil);
   m.def("has_amx", &has_amx, "AMX-BF16 compiled in and permitted");
-  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension",
+        nogil);
   m.def("has_bf16_linear", &has_bf16_linear, "was packed_bf16_linear compiled for this CPU");
-  m.def("silu_mul", &silu_mul, "F.silu(gate) * up over x = gate | up, bfloat16, one pass");
-  m.def("norm_rope", &norm_rope, "per-head RMSNorm (optional) then RoPE, bfloat16, one pass");
+  m.def("silu_mul", &silu_mul, "F.silu(gate) * up over x = gate | up, bfloat16, one pass",
+        nogil);
+  m.def("norm_rope", &norm_rope, "per-head RMSNorm (optional) then RoPE, bfloat16, one pass",
+        nogil);
   m.def("has_fused_elementwise", &has_fused_elementwise, "silu_mul and norm_rope compiled in");
   m.def("has_avx2_linear", &has_avx2_linear, "packed_bf16_linear is the AVX2 + FMA kernel");
 }
