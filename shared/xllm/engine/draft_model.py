@@ -109,6 +109,8 @@ class DraftModel:
         for index, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache.layer(index)
         self._states: weakref.WeakKeyDictionary[Sequence, DraftState] = weakref.WeakKeyDictionary()
+        self._prefill_seconds = 0.0  # of the prefill passes since the last take_prefill
+        self._prefill_tokens = 0
 
     @staticmethod
     def bytes_per_block(model_dir: str | Path, block_size: int, dtype: torch.dtype) -> int:
@@ -141,9 +143,7 @@ class DraftModel:
             start = min(self.num_valid(seq), seq.num_computed_tokens)
             runs.append(Run(seq.block_table, start, seq.token_ids[start:end], CHUNK))
             self._states[seq] = DraftState(seq.block_table, end)
-        if runs:
-            input_ids, positions, meta = lay_out(runs, self.block_size, self.device)
-            self.model(input_ids, positions, meta)
+        self._prefill(runs)
 
     def propose(self, items: list[ScheduledSeq]) -> float:
         """Fill in the drafts of `items` (each holds d placeholders): d greedy tokens each.
@@ -192,18 +192,31 @@ class DraftModel:
         """The draft's KV of the tokens before the last of each of `seqs` that lags by more
         than MAX_VERIFY_CATCH_UP tokens (after steps without speculation, or a PD decode
         instance's prompt), in one prefill forward; its seconds (0 if none lags)."""
-        started = time.perf_counter()
         runs: list[Run] = []
         for seq in seqs:
             start, end = self.num_valid(seq), seq.num_tokens - 1
             if start == 0 or end - start > MAX_VERIFY_CATCH_UP:
                 runs.append(Run(seq.block_table, start, seq.token_ids[start:end], CHUNK))
                 self._states[seq] = DraftState(seq.block_table, end)
+        return self._prefill(runs)
+
+    def _prefill(self, runs: list[Run]) -> float:
+        """The draft's KV of `runs` (chunks) in one forward; its seconds (0 if no run)."""
         if not runs:
             return 0.0
+        started = time.perf_counter()
         input_ids, positions, meta = lay_out(runs, self.block_size, self.device)
         self.model(input_ids, positions, meta)
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self._prefill_seconds += seconds
+        self._prefill_tokens += sum(len(run.token_ids) for run in runs)
+        return seconds
+
+    def take_prefill(self) -> tuple[float, int]:
+        """Seconds and tokens of the prefill passes (mirror, catch-up) since the last call."""
+        taken = self._prefill_seconds, self._prefill_tokens
+        self._prefill_seconds, self._prefill_tokens = 0.0, 0
+        return taken
 
     def _next_tokens(self, runs: list[Run]) -> list[int]:
         """The draft's greedy token after each run (runs ordered as `lay_out` wants)."""

@@ -89,6 +89,7 @@ class ModelRunner:
             # Before _prepare: the drafts are filled in here.
             out.draft_catch_up_seconds = self.draft.propose([i for i in items if i.draft_token_ids])
             self.draft.mirror([i for i in items if run_kind(i) == CHUNK])
+            out.draft_prefill_seconds, out.draft_prefill_tokens = self.draft.take_prefill()
         input_ids, positions, meta = self._prepare(items)
         hidden = self.forward(input_ids, positions, meta, items, out.encodes)  # [N, hidden]
         self.kv_cache.copy_blocks(out.block_copies)

@@ -78,4 +78,7 @@ def step_shape(out: SchedulerOutput) -> SpeculativeStep:
         num_draft_tokens=num_decode_tokens - len(decoding),
         num_prefill_tokens=out.num_tokens - num_decode_tokens,
         catch_up_seconds=out.draft_catch_up_seconds,
+        draft_prefill_seconds=out.draft_prefill_seconds,
+        draft_prefill_tokens=out.draft_prefill_tokens,
+        context_tokens=sum(i.seq.num_tokens for i in out.scheduled),
     )

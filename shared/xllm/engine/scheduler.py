@@ -86,6 +86,10 @@ class SchedulerOutput:
     """Drafts a decoding sequence could verify this step (0: speculation is off for it)."""
     draft_catch_up_seconds: float = 0.0
     """Filled in by the ModelRunner: time its draft model spent catching up (draft_model.py)."""
+    draft_prefill_seconds: float = 0.0
+    """Filled in by the ModelRunner: time of its draft model's prefill passes, catch-up and
+    mirror of prompt chunks (the price of a catch-up per token, speculation.py)."""
+    draft_prefill_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
