@@ -82,10 +82,9 @@ SIZE_DEFAULTS = {
     ),
 }
 """`--size`: the defaults of the flags below (an explicit flag still wins). The small model's
-blocks are ~1.8 MB each: its pool holds the request (82 blocks) with room, and a prefill
-chunk of 128 tokens puts 8 blocks (14 MB) in one batch, which fits the Mooncake client's
-16 MiB staging buffer (a whole 1024-token prompt's 112 MB batch does not: that put fails,
-and the prompt never reaches the store)."""
+blocks are ~1.8 MB each: its pool holds the request (82 blocks) with room. 128-token prefill
+chunks keep the killed instance's puts in step with its prefill (the store splits a larger
+step's put into batches that fit its client's staging buffer)."""
 
 
 def run_setup(setup: str, prompt: list[int], args: argparse.Namespace) -> dict:
