@@ -11,13 +11,17 @@ In one run, on whatever kernels this CPU gets (AMX, AVX512-BF16 or AVX2 + FMA):
   * prefill: a 2048-row step's gate|up linear GFLOP/s (native and oneDNN), the causal
     attention of one 512-token sequence (16 q / 8 kv heads; GFLOP/s of the causal half),
     and the fused SiLU*up and RMSNorm+RoPE passes' speed over the torch ops they replace;
+  * decode attention: paged_decode_attention at 16 rows and 1 row of 576-token contexts
+    (the small model's heads, K/V from memory): ms per layer call, K/V GB/s, and the
+    speed over the torch fallback (gather + SDPA);
   * engine: the `small` demo model (Qwen3-0.6B's shapes, bf16) with `native_kernels` on and
     off, each in its own process (the switch holds for a process's life), alternated:
     batch-1 decode ms/step (median) and its share of the roofline (bytes of weights a step
     reads / bandwidth), and 16 streams' output tok/s and decode ms/step.
 
 Prints one JSON line with all of it. Takes ~4 minutes on 2 quiet AVX2 cores (most of it the
-torch-only engine); `--linear-only` skips the engine.
+torch-only engine); `--linear-only` skips the engine, `--attention-only` runs the decode
+attention alone.
 """
 
 from __future__ import annotations
@@ -135,6 +139,59 @@ def bench_prefill(rows: int = 2048, seq_len: int = 512) -> dict:
     return out
 
 
+def bench_decode_attention(rows: int, context: int, layers: int = 28, block: int = 16) -> dict:
+    """One decode step's paged attention at `rows` sequences of `context` tokens (the small
+    model's 16 q / 8 kv heads of 128, bf16, blocks scattered over the pool): ms per layer
+    call, on `layers` pools of their own (as many as the model has, so each call's K/V come
+    from memory, not cache), the GB/s of K/V that makes, and the speed over the torch
+    fallback (gather + SDPA). The best single call of 5 rounds: one slow call on a loaded
+    machine is a descheduled thread, not the kernel."""
+    from xllm.ops import kernels
+
+    native = kernels()
+    heads, kv_heads, dim = 16, 8, 128
+    per_seq = -(-context // block)
+    num_blocks = rows * per_seq
+    g = torch.Generator().manual_seed(rows)
+    tables = torch.randperm(num_blocks, generator=g).view(rows, per_seq)
+    lens = torch.full((rows,), context, dtype=torch.long)
+    q = torch.randn(rows, heads, dim, generator=g).bfloat16()
+    pools = [
+        torch.randn(2, num_blocks * block, kv_heads, dim, generator=g).bfloat16()
+        for _ in range(layers)
+    ]
+    out = torch.empty_like(q)
+    scale = dim**-0.5
+    kv_bytes = 2 * rows * context * kv_heads * dim * 2
+    slots = (tables[:, :, None] * block + torch.arange(block)).view(rows, -1)[:, :context]
+
+    def torch_call(kv):
+        k, v = kv[0][slots].transpose(1, 2), kv[1][slots].transpose(1, 2)
+        F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=scale, enable_gqa=True)
+
+    def native_call(kv):
+        native.paged_decode_attention(out, q, kv[0], kv[1], tables, lens, block, scale)
+
+    def best_call_ms(call, rounds: int) -> float:
+        times = []
+        for _ in range(rounds):
+            for kv in pools:
+                start = time.perf_counter()
+                call(kv)
+                times.append(time.perf_counter() - start)
+        return min(times) * 1e3
+
+    torch_ms = best_call_ms(torch_call, 2)
+    result: dict = {"rows": rows, "context": context, "torch_ms": round(torch_ms, 3)}
+    if native is not None:
+        native_ms = best_call_ms(native_call, 5)
+        result["native_ms"] = round(native_ms, 3)
+        result["native_gbs"] = round(kv_bytes / native_ms / 1e6, 1)
+        result["speedup_over_torch"] = round(torch_ms / native_ms, 2)
+    print(json.dumps({"decode_attention": result}), file=sys.stderr, flush=True)
+    return result
+
+
 def engine_child(native: bool, args, graph_mode: bool = False) -> dict:
     """One variant, in this process: batch-1 decode steps, then `streams` at once
     (graph_mode.py runs it with --graph-mode off and on)."""
@@ -194,6 +251,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--linear-only", action="store_true")
+    parser.add_argument(
+        "--attention-only", action="store_true", help="only the decode attention micro benchmark"
+    )
     parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -212,6 +272,17 @@ def main() -> None:
     else:
         path = "avx2" if native.has_avx2_linear() else "attention and norm only"
     bandwidth = read_bandwidth()
+    attention = [bench_decode_attention(16, 576), bench_decode_attention(1, 576)]
+    if args.attention_only:
+        emit(
+            {
+                "kernels": path,
+                "threads": torch.get_num_threads(),
+                "read_gbs": round(bandwidth, 1),
+                "decode_attention": attention,
+            }
+        )
+        return
     result = {
         "kernels": path,
         "threads": torch.get_num_threads(),
@@ -219,6 +290,7 @@ def main() -> None:
         "load_before": os.getloadavg()[0],
         "linear": bench_linear(),
         "prefill": bench_prefill(),
+        "decode_attention": attention,
     }
     if not args.linear_only:
         demo_model("qwen3", "small")  # made once, before the timed children

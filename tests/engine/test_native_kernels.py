@@ -34,16 +34,18 @@ def reference_attention(q, k_cache, v_cache, tables, lens, block_size):
 
 @needs_native
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("batch", [1, 5])
-# Query heads per KV head even and odd; head dims on the vector paths (64, 128) and not (48).
+@pytest.mark.parametrize("batch", [1, 5, 16])
+# Query heads per KV head even and odd (1 to 7); head dims on the vector paths (64, 128) and
+# not (48).
 @pytest.mark.parametrize(
-    "heads, kv_heads, dim", [(8, 2, 64), (6, 2, 128), (4, 4, 48), (16, 8, 128), (6, 1, 64)]
+    "heads, kv_heads, dim",
+    [(8, 2, 64), (6, 2, 128), (4, 4, 48), (16, 8, 128), (6, 1, 64), (14, 2, 64)],
 )
 # 16 and 32: whole groups of 16 keys (the bf16 path's batched scores); 8: not.
 @pytest.mark.parametrize("block", [16, 32, 8])
 def test_paged_decode_attention_matches_sdpa(dtype, tol, batch, heads, kv_heads, dim, block):
     g = torch.Generator().manual_seed(batch)
-    num_blocks = 40
+    num_blocks = max(40, 7 * batch)
     k_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)
     v_cache = torch.randn(num_blocks * block, kv_heads, dim, generator=g).to(dtype)
     q = torch.randn(batch, heads, dim, generator=g).to(dtype)
@@ -55,6 +57,25 @@ def test_paged_decode_attention_matches_sdpa(dtype, tol, batch, heads, kv_heads,
     native.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, block, dim**-0.5)
     expected = reference_attention(q, k_cache, v_cache, tables, lens, block)
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 16])
+def test_paged_decode_attention_at_served_shape_matches_sdpa(batch):
+    """Qwen3-0.6B's heads (16 q / 8 kv of 128, bf16) over contexts of ~576 tokens, at, just
+    past and just before a block's end, in blocks scattered over the pool."""
+    g = torch.Generator().manual_seed(576 + batch)
+    block, per_seq = 16, 37
+    num_blocks = batch * per_seq + 3
+    k_cache = torch.randn(num_blocks * block, 8, 128, generator=g).bfloat16()
+    v_cache = torch.randn(num_blocks * block, 8, 128, generator=g).bfloat16()
+    q = torch.randn(batch, 16, 128, generator=g).bfloat16()
+    lens = (576 + torch.arange(batch) % 3 - 1)[torch.randperm(batch, generator=g)]
+    tables = torch.randperm(num_blocks, generator=g)[: batch * per_seq].view(batch, per_seq)
+    out = torch.empty_like(q)
+    native.paged_decode_attention(out, q, k_cache, v_cache, tables, lens, block, 128**-0.5)
+    expected = reference_attention(q, k_cache, v_cache, tables, lens, block)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
 @needs_packed_linear
@@ -285,7 +306,9 @@ def verify_case(dtype, heads, kv_heads, dim, rows_per_seq, seed):
 @needs_native
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("rows_per_seq", [[5], [1, 5, 3], [2, 1, 8, 4, 5, 1]])
-@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 2, 64), (6, 2, 128), (4, 4, 48)])
+@pytest.mark.parametrize(
+    "heads, kv_heads, dim", [(8, 2, 64), (6, 2, 128), (4, 4, 48), (16, 8, 128), (14, 2, 64)]
+)
 def test_paged_verify_attention_matches_causal_sdpa(dtype, tol, rows_per_seq, heads, kv_heads, dim):
     q, k_cache, v_cache, tables, lens, starts, block = verify_case(
         dtype, heads, kv_heads, dim, rows_per_seq, seed=len(rows_per_seq) + dim
