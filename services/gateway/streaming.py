@@ -242,6 +242,10 @@ class Generation:
         self._engine_done: set[int] = set()  # indices whose final delta arrived
         self._drafts_before = (0, 0)  # (drafts, accepted) of the attempts before this one
         self._sub = None
+        self._submitting = False
+        self._lost_while_submitting: list[InstanceLost] = []
+        """Notices that came while a submit's reply was on its way: the reply may name the
+        lost instance (placed just before it died), and its callback can run before ours."""
 
     @property
     def finished(self) -> bool:
@@ -249,12 +253,13 @@ class Generation:
 
     async def __aenter__(self) -> Generation:
         await self._subscribe()
+        self.live.add(self)  # before the submit: a loss announced meanwhile must reach us
         try:
             await self._submit(self.req.prompt_token_ids, self.req.sampling)
         except BaseException:
+            self.live.discard(self)
             await self._unsubscribe()
             raise
-        self.live.add(self)
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -267,7 +272,9 @@ class Generation:
 
     def instance_lost(self, notice: InstanceLost) -> None:
         """Called for every `InstanceLost`; queued behind the deltas already received."""
-        if notice.instance_id in (self.instance_id, self.prefill_instance_id):
+        if self._submitting:
+            self._lost_while_submitting.append(notice)
+        elif notice.instance_id in (self.instance_id, self.prefill_instance_id):
             self._queue.put_nowait(notice)
 
     def bus_reconnected(self) -> None:
@@ -365,8 +372,27 @@ class Generation:
         submit = SubmitRequest(
             request_id=self.attempt_id, request=request, arrival_time=time.time(), resumed=resumed
         )
+        self._submitting, self._lost_while_submitting = True, []
         try:
-            msg = await self.nc.request(
+            msg = await self._request(submit)
+        finally:
+            self._submitting = False
+        try:
+            reply = decode_as(msg.data, SubmitReply)
+        except DecodeError as e:
+            raise ProtocolError(ErrorCode.INTERNAL, f"bad reply from the scheduler: {e}") from e
+        if reply.error is not None:
+            error = ProtocolError.from_info(reply.error)
+            raise _Unplaced(error) if error.code == ErrorCode.NO_INSTANCE else error
+        assert reply.instance_id is not None  # SubmitReply checks exactly one is set
+        self.instance_id = reply.instance_id
+        self.prefill_instance_id = reply.prefill_instance_id
+        for notice in self._lost_while_submitting:
+            self.instance_lost(notice)
+
+    async def _request(self, submit: SubmitRequest):
+        try:
+            return await self.nc.request(
                 subjects.SCHED_SUBMIT, encode(submit), timeout=self.submit_timeout
             )
         except nats.errors.NoRespondersError:  # none subscribed: nothing was placed
@@ -378,16 +404,6 @@ class Generation:
                 ErrorCode.NO_INSTANCE,
                 f"no scheduler placed the request within {self.submit_timeout:g}s",
             ) from None
-        try:
-            reply = decode_as(msg.data, SubmitReply)
-        except DecodeError as e:
-            raise ProtocolError(ErrorCode.INTERNAL, f"bad reply from the scheduler: {e}") from e
-        if reply.error is not None:
-            error = ProtocolError.from_info(reply.error)
-            raise _Unplaced(error) if error.code == ErrorCode.NO_INSTANCE else error
-        assert reply.instance_id is not None  # SubmitReply checks exactly one is set
-        self.instance_id = reply.instance_id
-        self.prefill_instance_id = reply.prefill_instance_id
 
     async def _next(self) -> TokenDelta | InstanceLost:
         if not self._queue.empty():

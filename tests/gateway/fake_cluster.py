@@ -21,6 +21,7 @@ from xllm.protocol import (
     DraftCounts,
     ErrorInfo,
     Heartbeat,
+    InstanceLost,
     KvCacheStats,
     KvTierCounters,
     KvTierStats,
@@ -56,6 +57,9 @@ class Script:
     tokens_per_delta: int = 1
     """Tokens per delta, as speculative decoding sends them: each delta beyond the first
     token also reports its tokens as kept drafts (and as many rejected ones)."""
+    lost_before_reply: bool = False
+    """Announce INSTANCE lost just before replying (placed, then it died at once), and
+    stream nothing."""
     cumulative_logprobs: list[float] | None = None
     """Beam search: a stray one-token delta (a prefill instance's first token, which the
     gateway must ignore), then each completion whole in one final delta with its
@@ -104,6 +108,12 @@ class FakeCluster:
         script = self.plan(req)
         if script.submit_error is not None:
             return SubmitReply(request_id=req.request_id, error=script.submit_error)
+        if script.lost_before_reply:
+            await self.nc.publish(
+                subjects.INSTANCE_LOST, encode(InstanceLost(instance_id=INSTANCE))
+            )
+            await self.nc.flush()
+            return SubmitReply(request_id=req.request_id, instance_id=INSTANCE)
         task = asyncio.create_task(self._stream(req, script))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -487,6 +487,22 @@ async def test_a_lost_instance_resumes_the_stream_as_a_continuation(env):
     assert await env.cluster.wait_abort(first.request_id)  # the old attempt is stopped
 
 
+async def test_a_loss_announced_before_the_submit_reply_still_resumes(env):
+    """The instance dies right after the scheduler placed the request there: its
+    InstanceLost can reach the gateway before the reply naming it. The request resumes
+    (instead of waiting for tokens that never come)."""
+    tokens = list(range(300, 310))
+    env.cluster.plan = lambda req: (
+        Script(tokens=[tokens]) if req.resumed else Script(tokens=[[]], lost_before_reply=True)
+    )
+    done = await asyncio.wait_for(
+        env.client.completions.create(model=MODEL, prompt="x", max_tokens=10), 20
+    )
+    first, resumed = env.cluster.submits[-2:]
+    assert not first.resumed and resumed.resumed
+    assert done.usage.completion_tokens == 10
+
+
 async def test_a_lost_instance_fails_a_request_with_n_above_1(env):
     env.cluster.plan = lambda req: Script(tokens=[list(range(300, 340))] * 2, delay=0.05)
 
