@@ -176,12 +176,13 @@ def speedup(
 ) -> float:
     """Expected tokens per second with drafts over without (the module doc's on / off):
     each side measured at this batch size where given, else predicted by the lines."""
-    time_off = plain.predict(batch_size)
-    time_on = speculative.predict(batch_size * (1.0 + drafts_per_seq))
-    on = measured_on
+    on, off = measured_on, measured_off
     if on is None:
+        time_on = speculative.predict(batch_size * (1.0 + drafts_per_seq))
         on = batch_size * (1.0 + acceptance_rate * drafts_per_seq) / time_on if time_on > 0 else 0
-    off = measured_off if measured_off is not None else batch_size / time_off if time_off > 0 else 0
+    if off is None:
+        time_off = plain.predict(batch_size)
+        off = batch_size / time_off if time_off > 0 else 0
     if on <= 0.0 or off <= 0.0:
         return 1.0
     return on / off
